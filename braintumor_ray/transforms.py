@@ -1,0 +1,186 @@
+"""MRI preprocessing shared by the ingest, training and scoring.
+
+:class:`MRIPreprocess` turns the bytes of one image file into a square 8-bit greyscale
+array: decode safely, convert to one channel, crop the black background around the head,
+resize keeping aspect by padding. The ingest stores its output; scoring calls the very same
+object on raw files, so a model never sees pixels prepared differently from its training data.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage
+
+from ._errors import ConfigError, ImageDecodeError
+
+# PIL's own bomb guard (89 Mpx warning, 179 Mpx error) is global state; ours is per preset
+# and checked before any pixel is decoded.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+# The mask is computed on a copy no larger than this, which keeps the crop cheap on large scans.
+_MASK_SIDE = 256
+
+
+@dataclass(frozen=True)
+class PreprocessedImage:
+    """One preprocessed image and what was done to it."""
+
+    pixels: np.ndarray  # (image_size, image_size) uint8
+    orig_width: int
+    orig_height: int
+    orig_mode: str
+    crop_box: tuple[int, int, int, int]  # x0, y0, x1, y1 in original pixels, x1/y1 exclusive
+    cropped: bool  # False when no head was found and the whole image was kept
+
+
+@dataclass(frozen=True, kw_only=True)
+class MRIPreprocess:
+    """Decode, greyscale, crop to the head, pad to a square of ``image_size``.
+
+    Args:
+        image_size: side of the square output, in pixels.
+        threshold: grey level (0-255) above which a blurred pixel counts as part of the head;
+            45 is what the classic contour-crop notebooks use.
+        margin: border kept around the head's box, as a fraction of the box's longer side.
+        max_pixels: width x height above which a file is refused as a decompression bomb.
+    """
+
+    image_size: int = 224
+    threshold: int = 45
+    margin: float = 0.02
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.image_size <= 4096:
+            raise ConfigError(f"image_size={self.image_size} is out of range: use 16..4096 pixels")
+        if not 0 <= self.threshold <= 254:
+            raise ConfigError(f"threshold={self.threshold} is out of range: use a grey level in 0..254")
+        if not 0 <= self.margin <= 0.5:
+            raise ConfigError(f"margin={self.margin} is out of range: use a fraction in 0..0.5")
+        if self.max_pixels < self.image_size**2:
+            raise ConfigError(f"max_pixels={self.max_pixels} is smaller than one output image")
+
+    def __call__(self, data: bytes) -> PreprocessedImage:
+        image, mode = decode_image(data, max_pixels=self.max_pixels)
+        gray = to_gray_u8(image)
+        box = find_head_box(gray, threshold=self.threshold, margin=self.margin)
+        h, w = gray.shape
+        cropped = box is not None
+        x0, y0, x1, y1 = box if cropped else (0, 0, w, h)
+        pixels = resize_pad(gray[y0:y1, x0:x1], self.image_size)
+        return PreprocessedImage(pixels, w, h, mode, (x0, y0, x1, y1), cropped)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MRIPreprocess":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str]:
+    """Decode one file's bytes; raise ImageDecodeError with a reason a person can act on."""
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"not an image: unrecognised format (starts with {data[:8]!r})") from None
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"image too large (decompression bomb guard): {e}") from None
+    except Exception as e:
+        raise ImageDecodeError(f"unreadable image header: {type(e).__name__}: {e}") from None
+    w, h = image.size
+    if w * h > max_pixels:
+        raise ImageDecodeError(
+            f"image too large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+            "(decompression bomb guard; raise max_pixels if such scans are genuine)"
+        )
+    mode = image.mode
+    try:
+        image.load()
+    except Exception as e:  # PIL reports truncation and corruption as OSError, SyntaxError, ValueError...
+        raise ImageDecodeError(f"corrupt or truncated {image.format or 'image'} data: {e}") from None
+    try:
+        # Phone photos of films carry an orientation tag; scanners' exports rarely do.
+        image = ImageOps.exif_transpose(image)
+    except Exception:
+        pass
+    return image, mode
+
+
+def to_gray_u8(image: Image.Image) -> np.ndarray:
+    """One channel, 8 bits, whatever the file held (16-bit, float, alpha, palette, CMYK...)."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # High bit depth: stretch the values actually used to 0..255; dividing by the type's
+        # maximum would leave 12-bit scans in a 16-bit container almost black.
+        a = np.asarray(image, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        if hi <= lo:
+            return np.zeros(a.shape, dtype=np.uint8)
+        return np.round((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    if mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode == "P" and "transparency" in image.info):
+        # Transparent pixels become background, which in an MRI is black.
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
+        rgb = rgba[..., :3] * (rgba[..., 3:4] / 255.0)
+        image = Image.fromarray(np.round(rgb).astype(np.uint8), "RGB")
+    if image.mode != "L":
+        image = image.convert("RGB").convert("L") if image.mode not in ("RGB", "1") else image.convert("L")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def find_head_box(gray: np.ndarray, *, threshold: int = 45, margin: float = 0.02) -> tuple[int, int, int, int] | None:
+    """Bounding box (x0, y0, x1, y1) of the largest bright region, plus a margin.
+
+    The classic notebooks blur, threshold, erode and dilate, and take the extreme points of
+    the largest contour; the largest connected component's box is the same thing. Labels,
+    rulers and text burnt into the scan are separate small regions and fall outside it.
+    Returns None when nothing is brighter than ``threshold``.
+    """
+    h, w = gray.shape
+    step = max(1, -(-max(h, w) // _MASK_SIDE))
+    small = gray[::step, ::step].astype(np.float32)
+    mask = ndimage.gaussian_filter(small, sigma=1.0) > threshold
+    mask = ndimage.binary_opening(mask, iterations=2)
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return None
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    ys, xs = ndimage.find_objects(labels)[int(sizes.argmax()) - 1]
+    x0, x1 = xs.start * step, min(w, xs.stop * step)
+    y0, y1 = ys.start * step, min(h, ys.stop * step)
+    pad = int(round(margin * max(x1 - x0, y1 - y0))) + (step - 1)
+    return max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)
+
+
+def resize_pad(gray: np.ndarray, size: int) -> np.ndarray:
+    """Scale the longer side to ``size`` and centre on a black square."""
+    h, w = gray.shape
+    scale = size / max(h, w)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    resized = np.asarray(Image.fromarray(gray, "L").resize((nw, nh), Image.Resampling.BICUBIC))
+    out = np.zeros((size, size), dtype=np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top : top + nh, left : left + nw] = resized
+    return out
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))

@@ -1,0 +1,64 @@
+"""Shared fixtures: one local Ray session per test module, a real S3 server on loopback."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+# Fake credentials for the moto server. Set before any Ray worker starts, because workers
+# inherit the environment and build their own S3 clients. Instance-metadata lookups are
+# switched off so botocore never reaches for a link-local address.
+for _k, _v in {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}.items():
+    os.environ[_k] = _v
+os.environ.pop("AWS_PROFILE", None)
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API (moto's server) on 127.0.0.1; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh, empty bucket on the moto server; yields its name."""
+    import boto3
+
+    name = f"bt-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+def upload_tree(local_dir: str, endpoint: str, bucket: str, prefix: str) -> None:
+    """Copy a local folder to s3://bucket/prefix with boto3 (not our own code under test)."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    for dirpath, _, files in os.walk(local_dir):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            key = f"{prefix}/{os.path.relpath(path, local_dir)}".replace(os.sep, "/")
+            client.upload_file(path, bucket, key)
