@@ -141,7 +141,11 @@ def test_no_hub_and_no_weights_is_a_clear_error_fast():
 
 
 def test_unreachable_hub_fails_fast_without_offline_flag(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read at its import
     monkeypatch.setattr(_weights, "_probe_cache", {})
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
     start = time.monotonic()

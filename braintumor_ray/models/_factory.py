@@ -22,7 +22,7 @@ PRESETS: dict[str, str] = {
     "efficientnet_b0": "efficientnet_b0",
     "resnet50": "resnet50",
     "vgg16": "vgg16",
-    "xception": "legacy_xception",  # Keras' Xception: the TF port with the same layout
+    "xception": "legacy_xception",  # the port of Keras' Xception and its ImageNet weights
     "legacy_xception": "legacy_xception",
     "tf_efficientnet_lite0": "tf_efficientnet_lite0",
 }
@@ -178,7 +178,11 @@ def backbone_stages(model: nn.Module) -> list[list[str]]:
     from timm.models import group_parameters
 
     head = _weights.classifier_prefixes(model)
-    groups = group_parameters(model, model.group_matcher(coarse=True))
+    try:
+        matcher = model.group_matcher(coarse=True)
+    except (AttributeError, NotImplementedError):
+        raise ConfigError(f"{type(model).__name__} does not define its stages: use transfer full or feature") from None
+    groups = group_parameters(model, matcher)
     stages = [[n for n in names if not n.startswith(head)] for _, names in sorted(groups.items())]
     return [s for s in stages if s]
 
@@ -191,16 +195,17 @@ def apply_transfer(model: nn.Module, transfer: "str | Transfer") -> nn.Module:
     whose statistics drift with each batch is not frozen.
     """
     transfer = Transfer.parse(transfer)
-    stages = backbone_stages(model)
-    if transfer.mode == "last" and transfer.stages > len(stages):
-        raise ConfigError(
-            f"transfer last-{transfer.stages}: this backbone has only {len(stages)} stages; "
-            f"use last-1..last-{len(stages)} or full"
-        )
     frozen: set[str] = set()
     if transfer.mode == "feature":
-        frozen = {n for s in stages for n in s}
+        head = _weights.classifier_prefixes(model)
+        frozen = {n for n, _ in model.named_parameters() if not n.startswith(head)}
     elif transfer.mode == "last":
+        stages = backbone_stages(model)
+        if transfer.stages > len(stages):
+            raise ConfigError(
+                f"transfer last-{transfer.stages}: this backbone has only {len(stages)} stages; "
+                f"use last-1..last-{len(stages)} or full"
+            )
         frozen = {n for s in stages[: len(stages) - transfer.stages] for n in s}
     for name, p in model.named_parameters():
         p.requires_grad_(name not in frozen)
