@@ -42,7 +42,16 @@ def render_mri(label: str, rng: np.random.Generator, size: int = 160) -> tuple[n
     r = np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
     img = np.zeros((size, size), np.float32)
     brain = r < 0.9
-    img[brain] = 90 + 25 * rng.standard_normal(brain.sum()).clip(-2, 2)
+    # Smooth random tissue contrast, so no two heads look alike to a perceptual hash.
+    k = rng.uniform(2, 6, size=(2, 3))
+    ph = rng.uniform(0, 2 * np.pi, size=(2, 3))
+    u, v = (xx - cx) / rx, (yy - cy) / ry
+    tissue = sum(np.sin(k[0, i] * u + ph[0, i]) * np.cos(k[1, i] * v + ph[1, i]) for i in range(3))
+    img[brain] = (95 + 30 * tissue + 12 * rng.standard_normal(size * size).reshape(size, size))[brain]
+    for side in (-1, 1):  # ventricles
+        vy, vx = cy + rng.uniform(-0.15, 0.05) * ry, cx + side * rng.uniform(0.08, 0.2) * rx
+        vr = rng.uniform(0.06, 0.14) * ry
+        img[((yy - vy) / (1.8 * vr)) ** 2 + ((xx - vx) / vr) ** 2 < 1] = 30
     img[(r >= 0.9) & (r < 1.0)] = 200  # skull
     lesion = None
     if label == "glioma":  # large diffuse mass inside one hemisphere

@@ -19,6 +19,8 @@ for _k, _v in {
     os.environ[_k] = _v
 os.environ.pop("AWS_PROFILE", None)
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# No test may reach a model hub; the tests that probe one point it at loopback themselves.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")
