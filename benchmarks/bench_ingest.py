@@ -37,6 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=os.path.join(HERE, "..", "..", "shared", "data", "sartaj-brain-mri"))
     ap.add_argument("--out", default=None, help="output folder (default: a temporary one)")
+    ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs for the local Ray (default: all)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     data = os.path.abspath(args.data)
@@ -47,7 +48,7 @@ def main() -> None:
     import ray
 
     t = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    ray.init(num_cpus=args.cpus, include_dashboard=False)
     ray_start = time.perf_counter() - t
     ray.data.DataContext.get_current().enable_progress_bars = False
 
@@ -70,6 +71,7 @@ def main() -> None:
     print(format_summary(report))
     result = {
         "files": len(files),
+        "ray_cpus": args.cpus,
         "ray_start_s": round(ray_start, 2),
         "first_small_job_s": round(warm_s, 2),
         "single_process_img_s": [round(base1, 1), round(base2, 1)],

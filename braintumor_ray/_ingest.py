@@ -205,13 +205,14 @@ def assign_splits(
     assigned: dict[str, dict] = {}
     dropped, conflicts, train_groups = [], [], defaultdict(list)
     for g, idx in members.items():
+        if len({meta[i]["label"] for i in idx}) > 1:
+            # The same picture filed under two classes, in any split: worth a person's look.
+            conflicts.append({"group_id": gid[g], "members": [_member(meta[i]) for i in sorted(idx, key=lambda i: meta[i]["path"])]})
         train_idx = sorted((i for i in idx if meta[i]["split"] == "train"), key=lambda i: meta[i]["path"])
         if not train_idx:
             continue
-        labels = {meta[i]["label"] for i in train_idx}
-        if len(labels) > 1:
-            # The same picture filed under two classes: neither label can be trusted.
-            conflicts.append({"group_id": gid[g], "members": [_member(meta[i]) for i in train_idx]})
+        if len({meta[i]["label"] for i in train_idx}) > 1:
+            # Within training neither label can be trusted: the group is left out.
             dropped.extend(meta[i]["path"] for i in train_idx)
             continue
         keep = train_idx[0]

@@ -156,8 +156,8 @@ def find_head_box(
     Blur, threshold, open (erode then dilate) to cut noise and thin lines, then take the
     largest bright region and every region at least ``min_region`` of its size. The classic
     notebooks keep only the largest contour at grey level 45; on the real dataset that cut
-    into the head on ~9% of images (dark T2/FLAIR scans fall apart into pieces), against
-    under 1% with these settings (measured on a third of the images; docs/benchmarks.md).
+    off over 30% of the head on 6% of images (dark T2/FLAIR scans fall apart into pieces),
+    against 0.5% with these settings (benchmarks/crop_quality.py, docs/benchmarks.md).
     Labels, rulers and text burnt into the scan are small separate regions and fall outside.
     Returns None when nothing is brighter than ``threshold``.
     """

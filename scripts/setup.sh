@@ -16,6 +16,11 @@ want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".$extra"
+# pip's and setuptools' chatter goes to a log, shown only if the install fails.
+log=.venv/install.log
+if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e ".$extra"; } >"$log" 2>&1; then
+  grep -v "WARNING: Location" "$log" | tail -40 >&2
+  echo "error: installing the project into .venv failed (full log: $log)" >&2
+  exit 1
+fi
 echo "$want" > "$stamp"

@@ -221,3 +221,18 @@ def test_s3_in_and_out(ray_session, raw, s3_endpoint, s3_bucket, tmp_path):
 def test_s3_missing_bucket_is_one_clear_error(ray_session, s3_endpoint):
     with pytest.raises(StorageError, match="s3://no-such-bucket-x/raw"):
         run_ingest(IngestConfig(input="s3://no-such-bucket-x/raw", output="/tmp/unused-bt", s3_endpoint_url=s3_endpoint))
+
+
+def test_label_conflicts_are_left_out_of_training(ray_session, tmp_path):
+    root = tmp_path / "conflict"
+    make_sample_dataset(str(root), per_class=4, test_per_class=1, leaks=0, size=96, seed=9)
+    src = root / "Training" / "glioma_tumor" / "glioma_000.jpg"
+    shutil.copyfile(src, root / "Training" / "no_tumor" / "filed_twice.jpg")
+    shutil.copyfile(src, root / "Testing" / "pituitary_tumor" / "also_here.jpg")
+    report = run_ingest(IngestConfig(input=str(root), output=str(tmp_path / "o"), val_fraction=0.0))
+    (conflict,) = report["duplicates"]["label_conflicts"]
+    assert {os.path.basename(m["path"]) for m in conflict["members"]} == {"glioma_000.jpg", "filed_twice.jpg", "also_here.jpg"}
+    dropped = {os.path.basename(p) for p in report["duplicates"]["dropped_from_training"]}
+    assert {"glioma_000.jpg", "filed_twice.jpg"} <= dropped
+    assert report["counts"]["output"]["train"] == {"glioma": 3, "meningioma": 4, "no_tumor": 4, "pituitary": 4}
+    assert report["leakage"]["test"]["per_label"]["pituitary"]["exact"] == 1
