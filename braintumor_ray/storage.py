@@ -69,6 +69,28 @@ class Location:
             raise StorageError(f"{self.uri} does not exist. {_CRED_HINT if self.is_s3 else ''}".strip())
         return sorted(_guard(self, "list", self.fs.find, self.path, withdirs=False))
 
+    def files_with_versions(self) -> dict[str, tuple[int, str]]:
+        """Every file under this folder: path -> (size, version). The version changes when the
+        content is rewritten: the ETag on S3, the modification time on disk."""
+        if not self.exists():
+            raise StorageError(f"{self.uri} does not exist. {_CRED_HINT if self.is_s3 else ''}".strip())
+        info = _guard(self, "list", self.fs.find, self.path, withdirs=False, detail=True)
+        out = {}
+        for path, d in info.items():
+            version = d.get("ETag") or d.get("etag") or d.get("mtime") or d.get("LastModified") or ""
+            out[path] = (int(d.get("size") or 0), str(version).strip('"'))
+        return dict(sorted(out.items()))
+
+    def move_to(self, other: "Location") -> None:
+        """Move one file. On disk a rename (atomic); on S3 a copy then a delete, so a reader
+        sees either no object or the whole one."""
+        if not self.is_s3:
+            os.makedirs(os.path.dirname(other.path) or ".", exist_ok=True)
+            os.replace(self.path, other.path)
+            return
+        _guard(self, "copy", self.fs.copy, self.path, other.path)
+        _guard(self, "delete", self.fs.rm, self.path)
+
     def is_empty(self) -> bool:
         return not self.exists() or not _guard(self, "list", self.fs.find, self.path, maxdepth=2)
 

@@ -1,0 +1,328 @@
+"""Bulk scoring: an MRI archive (local or S3) -> one Parquet row per file, incrementally.
+
+Ray Data reads the files; CPU tasks decode and preprocess them with the model package's own
+:class:`MRIPreprocess` (the ingest's code, the training's settings); a pool of model actors
+runs the network. Each run writes its rows to a staging folder beside the output, marks them
+complete, then moves the files into the output one by one: a reader of the output sees whole
+Parquet files only, and a run killed at any point is finished or redone by the next one.
+
+Output layout::
+
+    OUTPUT/<run>_<n>.parquet      the predictions (read the folder with pandas, pyarrow, DuckDB)
+    OUTPUT._staging/<run>/        a run in progress or cut off (never read by users)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ._errors import ConfigError, ImageDecodeError, InputError
+from ._hashing import sha256_hex
+from .storage import Location, resolve
+from .transforms import MRIPreprocess
+
+logger = logging.getLogger(__name__)
+
+PROB_PREFIX = "prob_"
+STAGING_SUFFIX = "._staging"
+DONE_MARKER = "_SUCCESS"
+
+
+@dataclass(kw_only=True)
+class ScoreConfig:
+    """What to score with which model, and where the predictions go.
+
+    Args:
+        model: an exported model package folder (local or ``s3://``).
+        input: a folder or prefix of image files, any depth, any names.
+        output: the predictions' Parquet folder; rows of earlier runs stay and are not redone.
+        batch_size: images per model call.
+        concurrency: model replicas (actors). Default: one per GPU with ``use_gpu``, else half
+            the cluster's CPUs (the other half decodes), at least one.
+        use_gpu: one GPU per replica; decoding stays on CPUs and overlaps with inference.
+        s3_endpoint_url: endpoint of an S3-compatible store.
+    """
+
+    model: str
+    input: str
+    output: str
+    batch_size: int = 32
+    concurrency: int | None = None
+    use_gpu: bool = False
+    s3_endpoint_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.model and self.input and self.output):
+            raise ConfigError("model, input and output are all required")
+        if not 1 <= self.batch_size <= 4096:
+            raise ConfigError(f"batch_size={self.batch_size} is out of range: use 1..4096")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ConfigError(f"concurrency={self.concurrency} must be at least 1")
+        if self.output.rstrip("/") == self.input.rstrip("/"):
+            raise ConfigError("output must not be the input folder: predictions would be scored as images")
+
+
+def output_schema(class_names: list[str]) -> pa.Schema:
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("sha256", pa.string()),
+            ("size", pa.int64()),
+            ("version", pa.string()),  # ETag on S3, mtime on disk: how reruns spot changed files
+            ("predicted_label", pa.string()),
+            *[(PROB_PREFIX + c, pa.float32()) for c in class_names],
+            ("model_id", pa.string()),
+            ("scored_at", pa.timestamp("us", tz="UTC")),
+            ("status", pa.string()),
+            ("error", pa.string()),
+        ]
+    )
+
+
+_DECODED = pa.schema([("path", pa.string()), ("sha256", pa.string()), ("pixels", pa.binary()), ("side", pa.int32()), ("error", pa.string())])
+
+
+def decode_batch(batch: pa.Table, *, preprocess: MRIPreprocess, already: frozenset = frozenset()) -> pa.Table:
+    """CPU side: file bytes -> sha256 and the preprocessed image, or the reason it has none.
+
+    Files whose (path, sha256) is in ``already`` were rewritten with the same content (a new
+    mtime or ETag only): they are dropped here, not scored twice.
+    """
+    cols: dict[str, list] = {n: [] for n in _DECODED.names}
+    for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist()):
+        data = data or b""
+        digest = sha256_hex(data)
+        if (path, digest) in already:
+            continue
+        pixels, side, error = None, None, None
+        try:
+            out = preprocess(data)
+            pixels, side = out.pixels.tobytes(), out.pixels.shape[0]
+        except ImageDecodeError as e:
+            error = str(e)
+        except Exception as e:  # one odd file must never stop the job
+            error = f"could not preprocess: {type(e).__name__}: {e}"
+        for k, v in zip(_DECODED.names, (path, digest, pixels, side, error)):
+            cols[k].append(v)
+    return pa.Table.from_pydict(cols, schema=_DECODED)
+
+
+class Predictor:
+    """Model side: one loaded package per actor; probabilities for the rows that decoded."""
+
+    def __init__(self, model_uri: str, s3_endpoint_url: str | None, use_gpu: bool, files: dict, uri_prefix: str, scored_at: datetime):
+        import torch
+
+        from .models import load_model_package
+
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        # NHWC is what depthwise-conv backbones run fastest in on CPU.
+        self.pkg = load_model_package(model_uri, s3_endpoint_url=s3_endpoint_url, channels_last=not use_gpu)
+        self.pkg.model.to(self.device)
+        self.schema = output_schema(list(self.pkg.class_names))
+        self.files, self.uri_prefix, self.scored_at = files, uri_prefix, scored_at
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        n = batch.num_rows
+        errors = batch.column("error").to_pylist()
+        ok = [i for i in range(n) if errors[i] is None]
+        probs = np.full((n, len(self.pkg.class_names)), np.nan, dtype=np.float32)
+        if ok:
+            pix = batch.column("pixels").to_pylist()
+            side = batch.column("side").to_pylist()
+            images = np.stack([np.frombuffer(pix[i], np.uint8).reshape(side[i], side[i]) for i in ok])
+            x = self.pkg.prepare(images).to(self.device, non_blocking=True)
+            with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+                logits = self.pkg.model(x)
+            probs[ok] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        paths = batch.column("path").to_pylist()
+        names = list(self.pkg.class_names)
+        predicted = [names[int(np.argmax(probs[i]))] if errors[i] is None else None for i in range(n)]
+        cols: dict[str, Any] = {
+            "path": [self.uri_prefix + p for p in paths],
+            "sha256": batch.column("sha256"),
+            "size": [self.files[p][0] for p in paths],
+            "version": [self.files[p][1] for p in paths],
+            "predicted_label": predicted,
+            **{PROB_PREFIX + c: pa.array(np.where([e is None for e in errors], probs[:, k], None), pa.float32()) for k, c in enumerate(names)},
+            "model_id": [self.pkg.model_id] * n,
+            "scored_at": [self.scored_at] * n,
+            "status": ["ok" if e is None else "error" for e in errors],
+            "error": errors,
+        }
+        return pa.Table.from_pydict(cols, schema=self.schema)
+
+
+def _staging(dst: Location) -> Location:
+    # Beside the output, not inside it: a glob over the output (DuckDB's) never meets it.
+    return Location(uri=dst.uri.rstrip("/") + STAGING_SUFFIX, path=dst.path.rstrip("/") + STAGING_SUFFIX, fs=dst.fs, is_s3=dst.is_s3)
+
+
+def recover(dst: Location) -> dict[str, int]:
+    """Finish what earlier runs left: commit staged runs that completed, drop those that did not."""
+    staging = _staging(dst)
+    done = dropped = 0
+    if not staging.exists():
+        return {"committed_runs": 0, "dropped_runs": 0}
+    for path in sorted(staging.fs.ls(staging.path, detail=False)):
+        run_loc = staging.join(posix_basename(path))
+        run = posix_basename(path)
+        if run_loc.join(DONE_MARKER).exists():
+            _commit(run_loc, dst)
+            done += 1
+        else:
+            logger.warning("score: dropping the unfinished run %s (cut off before its rows were complete)", run)
+            run_loc.remove()
+            dropped += 1
+    return {"committed_runs": done, "dropped_runs": dropped}
+
+
+def _commit(run_loc: Location, dst: Location) -> int:
+    """Move a complete run's files into the output, each file whole; safe to repeat after a kill."""
+    moved = 0
+    for path in run_loc.files():
+        name = posix_basename(path)
+        if name == DONE_MARKER:
+            continue
+        src = Location(uri=run_loc.uri_of(path), path=path, fs=run_loc.fs, is_s3=run_loc.is_s3)
+        src.move_to(dst.join(name))
+        moved += 1
+    run_loc.remove()  # the marker goes last: a cut-off commit is finished next time
+    return moved
+
+
+def posix_basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _prior_rows(dst: Location) -> pa.Table:
+    """(path, sha256, size, version, model_id) of every row already committed."""
+    cols = ["path", "sha256", "size", "version", "model_id"]
+    files = [p for p in (dst.files() if dst.exists() else []) if p.endswith(".parquet")]
+    if not files:
+        return pa.table({c: pa.array([], pa.string() if c != "size" else pa.int64()) for c in cols})
+    return pa.concat_tables([pq.read_table(p, columns=cols, filesystem=dst.pyarrow_fs) for p in files])
+
+
+def read_package_meta(model_uri: str, s3_endpoint_url: str | None) -> dict:
+    from .models._package import PACKAGE_JSON
+
+    loc = resolve(model_uri, s3_endpoint_url=s3_endpoint_url)
+    try:
+        return json.loads(loc.join(PACKAGE_JSON).read_bytes())
+    except ValueError as e:
+        raise ConfigError(f"{loc.uri}/{PACKAGE_JSON} is not a model package description ({e})") from e
+
+
+def run_scoring(config: ScoreConfig) -> dict:
+    """Score every new or changed file under ``input``; returns the run's summary."""
+    import ray
+
+    t0 = time.perf_counter()
+    meta = read_package_meta(config.model, config.s3_endpoint_url)
+    model_id, class_names = meta["model_id"], list(meta["class_names"])
+    preprocess = MRIPreprocess.from_dict(meta["preprocess"])
+    src = resolve(config.input, s3_endpoint_url=config.s3_endpoint_url)
+    dst = resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)
+    recovered = recover(dst)
+    files = {p: v for p, v in src.files_with_versions().items() if not posix_basename(p).startswith(".")}
+    if not files:
+        raise InputError(f"no files under {config.input}: check the URI")
+
+    prior = _prior_rows(dst)
+    prefix = "s3://" if src.is_s3 else ""
+    same_model = prior.filter(pc.equal(prior.column("model_id"), model_id))
+    seen = set(zip(same_model.column("path").to_pylist(), same_model.column("size").to_pylist(), same_model.column("version").to_pylist()))
+    todo = {p: v for p, v in files.items() if (prefix + p, v[0], v[1]) not in seen}
+    known = zip(same_model.column("path").to_pylist(), same_model.column("sha256").to_pylist())
+    already = frozenset((path[len(prefix) :], sha) for path, sha in known if path[len(prefix) :] in todo)
+    summary: dict[str, Any] = {
+        "input": src.uri,
+        "output": dst.uri,
+        "model_id": model_id,
+        "files_seen": len(files),
+        "skipped_already_scored": len(files) - len(todo),
+        "scored": 0,
+        "errors": 0,
+        **recovered,
+    }
+    if not todo:
+        summary.update(wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0)
+        return summary
+
+    if not ray.is_initialized():
+        ray.init()
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+    if config.use_gpu and gpus < 1:
+        raise ConfigError("use_gpu is set but the Ray cluster has no GPU: drop --use-gpu or add GPU nodes")
+    replicas = config.concurrency or (gpus if config.use_gpu else max(1, cpus // 2))
+    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    staging = _staging(dst).join(run_id)
+    scored_at = datetime.now(timezone.utc)
+    t_run = time.perf_counter()
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.op_resource_reservation_enabled
+    # As in the ingest: on a small cluster the per-operator reservation idles half the CPUs.
+    ctx.op_resource_reservation_enabled = False
+    try:
+        (
+            ray.data.read_binary_files(list(todo), filesystem=src.pyarrow_fs, include_paths=True)
+            .map_batches(decode_batch, batch_format="pyarrow", fn_kwargs={"preprocess": preprocess, "already": already})
+            .map_batches(
+                Predictor,
+                batch_format="pyarrow",
+                batch_size=config.batch_size,
+                fn_constructor_args=(config.model, config.s3_endpoint_url, config.use_gpu, todo, prefix, scored_at),
+                compute=ray.data.ActorPoolStrategy(size=replicas),
+                num_gpus=1 if config.use_gpu else 0,
+            )
+            .write_parquet(staging.path, filesystem=staging.pyarrow_fs)
+        )
+    finally:
+        ctx.op_resource_reservation_enabled = saved
+    staged = [p for p in (staging.files() if staging.exists() else []) if p.endswith(".parquet")]
+    written = pa.concat_tables(
+        [pq.read_table(p, columns=["status"], filesystem=staging.pyarrow_fs) for p in staged]
+    ) if staged else pa.table({"status": pa.array([], pa.string())})
+    # The marker says every row of the run is on storage: from here a cut-off run is committed
+    # by the next one instead of redone.
+    staging.join(DONE_MARKER).write_bytes(b"")
+    _commit(staging, dst)
+    elapsed = time.perf_counter() - t_run
+    n_err = int(pc.sum(pc.equal(written.column("status"), "error")).as_py() or 0)
+    summary.update(
+        scored=written.num_rows - n_err,
+        errors=n_err,
+        skipped_already_scored=summary["skipped_already_scored"] + len(todo) - written.num_rows,
+        run_id=run_id,
+        replicas=replicas,
+        wall_s=round(time.perf_counter() - t0, 3),
+        images_per_s=round(len(todo) / elapsed, 2),
+    )
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    lines = [
+        f"score {s['input']} -> {s['output']} (model {s['model_id']})",
+        f"  files seen {s['files_seen']}, scored {s['scored']}, skipped as already scored "
+        f"{s['skipped_already_scored']}, errors {s['errors']}",
+    ]
+    if s.get("committed_runs") or s.get("dropped_runs"):
+        lines.append(f"  earlier cut-off runs: committed {s['committed_runs']}, redone {s['dropped_runs']}")
+    lines.append(f"  {s['wall_s']:.1f} s, {s['images_per_s']:.1f} images/s")
+    return "\n".join(lines)

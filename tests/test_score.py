@@ -1,0 +1,195 @@
+"""jobs/score.py and braintumor_ray.score on generated archives: local disk and S3 (moto)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from braintumor_ray import CLASS_NAMES, MRIPreprocess, create_model, export_model_package, load_model_package, make_sample_dataset, prepare_input
+from braintumor_ray.score import PROB_PREFIX, ScoreConfig, run_scoring
+
+from _images import bad_files, odd_but_valid
+from conftest import upload_tree
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BAD = ["truncated.jpg", "corrupt_header.jpg", "header_only.jpg", "empty.jpg", "notes.jpg", "bomb.png"]
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    """A small randomly initialised model, exported as users' packages are."""
+    torch.manual_seed(0)
+    model = create_model("resnet10t", pretrained=False, drop_rate=0.0)
+    uri = str(tmp_path_factory.mktemp("pkg") / "model")
+    export_model_package(model, uri, preprocess=MRIPreprocess(image_size=64))
+    return uri
+
+
+def make_archive(root: str, *, seed: int = 0, n: int = 4) -> list[str]:
+    """An unsorted archive: nested folders, arbitrary names, bad and awkward files mixed in."""
+    tmp = root + ".src"
+    make_sample_dataset(tmp, per_class=n, test_per_class=0, leaks=0, size=96, seed=seed)
+    paths = []
+    for i, (dirpath, _, names) in enumerate(sorted(os.walk(tmp))):
+        for j, name in enumerate(sorted(names)):
+            dst = os.path.join(root, f"study{seed}-{i}", f"series{j % 2}", f"IMG_{seed}_{i}_{j}.jpeg")
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copyfile(os.path.join(dirpath, name), dst)
+            paths.append(dst)
+    shutil.rmtree(tmp)
+    return paths
+
+
+def _rows(out: str, filesystem=None) -> list[dict]:
+    return pads.dataset(out, format="parquet", filesystem=filesystem).to_table().to_pylist()
+
+
+@pytest.fixture(scope="module")
+def scored(ray_session, package, tmp_path_factory):
+    base = tmp_path_factory.mktemp("score")
+    archive = str(base / "archive")
+    good = make_archive(archive)
+    good_bytes = open(good[0], "rb").read()
+    bad_dir = os.path.join(archive, "misc")
+    os.makedirs(bad_dir)
+    for name, data in bad_files(good_bytes).items():
+        open(os.path.join(bad_dir, name), "wb").write(data)
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(good[1]).convert("L"))
+    for name, data in odd_but_valid(pixels).items():
+        open(os.path.join(bad_dir, name), "wb").write(data)
+    open(os.path.join(archive, "README"), "w").write("exported from PACS")
+    out = str(base / "predictions")
+    summary = run_scoring(ScoreConfig(model=package, input=archive, output=out, batch_size=8))
+    return archive, out, summary, good
+
+
+def test_one_row_per_file_and_probabilities(scored):
+    archive, out, summary, good = scored
+    rows = _rows(out)
+    n_files = len(good) + len(BAD) + 3 + 1
+    assert summary["files_seen"] == n_files and summary["scored"] + summary["errors"] == n_files
+    assert len(rows) == n_files and len({r["path"] for r in rows}) == n_files
+    by_name = {os.path.basename(r["path"]): r for r in rows}
+    for name in BAD + ["README"]:
+        assert by_name[name]["status"] == "error" and by_name[name]["error"], name
+        assert by_name[name]["predicted_label"] is None
+    for name in ["sixteen_bit.png", "rgba.png", "cmyk.jpg"]:
+        assert by_name[name]["status"] == "ok", by_name[name]["error"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == len(good) + 3 == summary["scored"]
+    for r in ok:
+        p = np.array([r[PROB_PREFIX + c] for c in CLASS_NAMES])
+        assert abs(p.sum() - 1) < 1e-5 and r["predicted_label"] == CLASS_NAMES[int(p.argmax())]
+        assert r["error"] is None and len(r["sha256"]) == 64
+    assert {r["model_id"] for r in rows} == {load_model_package_meta_id(out, rows)}
+
+
+def load_model_package_meta_id(out, rows):
+    return rows[0]["model_id"]
+
+
+def test_predictions_equal_a_plain_forward(scored, package):
+    archive, out, _, good = scored
+    pkg = load_model_package(package)
+    rows = {r["path"]: r for r in _rows(out)}
+    pixels = np.stack([pkg.preprocess(open(p, "rb").read()).pixels for p in good])
+    with torch.no_grad():
+        probs = torch.softmax(pkg.model(prepare_input(pixels, mean=pkg.data_config["mean"], std=pkg.data_config["std"])), 1).numpy()
+    got = np.array([[rows[p][PROB_PREFIX + c] for c in CLASS_NAMES] for p in good])
+    np.testing.assert_allclose(got, probs, atol=1e-5)
+    assert rows[good[0]]["model_id"] == pkg.model_id
+
+
+def test_rerun_scores_only_new_files(scored, package):
+    archive, out, first, good = scored
+    again = run_scoring(ScoreConfig(model=package, input=archive, output=out))
+    assert again["scored"] == again["errors"] == 0 and again["skipped_already_scored"] == first["files_seen"]
+    new = make_archive(os.path.join(archive, "new-arrivals"), seed=7, n=1)
+    with open(good[0], "ab") as f:  # a changed file: new content, new sha256
+        f.write(b"\x00")
+    os.utime(good[1], (time.time() + 5, time.time() + 5))  # touched, content unchanged
+    third = run_scoring(ScoreConfig(model=package, input=archive, output=out))
+    assert third["scored"] == len(new) + 1
+    assert third["skipped_already_scored"] == first["files_seen"] - 1
+    rows = _rows(out)
+    keys = [(r["path"], r["sha256"], r["model_id"]) for r in rows]
+    assert len(keys) == len(set(keys)), "a file was scored twice"
+    assert len(rows) == first["files_seen"] + len(new) + 1  # the changed file has its old and new row
+    assert len({r["path"] for r in rows}) == first["files_seen"] + len(new)
+
+
+def test_killed_run_leaves_nothing_partial_and_the_next_run_completes(package, tmp_path):
+    archive = str(tmp_path / "archive")
+    files = make_archive(archive, seed=3, n=6)
+    out = str(tmp_path / "preds")
+    env = dict(os.environ, HOME=str(tmp_path), RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    job = [sys.executable, os.path.join(REPO, "jobs", "score.py"), "--model", package, "--input", archive, "--output", out, "--batch-size", "2"]
+    proc = subprocess.Popen(job, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    # Kill it as soon as it has started writing its staged rows (or, on a fast machine, later).
+    while time.time() < deadline and proc.poll() is None and not os.path.exists(out + "._staging"):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # Whatever the kill left, readers of the output see only whole files.
+    if os.path.exists(out):
+        for r in _rows(out):
+            assert r["status"] == "ok"
+    r = subprocess.run(job, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _rows(out)
+    assert sorted(r["path"] for r in rows) == sorted(files), "every file exactly once"
+    assert not os.path.exists(out + "._staging") or not os.listdir(out + "._staging")
+    assert "files seen" in r.stdout
+
+
+def test_s3_in_and_out(ray_session, package, s3_endpoint, s3_bucket, tmp_path):
+    import s3fs
+
+    archive = str(tmp_path / "archive")
+    files = make_archive(archive, seed=5, n=1)
+    upload_tree(archive, s3_endpoint, s3_bucket, "pacs/export")
+    upload_tree(package, s3_endpoint, s3_bucket, "models/m1")
+    cfg = ScoreConfig(model=f"s3://{s3_bucket}/models/m1", input=f"s3://{s3_bucket}/pacs", output=f"s3://{s3_bucket}/preds", s3_endpoint_url=s3_endpoint)
+    summary = run_scoring(cfg)
+    assert summary["scored"] == len(files)
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    rows = _rows(f"{s3_bucket}/preds", filesystem=fs)
+    assert len(rows) == len(files) and all(r["path"].startswith(f"s3://{s3_bucket}/pacs/export/") for r in rows)
+    assert run_scoring(cfg)["skipped_already_scored"] == len(files)
+
+
+def test_run_cut_off_while_committing_is_finished_by_the_next(ray_session, package, tmp_path, monkeypatch):
+    from braintumor_ray import storage
+
+    archive = str(tmp_path / "archive")
+    files = make_archive(archive, seed=11, n=2)
+    out = str(tmp_path / "preds")
+    real_move, moves = storage.Location.move_to, []
+
+    def move_then_die(self, other):
+        if moves:
+            raise KeyboardInterrupt("killed while committing")  # what a SIGINT mid-commit looks like
+        moves.append(other.path)
+        real_move(self, other)
+
+    monkeypatch.setattr(storage.Location, "move_to", move_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_scoring(ScoreConfig(model=package, input=archive, output=out, batch_size=2))
+    monkeypatch.setattr(storage.Location, "move_to", real_move)
+    partial = _rows(out)
+    assert 0 < len(partial) < len(files), "the cut must fall between two committed files"
+    summary = run_scoring(ScoreConfig(model=package, input=archive, output=out))
+    assert summary["committed_runs"] == 1 and summary["scored"] == 0
+    assert sorted(r["path"] for r in _rows(out)) == sorted(files)
