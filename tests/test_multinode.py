@@ -1,0 +1,115 @@
+"""Several Ray nodes on one machine (ray.cluster_utils.Cluster, as Ray's own tests do): the
+stages spread their work over the nodes and survive losing one."""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from braintumor_ray import MRIPreprocess, create_model, export_model_package, make_sample_dataset
+from braintumor_ray.ingest import IngestConfig, run_ingest
+from braintumor_ray.score import ScoreConfig, run_scoring
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # The head runs the driver only (as on a real cluster); workers have one CPU each.
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True})
+    workers = [c.add_node(num_cpus=1) for _ in range(3)]
+    ray.init(address=c.address, log_to_driver=False)
+    c.wait_for_nodes()
+    yield c, workers
+    ray.shutdown()
+    c.shutdown()
+
+
+def _gcs() -> str:
+    import ray
+
+    # Other Ray instances may run on this machine: ask this cluster, not "the latest".
+    return ray.get_runtime_context().gcs_address
+
+
+def _task_nodes(name_part: str) -> collections.Counter:
+    from ray.util.state import list_tasks
+
+    time.sleep(3)  # task events reach the GCS in batches
+    tasks = list_tasks(address=_gcs(), limit=10000, detail=True, raise_on_missing_output=False)
+    return collections.Counter(t.node_id for t in tasks if name_part in (t.name or "") and t.node_id)
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    torch.manual_seed(0)
+    uri = str(tmp_path_factory.mktemp("pkg") / "model")
+    export_model_package(create_model("resnet10t", pretrained=False), uri, preprocess=MRIPreprocess(image_size=64))
+    return uri
+
+
+def test_ingest_spreads_over_nodes(cluster, tmp_path):
+    make_sample_dataset(str(tmp_path / "raw"), per_class=16, test_per_class=4, size=96)
+    report = run_ingest(IngestConfig(input=str(tmp_path / "raw"), output=str(tmp_path / "out"), images_per_block=8))
+    assert report["counts"]["errors"] == 0
+    nodes = _task_nodes("preprocess_batch")
+    assert len(nodes) >= 2, f"decode tasks ran on {dict(nodes)}"
+
+
+def _archive(root, n):
+    make_sample_dataset(root, per_class=n, test_per_class=0, leaks=0, size=96, seed=4)
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+
+
+def test_scoring_spreads_over_nodes(cluster, package, tmp_path):
+    files = _archive(str(tmp_path / "archive"), 6)
+    summary = run_scoring(ScoreConfig(model=package, input=str(tmp_path / "archive"), output=str(tmp_path / "p"), concurrency=2, batch_size=4))
+    assert summary["scored"] == len(files)
+    assert len(_task_nodes("decode_batch") | _task_nodes("Predictor")) >= 2
+
+
+def test_scoring_survives_losing_a_node(cluster, package, tmp_path):
+    import ray
+
+    c, workers = cluster
+    files = _archive(str(tmp_path / "archive"), 40)
+    result: dict = {}
+
+    def score():
+        try:
+            result["summary"] = run_scoring(
+                ScoreConfig(model=package, input=str(tmp_path / "archive"), output=str(tmp_path / "p"), concurrency=2, batch_size=2)
+            )
+        except BaseException as e:  # surfaced by the assertion below
+            result["error"] = e
+
+    t = threading.Thread(target=score)
+    t.start()
+    # Wait until the model actors are up and working, then take away a node that hosts one.
+    deadline = time.time() + 120
+    victim = None
+    while time.time() < deadline and victim is None and t.is_alive():
+        from ray.util.state import list_actors
+
+        actors = list_actors(address=_gcs(), filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+        alive = [a for a in actors if "MapWorker" in (a.class_name or "")]
+        busy = {a.node_id for a in alive}
+        victim = next((w for w in workers if w.node_id in busy and w.node_id != ray.get_runtime_context().get_node_id()), None)
+        time.sleep(0.5)
+    assert victim is not None, "no model actor came up"
+    assert t.is_alive(), "the job ended before a node could be taken away: make the archive larger"
+    c.remove_node(victim)
+    workers.remove(victim)
+    c.add_node(num_cpus=1)  # a replacement, as an autoscaler would start
+    t.join(timeout=300)
+    assert "error" not in result, result.get("error")
+    rows = pads.dataset(str(tmp_path / "p"), format="parquet").to_table(columns=["path", "status"]).to_pylist()
+    assert sorted(r["path"] for r in rows) == files, "every file exactly once"
+    assert all(r["status"] == "ok" for r in rows)
