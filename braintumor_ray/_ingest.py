@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._errors import ConfigError, ImageDecodeError, InputError, StorageError
+from ._errors import ConfigError, InputError, StorageError
 from ._hashing import group_duplicates, phash, sha256_hex
 from ._labels import CLASS_NAMES, canonical_label, canonical_split
 from .storage import Location, resolve
@@ -152,14 +152,14 @@ def _error(path: str, reason: str, split: str | None = None, label: str | None =
 
 
 def preprocess_batch(batch: pa.Table, *, preprocess: MRIPreprocess) -> pa.Table:
-    """Worker side: bytes -> hashes, preprocessed PNG, crop box; an error string per bad file."""
+    """Worker side: bytes -> hashes, preprocessed image, crop box; an error string per bad file."""
     cols: dict[str, list] = {name: [] for name in _DECODED_SCHEMA.names}
     for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist()):
         data = data or b""
         row: dict[str, Any] = dict.fromkeys(_DECODED_SCHEMA.names)
         row["path"], row["sha256"] = path, sha256_hex(data)
-        try:
-            out = preprocess(data)
+        out, row["error"] = preprocess.try_call(data)
+        if out is not None:
             row.update(
                 phash=f"{phash(out.pixels):016x}",
                 image=out.pixels.tobytes(),
@@ -174,10 +174,6 @@ def preprocess_batch(batch: pa.Table, *, preprocess: MRIPreprocess) -> pa.Table:
                 crop_y1=out.crop_box[3],
                 cropped=out.cropped,
             )
-        except ImageDecodeError as e:
-            row["error"] = str(e)
-        except Exception as e:  # one odd file must never stop the job
-            row["error"] = f"could not preprocess: {type(e).__name__}: {e}"
         for k, v in row.items():
             cols[k].append(v)
     return pa.Table.from_pydict(cols, schema=_DECODED_SCHEMA)

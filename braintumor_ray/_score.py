@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ._errors import ConfigError, ImageDecodeError, InputError
+from ._errors import ConfigError, InputError
 from ._hashing import sha256_hex
 from .storage import Location, resolve
 from .transforms import MRIPreprocess
@@ -105,14 +105,8 @@ def decode_batch(batch: pa.Table, *, preprocess: MRIPreprocess, already: frozens
         digest = sha256_hex(data)
         if (path, digest) in already:
             continue
-        pixels, side, error = None, None, None
-        try:
-            out = preprocess(data)
-            pixels, side = out.pixels.tobytes(), out.pixels.shape[0]
-        except ImageDecodeError as e:
-            error = str(e)
-        except Exception as e:  # one odd file must never stop the job
-            error = f"could not preprocess: {type(e).__name__}: {e}"
+        out, error = preprocess.try_call(data)
+        pixels, side = (out.pixels.tobytes(), out.pixels.shape[0]) if out is not None else (None, None)
         for k, v in zip(_DECODED.names, (path, digest, pixels, side, error)):
             cols[k].append(v)
     return pa.Table.from_pydict(cols, schema=_DECODED)

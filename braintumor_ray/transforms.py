@@ -78,6 +78,15 @@ class MRIPreprocess:
         pixels = resize_pad(gray[y0:y1, x0:x1], self.image_size)
         return PreprocessedImage(pixels, w, h, mode, (x0, y0, x1, y1), cropped)
 
+    def try_call(self, data: bytes) -> tuple[PreprocessedImage | None, str | None]:
+        """``self(data)``, or None and the reason: what jobs use so one odd file never stops them."""
+        try:
+            return self(data), None
+        except ImageDecodeError as e:
+            return None, str(e)
+        except Exception as e:  # a decoder bug on a strange file is still that file's problem
+            return None, f"could not preprocess: {type(e).__name__}: {e}"
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
