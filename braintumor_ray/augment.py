@@ -1,0 +1,123 @@
+"""Train-time augmentation of preprocessed MRI batches (uint8 greyscale in, uint8 greyscale out).
+
+The classic brain-MRI notebooks' ``ImageDataGenerator``: small rotations, width/height shifts,
+zoom, horizontal flips, brightness and contrast. It runs on the ingest's preprocessed pixels and
+returns the same kind of pixels, so training then calls the very ``prepare_input`` that scoring
+calls; evaluation and scoring never augment.
+
+    aug = TrainAugment()                      # the default preset
+    pixels = aug(pixels_uint8_nhw, generator=torch.Generator().manual_seed(0))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ._errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainAugment:
+    """Random affine + flip + brightness/contrast, per image, on a batch.
+
+    Args:
+        rotate: largest rotation, degrees (uniform in +-rotate).
+        shift: largest translation, fraction of the side (each axis, uniform in +-shift).
+        zoom: largest scale change, fraction (uniform in 1 +- zoom).
+        flip: probability of a horizontal (left-right) flip; brains are near-symmetric.
+        brightness: largest brightness factor change (x * (1 +- brightness)).
+        contrast: largest gamma change (gamma in 1 +- contrast).
+
+    Black stays black: the background the affine uncovers, brightness and gamma all keep the
+    scans' black background.
+    """
+
+    rotate: float = 15.0
+    shift: float = 0.1
+    zoom: float = 0.1
+    flip: float = 0.5
+    brightness: float = 0.2
+    contrast: float = 0.2
+
+    def __post_init__(self) -> None:
+        checks = {
+            "rotate": (0.0, 180.0),
+            "shift": (0.0, 0.5),
+            "zoom": (0.0, 0.5),
+            "flip": (0.0, 1.0),
+            "brightness": (0.0, 1.0),
+            "contrast": (0.0, 1.0),
+        }
+        for name, (lo, hi) in checks.items():
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise ConfigError(f"augmentation {name}={v} is out of range: use {lo}..{hi}")
+
+    @classmethod
+    def none(cls) -> "TrainAugment":
+        return cls(rotate=0, shift=0, zoom=0, flip=0, brightness=0, contrast=0)
+
+    def scaled(self, strength: float) -> "TrainAugment":
+        """This preset with every magnitude times ``strength`` (0 = off); flip stays as is unless 0."""
+        if strength < 0:
+            raise ConfigError(f"augmentation strength={strength} must be >= 0")
+        if strength == 0:
+            return TrainAugment.none()
+        return replace(
+            self,
+            rotate=min(180.0, self.rotate * strength),
+            shift=min(0.5, self.shift * strength),
+            zoom=min(0.5, self.zoom * strength),
+            brightness=min(1.0, self.brightness * strength),
+            contrast=min(1.0, self.contrast * strength),
+        )
+
+    @property
+    def is_identity(self) -> bool:
+        return all(getattr(self, f.name) == 0 for f in fields(self))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainAugment":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def __call__(self, pixels: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(N, H, W) uint8 -> (N, H, W) uint8, each image with its own random draw."""
+        if pixels.dtype != torch.uint8 or pixels.ndim != 3:
+            raise ConfigError(f"TrainAugment takes (N, H, W) uint8 batches, got {pixels.dtype} {tuple(pixels.shape)}")
+        if self.is_identity or pixels.shape[0] == 0:
+            return pixels
+        n = pixels.shape[0]
+
+        def u(lo: float, hi: float) -> torch.Tensor:
+            return torch.rand(n, generator=generator) * (hi - lo) + lo
+
+        x = pixels.to(torch.float32)[:, None]  # N, 1, H, W
+        angle = u(-self.rotate, self.rotate) * (math.pi / 180.0)
+        scale = u(1 - self.zoom, 1 + self.zoom)
+        tx, ty = u(-self.shift, self.shift) * 2, u(-self.shift, self.shift) * 2  # grid units span 2
+        flip = torch.where(torch.rand(n, generator=generator) < self.flip, -1.0, 1.0)
+        if self.rotate or self.zoom or self.shift or self.flip:
+            # Output -> input sampling matrix: inverse zoom, rotation, flip, then shift.
+            cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+            theta = torch.stack(
+                [torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1
+            )
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.contrast:
+            # A gamma curve: black stays black (the background) and white stays white.
+            gamma = u(1 - self.contrast, 1 + self.contrast).view(n, 1, 1, 1)
+            x = (x.clamp(0, 255) / 255.0).pow(gamma) * 255.0
+        if self.brightness:
+            # Multiplicative, like Keras' brightness_range: the background stays black.
+            x = x * u(1 - self.brightness, 1 + self.brightness).view(n, 1, 1, 1)
+        return x[:, 0].round_().clamp_(0, 255).to(torch.uint8)

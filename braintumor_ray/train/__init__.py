@@ -1,0 +1,40 @@
+"""Distributed fine-tuning with Ray Train (``jobs/train.py``).
+
+    from braintumor_ray.train import TrainConfig, run_training, build_trainer
+    metrics = run_training(TrainConfig(data="s3://b/preprocessed", storage="s3://b/runs", name="lite0"))
+
+``train_loop_per_worker`` is the TorchTrainer worker function; ``build_trainer(cfg)`` gives the
+trainer (Ray Tune launches it inside its trial function); ``run_training`` also writes
+``metrics.json``, the plots and the model package under ``storage/name``.
+"""
+
+from ..augment import TrainAugment
+from ._config import TrainConfig
+from ._data import TrainData, decode_batch, load_train_data
+from ._loop import class_weights, evaluate, lr_lambda, train_loop_per_worker, train_one_epoch
+from ._metrics import classification_metrics, confusion_matrix, roc_auc
+from ._run import METRICS_FILE, MODEL_DIR, TrainingError, build_trainer, format_table, run_location, run_training, write_plots
+
+__all__ = [
+    "METRICS_FILE",
+    "MODEL_DIR",
+    "TrainAugment",
+    "TrainConfig",
+    "TrainData",
+    "TrainingError",
+    "build_trainer",
+    "class_weights",
+    "classification_metrics",
+    "confusion_matrix",
+    "decode_batch",
+    "evaluate",
+    "format_table",
+    "load_train_data",
+    "lr_lambda",
+    "roc_auc",
+    "run_location",
+    "run_training",
+    "train_loop_per_worker",
+    "train_one_epoch",
+    "write_plots",
+]

@@ -1,0 +1,122 @@
+"""The ingest's Parquet splits as Ray Datasets of decoded uint8 images, ready for Ray Train."""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .._errors import InputError, StorageError
+from .._labels import CLASS_NAMES
+from ..storage import Location, resolve
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = ["image", "image_height", "image_width", "label_index", "leaked"]
+REQUIRED_SPLITS = ("train", "val")
+
+
+@dataclass
+class TrainData:
+    """Materialised splits (in Ray's object store) and what the driver needs to know about them."""
+
+    datasets: dict[str, Any]  # split -> ray.data.Dataset with image (N,H,W) uint8, label int64, leaked bool
+    counts: dict[str, int]
+    class_counts: list[int]  # training images per class, in CLASS_NAMES order
+    report: dict[str, Any]  # the ingest's report.json
+    image_size: int
+
+
+def decode_batch(batch: pa.Table) -> dict[str, np.ndarray]:
+    """Raw greyscale bytes -> (N, H, W) uint8; label_index -> int64; leaked (null = False)."""
+    n = batch.num_rows
+    h = batch.column("image_height").to_numpy()
+    w = batch.column("image_width").to_numpy()
+    if n and (np.any(h != h[0]) or np.any(w != w[0])):
+        raise InputError("images of different sizes in one split: run jobs/preprocess.py again (it writes one size)")
+    hh, ww = (int(h[0]), int(w[0])) if n else (0, 0)
+    images = batch.column("image").to_pylist()
+    pixels = np.frombuffer(b"".join(images), dtype=np.uint8).reshape(n, hh, ww) if n else np.zeros((0, 1, 1), np.uint8)
+    leaked = batch.column("leaked").fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+    return {
+        "image": pixels,
+        "label": batch.column("label_index").to_numpy().astype(np.int64),
+        "leaked": leaked,
+    }
+
+
+def read_report(data: Location) -> dict[str, Any]:
+    report_loc = data.join("report.json")
+    try:
+        exists = report_loc.exists()
+    except StorageError as e:
+        raise StorageError(f"cannot read --data {data.uri}: {e}") from e
+    if not exists:
+        raise InputError(
+            f"--data {data.uri} is not the output of jobs/preprocess.py: it has no report.json "
+            "(written last, so an interrupted ingest has none). Run jobs/preprocess.py --output there first."
+        )
+    try:
+        report = json.loads(report_loc.read_bytes())
+        classes = report["class_names"]
+        report["preprocess"]["image_size"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{report_loc.uri} is not an ingest report ({e}): run jobs/preprocess.py again") from e
+    if list(classes) != list(CLASS_NAMES):
+        raise InputError(f"{report_loc.uri} has classes {classes}; this version trains on {list(CLASS_NAMES)}")
+    return report
+
+
+def load_train_data(uri: str, *, s3_endpoint_url: str | None = None, seed: int = 0) -> TrainData:
+    """Read, decode and materialise train/val/test from an ingest output.
+
+    Materialising in the driver (a few hundred MB at most for this data) means the training
+    workers only read blocks from the object store: with every CPU given to the workers, no Ray
+    Data task has to be scheduled during training. The training split is shuffled once here
+    (the ingest writes blocks in folder order, i.e. by class) and again per epoch in the workers.
+    """
+    import ray
+
+    data = resolve(uri, s3_endpoint_url=s3_endpoint_url)
+    report = read_report(data)
+    images = data.join("images")
+    lazy: dict[str, Any] = {}
+    for split in ("train", "val", "test"):
+        loc = images.join(f"split={split}")
+        if not loc.exists() or not loc.files():
+            if split in REQUIRED_SPLITS:
+                raise InputError(
+                    f"--data {data.uri} has no {split} split ({loc.uri}): run jobs/preprocess.py with "
+                    "a training folder and --val-fraction > 0"
+                )
+            logger.warning("no %s split in %s: no test metrics", split, data.uri)
+            continue
+        ds = ray.data.read_parquet(loc.path, filesystem=data.pyarrow_fs, columns=COLUMNS)
+        ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=256)
+        if split == "train":
+            ds = ds.random_shuffle(seed=seed)
+        lazy[split] = ds
+    # The splits are read side by side: each read is mostly task start-up on a small cluster.
+    with ThreadPoolExecutor(len(lazy)) as pool:
+        datasets = dict(zip(lazy, pool.map(lambda d: d.materialize(), lazy.values())))
+    counts = {split: ds.count() for split, ds in datasets.items()}
+    for split, n in counts.items():
+        if n == 0:
+            raise InputError(f"the {split} split of {data.uri} is empty: nothing to train or validate on")
+    labels = np.concatenate(
+        [b["label"] for b in datasets["train"].iter_batches(batch_size=4096, batch_format="numpy")]
+    )
+    class_counts = np.bincount(labels, minlength=len(CLASS_NAMES)).tolist()
+    logger.info("data %s: %s; training images per class %s", data.uri, counts, dict(zip(CLASS_NAMES, class_counts)))
+    return TrainData(
+        datasets=datasets,
+        counts=counts,
+        class_counts=class_counts,
+        report=report,
+        image_size=int(report["preprocess"]["image_size"]),
+    )

@@ -1,0 +1,262 @@
+"""Driver side of a training run: data, the TorchTrainer, and the run's outputs.
+
+    cfg = TrainConfig(data="s3://bucket/preprocessed", storage="s3://bucket/runs", name="lite0")
+    summary = run_training(cfg)                       # metrics.json, plots, model/ under storage/name
+    trainer = build_trainer(cfg)                      # or just the trainer (Ray Tune launches this)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from .._errors import BraintumorError, ConfigError, InputError
+from .._labels import CLASS_NAMES
+from ..storage import Location, resolve
+from ..transforms import MRIPreprocess
+from ._config import TrainConfig
+from ._data import TrainData, load_train_data, read_report
+from ._loop import STATE_FILE, train_loop_per_worker
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+MODEL_DIR = "model"
+SCORE = "val_macro_f1"
+
+
+class TrainingError(BraintumorError):
+    """The distributed run failed more often than max_failures allows."""
+
+
+def run_location(cfg: TrainConfig) -> Location:
+    return resolve(cfg.storage, s3_endpoint_url=cfg.s3_endpoint_url).join(cfg.name)
+
+
+def build_trainer(cfg: TrainConfig, *, data: TrainData | None = None, run_config: Any = None):
+    """A ``TorchTrainer`` for ``cfg``: DDP over ``cfg.num_workers`` (gloo on CPU, NCCL on GPU).
+
+    ``data`` defaults to :func:`load_train_data` of ``cfg.data``; ``run_config`` defaults to
+    checkpoints in ``cfg.storage/cfg.name`` scored by validation macro-F1. Running the same
+    storage and name again continues from the run's latest checkpoint (Ray Train's restore).
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if cfg.data is None and data is None:
+        raise ConfigError("no data: give --data (the output folder of jobs/preprocess.py)")
+    if data is None:
+        data = load_train_data(cfg.data, s3_endpoint_url=cfg.s3_endpoint_url, seed=cfg.seed)
+    if data.counts["train"] < cfg.num_workers:
+        raise InputError(f"{data.counts['train']} training images cannot be shared by {cfg.num_workers} workers")
+    if run_config is None:
+        storage = resolve(cfg.storage, s3_endpoint_url=cfg.s3_endpoint_url)
+        run_config = ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=storage.path,
+            storage_filesystem=storage.pyarrow_fs if storage.is_s3 else None,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.num_to_keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        )
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    loop_config = cfg.to_dict() | {
+        "n_train": data.counts["train"],
+        "class_counts": data.class_counts,
+        "has_test": "test" in data.datasets,
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
+        run_config=run_config,
+        datasets=data.datasets,
+        # Only training is sharded; every worker sees all of val/test and scores its own batches.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def _has_run(loc: Location) -> bool:
+    return loc.exists() and not loc.is_empty()
+
+
+def run_training(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Train, then write ``metrics.json``, the plots and ``model/`` under ``storage/name``.
+
+    A run folder that already holds a run is refused unless ``resume``: then training continues
+    from its latest checkpoint (epoch, optimizer, schedule, early-stopping state) and a finished
+    run is only evaluated and exported again. Returns the metrics written to ``metrics.json``.
+    """
+    import ray
+    import ray.train
+
+    t0 = time.time()
+    run = run_location(cfg)
+    exists = _has_run(run)
+    if exists and not resume:
+        raise ConfigError(f"run {run.uri} already exists: pass --resume to continue it, or choose another --name")
+    if resume and not exists:
+        raise ConfigError(f"--resume: there is no run at {run.uri} to continue (check --storage and --name)")
+    if cfg.data is None:
+        raise ConfigError("no data: give --data (the output folder of jobs/preprocess.py)")
+    read_report(resolve(cfg.data, s3_endpoint_url=cfg.s3_endpoint_url))  # a clear error before Ray starts
+    if not ray.is_initialized():
+        ray.init()
+    data = load_train_data(cfg.data, s3_endpoint_url=cfg.s3_endpoint_url, seed=cfg.seed)
+    trainer = build_trainer(cfg, data=data)
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainingError(f"training failed after {cfg.max_failures} retries: {e}") from e
+    if result.error:
+        raise TrainingError(f"training failed: {result.error}")
+    out = result.return_value
+    if not out or result.checkpoint is None:
+        raise TrainingError("training finished without a result or checkpoint (see the worker logs above)")
+
+    metrics: dict[str, Any] = {
+        "run": {
+            "name": cfg.name,
+            "uri": run.uri,
+            "data": cfg.data,
+            "images": data.counts,
+            "train_images_per_class": dict(zip(CLASS_NAMES, data.class_counts)),
+            "config": cfg.to_dict(),
+            "resumed": resume,
+            "wall_s": None,
+            "ray": ray.__version__,
+            "torch": torch.__version__,
+        },
+        "class_names": list(CLASS_NAMES),
+        "epochs": out["history"],
+        "best_epoch": out["best_epoch"],
+        "restores": out["restores"],
+        "stopped_early": out["stopped_early"],
+        "val": out["val"],
+    }
+    for k in ("test", "test_clean"):
+        if k in out:
+            metrics[k] = out[k]
+
+    model = _best_model(cfg, result.checkpoint)
+    preprocess = MRIPreprocess.from_dict(data.report["preprocess"])
+    package_metrics = {"best_epoch": out["best_epoch"], "val_macro_f1": out["val"]["macro_f1"]}
+    for k in ("test", "test_clean"):
+        if k in out:
+            package_metrics[f"{k}_accuracy"] = out[k]["accuracy"]
+            package_metrics[f"{k}_macro_f1"] = out[k]["macro_f1"]
+    meta = export_package(model, run.join(MODEL_DIR).uri, preprocess=preprocess, metrics=package_metrics,
+                          s3_endpoint_url=cfg.s3_endpoint_url)
+    metrics["model"] = {"uri": run.join(MODEL_DIR).uri, "model_id": meta["model_id"]}
+    metrics["run"]["wall_s"] = round(time.time() - t0, 1)
+    write_plots(metrics, run)
+    run.join(METRICS_FILE).write_bytes(json.dumps(metrics, indent=2, allow_nan=False).encode())
+    logger.info("wrote %s, plots and %s", run.join(METRICS_FILE).uri, run.join(MODEL_DIR).uri)
+    return metrics
+
+
+def export_package(model, uri: str, **kw: Any) -> dict[str, Any]:
+    from ..models import export_model_package
+
+    return export_model_package(model, uri, **kw)
+
+
+def _best_model(cfg: TrainConfig, checkpoint) -> torch.nn.Module:
+    """The best epoch's weights (kept in every checkpoint) in a fresh model of the run's architecture."""
+    from ..models import create_model
+
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    weights = state["best_model"] if state.get("best_model") is not None else state["model"]
+    model = create_model(cfg.model, pretrained=False, drop_rate=cfg.drop_rate)
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+# --- plots and the console table -------------------------------------------------------------
+
+
+def write_plots(metrics: dict[str, Any], run: Location) -> list[str]:
+    """``curves.png`` (loss, accuracy, macro-F1 per epoch) and ``confusion_<split>.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    hist = metrics["epochs"]
+    ep = [h["epoch"] for h in hist]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (key, title) in zip(axes, (("loss", "loss"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"))):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            k = f"{split}_{key}"
+            if hist and k in hist[0]:
+                ax.plot(ep, [h[k] for h in hist], style, label=split)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{metrics['run']['name']} (best epoch {metrics['best_epoch']})")
+    fig.tight_layout()
+    written.append(_save(fig, run.join("curves.png")))
+    plt.close(fig)
+    for split in ("val", "test", "test_clean"):
+        if split not in metrics:
+            continue
+        m = metrics[split]
+        cm = m["confusion_matrix"]
+        fig, ax = plt.subplots(figsize=(5.2, 4.6))
+        ax.imshow(cm, cmap="Blues")
+        names = m["class_names"]
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_yticks(range(len(names)), names)
+        top = max(max(r) for r in cm) or 1
+        for i, row in enumerate(cm):
+            for j, v in enumerate(row):
+                ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{split}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} (n={m['n']})")
+        fig.tight_layout()
+        written.append(_save(fig, run.join(f"confusion_{split}.png")))
+        plt.close(fig)
+    return written
+
+
+def _save(fig, loc: Location) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    loc.write_bytes(buf.getvalue())
+    return loc.uri
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """The final console table: overall and per-class figures for val, test and test_clean."""
+    splits = [s for s in ("val", "test", "test_clean") if s in metrics]
+    lines = [f"run {metrics['run']['uri']}  (best epoch {metrics['best_epoch']} of {len(metrics['epochs'])}"
+             + (f", restored from epoch(s) {metrics['restores']}" if metrics["restores"] else "") + ")"]
+    lines.append(f"  {'split':<11}{'n':>5}{'accuracy':>10}{'macro-F1':>10}{'ROC-AUC':>9}")
+    for s in splits:
+        m = metrics[s]
+        auc = f"{m['roc_auc_ovr']:.3f}" if m["roc_auc_ovr"] is not None else "-"
+        lines.append(f"  {s:<11}{m['n']:>5}{m['accuracy']:>10.3f}{m['macro_f1']:>10.3f}{auc:>9}")
+    for s in splits[1:] or splits:
+        m = metrics[s]
+        lines.append(f"  {s}: {'class':<12}{'precision':>10}{'recall':>8}{'F1':>7}{'n':>5}")
+        for name, c in m["per_class"].items():
+            lines.append(f"  {'':<{len(s) + 2}}{name:<12}{c['precision']:>10.3f}{c['recall']:>8.3f}{c['f1']:>7.3f}{c['support']:>5}")
+    lines.append(f"  model: {metrics['model']['uri']} ({metrics['model']['model_id']})")
+    return "\n".join(lines)

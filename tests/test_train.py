@@ -1,0 +1,120 @@
+"""Ray Train fine-tuning: the worker function under TorchTrainer (1 and 2 CPU workers), fault
+tolerance, s3:// storage, and the run's outputs. Tiny random-init models on generated 64 px data."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from braintumor_ray import MRIPreprocess, make_sample_dataset
+from braintumor_ray.ingest import IngestConfig, run_ingest
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def data_dir(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data")
+    make_sample_dataset(str(root / "sample"), per_class=30, test_per_class=8, size=96, leaks=2, seed=1)
+    out = str(root / "pre")
+    run_ingest(IngestConfig(input=str(root / "sample"), output=out, preprocess=MRIPreprocess(image_size=64)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def train_data(data_dir):
+    from braintumor_ray.train import load_train_data
+
+    return load_train_data(data_dir)
+
+
+def _cfg(tmp_path, **kw):
+    from braintumor_ray.train import TrainConfig
+
+    return TrainConfig.smoke_test(storage=str(tmp_path / "runs"), name="t", **kw)
+
+
+def _learned(result):
+    hist = result["history"]
+    assert hist[-1]["train_loss"] < 0.7 * hist[0]["train_loss"], [h["train_loss"] for h in hist]
+    assert result["val"]["accuracy"] >= 0.8, result["val"]
+    assert result["test"]["accuracy"] >= 0.8, result["test"]
+
+
+def test_one_worker_learns(train_data, tmp_path):
+    from braintumor_ray.train import build_trainer
+
+    cfg = _cfg(tmp_path, epochs=4, num_workers=1)
+    result = build_trainer(cfg, data=train_data).fit()
+    out = result.return_value
+    assert out["world_size"] == 1 and len(out["history"]) == 4 and out["restores"] == []
+    _learned(out)
+    assert result.checkpoint is not None
+
+
+def test_two_workers_survive_a_failure_mid_epoch_2(train_data, tmp_path):
+    """Rank 1 raises once in epoch 2 of 3: Ray Train restarts the group from the epoch-1 checkpoint."""
+    from braintumor_ray.train import build_trainer
+
+    marker = str(tmp_path / "failed-once")
+    cfg = _cfg(tmp_path, epochs=4, num_workers=2, inject_failure={"marker": marker, "epoch": 2, "rank": 1, "step": 1})
+    result = build_trainer(cfg, data=train_data).fit()
+    out = result.return_value
+    assert os.path.exists(marker), "the failure hook never fired"
+    assert out["world_size"] == 2
+    assert out["restores"] == [1], out["restores"]  # resumed from the epoch-1 checkpoint, not from zero
+    assert [h["epoch"] for h in out["history"]] == [1, 2, 3, 4]
+    _learned(out)
+    # Every test image was scored once, although each worker only scored its own batches.
+    assert out["test"]["n"] == train_data.counts["test"]
+    assert out["test_clean"]["n"] < out["test"]["n"]
+
+
+def test_run_training_writes_outputs_and_resumes(data_dir, tmp_path):
+    from braintumor_ray import load_model_package
+    from braintumor_ray import ConfigError
+    from braintumor_ray.train import run_training
+
+    cfg = _cfg(tmp_path, data=data_dir, epochs=2)
+    m = run_training(cfg)
+    run = tmp_path / "runs" / "t"
+    saved = json.loads((run / "metrics.json").read_text())
+    for split in ("test", "test_clean"):
+        assert 0 <= saved[split]["accuracy"] <= 1 and 0 <= saved[split]["macro_f1"] <= 1
+        assert set(saved[split]["per_class"]) == {"glioma", "meningioma", "no_tumor", "pituitary"}
+        assert np.asarray(saved[split]["confusion_matrix"]).sum() == saved[split]["n"]
+    assert 0 <= saved["val"]["macro_f1"] <= 1 and len(saved["epochs"]) == 2
+    for png in ("curves.png", "confusion_test.png", "confusion_test_clean.png"):
+        assert (run / png).read_bytes()[:4] == b"\x89PNG"
+    assert any(p.name.startswith("checkpoint_") for p in run.iterdir())
+    pkg = load_model_package(str(run / "model"))
+    assert pkg.metrics["test_accuracy"] == m["test"]["accuracy"]
+    assert pkg.preprocess.image_size == 64
+
+    with pytest.raises(ConfigError, match="already exists"):
+        run_training(cfg)
+    # --resume of a finished run: no epoch is trained again, the outputs are written again.
+    again = run_training(cfg.replace(epochs=2), resume=True)
+    assert [h["epoch"] for h in again["epochs"]] == [1, 2] and again["restores"] == [2]
+
+
+def test_s3_storage(data_dir, s3_endpoint, s3_bucket, tmp_path):
+    import boto3
+
+    from braintumor_ray import load_model_package
+    from braintumor_ray.train import TrainConfig, run_training
+
+    cfg = TrainConfig.smoke_test(
+        data=data_dir, storage=f"s3://{s3_bucket}/runs", name="s3run", epochs=2, s3_endpoint_url=s3_endpoint
+    )
+    m = run_training(cfg)
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert any(k.startswith("runs/s3run/checkpoint_") and k.endswith("state.pt") for k in keys), keys
+    assert "runs/s3run/metrics.json" in keys and "runs/s3run/curves.png" in keys
+    pkg = load_model_package(f"s3://{s3_bucket}/runs/s3run/model", s3_endpoint_url=s3_endpoint)
+    assert pkg.model_id == m["model"]["model_id"]
+    x = np.zeros((2, 64, 64), np.uint8)
+    assert tuple(pkg.logits(x).shape) == (2, 4)
