@@ -49,7 +49,8 @@ def plain_loop(cfg: TrainConfig, pixels: np.ndarray, labels: np.ndarray, class_c
             augment=cfg.train_augment, generator=gen, device=torch.device("cpu"),
         )
         rates.append(r["seen"] / r["seconds"])
-        print(json.dumps({"what": "plain", "threads": threads, "epoch": epoch + 1, "images": r["seen"], "img_s": round(rates[-1], 2)}), flush=True)
+        print(json.dumps({"what": "plain", "threads": threads, "epoch": epoch + 1, "images": r["seen"], "img_s": round(rates[-1], 2),
+                          "epoch_s": round(r["seconds"], 2), "data_wait_s": round(r["data_wait_s"], 2)}), flush=True)
     return rates
 
 
@@ -57,9 +58,11 @@ def ray_train(cfg: TrainConfig, data: TrainData, workers: int, epochs: int, stor
     c = cfg.replace(num_workers=workers, epochs=epochs, storage=storage, name=f"bench-{workers}w-{int(time.time())}",
                     early_stop_patience=0, warmup_epochs=0)
     result = build_trainer(c, data=data).fit()
-    rates = [h["train_images_per_s_per_worker"] for h in result.return_value["history"]]
-    for i, r in enumerate(rates):
-        print(json.dumps({"what": "ray", "workers": workers, "epoch": i + 1, "img_s_per_worker": round(r, 2)}), flush=True)
+    hist = result.return_value["history"]
+    rates = [h["train_images_per_s_per_worker"] for h in hist]
+    for i, h in enumerate(hist):
+        print(json.dumps({"what": "ray", "workers": workers, "epoch": i + 1, "img_s_per_worker": round(rates[i], 2),
+                          "epoch_s": round(h["epoch_s"], 2), "data_wait_s": round(h["data_wait_s"], 2)}), flush=True)
     return rates
 
 
@@ -80,7 +83,7 @@ def main() -> int:
     full = load_train_data(args.data)
     train = full.datasets["train"].limit(args.images).materialize()
     val = full.datasets["val"].limit(64).materialize()
-    batch = next(train.iter_batches(batch_size=args.images, batch_format="numpy"))
+    batch = next(iter(train.iter_batches(batch_size=args.images, batch_format="numpy")))
     pixels, labels = np.ascontiguousarray(batch["image"]), batch["label"].astype(np.int64)
     counts = np.bincount(labels, minlength=4).tolist()
     data = TrainData(datasets={"train": train, "val": val}, counts={"train": len(labels), "val": 64},

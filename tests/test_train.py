@@ -73,48 +73,38 @@ def test_two_workers_survive_a_failure_mid_epoch_2(train_data, tmp_path):
     assert out["test_clean"]["n"] < out["test"]["n"]
 
 
-def test_run_training_writes_outputs_and_resumes(data_dir, tmp_path):
-    from braintumor_ray import load_model_package
-    from braintumor_ray import ConfigError
-    from braintumor_ray.train import run_training
-
-    cfg = _cfg(tmp_path, data=data_dir, epochs=2)
-    m = run_training(cfg)
-    run = tmp_path / "runs" / "t"
-    saved = json.loads((run / "metrics.json").read_text())
-    for split in ("test", "test_clean"):
-        assert 0 <= saved[split]["accuracy"] <= 1 and 0 <= saved[split]["macro_f1"] <= 1
-        assert set(saved[split]["per_class"]) == {"glioma", "meningioma", "no_tumor", "pituitary"}
-        assert np.asarray(saved[split]["confusion_matrix"]).sum() == saved[split]["n"]
-    assert 0 <= saved["val"]["macro_f1"] <= 1 and len(saved["epochs"]) == 2
-    for png in ("curves.png", "confusion_test.png", "confusion_test_clean.png"):
-        assert (run / png).read_bytes()[:4] == b"\x89PNG"
-    assert any(p.name.startswith("checkpoint_") for p in run.iterdir())
-    pkg = load_model_package(str(run / "model"))
-    assert pkg.metrics["test_accuracy"] == m["test"]["accuracy"]
-    assert pkg.preprocess.image_size == 64
-
-    with pytest.raises(ConfigError, match="already exists"):
-        run_training(cfg)
-    # --resume of a finished run: no epoch is trained again, the outputs are written again.
-    again = run_training(cfg.replace(epochs=2), resume=True)
-    assert [h["epoch"] for h in again["epochs"]] == [1, 2] and again["restores"] == [2]
-
-
-def test_s3_storage(data_dir, s3_endpoint, s3_bucket, tmp_path):
+def test_s3_storage_outputs_and_resume(data_dir, s3_endpoint, s3_bucket):
+    """Checkpoints, metrics, plots and the model package land on s3:// and load back; --resume."""
     import boto3
 
-    from braintumor_ray import load_model_package
+    from braintumor_ray import ConfigError, load_model_package
     from braintumor_ray.train import TrainConfig, run_training
 
     cfg = TrainConfig.smoke_test(
         data=data_dir, storage=f"s3://{s3_bucket}/runs", name="s3run", epochs=2, s3_endpoint_url=s3_endpoint
     )
     m = run_training(cfg)
-    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]]
     assert any(k.startswith("runs/s3run/checkpoint_") and k.endswith("state.pt") for k in keys), keys
-    assert "runs/s3run/metrics.json" in keys and "runs/s3run/curves.png" in keys
+    for png in ("curves.png", "confusion_test.png", "confusion_test_clean.png"):
+        body = client.get_object(Bucket=s3_bucket, Key=f"runs/s3run/{png}")["Body"].read()
+        assert body[:4] == b"\x89PNG"
+    saved = json.loads(client.get_object(Bucket=s3_bucket, Key="runs/s3run/metrics.json")["Body"].read())
+    for split in ("test", "test_clean"):
+        assert 0 <= saved[split]["accuracy"] <= 1 and 0 <= saved[split]["macro_f1"] <= 1
+        assert set(saved[split]["per_class"]) == {"glioma", "meningioma", "no_tumor", "pituitary"}
+        assert np.asarray(saved[split]["confusion_matrix"]).sum() == saved[split]["n"]
+    assert saved["test_clean"]["n"] < saved["test"]["n"]
+    assert 0 <= saved["val"]["macro_f1"] <= 1 and len(saved["epochs"]) == 2
     pkg = load_model_package(f"s3://{s3_bucket}/runs/s3run/model", s3_endpoint_url=s3_endpoint)
-    assert pkg.model_id == m["model"]["model_id"]
-    x = np.zeros((2, 64, 64), np.uint8)
-    assert tuple(pkg.logits(x).shape) == (2, 4)
+    assert pkg.model_id == m["model"]["model_id"] and pkg.metrics["test_accuracy"] == m["test"]["accuracy"]
+    assert pkg.preprocess.image_size == 64
+    assert tuple(pkg.logits(np.zeros((2, 64, 64), np.uint8)).shape) == (2, 4)
+
+    with pytest.raises(ConfigError, match="already exists"):
+        run_training(cfg)
+    # --resume of a finished run: no epoch is trained again; it restores epoch 2 and writes the outputs again.
+    again = run_training(cfg, resume=True)
+    assert [h["epoch"] for h in again["epochs"]] == [1, 2] and again["restores"] == [2]
+    assert again["test"]["accuracy"] == m["test"]["accuracy"]

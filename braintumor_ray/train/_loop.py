@@ -80,13 +80,24 @@ def train_one_epoch(
     grad_accum_steps: int = 1,
     on_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over this worker's shard; returns this worker's sums (loss, correct, images, seconds)."""
+    """One pass over this worker's shard; returns this worker's sums (loss, correct, images, seconds).
+
+    ``data_wait_s`` is the time spent waiting for the next batch (data loading not hidden by compute).
+    """
     model.train()
     loss_sum, correct, seen, steps = 0.0, 0, 0, 0
     t0 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    micro = 0
-    for i, batch in enumerate(batches):
+    micro, wait = 0, 0.0
+    it = iter(batches)
+    i = -1
+    while True:
+        t = time.perf_counter()
+        batch = next(it, None)
+        wait += time.perf_counter() - t
+        if batch is None:
+            break
+        i += 1
         if on_step:
             on_step(i)
         pixels = augment(batch["image"], generator=generator)
@@ -110,7 +121,8 @@ def train_one_epoch(
     if micro:  # a last partial accumulation
         _step(optimizer, scheduler, scaler)
         steps += 1
-    return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "seconds": time.perf_counter() - t0, "steps": steps}
+    return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "seconds": time.perf_counter() - t0, "steps": steps,
+            "data_wait_s": wait}
 
 
 def _step(optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> None:
@@ -332,6 +344,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             "lr": max(g["lr"] for g in optimizer.param_groups),
             "epoch_s": tr["seconds"],
             "train_images_per_s_per_worker": tr["seen"] / max(tr["seconds"], 1e-9),
+            "data_wait_s": tr["data_wait_s"],
             "stopped_early": state["stopped"],
         }
         state["history"].append(row)

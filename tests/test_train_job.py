@@ -1,0 +1,86 @@
+"""jobs/train.py as users run it: the embedded default end to end, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOB = os.path.join(ROOT, "jobs", "train.py")
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _run(args, cwd, home, timeout=420):
+    env = dict(os.environ, HOME=str(home), RAY_DATA_DISABLE_PROGRESS_BARS="1", PYTHONPATH=ROOT)
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, JOB, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_smoke_test_end_to_end(tmp_path):
+    p = _run(["--smoke-test", "--name", "smoke", "--epochs", "2"], cwd=tmp_path, home=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "demo" / "runs" / "smoke"
+    m = json.loads((run / "metrics.json").read_text())
+    assert len(m["epochs"]) == 2 and 0 <= m["test"]["accuracy"] <= 1 and "test_clean" in m
+    assert (run / "model" / "model.json").exists() and (run / "curves.png").exists()
+    assert "test_clean" in p.stdout and "macro-F1" in p.stdout  # the final table
+    assert "epoch 2/2" in p.stdout + p.stderr  # one line per epoch, from the rank-0 worker
+
+
+def test_bad_data_is_a_clear_error(tmp_path):
+    (tmp_path / "notdata").mkdir()
+    p = _run(["--data", str(tmp_path / "notdata"), "--storage", str(tmp_path / "runs"), "--name", "x"], cwd=tmp_path, home=tmp_path, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.startswith("error: ") and "report.json" in p.stderr and "Traceback" not in p.stderr
+    p = _run(["--data", str(tmp_path / "missing"), "--name", "x", "--epochs", "0"], cwd=tmp_path, home=tmp_path, timeout=120)
+    assert p.returncode == 2 and "epochs=0" in p.stderr
+
+
+def test_config_validation():
+    from braintumor_ray import ConfigError
+    from braintumor_ray.train import TrainConfig
+
+    cfg = TrainConfig()
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    for bad in (dict(transfer="half"), dict(lr=0), dict(name="a/b"), dict(epochs=0), dict(amp=True),
+                dict(backbone_lr_scale=2), dict(augment_strength=-1), dict(warmup_epochs=99)):
+        with pytest.raises(ConfigError):
+            TrainConfig(**bad)
+    with pytest.raises(ConfigError, match="unknown"):
+        TrainConfig.from_dict({"learning_rate": 1})
+
+
+def test_metrics_against_hand_counts():
+    import numpy as np
+
+    from braintumor_ray.train import classification_metrics, roc_auc
+
+    labels = np.array([0, 0, 1, 1, 2, 3])
+    probs = np.eye(4)[[0, 1, 1, 1, 2, 2]] * 0.9 + 0.025
+    m = classification_metrics(labels, probs, ["a", "b", "c", "d"])
+    assert m["confusion_matrix"] == [[1, 1, 0, 0], [0, 2, 0, 0], [0, 0, 1, 0], [0, 0, 1, 0]]
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["per_class"]["b"]["precision"] == pytest.approx(2 / 3) and m["per_class"]["a"]["recall"] == 0.5
+    # F1: a 2/3, b 0.8, c 2/3, d 0
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 2 / 3 + 0) / 4)
+    assert roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
+    assert roc_auc(np.array([0.5, 0.5]), np.array([0, 1])) == 0.5
+
+
+def test_augment_keeps_uint8_and_black_background():
+    import torch
+
+    from braintumor_ray.augment import TrainAugment
+
+    x = torch.zeros((3, 32, 32), dtype=torch.uint8)
+    x[:, 8:24, 8:24] = 200
+    g = torch.Generator().manual_seed(0)
+    y = TrainAugment()(x, generator=g)
+    assert y.dtype == torch.uint8 and y.shape == x.shape
+    assert int(y[:, 0, 0].max()) == 0  # corners stay black
+    assert torch.equal(TrainAugment.none()(x), x) and TrainAugment().scaled(0).is_identity
