@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     overwrite = args.overwrite
     if args.input is None:
         sample = os.path.abspath(os.path.join(DEMO_DIR, "sample"))
-        make_sample_dataset(sample)
+        make_sample_dataset(sample, per_class=24, test_per_class=6)
         args.input = sample
         args.output = args.output or os.path.abspath(os.path.join(DEMO_DIR, "preprocessed"))
         overwrite = True

@@ -1,7 +1,23 @@
 #!/usr/bin/env bash
-# Set up ./.venv and run the pipeline on the embedded default: a generated MRI-like sample
-# under ./demo, a local Ray. Extra arguments go to jobs/preprocess.py.
+# Set up ./.venv and run the whole pipeline on the embedded default, on a local Ray:
+# generated sample -> preprocess -> train (smoke size) -> score, all under ./demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python jobs/preprocess.py "$@"
+py=.venv/bin/python
+export RAY_DATA_DISABLE_PROGRESS_BARS=1
+echo "== 1/3 preprocess: generated sample -> demo/preprocessed"
+$py jobs/preprocess.py --image-size 64
+echo "== 2/3 train (smoke size) -> demo/runs/demo"
+rm -rf demo/runs/demo demo/predictions demo/predictions._staging
+$py jobs/train.py --smoke-test --data demo/preprocessed --storage demo/runs --name demo
+echo "== 3/3 score every file of demo/sample -> demo/predictions"
+$py jobs/score.py --model demo/runs/demo/model --input demo/sample --output demo/predictions
+$py - <<'PY'
+import pandas as pd
+df = pd.read_parquet("demo/predictions")
+print(f"\npredictions: demo/predictions ({len(df)} rows); a few of them:")
+cols = ["path", "predicted_label", "prob_glioma", "prob_meningioma", "prob_no_tumor", "prob_pituitary", "status"]
+with pd.option_context("display.width", 200, "display.max_colwidth", 60):
+    print(df.sort_values("path")[cols].head(6).to_string(index=False))
+PY
