@@ -32,13 +32,19 @@ def test_smoke_test_end_to_end(tmp_path):
     assert "epoch 2/2" in p.stdout + p.stderr  # one line per epoch, from the rank-0 worker
 
 
-def test_bad_data_is_a_clear_error(tmp_path):
+def test_bad_data_is_a_clear_error(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_job", JOB)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
     (tmp_path / "notdata").mkdir()
-    p = _run(["--data", str(tmp_path / "notdata"), "--storage", str(tmp_path / "runs"), "--name", "x"], cwd=tmp_path, home=tmp_path, timeout=120)
-    assert p.returncode == 2
-    assert p.stderr.startswith("error: ") and "report.json" in p.stderr and "Traceback" not in p.stderr
-    p = _run(["--data", str(tmp_path / "missing"), "--name", "x", "--epochs", "0"], cwd=tmp_path, home=tmp_path, timeout=120)
-    assert p.returncode == 2 and "epochs=0" in p.stderr
+    assert job.main(["--data", str(tmp_path / "notdata"), "--storage", str(tmp_path / "runs"), "--name", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "report.json" in err and "Traceback" not in err
+    assert job.main(["--data", str(tmp_path / "missing"), "--name", "x", "--epochs", "0"]) == 2
+    assert "epochs=0" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_config_validation():

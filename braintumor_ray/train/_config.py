@@ -23,10 +23,12 @@ class TrainConfig:
         s3_endpoint_url: S3-compatible endpoint for data and storage.
     Model:
         model: timm name or preset; pretrained / weights / weights_sha256 as in ``create_model``.
-        transfer: ``feature``, ``full`` or ``last-N`` (head + the last N backbone stages train).
+        transfer: ``feature``, ``full`` or ``last-N`` (head + the last N backbone stages train);
+            None (default) = ``last-3`` on pretrained weights, ``full`` from random init.
         drop_rate: dropout before the classifier.
     Optimisation (AdamW; the schedule steps per optimizer step):
-        epochs, batch_size (per worker), lr (head), backbone_lr_scale (backbone lr = lr x this),
+        epochs, batch_size (per worker), lr (head), backbone_lr_scale (backbone lr = lr x this;
+        None = 0.1 on pretrained weights, 1 from random init),
         weight_decay, warmup_epochs (linear warm-up, then cosine to lr x min_lr_ratio),
         label_smoothing, class_weighting (loss weights inversely proportional to class counts),
         grad_accum_steps (micro-batches per optimizer step), early_stop_patience (epochs without
@@ -48,14 +50,14 @@ class TrainConfig:
     pretrained: bool = True
     weights: str | None = None
     weights_sha256: str | None = None
-    transfer: str = "last-3"
+    transfer: str | None = None
     drop_rate: float = 0.3
 
     epochs: int = 8
     batch_size: int = 32
     eval_batch_size: int = 64
     lr: float = 1e-3
-    backbone_lr_scale: float = 0.1
+    backbone_lr_scale: float | None = None
     weight_decay: float = 0.01
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
@@ -85,14 +87,14 @@ class TrainConfig:
             raise ConfigError(f"run name {self.name!r}: use letters, digits, '.', '_' and '-' (no slashes)")
         if not self.storage:
             raise ConfigError("storage is empty: give a local folder or s3://bucket/prefix")
-        Transfer.parse(self.transfer)
+        Transfer.parse(self.transfer_mode)
         positive_int = ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "num_workers", "num_to_keep")
         for k in positive_int:
             if int(getattr(self, k)) != getattr(self, k) or getattr(self, k) < 1:
                 raise ConfigError(f"{k}={getattr(self, k)} must be a whole number >= 1")
         if self.lr <= 0 or self.lr > 1:
             raise ConfigError(f"lr={self.lr}: use a learning rate in (0, 1]")
-        if not 0 < self.backbone_lr_scale <= 1:
+        if self.backbone_lr_scale is not None and not 0 < self.backbone_lr_scale <= 1:
             raise ConfigError(f"backbone_lr_scale={self.backbone_lr_scale}: use a fraction in (0, 1]")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay={self.weight_decay} must be >= 0")
@@ -116,6 +118,19 @@ class TrainConfig:
             raise ConfigError("amp (mixed precision) is for GPUs: pass --use-gpu or leave amp off")
         if self.weights_sha256 and not self.weights:
             raise ConfigError("weights_sha256 is given without weights: pass --weights URI too, or drop the checksum")
+
+    @property
+    def backbone_lr(self) -> float:
+        """The backbone's LR scale: given, or 0.1 on pretrained weights and 1 from random init."""
+        if self.backbone_lr_scale is not None:
+            return self.backbone_lr_scale
+        return 0.1 if (self.pretrained or self.weights) else 1.0
+
+    @property
+    def transfer_mode(self) -> str:
+        if self.transfer is not None:
+            return self.transfer
+        return "last-3" if (self.pretrained or self.weights) else "full"
 
     @property
     def use_amp(self) -> bool:

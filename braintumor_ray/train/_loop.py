@@ -244,10 +244,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         weights=cfg.weights,
         weights_sha256=cfg.weights_sha256,
         drop_rate=cfg.drop_rate,
-        transfer=cfg.transfer,
+        transfer=cfg.transfer_mode,
         channels_last=cfg.use_channels_last,
         s3_endpoint_url=cfg.s3_endpoint_url,
     )
+    if cfg.pretrained or cfg.weights:
+        _small_head_init(model)
     dcfg = data_config(model)
     mean, std = dcfg["mean"], dcfg["std"]
 
@@ -255,7 +257,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         return prepare_input(pixels, mean=mean, std=std, channels_last=cfg.use_channels_last)
 
     optimizer = torch.optim.AdamW(
-        param_groups(model, lr=cfg.lr, backbone_lr_scale=cfg.backbone_lr_scale, weight_decay=cfg.weight_decay)
+        param_groups(model, lr=cfg.lr, backbone_lr_scale=cfg.backbone_lr, weight_decay=cfg.weight_decay)
     )
     per_worker = n_train // world  # streaming_split(equal=True) gives each worker this many rows
     batches_per_epoch = max(1, math.ceil(per_worker / cfg.batch_size))
@@ -297,7 +299,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     if rank == 0 and not ckpt:
         logger.info(
             "%s (%s): %d of %d parameters train; %d workers x %d images per epoch, %d steps/epoch, device %s",
-            cfg.model, cfg.transfer, count_parameters(model, trainable=True), count_parameters(model),
+            cfg.model, cfg.transfer_mode, count_parameters(model, trainable=True), count_parameters(model),
             world, per_worker, steps_per_epoch, device,
         )
 
@@ -382,6 +384,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         result["test"] = eval_metrics(ev)
         result["test_clean"] = eval_metrics(ev, ~ev["leaked"])
     return result
+
+
+def _small_head_init(model: nn.Module) -> None:
+    """A near-zero new head on pretrained features (timm's EfficientNet init draws it uniform in
+    +-0.5 for 4 classes: logits of ~10 and a first-batch loss of ~3.6 whose gradients shake the
+    pretrained stages). Starting from ~uniform predictions is the usual fine-tuning practice."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, nn.Linear):
+        nn.init.trunc_normal_(head.weight, std=0.01)
+        nn.init.zeros_(head.bias)
 
 
 def _bare(model: nn.Module) -> nn.Module:
