@@ -38,24 +38,27 @@ def _cfg(tmp_path, **kw):
 
 
 def _learned(result):
+    """Loss falls and the easy task ends well classified; a model that learnt nothing has
+    accuracy ~0.25 and ROC-AUC ~0.5."""
     hist = result["history"]
     assert hist[-1]["train_loss"] < 0.7 * hist[0]["train_loss"], [h["train_loss"] for h in hist]
-    assert result["val"]["accuracy"] >= 0.8, result["val"]
-    assert result["test"]["accuracy"] >= 0.8, result["test"]
+    for split in ("val", "test"):
+        m = result[split]
+        assert m["accuracy"] >= 0.7 and m["roc_auc_ovr"] >= 0.95, (split, m)
 
 
 def test_two_workers_survive_a_failure_mid_epoch_2(train_data, tmp_path):
-    """Rank 1 raises once in epoch 2 of 3: Ray Train restarts the group from the epoch-1 checkpoint."""
+    """Rank 1 raises once in epoch 2 of 5: Ray Train restarts the group from the epoch-1 checkpoint."""
     from braintumor_ray.train import build_trainer
 
     marker = str(tmp_path / "failed-once")
-    cfg = _cfg(tmp_path, epochs=4, num_workers=2, inject_failure={"marker": marker, "epoch": 2, "rank": 1, "step": 1})
+    cfg = _cfg(tmp_path, epochs=5, num_workers=2, inject_failure={"marker": marker, "epoch": 2, "rank": 1, "step": 1})
     result = build_trainer(cfg, data=train_data).fit()
     out = result.return_value
     assert os.path.exists(marker), "the failure hook never fired"
     assert out["world_size"] == 2
     assert out["restores"] == [1], out["restores"]  # resumed from the epoch-1 checkpoint, not from zero
-    assert [h["epoch"] for h in out["history"]] == [1, 2, 3, 4]
+    assert [h["epoch"] for h in out["history"]] == [1, 2, 3, 4, 5]
     _learned(out)
     # Every test image was scored once, although each worker only scored its own batches.
     assert out["test"]["n"] == train_data.counts["test"]
