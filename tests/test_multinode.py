@@ -113,3 +113,57 @@ def test_scoring_survives_losing_a_node(cluster, package, tmp_path):
     rows = pads.dataset(str(tmp_path / "p"), format="parquet").to_table(columns=["path", "status"]).to_pylist()
     assert sorted(r["path"] for r in rows) == files, "every file exactly once"
     assert all(r["status"] == "ok" for r in rows)
+
+
+@pytest.fixture(scope="module")
+def train_data_dir(cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mn-train")
+    make_sample_dataset(str(root / "sample"), per_class=30, test_per_class=6, size=96, seed=2)
+    out = str(root / "pre")
+    run_ingest(IngestConfig(input=str(root / "sample"), output=out, preprocess=MRIPreprocess(image_size=64)))
+    return out
+
+
+def _train_worker_nodes() -> set[str]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=_gcs(), filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    return {a.node_id for a in actors if "RayTrainWorker" in (a.class_name or "")}
+
+
+def test_two_worker_training_spreads_over_nodes_and_survives_losing_one(cluster, train_data_dir, tmp_path):
+    import ray
+
+    from braintumor_ray.train import TrainConfig, run_training
+
+    c, workers = cluster
+    storage = tmp_path / "runs"
+    cfg = TrainConfig.smoke_test(data=train_data_dir, storage=str(storage), name="mn", num_workers=2, epochs=8, early_stop_patience=0)
+    result: dict = {}
+
+    def train():
+        try:
+            result["metrics"] = run_training(cfg)
+        except BaseException as e:
+            result["error"] = e
+
+    t = threading.Thread(target=train)
+    t.start()
+    # Wait until a checkpoint is surely registered (a folder appears before Ray Train records it;
+    # the second folder means the first was reported), then take away a node with a worker.
+    deadline = time.time() + 240
+    while time.time() < deadline and t.is_alive() and len(list(storage.glob("mn/checkpoint_*"))) < 2:
+        time.sleep(0.5)
+    nodes = _train_worker_nodes()
+    assert len(nodes) == 2, f"the two DDP workers shared a node: {nodes}"
+    assert t.is_alive(), "training ended before a node could be taken away: more epochs"
+    victim = next(w for w in workers if w.node_id in nodes and w.node_id != ray.get_runtime_context().get_node_id())
+    c.remove_node(victim)
+    workers.remove(victim)
+    workers.append(c.add_node(num_cpus=1))  # the autoscaler's replacement
+    t.join(timeout=400)
+    assert "error" not in result, result.get("error")
+    m = result["metrics"]
+    assert m["restores"] and m["restores"][0] >= 1, m["restores"]  # from a checkpoint, not from zero
+    assert [h["epoch"] for h in m["epochs"]][-1] == 8
+    assert (storage / "mn" / "metrics.json").exists() and (storage / "mn" / "model" / "model.json").exists()
