@@ -9,11 +9,11 @@ Submit to a cluster with ``ray job submit --working-dir . -- python jobs/preproc
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-from braintumor_ray import BraintumorError, MRIPreprocess, make_sample_dataset
+from braintumor_ray import MRIPreprocess, make_sample_dataset
+from braintumor_ray._jobs import join_ray, run_job
 from braintumor_ray.ingest import IngestConfig, format_summary, run_ingest
 
 DEMO_DIR = "demo"  # relative to the working directory
@@ -46,8 +46,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("braintumor_ray").setLevel(logging.INFO)
     overwrite = args.overwrite
     if args.input is None:
         sample = os.path.abspath(os.path.join(DEMO_DIR, "sample"))
@@ -58,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.output is None:
         print("error: --output is required with --input", file=sys.stderr)
         return 2
-    try:
+
+    def work() -> str:
         config = IngestConfig(
             input=args.input,
             output=args.output,
@@ -72,16 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=overwrite,
             images_per_block=args.images_per_block,
         )
-        if args.ray_address:
-            import ray
+        join_ray(args.ray_address)
+        return format_summary(run_ingest(config))
 
-            ray.init(address=args.ray_address)
-        report = run_ingest(config)
-    except BraintumorError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(report))
-    return 0
+    return run_job(work)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,10 @@ file, and finishes or redoes whatever a cut-off earlier run left. See docs/scori
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-from braintumor_ray import BraintumorError
+from braintumor_ray._jobs import join_ray, run_job
 from braintumor_ray.score import ScoreConfig, format_summary, run_scoring
 
 
@@ -33,9 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("braintumor_ray").setLevel(logging.INFO)
-    try:
+
+    def work() -> str:
         config = ScoreConfig(
             model=args.model,
             input=args.input,
@@ -45,16 +43,10 @@ def main(argv: list[str] | None = None) -> int:
             use_gpu=args.use_gpu,
             s3_endpoint_url=args.s3_endpoint_url,
         )
-        if args.ray_address:
-            import ray
+        join_ray(args.ray_address)
+        return format_summary(run_scoring(config))
 
-            ray.init(address=args.ray_address)
-        summary = run_scoring(config)
-    except BraintumorError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    return 0
+    return run_job(work)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ Submit to a cluster with ``ray job submit --working-dir . -- python jobs/train.p
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
 
-from braintumor_ray import BraintumorError, MRIPreprocess, make_sample_dataset
+from braintumor_ray import MRIPreprocess, make_sample_dataset
+from braintumor_ray._jobs import join_ray, run_job
 
 DEMO_DIR = "demo"  # relative to the working directory
 
@@ -113,16 +113,12 @@ def make_config(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("braintumor_ray").setLevel(logging.INFO)
-    try:
+
+    def work() -> str:
         from braintumor_ray.ingest import IngestConfig, run_ingest
         from braintumor_ray.train import format_table, run_training
 
-        if args.ray_address:
-            import ray
-
-            ray.init(address=args.ray_address)
+        join_ray(args.ray_address)
         if args.data is None:
             # The embedded default: generate a sample and ingest it, as jobs/preprocess.py does.
             sample = os.path.abspath(os.path.join(DEMO_DIR, "sample"))
@@ -137,13 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             args.storage = args.storage or os.path.abspath(os.path.join(DEMO_DIR, "runs"))
         if args.name is None and not args.resume:
             args.name = time.strftime("train-%Y%m%d-%H%M%S", time.gmtime())
-        cfg = make_config(args)
-        metrics = run_training(cfg, resume=args.resume)
-    except BraintumorError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(metrics))
-    return 0
+        return format_table(run_training(make_config(args), resume=args.resume))
+
+    return run_job(work)
 
 
 if __name__ == "__main__":
