@@ -4,6 +4,8 @@
 array: decode safely, convert to one channel, crop the black background around the head,
 resize keeping aspect by padding. The ingest stores its output; scoring calls the very same
 object on raw files, so a model never sees pixels prepared differently from its training data.
+DICOM files and NIfTI volumes become 8-bit grey slices in :mod:`braintumor_ray._medical`,
+then take the same crop and resize (:meth:`MRIPreprocess.slices`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
 from ._errors import ConfigError, ImageDecodeError
+from ._medical import NO_INFO, MedicalDecodeError, NotSelected, SeriesSelector, SliceInfo, read_medical, sniff_kind
 
 # PIL's own bomb guard (89 Mpx warning, 179 Mpx error) is global state; ours is per preset
 # and checked before any pixel is decoded.
@@ -39,6 +42,25 @@ class PreprocessedImage:
     orig_mode: str
     crop_box: tuple[int, int, int, int]  # x0, y0, x1, y1 in original pixels, x1/y1 exclusive
     cropped: bool  # False when no head was found and the whole image was kept
+
+
+@dataclass(frozen=True)
+class PreprocessedSlice:
+    """One preprocessed image of a file and where in the file it came from (UIDs, slice)."""
+
+    image: PreprocessedImage
+    info: SliceInfo
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """What became of one file: its slices, or why it has none (an error, or left out by the
+    series selector). ``info`` holds the UIDs known even when the file failed."""
+
+    slices: tuple[PreprocessedSlice, ...] = ()
+    error: str | None = None
+    skipped: str | None = None
+    info: SliceInfo = NO_INFO
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,15 +90,49 @@ class MRIPreprocess:
         if self.max_pixels < self.image_size**2:
             raise ConfigError(f"max_pixels={self.max_pixels} is smaller than one output image")
 
-    def __call__(self, data: bytes) -> PreprocessedImage:
-        image, mode = decode_image(data, max_pixels=self.max_pixels)
-        gray = to_gray_u8(image)
+    def __call__(self, data: bytes, *, name: str = "") -> PreprocessedImage:
+        """One image file (JPEG, PNG..., a single-frame DICOM) -> its preprocessed image.
+
+        ``name`` (the file's name or path) only helps tell DICOM and NIfTI files apart when
+        their bytes do not; a volume is refused here: :meth:`slices` returns all its slices.
+        """
+        out = self.slices(data, name=name)
+        if len(out) != 1:
+            raise ImageDecodeError(f"a volume of {len(out)} slices where one image was expected: use MRIPreprocess.slices")
+        return out[0].image
+
+    def slices(self, data: bytes, *, name: str = "", select: SeriesSelector | None = None) -> list[PreprocessedSlice]:
+        """Every image of one file, preprocessed: one for an image file, one per slice (or frame)
+        for DICOM and NIfTI. Raises ImageDecodeError, or NotSelected when ``select`` leaves the
+        file out."""
+        kind = sniff_kind(data, name)
+        if kind == "image":
+            image, mode = decode_image(data, max_pixels=self.max_pixels)
+            return [PreprocessedSlice(self._finish(to_gray_u8(image), mode), NO_INFO)]
+        greys = read_medical(data, kind, max_pixels=self.max_pixels, select=select)
+        return [PreprocessedSlice(self._finish(g.gray, g.mode), g.info) for g in greys]
+
+    def _finish(self, gray: np.ndarray, mode: str) -> PreprocessedImage:
+        """The part every source shares: crop to the head, pad to a square of ``image_size``."""
         box = find_head_box(gray, threshold=self.threshold, margin=self.margin)
         h, w = gray.shape
         cropped = box is not None
         x0, y0, x1, y1 = box if cropped else (0, 0, w, h)
         pixels = resize_pad(gray[y0:y1, x0:x1], self.image_size)
         return PreprocessedImage(pixels, w, h, mode, (x0, y0, x1, y1), cropped)
+
+    def try_slices(self, data: bytes, *, name: str = "", select: SeriesSelector | None = None) -> FileResult:
+        """:meth:`slices` that never raises: what jobs use so one odd file never stops them."""
+        try:
+            return FileResult(slices=tuple(self.slices(data, name=name, select=select)))
+        except NotSelected as e:
+            return FileResult(skipped=str(e), info=e.info)
+        except MedicalDecodeError as e:
+            return FileResult(error=str(e), info=e.info)
+        except ImageDecodeError as e:
+            return FileResult(error=str(e))
+        except Exception as e:  # a decoder bug on a strange file is still that file's problem
+            return FileResult(error=f"could not preprocess: {type(e).__name__}: {e}")
 
     def try_call(self, data: bytes) -> tuple[PreprocessedImage | None, str | None]:
         """``self(data)``, or None and the reason: what jobs use so one odd file never stops them."""
@@ -108,7 +164,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
         kind = next((k for magic, k in _MAGIC.items() if data.startswith(magic)), None)
         if kind:
             raise ImageDecodeError(f"corrupt {kind}: its header cannot be parsed") from None
-        raise ImageDecodeError(f"not an image: unrecognised format (starts with {data[:8]!r})") from None
+        # Never quote the bytes: a text file in a hospital export may begin with a name.
+        looks = "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in data[:64]) else "binary data"
+        raise ImageDecodeError(f"not an image: unrecognised format ({looks}, not DICOM, NIfTI or an image format)") from None
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"image too large (decompression bomb guard): {e}") from None
     except Exception as e:
