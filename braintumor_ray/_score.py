@@ -6,9 +6,14 @@ runs the network. Each run writes its rows to a staging folder beside the output
 complete, then moves the files into the output one by one: a reader of the output sees whole
 Parquet files only, and a run killed at any point is finished or redone by the next one.
 
+DICOM files and NIfTI volumes are scored slice by slice (one row per slice, with its UIDs);
+after each run the per-series table beside the output is rebuilt from every committed row
+(:mod:`braintumor_ray._series`).
+
 Output layout::
 
     OUTPUT/<run>_<n>.parquet      the predictions (read the folder with pandas, pyarrow, DuckDB)
+    OUTPUT_series/series.parquet  one row per DICOM series or NIfTI volume and model
     OUTPUT._staging/<run>/        a run in progress or cut off (never read by users)
 """
 
@@ -18,7 +23,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -29,6 +34,8 @@ import pyarrow.parquet as pq
 
 from ._errors import ConfigError, InputError
 from ._hashing import sha256_hex
+from ._medical import SeriesSelector
+from ._series import update_series_table
 from .storage import Location, resolve
 from .transforms import MRIPreprocess
 
@@ -52,6 +59,8 @@ class ScoreConfig:
             the cluster's CPUs (the other half decodes), at least one.
         use_gpu: one GPU per replica; decoding stays on CPUs and overlaps with inference.
         s3_endpoint_url: endpoint of an S3-compatible store.
+        select: which DICOM series and NIfTI volumes to score (modality, series description,
+            orientation); files it leaves out get a ``skipped`` row. Plain images are all scored.
     """
 
     model: str
@@ -61,6 +70,7 @@ class ScoreConfig:
     concurrency: int | None = None
     use_gpu: bool = False
     s3_endpoint_url: str | None = None
+    select: SeriesSelector = field(default_factory=SeriesSelector)
 
     def __post_init__(self) -> None:
         if not (self.model and self.input and self.output):
@@ -71,6 +81,8 @@ class ScoreConfig:
             raise ConfigError(f"concurrency={self.concurrency} must be at least 1")
         if self.output.rstrip("/") == self.input.rstrip("/"):
             raise ConfigError("output must not be the input folder: predictions would be scored as images")
+        if not isinstance(self.select, SeriesSelector):
+            raise ConfigError(f"select must be a SeriesSelector, not {type(self.select).__name__}")
 
 
 def output_schema(class_names: list[str]) -> pa.Schema:
@@ -84,38 +96,66 @@ def output_schema(class_names: list[str]) -> pa.Schema:
             *[(PROB_PREFIX + c, pa.float32()) for c in class_names],
             ("model_id", pa.string()),
             ("scored_at", pa.timestamp("us", tz="UTC")),
-            ("status", pa.string()),
+            ("status", pa.string()),  # ok, error, or skipped (left out by the series selector)
             ("error", pa.string()),
+            # Where a slice came from: DICOM UIDs and InstanceNumber, the slice's index in a
+            # NIfTI volume (or a multi-frame DICOM); null for plain images. Nothing else from a
+            # file's header is ever written.
+            *SLICE_FIELDS,
+            ("selection", pa.string()),  # the series selector in force ("" for none)
         ]
     )
 
 
-_DECODED = pa.schema([("path", pa.string()), ("sha256", pa.string()), ("pixels", pa.binary()), ("side", pa.int32()), ("error", pa.string())])
+SLICE_FIELDS = [
+    ("sop_instance_uid", pa.string()),
+    ("series_instance_uid", pa.string()),
+    ("study_instance_uid", pa.string()),
+    ("instance_number", pa.int32()),
+    ("slice_index", pa.int32()),
+]
+_SLICE_NAMES = [n for n, _ in SLICE_FIELDS]
+_DECODED = pa.schema(
+    [("path", pa.string()), ("sha256", pa.string()), ("pixels", pa.binary()), ("side", pa.int32()), ("status", pa.string()), ("error", pa.string()), *SLICE_FIELDS]
+)
 
 
-def decode_batch(batch: pa.Table, *, preprocess: MRIPreprocess, already: frozenset = frozenset()) -> pa.Table:
-    """CPU side: file bytes -> sha256 and the preprocessed image, or the reason it has none.
+def decode_batch(
+    batch: pa.Table, *, preprocess: MRIPreprocess, already: frozenset = frozenset(), select: SeriesSelector | None = None
+) -> pa.Table:
+    """CPU side: file bytes -> sha256 and the preprocessed image of each slice, or the reason
+    the file has none (one row then: an error, or ``skipped`` by the series selector).
 
     Files whose (path, sha256) is in ``already`` were rewritten with the same content (a new
     mtime or ETag only): they are dropped here, not scored twice.
     """
     cols: dict[str, list] = {n: [] for n in _DECODED.names}
+
+    def add(path, digest, pixels, side, status, error, info):
+        for k, v in zip(_DECODED.names, (path, digest, pixels, side, status, error)):
+            cols[k].append(v)
+        for k in _SLICE_NAMES:
+            cols[k].append(getattr(info, k))
+
     for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist()):
         data = data or b""
         digest = sha256_hex(data)
         if (path, digest) in already:
             continue
-        out, error = preprocess.try_call(data)
-        pixels, side = (out.pixels.tobytes(), out.pixels.shape[0]) if out is not None else (None, None)
-        for k, v in zip(_DECODED.names, (path, digest, pixels, side, error)):
-            cols[k].append(v)
+        res = preprocess.try_slices(data, name=path, select=select)
+        for s in res.slices:
+            add(path, digest, s.image.pixels.tobytes(), s.image.pixels.shape[0], "ok", None, s.info)
+        if not res.slices:
+            add(path, digest, None, None, "skipped" if res.skipped else "error", res.skipped or res.error, res.info)
     return pa.Table.from_pydict(cols, schema=_DECODED)
 
 
 class Predictor:
     """Model side: one loaded package per actor; probabilities for the rows that decoded."""
 
-    def __init__(self, model_uri: str, s3_endpoint_url: str | None, use_gpu: bool, files: dict, uri_prefix: str, scored_at: datetime):
+    def __init__(
+        self, model_uri: str, s3_endpoint_url: str | None, use_gpu: bool, files: dict, uri_prefix: str, scored_at: datetime, selection: str = ""
+    ):
         import torch
 
         from .models import load_model_package
@@ -125,14 +165,16 @@ class Predictor:
         self.pkg = load_model_package(model_uri, s3_endpoint_url=s3_endpoint_url, channels_last=not use_gpu)
         self.pkg.model.to(self.device)
         self.schema = output_schema(list(self.pkg.class_names))
-        self.files, self.uri_prefix, self.scored_at = files, uri_prefix, scored_at
+        self.files, self.uri_prefix, self.scored_at, self.selection = files, uri_prefix, scored_at, selection
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
         n = batch.num_rows
         errors = batch.column("error").to_pylist()
-        ok = [i for i in range(n) if errors[i] is None]
+        status = batch.column("status").to_pylist()
+        ok = [i for i in range(n) if status[i] == "ok"]
+        is_ok = [s == "ok" for s in status]
         probs = np.full((n, len(self.pkg.class_names)), np.nan, dtype=np.float32)
         if ok:
             pix = batch.column("pixels").to_pylist()
@@ -144,18 +186,20 @@ class Predictor:
             probs[ok] = torch.softmax(logits.float(), dim=1).cpu().numpy()
         paths = batch.column("path").to_pylist()
         names = list(self.pkg.class_names)
-        predicted = [names[int(np.argmax(probs[i]))] if errors[i] is None else None for i in range(n)]
+        predicted = [names[int(np.argmax(probs[i]))] if is_ok[i] else None for i in range(n)]
         cols: dict[str, Any] = {
             "path": [self.uri_prefix + p for p in paths],
             "sha256": batch.column("sha256"),
             "size": [self.files[p][0] for p in paths],
             "version": [self.files[p][1] for p in paths],
             "predicted_label": predicted,
-            **{PROB_PREFIX + c: pa.array(np.where([e is None for e in errors], probs[:, k], None), pa.float32()) for k, c in enumerate(names)},
+            **{PROB_PREFIX + c: pa.array(np.where(is_ok, probs[:, k], None), pa.float32()) for k, c in enumerate(names)},
             "model_id": [self.pkg.model_id] * n,
             "scored_at": [self.scored_at] * n,
-            "status": ["ok" if e is None else "error" for e in errors],
+            "status": status,
             "error": errors,
+            **{k: batch.column(k) for k in _SLICE_NAMES},
+            "selection": [self.selection] * n,
         }
         return pa.Table.from_pydict(cols, schema=self.schema)
 
@@ -203,12 +247,21 @@ def posix_basename(path: str) -> str:
 
 
 def _prior_rows(dst: Location) -> pa.Table:
-    """(path, sha256, size, version, model_id) of every row already committed."""
-    cols = ["path", "sha256", "size", "version", "model_id"]
+    """(path, sha256, size, version, model_id, status, selection) of every row already committed."""
+    types = {"path": pa.string(), "sha256": pa.string(), "size": pa.int64(), "version": pa.string(), "model_id": pa.string(), "status": pa.string(), "selection": pa.string()}
     files = [p for p in (dst.files() if dst.exists() else []) if p.endswith(".parquet")]
-    if not files:
-        return pa.table({c: pa.array([], pa.string() if c != "size" else pa.int64()) for c in cols})
-    return pa.concat_tables([pq.read_table(p, columns=cols, filesystem=dst.pyarrow_fs) for p in files])
+    tables = []
+    for p in files:
+        f = pq.ParquetFile(p, filesystem=dst.pyarrow_fs)
+        have = [c for c in types if c in f.schema_arrow.names]
+        t = f.read(columns=have)
+        for c in types:
+            if c not in have:  # files from before DICOM support: every row ok, no selector
+                t = t.append_column(c, pa.array(["ok" if c == "status" else "" if c == "selection" else None] * t.num_rows, types[c]))
+        tables.append(t.select(list(types)).cast(pa.schema(types)))
+    if not tables:
+        return pa.table({c: pa.array([], t) for c, t in types.items()})
+    return pa.concat_tables(tables)
 
 
 def read_package_meta(model_uri: str, s3_endpoint_url: str | None) -> dict:
@@ -238,7 +291,14 @@ def run_scoring(config: ScoreConfig) -> dict:
 
     prior = _prior_rows(dst)
     prefix = "s3://" if src.is_s3 else ""
-    same_model = prior.filter(pc.equal(prior.column("model_id"), model_id))
+    selection = config.select.describe()
+    # A file the selector left out is done only for the same selector: other settings look again.
+    same_model = prior.filter(
+        pc.and_(
+            pc.equal(prior.column("model_id"), model_id),
+            pc.or_(pc.not_equal(prior.column("status"), "skipped"), pc.equal(prior.column("selection"), selection)),
+        )
+    )
     seen = set(zip(same_model.column("path").to_pylist(), same_model.column("size").to_pylist(), same_model.column("version").to_pylist()))
     todo = {p: v for p, v in files.items() if (prefix + p, v[0], v[1]) not in seen}
     known = zip(same_model.column("path").to_pylist(), same_model.column("sha256").to_pylist())
@@ -251,10 +311,11 @@ def run_scoring(config: ScoreConfig) -> dict:
         "skipped_already_scored": len(files) - len(todo),
         "scored": 0,
         "errors": 0,
+        "not_selected": 0,
         **recovered,
     }
     if not todo:
-        summary.update(wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0)
+        summary.update(series=_series(dst, class_names), wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0)
         return summary
 
     if not ray.is_initialized():
@@ -275,12 +336,14 @@ def run_scoring(config: ScoreConfig) -> dict:
     try:
         (
             ray.data.read_binary_files(list(todo), filesystem=src.pyarrow_fs, include_paths=True)
-            .map_batches(decode_batch, batch_format="pyarrow", fn_kwargs={"preprocess": preprocess, "already": already})
+            .map_batches(
+                decode_batch, batch_format="pyarrow", fn_kwargs={"preprocess": preprocess, "already": already, "select": config.select}
+            )
             .map_batches(
                 Predictor,
                 batch_format="pyarrow",
                 batch_size=config.batch_size,
-                fn_constructor_args=(config.model, config.s3_endpoint_url, config.use_gpu, todo, prefix, scored_at),
+                fn_constructor_args=(config.model, config.s3_endpoint_url, config.use_gpu, todo, prefix, scored_at, selection),
                 compute=ray.data.ActorPoolStrategy(size=replicas),
                 num_gpus=1 if config.use_gpu else 0,
             )
@@ -290,18 +353,21 @@ def run_scoring(config: ScoreConfig) -> dict:
         ctx.op_resource_reservation_enabled = saved
     staged = [p for p in (staging.files() if staging.exists() else []) if p.endswith(".parquet")]
     written = pa.concat_tables(
-        [pq.read_table(p, columns=["status"], filesystem=staging.pyarrow_fs) for p in staged]
-    ) if staged else pa.table({"status": pa.array([], pa.string())})
+        [pq.read_table(p, columns=["path", "status"], filesystem=staging.pyarrow_fs) for p in staged]
+    ) if staged else pa.table({"path": pa.array([], pa.string()), "status": pa.array([], pa.string())})
     # The marker says every row of the run is on storage: from here a cut-off run is committed
     # by the next one instead of redone.
     staging.join(DONE_MARKER).write_bytes(b"")
     _commit(staging, dst)
     elapsed = time.perf_counter() - t_run
-    n_err = int(pc.sum(pc.equal(written.column("status"), "error")).as_py() or 0)
+    counts = {k: int(pc.sum(pc.equal(written.column("status"), k)).as_py() or 0) for k in ("ok", "error", "skipped")}
+    files_written = len(set(written.column("path").to_pylist()))
     summary.update(
-        scored=written.num_rows - n_err,
-        errors=n_err,
-        skipped_already_scored=summary["skipped_already_scored"] + len(todo) - written.num_rows,
+        scored=counts["ok"],
+        errors=counts["error"],
+        not_selected=counts["skipped"],
+        skipped_already_scored=summary["skipped_already_scored"] + len(todo) - files_written,
+        series=_series(dst, class_names),
         run_id=run_id,
         replicas=replicas,
         wall_s=round(time.perf_counter() - t0, 3),
@@ -310,12 +376,20 @@ def run_scoring(config: ScoreConfig) -> dict:
     return summary
 
 
+def _series(dst: Location, class_names: list[str]) -> int | None:
+    """Bring the per-series table up to date with every committed row; its row count, or None
+    when the output holds no DICOM series or NIfTI volume."""
+    return update_series_table(dst, class_names)
+
+
 def format_summary(s: dict) -> str:
     lines = [
         f"score {s['input']} -> {s['output']} (model {s['model_id']})",
-        f"  files seen {s['files_seen']}, scored {s['scored']}, skipped as already scored "
-        f"{s['skipped_already_scored']}, errors {s['errors']}",
+        f"  files seen {s['files_seen']}, rows scored {s['scored']} (one per image or slice), skipped as already "
+        f"scored {s['skipped_already_scored']}, errors {s['errors']}, not selected {s.get('not_selected', 0)}",
     ]
+    if s.get("series") is not None:
+        lines.append(f"  series table: {s['series']} series or volumes in {s['output'].rstrip('/')}_series/")
     if s.get("committed_runs") or s.get("dropped_runs"):
         lines.append(f"  earlier cut-off runs: committed {s['committed_runs']}, redone {s['dropped_runs']}")
     lines.append(f"  {s['wall_s']:.1f} s, {s['images_per_s']:.1f} images/s")

@@ -3,7 +3,8 @@
     python jobs/score.py --model s3://bucket/runs/r1/model --input s3://bucket/archive --output s3://bucket/predictions
 
 Run it on a schedule (cron, a Kubernetes CronJob): each run commits its rows atomically file by
-file, and finishes or redoes whatever a cut-off earlier run left. See docs/scoring.md.
+file, and finishes or redoes whatever a cut-off earlier run left. DICOM files and NIfTI volumes
+are scored slice by slice, with a per-series table in OUTPUT_series/. See docs/scoring.md.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import sys
 
 from braintumor_ray._jobs import join_ray, run_job
+from braintumor_ray._medical import SeriesSelector, add_selector_args
 from braintumor_ray.score import ScoreConfig, format_summary, run_scoring
 
 
@@ -26,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=None, help="model replicas (default: GPUs, or half the CPUs)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per model replica")
     p.add_argument("--s3-endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3-compatible endpoint")
+    add_selector_args(p)
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS or a local Ray)")
     return p.parse_args(argv)
 
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             concurrency=args.concurrency,
             use_gpu=args.use_gpu,
             s3_endpoint_url=args.s3_endpoint_url,
+            select=SeriesSelector.from_args(args),
         )
         join_ray(args.ray_address)
         return format_summary(run_scoring(config))

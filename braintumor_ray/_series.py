@@ -1,0 +1,208 @@
+"""The per-series table of a scoring output: one row per DICOM series or NIfTI volume and model.
+
+It is derived data, rebuilt from every committed prediction row (never patched run by run),
+so it stays right whatever the history of incremental runs, changed files and cut-off runs.
+It lives in a sibling folder, ``OUTPUT_series/series.parquet``, so that the predictions folder
+keeps one schema and reads as-is with pandas, pyarrow and DuckDB.
+
+Which rows count: the latest scoring of each file (a changed file's old rows are left out,
+as a NIfTI volume's old slices are), then the latest row of each DICOM instance (a file
+copied under two names counts once). A series' label is its most confident tumour finding:
+among the slices whose own top class is a tumour, the one with the highest probability gives
+the label and the "top slice"; only when no slice's top class is a tumour is the series
+``no_tumor``, with the slice most confidently so. (A tumour shows on a few slices of a
+volume; letting every healthy slice outvote it would hide it.) Models without a ``no_tumor``
+class take the highest probability of any class on any slice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ._labels import CLASS_NAMES
+from .storage import Location
+
+logger = logging.getLogger(__name__)
+
+SERIES_SUFFIX = "_series"
+SERIES_FILE = "series.parquet"
+NO_TUMOR = "no_tumor"
+PROB_PREFIX = "prob_"
+# Schema metadata key: a digest of the prediction files the table was built from. A table
+# whose digest differs from the folder's is stale (a run committed after it, or was cut off
+# between its commit and the rebuild) and is rebuilt.
+SOURCES_KEY = b"braintumor_ray.sources"
+
+_ROW_COLUMNS = [
+    "path",
+    "model_id",
+    "scored_at",
+    "status",
+    "sop_instance_uid",
+    "series_instance_uid",
+    "study_instance_uid",
+    "instance_number",
+    "slice_index",
+]
+
+
+def series_location(dst: Location) -> Location:
+    """``OUTPUT_series`` beside ``OUTPUT`` (like the staging folder, outside any glob over it)."""
+    return Location(uri=dst.uri.rstrip("/") + SERIES_SUFFIX, path=dst.path.rstrip("/") + SERIES_SUFFIX, fs=dst.fs, is_s3=dst.is_s3)
+
+
+def series_schema(class_names: list[str]) -> pa.Schema:
+    return pa.schema(
+        [
+            ("model_id", pa.string()),
+            ("series_instance_uid", pa.string()),  # null for a NIfTI volume
+            ("study_instance_uid", pa.string()),
+            ("volume_path", pa.string()),  # the NIfTI file; null for a DICOM series (many files)
+            ("slices_scored", pa.int32()),
+            ("slices_failed", pa.int32()),
+            ("predicted_label", pa.string()),
+            ("top_probability", pa.float32()),
+            ("top_slice_path", pa.string()),
+            ("top_slice_sop_instance_uid", pa.string()),
+            ("top_slice_instance_number", pa.int32()),
+            ("top_slice_index", pa.int32()),
+            *[("max_" + PROB_PREFIX + c, pa.float32()) for c in class_names],
+            *[("mean_" + PROB_PREFIX + c, pa.float32()) for c in class_names],
+            ("last_scored_at", pa.timestamp("us", tz="UTC")),
+        ]
+    )
+
+
+def _fingerprint(files: list[str]) -> str:
+    names = sorted(f.rstrip("/").rsplit("/", 1)[-1] for f in files)
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def update_series_table(dst: Location, class_names: list[str] = list(CLASS_NAMES)) -> int | None:
+    """Rebuild ``OUTPUT_series/series.parquet`` if the predictions changed since it was built.
+
+    Returns its number of rows, or None when no committed row belongs to a series or volume
+    (then no table is written: an archive of plain images gets no empty sibling folder).
+    """
+    files = sorted(p for p in (dst.files() if dst.exists() else []) if p.endswith(".parquet"))
+    digest = _fingerprint(files)
+    target = series_location(dst).join(SERIES_FILE)
+    if target.exists():
+        meta = pq.ParquetFile(target.path, filesystem=target.pyarrow_fs).metadata
+        if (meta.schema.to_arrow_schema().metadata or {}).get(SOURCES_KEY, b"").decode() == digest:
+            return meta.num_rows
+    rows = _read_slice_rows(dst, files, class_names)
+    table = series_table(rows, class_names)
+    if table.num_rows == 0 and not target.exists():
+        return None
+    table = table.replace_schema_metadata({SOURCES_KEY: digest.encode()})
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    # Written beside, then moved over the old table: a reader sees the old or the new file whole.
+    # The leading dot keeps the half-written file out of readers' folder listings.
+    tmp = series_location(dst).join(f".{uuid.uuid4().hex}.parquet.tmp")
+    tmp.write_bytes(buf.getvalue().to_pybytes())
+    tmp.move_to(target)
+    logger.info("score: series table %s rebuilt (%d series or volumes)", target.uri, table.num_rows)
+    return table.num_rows
+
+
+def _read_slice_rows(dst: Location, files: list[str], class_names: list[str]) -> pa.Table:
+    """The columns the table needs, from every prediction file that has them."""
+    probs = [PROB_PREFIX + c for c in class_names]
+    want = _ROW_COLUMNS + probs
+    tables = []
+    for p in files:
+        f = pq.ParquetFile(p, filesystem=dst.pyarrow_fs)
+        if not set(want) <= set(f.schema_arrow.names):
+            continue  # written before DICOM support, or by a model with other classes
+        tables.append(f.read(columns=want))
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in want})
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def series_table(rows: pa.Table, class_names: list[str]) -> pa.Table:
+    """Aggregate slice rows (the prediction schema's columns) into one row per series and model."""
+    schema = series_schema(class_names)
+    if rows.num_rows == 0:
+        return schema.empty_table()
+    df = rows.to_pandas()
+    df = df[df["status"].isin(["ok", "error"])]
+    df = df[df["series_instance_uid"].notna() | df["slice_index"].notna()]
+    if df.empty:
+        return schema.empty_table()
+    # The latest scoring of each file: a changed file's (or volume's) older rows drop out.
+    latest = df.groupby(["model_id", "path"])["scored_at"].transform("max")
+    df = df[df["scored_at"] == latest]
+    # The latest row of each DICOM instance (and frame): a copy under a second name counts once.
+    df = df.assign(_frame=df["slice_index"].fillna(-1)).sort_values(["scored_at", "path"], ascending=[False, True])
+    dicom = df["sop_instance_uid"].notna()
+    dedup = df[dicom].drop_duplicates(["model_id", "sop_instance_uid", "_frame"])
+    df = pd.concat([df[~dicom], dedup])
+    df["_key"] = np.where(df["series_instance_uid"].notna(), "uid:" + df["series_instance_uid"].astype(str), "path:" + df["path"].astype(str))
+    out: dict[str, list] = {n: [] for n in schema.names}
+    names = list(class_names)
+    no_tumor = names.index(NO_TUMOR) if NO_TUMOR in names else None
+    for (model_id, _), g in sorted(df.groupby(["model_id", "_key"]), key=lambda kv: kv[0]):
+        g = g.sort_values(["instance_number", "slice_index", "path"], na_position="last", kind="stable")
+        ok = g[g["status"] == "ok"]
+        is_volume = g["series_instance_uid"].isna().all()
+        out["model_id"].append(model_id)
+        out["series_instance_uid"].append(None if is_volume else _value(g["series_instance_uid"].iloc[0]))
+        studies = g["study_instance_uid"].dropna()
+        out["study_instance_uid"].append(_value(studies.iloc[0]) if len(studies) else None)
+        out["volume_path"].append(_value(g["path"].iloc[0]) if is_volume else None)
+        out["slices_scored"].append(len(ok))
+        out["slices_failed"].append(int((g["status"] == "error").sum()))
+        out["last_scored_at"].append(g["scored_at"].max())
+        if ok.empty:
+            for k in ("predicted_label", "top_probability", "top_slice_path", "top_slice_sop_instance_uid", "top_slice_instance_number", "top_slice_index"):
+                out[k].append(None)
+            for c in names:
+                out["max_" + PROB_PREFIX + c].append(None)
+                out["mean_" + PROB_PREFIX + c].append(None)
+            continue
+        p = ok[[PROB_PREFIX + c for c in names]].to_numpy(dtype=np.float64)
+        row, cls = top_slice(p, no_tumor)
+        top = ok.iloc[row]
+        out["predicted_label"].append(names[cls])
+        out["top_probability"].append(float(p[row, cls]))
+        out["top_slice_path"].append(_value(top["path"]))
+        out["top_slice_sop_instance_uid"].append(_value(top["sop_instance_uid"]))
+        out["top_slice_instance_number"].append(_value(top["instance_number"], int))
+        out["top_slice_index"].append(_value(top["slice_index"], int))
+        for k, c in enumerate(names):
+            out["max_" + PROB_PREFIX + c].append(float(p[:, k].max()))
+            out["mean_" + PROB_PREFIX + c].append(float(p[:, k].mean()))
+    return pa.Table.from_pydict(out, schema=schema)
+
+
+def top_slice(p: np.ndarray, no_tumor: int | None) -> tuple[int, int]:
+    """(slice, class) that names a series, from its slices' probabilities ``p`` (n, classes).
+
+    The first slice wins a tie (slices come in InstanceNumber or slice order).
+    """
+    if no_tumor is not None:
+        top = p.argmax(axis=1)
+        tumour = np.nonzero(top != no_tumor)[0]
+        if len(tumour):
+            best = tumour[int(np.argmax(p[tumour, top[tumour]]))]
+            return int(best), int(top[best])
+        return int(np.argmax(p[:, no_tumor])), no_tumor
+    flat = int(np.argmax(p))
+    return flat // p.shape[1], flat % p.shape[1]
+
+
+def _value(v, kind=None):
+    """A pandas cell as a plain value: pandas turns missing strings and integers into NaN."""
+    if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
+        return None
+    return kind(v) if kind else v
