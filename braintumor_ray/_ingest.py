@@ -4,6 +4,11 @@ Ray Data reads and preprocesses the files in parallel; the driver then sees only
 per-image facts (hashes, labels, splits), groups duplicates, carves the validation split and
 flags test leakage, and Ray Data writes the final shards.
 
+DICOM files and NIfTI volumes may sit at any depth below their class folder (exports nest
+patient/study/series folders); each of their slices is one image, keyed ``path\x00slice``
+inside the job and stored with its UIDs and slice index. The validation split keeps the
+slices of one DICOM series or NIfTI volume together.
+
 Output layout under ``output``::
 
     train/*.parquet  val/*.parquet  test/*.parquet   one row per kept image
@@ -28,12 +33,17 @@ import pyarrow.parquet as pq
 from ._errors import ConfigError, InputError, StorageError
 from ._hashing import group_duplicates, phash, sha256_hex
 from ._labels import CLASS_NAMES, canonical_label, canonical_split
+from ._medical import DICOM_SUFFIXES, NIFTI_SUFFIXES, SeriesSelector, sniff_kind
 from .storage import Location, resolve
 from .transforms import MRIPreprocess
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+MEDICAL_EXTENSIONS = DICOM_SUFFIXES + NIFTI_SUFFIXES
+# Inside the job, one slice of a multi-slice file is ``path + _SLICE_SEP + index``: no real
+# path holds a NUL, so a key never collides with a file's own path.
+_SLICE_SEP = "\x00"
 SPLITS = ("train", "val", "test")
 REPORT_FILE = "report.json"
 IMAGES_DIR = "images"
@@ -56,9 +66,17 @@ _DECODED_SCHEMA = pa.schema(
         ("crop_x1", pa.int32()),
         ("crop_y1", pa.int32()),
         ("cropped", pa.bool_()),
-        ("error", pa.string()),
+        ("sop_instance_uid", pa.string()),
+        ("series_instance_uid", pa.string()),
+        ("study_instance_uid", pa.string()),
+        ("instance_number", pa.int32()),
+        ("slice_index", pa.int32()),
+        ("key", pa.string()),  # path, or path + _SLICE_SEP + slice for a file of many slices
+        ("outcome", pa.string()),  # ok, error, not_selected (series selector), ignored (not an image after all)
+        ("error", pa.string()),  # the reason, for error and not_selected
     ]
 )
+_SLICE_NAMES = ("sop_instance_uid", "series_instance_uid", "study_instance_uid", "instance_number", "slice_index")
 
 
 @dataclass(kw_only=True)
@@ -78,6 +96,8 @@ class IngestConfig:
         overwrite: replace a non-empty ``output`` instead of refusing.
         images_per_block: images per Ray Data block: the unit of parallel work, and the most
             rows one Parquet file holds.
+        select: which DICOM series and NIfTI volumes to use (modality, series description,
+            orientation); the files it leaves out are counted in the report, not errors.
     """
 
     input: str
@@ -89,6 +109,7 @@ class IngestConfig:
     s3_endpoint_url: str | None = None
     overwrite: bool = False
     images_per_block: int = 128
+    select: SeriesSelector = field(default_factory=SeriesSelector)
 
     def __post_init__(self) -> None:
         if not self.input or not self.output:
@@ -99,6 +120,8 @@ class IngestConfig:
             raise ConfigError(f"near_dup_distance={self.near_dup_distance} is out of range: use -1..32 bits")
         if self.images_per_block < 1:
             raise ConfigError(f"images_per_block={self.images_per_block} must be at least 1")
+        if not isinstance(self.select, SeriesSelector):
+            raise ConfigError(f"select must be a SeriesSelector, not {type(self.select).__name__}")
 
 
 @dataclass(frozen=True)
@@ -109,11 +132,26 @@ class _Planned:
     source_split: str  # the folder name as published ("" for a class-only layout)
 
 
+def file_kind(name: str) -> str | None:
+    """What a file's name promises: ``image`` (JPEG, PNG...), ``medical`` (.dcm, .nii...),
+    ``maybe`` (no extension, or a UID-like all-digit one, as DICOM exports name files) or None."""
+    lower = name.lower()
+    if name.startswith("."):
+        return None
+    if lower.endswith(IMAGE_EXTENSIONS):
+        return "image"
+    if lower.endswith(MEDICAL_EXTENSIONS):
+        return "medical"
+    ext = lower.rsplit(".", 1)[1] if "." in lower else ""
+    return "maybe" if ext == "" or ext.isdigit() else None
+
+
 def plan_inputs(files: list[str], root: str) -> tuple[list[_Planned], list[dict], list[str], str]:
     """Sort a listing into images to read, errors (path, reason) and ignored files.
 
     The layout is ``<split>/<class>/<file>`` when any top folder is a split name, else
-    ``<class>/<file>``.
+    ``<class>/<file>``; DICOM and NIfTI files (and extensionless files, which may be DICOM)
+    may also sit deeper below their class folder.
     """
     rels = [(f, f[len(root) :].lstrip("/").split("/")) for f in files]
     has_splits = any(len(p) >= 3 and canonical_split(p[0]) for _, p in rels)
@@ -121,23 +159,23 @@ def plan_inputs(files: list[str], root: str) -> tuple[list[_Planned], list[dict]
     layout = "<split>/<class>/<image>" if has_splits else "<class>/<image>"
     planned, errors, ignored = [], [], []
     for path, parts in rels:
-        name = parts[-1]
-        if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+        kind = file_kind(parts[-1])
+        if kind is None:
             ignored.append(path)
             continue
-        if len(parts) != depth:
+        if len(parts) < depth or (kind == "image" and len(parts) != depth):
             errors.append(_error(path, f"unexpected location: expected {layout} under the input"))
             continue
         split = canonical_split(parts[0]) if has_splits else "train"
         if split is None:
             errors.append(_error(path, f"unknown split folder {parts[0]!r}: expected Training, Testing or Validation"))
             continue
-        label = canonical_label(parts[-2])
+        label = canonical_label(parts[depth - 2])
         if label is None:
             errors.append(
                 _error(
                     path,
-                    f"unknown class folder {parts[-2]!r}: expected one of {', '.join(CLASS_NAMES)} "
+                    f"unknown class folder {parts[depth - 2]!r}: expected one of {', '.join(CLASS_NAMES)} "
                     "(or a variant such as glioma_tumor, notumor)",
                     split=split,
                 )
@@ -151,15 +189,35 @@ def _error(path: str, reason: str, split: str | None = None, label: str | None =
     return {"path": path, "reason": reason, "split": split, "label": label}
 
 
-def preprocess_batch(batch: pa.Table, *, preprocess: MRIPreprocess) -> pa.Table:
-    """Worker side: bytes -> hashes, preprocessed image, crop box; an error string per bad file."""
+def preprocess_batch(batch: pa.Table, *, preprocess: MRIPreprocess, select: SeriesSelector | None = None) -> pa.Table:
+    """Worker side: bytes -> hashes, preprocessed image, crop box (one row per slice of a DICOM
+    or NIfTI file); one row with the reason per bad file or file the selector leaves out."""
     cols: dict[str, list] = {name: [] for name in _DECODED_SCHEMA.names}
     for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist()):
         data = data or b""
-        row: dict[str, Any] = dict.fromkeys(_DECODED_SCHEMA.names)
-        row["path"], row["sha256"] = path, sha256_hex(data)
-        out, row["error"] = preprocess.try_call(data)
-        if out is not None:
+        digest = sha256_hex(data)
+        res = preprocess.try_slices(data, name=path, select=select)
+        if not res.slices:
+            row: dict[str, Any] = dict.fromkeys(_DECODED_SCHEMA.names)
+            row.update(path=path, key=path, sha256=digest, error=res.skipped or res.error)
+            row.update({k: getattr(res.info, k) for k in _SLICE_NAMES})
+            if res.skipped:
+                row["outcome"] = "not_selected"
+            elif file_kind(path.rsplit("/", 1)[-1]) == "maybe" and sniff_kind(data, path) == "image":
+                row["outcome"] = "ignored"  # an extensionless file that is neither DICOM nor an image: a README
+            else:
+                row["outcome"] = "error"
+            for k, v in row.items():
+                cols[k].append(v)
+        for i, s in enumerate(res.slices):
+            out = s.image
+            row = dict.fromkeys(_DECODED_SCHEMA.names)
+            many = len(res.slices) > 1
+            # The slices of one volume share a file: their hash is of their own pixels, so that
+            # exact-duplicate grouping sees slices (blank ones are all one), not the file.
+            row.update(path=path, outcome="ok", key=f"{path}{_SLICE_SEP}{i}" if many else path)
+            row["sha256"] = sha256_hex(out.pixels.tobytes()) if many else digest
+            row.update({k: getattr(s.info, k) for k in _SLICE_NAMES})
             row.update(
                 phash=f"{phash(out.pixels):016x}",
                 image=out.pixels.tobytes(),
@@ -174,8 +232,8 @@ def preprocess_batch(batch: pa.Table, *, preprocess: MRIPreprocess) -> pa.Table:
                 crop_y1=out.crop_box[3],
                 cropped=out.cropped,
             )
-        for k, v in row.items():
-            cols[k].append(v)
+            for k, v in row.items():
+                cols[k].append(v)
     return pa.Table.from_pydict(cols, schema=_DECODED_SCHEMA)
 
 
@@ -185,7 +243,9 @@ def assign_splits(
     """Driver side: group duplicates, keep one training image per group, carve a grouped,
     stratified validation split, flag test images with a twin in the training data.
 
-    ``meta`` rows have path, sha256, phash, label, split. Returns per-path output columns for
+    ``meta`` rows have path (a unique key), sha256, phash, label, split, and optionally series
+    (a DICOM SeriesInstanceUID or a volume's path): kept training images of one series go to
+    the same split, so no scan has slices on both sides. Returns per-path output columns for
     every kept row, and the duplicates/leakage parts of the report.
     """
     n = len(meta)
@@ -217,12 +277,16 @@ def assign_splits(
 
     rng = np.random.default_rng(seed)
     for label in sorted(train_groups):
-        items = sorted(train_groups[label])
-        order = rng.permutation(len(items))
-        n_val = int(math.floor(val_fraction * len(items) + 0.5))
+        # The unit of the split: a duplicate group, or all groups whose kept image shares a series.
+        by_series: dict[Any, list] = defaultdict(list)
+        for item in sorted(train_groups[label]):
+            by_series[meta[item[1]].get("series") or ("group", item[0])].append(item)
+        units = sorted(by_series.values())
+        order = rng.permutation(len(units))
+        n_val = int(math.floor(val_fraction * len(units) + 0.5))
         for rank, k in enumerate(order):
-            g, i, size = items[k]
-            assigned[meta[i]["path"]] = {"split": "val" if rank < n_val else "train", "group_id": g, "group_size": size, "leak": None}
+            for g, i, size in units[k]:
+                assigned[meta[i]["path"]] = {"split": "val" if rank < n_val else "train", "group_id": g, "group_size": size, "leak": None}
 
     # Published evaluation splits stay whole; each image learns whether training has its twin.
     train_sha = {m["sha256"] for m in meta if m["split"] == "train"}
@@ -284,13 +348,14 @@ def _member(m: dict) -> dict:
 
 
 def add_decisions(batch: pa.Table, *, decisions: dict[str, dict], planned: dict[str, dict]) -> pa.Table:
-    """Join the driver's decisions onto the workers' rows; rows without one (errors, dropped
-    duplicates) are left out."""
+    """Join the driver's decisions (by key: path, or path and slice) onto the workers' rows;
+    rows without one (errors, dropped duplicates, files left out) are left out."""
+    keys = batch.column("key").to_pylist()
+    keep = [k in decisions for k in keys]
+    batch = batch.filter(pa.array(keep, pa.bool_()))
     paths = batch.column("path").to_pylist()
-    keep = [p in decisions for p in paths]
-    batch = batch.filter(pa.array(keep, pa.bool_())).drop_columns(["error"])
-    paths = [p for p, k in zip(paths, keep) if k]
-    d = [decisions[p] for p in paths]
+    d = [decisions[k] for k, kept in zip(keys, keep) if kept]
+    batch = batch.drop_columns(["error", "key", "outcome"])
     pl = [planned[p] for p in paths]
     cols = {
         "label": pa.array([x["label"] for x in pl], pa.string()),
@@ -326,7 +391,7 @@ def run_ingest(config: IngestConfig) -> dict:
         raise InputError(
             f"no usable image files under {src.uri} ({len(files)} files found, {len(errors)} in unexpected "
             f"places, {len(ignored)} not images). Expected {layout} with class folders such as glioma_tumor, "
-            "no_tumor; image extensions " + ", ".join(IMAGE_EXTENSIONS)
+            "no_tumor; image extensions " + ", ".join(IMAGE_EXTENSIONS + MEDICAL_EXTENSIONS) + " or DICOM files without one"
         )
     logger.info("ingest: %d images to read from %s (%s), %d listing errors", len(planned), src.uri, layout, len(errors))
 
@@ -339,7 +404,9 @@ def run_ingest(config: IngestConfig) -> dict:
     ctx.op_resource_reservation_enabled = False
     timing: dict[str, float] = {"list_s": time.perf_counter() - t0}
     try:
-        decoded, decisions, hygiene, good = _decode_and_decide(config, src, planned, errors, timing)
+        n_ignored = len(ignored)
+        decoded, decisions, hygiene, good, not_selected = _decode_and_decide(config, src, planned, errors, ignored, timing)
+        n_ignored_late = len(ignored) - n_ignored  # extensionless files that were not DICOM
         _write_shards(decoded, src, dst, planned, decisions, timing)
     finally:
         ctx.op_resource_reservation_enabled = saved
@@ -347,10 +414,10 @@ def run_ingest(config: IngestConfig) -> dict:
     counts_in: dict[str, Counter] = defaultdict(Counter)
     for p in planned:
         counts_in[p.split][p.label] += 1
-    by_path = {p.path: p for p in planned}
+    label_of = {g["path"]: g["label"] for g in good}  # by key
     counts_out: dict[str, Counter] = defaultdict(Counter)
-    for path, d in decisions.items():
-        counts_out[d["split"]][by_path[path].label] += 1
+    for key, d in decisions.items():
+        counts_out[d["split"]][label_of[key]] += 1
     for e in errors:
         e["path"] = src.uri_of(e["path"])
     _write_errors(dst.join(ERRORS_FILE), errors)
@@ -369,14 +436,17 @@ def run_ingest(config: IngestConfig) -> dict:
         "counts": {
             "files_listed": len(files),
             "ignored_files": len(ignored),
-            "images_read": len(planned),
-            "images_ok": len(good),
+            "images_read": len(planned) - n_ignored_late,
+            "images_ok": len(good),  # images and slices
             "errors": len(errors),
+            "not_selected": len(not_selected),
             "input": {s: dict(sorted(counts_in[s].items())) for s in SPLITS if s in counts_in},
             "output": {s: dict(sorted(counts_out[s].items())) for s in SPLITS if s in counts_out},
         },
         **hygiene,
         "errors": sorted(errors, key=lambda e: e["path"]),
+        "selection": config.select.describe(),
+        "not_selected": sorted(({"path": src.uri_of(p), "reason": r} for p, r in not_selected), key=lambda e: e["path"])[:1000],
         "ignored": [src.uri_of(p) for p in ignored[:100]],
         "timing": {**{k: round(v, 3) for k, v in timing.items()}, "wall_s": round(wall, 3), "images_per_s": round(len(planned) / wall, 2)},
     }
@@ -386,8 +456,14 @@ def run_ingest(config: IngestConfig) -> dict:
     return report
 
 
-def _decode_and_decide(config: IngestConfig, src: Location, planned: list[_Planned], errors: list[dict], timing: dict):
-    """Read and preprocess every image once (kept in Ray's object store), then decide splits."""
+def _decode_and_decide(
+    config: IngestConfig, src: Location, planned: list[_Planned], errors: list[dict], ignored: list[str], timing: dict
+):
+    """Read and preprocess every image once (kept in Ray's object store), then decide splits.
+
+    Adds to ``errors`` and ``ignored``; returns the decoded dataset, the decisions (by key),
+    the hygiene report, the good rows and the (path, reason) of files the selector left out.
+    """
     import ray
 
     t = time.perf_counter()
@@ -397,30 +473,40 @@ def _decode_and_decide(config: IngestConfig, src: Location, planned: list[_Plann
         ray.data.read_binary_files(
             [p.path for p in planned], filesystem=src.pyarrow_fs, include_paths=True, override_num_blocks=n_blocks
         )
-        .map_batches(preprocess_batch, batch_format="pyarrow", fn_kwargs={"preprocess": config.preprocess})
+        .map_batches(
+            preprocess_batch, batch_format="pyarrow", fn_kwargs={"preprocess": config.preprocess, "select": config.select}
+        )
         .materialize()
     )
-    meta = _to_arrow(decoded.select_columns(["path", "sha256", "phash", "error"])).to_pylist()
+    cols = ["key", "path", "sha256", "phash", "outcome", "error", "series_instance_uid", "slice_index"]
+    meta = _to_arrow(decoded.select_columns(cols)).to_pylist()
     timing["decode_s"] = time.perf_counter() - t
     t = time.perf_counter()
     by_path = {p.path: p for p in planned}
-    good = []
+    good, not_selected = [], []
     for row in meta:
         p = by_path[row["path"]]
-        if row["error"]:
+        if row["outcome"] == "error":
             errors.append(_error(p.path, row["error"], p.split, p.label))
+        elif row["outcome"] == "not_selected":
+            not_selected.append((p.path, row["error"]))
+        elif row["outcome"] == "ignored":
+            ignored.append(p.path)
         else:
-            good.append({**row, "label": p.label, "split": p.split})
+            # The series that keeps slices together in one split: a DICOM series, or a volume.
+            series = row["series_instance_uid"] or (row["path"] if row["slice_index"] is not None else None)
+            good.append({"path": row["key"], "sha256": row["sha256"], "phash": row["phash"], "label": p.label, "split": p.split, "series": series})
     if not good:
         raise InputError(
-            f"none of the {len(planned)} image files under {src.uri} could be decoded: "
+            f"none of the {len(planned)} image files under {src.uri} could be used ({len(errors)} errors, "
+            f"{len(not_selected)} left out by the series selector): "
             + "; ".join(f"{e['path']}: {e['reason']}" for e in errors[:5])
         )
     decisions, hygiene = assign_splits(
         good, val_fraction=config.val_fraction, seed=config.seed, near_dup_distance=config.near_dup_distance
     )
     timing["dedup_s"] = time.perf_counter() - t
-    return decoded, decisions, hygiene, good
+    return decoded, decisions, hygiene, good, not_selected
 
 
 def _write_shards(decoded, src: Location, dst: Location, planned: list[_Planned], decisions: dict, timing: dict) -> None:
@@ -439,14 +525,20 @@ def _to_arrow(ds) -> pa.Table:
     return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 
 
+def _uri_of_key(src: Location, key: str) -> str:
+    """A key as a person reads it: the file's URI, and ``#slice=N`` for one slice of a volume."""
+    path, _, index = key.partition(_SLICE_SEP)
+    return src.uri_of(path) + (f"#slice={index}" if index else "")
+
+
 def _relabel_paths(hygiene: dict, src: Location) -> None:
     for g in hygiene["duplicates"]["group_list"] + hygiene["duplicates"]["label_conflicts"]:
         for m in g["members"]:
-            m["path"] = src.uri_of(m["path"])
+            m["path"] = _uri_of_key(src, m["path"])
     d = hygiene["duplicates"]
-    d["dropped_from_training"] = [src.uri_of(p) for p in d["dropped_from_training"]]
+    d["dropped_from_training"] = [_uri_of_key(src, p) for p in d["dropped_from_training"]]
     for split in hygiene["leakage"].values():
-        split["files"] = [src.uri_of(p) for p in split["files"]]
+        split["files"] = [_uri_of_key(src, p) for p in split["files"]]
 
 
 def _write_errors(loc: Location, errors: list[dict]) -> None:
@@ -462,7 +554,8 @@ def format_summary(report: dict) -> str:
     lines = [
         f"ingest {report['input']} -> {report['output']}",
         f"  files listed {c['files_listed']}, images read {c['images_read']}, ok {c['images_ok']}, "
-        f"errors {c['errors']}, ignored (not images) {c['ignored_files']}",
+        f"errors {c['errors']}, ignored (not images) {c['ignored_files']}"
+        + (f", left out by the series selector {c['not_selected']}" if c.get("not_selected") else ""),
         f"  {'split':<6}" + "".join(f"{n:>12}" for n in CLASS_NAMES) + f"{'total':>8}",
     ]
     for split, labels in report["counts"]["output"].items():

@@ -14,6 +14,7 @@ import sys
 
 from braintumor_ray import MRIPreprocess, make_sample_dataset
 from braintumor_ray._jobs import join_ray, run_job
+from braintumor_ray._medical import SeriesSelector, add_selector_args
 from braintumor_ray.ingest import IngestConfig, format_summary, run_ingest
 
 DEMO_DIR = "demo"  # relative to the working directory
@@ -23,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = IngestConfig.__dataclass_fields__
     pp = MRIPreprocess()
-    p.add_argument("--input", help="folder of <split>/<class>/<image> or <class>/<image>, local or s3:// "
+    p.add_argument("--input", help="folder of <split>/<class>/<image> or <class>/<image> (DICOM and NIfTI files "
+                   "at any depth below <class>), local or s3:// "
                    "(default: a generated sample in ./demo/sample)")
     p.add_argument("--output", help="folder for Parquet shards and report.json, local or s3:// "
                    "(default with no --input: ./demo/preprocessed)")
@@ -40,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--s3-endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
                    help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL or AWS)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output")
+    add_selector_args(p)
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS or a local Ray)")
     return p.parse_args(argv)
 
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             s3_endpoint_url=args.s3_endpoint_url,
             overwrite=overwrite,
             images_per_block=args.images_per_block,
+            select=SeriesSelector.from_args(args),
         )
         join_ray(args.ray_address)
         return format_summary(run_ingest(config))
