@@ -229,11 +229,16 @@ def read_medical(data: bytes, kind: str, *, max_pixels: int, select: SeriesSelec
     Raises MedicalDecodeError (a reason safe to store) or NotSelected.
     """
     select = select or ALL
-    if kind == "dicom":
-        return _read_dicom(data, max_pixels=max_pixels, select=select)
-    if kind == "nifti":
+    if kind not in ("dicom", "nifti"):
+        raise ValueError(f"unknown kind {kind!r}")
+    try:
+        if kind == "dicom":
+            return _read_dicom(data, max_pixels=max_pixels, select=select)
         return _read_nifti(data, max_pixels=max_pixels, select=select)
-    raise ValueError(f"unknown kind {kind!r}")
+    except (MedicalDecodeError, NotSelected):
+        raise
+    except Exception as e:  # a library's surprise: its message may quote a value, so only its type
+        raise MedicalDecodeError(f"could not read this {'DICOM' if kind == 'dicom' else 'NIfTI'} file ({type(e).__name__})") from None
 
 
 # --- pixel arithmetic, shared by both formats ------------------------------------------------
@@ -332,7 +337,10 @@ def _first_float(v: Any) -> float | None:
 def _dicom_orientation(ds: Any) -> str | None:
     """The plane closest to Image Orientation (Patient): the axis its normal points along most."""
     try:
-        iop = [float(v) for v in ds.get("ImageOrientationPatient") or []]
+        value = ds.get("ImageOrientationPatient")
+        if value is None and "SharedFunctionalGroupsSequence" in ds:  # enhanced (multi-frame) objects
+            value = ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+        iop = [float(v) for v in value or []]
     except Exception:
         return None
     if len(iop) != 6:
