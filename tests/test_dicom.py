@@ -263,6 +263,26 @@ def test_selector_validates_and_selects():
     assert "orientation sagittal" in pre.try_slices(nifti_bytes(np.ones((8, 8, 3), np.int16), affine=sag), select=sel).skipped
 
 
+def _job(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"job_{name}", os.path.join(os.path.dirname(os.path.dirname(__file__)), "jobs", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_job_options_build_the_selector_and_refuse_bad_ones(capsys):
+    score = _job("score")
+    args = score.parse_args(["--model", "m", "--input", "i", "--output", "o", "--orientation", "axial,Coronal", "--dicom-modality", "mr", "--dicom-modality", "CT", "--series-description", "T1"])
+    assert SeriesSelector.from_args(args) == SeriesSelector(modalities=("MR", "CT"), series_description="T1", orientations=("axial", "coronal"))
+    assert SeriesSelector.from_args(score.parse_args(["--model", "m", "--input", "i", "--output", "o"])) == SeriesSelector()
+    assert score.main(["--model", "m", "--input", "i", "--output", "o", "--orientation", "oblique"]) == 2
+    assert "orientation 'oblique' is not one of axial, coronal, sagittal" in capsys.readouterr().err
+    assert _job("preprocess").main(["--input", "i", "--output", "o", "--series-description", "(T1"]) == 2
+    assert "not a valid regular expression" in capsys.readouterr().err
+
+
 def test_series_label_is_the_most_confident_tumour_slice():
     # classes: glioma, meningioma, no_tumor, pituitary
     p = np.array([[0.05, 0.05, 0.85, 0.05], [0.60, 0.10, 0.25, 0.05], [0.10, 0.70, 0.15, 0.05], [0.02, 0.02, 0.95, 0.01]])
