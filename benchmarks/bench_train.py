@@ -34,7 +34,7 @@ def plain_loop(cfg: TrainConfig, pixels: np.ndarray, labels: np.ndarray, class_c
     model = create_model(cfg.model, drop_rate=cfg.drop_rate, transfer=cfg.transfer_mode, channels_last=cfg.use_channels_last)
     dc = data_config(model)
     opt = torch.optim.AdamW(param_groups(model, lr=cfg.lr, backbone_lr_scale=cfg.backbone_lr, weight_decay=cfg.weight_decay))
-    crit = torch.nn.CrossEntropyLoss(weight=class_weights(class_counts), label_smoothing=cfg.label_smoothing)
+    crit = torch.nn.CrossEntropyLoss(weight=class_weights(class_counts, cfg.class_weighting) if cfg.class_weighting != "none" else None, label_smoothing=cfg.label_smoothing)
     gen = torch.Generator().manual_seed(0)
     rates = []
     for epoch in range(epochs):

@@ -13,11 +13,9 @@ import os
 import sys
 
 from braintumor_ray import MRIPreprocess, make_sample_dataset
-from braintumor_ray._jobs import join_ray, run_job
+from braintumor_ray._jobs import DEMO_DIR, join_ray, run_job
 from braintumor_ray._medical import SeriesSelector, add_selector_args
 from braintumor_ray.ingest import IngestConfig, format_summary, run_ingest
-
-DEMO_DIR = "demo"  # relative to the working directory
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -17,10 +17,7 @@ import os
 import sys
 import time
 
-from braintumor_ray import MRIPreprocess, make_sample_dataset
-from braintumor_ray._jobs import join_ray, run_job
-
-DEMO_DIR = "demo"  # relative to the working directory
+from braintumor_ray._jobs import DEMO_DIR, demo_data, join_ray, run_job
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,7 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=None, help=f"before the classifier (default {d.drop_rate})")
     p.add_argument("--augment-strength", type=float, default=None,
                    help=f"scales rotation/shift/zoom/brightness/contrast; 0 = off (default {d.augment_strength})")
-    p.add_argument("--no-class-weighting", action="store_true", help="plain loss instead of class-weighted")
+    p.add_argument("--class-weighting", choices=["sqrt", "inverse", "none"], default=None,
+                   help=f"loss weights from class counts: 1/sqrt(n), 1/n or none (default {d.class_weighting})")
+    p.add_argument("--no-class-weighting", action="store_true", help="same as --class-weighting none")
     p.add_argument("--early-stop-patience", type=int, default=None,
                    help=f"epochs without a better val macro-F1 before stopping, 0 = off (default {d.early_stop_patience})")
     p.add_argument("--num-workers", type=int, default=None, help=f"Ray Train workers (default {d.num_workers})")
@@ -88,6 +87,7 @@ def make_config(args: argparse.Namespace):
         "drop_rate": args.dropout,
         "augment_strength": args.augment_strength,
         "early_stop_patience": args.early_stop_patience,
+        "class_weighting": args.class_weighting,
         "num_workers": args.num_workers,
         "cpus_per_worker": args.cpus_per_worker,
         "storage": args.storage,
@@ -101,7 +101,7 @@ def make_config(args: argparse.Namespace):
     if args.no_pretrained:
         given["pretrained"] = False
     if args.no_class_weighting:
-        given["class_weighting"] = False
+        given["class_weighting"] = "none"
     if args.use_gpu:
         given["use_gpu"] = True
     if args.smoke_test:
@@ -115,21 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def work() -> str:
-        from braintumor_ray.ingest import IngestConfig, run_ingest
         from braintumor_ray.train import format_table, run_training
 
         join_ray(args.ray_address)
         if args.data is None:
-            # The embedded default: generate a sample and ingest it, as jobs/preprocess.py does.
-            sample = os.path.abspath(os.path.join(DEMO_DIR, "sample"))
-            out = os.path.abspath(os.path.join(DEMO_DIR, "preprocessed"))
-            small = args.smoke_test
-            make_sample_dataset(sample, per_class=24 if small else 60, test_per_class=6 if small else 15)
-            run_ingest(
-                IngestConfig(input=sample, output=out, overwrite=True,
-                             preprocess=MRIPreprocess(image_size=64 if small else 128))
-            )
-            args.data = out
+            args.data = demo_data(small=args.smoke_test)
             args.storage = args.storage or os.path.abspath(os.path.join(DEMO_DIR, "runs"))
         if args.name is None and not args.resume:
             args.name = time.strftime("train-%Y%m%d-%H%M%S", time.gmtime())

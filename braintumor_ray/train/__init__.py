@@ -13,7 +13,19 @@ from ._config import TrainConfig
 from ._data import TrainData, decode_batch, load_train_data
 from ._loop import class_weights, evaluate, lr_lambda, train_loop_per_worker, train_one_epoch
 from ._metrics import classification_metrics, confusion_matrix, roc_auc
-from ._run import METRICS_FILE, MODEL_DIR, TrainingError, build_trainer, format_table, run_location, run_training, write_plots
+from ._run import (
+    METRICS_FILE,
+    MODEL_DIR,
+    TrainingError,
+    best_model,
+    build_trainer,
+    evaluate_model,
+    export_package,
+    format_table,
+    run_location,
+    run_training,
+    write_plots,
+)
 
 __all__ = [
     "METRICS_FILE",
@@ -22,12 +34,15 @@ __all__ = [
     "TrainConfig",
     "TrainData",
     "TrainingError",
+    "best_model",
     "build_trainer",
     "class_weights",
     "classification_metrics",
     "confusion_matrix",
     "decode_batch",
     "evaluate",
+    "evaluate_model",
+    "export_package",
     "format_table",
     "load_train_data",
     "lr_lambda",

@@ -32,10 +32,11 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 
 
-def class_weights(counts: list[int]) -> torch.Tensor:
-    """Loss weights inversely proportional to class frequency, mean 1 over the classes present."""
+def class_weights(counts: list[int], mode: str = "inverse") -> torch.Tensor:
+    """Loss weights from class counts (``inverse`` 1/n, ``sqrt`` 1/sqrt(n)), mean 1 over the classes present."""
     c = torch.tensor(counts, dtype=torch.float32)
-    w = torch.where(c > 0, c.sum() / (len(c) * c.clamp(min=1)), torch.zeros_like(c))
+    power = {"inverse": 1.0, "sqrt": 0.5}[mode]
+    w = torch.where(c > 0, c.clamp(min=1) ** -power, torch.zeros_like(c))
     return w / w[c > 0].mean()
 
 
@@ -268,7 +269,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     )
     amp = cfg.use_amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if amp else None
-    weights = class_weights(class_counts).to(device) if cfg.class_weighting else None
+    weights = None if cfg.class_weighting == "none" else class_weights(class_counts, cfg.class_weighting).to(device)
     criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
 
     state: dict[str, Any] = {

@@ -40,12 +40,13 @@ def run_location(cfg: TrainConfig) -> Location:
     return resolve(cfg.storage, s3_endpoint_url=cfg.s3_endpoint_url).join(cfg.name)
 
 
-def build_trainer(cfg: TrainConfig, *, data: TrainData | None = None, run_config: Any = None):
+def build_trainer(cfg: TrainConfig, *, data: TrainData | None = None, callbacks: list | None = None):
     """A ``TorchTrainer`` for ``cfg``: DDP over ``cfg.num_workers`` (gloo on CPU, NCCL on GPU).
 
-    ``data`` defaults to :func:`load_train_data` of ``cfg.data``; ``run_config`` defaults to
-    checkpoints in ``cfg.storage/cfg.name`` scored by validation macro-F1. Running the same
-    storage and name again continues from the run's latest checkpoint (Ray Train's restore).
+    ``data`` defaults to :func:`load_train_data` of ``cfg.data`` (Tune passes the data it loaded
+    once for all trials). Checkpoints go to ``cfg.storage/cfg.name``, scored by validation
+    macro-F1; running the same storage and name again continues from the run's latest checkpoint
+    (Ray Train's restore). ``callbacks`` are Ray Train callbacks (Tune's ``TuneReportCallback``).
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -56,20 +57,20 @@ def build_trainer(cfg: TrainConfig, *, data: TrainData | None = None, run_config
         data = load_train_data(cfg.data, s3_endpoint_url=cfg.s3_endpoint_url, seed=cfg.seed)
     if data.counts["train"] < cfg.num_workers:
         raise InputError(f"{data.counts['train']} training images cannot be shared by {cfg.num_workers} workers")
-    if run_config is None:
-        storage = resolve(cfg.storage, s3_endpoint_url=cfg.s3_endpoint_url)
-        run_config = ray.train.RunConfig(
-            name=cfg.name,
-            storage_path=storage.path,
-            storage_filesystem=storage.pyarrow_fs if storage.is_s3 else None,
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.num_to_keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
-            ),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-        )
+    storage = resolve(cfg.storage, s3_endpoint_url=cfg.s3_endpoint_url)
+    run_config = ray.train.RunConfig(
+        name=cfg.name,
+        storage_path=storage.path,
+        storage_filesystem=storage.pyarrow_fs if storage.is_s3 else None,
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=cfg.num_to_keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+        ),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        callbacks=list(callbacks or []),
+    )
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = cfg.gpus_per_worker
     loop_config = cfg.to_dict() | {
         "n_train": data.counts["train"],
         "class_counts": data.class_counts,
@@ -151,7 +152,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         if k in out:
             metrics[k] = out[k]
 
-    model = _best_model(cfg, result.checkpoint)
+    model = best_model(cfg, result.checkpoint)
     preprocess = MRIPreprocess.from_dict(data.report["preprocess"])
     package_metrics = {"best_epoch": out["best_epoch"], "val_macro_f1": out["val"]["macro_f1"]}
     for k in ("test", "test_clean"):
@@ -174,7 +175,7 @@ def export_package(model, uri: str, **kw: Any) -> dict[str, Any]:
     return export_model_package(model, uri, **kw)
 
 
-def _best_model(cfg: TrainConfig, checkpoint) -> torch.nn.Module:
+def best_model(cfg: TrainConfig, checkpoint) -> torch.nn.Module:
     """The best epoch's weights (kept in every checkpoint) in a fresh model of the run's architecture."""
     from ..models import create_model
 
@@ -184,6 +185,30 @@ def _best_model(cfg: TrainConfig, checkpoint) -> torch.nn.Module:
     model = create_model(cfg.model, pretrained=False, drop_rate=cfg.drop_rate)
     model.load_state_dict(weights)
     return model.eval()
+
+
+def evaluate_model(model: torch.nn.Module, data: TrainData, *, batch_size: int = 64) -> dict[str, Any]:
+    """Metrics of ``model`` on val, test and test_clean, computed here in the calling process."""
+    from ..models import data_config, prepare_input
+    from ._loop import eval_metrics, evaluate
+
+    dcfg = data_config(model)
+    device = torch.device("cpu")
+    model = model.to(device).eval()
+
+    def prepare(pixels: torch.Tensor) -> torch.Tensor:
+        return prepare_input(pixels, mean=dcfg["mean"], std=dcfg["std"])
+
+    out: dict[str, Any] = {}
+    for split in ("val", "test"):
+        if split not in data.datasets:
+            continue
+        ev = evaluate(model, data.datasets[split].iter_torch_batches(batch_size=batch_size),
+                      criterion=torch.nn.CrossEntropyLoss(), prepare=prepare, device=device)
+        out[split] = eval_metrics(ev)
+        if split == "test":
+            out["test_clean"] = eval_metrics(ev, ~ev["leaked"])
+    return out
 
 
 # --- plots and the console table -------------------------------------------------------------

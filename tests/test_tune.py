@@ -1,0 +1,135 @@
+"""Ray Tune search: trials are Ray Train runs, ASHA stops a hopeless trial, the leaderboard and the
+best model land on s3://; the search space and its YAML are validated. Tiny models, generated data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from braintumor_ray import ConfigError, MRIPreprocess, make_sample_dataset
+from braintumor_ray.ingest import IngestConfig, run_ingest
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def data_dir(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune-data")
+    make_sample_dataset(str(root / "sample"), per_class=30, test_per_class=8, size=96, leaks=2, seed=3)
+    out = str(root / "pre")
+    run_ingest(IngestConfig(input=str(root / "sample"), output=out, preprocess=MRIPreprocess(image_size=64)))
+    return out
+
+
+def test_search_on_s3_asha_leaderboard_and_best_model(data_dir, s3_endpoint, s3_bucket):
+    """Two trials run one after the other: one learns (lr 3e-3), one cannot (lr 1e-7). ASHA
+    compares them at epoch 1 and stops the second; the first runs its 3 epochs and is exported."""
+    import boto3
+    import pyarrow.parquet as pq
+
+    from braintumor_ray import load_model_package
+    from braintumor_ray.tune import SearchConfig, run_search
+
+    cfg = SearchConfig.smoke_test(
+        data=data_dir, storage=f"s3://{s3_bucket}/searches", name="s1", s3_endpoint_url=s3_endpoint,
+        models=("resnet10t",), max_epochs=3, grace_period=1, reduction_factor=2, max_concurrent_trials=1,
+        space={"lr": {"grid": [3e-3, 1e-7]}, "batch_size": 8, "drop_rate": 0.0, "augment_strength": 0.5,
+               "weight_decay": 0.01},
+    )
+    s = run_search(cfg)
+    rows = {r["lr"]: r for r in s["leaderboard"]}
+    assert set(rows) == {3e-3, 1e-7}, rows
+    good, bad = rows[3e-3], rows[1e-7]
+    assert good["rank"] == 1 and good["status"] == "completed" and good["epochs_run"] == 3
+    assert bad["status"] == "stopped by ASHA" and bad["epochs_run"] == 1, bad
+    assert good["best_val_macro_f1"] > bad["best_val_macro_f1"]
+    assert (s["trial_epochs_run"], s["trial_epochs_budget"]) == (4, 6)
+    assert s["best_trial"]["trial"] == good["trial"]
+    # The exported model is the good trial's best epoch: it scores the test split like the search says.
+    n_test = pq.read_table(f"{data_dir}/images/split=test", columns=["label_index"]).num_rows
+    assert s["test"]["n"] == n_test and s["test"]["accuracy"] >= 0.6, s["test"]
+    assert s["test_clean"]["n"] < s["test"]["n"]
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="searches/s1/")["Contents"]}
+    for name in ("leaderboard.csv", "leaderboard.md", "val_macro_f1.png", "best.json", "search.json",
+                 "best_model/model.json", "best_model/model.safetensors"):
+        assert f"searches/s1/{name}" in keys, name
+    assert any(k.startswith(f"searches/s1/trials/{good['trial']}/checkpoint_") for k in keys)
+    csv_text = s3.get_object(Bucket=s3_bucket, Key="searches/s1/leaderboard.csv")["Body"].read().decode()
+    assert csv_text.splitlines()[0].startswith("rank,trial,backbone,lr")
+    assert len(csv_text.strip().splitlines()) == 3
+    best = json.loads(s3.get_object(Bucket=s3_bucket, Key="searches/s1/best.json")["Body"].read())
+    assert best["model"]["model_id"] == s["model"]["model_id"]
+
+    pkg = load_model_package(f"s3://{s3_bucket}/searches/s1/best_model", s3_endpoint_url=s3_endpoint)
+    assert pkg.metrics["trial"] == good["trial"]
+    assert pkg.metrics["test_accuracy"] == pytest.approx(s["test"]["accuracy"])
+
+    # The same name again is refused; --resume of a finished search only redoes the outputs.
+    with pytest.raises(ConfigError, match="already exists"):
+        run_search(cfg)
+    again = run_search(cfg, resume=True)
+    assert {r["trial"]: r["epochs_run"] for r in again["leaderboard"]} == {
+        r["trial"]: r["epochs_run"] for r in s["leaderboard"]
+    }
+
+
+def test_space_and_config_validation(tmp_path):
+    from braintumor_ray.tune import SearchConfig, load_yaml, to_tune_space
+
+    cfg = SearchConfig(data=str(tmp_path))
+    assert SearchConfig.from_dict(cfg.to_dict()) == cfg
+    assert set(cfg.search_space()) == {"lr", "weight_decay", "batch_size", "drop_rate", "augment_strength", "transfer"}
+    assert "transfer" not in SearchConfig(pretrained=False).search_space()  # random init trains everything
+    t = cfg.trial_config({"model": "resnet50", "lr": 1e-3, "batch_size": 16.0, "transfer": "last-2"}, trial_id="t1")
+    assert (t.model, t.batch_size, t.transfer, t.epochs, t.name) == ("resnet50", 16, "last-2", cfg.max_epochs, "t1")
+    assert t.storage.endswith("/runs/tune/trials") and t.storage.startswith("/")  # absolute: trials run elsewhere
+    g = SearchConfig(gpus_per_trial=0.25).trial_config({"model": "vgg16"})
+    assert g.use_gpu and g.gpus_per_worker == 0.25
+
+    space = to_tune_space(cfg.search_space() | {"batch_size": {"grid": [8, 16]}, "drop_rate": 0.2})
+    assert space["drop_rate"] == 0.2 and "grid_search" in space["batch_size"]
+
+    bad = [
+        dict(models=()),
+        dict(models=("resnet50", "resnet50")),
+        dict(name="a/b"),
+        dict(grace_period=9, max_epochs=8),
+        dict(reduction_factor=1),
+        dict(gpus_per_trial=3, workers_per_trial=2),
+        dict(space={"lr": {"loguniform": [0, 1]}}),
+        dict(space={"lr": {"between": [1, 2]}}),
+        dict(space={"epochs": 3}),
+        dict(space={"colour": {"choice": [1]}}),
+        dict(space={"transfer": {"choice": ["half"]}}),
+        dict(space={"batch_size": {"choice": []}}),
+        dict(fixed={"storage": "x"}),
+        dict(fixed={"lr": 0.1}, space={"lr": {"uniform": [0.1, 0.2]}}),
+        dict(fixed={"label_smoothing": 2.0}),  # an impossible training setting fails here, not in a trial
+    ]
+    for kw in bad:
+        with pytest.raises(ConfigError):
+            SearchConfig(**kw)
+    with pytest.raises(ConfigError, match="unknown search settings"):
+        SearchConfig.from_dict({"modles": ["x"]})
+
+    y = tmp_path / "space.yaml"
+    y.write_text("models: [resnet10t]\nspace:\n  lr: {loguniform: [1.0e-4, 1.0e-2]}\n  transfer: null\nfixed:\n  label_smoothing: 0.05\n")
+    loaded = SearchConfig.from_dict(load_yaml(str(y)))
+    assert loaded.models == ("resnet10t",) and "transfer" not in loaded.search_space()
+    assert loaded.trial_config({"model": "resnet10t", "lr": 1e-3}).label_smoothing == 0.05
+    (tmp_path / "bad.yaml").write_text("space: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(str(tmp_path / "bad.yaml"))
+
+
+def test_missing_weights_fail_before_any_trial(data_dir, tmp_path):
+    """Offline, a backbone without local weights is refused in the driver with the fix in the message."""
+    from braintumor_ray.tune import SearchConfig, run_search
+
+    cfg = SearchConfig(data=data_dir, storage=str(tmp_path), name="w", models=("resnet10t",), pretrained=True)
+    with pytest.raises(ConfigError, match="--no-pretrained"):
+        run_search(cfg)
+    assert not (tmp_path / "w" / "trials").exists()

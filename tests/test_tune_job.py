@@ -1,0 +1,146 @@
+"""jobs/tune.py as users run it: submitted with `ray job submit` to a head started with `ray start`,
+and a search whose driver is killed, then resumed without running finished trials again."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOB = os.path.join(ROOT, "jobs", "tune.py")
+BIN = os.path.dirname(sys.executable)
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(home) -> dict[str, str]:
+    # A temporary HOME: `ray start` writes its auth token to ~/.ray/auth_token, and `ray job
+    # submit` reads it from there; a stray token in the real HOME must not leak in.
+    env = dict(os.environ, HOME=str(home), RAY_DATA_DISABLE_PROGRESS_BARS="1", PYTHONPATH=ROOT,
+               PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
+    for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(k, None)
+    return env
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """`ray start --head` with the dashboard (what `ray job submit` talks to); stopped afterwards."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = _env(home)
+    port, dash = _free_port(), _free_port()
+    start = subprocess.run(
+        [os.path.join(BIN, "ray"), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
+         "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
+    try:
+        yield {"env": env, "address": f"http://127.0.0.1:{dash}", "home": home}
+    finally:
+        subprocess.run([os.path.join(BIN, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_smoke_search(ray_head, tmp_path):
+    storage = tmp_path / "runs"
+    p = subprocess.run(
+        [os.path.join(BIN, "ray"), "job", "submit", "--address", ray_head["address"], "--working-dir", ROOT,
+         "--", "python", "jobs/tune.py", "--smoke-test", "--storage", str(storage), "--name", "e2e"],
+        env=ray_head["env"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    assert "succeeded" in out
+    # The job's logs (streamed back by `ray job submit`) end with the leaderboard.
+    assert "| rank | trial | backbone |" in out and "best: " in out
+    assert (storage / "e2e" / "leaderboard.md").exists()
+    assert (storage / "e2e" / "best_model" / "model.json").exists()
+    assert len(json.loads((storage / "e2e" / "best.json").read_text())["best_trial"]) > 3
+
+
+def _trial_results(search_dir) -> dict[str, list[dict]]:
+    out = {}
+    for f in glob.glob(os.path.join(search_dir, "trial_*", "result.json")):
+        with open(f) as fh:
+            out[os.path.basename(os.path.dirname(f))] = [json.loads(line) for line in fh if line.strip()]
+    return out
+
+
+def _finished(rows: list[dict], max_epochs: int) -> bool:
+    return any(r.get("epoch") == max_epochs for r in rows)
+
+
+def test_killed_driver_then_resume_runs_only_unfinished_trials(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = _env(home)
+    storage, name, epochs = tmp_path / "runs", "killed", 2
+    args = [sys.executable, JOB, "--smoke-test", "--storage", str(storage), "--name", name,
+            "--num-samples", "2", "--models", "resnet10t", "--max-epochs", str(epochs),
+            "--max-concurrent-trials", "1", "--grace-period", str(epochs)]
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    search = storage / name
+    deadline = time.time() + 480
+    try:
+        # Kill the driver (and the local Ray it started) once one trial has finished.
+        while time.time() < deadline and first.poll() is None:
+            done = [t for t, rows in _trial_results(search).items() if _finished(rows, epochs)]
+            if done:
+                time.sleep(3)  # let Tune write its experiment state after the trial's end
+                break
+            time.sleep(0.5)
+        assert first.poll() is None, "the search ended before it could be interrupted:\n" + open(tmp_path / "first.log").read()[-3000:]
+        assert done, "no trial finished in time:\n" + open(tmp_path / "first.log").read()[-3000:]
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        log.close()
+    subprocess.run([os.path.join(BIN, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    before = _trial_results(search)
+    assert not (search / "leaderboard.md").exists()
+
+    p = subprocess.run([sys.executable, JOB, "--storage", str(storage), "--name", name, "--resume"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=480)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    after = _trial_results(search)
+    assert len(after) == 2 and all(_finished(rows, epochs) for rows in after.values()), after
+    for t in done:  # a finished trial was not run again: no new results
+        assert len(after[t]) == len(before[t]), (t, before[t], after[t])
+    rows = (search / "leaderboard.csv").read_text().strip().splitlines()
+    assert len(rows) == 3 and (search / "best_model" / "model.json").exists()
+    assert "resuming search" in p.stdout + p.stderr
+
+
+def test_bad_options_are_clear_errors(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tune_job", JOB)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main(["--data", str(tmp_path / "nothing"), "--models", "resnet50,resnet50", "--storage", str(tmp_path)]) == 2
+    assert "twice" in capsys.readouterr().err
+    assert job.main(["--resume", "--storage", str(tmp_path), "--name", "never"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no search" in err and "Traceback" not in err
+    (tmp_path / "notdata").mkdir()
+    assert job.main(["--data", str(tmp_path / "notdata"), "--storage", str(tmp_path / "r"), "--name", "x"]) == 2
+    assert "report.json" in capsys.readouterr().err
