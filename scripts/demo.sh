@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up ./.venv and run the whole pipeline on the embedded default, on a local Ray:
-# generated sample -> preprocess -> train (smoke size) -> score, all under ./demo.
+# generated sample -> preprocess -> tune (smoke size: each trial a Ray Train run) -> score,
+# all under ./demo. Ends with the leaderboard, the predictions' path and a few of their rows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -8,13 +9,15 @@ py=.venv/bin/python
 export RAY_DATA_DISABLE_PROGRESS_BARS=1
 echo "== 1/3 preprocess: generated sample -> demo/preprocessed"
 $py jobs/preprocess.py --image-size 64
-echo "== 2/3 train (smoke size) -> demo/runs/demo"
-rm -rf demo/runs/demo demo/predictions demo/predictions._staging
-$py jobs/train.py --smoke-test --data demo/preprocessed --storage demo/runs --name demo
+echo "== 2/3 tune (smoke size) -> demo/runs/demo"
+rm -rf demo/runs/demo demo/predictions demo/predictions._staging demo/predictions_series
+$py jobs/tune.py --smoke-test --data demo/preprocessed --storage demo/runs --name demo
 echo "== 3/3 score every file of demo/sample -> demo/predictions"
-$py jobs/score.py --model demo/runs/demo/model --input demo/sample --output demo/predictions
+$py jobs/score.py --model demo/runs/demo/best_model --input demo/sample --output demo/predictions
 $py - <<'PY'
 import pandas as pd
+print("\nleaderboard (demo/runs/demo/leaderboard.md):")
+print(open("demo/runs/demo/leaderboard.md").read())
 df = pd.read_parquet("demo/predictions")
 print(f"\npredictions: demo/predictions ({len(df)} rows); a few of them:")
 cols = ["path", "predicted_label", "prob_glioma", "prob_meningioma", "prob_no_tumor", "prob_pituitary", "status"]

@@ -48,7 +48,8 @@ def test_aws_config_keeps_drivers_off_spot_and_credentials_out():
     types = config["available_node_types"]
     head = types[config["head_node_type"]]
     assert "InstanceMarketOptions" not in head["node_config"], "the head runs drivers: on-demand"
-    assert head["resources"] == {"CPU": 0}, "no tasks on the head"
+    assert head["resources"]["CPU"] == 0, "no tasks on the head"
+    assert head["resources"].get("trial_driver", 0) >= 1, "Tune trial drivers (jobs/tune.py) live on the on-demand head"
     gpu_types = [t for t in types.values() if t.get("resources", {}).get("GPU")]
     assert gpu_types and all(t["min_workers"] == 0 for t in gpu_types), "GPU workers scale from zero"
     assert any(t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for t in gpu_types)

@@ -14,6 +14,18 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
+def ray_session():
+    """With the dashboard, unlike the other modules: Ray Train's placement-group cleaner asks the
+    State API (served by the dashboard) whether a trial's Train controller is gone, and without it
+    the worker groups of finished trials keep their CPUs for the rest of the session."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
 def data_dir(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("tune-data")
     make_sample_dataset(str(root / "sample"), per_class=30, test_per_class=8, size=96, leaks=2, seed=3)
@@ -24,7 +36,7 @@ def data_dir(ray_session, tmp_path_factory):
 
 def test_search_on_s3_asha_leaderboard_and_best_model(data_dir, s3_endpoint, s3_bucket):
     """Two trials run one after the other: one learns (lr 3e-3), one cannot (lr 1e-7). ASHA
-    compares them at epoch 1 and stops the second; the first runs its 3 epochs and is exported."""
+    compares them at its rungs and stops the second; the first runs its 3 epochs and is exported."""
     import boto3
     import pyarrow.parquet as pq
 
@@ -42,9 +54,10 @@ def test_search_on_s3_asha_leaderboard_and_best_model(data_dir, s3_endpoint, s3_
     assert set(rows) == {3e-3, 1e-7}, rows
     good, bad = rows[3e-3], rows[1e-7]
     assert good["rank"] == 1 and good["status"] == "completed" and good["epochs_run"] == 3
-    assert bad["status"] == "stopped by ASHA" and bad["epochs_run"] == 1, bad
+    # Stopped at a rung (epoch 1 or 2: Tune's stop reaches a running trial a report or so late).
+    assert bad["status"] == "stopped by ASHA" and bad["epochs_run"] < 3, bad
     assert good["best_val_macro_f1"] > bad["best_val_macro_f1"]
-    assert (s["trial_epochs_run"], s["trial_epochs_budget"]) == (4, 6)
+    assert s["trial_epochs_budget"] == 6 and s["trial_epochs_run"] == 3 + bad["epochs_run"]
     assert s["best_trial"]["trial"] == good["trial"]
     # The exported model is the good trial's best epoch: it scores the test split like the search says.
     n_test = pq.read_table(f"{data_dir}/images/split=test", columns=["label_index"]).num_rows
@@ -120,6 +133,14 @@ def test_space_and_config_validation(tmp_path):
     loaded = SearchConfig.from_dict(load_yaml(str(y)))
     assert loaded.models == ("resnet10t",) and "transfer" not in loaded.search_space()
     assert loaded.trial_config({"model": "resnet10t", "lr": 1e-3}).label_smoothing == 0.05
+    # Any training setting may be searched; a fixed setting replaces the default range; fixed wins over nothing searched.
+    c2 = SearchConfig(space={"label_smoothing": {"choice": [0.0, 0.2]}}, fixed={"lr": 5e-4})
+    assert "lr" not in c2.search_space()
+    t2 = c2.trial_config({"model": "resnet50", "label_smoothing": 0.2})
+    assert (t2.label_smoothing, t2.lr) == (0.2, 5e-4)
+    for kw in (dict(fixed={"seed": 3}), dict(fixed={"colour": 1})):
+        with pytest.raises(ConfigError):
+            SearchConfig(**kw)
     (tmp_path / "bad.yaml").write_text("space: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_yaml(str(tmp_path / "bad.yaml"))

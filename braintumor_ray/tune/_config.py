@@ -14,11 +14,11 @@ from ..train import TrainConfig
 
 DEFAULT_MODELS = ("efficientnet_b0", "resnet50", "vgg16", "legacy_xception")
 
-# Keys of the search space; each is a TrainConfig field (``model`` is the backbone axis).
+# The default space's keys (``model`` is the backbone axis); any other TrainConfig setting may be searched too.
 SEARCHABLE = ("model", "lr", "weight_decay", "batch_size", "transfer", "drop_rate", "augment_strength")
 # Set by the search itself, so neither a space nor a fixed setting may override them.
 RESERVED = ("data", "storage", "name", "epochs", "num_workers", "cpus_per_worker", "use_gpu", "gpus_per_worker",
-            "s3_endpoint_url", "inject_failure", "pretrained")
+            "s3_endpoint_url", "inject_failure", "pretrained", "seed", "max_failures")
 
 SAMPLERS = ("choice", "uniform", "loguniform", "randint", "grid")
 
@@ -118,14 +118,19 @@ class SearchConfig:
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
             raise ConfigError(f"max_concurrent_trials={self.max_concurrent_trials} must be >= 1")
         parse_space(self.space)
-        bad = sorted(set(self.fixed) & (set(RESERVED) | set(self.space)))
+        bad = sorted(set(self.fixed) & (set(RESERVED) | {k for k, v in self.space.items() if v is not None}))
         if bad:
             raise ConfigError(f"fixed settings {', '.join(bad)} are set by the search itself or searched: remove them")
+        train_fields = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(self.fixed) - train_fields)
+        if unknown:
+            raise ConfigError(f"fixed settings {', '.join(unknown)} are not training settings")
         self.trial_config({k: _example(v) for k, v in self.search_space().items()} | {"model": self.models[0]})
 
     def search_space(self) -> dict[str, Any]:
-        """The space as plain specs: the defaults, then the overrides (a key set to None drops it)."""
-        space = default_space(pretrained=self.pretrained)
+        """The space as plain specs: the defaults less what ``fixed`` sets, then the overrides
+        (a key set to None drops it)."""
+        space = {k: v for k, v in default_space(pretrained=self.pretrained).items() if k not in self.fixed}
         for k, v in self.space.items():
             if v is None:
                 space.pop(k, None)
@@ -139,7 +144,8 @@ class SearchConfig:
         per_worker_cpu = self.cpus_per_trial / self.workers_per_trial
         gpu = self.gpus_per_trial > 0
         settings: dict[str, Any] = dict(self.fixed)
-        settings.update({k: v for k, v in params.items() if k in SEARCHABLE})
+        # Every key of the space is a training setting (parse_space checked); Tune's config holds those and the backbone.
+        settings.update({k: v for k, v in params.items() if k not in RESERVED})
         settings.update(
             data=self.data,
             storage=_join(self.storage, self.name, "trials"),

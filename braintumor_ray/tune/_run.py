@@ -167,6 +167,9 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> dict[str, Any]:
                 scheduler=ASHAScheduler(
                     time_attr="epoch", metric=SCORE, mode="max", max_t=cfg.max_epochs,
                     grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor,
+                    # A trial at its last epoch ends by itself: stopping it there would kill its Ray
+                    # Train run before the run shuts down its workers (left to Train's cleaner).
+                    stop_last_trials=False,
                 ),
                 # The generator itself caps the trials in flight (Tune ignores max_concurrent_trials with it).
                 search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrency),
