@@ -6,10 +6,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -37,24 +39,60 @@ def _env(home) -> dict[str, str]:
     return env
 
 
+def _wait_for_dashboard(address: str, proc, timeout: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"ray start --head exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
+            return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"no dashboard at {address} after {timeout} s")
+
+
 @pytest.fixture
 def ray_head(tmp_path):
-    """`ray start --head` with the dashboard (what `ray job submit` talks to); stopped afterwards."""
+    """`ray start --head --block` with the dashboard (what `ray job submit` talks to), in a process
+    group of its own that the fixture kills afterwards: `ray stop` would stop every Ray on the machine."""
     home = tmp_path / "home"
     home.mkdir()
     env = _env(home)
     port, dash = _free_port(), _free_port()
-    start = subprocess.run(
-        [os.path.join(BIN, "ray"), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+    # Short: Ray's socket paths live under it and must stay under 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    log = open(tmp_path / "head.log", "w")
+    head = subprocess.Popen(
+        [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
-         "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
-        env=env, capture_output=True, text=True, timeout=180,
+         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
+    address = f"http://127.0.0.1:{dash}"
     try:
-        yield {"env": env, "address": f"http://127.0.0.1:{dash}", "home": home}
+        try:
+            _wait_for_dashboard(address, head)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{(tmp_path / 'head.log').read_text()[-3000:]}") from None
+        yield {"env": env, "address": address, "home": home}
     finally:
-        subprocess.run([os.path.join(BIN, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _kill_group(head)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _kill_group(proc) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
 
 
 def test_ray_job_submit_smoke_search(ray_head, tmp_path):
@@ -108,13 +146,12 @@ def test_killed_driver_then_resume_runs_only_unfinished_trials(tmp_path):
             time.sleep(0.5)
         assert first.poll() is None, "the search ended before it could be interrupted:\n" + open(tmp_path / "first.log").read()[-3000:]
         assert done, "no trial finished in time:\n" + open(tmp_path / "first.log").read()[-3000:]
-        os.killpg(first.pid, signal.SIGKILL)
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started, at once
         first.wait(30)
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
         log.close()
-    subprocess.run([os.path.join(BIN, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
     before = _trial_results(search)
     assert not (search / "leaderboard.md").exists()
 
