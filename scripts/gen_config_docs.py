@@ -65,8 +65,8 @@ TRAIN_ONLY = {
     "amp": "mixed precision; null = on with a GPU",
     "channels_last": "channels-last memory layout; null = on without a GPU",
 }
-# TrainConfig fields that SearchConfig.trial_config sets from the search's own keys although they
-# are not in RESERVED: a value under fixed: would be accepted and then overridden.
+# TrainConfig fields that SearchConfig.trial_config sets from the search's own keys (SearchConfig
+# has a field of the same name), as opposed to the job's other options.
 FROM_SEARCH_KEYS = ("seed", "max_failures")
 # What each sampler of the search space draws.
 SAMPLERS = {
@@ -357,10 +357,10 @@ def search_section() -> list[str]:
         "",
         "### fixed:",
         "",
-        "Training settings (`braintumor_ray.train.TrainConfig` fields) that every trial gets. Not",
-        "here: the searchable keys (fix one with a constant in `space:`, e.g. `lr: 0.001`) and the",
-        "ones the search sets itself ("
-        + ", ".join(_code(k) for k in RESERVED)
+        "Training settings (`braintumor_ray.train.TrainConfig` fields) that every trial gets. A",
+        "key of the default space given here replaces its range (`lr: 0.001` fixes the learning",
+        "rate); a key also given in `space:` is refused. Not here: the ones the search sets itself ("
+        + ", ".join(_code(k) for k in RESERVED if k not in FROM_SEARCH_KEYS)
         + ": use the job's options; "
         + ", ".join(_code(k) for k in FROM_SEARCH_KEYS)
         + ": the search's own keys).",
