@@ -39,7 +39,7 @@ def _env(home) -> dict[str, str]:
     return env
 
 
-def _wait_for_dashboard(address: str, proc, timeout: float = 120) -> None:
+def _wait_for_dashboard(address: str, proc, timeout: float = 300) -> None:
     import urllib.request
 
     deadline = time.time() + timeout

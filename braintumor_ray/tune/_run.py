@@ -143,6 +143,7 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> dict[str, Any]:
         root.join(SEARCH_FILE).write_bytes(json.dumps(cfg.to_dict() | {"s3_endpoint_url": None}, indent=2).encode())
 
     # Loaded once: every trial's Ray Train run reads the same materialised blocks.
+    timing = {"prepare_s": time.time() - t0}
     data = load_train_data(cfg.data, s3_endpoint_url=cfg.s3_endpoint_url, seed=cfg.seed)
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, data=data, search=cfg.to_dict()), driver_resources()
@@ -185,7 +186,10 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> dict[str, Any]:
         )
         logger.info("search %s: %d backbone(s) x %d sample(s), up to %d epochs, %d trial(s) at a time",
                     root.uri, len(cfg.models), cfg.num_samples, cfg.max_epochs, concurrency)
+    t_fit = time.time()
+    timing["load_data_s"] = t_fit - t0 - timing["prepare_s"]
     results = tuner.fit()
+    timing["trials_s"] = time.time() - t_fit
 
     rows = leaderboard_rows(results, cfg)
     if not any(r["best_val_macro_f1"] is not None for r in rows):
@@ -203,6 +207,7 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> dict[str, Any]:
         trial_epochs_budget=budget,
         asha_saved_fraction=round(1 - run_epochs / budget, 4) if budget else 0.0,
         wall_s=round(time.time() - t0, 1),
+        timing={k: round(v, 1) for k, v in timing.items()} | {"results_s": round(time.time() - t_fit - timing["trials_s"], 1)},
         resumed=resume,
     )
     root.join("best.json").write_bytes(json.dumps(summary, indent=2, allow_nan=False).encode())
