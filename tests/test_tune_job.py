@@ -34,12 +34,13 @@ def _env(home) -> dict[str, str]:
     # submit` reads it from there; a stray token in the real HOME must not leak in.
     env = dict(os.environ, HOME=str(home), RAY_DATA_DISABLE_PROGRESS_BARS="1", PYTHONPATH=ROOT,
                PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
-    for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+    for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(k, None)
     return env
 
 
 def _wait_for_dashboard(address: str, proc, timeout: float = 300) -> None:
+    import urllib.error
     import urllib.request
 
     deadline = time.time() + timeout
@@ -49,6 +50,8 @@ def _wait_for_dashboard(address: str, proc, timeout: float = 300) -> None:
         try:
             urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
             return
+        except urllib.error.HTTPError:
+            return  # it answers (a token-protected endpoint says 401)
         except OSError:
             time.sleep(1)
     raise AssertionError(f"no dashboard at {address} after {timeout} s")
@@ -61,6 +64,12 @@ def ray_head(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = _env(home)
+    # Token auth on, as the docs tell users: a token in ~/.ray/auth_token and RAY_AUTH_MODE=token
+    # for both the head and the `ray job submit` client.
+    gen = subprocess.run([os.path.join(BIN, "ray"), "get-auth-token", "--generate"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert gen.returncode == 0 and (home / ".ray" / "auth_token").exists(), gen.stdout + gen.stderr
+    env["RAY_AUTH_MODE"] = "token"
     port, dash = _free_port(), _free_port()
     # Short: Ray's socket paths live under it and must stay under 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
