@@ -32,6 +32,20 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    """A small randomly initialised model (64 px), exported as users' packages are."""
+    import torch
+
+    from braintumor_ray import MRIPreprocess, create_model, export_model_package
+
+    torch.manual_seed(0)
+    model = create_model("resnet10t", pretrained=False, drop_rate=0.0)
+    uri = str(tmp_path_factory.mktemp("pkg") / "model")
+    export_model_package(model, uri, preprocess=MRIPreprocess(image_size=64))
+    return uri
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 API (moto's server) on 127.0.0.1; yields its endpoint URL."""

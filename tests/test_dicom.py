@@ -17,9 +17,8 @@ import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from braintumor_ray import ConfigError, MRIPreprocess, create_model, export_model_package, make_sample_dataset
+from braintumor_ray import ConfigError, MRIPreprocess, make_sample_dataset
 from braintumor_ray._medical import SeriesSelector, percentile_window, read_medical, sniff_kind, voi_window
 from braintumor_ray._sample import render_mri
 from braintumor_ray._series import SERIES_FILE, series_location, top_slice
@@ -292,15 +291,6 @@ def test_series_label_is_the_most_confident_tumour_slice():
 
 
 # --- scoring and ingest end to end ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory):
-    torch.manual_seed(0)
-    model = create_model("resnet10t", pretrained=False, drop_rate=0.0)
-    uri = str(tmp_path_factory.mktemp("pkg") / "model")
-    export_model_package(model, uri, preprocess=MRIPreprocess(image_size=64))
-    return uri
 
 
 def _write(path: str, data: bytes) -> str:

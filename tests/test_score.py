@@ -14,7 +14,7 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from braintumor_ray import CLASS_NAMES, MRIPreprocess, create_model, export_model_package, load_model_package, make_sample_dataset, prepare_input
+from braintumor_ray import CLASS_NAMES, load_model_package, make_sample_dataset, prepare_input
 from braintumor_ray.score import PROB_PREFIX, ScoreConfig, run_scoring
 
 from _images import bad_files, odd_but_valid
@@ -22,16 +22,6 @@ from conftest import upload_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BAD = ["truncated.jpg", "corrupt_header.jpg", "header_only.jpg", "empty.jpg", "notes.jpg", "bomb.png"]
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory):
-    """A small randomly initialised model, exported as users' packages are."""
-    torch.manual_seed(0)
-    model = create_model("resnet10t", pretrained=False, drop_rate=0.0)
-    uri = str(tmp_path_factory.mktemp("pkg") / "model")
-    export_model_package(model, uri, preprocess=MRIPreprocess(image_size=64))
-    return uri
 
 
 def make_archive(root: str, *, seed: int = 0, n: int = 4) -> list[str]:

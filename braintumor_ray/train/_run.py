@@ -90,8 +90,21 @@ def build_trainer(cfg: TrainConfig, *, data: TrainData | None = None, callbacks:
     )
 
 
-def _has_run(loc: Location) -> bool:
-    return loc.exists() and not loc.is_empty()
+def start_run(loc: Location, *, what: str, resume: bool, data: str | None, s3_endpoint_url: str | None) -> None:
+    """Checks shared by training and search drivers, then Ray: the run folder is new (or, with
+    ``resume``, exists), and ``data`` is an ingest output; errors come before Ray starts."""
+    import ray
+
+    exists = loc.exists() and not loc.is_empty()
+    if exists and not resume:
+        raise ConfigError(f"{what} {loc.uri} already exists: pass --resume to continue it, or choose another --name")
+    if resume and not exists:
+        raise ConfigError(f"--resume: there is no {what} at {loc.uri} to continue (check --storage and --name)")
+    if data is None:
+        raise ConfigError("no data: give --data (the output folder of jobs/preprocess.py)")
+    read_report(resolve(data, s3_endpoint_url=s3_endpoint_url))
+    if not ray.is_initialized():
+        ray.init()
 
 
 def run_training(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
@@ -106,16 +119,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
 
     t0 = time.time()
     run = run_location(cfg)
-    exists = _has_run(run)
-    if exists and not resume:
-        raise ConfigError(f"run {run.uri} already exists: pass --resume to continue it, or choose another --name")
-    if resume and not exists:
-        raise ConfigError(f"--resume: there is no run at {run.uri} to continue (check --storage and --name)")
-    if cfg.data is None:
-        raise ConfigError("no data: give --data (the output folder of jobs/preprocess.py)")
-    read_report(resolve(cfg.data, s3_endpoint_url=cfg.s3_endpoint_url))  # a clear error before Ray starts
-    if not ray.is_initialized():
-        ray.init()
+    start_run(run, what="run", resume=resume, data=cfg.data, s3_endpoint_url=cfg.s3_endpoint_url)
     data = load_train_data(cfg.data, s3_endpoint_url=cfg.s3_endpoint_url, seed=cfg.seed)
     trainer = build_trainer(cfg, data=data)
     try:

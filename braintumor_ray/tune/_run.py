@@ -118,26 +118,16 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> dict[str, Any]:
 
     Returns the summary written to ``best.json`` plus the leaderboard rows.
     """
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
     from ..train import load_train_data
-    from ..train._data import read_report
+    from ..train._run import start_run
 
     t0 = time.time()
     root = search_location(cfg)
-    exists = root.exists() and not root.is_empty()
-    if exists and not resume:
-        raise ConfigError(f"search {root.uri} already exists: pass --resume to continue it, or choose another --name")
-    if resume and not exists:
-        raise ConfigError(f"--resume: there is no search at {root.uri} to continue (check --storage and --name)")
-    if cfg.data is None:
-        raise ConfigError("no data: give --data (the output folder of jobs/preprocess.py)")
-    read_report(resolve(cfg.data, s3_endpoint_url=cfg.s3_endpoint_url))  # a clear error before Ray starts
-    if not ray.is_initialized():
-        ray.init()
+    start_run(root, what="search", resume=resume, data=cfg.data, s3_endpoint_url=cfg.s3_endpoint_url)
     check_backbones(cfg)
     if not resume:
         root.join(SEARCH_FILE).write_bytes(json.dumps(cfg.to_dict() | {"s3_endpoint_url": None}, indent=2).encode())
