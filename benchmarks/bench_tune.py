@@ -15,6 +15,7 @@ concurrent Tune trials; the ratio of the two wall times is what Tune adds (Ray h
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -90,7 +91,7 @@ def overhead(args) -> None:
             per_run = list(pool.map(plain, range(rep * n, rep * n + n)))
         figures.setdefault("plain_wall_s", []).append(time.time() - t)
         t = time.time()
-        s = run_search(cfg.__class__.from_dict(cfg.to_dict() | {"name": f"tune{rep}"}))
+        s = run_search(dataclasses.replace(cfg, name=f"tune{rep}"))
         figures.setdefault("search_wall_s", []).append(time.time() - t)
         # The trials phase (Tuner.fit) is what compares with the plain runs; the rest of the
         # search (loading the data once, checking backbones, the leaderboard and the export) is listed.
