@@ -33,9 +33,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from braintumor_ray.models import create_model, data_config, param_groups, prepare_input  # noqa: E402
+from braintumor_ray.models import create_model, data_config, prepare_input  # noqa: E402
 from braintumor_ray.train import TrainConfig, TrainData, build_trainer, load_train_data, train_one_epoch  # noqa: E402
-from braintumor_ray.train._loop import class_weights  # noqa: E402
+from braintumor_ray.train._loop import make_criterion, make_optimizer  # noqa: E402
 
 
 def plain_loop(cfg: TrainConfig, pixels: np.ndarray, labels: np.ndarray, class_counts, epochs: int, *, rank: int = 0, world: int = 1) -> list[float]:
@@ -44,10 +44,10 @@ def plain_loop(cfg: TrainConfig, pixels: np.ndarray, labels: np.ndarray, class_c
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, drop_rate=cfg.drop_rate, transfer=cfg.transfer_mode, channels_last=cfg.use_channels_last)
     dc = data_config(model)
-    opt = torch.optim.AdamW(param_groups(model, lr=cfg.lr, backbone_lr_scale=cfg.backbone_lr, weight_decay=cfg.weight_decay))
+    opt = make_optimizer(model, cfg)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
-    crit = torch.nn.CrossEntropyLoss(weight=class_weights(class_counts, cfg.class_weighting) if cfg.class_weighting != "none" else None, label_smoothing=cfg.label_smoothing)
+    crit = make_criterion(cfg, class_counts)
     gen = torch.Generator().manual_seed(rank)
     pixels, labels = pixels[rank::world], labels[rank::world]
     rates = []

@@ -16,13 +16,7 @@ from braintumor_ray import MRIPreprocess, create_model, export_model_package, ma
 from braintumor_ray.ingest import IngestConfig, run_ingest
 from braintumor_ray.score import ScoreConfig, run_scoring
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from _net import free_port
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +26,7 @@ def cluster(tmp_path_factory):
 
     # The head runs the driver only (as on a real cluster); workers have one CPU each.
     # A free dashboard port: the default 8265 may belong to another Ray on the machine.
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": _free_port()})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port()})
     workers = [c.add_node(num_cpus=1) for _ in range(3)]
     ray.init(address=c.address, log_to_driver=False)
     c.wait_for_nodes()

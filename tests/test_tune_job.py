@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,17 +15,13 @@ import time
 
 import pytest
 
+from _net import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = os.path.join(ROOT, "jobs", "tune.py")
 BIN = os.path.dirname(sys.executable)
 
 pytestmark = pytest.mark.timeout(900)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(home) -> dict[str, str]:
@@ -70,7 +65,7 @@ def ray_head(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert gen.returncode == 0 and (home / ".ray" / "auth_token").exists(), gen.stdout + gen.stderr
     env["RAY_AUTH_MODE"] = "token"
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     # Short: Ray's socket paths live under it and must stay under 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
     log = open(tmp_path / "head.log", "w")

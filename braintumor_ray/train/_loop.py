@@ -40,6 +40,17 @@ def class_weights(counts: list[int], mode: str = "inverse") -> torch.Tensor:
     return w / w[c > 0].mean()
 
 
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the model's parameter groups: the head at ``cfg.lr``, the backbone scaled."""
+    return torch.optim.AdamW(param_groups(model, lr=cfg.lr, backbone_lr_scale=cfg.backbone_lr, weight_decay=cfg.weight_decay))
+
+
+def make_criterion(cfg: TrainConfig, class_counts: list[int], device: torch.device | None = None) -> nn.Module:
+    """Cross-entropy with ``cfg``'s label smoothing and class weighting (from the training counts)."""
+    weights = None if cfg.class_weighting == "none" else class_weights(class_counts, cfg.class_weighting).to(device)
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+
+
 def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
     """Linear warm-up from ~0 to 1, then cosine down to ``min_ratio``."""
 
@@ -257,9 +268,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     def prepare(pixels: torch.Tensor) -> torch.Tensor:
         return prepare_input(pixels, mean=mean, std=std, channels_last=cfg.use_channels_last)
 
-    optimizer = torch.optim.AdamW(
-        param_groups(model, lr=cfg.lr, backbone_lr_scale=cfg.backbone_lr, weight_decay=cfg.weight_decay)
-    )
+    optimizer = make_optimizer(model, cfg)
     per_worker = n_train // world  # streaming_split(equal=True) gives each worker this many rows
     batches_per_epoch = max(1, math.ceil(per_worker / cfg.batch_size))
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.grad_accum_steps))
@@ -269,8 +278,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     )
     amp = cfg.use_amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if amp else None
-    weights = None if cfg.class_weighting == "none" else class_weights(class_counts, cfg.class_weighting).to(device)
-    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+    criterion = make_criterion(cfg, class_counts, device)
 
     state: dict[str, Any] = {
         "epoch": 0,
