@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from braintumor_ray.models import create_model, data_config, prepare_input  # noqa: E402
 from braintumor_ray.train import TrainConfig, TrainData, build_trainer, load_train_data, train_one_epoch  # noqa: E402
-from braintumor_ray.train._loop import make_criterion, make_optimizer  # noqa: E402
+from braintumor_ray.train import make_criterion, make_optimizer  # noqa: E402
 
 
 def plain_loop(cfg: TrainConfig, pixels: np.ndarray, labels: np.ndarray, class_counts, epochs: int, *, rank: int = 0, world: int = 1) -> list[float]:

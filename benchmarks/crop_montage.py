@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from braintumor_ray import MRIPreprocess
-from braintumor_ray.transforms import decode_image, find_head_box, to_gray_u8
+from braintumor_ray.imaging import decode_image, find_head_box, to_gray_u8
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TILE = 200

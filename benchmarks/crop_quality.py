@@ -18,7 +18,7 @@ import time
 import numpy as np
 from scipy import ndimage
 
-from braintumor_ray.transforms import MRIPreprocess, decode_image, find_head_box, to_gray_u8
+from braintumor_ray.imaging import MRIPreprocess, decode_image, find_head_box, to_gray_u8
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

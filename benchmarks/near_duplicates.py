@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from braintumor_ray import MRIPreprocess
-from braintumor_ray._hashing import phash, sha256_hex
+from braintumor_ray.imaging import phash, sha256_hex
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRE = MRIPreprocess()

@@ -4,10 +4,8 @@ Stages: ``braintumor_ray.ingest`` (MRI folders -> preprocessed Parquet), ``brain
 (timm backbones, offline weights, model packages). Jobs in ``jobs/`` drive them.
 """
 
-from ._errors import BraintumorError, ConfigError, InputError, StorageError
-from ._labels import CLASS_NAMES, canonical_label
-from ._sample import make_sample_dataset
-from .transforms import MRIPreprocess
+from .core import CLASS_NAMES, BraintumorError, ConfigError, InputError, StorageError, canonical_label
+from .imaging import MRIPreprocess, make_sample_dataset
 
 # torch and timm take seconds to import; the ingest's Ray workers never need them.
 _LAZY = {

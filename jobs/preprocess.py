@@ -13,8 +13,8 @@ import os
 import sys
 
 from braintumor_ray import MRIPreprocess, make_sample_dataset
-from braintumor_ray._jobs import DEMO_DIR, join_ray, run_job
-from braintumor_ray._medical import SeriesSelector, add_selector_args
+from braintumor_ray.cli import DEMO_DIR, join_ray, run_job
+from braintumor_ray.imaging import SeriesSelector, add_selector_args
 from braintumor_ray.ingest import IngestConfig, format_summary, run_ingest
 
 

@@ -13,8 +13,8 @@ import argparse
 import os
 import sys
 
-from braintumor_ray._jobs import join_ray, run_job
-from braintumor_ray._medical import SeriesSelector, add_selector_args
+from braintumor_ray.cli import join_ray, run_job
+from braintumor_ray.imaging import SeriesSelector, add_selector_args
 from braintumor_ray.score import ScoreConfig, format_summary, run_scoring
 
 

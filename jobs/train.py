@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from braintumor_ray._jobs import DEMO_DIR, demo_data, join_ray, run_job
+from braintumor_ray.cli import DEMO_DIR, demo_data, join_ray, run_job
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from braintumor_ray._sample import render_mri
+from braintumor_ray.imaging import render_mri
 
 
 def jpeg_bytes(pixels: np.ndarray, quality: int = 92) -> bytes:

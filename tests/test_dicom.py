@@ -19,12 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from braintumor_ray import ConfigError, MRIPreprocess, make_sample_dataset
-from braintumor_ray._medical import SeriesSelector, percentile_window, read_medical, sniff_kind, voi_window
-from braintumor_ray._sample import render_mri
-from braintumor_ray._series import SERIES_FILE, series_location, top_slice
+from braintumor_ray.imaging import SeriesSelector, percentile_window, read_medical, sniff_kind, voi_window
+from braintumor_ray.imaging import render_mri
+from braintumor_ray.score import SERIES_FILE, series_location, top_slice
 from braintumor_ray.ingest import IngestConfig, run_ingest
 from braintumor_ray.score import PROB_PREFIX, ScoreConfig, run_scoring
-from braintumor_ray.storage import resolve
+from braintumor_ray.core import resolve
 
 from _images import jpeg_bytes
 

@@ -161,12 +161,12 @@ def test_s3_in_and_out(ray_session, package, s3_endpoint, s3_bucket, tmp_path):
 
 
 def test_run_cut_off_while_committing_is_finished_by_the_next(ray_session, package, tmp_path, monkeypatch):
-    from braintumor_ray import storage
+    from braintumor_ray.core import Location
 
     archive = str(tmp_path / "archive")
     files = make_archive(archive, seed=11, n=2)
     out = str(tmp_path / "preds")
-    real_move, moves = storage.Location.move_to, []
+    real_move, moves = Location.move_to, []
 
     def move_then_die(self, other):
         if moves:
@@ -174,10 +174,10 @@ def test_run_cut_off_while_committing_is_finished_by_the_next(ray_session, packa
         moves.append(other.path)
         real_move(self, other)
 
-    monkeypatch.setattr(storage.Location, "move_to", move_then_die)
+    monkeypatch.setattr(Location, "move_to", move_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_scoring(ScoreConfig(model=package, input=archive, output=out, batch_size=2))
-    monkeypatch.setattr(storage.Location, "move_to", real_move)
+    monkeypatch.setattr(Location, "move_to", real_move)
     partial = _rows(out)
     assert 0 < len(partial) < len(files), "the cut must fall between two committed files"
     summary = run_scoring(ScoreConfig(model=package, input=archive, output=out))

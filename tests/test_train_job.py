@@ -81,7 +81,7 @@ def test_metrics_against_hand_counts():
 def test_augment_keeps_uint8_and_black_background():
     import torch
 
-    from braintumor_ray.augment import TrainAugment
+    from braintumor_ray.imaging import TrainAugment
 
     x = torch.zeros((3, 32, 32), dtype=torch.uint8)
     x[:, 8:24, 8:24] = 200

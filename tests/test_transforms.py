@@ -5,9 +5,9 @@ import pytest
 from PIL import Image
 
 from braintumor_ray import ConfigError, MRIPreprocess
-from braintumor_ray._errors import ImageDecodeError
-from braintumor_ray._labels import canonical_label
-from braintumor_ray.transforms import find_head_box, to_gray_u8
+from braintumor_ray.core import ImageDecodeError
+from braintumor_ray.core import canonical_label
+from braintumor_ray.imaging import find_head_box, to_gray_u8
 
 from _images import bad_files, head, jpeg_bytes, odd_but_valid
 

@@ -17,12 +17,14 @@ from ._factory import (
     param_groups,
 )
 from ._lite0 import CACHE_ENV, convert_lukemelas_lite0, lite0_offline_weights
-from ._package import ModelPackage, export_model_package, load_model_package, prepare_input
+from ._package import PACKAGE_JSON, WEIGHTS_FILE, ModelPackage, export_model_package, load_model_package, prepare_input
 from ._weights import load_state_dict_into, read_weights
 
 __all__ = [
     "CACHE_ENV",
+    "PACKAGE_JSON",
     "PRESETS",
+    "WEIGHTS_FILE",
     "ModelPackage",
     "Transfer",
     "apply_transfer",

@@ -10,8 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from .._errors import ConfigError
-from .._labels import CLASS_NAMES
+from ..core import CLASS_NAMES, ConfigError
 from . import _weights
 from ._lite0 import lite0_offline_weights
 

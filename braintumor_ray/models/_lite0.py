@@ -19,7 +19,7 @@ import re
 
 import torch
 
-from .._errors import ConfigError
+from ..core import ConfigError
 
 logger = logging.getLogger(__name__)
 

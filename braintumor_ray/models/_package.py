@@ -20,10 +20,8 @@ import timm
 import torch
 from torch import nn
 
-from .._errors import ConfigError, InputError
-from .._labels import CLASS_NAMES
-from ..storage import resolve
-from ..transforms import MRIPreprocess
+from ..core import CLASS_NAMES, ConfigError, InputError, resolve
+from ..imaging import MRIPreprocess
 from ._factory import data_config
 
 logger = logging.getLogger(__name__)

@@ -21,8 +21,7 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
-from .._errors import ConfigError
-from ..storage import resolve
+from ..core import ConfigError, resolve
 
 logger = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ trainer (Ray Tune launches it inside its trial function); ``run_training`` also 
 ``metrics.json``, the plots and the model package under ``storage/name``.
 """
 
-from ..augment import TrainAugment
+from ..imaging import TrainAugment
 from ._config import TrainConfig
 from ._data import TrainData, decode_batch, load_train_data
-from ._loop import class_weights, evaluate, lr_lambda, train_loop_per_worker, train_one_epoch
+from ._loop import class_weights, evaluate, lr_lambda, make_criterion, make_optimizer, train_loop_per_worker, train_one_epoch
 from ._metrics import classification_metrics, confusion_matrix, roc_auc
 from ._run import (
     METRICS_FILE,
@@ -24,6 +24,7 @@ from ._run import (
     format_table,
     run_location,
     run_training,
+    start_run,
     write_plots,
 )
 
@@ -46,9 +47,12 @@ __all__ = [
     "format_table",
     "load_train_data",
     "lr_lambda",
+    "make_criterion",
+    "make_optimizer",
     "roc_auc",
     "run_location",
     "run_training",
+    "start_run",
     "train_loop_per_worker",
     "train_one_epoch",
     "write_plots",

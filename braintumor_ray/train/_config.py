@@ -3,91 +3,99 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Mapping, get_args
 
-from .._errors import ConfigError
-from ..augment import TrainAugment
+from ..core import Config, ConfigError, setting
+from ..imaging import TrainAugment
 from ..models import Transfer
 
 
-CLASS_WEIGHTING = ("sqrt", "inverse", "none")
+ClassWeighting = Literal["sqrt", "inverse", "none"]
+CLASS_WEIGHTING = get_args(ClassWeighting)
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class TrainConfig(Config):
     """Everything one training run needs; ``TrainConfig.from_dict(cfg.to_dict()) == cfg``.
 
-    Data and storage:
-        data: output folder of ``jobs/preprocess.py`` (local or ``s3://``); None only for callers
-            that generate a sample first (the job does).
-        storage: where runs live (local or ``s3://``); the run is ``storage/name``.
-        name: run name; checkpoints, ``metrics.json``, plots and ``model/`` go under it.
-        s3_endpoint_url: S3-compatible endpoint for data and storage.
-    Model:
-        model: timm name or preset; pretrained / weights / weights_sha256 as in ``create_model``.
-        transfer: ``feature``, ``full`` or ``last-N`` (head + the last N backbone stages train);
-            None (default) = ``last-3`` on pretrained weights, ``full`` from random init.
-        drop_rate: dropout before the classifier.
-    Optimisation (AdamW; the schedule steps per optimizer step):
-        epochs, batch_size (per worker), lr (head), backbone_lr_scale (backbone lr = lr x this;
-        None = 0.1 on pretrained weights, 1 from random init),
-        weight_decay, warmup_epochs (linear warm-up, then cosine to lr x min_lr_ratio),
-        label_smoothing, class_weighting (loss weights from class counts: ``sqrt`` = 1/sqrt(count),
-        ``inverse`` = 1/count, ``none``),
-        grad_accum_steps (micro-batches per optimizer step), early_stop_patience (epochs without
-        a better validation macro-F1 before stopping; 0 = never stop early).
-    Augmentation: augment (a TrainAugment preset) times augment_strength (0 = off).
-    Ray Train: num_workers, cpus_per_worker, use_gpu (NCCL + AMP), gpus_per_worker (a fraction
-        packs several small runs on one GPU, as Tune trials do), amp (None = on with GPU),
-        channels_last (None = on without GPU), num_to_keep checkpoints, max_failures.
-    seed: model init, data order, augmentation.
-    inject_failure: test hook only: ``{"marker": path, "epoch": 2, "rank": 1, "step": 1}`` makes that
-        rank raise once at that step (the marker file records that it did).
+    Each field's help below is the one description of that setting: ``jobs/train.py --help``
+    and ``docs/configuration.md`` are generated from it.
     """
 
-    data: str | None = None
-    storage: str = "runs"
-    name: str = "train"
-    s3_endpoint_url: str | None = None
+    # Data and storage
+    data: str | None = setting(None, help="output of jobs/preprocess.py, local or s3:// (the job: default a generated "
+                               "sample, preprocessed into ./demo)")
+    storage: str = setting("runs", help="runs folder, local or s3://; the run is storage/name")
+    name: str = setting("train", help="run name: checkpoints, metrics.json, plots and model/ go under it "
+                        "(the job: default train-<UTC date-time>)")
+    s3_endpoint_url: str | None = setting(None, help="S3-compatible endpoint for data and storage", env="AWS_ENDPOINT_URL")
 
-    model: str = "tf_efficientnet_lite0"
-    pretrained: bool = True
-    weights: str | None = None
-    weights_sha256: str | None = None
-    transfer: str | None = None
-    drop_rate: float = 0.3
+    # Model
+    model: str = setting("tf_efficientnet_lite0", help="timm name or preset")
+    pretrained: bool = setting(True, help="start from pretrained weights (--no-pretrained: random init)")
+    weights: str | None = setting(None, help="backbone weights file, local or s3:// (safetensors or state dict)")
+    weights_sha256: str | None = setting(None, help="expected sha256 of weights")
+    transfer: str | None = setting(None, help="feature, full or last-N: head + the last N backbone stages train "
+                                   "(none: last-3 on pretrained weights, full from random init)")
+    drop_rate: float = setting(0.3, help="dropout before the classifier", aliases=("--dropout",))
 
-    epochs: int = 8
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    lr: float = 1e-3
-    backbone_lr_scale: float | None = None
-    weight_decay: float = 0.01
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.01
-    label_smoothing: float = 0.1
+    # Optimisation (AdamW; the schedule steps per optimizer step)
+    epochs: int = setting(8, help="training epochs")
+    batch_size: int = setting(32, help="images per worker and step")
+    eval_batch_size: int = setting(64, help="images per worker and step when evaluating")
+    lr: float = setting(1e-3, help="head learning rate")
+    backbone_lr_scale: float | None = setting(None, help="backbone lr = lr x this (none: 0.1 on pretrained weights, "
+                                              "1 from random init)")
+    weight_decay: float = setting(0.01, help="AdamW weight decay")
+    warmup_epochs: float = setting(1.0, help="linear warm-up, then cosine")
+    min_lr_ratio: float = setting(0.01, help="the cosine ends at lr x this")
+    label_smoothing: float = setting(0.1, help="label smoothing of the loss")
     # Off by default, measured: on the real data 1/count (no_tumor 2.6x) gave 77.9% test accuracy,
     # 1/sqrt(count) 76.9%, none 81.0% (docs/benchmarks.md). The 2.7:1 imbalance is mild, and the
     # weights pull the official Testing split's out-of-source gliomas into no_tumor.
-    class_weighting: str = "none"
-    grad_accum_steps: int = 1
-    early_stop_patience: int = 4
+    class_weighting: ClassWeighting = setting("none", help="loss weights from class counts: sqrt = 1/sqrt(n), "
+                                              "inverse = 1/n, none")
+    grad_accum_steps: int = setting(1, help="micro-batches per optimizer step, for batches that do not fit")
+    early_stop_patience: int = setting(4, help="epochs without a better validation macro-F1 before stopping "
+                                       "(0: never stop early)")
 
-    augment: TrainAugment = field(default_factory=TrainAugment)
-    augment_strength: float = 1.0
+    # Augmentation
+    augment: TrainAugment = setting(default_factory=TrainAugment, help="the augmentation at strength 1")
+    augment_strength: float = setting(1.0, help="scales rotation/shift/zoom/brightness/contrast (0: off)")
 
-    num_workers: int = 2
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
-    gpus_per_worker: float = 1.0
-    amp: bool | None = None
-    channels_last: bool | None = None
-    num_to_keep: int = 2
-    max_failures: int = 2
-    seed: int = 0
+    # Ray Train
+    num_workers: int = setting(2, help="Ray Train workers (DDP)")
+    cpus_per_worker: float = setting(1.0, help="CPUs of each worker")
+    use_gpu: bool = setting(False, help="one GPU per worker, NCCL, mixed precision")
+    gpus_per_worker: float = setting(1.0, help="GPU share of each worker; a fraction packs small runs on one GPU "
+                                     "(as Tune trials do)")
+    amp: bool | None = setting(None, help="mixed precision (none: on with GPUs)")
+    channels_last: bool | None = setting(None, help="NHWC memory format (none: on without GPUs, ~3x faster "
+                                         "Lite0 training on CPUs)")
+    num_to_keep: int = setting(2, help="checkpoints kept, best by validation macro-F1")
+    max_failures: int = setting(2, help="worker failures to recover from (-1: retry forever)")
+    seed: int = setting(0, help="model init, data order, augmentation")
 
-    inject_failure: dict[str, Any] | None = None
+    inject_failure: dict[str, Any] | None = setting(None, help="test hook", cli=False)
+
+    SMOKE: ClassVar[Mapping[str, Any]] = dict(
+        model="resnet10t",
+        pretrained=False,
+        transfer="full",
+        epochs=3,
+        batch_size=8,
+        eval_batch_size=64,
+        lr=3e-3,
+        backbone_lr_scale=1.0,
+        warmup_epochs=0.5,
+        drop_rate=0.0,
+        label_smoothing=0.0,
+        early_stop_patience=0,
+        augment=dict(rotate=5, shift=0.05, zoom=0.05, flip=0.5, brightness=0.1, contrast=0.1),
+        num_workers=1,
+        num_to_keep=1,
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.class_weighting, bool):  # older configs and checkpoints
@@ -158,42 +166,3 @@ class TrainConfig:
     @property
     def train_augment(self) -> TrainAugment:
         return self.augment.scaled(self.augment_strength)
-
-    def replace(self, **changes: Any) -> "TrainConfig":
-        return replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["augment"] = self.augment.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown training settings: {', '.join(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def smoke_test(cls, **changes: Any) -> "TrainConfig":
-        """Tiny and fast: a small random-init model, 3 epochs; for tests, Tune smoke runs, CI."""
-        base = dict(
-            model="resnet10t",
-            pretrained=False,
-            transfer="full",
-            epochs=3,
-            batch_size=8,
-            eval_batch_size=64,
-            lr=3e-3,
-            backbone_lr_scale=1.0,
-            warmup_epochs=0.5,
-            drop_rate=0.0,
-            label_smoothing=0.0,
-            early_stop_patience=0,
-            augment=TrainAugment(rotate=5, shift=0.05, zoom=0.05, flip=0.5, brightness=0.1, contrast=0.1),
-            num_workers=1,
-            num_to_keep=1,
-        )
-        base.update(changes)
-        return cls(**base)

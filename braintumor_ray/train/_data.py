@@ -11,9 +11,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .._errors import InputError, StorageError
-from .._labels import CLASS_NAMES
-from ..storage import Location, resolve
+from ..core import CLASS_NAMES, InputError, Location, StorageError, resolve
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._labels import CLASS_NAMES
-from ..augment import TrainAugment
+from ..core import CLASS_NAMES
+from ..imaging import TrainAugment
 from ..models import count_parameters, create_model, data_config, param_groups, prepare_input
 from ._config import TrainConfig
 from ._metrics import classification_metrics

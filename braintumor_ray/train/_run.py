@@ -17,10 +17,8 @@ from typing import Any
 
 import torch
 
-from .._errors import BraintumorError, ConfigError, InputError
-from .._labels import CLASS_NAMES
-from ..storage import Location, resolve
-from ..transforms import MRIPreprocess
+from ..core import CLASS_NAMES, BraintumorError, ConfigError, InputError, Location, resolve
+from ..imaging import MRIPreprocess
 from ._config import TrainConfig
 from ._data import TrainData, load_train_data, read_report
 from ._loop import STATE_FILE, train_loop_per_worker

@@ -8,7 +8,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .._errors import ConfigError
+from ..core import ConfigError
 from ..models import Transfer
 from ..train import TrainConfig
 
@@ -252,7 +252,7 @@ def load_yaml(uri: str, *, s3_endpoint_url: str | None = None) -> dict[str, Any]
     """A search YAML: search-setting keys (models, num_samples, ...), ``space:`` and ``fixed:``."""
     import yaml
 
-    from ..storage import resolve
+    from ..core import resolve
 
     loc = resolve(uri, s3_endpoint_url=s3_endpoint_url)
     try:

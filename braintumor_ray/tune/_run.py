@@ -18,8 +18,8 @@ import math
 import time
 from typing import Any
 
-from .._errors import BraintumorError, ConfigError
-from ..storage import Location, resolve
+from ..core import BraintumorError, ConfigError
+from ..core import Location, resolve
 from ..train import TrainConfig, TrainData
 from ._config import SEARCHABLE, SearchConfig, to_tune_space
 
@@ -123,7 +123,7 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> dict[str, Any]:
     from ray.tune.search import BasicVariantGenerator
 
     from ..train import load_train_data
-    from ..train._run import start_run
+    from ..train import start_run
 
     t0 = time.time()
     root = search_location(cfg)
@@ -316,7 +316,7 @@ def plot_trials(results, root: Location, cfg: SearchConfig) -> str:
 def export_best(rows: list[dict[str, Any]], results, cfg: SearchConfig, data: TrainData, root: Location) -> dict[str, Any]:
     """The best trial's best epoch, evaluated on val/test here and exported to ``best_model/``."""
     from ..train import best_model, evaluate_model, export_package
-    from ..transforms import MRIPreprocess
+    from ..imaging import MRIPreprocess
 
     best_row = rows[0]
     result = next(r for r in results if _trial_id(r) == best_row["trial"])

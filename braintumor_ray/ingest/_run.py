@@ -30,12 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._errors import ConfigError, InputError, StorageError
-from ._hashing import group_duplicates, phash, sha256_hex
-from ._labels import CLASS_NAMES, canonical_label, canonical_split
-from ._medical import DICOM_SUFFIXES, NIFTI_SUFFIXES, SeriesSelector, sniff_kind
-from .storage import Location, resolve
-from .transforms import MRIPreprocess
+from ._config import IngestConfig
+from ..core import CLASS_NAMES, ConfigError, InputError, Location, StorageError, canonical_label, canonical_split, resolve
+from ..imaging import DICOM_SUFFIXES, NIFTI_SUFFIXES, MRIPreprocess, SeriesSelector, group_duplicates, phash, sha256_hex, sniff_kind
 
 logger = logging.getLogger(__name__)
 
@@ -77,51 +74,6 @@ _DECODED_SCHEMA = pa.schema(
     ]
 )
 _SLICE_NAMES = ("sop_instance_uid", "series_instance_uid", "study_instance_uid", "instance_number", "slice_index")
-
-
-@dataclass(kw_only=True)
-class IngestConfig:
-    """What to read, where to write, and how.
-
-    Args:
-        input: folder of ``<split>/<class>/<image>`` or ``<class>/<image>``; local or ``s3://``.
-        output: folder for the Parquet shards and ``report.json``; local or ``s3://``.
-        preprocess: crop and resize settings, shared with training and scoring.
-        val_fraction: share of each class's training groups moved to the validation split.
-        seed: seed of the validation split.
-        near_dup_distance: largest pHash Hamming distance (bits of 64) that counts as a near
-            duplicate; -1 turns near-duplicate matching off. 2 catches re-encoded copies and
-            neighbouring slices of one scan in the real data; at 4, different patients match.
-        s3_endpoint_url: endpoint of an S3-compatible store (else ``AWS_ENDPOINT_URL`` or AWS).
-        overwrite: replace a non-empty ``output`` instead of refusing.
-        images_per_block: images per Ray Data block: the unit of parallel work, and the most
-            rows one Parquet file holds.
-        select: which DICOM series and NIfTI volumes to use (modality, series description,
-            orientation); the files it leaves out are counted in the report, not errors.
-    """
-
-    input: str
-    output: str
-    preprocess: MRIPreprocess = field(default_factory=MRIPreprocess)
-    val_fraction: float = 0.15
-    seed: int = 0
-    near_dup_distance: int = 2
-    s3_endpoint_url: str | None = None
-    overwrite: bool = False
-    images_per_block: int = 128
-    select: SeriesSelector = field(default_factory=SeriesSelector)
-
-    def __post_init__(self) -> None:
-        if not self.input or not self.output:
-            raise ConfigError("input and output are both required: give a local path or s3://bucket/prefix")
-        if not 0.0 <= self.val_fraction < 0.9:
-            raise ConfigError(f"val_fraction={self.val_fraction} is out of range: use 0 <= val_fraction < 0.9")
-        if not -1 <= self.near_dup_distance <= 32:
-            raise ConfigError(f"near_dup_distance={self.near_dup_distance} is out of range: use -1..32 bits")
-        if self.images_per_block < 1:
-            raise ConfigError(f"images_per_block={self.images_per_block} must be at least 1")
-        if not isinstance(self.select, SeriesSelector):
-            raise ConfigError(f"select must be a SeriesSelector, not {type(self.select).__name__}")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ Parquet files only, and a run killed at any point is finished or redone by the n
 
 DICOM files and NIfTI volumes are scored slice by slice (one row per slice, with its UIDs);
 after each run the per-series table beside the output is rebuilt from every committed row
-(:mod:`braintumor_ray._series`).
+(:mod:`braintumor_ray.score._series`).
 
 Output layout::
 
@@ -32,12 +32,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ._errors import ConfigError, InputError
-from ._hashing import sha256_hex
-from ._medical import SeriesSelector
+from ..core import ConfigError, InputError, Location, resolve
+from ..imaging import MRIPreprocess, SeriesSelector, sha256_hex
+from ._config import ScoreConfig
 from ._series import update_series_table
-from .storage import Location, resolve
-from .transforms import MRIPreprocess
 
 logger = logging.getLogger(__name__)
 
@@ -46,45 +44,6 @@ STAGING_SUFFIX = "._staging"
 DONE_MARKER = "_SUCCESS"
 # Decoding is a few ms an image against tens for the model: two decode tasks share a CPU.
 DECODE_CPUS = 0.5
-
-
-@dataclass(kw_only=True)
-class ScoreConfig:
-    """What to score with which model, and where the predictions go.
-
-    Args:
-        model: an exported model package folder (local or ``s3://``).
-        input: a folder or prefix of image files, any depth, any names.
-        output: the predictions' Parquet folder; rows of earlier runs stay and are not redone.
-        batch_size: images per model call.
-        concurrency: model replicas (actors). Default: one per GPU with ``use_gpu``, else half
-            the cluster's CPUs (the other half decodes), at least one.
-        use_gpu: one GPU per replica; decoding stays on CPUs and overlaps with inference.
-        s3_endpoint_url: endpoint of an S3-compatible store.
-        select: which DICOM series and NIfTI volumes to score (modality, series description,
-            orientation); files it leaves out get a ``skipped`` row. Plain images are all scored.
-    """
-
-    model: str
-    input: str
-    output: str
-    batch_size: int = 32
-    concurrency: int | None = None
-    use_gpu: bool = False
-    s3_endpoint_url: str | None = None
-    select: SeriesSelector = field(default_factory=SeriesSelector)
-
-    def __post_init__(self) -> None:
-        if not (self.model and self.input and self.output):
-            raise ConfigError("model, input and output are all required")
-        if not 1 <= self.batch_size <= 4096:
-            raise ConfigError(f"batch_size={self.batch_size} is out of range: use 1..4096")
-        if self.concurrency is not None and self.concurrency < 1:
-            raise ConfigError(f"concurrency={self.concurrency} must be at least 1")
-        if self.output.rstrip("/") == self.input.rstrip("/"):
-            raise ConfigError("output must not be the input folder: predictions would be scored as images")
-        if not isinstance(self.select, SeriesSelector):
-            raise ConfigError(f"select must be a SeriesSelector, not {type(self.select).__name__}")
 
 
 def output_schema(class_names: list[str]) -> pa.Schema:
@@ -160,7 +119,7 @@ class Predictor:
     ):
         import torch
 
-        from .models import load_model_package
+        from ..models import load_model_package
 
         self.device = torch.device("cuda" if use_gpu else "cpu")
         # NHWC is what depthwise-conv backbones run fastest in on CPU.
@@ -267,7 +226,7 @@ def _prior_rows(dst: Location) -> pa.Table:
 
 
 def read_package_meta(model_uri: str, s3_endpoint_url: str | None) -> dict:
-    from .models._package import PACKAGE_JSON
+    from ..models import PACKAGE_JSON
 
     loc = resolve(model_uri, s3_endpoint_url=s3_endpoint_url)
     try:

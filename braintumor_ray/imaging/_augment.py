@@ -12,17 +12,17 @@ calls; evaluation and scoring never augment.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ._errors import ConfigError
+from ..core import Config, ConfigError, setting
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainAugment:
+class TrainAugment(Config):
     """Random affine + flip + brightness/contrast, per image, on a batch.
 
     Args:
@@ -37,12 +37,12 @@ class TrainAugment:
     scans' black background.
     """
 
-    rotate: float = 15.0
-    shift: float = 0.1
-    zoom: float = 0.1
-    flip: float = 0.5
-    brightness: float = 0.2
-    contrast: float = 0.2
+    rotate: float = setting(15.0, help="largest rotation, degrees (uniform in +-rotate)")
+    shift: float = setting(0.1, help="largest translation, fraction of the side (each axis)")
+    zoom: float = setting(0.1, help="largest scale change, fraction (uniform in 1 +- zoom)")
+    flip: float = setting(0.5, help="probability of a left-right flip; brains are near-symmetric")
+    brightness: float = setting(0.2, help="largest brightness factor change (x * (1 +- brightness))")
+    contrast: float = setting(0.2, help="largest gamma change (gamma in 1 +- contrast)")
 
     def __post_init__(self) -> None:
         checks = {
@@ -80,14 +80,6 @@ class TrainAugment:
     @property
     def is_identity(self) -> bool:
         return all(getattr(self, f.name) == 0 for f in fields(self))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainAugment":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
     def __call__(self, pixels: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """(N, H, W) uint8 -> (N, H, W) uint8, each image with its own random draw."""

@@ -1,6 +1,6 @@
 """DICOM files and NIfTI volumes -> 8-bit greyscale slices, the one place that knows how.
 
-:class:`~braintumor_ray.transforms.MRIPreprocess` calls :func:`read_medical` for every file
+:class:`~braintumor_ray.imaging.MRIPreprocess` calls :func:`read_medical` for every file
 that :func:`sniff_kind` does not call a plain image, so the ingest and scoring prepare DICOM
 and NIfTI pixels with this very code, then crop and resize them as they do JPEGs.
 
@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import ConfigError, ImageDecodeError
+from ..core import Config, ConfigError, ImageDecodeError, setting
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class NotSelected(Exception):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SeriesSelector:
+class SeriesSelector(Config):
     """Which DICOM series and NIfTI volumes to use, in the spirit of MONAI Deploy's selector.
 
     Args:
@@ -124,9 +124,13 @@ class SeriesSelector:
             for NIfTI the plane of the slice axis. Plain images are never filtered.
     """
 
-    modalities: tuple[str, ...] = ()
-    series_description: str | None = None
-    orientations: tuple[str, ...] = ()
+    modalities: tuple[str, ...] = setting((), help="keep DICOM files of these Modality codes, comma-separated "
+                                          "(e.g. MR); none keeps every modality", aliases=("--dicom-modality",))
+    series_description: str | None = setting(None, help="keep DICOM series whose Series Description matches this "
+                                             "regular expression (case-insensitive search)",
+                                             aliases=("--series-description",))
+    orientations: tuple[str, ...] = setting((), help="keep axial, coronal or sagittal DICOM series and NIfTI "
+                                            "volumes, comma-separated", aliases=("--orientation",))
 
     def __post_init__(self) -> None:
         mods = tuple(m.strip().upper() for m in self.modalities)
@@ -146,19 +150,6 @@ class SeriesSelector:
                 re.compile(self.series_description)
             except re.error as e:
                 raise ConfigError(f"series_description {self.series_description!r} is not a valid regular expression: {e}") from None
-
-    @classmethod
-    def from_args(cls, args: Any) -> "SeriesSelector":
-        """From the options :func:`add_selector_args` defines (repeated or comma-separated)."""
-
-        def split(values: list[str] | None) -> tuple[str, ...]:
-            return tuple(v for item in values or [] for v in item.split(",") if v.strip())
-
-        return cls(
-            modalities=split(args.dicom_modality),
-            series_description=args.series_description,
-            orientations=split(args.orientation),
-        )
 
     @property
     def active(self) -> bool:
@@ -196,17 +187,6 @@ class SeriesSelector:
 
 
 ALL = SeriesSelector()
-
-
-def add_selector_args(parser: Any) -> None:
-    """The series selection options, the same for jobs/score.py and jobs/preprocess.py."""
-    g = parser.add_argument_group("series selection (DICOM and NIfTI only; JPEG/PNG files are always used)")
-    g.add_argument("--dicom-modality", action="append", metavar="CODE",
-                   help="keep DICOM files of this Modality, e.g. MR (repeat, or comma-separate: MR,CT)")
-    g.add_argument("--series-description", metavar="REGEX",
-                   help="keep DICOM series whose Series Description matches REGEX (case-insensitive search)")
-    g.add_argument("--orientation", action="append", metavar="PLANE",
-                   help="keep axial, coronal or sagittal DICOM series and NIfTI volumes (repeat, or comma-separate)")
 
 
 def sniff_kind(data: bytes, name: str = "") -> str:

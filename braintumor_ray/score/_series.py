@@ -26,8 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._labels import CLASS_NAMES
-from .storage import Location
+from ..core import CLASS_NAMES, Location
 
 logger = logging.getLogger(__name__)
 

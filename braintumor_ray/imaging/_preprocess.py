@@ -4,7 +4,7 @@
 array: decode safely, convert to one channel, crop the black background around the head,
 resize keeping aspect by padding. The ingest stores its output; scoring calls the very same
 object on raw files, so a model never sees pixels prepared differently from its training data.
-DICOM files and NIfTI volumes become 8-bit grey slices in :mod:`braintumor_ray._medical`,
+DICOM files and NIfTI volumes become 8-bit grey slices in :mod:`braintumor_ray.imaging._medical`,
 then take the same crop and resize (:meth:`MRIPreprocess.slices`).
 """
 
@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
-from ._errors import ConfigError, ImageDecodeError
+from ..core import Config, ConfigError, ImageDecodeError, setting
 from ._medical import NO_INFO, MedicalDecodeError, NotSelected, SeriesSelector, SliceInfo, read_medical, sniff_kind
 
 # PIL's own bomb guard (89 Mpx warning, 179 Mpx error) is global state; ours is per preset
@@ -64,7 +64,7 @@ class FileResult:
 
 
 @dataclass(frozen=True, kw_only=True)
-class MRIPreprocess:
+class MRIPreprocess(Config):
     """Decode, greyscale, crop to the head, pad to a square of ``image_size``.
 
     Args:
@@ -75,10 +75,13 @@ class MRIPreprocess:
         max_pixels: width x height above which a file is refused as a decompression bomb.
     """
 
-    image_size: int = 224
-    threshold: int = 20
-    margin: float = 0.02
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    image_size: int = setting(224, help="side of the square output, pixels", aliases=("--image-size",))
+    threshold: int = setting(20, help="grey level (0-255) above which a blurred pixel counts as head",
+                             aliases=("--crop-threshold",))
+    margin: float = setting(0.02, help="border kept around the head, fraction of the box's longer side",
+                            aliases=("--crop-margin",))
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, help="width x height above which a file is refused as a "
+                              "decompression bomb", aliases=("--max-pixels",))
 
     def __post_init__(self) -> None:
         if not 16 <= self.image_size <= 4096:
@@ -142,14 +145,6 @@ class MRIPreprocess:
             return None, str(e)
         except Exception as e:  # a decoder bug on a strange file is still that file's problem
             return None, f"could not preprocess: {type(e).__name__}: {e}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MRIPreprocess":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str]:

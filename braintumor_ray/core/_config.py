@@ -1,0 +1,317 @@
+"""One declaration per setting: config dataclasses that carry their own help, CLI and YAML form.
+
+A stage's settings are a frozen, keyword-only dataclass that derives from :class:`Config` and
+declares each field once with :func:`setting` (default and help text together). From that one
+declaration come:
+
+- ``to_dict`` / ``from_dict`` (nested configs as mappings; an unknown key is an error that names
+  it and lists the known ones), ``to_yaml`` / ``from_yaml`` (local or ``s3://``);
+- the job's command line (:func:`add_config_args`): one option per field, nested configs as
+  ``--augment.rotate``, the help showing the field's own default;
+- the generated reference in ``docs/configuration.md``.
+
+Validation stays in each class's ``__post_init__``, as in Ray's config dataclasses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import types
+import typing
+from typing import Any, Literal, Mapping, get_args, get_origin
+
+from ._errors import ConfigError
+
+_MISSING = dataclasses.MISSING
+
+
+def setting(
+    default: Any = _MISSING,
+    *,
+    help: str,
+    default_factory: Any = _MISSING,
+    aliases: tuple[str, ...] = (),
+    env: str | None = None,
+    cli: bool = True,
+    metavar: str | None = None,
+) -> Any:
+    """A config field with its help text (the one place a setting is described).
+
+    ``aliases``: extra command-line spellings (kept for options renamed since); ``env``: an
+    environment variable that supplies the default on the command line; ``cli=False`` keeps a
+    field out of the command line (it is still read from ``--config`` YAML).
+    """
+    meta = {"help": help, "aliases": tuple(aliases), "env": env, "cli": cli, "metavar": metavar}
+    if default_factory is not _MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+class Config:
+    """Base of every stage's settings (a frozen keyword-only dataclass).
+
+    Subclasses may set ``SMOKE`` to a mapping of overrides for ``--smoke-test``.
+    """
+
+    SMOKE: typing.ClassVar[Mapping[str, Any]] = {}
+
+    # --- dict / YAML ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            out[f.name] = _plain(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, *, where: str = "") -> Any:
+        """Build from a mapping; nested configs may be mappings; missing keys take defaults."""
+        if d is None:
+            d = {}
+        if isinstance(d, cls):
+            return d
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{where or cls.__name__}: expected a mapping of settings, found {type(d).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            label = f"{where}." if where else ""
+            raise ConfigError(
+                f"unknown {cls.__name__} setting{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(label + k for k in unknown)}: known settings are {', '.join(sorted(known))}"
+            )
+        hints = _hints(cls)
+        kwargs = {}
+        for k, v in d.items():
+            kwargs[k] = _coerce(v, hints[k], where=f"{where}.{k}" if where else k)
+        try:
+            return cls(**kwargs)
+        except TypeError as e:  # a required field is missing
+            raise ConfigError(f"{cls.__name__}: {e}") from e
+
+    def replace(self, **changes: Any) -> Any:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def save_yaml(self, loc: Any) -> None:
+        """Write the effective config (``config.yaml``) to a :class:`Location`."""
+        loc.write_bytes(self.to_yaml().encode())
+
+    @classmethod
+    def from_yaml(cls, uri: str, *, s3_endpoint_url: str | None = None) -> Any:
+        return cls.from_dict(read_yaml(uri, s3_endpoint_url=s3_endpoint_url), where="")
+
+    @classmethod
+    def smoke_test(cls, **changes: Any) -> Any:
+        """The class's smoke-test preset with ``changes`` on top (nested mappings merge)."""
+        return cls.from_dict(deep_merge(_plain(dict(cls.SMOKE)), _plain(changes)))
+
+
+def read_yaml(uri: str, *, s3_endpoint_url: str | None = None) -> dict[str, Any]:
+    """A YAML mapping from a local path or ``s3://`` URI."""
+    import yaml
+
+    from ._storage import resolve
+
+    loc = resolve(uri, s3_endpoint_url=s3_endpoint_url)
+    try:
+        d = yaml.safe_load(loc.read_bytes()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{uri} is not valid YAML: {e}. Fix the file (a mapping of setting: value)") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"{uri}: expected a mapping of setting: value, found {type(d).__name__}")
+    return d
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``; mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# --- command line ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CliOption:
+    """One generated command-line option: the dotted config key it sets and how it parses."""
+
+    key: str  # "augment.rotate"
+    flags: tuple[str, ...]  # ("--augment.rotate",)
+    help: str
+    default: Any
+    kind: str  # "bool", "int", "float", "str", "list", "mapping", "choice"
+    choices: tuple[Any, ...] = ()
+    env: str | None = None
+
+
+def cli_options(cls: type, prefix: str = "") -> list[CliOption]:
+    """The options a config class contributes to its job's command line, nested ones flattened."""
+    out: list[CliOption] = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        tp = _strip_optional(hints[f.name])
+        key = f"{prefix}{f.name}"
+        if isinstance(tp, type) and issubclass(tp, Config):
+            out.extend(cli_options(tp, prefix=key + "."))
+            continue
+        flag = "--" + key.replace("_", "-")
+        flags = (flag, *meta.get("aliases", ()))
+        default = _field_default(f)
+        kind, choices = _kind(tp)
+        out.append(CliOption(key=key, flags=flags, help=meta.get("help", ""), default=_plain(default), kind=kind,
+                             choices=choices, env=meta.get("env")))
+    return out
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, *, title: str | None = None) -> None:
+    """Add one option per field of ``cls`` (nested configs flattened as ``--outer.inner``).
+
+    Only options given on the command line land in the namespace (``argparse.SUPPRESS``), under
+    their dotted key, so they override ``--config`` YAML and nothing else.
+    """
+    group = parser.add_argument_group(title or f"{cls.__name__} settings")
+    for opt in cli_options(cls):
+        shown = _show_default(opt)
+        help_text = f"{opt.help} (default: {shown})" if opt.help else f"default: {shown}"
+        kw: dict[str, Any] = {"dest": opt.key, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
+        if opt.env and os.environ.get(opt.env):
+            kw["default"] = _parse_value(opt, os.environ[opt.env])
+        if opt.kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = functools.partial(_parse_value, opt)
+            kw["metavar"] = "{" + ",".join(map(str, opt.choices)) + "}" if opt.choices else opt.kind.upper()
+        group.add_argument(*opt.flags, **kw)
+
+
+def given_settings(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The settings given on the command line, as a nested mapping ready for ``from_dict``."""
+    keys = {o.key for o in cli_options(cls)}
+    out: dict[str, Any] = {}
+    for k, v in vars(args).items():
+        if k not in keys:
+            continue
+        node = out
+        *outer, last = k.split(".")
+        for part in outer:
+            node = node.setdefault(part, {})
+        node[last] = v
+    return out
+
+
+def _parse_value(opt: CliOption, text: str) -> Any:
+    try:
+        if opt.kind == "int":
+            return int(text)
+        if opt.kind == "float":
+            return float(text)
+        if opt.kind == "list":
+            return [p.strip() for p in text.split(",") if p.strip()]
+        if opt.kind == "mapping":
+            import yaml
+
+            v = yaml.safe_load(text)
+            if not isinstance(v, dict):
+                raise ValueError("not a mapping")
+            return v
+        if opt.kind == "choice":
+            for c in opt.choices:
+                if str(c) == text:
+                    return c
+            raise ValueError(f"use one of {', '.join(map(str, opt.choices))}")
+        return text
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} for {opt.flags[0]}: {e}") from None
+
+
+def _show_default(opt: CliOption) -> str:
+    d = opt.default
+    if opt.env:
+        return f"${opt.env} or {d}" if d is not None else f"${opt.env}, else none"
+    if d is None:
+        return "none"
+    if isinstance(d, list):
+        return ",".join(map(str, d)) if d else "none"
+    if isinstance(d, dict):
+        return "{}" if not d else ", ".join(f"{k}={v}" for k, v in d.items())
+    return str(d)
+
+
+# --- typing helpers -------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp: Any) -> Any:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _kind(tp: Any) -> tuple[str, tuple[Any, ...]]:
+    if get_origin(tp) is Literal:
+        return "choice", tuple(get_args(tp))
+    if tp is bool:
+        return "bool", ()
+    if tp is int:
+        return "int", ()
+    if tp is float:
+        return "float", ()
+    if tp is str:
+        return "str", ()
+    origin = get_origin(tp)
+    if origin in (tuple, list):
+        return "list", ()
+    if origin in (dict, Mapping) or tp is dict:
+        return "mapping", ()
+    return "str", ()
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not _MISSING:
+        return f.default
+    if f.default_factory is not _MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _coerce(v: Any, tp: Any, *, where: str) -> Any:
+    """YAML/CLI values -> the field's type: nested configs from mappings, tuples from lists."""
+    inner = _strip_optional(tp)
+    if v is None:
+        return None
+    if isinstance(inner, type) and issubclass(inner, Config):
+        return inner.from_dict(v, where=where)
+    if get_origin(inner) is tuple and isinstance(v, (list, tuple)):
+        return tuple(v)
+    if inner is float and isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    return v
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, Config):
+        return v.to_dict()
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    return v

@@ -1,0 +1,20 @@
+"""The scoring stage (``jobs/score.py``): an MRI archive -> one Parquet row per file or slice, incrementally."""
+
+from ._run import PROB_PREFIX, Predictor, ScoreConfig, decode_batch, format_summary, output_schema, recover, run_scoring
+from ._series import SERIES_FILE, series_location, series_table, top_slice, update_series_table
+
+__all__ = [
+    "PROB_PREFIX",
+    "SERIES_FILE",
+    "Predictor",
+    "ScoreConfig",
+    "decode_batch",
+    "format_summary",
+    "output_schema",
+    "recover",
+    "run_scoring",
+    "series_location",
+    "series_table",
+    "top_slice",
+    "update_series_table",
+]
