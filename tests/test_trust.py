@@ -1,0 +1,106 @@
+"""Calibration, out-of-distribution scores and review flags on generated data (no Ray, no model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from braintumor_ray.core import ConfigError
+from braintumor_ray.trust import (
+    LOW_CONFIDENCE,
+    OOD,
+    Trust,
+    TrustConfig,
+    auroc,
+    choose_review_threshold,
+    ece,
+    fit_temperature,
+    fit_trust,
+    make_detector,
+    nll,
+    softmax,
+)
+
+
+def overconfident_task(n=4000, k=4, seed=0, scale=4.0):
+    """Labels drawn from softmax(z); the model reports z x scale: right argmax, far too sure."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 1.2, size=(n, k))
+    p = softmax(z)
+    y = np.array([rng.choice(k, p=row) for row in p])
+    return z * scale, y
+
+
+def test_temperature_scaling_lowers_ece_and_nll_of_an_overconfident_model():
+    logits, y = overconfident_task()
+    t = fit_temperature(logits[:2000], y[:2000])
+    assert 2.5 < t < 6.0, t  # the true scale is 4
+    before, after = softmax(logits[2000:]), softmax(logits[2000:], t)
+    assert ece(after, y[2000:]) < 0.5 * ece(before, y[2000:])
+    assert nll(after, y[2000:]) < nll(before, y[2000:])
+    assert (after.argmax(1) == before.argmax(1)).all()  # no prediction changes
+
+
+def test_a_calibrated_model_keeps_temperature_near_one():
+    logits, y = overconfident_task(scale=1.0, seed=1)
+    assert 0.8 < fit_temperature(logits, y) < 1.25
+
+
+@pytest.mark.parametrize("conf, correct, target, cap, expect", [
+    ([0.9, 0.95, 0.99], [1, 1, 1], 0.98, 0.5, 0.0),          # already accurate: nothing flagged
+    ([0.3, 0.6, 0.9, 0.95], [0, 1, 1, 1], 0.98, 0.5, 0.6),   # drop the one wrong, low row
+    ([0.3, 0.4, 0.9, 0.95], [0, 0, 1, 0], 0.98, 0.25, 0.4),  # target unreachable: the cap decides
+])
+def test_review_threshold_table(conf, correct, target, cap, expect):
+    assert choose_review_threshold(np.array(conf), np.array(correct, bool), target_accuracy=target,
+                                   max_fraction=cap) == pytest.approx(expect)
+
+
+def clustered_features(n_per=200, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, size=(4, d))
+    x = np.concatenate([c + rng.normal(0, 1, size=(n_per, d)) for c in centres])
+    y = np.repeat(np.arange(4), n_per)
+    return x, y, centres
+
+
+@pytest.mark.parametrize("name", ["mahalanobis", "knn"])
+def test_feature_detectors_separate_far_points(name):
+    x, y, _ = clustered_features()
+    det = make_detector(name).fit(x, y)
+    xin, _, _ = clustered_features(n_per=50, seed=0)
+    far = np.random.default_rng(5).normal(0, 1, size=(100, 16)) * 0.5 + 25.0
+    assert auroc(det.score(features=xin), det.score(features=far)) > 0.99
+
+
+def test_fit_trust_flags_ood_and_low_confidence_and_round_trips(tmp_path):
+    x, y, centres = clustered_features()
+    w = centres / np.linalg.norm(centres, axis=1, keepdims=True)
+    logits = x @ w.T
+    trust = fit_trust(TrustConfig(review_target_accuracy=0.999), train_features=x, train_labels=y,
+                      val_logits=logits, val_features=x, val_labels=y)
+    assert trust.report["val_ood_flagged"] == pytest.approx(0.01, abs=0.01)
+    far = np.full((3, 16), 40.0)
+    a = trust.assess(np.concatenate([logits[:5], far @ w.T]), np.concatenate([x[:5], far]))
+    assert a.review_reason[5:] == [OOD] * 3
+    assert np.allclose(a.probs.sum(1), 1)
+    # low confidence: a point halfway between two class centres
+    mid = (centres[0] + centres[1]) / 2
+    b = trust.assess(mid[None] @ w.T, mid[None], review_threshold=0.99)
+    assert b.review_reason[0] in (LOW_CONFIDENCE, OOD)
+    # the package form gives the same answers
+    back = Trust.from_meta(trust.to_meta(), trust.arrays())
+    c = back.assess(np.concatenate([logits[:5], far @ w.T]), np.concatenate([x[:5], far]))
+    assert c.review_reason == a.review_reason and np.allclose(c.ood_score, a.ood_score)
+
+
+def test_unknown_trust_key_in_a_package_is_an_error():
+    with pytest.raises(ConfigError, match="unknown trust settings surprise"):
+        Trust.from_meta({"temperature": 1.0, "surprise": 1}, {})
+
+
+def test_fit_trust_refuses_an_empty_validation_split():
+    x, y, _ = clustered_features(n_per=5)
+    with pytest.raises(ConfigError, match="validation split"):
+        fit_trust(TrustConfig(), train_features=x, train_labels=y, val_logits=np.zeros((1, 4)),
+                  val_features=x[:1], val_labels=y[:1])
