@@ -9,7 +9,10 @@ slice by slice (``read_medical``); :class:`TrainAugment` is the training-time au
 from ._hashing import group_duplicates, phash, sha256_hex
 from ._medical import (
     DICOM_SUFFIXES,
+    HEAD_BODY_PARTS,
     NIFTI_SUFFIXES,
+    NO_GUARD,
+    InputGuard,
     ORIENTATIONS,
     SeriesSelector,
     SliceInfo,
@@ -18,7 +21,7 @@ from ._medical import (
     sniff_kind,
     voi_window,
 )
-from ._preprocess import MRIPreprocess, decode_image, decode_png, encode_png, find_head_box, resize_pad, to_gray_u8
+from ._preprocess import MRIPreprocess, decode_image, decode_png, encode_png, find_head, find_head_box, resize_pad, to_gray_u8
 from ._sample import SampleHead, make_sample_dataset, render_mri
 
 # TrainAugment needs torch (seconds to import); the ingest's Ray workers never do.
@@ -35,6 +38,9 @@ def __getattr__(name: str):
 
 __all__ = [
     "DICOM_SUFFIXES",
+    "HEAD_BODY_PARTS",
+    "NO_GUARD",
+    "InputGuard",
     "NIFTI_SUFFIXES",
     "ORIENTATIONS",
     "MRIPreprocess",
@@ -45,6 +51,7 @@ __all__ = [
     "decode_image",
     "decode_png",
     "encode_png",
+    "find_head",
     "find_head_box",
     "group_duplicates",
     "make_sample_dataset",

@@ -20,7 +20,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
 from ..core import Config, ConfigError, ImageDecodeError, setting
-from ._medical import NO_INFO, MedicalDecodeError, NotSelected, SeriesSelector, SliceInfo, read_medical, sniff_kind
+from ._medical import (
+    NO_GUARD,
+    NO_INFO,
+    InputGuard,
+    MedicalDecodeError,
+    NotSelected,
+    SeriesSelector,
+    SliceInfo,
+    read_medical,
+    sniff_kind,
+)
 
 # PIL's own bomb guard (89 Mpx warning, 179 Mpx error) is global state; ours is per preset
 # and checked before any pixel is decoded.
@@ -42,6 +52,9 @@ class PreprocessedImage:
     orig_mode: str
     crop_box: tuple[int, int, int, int]  # x0, y0, x1, y1 in original pixels, x1/y1 exclusive
     cropped: bool  # False when no head was found and the whole image was kept
+    # Share of the original image that the head covers: slices at the top or bottom of a head
+    # have little, and their vote in a series verdict counts less (score/_series.py).
+    head_fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -104,30 +117,47 @@ class MRIPreprocess(Config):
             raise ImageDecodeError(f"a volume of {len(out)} slices where one image was expected: use MRIPreprocess.slices")
         return out[0].image
 
-    def slices(self, data: bytes, *, name: str = "", select: SeriesSelector | None = None) -> list[PreprocessedSlice]:
+    def slices(
+        self, data: bytes, *, name: str = "", select: SeriesSelector | None = None, guard: InputGuard | None = None
+    ) -> list[PreprocessedSlice]:
         """Every image of one file, preprocessed: one for an image file, one per slice (or frame)
-        for DICOM and NIfTI. Raises ImageDecodeError, or NotSelected when ``select`` leaves the
-        file out."""
+        for DICOM and NIfTI. Raises ImageDecodeError, or NotSelected when ``select`` or ``guard``
+        leaves the file out. ``guard`` (default: none) refuses what the model is not for."""
+        guard = guard or NO_GUARD
         kind = sniff_kind(data, name)
         if kind == "image":
             image, mode = decode_image(data, max_pixels=self.max_pixels)
-            return [PreprocessedSlice(self._finish(to_gray_u8(image), mode), NO_INFO)]
-        greys = read_medical(data, kind, max_pixels=self.max_pixels, select=select)
-        return [PreprocessedSlice(self._finish(g.gray, g.mode), g.info) for g in greys]
+            return [PreprocessedSlice(self._finish(to_gray_u8(image), mode, guard), NO_INFO)]
+        greys = read_medical(data, kind, max_pixels=self.max_pixels, select=select, guard=guard)
+        out = []
+        for g in greys:
+            try:
+                out.append(PreprocessedSlice(self._finish(g.gray, g.mode, guard), g.info))
+            except ImageDecodeError as e:
+                raise MedicalDecodeError(str(e), g.info) from None
+        return out
 
-    def _finish(self, gray: np.ndarray, mode: str) -> PreprocessedImage:
+    def _finish(self, gray: np.ndarray, mode: str, guard: InputGuard = NO_GUARD) -> PreprocessedImage:
         """The part every source shares: crop to the head, pad to a square of ``image_size``."""
-        box = find_head_box(gray, threshold=self.threshold, margin=self.margin)
+        if guard.min_contrast and float(gray.std()) < guard.min_contrast:
+            raise ImageDecodeError(f"no content: the image is near-constant (grey-level spread {gray.std():.1f} < "
+                                   f"{guard.min_contrast:g})")
+        box, fraction = find_head(gray, threshold=self.threshold, margin=self.margin)
+        if box is None and guard.require_head:
+            raise ImageDecodeError(f"no head found: nothing in the image is brighter than the crop threshold "
+                                   f"({self.threshold})")
         h, w = gray.shape
         cropped = box is not None
         x0, y0, x1, y1 = box if cropped else (0, 0, w, h)
         pixels = resize_pad(gray[y0:y1, x0:x1], self.image_size)
-        return PreprocessedImage(pixels, w, h, mode, (x0, y0, x1, y1), cropped)
+        return PreprocessedImage(pixels, w, h, mode, (x0, y0, x1, y1), cropped, fraction)
 
-    def try_slices(self, data: bytes, *, name: str = "", select: SeriesSelector | None = None) -> FileResult:
+    def try_slices(
+        self, data: bytes, *, name: str = "", select: SeriesSelector | None = None, guard: InputGuard | None = None
+    ) -> FileResult:
         """:meth:`slices` that never raises: what jobs use so one odd file never stops them."""
         try:
-            return FileResult(slices=tuple(self.slices(data, name=name, select=select)))
+            return FileResult(slices=tuple(self.slices(data, name=name, select=select, guard=guard)))
         except NotSelected as e:
             return FileResult(skipped=str(e), info=e.info)
         except MedicalDecodeError as e:
@@ -213,6 +243,13 @@ def to_gray_u8(image: Image.Image) -> np.ndarray:
 def find_head_box(
     gray: np.ndarray, *, threshold: int = 20, margin: float = 0.02, min_region: float = 0.02
 ) -> tuple[int, int, int, int] | None:
+    """Bounding box (x0, y0, x1, y1) of the head, plus a margin (see :func:`find_head`)."""
+    return find_head(gray, threshold=threshold, margin=margin, min_region=min_region)[0]
+
+
+def find_head(
+    gray: np.ndarray, *, threshold: int = 20, margin: float = 0.02, min_region: float = 0.02
+) -> tuple[tuple[int, int, int, int] | None, float]:
     """Bounding box (x0, y0, x1, y1) of the head, plus a margin.
 
     Blur, threshold, open (erode then dilate) to cut noise and thin lines, then take the
@@ -221,7 +258,8 @@ def find_head_box(
     off over 30% of the head on 6% of images (dark T2/FLAIR scans fall apart into pieces),
     against 0.5% with these settings (benchmarks/crop_quality.py, docs/benchmarks.md).
     Labels, rulers and text burnt into the scan are small separate regions and fall outside.
-    Returns None when nothing is brighter than ``threshold``.
+    Returns the box, or None when nothing is brighter than ``threshold``, and the share of the
+    image that the kept regions cover.
     """
     h, w = gray.shape
     step = max(1, -(-max(h, w) // _MASK_SIDE))
@@ -230,7 +268,7 @@ def find_head_box(
     mask = ndimage.binary_opening(mask, iterations=2)
     labels, n = ndimage.label(mask)
     if n == 0:
-        return None
+        return None, 0.0
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     keep = np.nonzero(sizes >= min_region * sizes.max())[0]
@@ -240,7 +278,8 @@ def find_head_box(
     x0, x1 = min(s.start for s in xs) * step, min(w, max(s.stop for s in xs) * step)
     y0, y1 = min(s.start for s in ys) * step, min(h, max(s.stop for s in ys) * step)
     pad = int(round(margin * max(x1 - x0, y1 - y0))) + (step - 1)
-    return max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)
+    fraction = float(sizes[keep].sum()) / float(mask.size)
+    return (max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)), fraction
 
 
 def resize_pad(gray: np.ndarray, size: int) -> np.ndarray:
