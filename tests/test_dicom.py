@@ -21,7 +21,7 @@ import pytest
 from braintumor_ray import ConfigError, MRIPreprocess, make_sample_dataset
 from braintumor_ray.imaging import SeriesSelector, percentile_window, read_medical, sniff_kind, voi_window
 from braintumor_ray.imaging import render_mri
-from braintumor_ray.score import SERIES_FILE, series_location, top_slice
+from braintumor_ray.score import SERIES_FILE, series_location, series_verdict, top_slice
 from braintumor_ray.ingest import IngestConfig, run_ingest
 from braintumor_ray.score import PROB_PREFIX, ScoreConfig, run_scoring
 from braintumor_ray.core import resolve
@@ -405,9 +405,14 @@ def test_series_table_aggregates_the_slices(scored):
         for k, c in enumerate(names):
             assert s["max_" + PROB_PREFIX + c] == pytest.approx(p[:, k].max(), abs=1e-6)
             assert s["mean_" + PROB_PREFIX + c] == pytest.approx(p[:, k].mean(), abs=1e-6)
-        row, cls = top_slice(p, names.index("no_tumor"))
-        assert s["predicted_label"] == names[cls] and s["top_probability"] == pytest.approx(p[row, cls], abs=1e-6)
-        assert s["top_slice_path"] == mine[row]["path"]
+        head = np.array([r.get("head_fraction") or 1.0 for r in mine])
+        ood = np.array([r.get("review_reason") == "out_of_distribution" for r in mine])
+        v = series_verdict(p, head_fraction=head, ood=ood, no_tumor=names.index("no_tumor"))
+        assert s["slices_voting"] == v.voting and s["review_reason"] == v.review_reason
+        if v.label is not None:
+            row, cls = v.top_slice, v.label
+            assert s["predicted_label"] == names[cls] and s["top_probability"] == pytest.approx(p[row, cls], abs=1e-6)
+            assert s["top_slice_path"] == mine[row]["path"] and s["confidence"] == pytest.approx(v.confidence, abs=1e-6)
     assert series[pacs["axial"]]["slices_scored"] == 4 and series[pacs["axial"]]["slices_failed"] == 3  # the bad ones
     assert series[pacs["files"]["nifti"]]["top_slice_index"] in (0, 1, 2)
     # The predictions folder reads as one table still (the series table lives beside it).

@@ -104,3 +104,48 @@ def test_fit_trust_refuses_an_empty_validation_split():
     with pytest.raises(ConfigError, match="validation split"):
         fit_trust(TrustConfig(), train_features=x, train_labels=y, val_logits=np.zeros((1, 4)),
                   val_features=x[:1], val_labels=y[:1])
+
+
+# --- series verdicts ------------------------------------------------------------------------------
+from braintumor_ray.score import series_verdict  # noqa: E402
+
+GLIOMA, MENINGIOMA, NO_TUMOR, PITUITARY = range(4)
+
+
+def _slices(n, tumour_at=(), p_tumour=0.9, cls=GLIOMA):
+    p = np.tile([0.02, 0.02, 0.94, 0.02], (n, 1))
+    for i in tumour_at:
+        p[i] = (1 - p_tumour) / 3
+        p[i, cls] = p_tumour
+    return p
+
+
+def test_healthy_volume_with_one_noisy_slice_is_no_tumor():
+    p = _slices(25, tumour_at=[12], p_tumour=0.95, cls=MENINGIOMA)
+    v = series_verdict(p, no_tumor=NO_TUMOR)
+    assert v.label == NO_TUMOR and v.voting == 25 and v.review_reason is None
+
+
+def test_lesion_in_a_few_central_slices_names_the_tumour():
+    p = _slices(25, tumour_at=[11, 12, 13], p_tumour=0.85, cls=PITUITARY)
+    v = series_verdict(p, no_tumor=NO_TUMOR)
+    assert v.label == PITUITARY and v.top_slice in (11, 12, 13) and v.confidence > 0.5
+
+
+def test_edge_slices_and_ood_slices_do_not_vote():
+    p = _slices(10, tumour_at=[0, 1, 9], p_tumour=0.99)  # tumour-looking slices at the top and bottom
+    head = np.array([0.05, 0.08] + [0.5] * 7 + [0.06])
+    assert series_verdict(p, no_tumor=NO_TUMOR).label == GLIOMA  # without the head rule they decide
+    v = series_verdict(p, head_fraction=head, no_tumor=NO_TUMOR)
+    assert v.label == NO_TUMOR and v.voting == 7
+    ood = np.zeros(10, bool)
+    ood[[0, 1, 9]] = True
+    assert series_verdict(p, ood=ood, no_tumor=NO_TUMOR).label == NO_TUMOR
+    allood = series_verdict(p, ood=np.ones(10, bool), no_tumor=NO_TUMOR)
+    assert allood.label is None and allood.review_reason == "out_of_distribution"
+
+
+def test_unsure_series_is_flagged_for_review():
+    p = _slices(6, tumour_at=[2, 3], p_tumour=0.8)
+    v = series_verdict(p, no_tumor=NO_TUMOR, review_threshold=0.9)
+    assert v.review_reason == "low_confidence"

@@ -1,7 +1,7 @@
 """The scoring stage (``jobs/score.py``): an MRI archive -> one Parquet row per file or slice, incrementally."""
 
 from ._run import PROB_PREFIX, Predictor, ScoreConfig, decode_batch, format_summary, output_schema, recover, run_scoring
-from ._series import SERIES_FILE, series_location, series_table, top_slice, update_series_table
+from ._series import SERIES_FILE, Verdict, series_location, series_table, series_verdict, top_slice, update_series_table
 
 __all__ = [
     "PROB_PREFIX",
@@ -15,6 +15,8 @@ __all__ = [
     "run_scoring",
     "series_location",
     "series_table",
+    "series_verdict",
+    "Verdict",
     "top_slice",
     "update_series_table",
 ]

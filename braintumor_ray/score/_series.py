@@ -7,12 +7,19 @@ keeps one schema and reads as-is with pandas, pyarrow and DuckDB.
 
 Which rows count: the latest scoring of each file (a changed file's old rows are left out,
 as a NIfTI volume's old slices are), then the latest row of each DICOM instance (a file
-copied under two names counts once). A series' label is its most confident tumour finding:
-among the slices whose own top class is a tumour, the one with the highest probability gives
-the label and the "top slice"; only when no slice's top class is a tumour is the series
-``no_tumor``, with the slice most confidently so. (A tumour shows on a few slices of a
-volume; letting every healthy slice outvote it would hide it.) Models without a ``no_tumor``
-class take the highest probability of any class on any slice.
+copied under two names counts once).
+
+The verdict (:func:`series_verdict`): only slices that show enough of the head vote (the crop's
+``head_fraction`` at least half the series' largest, so the top and bottom of a head, with
+little brain in them, do not), and out-of-distribution slices do not vote. The series'
+tumour score is the mean of the top ``k`` = 3 voting slices' calibrated tumour probabilities
+(1 - p(no_tumor)): a tumour shows on a few slices of a volume, so a majority vote would hide
+it, while a single noisy slice (one of three) cannot reach 0.5 alone. A score of 0.5 or more
+names the tumour class with the most probability on those slices; below, ``no_tumor``. The
+series' ``confidence`` is the score (or 1 - score for ``no_tumor``), and its ``review_reason``
+is ``out_of_distribution`` when no slice could vote because of it, ``no_head_content`` when
+none shows enough head, or ``low_confidence`` below the model's review threshold. Models
+without a ``no_tumor`` class take the highest mean probability of the voting slices.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -38,6 +46,11 @@ PROB_PREFIX = "prob_"
 # whose digest differs from the folder's is stale (a run committed after it, or was cut off
 # between its commit and the rebuild) and is rebuilt.
 SOURCES_KEY = b"braintumor_ray.sources"
+TOP_K = 3
+# A slice votes when its head covers at least this share of the series' largest head section.
+HEAD_SHARE = 0.5
+# Columns older prediction files lack; their rows vote as before trust flags existed.
+_OPTIONAL = {"head_fraction": pa.float32(), "review_reason": pa.string()}
 
 _ROW_COLUMNS = [
     "path",
@@ -68,6 +81,9 @@ def series_schema(class_names: list[str]) -> pa.Schema:
             ("slices_failed", pa.int32()),
             ("predicted_label", pa.string()),
             ("top_probability", pa.float32()),
+            ("confidence", pa.float32()),  # how sure the verdict is (see series_verdict)
+            ("review_reason", pa.string()),  # null: the verdict stands
+            ("slices_voting", pa.int32()),
             ("top_slice_path", pa.string()),
             ("top_slice_sop_instance_uid", pa.string()),
             ("top_slice_instance_number", pa.int32()),
@@ -84,7 +100,9 @@ def _fingerprint(files: list[str]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
-def update_series_table(dst: Location, class_names: list[str] = list(CLASS_NAMES)) -> int | None:
+def update_series_table(
+    dst: Location, class_names: list[str] = list(CLASS_NAMES), *, review_threshold: float = 0.0
+) -> int | None:
     """Rebuild ``OUTPUT_series/series.parquet`` if the predictions changed since it was built.
 
     Returns its number of rows, or None when no committed row belongs to a series or volume
@@ -98,7 +116,7 @@ def update_series_table(dst: Location, class_names: list[str] = list(CLASS_NAMES
         if (meta.schema.to_arrow_schema().metadata or {}).get(SOURCES_KEY, b"").decode() == digest:
             return meta.num_rows
     rows = _read_slice_rows(dst, files, class_names)
-    table = series_table(rows, class_names)
+    table = series_table(rows, class_names, review_threshold=review_threshold)
     if table.num_rows == 0 and not target.exists():
         return None
     table = table.replace_schema_metadata({SOURCES_KEY: digest.encode()})
@@ -122,13 +140,17 @@ def _read_slice_rows(dst: Location, files: list[str], class_names: list[str]) ->
         f = pq.ParquetFile(p, filesystem=dst.pyarrow_fs)
         if not set(want) <= set(f.schema_arrow.names):
             continue  # written before DICOM support, or by a model with other classes
-        tables.append(f.read(columns=want))
+        t = f.read(columns=want + [c for c in _OPTIONAL if c in f.schema_arrow.names])
+        for c, typ in _OPTIONAL.items():
+            if c not in t.column_names:
+                t = t.append_column(c, pa.nulls(t.num_rows, typ))
+        tables.append(t)
     if not tables:
-        return pa.table({c: pa.array([], pa.string()) for c in want})
+        return pa.table({c: pa.array([], pa.string()) for c in want + list(_OPTIONAL)})
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def series_table(rows: pa.Table, class_names: list[str]) -> pa.Table:
+def series_table(rows: pa.Table, class_names: list[str], *, review_threshold: float = 0.0) -> pa.Table:
     """Aggregate slice rows (the prediction schema's columns) into one row per series and model."""
     schema = series_schema(class_names)
     if rows.num_rows == 0:
@@ -163,14 +185,30 @@ def series_table(rows: pa.Table, class_names: list[str]) -> pa.Table:
         out["slices_failed"].append(int((g["status"] == "error").sum()))
         out["last_scored_at"].append(g["scored_at"].max())
         if ok.empty:
-            for k in ("predicted_label", "top_probability", "top_slice_path", "top_slice_sop_instance_uid", "top_slice_instance_number", "top_slice_index"):
+            for k in ("predicted_label", "top_probability", "confidence", "review_reason", "top_slice_path",
+                      "top_slice_sop_instance_uid", "top_slice_instance_number", "top_slice_index"):
                 out[k].append(None)
+            out["slices_voting"].append(0)
             for c in names:
                 out["max_" + PROB_PREFIX + c].append(None)
                 out["mean_" + PROB_PREFIX + c].append(None)
             continue
         p = ok[[PROB_PREFIX + c for c in names]].to_numpy(dtype=np.float64)
-        row, cls = top_slice(p, no_tumor)
+        head = ok["head_fraction"].to_numpy(dtype=np.float64, na_value=np.nan)
+        ood = (ok["review_reason"] == "out_of_distribution").to_numpy()
+        v = series_verdict(p, head_fraction=head, ood=ood, no_tumor=no_tumor, review_threshold=review_threshold)
+        out["slices_voting"].append(v.voting)
+        out["confidence"].append(v.confidence)
+        out["review_reason"].append(v.review_reason)
+        if v.label is None:
+            for k in ("predicted_label", "top_probability", "top_slice_path", "top_slice_sop_instance_uid",
+                      "top_slice_instance_number", "top_slice_index"):
+                out[k].append(None)
+            for k, c in enumerate(names):
+                out["max_" + PROB_PREFIX + c].append(float(p[:, k].max()))
+                out["mean_" + PROB_PREFIX + c].append(float(p[:, k].mean()))
+            continue
+        row, cls = v.top_slice, v.label
         top = ok.iloc[row]
         out["predicted_label"].append(names[cls])
         out["top_probability"].append(float(p[row, cls]))
@@ -182,6 +220,60 @@ def series_table(rows: pa.Table, class_names: list[str]) -> pa.Table:
             out["max_" + PROB_PREFIX + c].append(float(p[:, k].max()))
             out["mean_" + PROB_PREFIX + c].append(float(p[:, k].mean()))
     return pa.Table.from_pydict(out, schema=schema)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One series' verdict: class index (None when no slice could vote), the slice that shows it
+    best, how sure, why to review it (None: it stands), and how many slices voted."""
+
+    label: int | None
+    top_slice: int | None
+    confidence: float | None
+    review_reason: str | None
+    voting: int
+
+
+def series_verdict(
+    p: np.ndarray,
+    *,
+    head_fraction: np.ndarray | None = None,
+    ood: np.ndarray | None = None,
+    no_tumor: int | None,
+    review_threshold: float = 0.0,
+    k: int = TOP_K,
+) -> Verdict:
+    """The verdict of a series from its ok slices' calibrated probabilities ``p`` (n, classes)."""
+    n = len(p)
+    ood = np.zeros(n, bool) if ood is None else np.asarray(ood, bool)
+    head = np.ones(n) if head_fraction is None else np.nan_to_num(np.asarray(head_fraction, np.float64), nan=1.0)
+    enough = head >= HEAD_SHARE * (head.max() if n else 0.0)
+    vote = enough & ~ood
+    idx = np.nonzero(vote)[0]
+    if not len(idx):
+        # The largest head section always has "enough", so only OOD flags can silence every slice.
+        return Verdict(None, None, None, "out_of_distribution" if ood.any() else "no_head_content", 0)
+    q = p[idx]
+    if no_tumor is None:
+        cls = int(q.mean(axis=0).argmax())
+        best = int(idx[int(q[:, cls].argmax())])
+        conf = float(q[:, cls].mean())
+    else:
+        tumour = 1.0 - q[:, no_tumor]
+        top = np.argsort(-tumour, kind="stable")[: min(k, len(idx))]
+        score = float(tumour[top].mean())
+        if score >= 0.5:
+            mass = q[top].sum(axis=0)
+            mass[no_tumor] = -1.0
+            cls = int(mass.argmax())
+            best = int(idx[top[int(q[top, cls].argmax())]])
+            conf = score
+        else:
+            cls = no_tumor
+            best = int(idx[int(q[:, no_tumor].argmax())])
+            conf = 1.0 - score
+    reason = "low_confidence" if conf < review_threshold else None
+    return Verdict(cls, best, conf, reason, int(len(idx)))
 
 
 def top_slice(p: np.ndarray, no_tumor: int | None) -> tuple[int, int]:
