@@ -4,6 +4,7 @@
     opt = torch.optim.AdamW(param_groups(model, lr=1e-3, backbone_lr_scale=0.1))
     export_model_package(model, "s3://bucket/models/run1", preprocess=MRIPreprocess())
     pkg = load_model_package("s3://bucket/models/run1"); pkg.logits(pixels)
+    model = load_inference_model("s3://bucket/models/run1", engine="auto"); model.probabilities(pixels)
 """
 
 from ._factory import (
@@ -15,28 +16,52 @@ from ._factory import (
     create_model,
     data_config,
     param_groups,
+    WithFeatures,
 )
 from ._lite0 import CACHE_ENV, convert_lukemelas_lite0, lite0_offline_weights
-from ._package import PACKAGE_JSON, WEIGHTS_FILE, ModelPackage, export_model_package, load_model_package, prepare_input
+from ._engine import ENGINES, Engine, InferenceModel, choose_engine, load_inference_model, package_has_onnx
+from ._package import (
+    ONNX_FILE,
+    ONNX_OPSET,
+    ONNX_TOLERANCE,
+    PACKAGE_JSON,
+    WEIGHTS_FILE,
+    ModelPackage,
+    export_model_package,
+    export_onnx,
+    load_model_package,
+    prepare_input,
+)
 from ._weights import load_state_dict_into, read_weights
 
 __all__ = [
     "CACHE_ENV",
+    "ENGINES",
+    "Engine",
+    "InferenceModel",
+    "ONNX_FILE",
+    "ONNX_OPSET",
+    "ONNX_TOLERANCE",
     "PACKAGE_JSON",
     "PRESETS",
     "WEIGHTS_FILE",
     "ModelPackage",
     "Transfer",
+    "WithFeatures",
     "apply_transfer",
     "backbone_stages",
+    "choose_engine",
     "convert_lukemelas_lite0",
     "count_parameters",
     "create_model",
     "data_config",
     "export_model_package",
+    "export_onnx",
     "lite0_offline_weights",
+    "load_inference_model",
     "load_model_package",
     "load_state_dict_into",
+    "package_has_onnx",
     "param_groups",
     "prepare_input",
     "read_weights",

@@ -268,3 +268,19 @@ def param_groups(
 def data_config(model: nn.Module) -> dict[str, Any]:
     """The model's own input size, interpolation and normalisation (timm's data config)."""
     return timm.data.resolve_model_data_config(model)
+
+
+class WithFeatures(nn.Module):
+    """A timm classifier that returns ``(logits, features)``: the penultimate (pooled, pre-logits)
+    features feed the out-of-distribution reference, the logits the classes. One forward pass;
+    what the ONNX export traces too, so both engines give both."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = getattr(model, "_orig_mod", model)
+        if not (hasattr(self.model, "forward_features") and hasattr(self.model, "forward_head")):
+            raise ConfigError(f"{type(self.model).__name__} has no forward_features/forward_head: a timm model is needed")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return self.model.get_classifier()(feats), feats
