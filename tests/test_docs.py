@@ -3,7 +3,8 @@
 Fast and without a Ray cluster. What is checked, in README.md, docs/*.md, cluster.yaml and
 deploy/*.yaml:
 
-- docs/configuration.md is what scripts/gen_config_docs.py writes from the jobs' parsers now.
+- docs/configuration.md is what scripts/gen_config_docs.py writes from the jobs' config classes
+  now, and it has a row for every option of every job.
 - Commands, taken from fenced shell blocks (bash, sh, console, cron or no language; backslash
   continuations joined, `&&`/`;`/`|` split, redirections dropped) and from YAML (a RayJob's
   `entrypoint`, a CronJob's `command` list, a cluster's start commands):
@@ -260,11 +261,10 @@ class _Built(Exception):
 def build_job_config(job: str, args: list[str], monkeypatch):
     """Run ``jobs/<job>.py``'s main(args) up to the point where its config exists; return it.
 
-    Ray, storage and sample generation are stubbed out; the parser, the config building and
-    the config's own validation are the job's. A bad command raises AssertionError with the
-    job's own message.
+    The stage function the job calls, Ray, and sample generation are stubbed out; the parser, the
+    config building and the config's own validation are the job's. A bad command raises
+    AssertionError with the job's own message.
     """
-    import braintumor_ray.train
     import braintumor_ray.tune
 
     mod = gen.load_job(job)
@@ -274,19 +274,15 @@ def build_job_config(job: str, args: list[str], monkeypatch):
 
     monkeypatch.setattr(mod, "join_ray", lambda address: None)
     monkeypatch.setattr(mod, "run_job", lambda work: work())
+    stage = {"preprocess": "run_ingest", "train": "run_training", "tune": "run_search", "score": "run_scoring"}[job]
+    monkeypatch.setattr(mod, stage, stop)
     if job == "preprocess":
         monkeypatch.setattr(mod, "make_sample_dataset", lambda *a, **kw: None)
-        monkeypatch.setattr(mod, "run_ingest", stop)
-    elif job == "score":
-        monkeypatch.setattr(mod, "run_scoring", stop)
-    elif job == "train":
+    if job in ("train", "tune"):
         monkeypatch.setattr(mod, "demo_data", lambda **kw: os.path.join(REPO, "demo", "preprocessed"))
-        monkeypatch.setattr(braintumor_ray.train, "run_training", stop)
-    elif job == "tune":
-        monkeypatch.setattr(mod, "demo_data", lambda **kw: os.path.join(REPO, "demo", "preprocessed"))
-        monkeypatch.setattr(braintumor_ray.tune, "run_search", stop)
+    if job == "tune":
         # --resume reads the search's settings from storage: stand in for them
-        monkeypatch.setattr(braintumor_ray.tune, "load_search_config",
+        monkeypatch.setattr(mod, "load_search_config",
                             lambda storage, name, **kw: braintumor_ray.tune.SearchConfig(storage=storage, name=name))
     monkeypatch.chdir(REPO)  # as under `ray job submit --working-dir .`
     err = io.StringIO()
@@ -308,7 +304,7 @@ def check_job_command(cmd: Command, monkeypatch) -> None:
     assert job in JOBS, f"{cmd}: there is no jobs/{job}.py"
     args = cmd.argv[2:]
     if is_synopsis(args):
-        parser = gen.job_parser(job)
+        parser = gen.load_job(job).get_args_parser()
         known = set(parser._option_string_actions)
         flags = {a.strip("[]").split("=")[0] for a in args if a.strip("[]").startswith("--")}
         unknown = sorted(flags - known)
@@ -526,10 +522,29 @@ def test_there_is_a_token_overlay_for_cluster_yaml():
 
 
 def test_search_example_builds_its_search():
-    from braintumor_ray.tune import SearchConfig, load_yaml
+    from braintumor_ray.core import read_yaml
+    from braintumor_ray.tune import SearchConfig
 
-    cfg = SearchConfig.from_dict(load_yaml(os.path.join(REPO, gen.SEARCH_EXAMPLE)) | {"data": "s3://bucket/preprocessed"})
+    cfg = SearchConfig.from_dict(read_yaml(os.path.join(REPO, gen.SEARCH_EXAMPLE)) | {"data": "s3://bucket/preprocessed"})
     assert cfg.space and cfg.fixed
+
+
+def test_every_setting_of_every_job_is_an_option_and_documented():
+    """Each field of a job's config class (nested ones too) has its option in the job's parser
+    and its row in docs/configuration.md; the job flags each job takes are documented too."""
+    from braintumor_ray.core import cli_options
+
+    text = open(gen.OUT, encoding="utf-8").read()
+    for job, cls in gen.JOBS.items():
+        assert cls.__name__ == CONFIG_CLASS[job]
+        section = text.split(f"## jobs/{job}.py", 1)[1].split("\n## ", 1)[0]
+        parser = gen.load_job(job).get_args_parser()
+        for opt in cli_options(cls):
+            for flag in opt.flags:
+                assert flag in parser._option_string_actions, f"jobs/{job}.py has no {flag}"
+            assert f"| `{opt.flags[0]}`" in section and f"| `{opt.key}` |" in section, (job, opt.key)
+        for flag in gen.job_flags(job):
+            assert f"| `{gen.JOB_FLAGS[flag][0][0]}` |" in section, (job, flag)
 
 
 # --- the checks themselves fail on a bad command -------------------------------------------------

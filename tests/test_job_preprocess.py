@@ -19,6 +19,7 @@ def run_job(args, cwd, env=None, timeout=300):
     return subprocess.run([sys.executable, JOB, *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.ray
 def test_embedded_default_runs_end_to_end(tmp_path):
     r = run_job([], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

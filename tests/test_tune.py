@@ -90,7 +90,8 @@ def test_search_on_s3_asha_leaderboard_and_best_model(data_dir, s3_endpoint, s3_
 
 
 def test_space_and_config_validation(tmp_path):
-    from braintumor_ray.tune import SearchConfig, load_yaml, to_tune_space
+    from braintumor_ray.core import read_yaml as load_yaml
+    from braintumor_ray.tune import SearchConfig, to_tune_space
 
     cfg = SearchConfig(data=str(tmp_path))
     assert SearchConfig.from_dict(cfg.to_dict()) == cfg
@@ -125,7 +126,7 @@ def test_space_and_config_validation(tmp_path):
     for kw in bad:
         with pytest.raises(ConfigError):
             SearchConfig(**kw)
-    with pytest.raises(ConfigError, match="unknown search settings"):
+    with pytest.raises(ConfigError, match="unknown SearchConfig setting modles"):
         SearchConfig.from_dict({"modles": ["x"]})
 
     y = tmp_path / "space.yaml"

@@ -114,6 +114,11 @@ def test_ray_job_submit_smoke_search(ray_head, tmp_path):
     assert (storage / "e2e" / "leaderboard.md").exists()
     assert (storage / "e2e" / "best_model" / "model.json").exists()
     assert len(json.loads((storage / "e2e" / "best.json").read_text())["best_trial"]) > 3
+    # The search's effective settings, as `jobs/tune.py --config` takes them back.
+    from braintumor_ray.tune import SearchConfig
+
+    saved = SearchConfig.from_yaml(str(storage / "e2e" / "config.yaml"))
+    assert (saved.name, saved.models, saved.storage) == ("e2e", SearchConfig.SMOKE["models"], str(storage))
 
 
 def _trial_results(search_dir) -> dict[str, list[dict]]:
@@ -128,6 +133,7 @@ def _finished(rows: list[dict], max_epochs: int) -> bool:
     return any(r.get("epoch") == max_epochs for r in rows)
 
 
+@pytest.mark.ray
 def test_killed_driver_then_resume_runs_only_unfinished_trials(tmp_path):
     home = tmp_path / "home"
     home.mkdir()

@@ -18,7 +18,7 @@ import logging
 import sys
 from typing import Any, Callable
 
-from ..core import BraintumorError, add_config_args, deep_merge, given_settings, read_yaml
+from ..core import BraintumorError, add_config_args, given_settings, read_yaml
 
 # The few flags that are not settings of a stage, declared once for every job.
 JOB_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
@@ -58,10 +58,10 @@ def config_dict(cls: type, args: argparse.Namespace, *, defaults: dict[str, Any]
     """The settings as a mapping, in timm's order: job defaults < smoke preset < ``--config`` < options."""
     merged: dict[str, Any] = dict(defaults or {})
     if getattr(args, "smoke_test", False):
-        merged = deep_merge(merged, dict(cls.SMOKE))
+        merged = cls.merge(merged, dict(cls.SMOKE))
     if getattr(args, "config", None):
-        merged = deep_merge(merged, read_yaml(args.config, s3_endpoint_url=getattr(args, "s3_endpoint_url", None)))
-    return deep_merge(merged, given_settings(args, cls))
+        merged = cls.merge(merged, read_yaml(args.config, s3_endpoint_url=getattr(args, "s3_endpoint_url", None)))
+    return cls.merge(merged, given_settings(args, cls))
 
 
 def build_config(cls: type, args: argparse.Namespace, *, defaults: dict[str, Any] | None = None) -> Any:

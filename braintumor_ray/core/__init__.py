@@ -4,12 +4,14 @@ Nothing here imports torch, timm or Ray: the ingest's Ray workers and the jobs' 
 parsing stay light.
 """
 
-from ._config import CliOption, Config, add_config_args, cli_options, deep_merge, given_settings, read_yaml, setting
+from ._config import CONFIG_FILE, CliOption, Config, add_config_args, cli_options, deep_merge, given_settings, read_yaml, setting
 from ._errors import BraintumorError, ConfigError, ImageDecodeError, InputError, StorageError
 from ._labels import CLASS_NAMES, SPLIT_ALIASES, canonical_label, canonical_split
+from ._staging import DONE_MARKER, STAGING_SUFFIX, StagedWriter, posix_basename
 from ._storage import Location, resolve, s3_filesystem
 
 __all__ = [
+    "CONFIG_FILE",
     "CliOption",
     "Config",
     "add_config_args",
@@ -30,4 +32,8 @@ __all__ = [
     "canonical_split",
     "resolve",
     "s3_filesystem",
+    "DONE_MARKER",
+    "STAGING_SUFFIX",
+    "StagedWriter",
+    "posix_basename",
 ]

@@ -27,6 +27,9 @@ from ._errors import ConfigError
 
 _MISSING = dataclasses.MISSING
 
+# The effective settings a stage writes beside its output (``--config`` takes it back).
+CONFIG_FILE = "config.yaml"
+
 
 def setting(
     default: Any = _MISSING,
@@ -82,6 +85,12 @@ class Config:
                 f"unknown {cls.__name__} setting{'s' if len(unknown) > 1 else ''} "
                 f"{', '.join(label + k for k in unknown)}: known settings are {', '.join(sorted(known))}"
             )
+        missing = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                   if f.name not in d and f.default is _MISSING and f.default_factory is _MISSING]
+        if missing:
+            names = ", ".join(f"{where}.{m}" if where else "--" + m.replace("_", "-") for m in missing)
+            raise ConfigError(f"{names} {'is' if len(missing) == 1 else 'are'} required (an option, or "
+                              f"{missing[0]}: in the --config file)")
         hints = _hints(cls)
         kwargs = {}
         for k, v in d.items():
@@ -109,8 +118,23 @@ class Config:
 
     @classmethod
     def smoke_test(cls, **changes: Any) -> Any:
-        """The class's smoke-test preset with ``changes`` on top (nested mappings merge)."""
-        return cls.from_dict(deep_merge(_plain(dict(cls.SMOKE)), _plain(changes)))
+        """The class's smoke-test preset with ``changes`` on top (nested configs merge)."""
+        return cls.from_dict(cls.merge(_plain(dict(cls.SMOKE)), _plain(changes)))
+
+    @classmethod
+    def merge(cls, base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+        """Settings ``over`` on top of ``base``: a nested config (``augment``) merges key by key;
+        any other value, a mapping setting such as the search's ``space`` too, is replaced whole."""
+        hints = _hints(cls)
+        out = dict(base)
+        for k, v in over.items():
+            tp = _strip_optional(hints[k]) if k in hints else None
+            nested = isinstance(tp, type) and issubclass(tp, Config)
+            if nested and isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+                out[k] = tp.merge(out[k], v)
+            else:
+                out[k] = v
+        return out
 
 
 def read_yaml(uri: str, *, s3_endpoint_url: str | None = None) -> dict[str, Any]:
@@ -213,19 +237,23 @@ def given_settings(args: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 
 def _parse_value(opt: CliOption, text: str) -> Any:
+    if opt.kind in ("int", "float"):
+        try:
+            return int(text) if opt.kind == "int" else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {opt.kind} value: {text!r}") from None
     try:
-        if opt.kind == "int":
-            return int(text)
-        if opt.kind == "float":
-            return float(text)
         if opt.kind == "list":
             return [p.strip() for p in text.split(",") if p.strip()]
         if opt.kind == "mapping":
             import yaml
 
-            v = yaml.safe_load(text)
+            try:
+                v = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ValueError(f"not valid YAML ({e.__class__.__name__})") from None
             if not isinstance(v, dict):
-                raise ValueError("not a mapping")
+                raise ValueError("give a YAML mapping, e.g. '{key: value}'")
             return v
         if opt.kind == "choice":
             for c in opt.choices:
@@ -302,6 +330,8 @@ def _coerce(v: Any, tp: Any, *, where: str) -> Any:
         return tuple(v)
     if inner is float and isinstance(v, int) and not isinstance(v, bool):
         return float(v)
+    if isinstance(v, Mapping):  # a copy: a config shares no mutable mapping with its source (a preset)
+        return _plain(v)
     return v
 
 

@@ -8,7 +8,7 @@ Each trial is the training job's Ray Train run (``train_loop_per_worker`` under 
 macro-F1; the leaderboard, a plot and the best trial's model package land in ``storage/name``.
 """
 
-from ._config import DEFAULT_MODELS, SEARCHABLE, SearchConfig, default_space, load_yaml, parse_space, to_tune_space
+from ._config import DEFAULT_MODELS, RESERVED, SAMPLERS, SEARCHABLE, SearchConfig, default_space, parse_space, to_tune_space
 from ._run import (
     BEST_DIR,
     SEARCH_FILE,
@@ -21,19 +21,22 @@ from ._run import (
     search_location,
     trial_driver,
 )
+from ._summary import format_summary
 
 __all__ = [
     "BEST_DIR",
     "DEFAULT_MODELS",
+    "RESERVED",
+    "SAMPLERS",
     "SEARCHABLE",
     "SEARCH_FILE",
     "SearchConfig",
     "SearchError",
     "default_space",
     "format_leaderboard",
+    "format_summary",
     "leaderboard_rows",
     "load_search_config",
-    "load_yaml",
     "max_concurrent",
     "parse_space",
     "run_search",

@@ -1,15 +1,17 @@
-"""The search's settings and its search space: one self-validating dataclass, a YAML override."""
+"""The search's settings and its search space: one self-validating dataclass; ``jobs/tune.py`` is generated
+from it and takes it as ``--config`` YAML (``space:``, ``fixed:`` and any other setting)."""
 
 from __future__ import annotations
 
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Mapping
 
-from ..core import ConfigError
+from ..core import Config, ConfigError, setting
 from ..models import Transfer
+from ..tracking import MLflowConfig
 from ..train import TrainConfig
 
 DEFAULT_MODELS = ("efficientnet_b0", "resnet50", "vgg16", "legacy_xception")
@@ -18,9 +20,16 @@ DEFAULT_MODELS = ("efficientnet_b0", "resnet50", "vgg16", "legacy_xception")
 SEARCHABLE = ("model", "lr", "weight_decay", "batch_size", "transfer", "drop_rate", "augment_strength")
 # Set by the search itself, so neither a space nor a fixed setting may override them.
 RESERVED = ("data", "storage", "name", "epochs", "num_workers", "cpus_per_worker", "use_gpu", "gpus_per_worker",
-            "s3_endpoint_url", "inject_failure", "pretrained", "seed", "max_failures")
+            "s3_endpoint_url", "pretrained", "seed", "max_failures", "mlflow")
 
-SAMPLERS = ("choice", "uniform", "loguniform", "randint", "grid")
+# The samplers of a space key and what each draws (docs/configuration.md lists these lines).
+SAMPLERS = {
+    "choice": "`{choice: [a, b, c]}`: one of the values, at random per trial",
+    "uniform": "`{uniform: [low, high]}`: a float, uniform in [low, high)",
+    "loguniform": "`{loguniform: [low, high]}`: a float, uniform in log space (low > 0)",
+    "randint": "`{randint: [low, high]}`: an integer in [low, high)",
+    "grid": "`{grid: [a, b]}`: every value; multiplies the trial count by the list's length",
+}
 
 
 def default_space(*, pretrained: bool) -> dict[str, Any]:
@@ -41,45 +50,65 @@ def default_space(*, pretrained: bool) -> dict[str, Any]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SearchConfig:
+class SearchConfig(Config):
     """One hyperparameter search: trials are Ray Train runs of the training job.
 
-    Args:
-        data: output folder of ``jobs/preprocess.py`` (local or ``s3://``).
-        storage, name: the search lives in ``storage/name`` (local or ``s3://``): Tune's state,
-            each trial's Ray Train run in ``trials/<trial id>``, the leaderboard, ``best_model/``.
-        models: backbones (timm names or presets); every backbone gets ``num_samples`` trials.
-        num_samples: trials per backbone, each with its own draw from the space.
-        max_epochs: the budget of a trial (its LR schedule spans it); ASHA stops weak trials at
-            ``grace_period`` x ``reduction_factor``^k epochs.
-        gpus_per_trial, cpus_per_trial: what one trial's workers get in all; fractions of a GPU
-            put several small trials on one GPU.
-        workers_per_trial: DDP workers of one trial (they split the trial's CPUs/GPUs).
-        max_concurrent_trials: None = as many as the cluster's CPUs/GPUs hold at once.
-        pretrained: start from ImageNet weights (checked for every backbone before any trial).
-        space: overrides of the search space (see ``parse_space``); fixed: TrainConfig settings
-            that every trial gets (e.g. ``label_smoothing: 0.1``).
-        seed: the search algorithm's draws and every trial's seed.
+    Each field's help below is the one description of that setting: ``jobs/tune.py --help``
+    and ``docs/configuration.md`` are generated from it. ASHA stops weak trials at
+    ``grace_period`` x ``reduction_factor``^k epochs; ``space`` is checked by :func:`parse_space`.
     """
 
-    data: str | None = None
-    storage: str = "runs"
-    name: str = "tune"
-    s3_endpoint_url: str | None = None
-    models: tuple[str, ...] = DEFAULT_MODELS
-    num_samples: int = 2
-    max_epochs: int = 8
-    grace_period: int = 2
-    reduction_factor: int = 3
-    gpus_per_trial: float = 0.0
-    cpus_per_trial: float = 1.0
-    workers_per_trial: int = 1
-    max_concurrent_trials: int | None = None
-    pretrained: bool = True
-    space: dict[str, Any] = field(default_factory=dict)
-    fixed: dict[str, Any] = field(default_factory=dict)
-    max_failures: int = 2
-    seed: int = 0
+    # Data and storage
+    data: str | None = setting(None, help="output of jobs/preprocess.py, local or s3:// (the job: default a generated "
+                               "sample, preprocessed into ./demo)")
+    storage: str = setting("runs", help="searches folder, local or s3://; the search is storage/name (the job: "
+                           "./demo/runs with no data)")
+    name: str = setting("tune", help="search name: Tune's state, each trial's run in trials/<trial id>, the "
+                        "leaderboard and best_model/ go under it (the job: default tune-<UTC date-time>)")
+    s3_endpoint_url: str | None = setting(None, help="S3-compatible endpoint for data and storage", env="AWS_ENDPOINT_URL")
+
+    # What is searched
+    models: tuple[str, ...] = setting(DEFAULT_MODELS, help="backbones (timm names or presets), comma-separated: "
+                                      "each gets num_samples trials")
+    num_samples: int = setting(2, help="trials per backbone, each with its own draw from the space")
+    pretrained: bool = setting(True, help="start every backbone from ImageNet weights (--no-pretrained: random init), "
+                               "checked for every backbone before any trial")
+    space: dict[str, Any] = setting(default_factory=dict, help="overrides of the default search space, a YAML mapping "
+                                    "of training setting -> range (see the space: section)")
+    fixed: dict[str, Any] = setting(default_factory=dict, help="training settings every trial gets, a YAML mapping "
+                                    "(see the fixed: section)")
+    seed: int = setting(0, help="the search's draws and every trial's seed")
+
+    # ASHA
+    max_epochs: int = setting(8, help="epochs of a trial that ASHA never stops (its LR schedule spans them)")
+    grace_period: int = setting(2, help="epochs before ASHA may stop a trial")
+    reduction_factor: int = setting(3, help="ASHA keeps 1 in this many at each rung")
+
+    # Resources
+    gpus_per_trial: float = setting(0.0, help="GPUs of one trial in all; fractions put several trials on one GPU "
+                                    "(0: CPU only)")
+    cpus_per_trial: float = setting(1.0, help="CPUs of one trial in all (its workers split them)")
+    workers_per_trial: int = setting(1, help="DDP workers of one trial (they split its CPUs/GPUs)")
+    max_concurrent_trials: int | None = setting(None, help="trials at once (none: what the cluster's CPUs/GPUs hold); "
+                                                "set it on an autoscaling cluster that has no GPU node yet")
+    max_failures: int = setting(2, help="times Tune restarts a failed trial (a lost node, a crashed worker) from its "
+                                "last checkpoint")
+
+    # Experiment tracking (the search's driver logs every trial; trials themselves log nothing)
+    mlflow: MLflowConfig = setting(default_factory=MLflowConfig, help="MLflow parent run of the search, a child run "
+                                   "per trial, and the best model's registered version (none without a tracking URI)")
+
+    # About a minute on 2 CPUs: two tiny random-init backbones, one trial each, 2 epochs.
+    SMOKE: ClassVar[Mapping[str, Any]] = dict(
+        models=("resnet10t", "mobilenetv3_small_050"),
+        num_samples=1,
+        max_epochs=2,
+        grace_period=1,
+        pretrained=False,
+        space={"lr": {"loguniform": [1e-3, 5e-3]}, "batch_size": {"choice": [8, 16]}},
+        fixed={"eval_batch_size": 64, "warmup_epochs": 0.5, "early_stop_patience": 0, "num_to_keep": 1,
+               "label_smoothing": 0.0, "backbone_lr_scale": 1.0},
+    )
 
     def __post_init__(self) -> None:
         # Trials run in other processes (other cwd, other nodes): local paths must be absolute.
@@ -87,7 +116,8 @@ class SearchConfig:
             v = getattr(self, k)
             if v and "://" not in v:
                 object.__setattr__(self, k, os.path.abspath(v))
-        object.__setattr__(self, "models", tuple(m.strip() for m in self.models if m and m.strip()))
+        models = self.models.split(",") if isinstance(self.models, str) else self.models  # "a,b" in a YAML file
+        object.__setattr__(self, "models", tuple(m.strip() for m in models if m and m.strip()))
         if not self.models:
             raise ConfigError("models is empty: give at least one backbone, e.g. --models efficientnet_b0,resnet50")
         if len(set(self.models)) != len(self.models):
@@ -118,6 +148,8 @@ class SearchConfig:
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
             raise ConfigError(f"max_concurrent_trials={self.max_concurrent_trials} must be >= 1")
         parse_space(self.space)
+        if not isinstance(self.fixed, dict):
+            raise ConfigError(f"fixed must be a mapping of training setting -> value, not {type(self.fixed).__name__}")
         bad = sorted(set(self.fixed) & (set(RESERVED) | {k for k, v in self.space.items() if v is not None}))
         if bad:
             raise ConfigError(f"fixed settings {', '.join(bad)} are set by the search itself or searched: remove them")
@@ -165,38 +197,6 @@ class SearchConfig:
         if not self.pretrained:
             settings.pop("transfer", None)
         return TrainConfig(**settings)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["models"] = list(self.models)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SearchConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown search settings: {', '.join(unknown)}")
-        d = dict(d)
-        if "models" in d:
-            d["models"] = tuple(d["models"])
-        return cls(**d)
-
-    @classmethod
-    def smoke_test(cls, **changes: Any) -> "SearchConfig":
-        """About a minute on 2 CPUs: two tiny random-init backbones, one trial each, 2 epochs."""
-        base: dict[str, Any] = dict(
-            models=("resnet10t", "mobilenetv3_small_050"),
-            num_samples=1,
-            max_epochs=2,
-            grace_period=1,
-            pretrained=False,
-            space={"lr": {"loguniform": [1e-3, 5e-3]}, "batch_size": {"choice": [8, 16]}},
-            fixed={"eval_batch_size": 64, "warmup_epochs": 0.5, "early_stop_patience": 0, "num_to_keep": 1,
-                   "label_smoothing": 0.0, "backbone_lr_scale": 1.0},
-        )
-        base.update(changes)
-        return cls(**base)
 
 
 def parse_space(space: dict[str, Any]) -> None:
@@ -246,22 +246,6 @@ def to_tune_space(space: dict[str, Any]) -> dict[str, Any]:
             "randint": lambda: tune.randint(v[0], v[1]),
         }[kind]()
     return out
-
-
-def load_yaml(uri: str, *, s3_endpoint_url: str | None = None) -> dict[str, Any]:
-    """A search YAML: search-setting keys (models, num_samples, ...), ``space:`` and ``fixed:``."""
-    import yaml
-
-    from ..core import resolve
-
-    loc = resolve(uri, s3_endpoint_url=s3_endpoint_url)
-    try:
-        d = yaml.safe_load(loc.read_bytes()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{uri} is not valid YAML: {e}") from e
-    if not isinstance(d, dict):
-        raise ConfigError(f"{uri}: expected a mapping (space:, fixed:, models:, ...), found {type(d).__name__}")
-    return d
 
 
 def _example(spec: Any) -> Any:

@@ -1,0 +1,26 @@
+"""The search's summary as the job prints it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._run import format_leaderboard
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """``run_search``'s summary: the budget ASHA saved, the leaderboard, the best trial's metrics."""
+    lines = [
+        f"search {s['search']}: {s['trials']} trials, {s['trial_epochs_run']} of {s['trial_epochs_budget']} "
+        f"trial-epochs run (ASHA saved {s['asha_saved_fraction']:.0%}), {s['wall_s']:.0f} s",
+        "",
+        format_leaderboard(s["leaderboard"]),
+        "",
+        f"best: {s['best_trial']['trial']} ({s['best_trial']['backbone']}), val macro-F1 {s['val']['macro_f1']:.3f}",
+    ]
+    for split in ("test", "test_clean"):
+        if split in s:
+            lines.append(f"  {split:<10} n={s[split]['n']:<5} accuracy {s[split]['accuracy']:.3f}  "
+                         f"macro-F1 {s[split]['macro_f1']:.3f}")
+    lines.append(f"  model: {s['model']['uri']} ({s['model']['model_id']})")
+    lines.append(f"  leaderboard: {s['search']}/leaderboard.md, plot: {s['search']}/val_macro_f1.png")
+    return "\n".join(lines)
