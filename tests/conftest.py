@@ -23,11 +23,30 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="module")
-def ray_session():
+# Fixtures that start Ray: a test that uses one (directly or through another fixture) is marked
+# `ray`, so that `pytest -m "not ray"` is the fast subset. Tests that start Ray some other way (a
+# job in a subprocess) carry @pytest.mark.ray themselves; modules where every test needs Ray say
+# so with pytestmark.
+RAY_FIXTURES = {"ray_session", "cluster", "ray_head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
+def start_ray(**kwargs):
+    """A local Ray for one test module (2 CPUs, quiet); ``kwargs`` go to ``ray.init``."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False, **kwargs)
+    return ray
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = start_ray()
     yield ray
     ray.shutdown()
 
@@ -78,3 +97,47 @@ def upload_tree(local_dir: str, endpoint: str, bucket: str, prefix: str) -> None
             path = os.path.join(dirpath, name)
             key = f"{prefix}/{os.path.relpath(path, local_dir)}".replace(os.sep, "/")
             client.upload_file(path, bucket, key)
+
+
+def mri_like(n: int, seed: int, size: int = 64):
+    """``n`` generated MRI-like slices (uint8, size x size), labels cycling through the classes."""
+    import numpy as np
+
+    from braintumor_ray import CLASS_NAMES
+    from braintumor_ray.imaging import render_mri
+
+    rng = np.random.default_rng(seed)
+    return [render_mri(CLASS_NAMES[i % len(CLASS_NAMES)], rng, size=size)[0] for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def trusted_package(tmp_path_factory):
+    """The ``package`` model (random init, 64 px) with a fitted trust: the OOD reference on the
+    features of generated MRI-like images, calibration and thresholds on another set of them."""
+    import numpy as np
+    import torch
+
+    from braintumor_ray import MRIPreprocess, create_model, export_model_package
+    from braintumor_ray.imaging import encode_png
+    from braintumor_ray.models import WithFeatures, data_config, prepare_input
+    from braintumor_ray.trust import TrustConfig, fit_trust
+
+    torch.manual_seed(0)
+    model = create_model("resnet10t", pretrained=False, drop_rate=0.0).eval()
+    pre = MRIPreprocess(image_size=64)
+    dcfg = data_config(model)
+
+    def outputs(images):
+        px = np.stack([pre(encode_png(im)).pixels for im in images])
+        with torch.inference_mode():
+            lo, fe = WithFeatures(model)(prepare_input(px, mean=dcfg["mean"], std=dcfg["std"]))
+        return lo.numpy(), fe.numpy()
+
+    tr_lo, tr_fe = outputs(mri_like(160, seed=1))
+    va_lo, va_fe = outputs(mri_like(120, seed=2))
+    labels = np.arange(160) % 4
+    trust = fit_trust(TrustConfig(ood_pass_rate=1.0), train_features=tr_fe, train_labels=labels,
+                      val_logits=va_lo, val_features=va_fe, val_labels=np.arange(120) % 4)
+    uri = str(tmp_path_factory.mktemp("trusted") / "model")
+    export_model_package(model, uri, preprocess=pre, trust=trust)
+    return uri

@@ -19,6 +19,8 @@ from braintumor_ray.ingest import IngestConfig, run_ingest
 from _images import bad_files, jpeg_bytes, odd_but_valid
 from conftest import upload_tree
 
+pytestmark = pytest.mark.ray
+
 BAD = ["truncated.jpg", "corrupt_header.jpg", "header_only.jpg", "empty.jpg", "notes.jpg", "bomb.png"]
 ODD = ["sixteen_bit.png", "rgba.png", "cmyk.jpg"]
 

@@ -18,6 +18,8 @@ from braintumor_ray.score import ScoreConfig, run_scoring
 
 from _net import free_port
 
+pytestmark = pytest.mark.ray
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):

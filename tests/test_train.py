@@ -12,7 +12,28 @@ import pytest
 from braintumor_ray import MRIPreprocess, make_sample_dataset
 from braintumor_ray.ingest import IngestConfig, run_ingest
 
-pytestmark = pytest.mark.timeout(600)
+from conftest import start_ray
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.ray]
+
+# The test hook that makes a worker fail (read by braintumor_ray.train's worker; nothing else sets it).
+INJECT_FAILURE_ENV = "BRAINTUMOR_TEST_INJECT_FAILURE"
+FAILING_RUN = "t"  # the run the hook is armed for: _cfg's name
+
+
+@pytest.fixture(scope="module")
+def failure_marker(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("hook") / "failed-once")
+
+
+@pytest.fixture(scope="module")
+def ray_session(failure_marker):
+    """conftest's session, with the failure hook in every Ray worker's environment (Ray Train's
+    workers included): rank 1 of the run named "t" raises once at step 1 of epoch 2."""
+    hook = {"marker": failure_marker, "epoch": 2, "rank": 1, "step": 1, "name": FAILING_RUN}
+    ray = start_ray(runtime_env={"env_vars": {INJECT_FAILURE_ENV: json.dumps(hook)}})
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +55,7 @@ def train_data(data_dir):
 def _cfg(tmp_path, **kw):
     from braintumor_ray.train import TrainConfig
 
-    return TrainConfig.smoke_test(storage=str(tmp_path / "runs"), name="t", **kw)
+    return TrainConfig.smoke_test(storage=str(tmp_path / "runs"), name=FAILING_RUN, **kw)
 
 
 def _learned(result):
@@ -47,12 +68,12 @@ def _learned(result):
         assert m["accuracy"] >= 0.7 and m["roc_auc_ovr"] >= 0.95, (split, m)
 
 
-def test_two_workers_survive_a_failure_mid_epoch_2(train_data, tmp_path):
+def test_two_workers_survive_a_failure_mid_epoch_2(train_data, failure_marker, tmp_path):
     """Rank 1 raises once in epoch 2 of 5: Ray Train restarts the group from the epoch-1 checkpoint."""
     from braintumor_ray.train import build_trainer
 
-    marker = str(tmp_path / "failed-once")
-    cfg = _cfg(tmp_path, epochs=5, num_workers=2, inject_failure={"marker": marker, "epoch": 2, "rank": 1, "step": 1})
+    marker = failure_marker  # the hook is armed by this module's ray_session
+    cfg = _cfg(tmp_path, epochs=5, num_workers=2)
     result = build_trainer(cfg, data=train_data).fit()
     out = result.return_value
     assert os.path.exists(marker), "the failure hook never fired"

@@ -21,7 +21,8 @@ def _run(args, cwd, home, timeout=420):
     return subprocess.run([sys.executable, JOB, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_smoke_test_end_to_end(tmp_path):
+@pytest.mark.ray
+def test_smoke_test_end_to_end(tmp_path, monkeypatch):
     p = _run(["--smoke-test", "--name", "smoke", "--epochs", "2"], cwd=tmp_path, home=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     run = tmp_path / "demo" / "runs" / "smoke"
@@ -30,14 +31,38 @@ def test_smoke_test_end_to_end(tmp_path):
     assert (run / "model" / "model.json").exists() and (run / "curves.png").exists()
     assert "test_clean" in p.stdout and "macro-F1" in p.stdout  # the final table
     assert "epoch 2/2" in p.stdout + p.stderr  # one line per epoch, from the rank-0 worker
+    # Fitted after training: calibration and review flags, on val; test and test_clean report.
+    t = m["trust"]
+    assert t["temperature"] > 0 and t["ood_detector"] == "mahalanobis" and 0 <= t["review_threshold"] <= 1
+    for split in ("val", "test", "test_clean"):
+        assert {"ece_before", "ece_after", "nll_before", "nll_after", "flagged"} <= set(t[split]), split
+    assert t["val"]["nll_after"] <= t["val"]["nll_before"] + 1e-9  # T minimises validation NLL
+    assert (run / "reliability.png").exists() and (run / "model" / "trust.safetensors").exists()
+    assert json.loads((run / "model" / "model.json").read_text())["trust"]["temperature"] == t["temperature"]
+    assert "calibration: temperature" in p.stdout
+
+    # The run's saved config.yaml, fed back through the job's --config, is the TrainConfig it ran.
+    from braintumor_ray.train import TrainConfig
+
+    job = _load_job()
+    ran = []
+    monkeypatch.setattr(job, "run_training", lambda cfg, **kw: ran.append(cfg) or {})
+    monkeypatch.setattr(job, "format_table", lambda metrics: "")
+    assert job.main(["--config", str(run / "config.yaml")]) == 0
+    assert ran == [TrainConfig.from_dict(m["run"]["config"])] and ran[0].name == "smoke" and ran[0].epochs == 2
 
 
-def test_bad_data_is_a_clear_error(tmp_path, capsys):
+def _load_job():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_job", JOB)
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
+    return job
+
+
+def test_bad_data_is_a_clear_error(tmp_path, capsys):
+    job = _load_job()
     (tmp_path / "notdata").mkdir()
     assert job.main(["--data", str(tmp_path / "notdata"), "--storage", str(tmp_path / "runs"), "--name", "x"]) == 2
     err = capsys.readouterr().err

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core import Config, ConfigError, setting
-from ..imaging import MRIPreprocess, SeriesSelector
+from ..imaging import InputGuard, MRIPreprocess, SeriesSelector
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,6 +30,10 @@ class IngestConfig(Config):
     select: SeriesSelector = setting(default_factory=SeriesSelector,
                                      help="which DICOM series and NIfTI volumes to use; files it leaves out are "
                                      "counted in the report, not errors")
+
+    guard: InputGuard = setting(default_factory=InputGuard, help="what the model is for: other DICOM modalities and "
+                                "body parts are left out (counted as not selected), images with no content are "
+                                "errors")
 
     def __post_init__(self) -> None:
         if not self.input or not self.output:

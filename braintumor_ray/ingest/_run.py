@@ -13,26 +13,29 @@ Output layout under ``output``::
 
     train/*.parquet  val/*.parquet  test/*.parquet   one row per kept image
     errors.parquet                                   one row per file that could not be used
+    config.yaml                                      the effective IngestConfig (for --config)
     report.json                                      counts, duplicates, leakage, errors
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ._config import IngestConfig
-from ..core import CLASS_NAMES, ConfigError, InputError, Location, StorageError, canonical_label, canonical_split, resolve
-from ..imaging import DICOM_SUFFIXES, NIFTI_SUFFIXES, MRIPreprocess, SeriesSelector, group_duplicates, phash, sha256_hex, sniff_kind
+from ._report import REPORT_FILE, FileError, IngestCounts, IngestReport
+from ._splits import ImageFacts, SplitDecision, assign_splits
+from ..core import CLASS_NAMES, CONFIG_FILE, InputError, Location, StorageError, canonical_label, canonical_split, resolve
+from ..imaging import DICOM_SUFFIXES, NIFTI_SUFFIXES, InputGuard, MRIPreprocess, SeriesSelector, phash, sha256_hex, sniff_kind
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +45,6 @@ MEDICAL_EXTENSIONS = DICOM_SUFFIXES + NIFTI_SUFFIXES
 # path holds a NUL, so a key never collides with a file's own path.
 _SLICE_SEP = "\x00"
 SPLITS = ("train", "val", "test")
-REPORT_FILE = "report.json"
 IMAGES_DIR = "images"
 ERRORS_FILE = "errors.parquet"
 
@@ -84,6 +86,16 @@ class _Planned:
     source_split: str  # the folder name as published ("" for a class-only layout)
 
 
+@dataclass(frozen=True)
+class InputPlan:
+    """A listing sorted out: the images to read, the files refused (and why), the files ignored."""
+
+    images: list[_Planned]
+    errors: list[FileError]
+    ignored: list[str]
+    layout: str  # <split>/<class>/<image> or <class>/<image>
+
+
 def file_kind(name: str) -> str | None:
     """What a file's name promises: ``image`` (JPEG, PNG...), ``medical`` (.dcm, .nii...),
     ``maybe`` (no extension, or a UID-like all-digit one, as DICOM exports name files) or None."""
@@ -98,7 +110,7 @@ def file_kind(name: str) -> str | None:
     return "maybe" if ext == "" or ext.isdigit() else None
 
 
-def plan_inputs(files: list[str], root: str) -> tuple[list[_Planned], list[dict], list[str], str]:
+def plan_inputs(files: list[str], root: str) -> InputPlan:
     """Sort a listing into images to read, errors (path, reason) and ignored files.
 
     The layout is ``<split>/<class>/<file>`` when any top folder is a split name, else
@@ -116,16 +128,16 @@ def plan_inputs(files: list[str], root: str) -> tuple[list[_Planned], list[dict]
             ignored.append(path)
             continue
         if len(parts) < depth or (kind == "image" and len(parts) != depth):
-            errors.append(_error(path, f"unexpected location: expected {layout} under the input"))
+            errors.append(FileError(path, f"unexpected location: expected {layout} under the input"))
             continue
         split = canonical_split(parts[0]) if has_splits else "train"
         if split is None:
-            errors.append(_error(path, f"unknown split folder {parts[0]!r}: expected Training, Testing or Validation"))
+            errors.append(FileError(path, f"unknown split folder {parts[0]!r}: expected Training, Testing or Validation"))
             continue
         label = canonical_label(parts[depth - 2])
         if label is None:
             errors.append(
-                _error(
+                FileError(
                     path,
                     f"unknown class folder {parts[depth - 2]!r}: expected one of {', '.join(CLASS_NAMES)} "
                     "(or a variant such as glioma_tumor, notumor)",
@@ -134,21 +146,19 @@ def plan_inputs(files: list[str], root: str) -> tuple[list[_Planned], list[dict]
             )
             continue
         planned.append(_Planned(path, label, split, parts[0] if has_splits else ""))
-    return planned, errors, ignored, layout
+    return InputPlan(planned, errors, ignored, layout)
 
 
-def _error(path: str, reason: str, split: str | None = None, label: str | None = None) -> dict:
-    return {"path": path, "reason": reason, "split": split, "label": label}
-
-
-def preprocess_batch(batch: pa.Table, *, preprocess: MRIPreprocess, select: SeriesSelector | None = None) -> pa.Table:
+def preprocess_batch(
+    batch: pa.Table, *, preprocess: MRIPreprocess, select: SeriesSelector | None = None, guard: InputGuard | None = None
+) -> pa.Table:
     """Worker side: bytes -> hashes, preprocessed image, crop box (one row per slice of a DICOM
     or NIfTI file); one row with the reason per bad file or file the selector leaves out."""
     cols: dict[str, list] = {name: [] for name in _DECODED_SCHEMA.names}
     for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist()):
         data = data or b""
         digest = sha256_hex(data)
-        res = preprocess.try_slices(data, name=path, select=select)
+        res = preprocess.try_slices(data, name=path, select=select, guard=guard)
         if not res.slices:
             row: dict[str, Any] = dict.fromkeys(_DECODED_SCHEMA.names)
             row.update(path=path, key=path, sha256=digest, error=res.skipped or res.error)
@@ -189,117 +199,7 @@ def preprocess_batch(batch: pa.Table, *, preprocess: MRIPreprocess, select: Seri
     return pa.Table.from_pydict(cols, schema=_DECODED_SCHEMA)
 
 
-def assign_splits(
-    meta: list[dict], *, val_fraction: float, seed: int, near_dup_distance: int
-) -> tuple[dict[str, dict], dict]:
-    """Driver side: group duplicates, keep one training image per group, carve a grouped,
-    stratified validation split, flag test images with a twin in the training data.
-
-    ``meta`` rows have path (a unique key), sha256, phash, label, split, and optionally series
-    (a DICOM SeriesInstanceUID or a volume's path): kept training images of one series go to
-    the same split, so no scan has slices on both sides. Returns per-path output columns for
-    every kept row, and the duplicates/leakage parts of the report.
-    """
-    n = len(meta)
-    groups = group_duplicates(
-        [m["sha256"] for m in meta], [int(m["phash"], 16) for m in meta], max_distance=near_dup_distance
-    )
-    members: dict[int, list[int]] = defaultdict(list)
-    for i, g in enumerate(groups):
-        members[int(g)].append(i)
-    # A stable, human-checkable id: the smallest sha256 in the group.
-    gid = {g: min(meta[i]["sha256"] for i in idx)[:16] for g, idx in members.items()}
-
-    assigned: dict[str, dict] = {}
-    dropped, conflicts, train_groups = [], [], defaultdict(list)
-    for g, idx in members.items():
-        if len({meta[i]["label"] for i in idx}) > 1:
-            # The same picture filed under two classes, in any split: worth a person's look.
-            conflicts.append({"group_id": gid[g], "members": [_member(meta[i]) for i in sorted(idx, key=lambda i: meta[i]["path"])]})
-        train_idx = sorted((i for i in idx if meta[i]["split"] == "train"), key=lambda i: meta[i]["path"])
-        if not train_idx:
-            continue
-        if len({meta[i]["label"] for i in train_idx}) > 1:
-            # Within training neither label can be trusted: the group is left out.
-            dropped.extend(meta[i]["path"] for i in train_idx)
-            continue
-        keep = train_idx[0]
-        dropped.extend(meta[i]["path"] for i in train_idx[1:])
-        train_groups[meta[keep]["label"]].append((gid[g], keep, len(idx)))
-
-    rng = np.random.default_rng(seed)
-    for label in sorted(train_groups):
-        # The unit of the split: a duplicate group, or all groups whose kept image shares a series.
-        by_series: dict[Any, list] = defaultdict(list)
-        for item in sorted(train_groups[label]):
-            by_series[meta[item[1]].get("series") or ("group", item[0])].append(item)
-        units = sorted(by_series.values())
-        order = rng.permutation(len(units))
-        n_val = int(math.floor(val_fraction * len(units) + 0.5))
-        for rank, k in enumerate(order):
-            for g, i, size in units[k]:
-                assigned[meta[i]["path"]] = {"split": "val" if rank < n_val else "train", "group_id": g, "group_size": size, "leak": None}
-
-    # Published evaluation splits stay whole; each image learns whether training has its twin.
-    train_sha = {m["sha256"] for m in meta if m["split"] == "train"}
-    groups_with_train = {int(groups[i]) for i in range(n) if meta[i]["split"] == "train"}
-    leak_rows = []
-    for i, m in enumerate(meta):
-        if m["split"] == "train":
-            continue
-        g = int(groups[i])
-        leak = "exact" if m["sha256"] in train_sha else ("near" if g in groups_with_train else None)
-        assigned[m["path"]] = {"split": m["split"], "group_id": gid[g], "group_size": len(members[g]), "leak": leak}
-        if leak:
-            leak_rows.append({**_member(m), "leak": leak})
-
-    dup_groups = [
-        {
-            "group_id": gid[g],
-            "kind": "exact" if len({meta[i]["sha256"] for i in idx}) == 1 else "near",
-            "members": [_member(meta[i]) for i in sorted(idx, key=lambda i: meta[i]["path"])],
-        }
-        for g, idx in sorted(members.items(), key=lambda kv: gid[kv[0]])
-        if len(idx) > 1
-    ]
-    per_label: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
-    for m in meta:
-        if m["split"] != "train":
-            per_label[m["split"]][m["label"]]["total"] += 1
-    for r in leak_rows:
-        per_label[r["split"]][r["label"]][r["leak"]] += 1
-        per_label[r["split"]][r["label"]]["leaked"] += 1
-    report = {
-        "duplicates": {
-            "near_dup_distance": near_dup_distance,
-            "groups": len(dup_groups),
-            "exact_groups": sum(g["kind"] == "exact" for g in dup_groups),
-            "near_groups": sum(g["kind"] == "near" for g in dup_groups),
-            "images_in_groups": sum(len(g["members"]) for g in dup_groups),
-            "dropped_from_training": sorted(dropped),
-            "label_conflicts": conflicts,
-            "group_list": dup_groups,
-        },
-        "leakage": {
-            split: {
-                "total": sum(c["total"] for c in labels.values()),
-                "leaked": sum(c["leaked"] for c in labels.values()),
-                "exact": sum(c["exact"] for c in labels.values()),
-                "near": sum(c["near"] for c in labels.values()),
-                "per_label": {lab: dict(sorted(c.items())) for lab, c in sorted(labels.items())},
-                "files": sorted((r["path"] for r in leak_rows if r["split"] == split)),
-            }
-            for split, labels in sorted(per_label.items())
-        },
-    }
-    return assigned, report
-
-
-def _member(m: dict) -> dict:
-    return {"path": m["path"], "split": m["split"], "label": m["label"]}
-
-
-def add_decisions(batch: pa.Table, *, decisions: dict[str, dict], planned: dict[str, dict]) -> pa.Table:
+def add_decisions(batch: pa.Table, *, decisions: dict[str, SplitDecision], planned: dict[str, dict]) -> pa.Table:
     """Join the driver's decisions (by key: path, or path and slice) onto the workers' rows;
     rows without one (errors, dropped duplicates, files left out) are left out."""
     keys = batch.column("key").to_pylist()
@@ -312,12 +212,12 @@ def add_decisions(batch: pa.Table, *, decisions: dict[str, dict], planned: dict[
     cols = {
         "label": pa.array([x["label"] for x in pl], pa.string()),
         "label_index": pa.array([CLASS_NAMES.index(x["label"]) for x in pl], pa.int8()),
-        "split": pa.array([x["split"] for x in d], pa.string()),
+        "split": pa.array([x.split for x in d], pa.string()),
         "source_split": pa.array([x["source_split"] for x in pl], pa.string()),
-        "group_id": pa.array([x["group_id"] for x in d], pa.string()),
-        "group_size": pa.array([x["group_size"] for x in d], pa.int32()),
-        "leaked": pa.array([x["leak"] is not None for x in d], pa.bool_()),
-        "leak": pa.array([x["leak"] for x in d], pa.string()),
+        "group_id": pa.array([x.group_id for x in d], pa.string()),
+        "group_size": pa.array([x.group_size for x in d], pa.int32()),
+        "leaked": pa.array([x.leak is not None for x in d], pa.bool_()),
+        "leak": pa.array([x.leak for x in d], pa.string()),
     }
     for name, arr in cols.items():
         batch = batch.append_column(name, arr)
@@ -327,7 +227,10 @@ def add_decisions(batch: pa.Table, *, decisions: dict[str, dict], planned: dict[
 
 
 def run_ingest(config: IngestConfig) -> dict:
-    """Run the ingest on the connected Ray cluster (a local one is started if none is)."""
+    """Run the ingest on the connected Ray cluster (a local one is started if none is).
+
+    Returns the report (an :class:`IngestReport`) in its JSON form, as written to report.json.
+    """
     import ray
 
     t0 = time.perf_counter()
@@ -338,14 +241,14 @@ def run_ingest(config: IngestConfig) -> dict:
             raise StorageError(f"output {dst.uri} is not empty: choose a new output, or pass --overwrite to replace it")
         dst.remove()
     files = src.files()
-    planned, errors, ignored, layout = plan_inputs(files, src.path)
-    if not planned:
+    plan = plan_inputs(files, src.path)
+    if not plan.images:
         raise InputError(
-            f"no usable image files under {src.uri} ({len(files)} files found, {len(errors)} in unexpected "
-            f"places, {len(ignored)} not images). Expected {layout} with class folders such as glioma_tumor, "
+            f"no usable image files under {src.uri} ({len(files)} files found, {len(plan.errors)} in unexpected "
+            f"places, {len(plan.ignored)} not images). Expected {plan.layout} with class folders such as glioma_tumor, "
             "no_tumor; image extensions " + ", ".join(IMAGE_EXTENSIONS + MEDICAL_EXTENSIONS) + " or DICOM files without one"
         )
-    logger.info("ingest: %d images to read from %s (%s), %d listing errors", len(planned), src.uri, layout, len(errors))
+    logger.info("ingest: %d images to read from %s (%s), %d listing errors", len(plan.images), src.uri, plan.layout, len(plan.errors))
 
     if not ray.is_initialized():
         ray.init()
@@ -356,90 +259,114 @@ def run_ingest(config: IngestConfig) -> dict:
     ctx.op_resource_reservation_enabled = False
     timing: dict[str, float] = {"list_s": time.perf_counter() - t0}
     try:
-        n_ignored = len(ignored)
-        decoded, decisions, hygiene, good, not_selected = _decode_and_decide(config, src, planned, errors, ignored, timing)
-        n_ignored_late = len(ignored) - n_ignored  # extensionless files that were not DICOM
-        _write_shards(decoded, src, dst, planned, decisions, timing)
+        decoded = _decode(config, src, plan.images)
+        timing["decode_s"] = decoded.seconds
+        errors = plan.errors + decoded.errors
+        if not decoded.images:
+            raise InputError(
+                f"none of the {len(plan.images)} image files under {src.uri} could be used ({len(errors)} errors, "
+                f"{len(decoded.not_selected)} left out by the series selector): "
+                + "; ".join(f"{e.path}: {e.reason}" for e in errors[:5])
+            )
+        t = time.perf_counter()
+        splits = assign_splits(
+            decoded.images, val_fraction=config.val_fraction, seed=config.seed, near_dup_distance=config.near_dup_distance
+        )
+        timing["dedup_s"] = time.perf_counter() - t
+        _write_shards(decoded.dataset, src, dst, plan.images, splits.decisions, timing)
     finally:
         ctx.op_resource_reservation_enabled = saved
 
+    errors = [dataclasses.replace(e, path=src.uri_of(e.path)) for e in errors]
+    _write_errors(dst.join(ERRORS_FILE), errors)
+    wall = time.perf_counter() - t0
+    name = lambda key: _uri_of_key(src, key)  # noqa: E731
+    report = IngestReport(
+        input=src.uri,
+        output=dst.uri,
+        images=dst.join(IMAGES_DIR).uri,
+        layout=plan.layout,
+        class_names=list(CLASS_NAMES),
+        preprocess=config.preprocess.to_dict(),
+        image_format="raw uint8 greyscale, row-major, image_height x image_width",
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        val_missing_classes=splits.val_missing_classes,
+        counts=_counts(files, plan, decoded, splits.decisions),
+        duplicates=splits.duplicates.with_paths(name),
+        leakage={split: lk.with_paths(name) for split, lk in splits.leakage.items()},
+        errors=sorted(errors, key=lambda e: e.path),
+        selection=config.select.describe(),
+        not_selected=sorted(({"path": src.uri_of(p), "reason": r} for p, r in decoded.not_selected), key=lambda e: e["path"])[:1000],
+        ignored=[src.uri_of(p) for p in (plan.ignored + decoded.ignored)[:100]],
+        timing={**{k: round(v, 3) for k, v in timing.items()}, "wall_s": round(wall, 3), "images_per_s": round(len(plan.images) / wall, 2)},
+    )
+    if report.val_missing_classes:
+        logger.warning("ingest: no validation images for %s (one training group or series each)", ", ".join(report.val_missing_classes))
+    out = report.to_dict()
+    config.save_yaml(dst.join(CONFIG_FILE))  # the effective settings: `jobs/preprocess.py --config` takes them back
+    # report.json is written last: its presence says the shards beside it are complete.
+    dst.join(REPORT_FILE).write_bytes(json.dumps(out, indent=2).encode())
+    logger.info("ingest: wrote %s", dst.join(REPORT_FILE).uri)
+    return out
+
+
+def _counts(files: list[str], plan: InputPlan, decoded: "_Decoded", decisions: dict[str, SplitDecision]) -> IngestCounts:
     counts_in: dict[str, Counter] = defaultdict(Counter)
-    for p in planned:
+    for p in plan.images:
         counts_in[p.split][p.label] += 1
-    label_of = {g["path"]: g["label"] for g in good}  # by key
+    label_of = {m.key: m.label for m in decoded.images}
     counts_out: dict[str, Counter] = defaultdict(Counter)
     for key, d in decisions.items():
-        counts_out[d["split"]][label_of[key]] += 1
-    for e in errors:
-        e["path"] = src.uri_of(e["path"])
-    _write_errors(dst.join(ERRORS_FILE), errors)
-    _relabel_paths(hygiene, src)
-    wall = time.perf_counter() - t0
-    report = {
-        "input": src.uri,
-        "output": dst.uri,
-        "images": dst.join(IMAGES_DIR).uri,
-        "layout": layout,
-        "class_names": list(CLASS_NAMES),
-        "preprocess": config.preprocess.to_dict(),
-        "image_format": "raw uint8 greyscale, row-major, image_height x image_width",
-        "val_fraction": config.val_fraction,
-        "seed": config.seed,
-        "counts": {
-            "files_listed": len(files),
-            "ignored_files": len(ignored),
-            "images_read": len(planned) - n_ignored_late,
-            "images_ok": len(good),  # images and slices
-            "errors": len(errors),
-            "not_selected": len(not_selected),
-            "input": {s: dict(sorted(counts_in[s].items())) for s in SPLITS if s in counts_in},
-            "output": {s: dict(sorted(counts_out[s].items())) for s in SPLITS if s in counts_out},
-        },
-        **hygiene,
-        "errors": sorted(errors, key=lambda e: e["path"]),
-        "selection": config.select.describe(),
-        "not_selected": sorted(({"path": src.uri_of(p), "reason": r} for p, r in not_selected), key=lambda e: e["path"])[:1000],
-        "ignored": [src.uri_of(p) for p in ignored[:100]],
-        "timing": {**{k: round(v, 3) for k, v in timing.items()}, "wall_s": round(wall, 3), "images_per_s": round(len(planned) / wall, 2)},
-    }
-    # report.json is written last: its presence says the shards beside it are complete.
-    dst.join(REPORT_FILE).write_bytes(json.dumps(report, indent=2).encode())
-    logger.info("ingest: wrote %s", dst.join(REPORT_FILE).uri)
-    return report
+        counts_out[d.split][label_of[key]] += 1
+    return IngestCounts(
+        files_listed=len(files),
+        ignored_files=len(plan.ignored) + len(decoded.ignored),
+        images_read=len(plan.images) - len(decoded.ignored),
+        images_ok=len(decoded.images),
+        errors=len(plan.errors) + len(decoded.errors),
+        not_selected=len(decoded.not_selected),
+        input={s: dict(sorted(counts_in[s].items())) for s in SPLITS if s in counts_in},
+        output={s: dict(sorted(counts_out[s].items())) for s in SPLITS if s in counts_out},
+    )
 
 
-def _decode_and_decide(
-    config: IngestConfig, src: Location, planned: list[_Planned], errors: list[dict], ignored: list[str], timing: dict
-):
-    """Read and preprocess every image once (kept in Ray's object store), then decide splits.
+@dataclass(frozen=True)
+class _Decoded:
+    """Every planned file read and preprocessed once (the rows kept in Ray's object store)."""
 
-    Adds to ``errors`` and ``ignored``; returns the decoded dataset, the decisions (by key),
-    the hygiene report, the good rows and the (path, reason) of files the selector left out.
-    """
+    dataset: Any  # the materialised ray.data.Dataset of preprocess_batch rows
+    images: list[ImageFacts]  # the usable images and slices, by key
+    errors: list[FileError]  # files that could not be decoded
+    not_selected: list[tuple[str, str]]  # (path, reason) of files the series selector left out
+    ignored: list[str]  # extensionless files that turned out to be neither DICOM nor an image
+    seconds: float
+
+
+def _decode(config: IngestConfig, src: Location, planned: list[_Planned]) -> _Decoded:
+    """Read and preprocess every planned file in Ray Data; sort the outcomes on the driver."""
     import ray
 
     t = time.perf_counter()
     n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     n_blocks = max(2 * n_cpus, math.ceil(len(planned) / config.images_per_block))
-    decoded = (
+    dataset = (
         ray.data.read_binary_files(
             [p.path for p in planned], filesystem=src.pyarrow_fs, include_paths=True, override_num_blocks=n_blocks
         )
         .map_batches(
-            preprocess_batch, batch_format="pyarrow", fn_kwargs={"preprocess": config.preprocess, "select": config.select}
+            preprocess_batch, batch_format="pyarrow", fn_kwargs={"preprocess": config.preprocess, "select": config.select, "guard": config.guard}
         )
         .materialize()
     )
     cols = ["key", "path", "sha256", "phash", "outcome", "error", "series_instance_uid", "slice_index"]
-    meta = _to_arrow(decoded.select_columns(cols)).to_pylist()
-    timing["decode_s"] = time.perf_counter() - t
-    t = time.perf_counter()
+    rows = _to_arrow(dataset.select_columns(cols)).to_pylist()
     by_path = {p.path: p for p in planned}
-    good, not_selected = [], []
-    for row in meta:
+    images, errors, not_selected, ignored = [], [], [], []
+    for row in rows:
         p = by_path[row["path"]]
         if row["outcome"] == "error":
-            errors.append(_error(p.path, row["error"], p.split, p.label))
+            errors.append(FileError(p.path, row["error"], p.split, p.label))
         elif row["outcome"] == "not_selected":
             not_selected.append((p.path, row["error"]))
         elif row["outcome"] == "ignored":
@@ -447,21 +374,13 @@ def _decode_and_decide(
         else:
             # The series that keeps slices together in one split: a DICOM series, or a volume.
             series = row["series_instance_uid"] or (row["path"] if row["slice_index"] is not None else None)
-            good.append({"path": row["key"], "sha256": row["sha256"], "phash": row["phash"], "label": p.label, "split": p.split, "series": series})
-    if not good:
-        raise InputError(
-            f"none of the {len(planned)} image files under {src.uri} could be used ({len(errors)} errors, "
-            f"{len(not_selected)} left out by the series selector): "
-            + "; ".join(f"{e['path']}: {e['reason']}" for e in errors[:5])
-        )
-    decisions, hygiene = assign_splits(
-        good, val_fraction=config.val_fraction, seed=config.seed, near_dup_distance=config.near_dup_distance
-    )
-    timing["dedup_s"] = time.perf_counter() - t
-    return decoded, decisions, hygiene, good, not_selected
+            images.append(ImageFacts(row["key"], row["sha256"], row["phash"], p.label, p.split, series))
+    return _Decoded(dataset, images, errors, not_selected, ignored, time.perf_counter() - t)
 
 
-def _write_shards(decoded, src: Location, dst: Location, planned: list[_Planned], decisions: dict, timing: dict) -> None:
+def _write_shards(
+    decoded, src: Location, dst: Location, planned: list[_Planned], decisions: dict[str, SplitDecision], timing: dict
+) -> None:
     t = time.perf_counter()
     extra = {p.path: {"label": p.label, "source_split": p.source_split, "uri": src.uri_of(p.path)} for p in planned}
     # One pass: join the decisions, write one folder per split (hive style: images/split=train/).
@@ -483,53 +402,8 @@ def _uri_of_key(src: Location, key: str) -> str:
     return src.uri_of(path) + (f"#slice={index}" if index else "")
 
 
-def _relabel_paths(hygiene: dict, src: Location) -> None:
-    for g in hygiene["duplicates"]["group_list"] + hygiene["duplicates"]["label_conflicts"]:
-        for m in g["members"]:
-            m["path"] = _uri_of_key(src, m["path"])
-    d = hygiene["duplicates"]
-    d["dropped_from_training"] = [_uri_of_key(src, p) for p in d["dropped_from_training"]]
-    for split in hygiene["leakage"].values():
-        split["files"] = [_uri_of_key(src, p) for p in split["files"]]
-
-
-def _write_errors(loc: Location, errors: list[dict]) -> None:
+def _write_errors(loc: Location, errors: list[FileError]) -> None:
     schema = pa.schema([("path", pa.string()), ("reason", pa.string()), ("split", pa.string()), ("label", pa.string())])
     buf = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(errors, schema=schema), buf)
+    pq.write_table(pa.Table.from_pylist([dataclasses.asdict(e) for e in errors], schema=schema), buf)
     loc.write_bytes(buf.getvalue().to_pybytes())
-
-
-def format_summary(report: dict) -> str:
-    """One screen for a person: what was read, kept, dropped, leaked and refused."""
-    c = report["counts"]
-    lines = [
-        f"ingest {report['input']} -> {report['output']}",
-        f"  files listed {c['files_listed']}, images read {c['images_read']}, ok {c['images_ok']}, "
-        f"errors {c['errors']}, ignored (not images) {c['ignored_files']}"
-        + (f", left out by the series selector {c['not_selected']}" if c.get("not_selected") else ""),
-        f"  {'split':<6}" + "".join(f"{n:>12}" for n in CLASS_NAMES) + f"{'total':>8}",
-    ]
-    for split, labels in report["counts"]["output"].items():
-        lines.append(f"  {split:<6}" + "".join(f"{labels.get(n, 0):>12}" for n in CLASS_NAMES) + f"{sum(labels.values()):>8}")
-    d = report["duplicates"]
-    lines.append(
-        f"  duplicate groups {d['groups']} (exact {d['exact_groups']}, near {d['near_groups']}, pHash <= "
-        f"{d['near_dup_distance']} bits); dropped from training {len(d['dropped_from_training'])}; "
-        f"label conflicts {len(d['label_conflicts'])}"
-    )
-    for split, lk in report["leakage"].items():
-        per = ", ".join(f"{lab} {v.get('leaked', 0)}/{v.get('total', 0)}" for lab, v in lk["per_label"].items())
-        lines.append(f"  {split}: {lk['leaked']}/{lk['total']} have a twin in training (exact {lk['exact']}, near {lk['near']}): {per}")
-    if report["errors"]:
-        lines.append(f"  errors ({len(report['errors'])}, all in errors.parquet and report.json):")
-        for e in report["errors"][:8]:
-            lines.append(f"    {e['path']}: {e['reason']}")
-        if len(report["errors"]) > 8:
-            lines.append(f"    ... {len(report['errors']) - 8} more")
-    t = report["timing"]
-    lines.append(
-        f"  {t['wall_s']:.1f} s ({t['images_per_s']:.1f} images/s): list {t['list_s']:.1f}, decode {t['decode_s']:.1f}, "
-        f"dedup {t['dedup_s']:.1f}, write {t['write_s']:.1f}"
-    )
-    return "\n".join(lines)

@@ -11,8 +11,18 @@ trainer (Ray Tune launches it inside its trial function); ``run_training`` also 
 from ..imaging import TrainAugment
 from ._config import TrainConfig
 from ._data import TrainData, decode_batch, load_train_data
-from ._loop import class_weights, evaluate, lr_lambda, make_criterion, make_optimizer, train_loop_per_worker, train_one_epoch
+from ._loop import (
+    TrainingState,
+    class_weights,
+    evaluate,
+    lr_lambda,
+    make_criterion,
+    make_optimizer,
+    train_loop_per_worker,
+    train_one_epoch,
+)
 from ._metrics import classification_metrics, confusion_matrix, roc_auc
+from ._outputs import package_metrics, pyplot, save_figure, write_plots
 from ._run import (
     METRICS_FILE,
     MODEL_DIR,
@@ -25,16 +35,22 @@ from ._run import (
     run_location,
     run_training,
     start_run,
-    write_plots,
 )
+from ._trust import RELIABILITY_PNG, fit_model_trust, model_outputs, split_report, write_reliability
 
 __all__ = [
+    "RELIABILITY_PNG",
+    "fit_model_trust",
+    "model_outputs",
+    "split_report",
+    "write_reliability",
     "METRICS_FILE",
     "MODEL_DIR",
     "TrainAugment",
     "TrainConfig",
     "TrainData",
     "TrainingError",
+    "TrainingState",
     "best_model",
     "build_trainer",
     "class_weights",
@@ -49,9 +65,12 @@ __all__ = [
     "lr_lambda",
     "make_criterion",
     "make_optimizer",
+    "package_metrics",
+    "pyplot",
     "roc_auc",
     "run_location",
     "run_training",
+    "save_figure",
     "start_run",
     "train_loop_per_worker",
     "train_one_epoch",

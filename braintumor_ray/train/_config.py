@@ -9,6 +9,8 @@ from typing import Any, ClassVar, Literal, Mapping, get_args
 from ..core import Config, ConfigError, setting
 from ..imaging import TrainAugment
 from ..models import Transfer
+from ..tracking import MLflowConfig
+from ..trust import TrustConfig
 
 
 ClassWeighting = Literal["sqrt", "inverse", "none"]
@@ -77,7 +79,13 @@ class TrainConfig(Config):
     max_failures: int = setting(2, help="worker failures to recover from (-1: retry forever)")
     seed: int = setting(0, help="model init, data order, augmentation")
 
-    inject_failure: dict[str, Any] | None = setting(None, help="test hook", cli=False)
+    # Experiment tracking
+    mlflow: MLflowConfig = setting(default_factory=MLflowConfig, help="MLflow run, metrics, artifacts and "
+                                   "registered model version of the run (none without a tracking URI)")
+
+    # After training (never on test): calibration, the OOD reference and the review threshold
+    trust: TrustConfig = setting(default_factory=TrustConfig, help="calibration, out-of-distribution "
+                                 "reference and review threshold, fitted after training")
 
     SMOKE: ClassVar[Mapping[str, Any]] = dict(
         model="resnet10t",

@@ -70,6 +70,25 @@ def read_report(data: Location) -> dict[str, Any]:
     return report
 
 
+def missing_split_hint(split: str, report: dict[str, Any]) -> str:
+    """What to do about a split the ingest output lacks, from what its report says."""
+    if split != "val":
+        return "run jobs/preprocess.py on a folder with training images (<split>/<class>/<image> or <class>/<image>)"
+    fraction = report.get("val_fraction")
+    if not fraction:
+        return f"it was ingested with --val-fraction {fraction}: run jobs/preprocess.py again with --val-fraction > 0"
+    out = report.get("counts", {}).get("output", {})
+    have_val = {lab for lab, n in out.get("val", {}).items() if n}
+    no_val = [c for c in CLASS_NAMES if c not in have_val]
+    per_class = out.get("train", {})
+    return (
+        f"no validation images for {', '.join(f'{c} ({per_class.get(c, 0)} training)' for c in no_val)} "
+        f"at --val-fraction {fraction}: a class needs two or more distinct training images (duplicate groups or "
+        "series) to give one to validation. Add training images, or run jobs/preprocess.py again (earlier versions "
+        "carved none from small classes)"
+    )
+
+
 def load_train_data(uri: str, *, s3_endpoint_url: str | None = None, seed: int = 0) -> TrainData:
     """Read, decode and materialise train/val/test from an ingest output.
 
@@ -82,16 +101,16 @@ def load_train_data(uri: str, *, s3_endpoint_url: str | None = None, seed: int =
 
     data = resolve(uri, s3_endpoint_url=s3_endpoint_url)
     report = read_report(data)
+    if report.get("val_missing_classes"):
+        logger.warning("%s has no validation images for %s (too few training images): early stopping and the best "
+                       "epoch do not see them", data.uri, ", ".join(report["val_missing_classes"]))
     images = data.join("images")
     lazy: dict[str, Any] = {}
     for split in ("train", "val", "test"):
         loc = images.join(f"split={split}")
         if not loc.exists() or not loc.files():
             if split in REQUIRED_SPLITS:
-                raise InputError(
-                    f"--data {data.uri} has no {split} split ({loc.uri}): run jobs/preprocess.py with "
-                    "a training folder and --val-fraction > 0"
-                )
+                raise InputError(f"--data {data.uri} has no {split} split ({loc.uri}): " + missing_split_hint(split, report))
             logger.warning("no %s split in %s: no test metrics", split, data.uri)
             continue
         ds = ray.data.read_parquet(loc.path, filesystem=data.pyarrow_fs, columns=COLUMNS)

@@ -2,18 +2,23 @@
 
 ``train_loop_per_worker(config)`` is what ``TorchTrainer`` runs on each worker (``config`` is
 ``TrainConfig.to_dict()`` plus what the driver learnt from the data: ``n_train``,
-``class_counts``). ``train_one_epoch`` and ``evaluate`` are kept short and separate, as in the
+``class_counts``). It hands the work to a small runner, ``_WorkerRunner``: ``train_one_epoch``,
+``validate``, ``save_checkpoint``/``load_checkpoint`` and ``run``, over a typed
+:class:`TrainingState` (what a checkpoint carries, loadable with ``weights_only=True``). The
+functions ``train_one_epoch`` and ``evaluate`` below are kept short and separate, as in the
 torchvision reference scripts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -206,9 +211,21 @@ def eval_metrics(ev: dict[str, np.ndarray], mask: np.ndarray | None = None) -> d
     return classification_metrics(ev["labels"], ev["probs"], CLASS_NAMES, loss=loss)
 
 
-def _maybe_fail(hook: dict[str, Any] | None, epoch: int, rank: int, world: int) -> Callable[[int], None] | None:
-    """Test hook: raise once on one rank at one step of one epoch (a marker file makes it once)."""
-    if not hook or epoch != int(hook.get("epoch", 2)) or rank != min(int(hook.get("rank", 1)), world - 1):
+# --- test hook ------------------------------------------------------------------------------------
+
+# Tests only: JSON of {"marker": path, "epoch": 2, "rank": 1, "step": 1, "name": run name (optional)}
+# makes one worker raise once (the marker file makes it once), to exercise Ray Train's restarts.
+# Tests hand it to the workers with ray.init(runtime_env={"env_vars": {...}}); nothing else sets it.
+INJECT_FAILURE_ENV = "BRAINTUMOR_TEST_INJECT_FAILURE"
+
+
+def _failure_hook(epoch: int, rank: int, world: int, run_name: str) -> Callable[[int], None] | None:
+    """The step callback that raises once on one rank at one step of one epoch, when armed."""
+    text = os.environ.get(INJECT_FAILURE_ENV)
+    hook = json.loads(text) if text else None
+    if not hook or hook.get("name", run_name) != run_name:
+        return None
+    if epoch != int(hook.get("epoch", 2)) or rank != min(int(hook.get("rank", 1)), world - 1):
         return None
     marker, at = hook["marker"], int(hook.get("step", 1))
 
@@ -230,169 +247,266 @@ def _setup_logging() -> None:
     pkg.setLevel(logging.INFO)
 
 
+# --- the worker -----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingState:
+    """A run's progress: what a checkpoint carries besides the model, optimizer, schedule and scaler.
+
+    Plain tensors and Python values only, so that ``torch.load(..., weights_only=True)`` reads it.
+    """
+
+    epoch: int = 0  # epochs finished
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch (the reported metrics)
+    best_f1: float = -1.0  # best validation macro-F1 so far
+    best_epoch: int = 0
+    best_model: dict[str, torch.Tensor] | None = None  # that epoch's weights (CPU copies)
+    bad_epochs: int = 0  # epochs since the best one (early stopping)
+    stopped: bool = False  # stopped early
+    restores: list[int] = field(default_factory=list)  # epochs the run was restored from
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainingState":
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+class _WorkerRunner:
+    """One Ray Train worker's part of a run (each rank builds one): restore, train with per-epoch
+    validation and checkpoints, then evaluate the best weights on val and test.
+
+    ``config`` is ``TrainConfig.to_dict()`` plus what the driver learnt from the data:
+    ``n_train``, ``class_counts``, ``has_test``.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        import ray.train
+        import ray.train.torch
+
+        config = dict(config)
+        n_train = int(config.pop("n_train"))
+        class_counts = list(config.pop("class_counts"))
+        self.has_test = bool(config.pop("has_test", True))
+        self.cfg = cfg = TrainConfig.from_dict(config)
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        self.device = ray.train.torch.get_device()
+        torch.manual_seed(cfg.seed)
+
+        self.model = create_model(
+            cfg.model,
+            pretrained=cfg.pretrained,
+            weights=cfg.weights,
+            weights_sha256=cfg.weights_sha256,
+            drop_rate=cfg.drop_rate,
+            transfer=cfg.transfer_mode,
+            channels_last=cfg.use_channels_last,
+            s3_endpoint_url=cfg.s3_endpoint_url,
+        )
+        if cfg.pretrained or cfg.weights:
+            _small_head_init(self.model)
+        dcfg = data_config(self.model)
+        self.mean, self.std = dcfg["mean"], dcfg["std"]
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.per_worker = n_train // self.world  # streaming_split(equal=True) gives each worker this many rows
+        batches_per_epoch = max(1, math.ceil(self.per_worker / cfg.batch_size))
+        self.steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.grad_accum_steps))
+        total = self.steps_per_epoch * cfg.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(round(cfg.warmup_epochs * self.steps_per_epoch), total, cfg.min_lr_ratio)
+        )
+        self.amp = cfg.use_amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        self.criterion = make_criterion(cfg, class_counts, self.device)
+        self.state = TrainingState()
+        self.generator = torch.Generator()
+        self._shards: dict[str, Any] = {}
+
+    def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
+        return prepare_input(pixels, mean=self.mean, std=self.std, channels_last=self.cfg.use_channels_last)
+
+    def shard(self, split: str):
+        """This worker's iterator over a split (training is sharded; val and test are whole)."""
+        import ray.train
+
+        if split not in self._shards:
+            self._shards[split] = ray.train.get_dataset_shard(split)
+        return self._shards[split]
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Write the run's state (progress, model, optimizer, schedule, scaler) to ``directory``."""
+        torch.save(
+            {
+                **self.state.to_dict(),
+                "model": _bare(self.model).state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+            },
+            os.path.join(directory, STATE_FILE),
+        )
+
+    def load_checkpoint(self, checkpoint) -> None:
+        """Continue from a checkpoint written by :meth:`save_checkpoint` (before DDP wraps the model)."""
+        with checkpoint.as_directory() as d:
+            saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        self.model.load_state_dict(saved.pop("model"))
+        self.optimizer.load_state_dict(saved.pop("optimizer"))
+        self.scheduler.load_state_dict(saved.pop("scheduler"))
+        scaler_state = saved.pop("scaler", None)
+        if self.scaler and scaler_state:
+            self.scaler.load_state_dict(scaler_state)
+        self.state = TrainingState.from_dict(saved)
+        self.state.restores = self.state.restores + [self.state.epoch]
+        if self.rank == 0:
+            logger.warning("restored from the checkpoint of epoch %d (%s); resuming at epoch %d",
+                           self.state.epoch, checkpoint.path, self.state.epoch + 1)
+
+    def report(self, row: dict[str, Any]) -> None:
+        """Report an epoch's row to Ray Train, with a checkpoint written by rank 0."""
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if self.rank == 0:
+                self.save_checkpoint(d)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            metrics = {k: v for k, v in row.items() if not isinstance(v, bool)} | {"stopped_early": int(row["stopped_early"])}
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    # --- one epoch --------------------------------------------------------------------------------
+
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over this worker's shard; loss and accuracy over every worker's images."""
+        cfg = self.cfg
+        batches = self.shard("train").iter_torch_batches(
+            batch_size=cfg.batch_size,
+            local_shuffle_buffer_size=max(cfg.batch_size * 8, 256),
+            local_shuffle_seed=cfg.seed * 1000 + epoch * 10 + self.rank,
+        )
+        tr = train_one_epoch(
+            self.model, batches, criterion=self.criterion, optimizer=self.optimizer, scheduler=self.scheduler,
+            prepare=self.prepare, augment=cfg.train_augment, generator=self.generator, device=self.device,
+            scaler=self.scaler, amp=self.amp, grad_accum_steps=cfg.grad_accum_steps,
+            on_step=_failure_hook(epoch, self.rank, self.world, cfg.name),
+        )
+        loss_sum, correct, seen = _all_sum([tr["loss_sum"], tr["correct"], tr["seen"]], self.device)
+        return {
+            "loss": loss_sum / max(1, seen),
+            "accuracy": correct / max(1, seen),
+            "seconds": tr["seconds"],
+            "images_per_s": tr["seen"] / max(tr["seconds"], 1e-9),  # this worker's
+            "data_wait_s": tr["data_wait_s"],
+        }
+
+    def evaluate(self, split: str) -> dict[str, np.ndarray]:
+        """Every image of ``split`` through the model (each worker scores its own batches), gathered."""
+        batches = self.shard(split).iter_torch_batches(batch_size=self.cfg.eval_batch_size)
+        return gather_eval(
+            evaluate(self.model, batches, criterion=self.criterion, prepare=self.prepare, device=self.device,
+                     amp=self.amp, rank=self.rank, world_size=self.world)
+        )
+
+    def validate(self) -> dict[str, Any]:
+        return eval_metrics(self.evaluate("val"))
+
+    def _track_best(self, epoch: int, val: dict[str, Any]) -> bool:
+        """Keep the best epoch's weights; count epochs without one and stop early after too many."""
+        s, cfg = self.state, self.cfg
+        improved = val["macro_f1"] > s.best_f1
+        if improved:
+            s.best_f1, s.best_epoch, s.bad_epochs = val["macro_f1"], epoch, 0
+            s.best_model = {k: v.detach().cpu().clone() for k, v in _bare(self.model).state_dict().items()}
+        else:
+            s.bad_epochs += 1
+        if cfg.early_stop_patience and s.bad_epochs >= cfg.early_stop_patience and epoch < cfg.epochs:
+            s.stopped = True
+        return improved
+
+    # --- the run ------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        import ray.train
+        import ray.train.torch
+
+        cfg, s = self.cfg, self.state
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint:
+            self.load_checkpoint(checkpoint)
+            s = self.state
+        elif self.rank == 0:
+            logger.info(
+                "%s (%s): %d of %d parameters train; %d workers x %d images per epoch, %d steps/epoch, device %s",
+                cfg.model, cfg.transfer_mode, count_parameters(self.model, trainable=True), count_parameters(self.model),
+                self.world, self.per_worker, self.steps_per_epoch, self.device,
+            )
+        self.model = ray.train.torch.prepare_model(self.model)
+        for split in ("train", "val"):  # every rank asks for its shards up front, epochs left to train or not
+            self.shard(split)
+        self.generator.manual_seed(cfg.seed * 1000 + self.rank + 7919 * s.epoch)
+
+        while s.epoch < cfg.epochs and not s.stopped:
+            epoch = s.epoch + 1
+            tr = self.train_one_epoch(epoch)
+            val = self.validate()
+            improved = self._track_best(epoch, val)
+            row = {
+                "epoch": epoch,
+                "train_loss": tr["loss"],
+                "train_accuracy": tr["accuracy"],
+                "val_loss": val["loss"],
+                "val_accuracy": val["accuracy"],
+                "val_macro_f1": val["macro_f1"],
+                "best_val_macro_f1": s.best_f1,
+                "lr": max(g["lr"] for g in self.optimizer.param_groups),
+                "epoch_s": tr["seconds"],
+                "train_images_per_s_per_worker": tr["images_per_s"],
+                "data_wait_s": tr["data_wait_s"],
+                "stopped_early": s.stopped,
+            }
+            s.history.append(row)
+            s.epoch = epoch
+            if self.rank == 0:
+                logger.info(
+                    "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f macro-F1 %.3f%s | lr %.2e | %.0fs, %.1f img/s/worker%s",
+                    epoch, cfg.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"],
+                    row["val_macro_f1"], " *" if improved else "", row["lr"], tr["seconds"],
+                    row["train_images_per_s_per_worker"], "  (early stop)" if s.stopped else "",
+                )
+            self.report(row)
+
+        # The best epoch's weights, tested once on the test split.
+        if s.best_model is not None:
+            _bare(self.model).load_state_dict(s.best_model)
+        result: dict[str, Any] = {
+            "history": s.history,
+            "best_epoch": s.best_epoch,
+            "restores": s.restores,
+            "stopped_early": s.stopped,
+            "world_size": self.world,
+            "val": self.validate(),
+        }
+        if self.has_test:
+            ev = self.evaluate("test")
+            result["test"] = eval_metrics(ev)
+            result["test_clean"] = eval_metrics(ev, ~ev["leaked"])
+        return result
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
-    """Ray Train worker: restore, train with per-epoch validation and checkpoints, test the best model.
+    """Ray Train worker function (what ``TorchTrainer`` runs on each worker): restore, train with
+    per-epoch validation and checkpoints, test the best model.
 
     Returns (on every rank; Ray keeps rank 0's) the run's history and final metrics.
     """
-    import ray.train
-    import ray.train.torch
-
     _setup_logging()
-    config = dict(config)
-    n_train = int(config.pop("n_train"))
-    class_counts = list(config.pop("class_counts"))
-    has_test = bool(config.pop("has_test", True))
-    cfg = TrainConfig.from_dict(config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed)
-
-    model = create_model(
-        cfg.model,
-        pretrained=cfg.pretrained,
-        weights=cfg.weights,
-        weights_sha256=cfg.weights_sha256,
-        drop_rate=cfg.drop_rate,
-        transfer=cfg.transfer_mode,
-        channels_last=cfg.use_channels_last,
-        s3_endpoint_url=cfg.s3_endpoint_url,
-    )
-    if cfg.pretrained or cfg.weights:
-        _small_head_init(model)
-    dcfg = data_config(model)
-    mean, std = dcfg["mean"], dcfg["std"]
-
-    def prepare(pixels: torch.Tensor) -> torch.Tensor:
-        return prepare_input(pixels, mean=mean, std=std, channels_last=cfg.use_channels_last)
-
-    optimizer = make_optimizer(model, cfg)
-    per_worker = n_train // world  # streaming_split(equal=True) gives each worker this many rows
-    batches_per_epoch = max(1, math.ceil(per_worker / cfg.batch_size))
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.grad_accum_steps))
-    total = steps_per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(round(cfg.warmup_epochs * steps_per_epoch), total, cfg.min_lr_ratio)
-    )
-    amp = cfg.use_amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if amp else None
-    criterion = make_criterion(cfg, class_counts, device)
-
-    state: dict[str, Any] = {
-        "epoch": 0,
-        "history": [],
-        "best_f1": -1.0,
-        "best_epoch": 0,
-        "best_model": None,
-        "bad_epochs": 0,
-        "stopped": False,
-        "restores": [],
-    }
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
-        model.load_state_dict(saved.pop("model"))
-        optimizer.load_state_dict(saved.pop("optimizer"))
-        scheduler.load_state_dict(saved.pop("scheduler"))
-        if scaler and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        saved.pop("scaler", None)
-        state.update(saved)
-        state["restores"] = state["restores"] + [state["epoch"]]
-        if rank == 0:
-            logger.warning("restored from the checkpoint of epoch %d (%s); resuming at epoch %d",
-                           state["epoch"], ckpt.path, state["epoch"] + 1)
-    if rank == 0 and not ckpt:
-        logger.info(
-            "%s (%s): %d of %d parameters train; %d workers x %d images per epoch, %d steps/epoch, device %s",
-            cfg.model, cfg.transfer_mode, count_parameters(model, trainable=True), count_parameters(model),
-            world, per_worker, steps_per_epoch, device,
-        )
-
-    model = ray.train.torch.prepare_model(model)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_iter = ray.train.get_dataset_shard("val")
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * state["epoch"])
-    augment = cfg.train_augment
-
-    while state["epoch"] < cfg.epochs and not state["stopped"]:
-        epoch = state["epoch"] + 1
-        batches = train_shard.iter_torch_batches(
-            batch_size=cfg.batch_size,
-            local_shuffle_buffer_size=max(cfg.batch_size * 8, 256),
-            local_shuffle_seed=cfg.seed * 1000 + epoch * 10 + rank,
-        )
-        tr = train_one_epoch(
-            model, batches, criterion=criterion, optimizer=optimizer, scheduler=scheduler, prepare=prepare,
-            augment=augment, generator=generator, device=device, scaler=scaler, amp=amp,
-            grad_accum_steps=cfg.grad_accum_steps, on_step=_maybe_fail(cfg.inject_failure, epoch, rank, world),
-        )
-        loss_sum, correct, seen = _all_sum([tr["loss_sum"], tr["correct"], tr["seen"]], device)
-        ev = gather_eval(
-            evaluate(model, val_iter.iter_torch_batches(batch_size=cfg.eval_batch_size),
-                     criterion=criterion, prepare=prepare, device=device, amp=amp, rank=rank, world_size=world)
-        )
-        val = eval_metrics(ev)
-        improved = val["macro_f1"] > state["best_f1"]
-        if improved:
-            state.update(best_f1=val["macro_f1"], best_epoch=epoch, bad_epochs=0,
-                         best_model={k: v.detach().cpu().clone() for k, v in _bare(model).state_dict().items()})
-        else:
-            state["bad_epochs"] += 1
-        if cfg.early_stop_patience and state["bad_epochs"] >= cfg.early_stop_patience and epoch < cfg.epochs:
-            state["stopped"] = True
-        row = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(1, seen),
-            "train_accuracy": correct / max(1, seen),
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
-            "val_macro_f1": val["macro_f1"],
-            "best_val_macro_f1": state["best_f1"],
-            "lr": max(g["lr"] for g in optimizer.param_groups),
-            "epoch_s": tr["seconds"],
-            "train_images_per_s_per_worker": tr["seen"] / max(tr["seconds"], 1e-9),
-            "data_wait_s": tr["data_wait_s"],
-            "stopped_early": state["stopped"],
-        }
-        state["history"].append(row)
-        state["epoch"] = epoch
-        if rank == 0:
-            logger.info(
-                "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f macro-F1 %.3f%s | lr %.2e | %.0fs, %.1f img/s/worker%s",
-                epoch, cfg.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"],
-                row["val_macro_f1"], " *" if improved else "", row["lr"], tr["seconds"],
-                row["train_images_per_s_per_worker"], "  (early stop)" if state["stopped"] else "",
-            )
-        _report(row, state, model, optimizer, scheduler, scaler, rank)
-
-    # The best epoch's weights, tested once on the test split.
-    if state["best_model"] is not None:
-        _bare(model).load_state_dict(state["best_model"])
-    result: dict[str, Any] = {
-        "history": state["history"],
-        "best_epoch": state["best_epoch"],
-        "restores": state["restores"],
-        "stopped_early": state["stopped"],
-        "world_size": world,
-    }
-    ev = gather_eval(
-        evaluate(model, val_iter.iter_torch_batches(batch_size=cfg.eval_batch_size),
-                 criterion=criterion, prepare=prepare, device=device, amp=amp, rank=rank, world_size=world)
-    )
-    result["val"] = eval_metrics(ev)
-    if has_test:
-        test_iter = ray.train.get_dataset_shard("test")
-        ev = gather_eval(
-            evaluate(model, test_iter.iter_torch_batches(batch_size=cfg.eval_batch_size),
-                     criterion=criterion, prepare=prepare, device=device, amp=amp, rank=rank, world_size=world)
-        )
-        result["test"] = eval_metrics(ev)
-        result["test_clean"] = eval_metrics(ev, ~ev["leaked"])
-    return result
+    return _WorkerRunner(config).run()
 
 
 def _small_head_init(model: nn.Module) -> None:
@@ -407,24 +521,3 @@ def _small_head_init(model: nn.Module) -> None:
 
 def _bare(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _report(row: dict, state: dict, model: nn.Module, optimizer, scheduler, scaler, rank: int) -> None:
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as d:
-        checkpoint = None
-        if rank == 0:
-            torch.save(
-                {
-                    **state,
-                    "model": _bare(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler else None,
-                },
-                os.path.join(d, STATE_FILE),
-            )
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report({k: v for k, v in row.items() if not isinstance(v, bool)} | {"stopped_early": int(row["stopped_early"])},
-                         checkpoint=checkpoint)

@@ -1,0 +1,330 @@
+"""Table-driven unit tests of the pure functions: split assignment (grouping, the validation carve,
+leak flags), input planning, the LR schedule, class weights, the staged writer and the training
+state's checkpoint form. No Ray: part of the fast subset (`pytest -m "not ray"`)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+
+import pytest
+import torch
+
+from braintumor_ray.core import DONE_MARKER, STAGING_SUFFIX, StagedWriter, resolve
+from braintumor_ray.ingest import (
+    ImageFacts,
+    assign_splits,
+    carve_validation,
+    flag_leaks,
+    format_summary,
+    group_images,
+    keep_one_per_group,
+    plan_inputs,
+    val_count,
+)
+from braintumor_ray.train import TrainingState, class_weights, lr_lambda
+
+
+FAR = 0xFFFF_FFFF_0000_0000  # 32 bits from 0: never a near duplicate of a small pHash
+
+
+def sha(n: int) -> str:
+    return hashlib.sha256(str(n).encode()).hexdigest()
+
+
+def img(key: str, label: str = "glioma", split: str = "train", *, h: int, ph: int | None = None,
+        series: str | None = None) -> ImageFacts:
+    """An image whose content is ``h`` (the sha256 of it) and whose pHash is ``ph`` (by default
+    the first 64 bits of that sha256: far from any other's)."""
+    digest = sha(h)
+    ph = ph if ph is not None else int(digest[:16], 16)
+    return ImageFacts(key=key, sha256=digest, phash=f"{ph:016x}", label=label, split=split, series=series)
+
+
+CLASSES = ("glioma", "meningioma", "no_tumor", "pituitary")
+
+
+def per_class(n: int, labels=CLASSES) -> list[ImageFacts]:
+    """``n`` distinct training images per class (``<label>/<i>``)."""
+    return [img(f"{lab}/{i}", lab, h=100 * CLASSES.index(lab) + i) for lab in labels for i in range(n)]
+
+
+# --- grouping --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "images, distance, groups",
+    [
+        # exact copies share a group, whatever their pHash
+        ([img("a", h=1, ph=0), img("b", h=1, ph=FAR), img("c", h=2, ph=~FAR & 2**64 - 1)], 2, [["a", "b"], ["c"]]),
+        # near copies: pHash within the distance (2 bits here)
+        ([img("a", h=1, ph=0b000), img("b", h=2, ph=0b011), img("c", h=3, ph=FAR)], 2, [["a", "b"], ["c"]]),
+        # 3 bits apart is not near at distance 2
+        ([img("a", h=1, ph=0b000), img("b", h=2, ph=0b111)], 2, [["a"], ["b"]]),
+        # -1 switches near matching off; exact matching stays
+        ([img("a", h=1, ph=0), img("b", h=2, ph=0), img("c", h=1, ph=FAR)], -1, [["a", "c"], ["b"]]),
+        # transitive: a~b and b~c put a and c together
+        ([img("a", h=1, ph=0b0000), img("b", h=2, ph=0b0011), img("c", h=3, ph=0b1111)], 2, [["a", "b", "c"]]),
+    ],
+)
+def test_group_images(images, distance, groups):
+    g = group_images(images, near_dup_distance=distance)
+    got = sorted(sorted(images[i].key for i in idx) for idx in g.members.values())
+    assert got == sorted(groups)
+    for gid, idx in g.members.items():  # the id is the smallest sha256 in the group, 16 digits
+        assert g.group_id[gid] == min(images[i].sha256 for i in idx)[:16]
+
+
+@pytest.mark.parametrize(
+    "images, kept, dropped, conflicts",
+    [
+        # one copy of a training group is kept: the first path in sort order
+        ([img("b", h=1), img("a", h=1), img("c", h=2)], {"glioma": ["a", "c"]}, ["b"], 0),
+        # training copies that disagree on the label: none is kept, the group is a conflict
+        ([img("a", "glioma", h=1), img("b", "pituitary", h=1), img("c", h=2)], {"glioma": ["c"]}, ["a", "b"], 1),
+        # a disagreement with a test copy only: training keeps its image, the conflict is reported
+        ([img("a", "glioma", h=1), img("t", "pituitary", "test", h=1)], {"glioma": ["a"]}, [], 1),
+        # evaluation images are never kept for training
+        ([img("t", split="test", h=1), img("v", split="val", h=2)], {}, [], 0),
+    ],
+)
+def test_keep_one_per_group(images, kept, dropped, conflicts):
+    k, d, c = keep_one_per_group(images, group_images(images, near_dup_distance=-1))
+    assert {lab: sorted(images[g.index].key for g in gs) for lab, gs in k.items()} == kept
+    assert sorted(d) == dropped and len(c) == conflicts
+
+
+# --- the validation carve ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "units, fraction, n_val",
+    [
+        (0, 0.15, 0),
+        (1, 0.15, 0),  # a single group or series cannot be split: it stays in training
+        (1, 0.5, 0),
+        (2, 0.15, 1),  # small classes still get one (the share alone rounds to 0)
+        (3, 0.15, 1),
+        (4, 0.15, 1),
+        (10, 0.15, 2),  # 1.5 rounds half up
+        (10, 0.25, 3),
+        (20, 0.15, 3),
+        (2, 0.85, 1),  # never all of a class: training keeps one
+        (5, 0.0, 0),  # no validation split asked for
+    ],
+)
+def test_val_count(units, fraction, n_val):
+    assert val_count(units, fraction) == n_val
+
+
+def _carve(images, fraction, seed=0):
+    kept, _, _ = keep_one_per_group(images, group_images(images, near_dup_distance=-1))
+    return carve_validation(images, kept, val_fraction=fraction, seed=seed)
+
+
+@pytest.mark.parametrize(
+    "n, fraction, val_per_class, missing",
+    [
+        (3, 0.15, 1, []),  # the issue's case: 3 training images per class gave no val split at all
+        (11, 0.15, 2, []),
+        (40, 0.25, 10, []),
+        (1, 0.15, 0, ["glioma", "meningioma", "no_tumor", "pituitary"]),  # one image: no validation possible
+        (5, 0.0, 0, []),  # none asked for: nothing is missing
+    ],
+)
+def test_carve_is_stratified_and_small_classes_get_validation(n, fraction, val_per_class, missing):
+    images = per_class(n)
+    decisions, got_missing = _carve(images, fraction)
+    assert len(decisions) == len(images) and got_missing == missing
+    for label in CLASSES:
+        splits = [decisions[m.key].split for m in images if m.label == label]
+        assert splits.count("val") == val_per_class and splits.count("train") == n - val_per_class
+
+
+def test_carve_names_only_the_classes_that_cannot_have_validation():
+    images = per_class(4, ("glioma", "meningioma")) + per_class(1, ("pituitary",))
+    decisions, missing = _carve(images, 0.15)
+    assert missing == ["pituitary"]
+    assert decisions["pituitary/0"].split == "train"
+    assert [decisions[f"glioma/{i}"].split for i in range(4)].count("val") == 1
+
+
+def test_carve_keeps_a_series_whole_and_depends_on_the_seed_only():
+    series = [img(f"vol#{i}", series="vol", h=900 + i) for i in range(5)]
+    singles = [img(f"x{i}", h=i) for i in range(5)]
+    for seed in range(6):
+        decisions, _ = _carve(series + singles, 0.5, seed)
+        assert len({decisions[m.key].split for m in series}) == 1, seed
+        assert sum(d.split == "val" for d in decisions.values() if d.group_id) >= 1
+        assert decisions == _carve(list(reversed(series + singles)), 0.5, seed)[0]  # input order does not matter
+
+
+# --- leaks and the whole assignment -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "test_image, leak",
+    [
+        (img("t", split="test", h=1, ph=0), "exact"),  # the very file is in training
+        (img("t", split="test", h=99, ph=0b01), "near"),  # a re-encoded copy
+        (img("t", split="test", h=98, ph=FAR), None),  # no twin
+    ],
+)
+def test_flag_leaks(test_image, leak):
+    images = [img("a", h=1, ph=0), test_image]
+    d = flag_leaks(images, group_images(images, near_dup_distance=2))
+    assert list(d) == ["t"] and d["t"].split == "test" and d["t"].leak == leak
+
+
+def test_assign_splits_end_to_end():
+    images = per_class(4) + [
+        img("glioma/copy", "glioma", h=0),  # an exact copy of glioma/0 in training: dropped
+        img("test/leak", "glioma", "test", h=1),  # an exact copy of glioma/1 in test: kept, flagged
+        img("test/clean", "pituitary", "test", h=5000),
+    ]
+    r = assign_splits(images, val_fraction=0.15, seed=0, near_dup_distance=-1)
+    assert "glioma/copy" not in r.decisions and r.duplicates.dropped_from_training == ["glioma/copy"]
+    assert r.decisions["test/leak"].leak == "exact" and r.decisions["test/clean"].leak is None
+    assert r.decisions["test/leak"].group_size == 2
+    assert sum(d.split == "val" for d in r.decisions.values()) == 4  # one per class
+    assert (r.leakage["test"].total, r.leakage["test"].leaked, r.leakage["test"].exact) == (2, 1, 1)
+    assert r.leakage["test"].files == ["test/leak"] and r.val_missing_classes == []
+    assert (r.duplicates.groups, r.duplicates.exact_groups, r.duplicates.images_in_groups) == (2, 2, 4)
+
+
+def test_summary_names_the_classes_without_validation():
+    report = {
+        "input": "in", "output": "out", "val_missing_classes": ["pituitary"],
+        "counts": {"files_listed": 1, "images_read": 1, "images_ok": 1, "errors": 0, "ignored_files": 0, "output": {}},
+        "duplicates": {"groups": 0, "exact_groups": 0, "near_groups": 0, "near_dup_distance": 2,
+                       "dropped_from_training": [], "label_conflicts": []},
+        "leakage": {}, "errors": [],
+        "timing": {"wall_s": 1, "images_per_s": 1, "list_s": 0, "decode_s": 0, "dedup_s": 0, "write_s": 0},
+    }
+    assert "no validation images for pituitary" in format_summary(report)
+    assert "no validation images" not in format_summary(report | {"val_missing_classes": []})
+
+
+# --- input planning ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "files, planned, errors, ignored, layout",
+    [
+        (
+            ["/r/Training/glioma_tumor/a.jpg", "/r/Testing/notumor/b.png", "/r/Training/glioma_tumor/PAT/SER/IM1",
+             "/r/Training/pituitary_tumor/vol.nii.gz"],
+            [("/r/Training/glioma_tumor/a.jpg", "glioma", "train", "Training"),
+             ("/r/Testing/notumor/b.png", "no_tumor", "test", "Testing"),
+             ("/r/Training/glioma_tumor/PAT/SER/IM1", "glioma", "train", "Training"),  # DICOM exports nest
+             ("/r/Training/pituitary_tumor/vol.nii.gz", "pituitary", "train", "Training")],
+            [], [], "<split>/<class>/<image>",
+        ),
+        (
+            ["/r/Training/astro/a.jpg", "/r/Training/glioma/sub/x.jpg", "/r/Other/glioma/x.jpg", "/r/Training/x.jpg"],
+            [],
+            [("/r/Training/astro/a.jpg", "unknown class folder 'astro'"),
+             ("/r/Training/glioma/sub/x.jpg", "unexpected location"),  # a JPEG below its class folder
+             ("/r/Other/glioma/x.jpg", "unknown split folder 'Other'"),
+             ("/r/Training/x.jpg", "unexpected location")],
+            [], "<split>/<class>/<image>",
+        ),
+        (
+            ["/r/glioma/a.jpg", "/r/pituitary_tumor/b.JPG", "/r/README.txt", "/r/glioma/.DS_Store", "/r/glioma/notes.txt"],
+            [("/r/glioma/a.jpg", "glioma", "train", ""), ("/r/pituitary_tumor/b.JPG", "pituitary", "train", "")],
+            [], ["/r/README.txt", "/r/glioma/.DS_Store", "/r/glioma/notes.txt"], "<class>/<image>",
+        ),
+    ],
+)
+def test_plan_inputs(files, planned, errors, ignored, layout):
+    plan = plan_inputs(files, "/r")
+    assert [(p.path, p.label, p.split, p.source_split) for p in plan.images] == planned
+    assert len(plan.errors) == len(errors)
+    for e, (path, reason) in zip(plan.errors, errors):
+        assert e.path == path and reason in e.reason, (e, reason)
+    assert plan.ignored == ignored and plan.layout == layout
+
+
+# --- the schedule and the loss weights ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "warmup, total, min_ratio, step, lr",
+    [
+        (0, 10, 0.01, 0, 1.0),  # no warm-up: the cosine starts at 1
+        (0, 10, 0.01, 5, 0.01 + 0.99 * 0.5),  # half way down
+        (0, 10, 0.01, 10, 0.01),  # ends at min_ratio
+        (0, 10, 0.01, 50, 0.01),  # and stays there
+        (4, 14, 0.0, 0, 1 / 5),  # linear warm-up from ~0
+        (4, 14, 0.0, 3, 4 / 5),
+        (4, 14, 0.0, 4, 1.0),  # then the cosine from 1
+        (4, 14, 0.1, 9, 0.1 + 0.9 * 0.5),
+        (4, 14, 0.1, 14, 0.1),
+    ],
+)
+def test_lr_lambda(warmup, total, min_ratio, step, lr):
+    assert lr_lambda(warmup, total, min_ratio)(step) == pytest.approx(lr)
+
+
+@pytest.mark.parametrize(
+    "counts, mode, weights",
+    [
+        ([10, 10, 10, 10], "inverse", [1, 1, 1, 1]),
+        ([10, 10, 10, 10], "sqrt", [1, 1, 1, 1]),
+        ([0, 5, 20, 0], "inverse", [0, 1.6, 0.4, 0]),  # 1/n, mean 1 over the classes present
+        ([4, 16, 0, 64], "sqrt", [x / (0.875 / 3) for x in (0.5, 0.25, 0, 0.125)]),  # 1/sqrt(n)
+    ],
+)
+def test_class_weights(counts, mode, weights):
+    w = class_weights(counts, mode)
+    assert w.tolist() == pytest.approx(weights)
+    present = [x for x, c in zip(w.tolist(), counts) if c]
+    assert math.isclose(sum(present) / len(present), 1.0, rel_tol=1e-6)
+
+
+# --- the staged writer ----------------------------------------------------------------------------------
+
+
+def test_staged_writer_commits_whole_files_and_recovers(tmp_path):
+    out = resolve(str(tmp_path / "preds"))
+    writer = StagedWriter(out)
+    assert writer.root.path == out.path + STAGING_SUFFIX  # beside the output, never inside it
+    assert writer.recover() == {"committed_runs": 0, "dropped_runs": 0}
+
+    run = writer.stage("run1")
+    run.join("a.parquet").write_bytes(b"a")
+    run.join("b.parquet").write_bytes(b"b")
+    assert writer.commit(run) == 2
+    assert sorted(os.listdir(out.path)) == ["a.parquet", "b.parquet"] and not run.exists()
+
+    done, cut = writer.stage("run2"), writer.stage("run3")
+    done.join("c.parquet").write_bytes(b"c")
+    done.join(DONE_MARKER).write_bytes(b"")  # complete, cut off before its commit
+    cut.join("d.parquet").write_bytes(b"d")  # cut off while writing: no marker
+    assert writer.recover() == {"committed_runs": 1, "dropped_runs": 1}
+    assert sorted(os.listdir(out.path)) == ["a.parquet", "b.parquet", "c.parquet"]
+    assert not os.listdir(writer.root.path)
+
+
+# --- the training state ------------------------------------------------------------------------------------
+
+
+def test_training_state_checkpoint_loads_with_weights_only(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(1, 4, 0.1))
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    sched.step()
+    state = TrainingState(epoch=2, history=[{"epoch": 1, "val_macro_f1": 0.5, "stopped_early": False}], best_f1=0.5,
+                          best_epoch=1, best_model={k: v.clone() for k, v in model.state_dict().items()}, restores=[1])
+    path = tmp_path / "state.pt"
+    torch.save({**state.to_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "scaler": None}, path)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    for k in ("model", "optimizer", "scheduler", "scaler"):
+        saved.pop(k)
+    back = TrainingState.from_dict(saved)
+    assert back.epoch == 2 and back.history == state.history and back.restores == [1]
+    assert torch.equal(back.best_model["weight"], state.best_model["weight"])
