@@ -401,7 +401,7 @@ def test_package_roundtrip_is_bit_identical(tmp_path):
     model = _trained_tiny()
     pre = MRIPreprocess(image_size=64)
     meta = export_model_package(model, str(tmp_path / "pkg"), preprocess=pre, metrics={"val_acc": np.float32(0.75)})
-    assert sorted(os.listdir(tmp_path / "pkg")) == ["model.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "pkg")) == ["model.json", "model.onnx", "model.safetensors"]
     on_disk = json.loads((tmp_path / "pkg" / "model.json").read_text())
     assert on_disk == meta
     assert meta["backbone"] == TINY and meta["class_names"] == list(CLASS_NAMES)

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from scipy import ndimage
 
 from ..core import Config, ConfigError, ImageDecodeError, setting
 from ._medical import (
@@ -261,6 +260,8 @@ def find_head(
     Returns the box, or None when nothing is brighter than ``threshold``, and the share of the
     image that the kept regions cover.
     """
+    from scipy import ndimage  # here, not at import: training from Parquet never crops, and needs no scipy
+
     h, w = gray.shape
     step = max(1, -(-max(h, w) // _MASK_SIDE))
     small = gray[::step, ::step].astype(np.float32)

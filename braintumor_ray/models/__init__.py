@@ -25,16 +25,22 @@ from ._package import (
     ONNX_OPSET,
     ONNX_TOLERANCE,
     PACKAGE_JSON,
+    TRUST_FILE,
     WEIGHTS_FILE,
     ModelPackage,
     export_model_package,
     export_onnx,
     load_model_package,
+    package_preprocess,
     prepare_input,
+    read_trust,
+    verify_onnx,
 )
 from ._weights import load_state_dict_into, read_weights
 
 __all__ = [
+    "TRUST_FILE",
+    "read_trust",
     "CACHE_ENV",
     "ENGINES",
     "Engine",
@@ -62,7 +68,9 @@ __all__ = [
     "load_model_package",
     "load_state_dict_into",
     "package_has_onnx",
+    "package_preprocess",
     "param_groups",
     "prepare_input",
     "read_weights",
+    "verify_onnx",
 ]

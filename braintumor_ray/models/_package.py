@@ -1,14 +1,22 @@
-"""The exported model package: one folder, ``model.safetensors`` + ``model.json``.
+"""The exported model package: one folder, ``model.safetensors`` + ``model.onnx`` + ``model.json``.
 
 The JSON carries everything scoring needs to see pixels exactly as training did: backbone,
 class names in output order, the model's input size and normalisation, the MRI crop settings,
 plus training metrics. The model id is a content hash of what decides the predictions
 (weights and those settings), so the same model exported twice has the same id.
+
+``model.onnx`` is the same network for ONNX Runtime (scoring's fast CPU engine), written only
+after its outputs matched PyTorch's on a probe batch. Its sha256 is in the JSON and checked
+whenever it is loaded, but it is not one of the id's inputs: the file is a verified rendering
+of the weights, not a new model. So a package from before ONNX keeps its id (and its scored
+rows stay scored), and the same weights re-exported by another torch version, whose ONNX bytes
+differ, keep theirs. Packages without the file load and score with PyTorch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import time
@@ -20,15 +28,24 @@ import timm
 import torch
 from torch import nn
 
-from ..core import CLASS_NAMES, ConfigError, InputError, resolve
+from ..core import CLASS_NAMES, ConfigError, InputError, Location, resolve
 from ..imaging import MRIPreprocess
-from ._factory import data_config
+from ..trust import Trust
+from ._factory import WithFeatures, data_config
 
 logger = logging.getLogger(__name__)
 
 PACKAGE_JSON = "model.json"
 WEIGHTS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"
+TRUST_FILE = "trust.safetensors"
 FORMAT_VERSION = 1
+# Opset 18 (ONNX 1.13, 2022): what torch.onnx's exporter writes natively, run by every
+# onnxruntime since 1.14, so a package also loads on a cluster with an older runtime.
+ONNX_OPSET = 18
+#: Largest max-abs difference between ONNX Runtime's and PyTorch's probabilities on the probe
+#: batch that export accepts.
+ONNX_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,7 @@ class ModelPackage:
     metrics: dict[str, Any]
     uri: str
     channels_last: bool = False
+    trust: Trust | None = None  # calibration and review flags (None: a package from before them)
 
     def prepare(self, pixels: "np.ndarray | torch.Tensor") -> torch.Tensor:
         """Preprocessed greyscale uint8 images -> the model's normalised 3-channel input."""
@@ -70,8 +88,8 @@ def prepare_input(
             "pass MRIPreprocess output"
         )
     x = (t[None] if t.ndim == 2 else t)[:, None].to(torch.float32).div_(255.0).expand(-1, 3, -1, -1)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float32, device=t.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=t.device).view(1, 3, 1, 1)
     x = (x - m) / s
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -85,7 +103,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _identity(meta: Mapping[str, Any]) -> str:
     keys = ("backbone", "num_classes", "global_pool", "class_names", "data_config", "preprocess", "weights_sha256")
-    canon = json.dumps({k: meta[k] for k in keys}, sort_keys=True, separators=(",", ":"))
+    ident = {k: meta[k] for k in keys}
+    # Calibration and the review flags change what scoring writes, so they are part of the id;
+    # a package from before them keeps its id (the keys are absent, not null).
+    for k in ("trust", "trust_sha256"):
+        if k in meta:
+            ident[k] = meta[k]
+    canon = json.dumps(ident, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
@@ -93,6 +117,79 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (np.generic, torch.Tensor)) and getattr(x, "ndim", 0) == 0:
         return x.item()
     raise TypeError(f"{type(x).__name__} is not JSON-serialisable")
+
+
+def onnx_session(blob: bytes, *, threads: int = 1, use_gpu: bool = False) -> Any:
+    """An ONNX Runtime session on ``threads`` intra-op threads (one inter-op thread).
+
+    Full graph optimisation: ORT's NCHWc layout transforms are what make depthwise-conv
+    backbones fast on CPU (Lite0: ~3x eager PyTorch on one thread; without them, no gain).
+    Spinning is off, so that a thread pool that waits for work leaves its CPU to the decode
+    tasks on the same node.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, int(threads))
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if use_gpu:
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ConfigError(
+                f"engine onnxruntime on a GPU needs onnxruntime-gpu, and this onnxruntime {ort.__version__} has "
+                f"only {', '.join(ort.get_available_providers())}: use --engine torch (or auto) on GPUs"
+            )
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ort.InferenceSession(blob, so, providers=providers)
+
+
+def _probe_pixels(side: int) -> np.ndarray:
+    """A fixed probe batch: noise (every value, sharp edges), black and white images."""
+    noise = np.random.default_rng(0).integers(0, 256, (6, side, side), dtype=np.uint8)
+    flat = np.stack([np.zeros((side, side), np.uint8), np.full((side, side), 255, np.uint8)])
+    return np.concatenate([noise, flat])
+
+
+def export_onnx(model: nn.Module, *, side: int, mean: Sequence[float], std: Sequence[float], name: str = "model") -> tuple[bytes, float]:
+    """``model`` as ONNX bytes (outputs ``logits`` and the penultimate ``features``; dynamic batch, ``side`` x ``side`` input, opset
+    :data:`ONNX_OPSET`) and the max abs difference of ONNX Runtime's probabilities from
+    PyTorch's on a probe batch; a ConfigError if it exceeds :data:`ONNX_TOLERANCE`."""
+    import copy
+    import warnings
+
+    m = WithFeatures(copy.deepcopy(_unwrap(model)).to("cpu", torch.float32).to(memory_format=torch.contiguous_format).eval())
+    probe = prepare_input(_probe_pixels(side), mean=mean, std=std)
+    # Traced at batch 2 and checked at batch 8: the batch axis must really be free.
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                m, (probe[:2],), None, input_names=["input"], output_names=["logits", "features"], opset_version=ONNX_OPSET,
+                dynamo=True, dynamic_shapes=({0: batch},), external_data=False, verbose=False,
+            )
+        blob = program.model_proto.SerializeToString()
+    except Exception as e:  # the exporter raises many types
+        raise ConfigError(
+            f"exporting {name} to ONNX failed ({type(e).__name__}: {str(e)[:500]}): export the package with "
+            "onnx=False (scoring then runs it with PyTorch)"
+        ) from e
+    session = onnx_session(blob, threads=torch.get_num_threads())
+    with torch.inference_mode():
+        ref = torch.softmax(m(probe)[0].float(), dim=1)
+    got = torch.softmax(torch.from_numpy(session.run(None, {"input": probe.numpy()})[0]).float(), dim=1)
+    diff = float((got - ref).abs().max())
+    if not diff <= ONNX_TOLERANCE:  # NaN fails too
+        raise ConfigError(
+            f"{ONNX_FILE} for {name} disagrees with PyTorch: max abs difference of probabilities {diff:.3g} on "
+            f"the probe batch, above {ONNX_TOLERANCE:g}; nothing was written. Export with onnx=False to score "
+            "it with PyTorch."
+        )
+    return blob, diff
 
 
 def export_model_package(
@@ -103,8 +200,18 @@ def export_model_package(
     class_names: Sequence[str] = CLASS_NAMES,
     metrics: Mapping[str, Any] | None = None,
     s3_endpoint_url: str | None = None,
+    onnx: bool = True,
+    trust: Trust | None = None,
 ) -> dict[str, Any]:
-    """Write the package folder at ``uri`` (local or ``s3://``); returns its JSON, ``model_id`` included."""
+    """Write the package folder at ``uri`` (local or ``s3://``); returns its JSON, ``model_id`` included.
+
+    With ``onnx`` (the default) the package also holds ``model.onnx`` for ONNX Runtime, written
+    only if its probabilities agree with PyTorch's within :data:`ONNX_TOLERANCE` on a probe
+    batch; otherwise nothing is written and a ConfigError gives the difference. Where onnx,
+    onnxscript or onnxruntime is not installed, the file is left out with a warning.
+    ``onnx=False`` writes the PyTorch-only package of earlier versions. ``trust`` (fitted after
+    training) adds the calibration, the OOD reference (``trust.safetensors``) and the thresholds.
+    """
     from safetensors.torch import save
 
     model = _unwrap(model)
@@ -137,17 +244,114 @@ def export_model_package(
         "created_unix": round(time.time(), 3),
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
     }
+    onnx_blob = None
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None] if onnx else []
+    if missing:  # e.g. a GPU image with torch and timm only: the package is still whole, for PyTorch
+        logger.warning("%s not written: %s not installed (pip install onnx onnxscript onnxruntime); scoring will "
+                       "run this package with PyTorch", ONNX_FILE, ", ".join(missing))
+    elif onnx:
+        onnx_blob, diff = export_onnx(model, side=preprocess.image_size, mean=meta["data_config"]["mean"],
+                                      std=meta["data_config"]["std"], name=build["backbone"])
+        import onnxruntime
+
+        meta.update(
+            onnx_file=ONNX_FILE,
+            onnx_sha256=hashlib.sha256(onnx_blob).hexdigest(),
+            onnx_opset=ONNX_OPSET,
+            onnx_input_side=preprocess.image_size,
+            onnx_probe_max_abs_diff=diff,
+        )
+        meta["versions"]["onnxruntime"] = onnxruntime.__version__
+    trust_blob = None
+    if trust is not None:
+        from safetensors.numpy import save as save_np
+
+        trust_blob = save_np(trust.arrays()) if trust.arrays() else b""
+        meta.update(trust=trust.to_meta(), trust_file=TRUST_FILE, trust_sha256=hashlib.sha256(trust_blob).hexdigest())
     meta["model_id"] = _identity(meta)
     try:
         text = json.dumps(meta, indent=2, sort_keys=True, default=_jsonable, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"metrics cannot be written as JSON ({e}): give numbers and strings") from e
     loc = resolve(uri, s3_endpoint_url=s3_endpoint_url)
-    # Weights first, JSON last: a reader that finds the JSON finds the weights it names.
+    # Weights first, JSON last: a reader that finds the JSON finds the files it names.
     loc.join(WEIGHTS_FILE).write_bytes(blob)
+    if trust_blob is not None:
+        loc.join(TRUST_FILE).write_bytes(trust_blob)
+    if onnx_blob is not None:
+        loc.join(ONNX_FILE).write_bytes(onnx_blob)
+    elif loc.join(ONNX_FILE).exists():
+        loc.join(ONNX_FILE).remove()  # an older export's file, for other weights
     loc.join(PACKAGE_JSON).write_bytes(text.encode())
     logger.info("exported model %s (%s) to %s", meta["model_id"], build["backbone"], loc.uri)
     return json.loads(text)
+
+
+def read_package_meta(loc: Location) -> dict[str, Any]:
+    """A package's ``model.json``, checked: readable, this format, its model id intact."""
+    try:
+        meta = json.loads(loc.join(PACKAGE_JSON).read_bytes())
+        version = meta["format_version"]
+        meta["backbone"], meta["class_names"], meta["weights_file"]  # noqa: B018 (must be there)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{loc.uri}/{PACKAGE_JSON} is not a model package description ({e}): re-export the model") from e
+    if version != FORMAT_VERSION:
+        raise ConfigError(f"model package {loc.uri} has format {version}; this version reads {FORMAT_VERSION}")
+    if _identity(meta) != meta.get("model_id"):
+        raise ConfigError(f"{loc.uri}/{PACKAGE_JSON} was edited after export (its model_id no longer matches): export again")
+    return meta
+
+
+def package_preprocess(meta: Mapping[str, Any], uri: str) -> MRIPreprocess:
+    """A package's preprocessing settings; an unknown or bad one is a ConfigError naming its ``model.json``."""
+    try:
+        return MRIPreprocess.from_dict(meta["preprocess"], where="preprocess")
+    except ConfigError as e:
+        raise ConfigError(f"{uri.rstrip('/')}/{PACKAGE_JSON}: {e}. Was the package exported by another version "
+                          "of braintumor_ray? Export it again with this one.") from e
+
+
+def read_onnx(loc: Location, meta: Mapping[str, Any]) -> bytes:
+    """The package's ``model.onnx``, its sha256 checked against ``model.json``."""
+    name = meta.get("onnx_file")
+    if not name:
+        raise ConfigError(f"model package {loc.uri} has no {ONNX_FILE} (exported before ONNX support, or with "
+                          "onnx=False): score it with the torch engine, or export it again")
+    if not loc.join(name).exists():
+        raise ConfigError(f"{loc.uri}/{name} is missing though {PACKAGE_JSON} names it: the package is "
+                          "half-copied. Copy or export it again (or score with --engine torch).")
+    blob = loc.join(name).read_bytes()
+    if hashlib.sha256(blob).hexdigest() != meta.get("onnx_sha256"):
+        raise ConfigError(
+            f"{loc.uri}/{name} does not match the sha256 in {PACKAGE_JSON}: the file was changed or is "
+            "half-written. Export the package again (or score with --engine torch, which does not read it)."
+        )
+    return blob
+
+
+def read_trust(loc: Location, meta: Mapping[str, Any]) -> Trust | None:
+    """The package's calibration and review flags (None for a package from before them), the
+    arrays' sha256 checked against ``model.json``; an unknown key is an error naming the file."""
+    if "trust" not in meta:
+        return None
+    name = meta.get("trust_file", TRUST_FILE)
+    blob = loc.join(name).read_bytes() if loc.join(name).exists() else None
+    if blob is None or hashlib.sha256(blob).hexdigest() != meta.get("trust_sha256"):
+        raise ConfigError(f"{loc.uri}/{name} is missing or does not match the sha256 in {PACKAGE_JSON}: the package "
+                          "was changed or is half-copied. Export it again.")
+    from safetensors.numpy import load as load_np
+
+    try:
+        return Trust.from_meta(meta["trust"], load_np(blob) if blob else {})
+    except ConfigError as e:
+        raise ConfigError(f"{loc.uri}/{PACKAGE_JSON}: {e}") from e
+
+
+def verify_onnx(uri: str, *, s3_endpoint_url: str | None = None) -> None:
+    """Check a package's ``model.onnx`` against its ``model.json`` (a ConfigError naming the file
+    if it is missing or changed); scoring calls it before it starts any work."""
+    loc = resolve(uri, s3_endpoint_url=s3_endpoint_url)
+    read_onnx(loc, read_package_meta(loc))
 
 
 def load_model_package(uri: str, *, s3_endpoint_url: str | None = None, channels_last: bool = False) -> ModelPackage:
@@ -155,16 +359,8 @@ def load_model_package(uri: str, *, s3_endpoint_url: str | None = None, channels
     from safetensors.torch import load
 
     loc = resolve(uri, s3_endpoint_url=s3_endpoint_url)
-    try:
-        meta = json.loads(loc.join(PACKAGE_JSON).read_bytes())
-        version = meta["format_version"]
-        backbone, class_names, weights_file = meta["backbone"], tuple(meta["class_names"]), meta["weights_file"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{loc.uri}/{PACKAGE_JSON} is not a model package description ({e}): re-export the model") from e
-    if version != FORMAT_VERSION:
-        raise ConfigError(f"model package {loc.uri} has format {version}; this version reads {FORMAT_VERSION}")
-    if _identity(meta) != meta.get("model_id"):
-        raise ConfigError(f"{loc.uri}/{PACKAGE_JSON} was edited after export (its model_id no longer matches): export again")
+    meta = read_package_meta(loc)
+    backbone, class_names, weights_file = meta["backbone"], tuple(meta["class_names"]), meta["weights_file"]
     blob = loc.join(weights_file).read_bytes()
     if hashlib.sha256(blob).hexdigest() != meta["weights_sha256"]:
         raise ConfigError(
@@ -182,9 +378,10 @@ def load_model_package(uri: str, *, s3_endpoint_url: str | None = None, channels
         model_id=meta["model_id"],
         backbone=backbone,
         class_names=class_names,
-        preprocess=MRIPreprocess.from_dict(meta["preprocess"]),
+        preprocess=package_preprocess(meta, loc.uri),
         data_config=meta["data_config"],
         metrics=meta.get("metrics", {}),
         uri=loc.uri,
         channels_last=channels_last,
+        trust=read_trust(loc, meta),
     )

@@ -1,0 +1,229 @@
+"""The ONNX half of a model package and scoring's engine choice (--engine auto|onnxruntime|torch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from braintumor_ray import CLASS_NAMES, ConfigError, make_sample_dataset
+from braintumor_ray.core import cli_options
+from braintumor_ray.models import (
+    ENGINES,
+    ONNX_FILE,
+    ONNX_TOLERANCE,
+    choose_engine,
+    create_model,
+    export_model_package,
+    load_inference_model,
+    load_model_package,
+    verify_onnx,
+)
+from braintumor_ray.score import PROB_PREFIX, Predictor, ScoreConfig, run_scoring
+
+
+def _pixels(n: int, side: int = 64, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, side, side), dtype=np.uint8)
+
+
+def _old_package(package: str, dst: str) -> str:
+    """The fixture package as today's code wrote it before ONNX: no model.onnx, no onnx keys."""
+    shutil.copytree(package, dst)
+    os.remove(os.path.join(dst, ONNX_FILE))
+    meta = json.loads(open(os.path.join(dst, "model.json")).read())
+    for k in [k for k in meta if k.startswith("onnx_")]:
+        del meta[k]
+    meta["versions"].pop("onnxruntime", None)
+    open(os.path.join(dst, "model.json"), "w").write(json.dumps(meta, indent=2, sort_keys=True))
+    return dst
+
+
+def _tampered(package: str, dst: str) -> str:
+    shutil.copytree(package, dst)
+    blob = bytearray(open(os.path.join(dst, ONNX_FILE), "rb").read())
+    blob[len(blob) // 2] ^= 0x01  # one bit of one weight
+    open(os.path.join(dst, ONNX_FILE), "wb").write(bytes(blob))
+    return dst
+
+
+def test_exported_onnx_agrees_with_pytorch(package):
+    meta = json.loads(open(os.path.join(package, "model.json")).read())
+    assert meta["onnx_file"] == ONNX_FILE and len(meta["onnx_sha256"]) == 64 and meta["onnx_opset"] >= 17
+    assert 0 <= meta["onnx_probe_max_abs_diff"] <= ONNX_TOLERANCE
+    ort = load_inference_model(package, engine="onnxruntime", threads=1)
+    pt = load_inference_model(package, engine="torch")
+    assert (ort.engine, pt.engine) == ("onnxruntime", "torch") and ort.model_id == pt.model_id == meta["model_id"]
+    for n in (1, 5, 33):  # the batch axis is dynamic
+        a, b = ort.probabilities(_pixels(n)), pt.probabilities(_pixels(n))
+        assert a.shape == b.shape == (n, len(CLASS_NAMES)) and a.dtype == np.float32
+        assert np.abs(a - b).max() <= ONNX_TOLERANCE
+        assert (a.argmax(1) == b.argmax(1)).all()
+    # And against the package's own eager model, as training evaluates it.
+    pkg = load_model_package(package)
+    with torch.inference_mode():
+        ref = torch.softmax(pkg.logits(_pixels(4)), 1).numpy()
+    assert np.abs(ort.probabilities(_pixels(4)) - ref).max() <= ONNX_TOLERANCE
+
+
+def test_onnx_is_not_part_of_the_model_id(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("resnet10t", pretrained=False, drop_rate=0.0)
+    from braintumor_ray import MRIPreprocess
+
+    with_onnx = export_model_package(model, str(tmp_path / "a"), preprocess=MRIPreprocess(image_size=32))
+    without = export_model_package(model, str(tmp_path / "b"), preprocess=MRIPreprocess(image_size=32), onnx=False)
+    assert with_onnx["model_id"] == without["model_id"]
+    assert sorted(os.listdir(tmp_path / "a")) == ["model.json", "model.onnx", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "b")) == ["model.json", "model.safetensors"]
+    # Re-exporting without ONNX over a package with it leaves no stale model.onnx behind.
+    export_model_package(model, str(tmp_path / "a"), preprocess=MRIPreprocess(image_size=32), onnx=False)
+    assert not (tmp_path / "a" / ONNX_FILE).exists()
+
+
+def test_export_fails_with_the_figure_when_onnx_disagrees(tmp_path, monkeypatch):
+    from braintumor_ray import MRIPreprocess
+    from braintumor_ray.models import _package
+
+    monkeypatch.setattr(_package, "ONNX_TOLERANCE", -1.0)  # any difference, even 0, is too much
+    model = create_model("resnet10t", pretrained=False, drop_rate=0.0)
+    with pytest.raises(ConfigError, match=r"max abs difference of probabilities .* above -1"):
+        export_model_package(model, str(tmp_path / "p"), preprocess=MRIPreprocess(image_size=32))
+    assert not (tmp_path / "p").exists()  # nothing written
+
+
+def test_engine_choice():
+    assert choose_engine("auto", has_onnx=True, use_gpu=False) == "onnxruntime"
+    assert choose_engine("auto", has_onnx=True, use_gpu=True) == "torch"
+    assert choose_engine("auto", has_onnx=False, use_gpu=False) == "torch"
+    assert choose_engine("torch", has_onnx=True, use_gpu=False) == "torch"
+    with pytest.raises(ConfigError, match="needs a package with model.onnx"):
+        choose_engine("onnxruntime", has_onnx=False, use_gpu=False)
+    # One list of engines: the setting's choices are the models' list, and the option is generated.
+    opt = next(o for o in cli_options(ScoreConfig) if o.key == "engine")
+    assert opt.flags == ("--engine",) and opt.choices == ENGINES and opt.default == "auto" and "onnxruntime" in opt.help
+    with pytest.raises(ConfigError, match="engine='tensorrt' is unknown"):
+        ScoreConfig(model="m", input="i", output="o", engine="tensorrt")
+
+
+def test_tampered_or_missing_onnx_is_refused(package, tmp_path):
+    bad = _tampered(package, str(tmp_path / "tampered"))
+    with pytest.raises(ConfigError, match=r"tampered/model\.onnx does not match the sha256 in model.json"):
+        load_inference_model(bad, engine="onnxruntime")
+    with pytest.raises(ConfigError, match=r"model\.onnx does not match"):
+        verify_onnx(bad)
+    # The torch engine does not read the file, and still loads.
+    assert load_inference_model(bad, engine="torch").engine == "torch"
+    gone = str(tmp_path / "half-copied")
+    shutil.copytree(package, gone)
+    os.remove(os.path.join(gone, ONNX_FILE))
+    with pytest.raises(ConfigError, match=r"half-copied/model\.onnx is missing"):
+        load_inference_model(gone, engine="auto")
+
+
+def _rows(out: str) -> dict[str, dict]:
+    return {r["path"]: r for r in pads.dataset(out, format="parquet").to_table().to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("onnx") / "archive")
+    make_sample_dataset(root, per_class=3, test_per_class=0, leaks=0, size=96, seed=3)
+    open(os.path.join(root, "notes.txt"), "w").write("not an image")
+    return root
+
+
+def test_engines_agree_through_run_scoring(ray_session, package, archive, tmp_path):
+    outs, summaries = {}, {}
+    for engine in ("torch", "onnxruntime", "auto"):
+        outs[engine] = str(tmp_path / engine)
+        summaries[engine] = run_scoring(ScoreConfig(model=package, input=archive, output=outs[engine], batch_size=4, engine=engine))
+    assert [summaries[e]["engine"] for e in ("torch", "onnxruntime", "auto")] == ["torch", "onnxruntime", "onnxruntime"]
+    t, o = _rows(outs["torch"]), _rows(outs["onnxruntime"])
+    assert t.keys() == o.keys() and len(t) == summaries["torch"]["files_seen"] == 13
+    ok = [p for p in t if t[p]["status"] == "ok"]
+    assert len(ok) == 12 and o[os.path.join(archive, "notes.txt")]["status"] == "error"
+    for p in t:
+        a, b = t[p], o[p]
+        assert (a["predicted_label"], a["status"], a["model_id"]) == (b["predicted_label"], b["status"], b["model_id"])
+    pa = np.array([[t[p][PROB_PREFIX + c] for c in CLASS_NAMES] for p in ok])
+    pb = np.array([[o[p][PROB_PREFIX + c] for c in CLASS_NAMES] for p in ok])
+    assert np.abs(pa - pb).max() <= ONNX_TOLERANCE
+    # Identical schema whichever engine ran.
+    schemas = {e: pads.dataset(outs[e], format="parquet").schema for e in outs}
+    assert schemas["torch"] == schemas["onnxruntime"] == schemas["auto"]
+
+
+def test_package_without_onnx_still_scores(ray_session, package, archive, tmp_path):
+    old = _old_package(package, str(tmp_path / "old-package"))
+    summary = run_scoring(ScoreConfig(model=old, input=archive, output=str(tmp_path / "old-out")))
+    assert summary["engine"] == "torch" and summary["scored"] == 12
+    new = run_scoring(ScoreConfig(model=package, input=archive, output=str(tmp_path / "new-out")))
+    assert summary["model_id"] == new["model_id"]  # the same model, the same id: nothing to redo
+    a, b = _rows(str(tmp_path / "old-out")), _rows(str(tmp_path / "new-out"))
+    assert {p: r["predicted_label"] for p, r in a.items()} == {p: r["predicted_label"] for p, r in b.items()}
+    with pytest.raises(ConfigError, match="needs a package with model.onnx"):
+        run_scoring(ScoreConfig(model=old, input=archive, output=str(tmp_path / "x"), engine="onnxruntime"))
+
+
+def test_scoring_refuses_a_tampered_onnx_before_any_work(ray_session, package, archive, tmp_path):
+    bad = _tampered(package, str(tmp_path / "tampered"))
+    with pytest.raises(ConfigError, match=r"tampered/model\.onnx does not match the sha256"):
+        run_scoring(ScoreConfig(model=bad, input=archive, output=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()  # refused before the output was touched
+    # --engine torch scores it: the file it would not use is not its concern.
+    assert run_scoring(ScoreConfig(model=bad, input=archive, output=str(tmp_path / "out"), engine="torch"))["scored"] == 12
+
+
+def test_model_actor_threads_follow_its_cpus(ray_session, package):
+    """Each replica runs as many intra-op threads as the CPUs Ray gave it, in either engine."""
+    from datetime import datetime, timezone
+
+    from braintumor_ray.score import actor_threads
+
+    assert actor_threads() == 1  # the driver is no actor: one thread
+
+    @ray_session.remote
+    class Probe:
+        def __init__(self, engine):
+            self.p = Predictor(package, None, False, {}, "", datetime.now(timezone.utc), "", engine)
+
+        def threads(self):
+            import onnxruntime  # noqa: F401
+
+            s = self.p.model._run
+            ort_threads = int(s.get_session_options().intra_op_num_threads) if self.p.model.engine == "onnxruntime" else None
+            return self.p.threads, torch.get_num_threads(), ort_threads
+
+    for engine in ("onnxruntime", "torch"):
+        a = Probe.options(num_cpus=2).remote(engine)
+        threads, torch_threads, ort_threads = ray_session.get(a.threads.remote())
+        assert threads == torch_threads == 2 and ort_threads in (2, None)
+        ray_session.kill(a)
+
+
+def test_replica_layout_leaves_cpus_to_decode():
+    """On CPUs the model gets 3/4 of the cluster in replicas of ~2 threads, decode the rest;
+    a layout that would leave decoding (and reading, writing) no CPU is refused, not hung."""
+    from braintumor_ray.score import plan_replicas
+
+    def plan(cpus, gpus=0, nodes=None, **kw):
+        return plan_replicas(ScoreConfig(model="m", input="i", output="o", **kw), cpus=cpus, gpus=gpus, node_cpus=nodes)
+
+    assert plan(2) == (1, 1.5)  # the fastest layout measured on 2 vCPUs: 2 threads + 0.5 CPU decoding
+    assert plan(1) == (1, 0.49)  # not 0.5: equal to the decode stage's, Ray Data would fuse the two
+    assert plan(16) == (6, 2.0)
+    assert plan(2, concurrency=2) == (2, 0.75) and plan(2, concurrency=3) == (3, 0.49)
+    assert plan(8, cpus_per_replica=1) == (6, 1)
+    assert plan(2, 1, use_gpu=True) == (1, 1.0) and plan(8, 2, use_gpu=True) == (2, 1.0)
+    # Replicas must fit a node: three 1-CPU workers (and a 0-CPU head) get half-CPU replicas.
+    assert plan(3, nodes=[0, 1, 1, 1]) == (3, 0.49) and plan(3, nodes=[0, 1, 1, 1], concurrency=2) == (2, 0.49)
+    assert plan(32, nodes=[16, 16]) == (12, 2.0)
+    with pytest.raises(ConfigError, match="would wait forever"):
+        plan(2, cpus_per_replica=2)
+    with pytest.raises(ConfigError, match="would wait forever"):
+        plan(4, concurrency=4, cpus_per_replica=1)
