@@ -272,10 +272,14 @@ def _job(name: str):
 
 
 def test_job_options_build_the_selector_and_refuse_bad_ones(capsys):
+    from braintumor_ray.cli import build_config
+    from braintumor_ray.score import ScoreConfig
+
     score = _job("score")
-    args = score.parse_args(["--model", "m", "--input", "i", "--output", "o", "--orientation", "axial,Coronal", "--dicom-modality", "mr", "--dicom-modality", "CT", "--series-description", "T1"])
-    assert SeriesSelector.from_args(args) == SeriesSelector(modalities=("MR", "CT"), series_description="T1", orientations=("axial", "coronal"))
-    assert SeriesSelector.from_args(score.parse_args(["--model", "m", "--input", "i", "--output", "o"])) == SeriesSelector()
+    parse = score.get_args_parser().parse_args
+    args = parse(["--model", "m", "--input", "i", "--output", "o", "--orientation", "axial,Coronal", "--dicom-modality", "mr,CT", "--series-description", "T1"])
+    assert build_config(ScoreConfig, args).select == SeriesSelector(modalities=("MR", "CT"), series_description="T1", orientations=("axial", "coronal"))
+    assert build_config(ScoreConfig, parse(["--model", "m", "--input", "i", "--output", "o"])).select == SeriesSelector()
     assert score.main(["--model", "m", "--input", "i", "--output", "o", "--orientation", "oblique"]) == 2
     assert "orientation 'oblique' is not one of axial, coronal, sagittal" in capsys.readouterr().err
     assert _job("preprocess").main(["--input", "i", "--output", "o", "--series-description", "(T1"]) == 2

@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from braintumor_ray import CLASS_NAMES, load_model_package, make_sample_dataset, prepare_input
-from braintumor_ray.score import PROB_PREFIX, ScoreConfig, run_scoring
+from braintumor_ray.score import OUTPUT_CONFIG_FILE, PROB_PREFIX, ScoreConfig, run_scoring
 
 from _images import bad_files, odd_but_valid
 from conftest import upload_tree
+
+pytestmark = pytest.mark.ray
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BAD = ["truncated.jpg", "corrupt_header.jpg", "header_only.jpg", "empty.jpg", "notes.jpg", "bomb.png"]
@@ -117,6 +119,11 @@ def test_rerun_scores_only_new_files(scored, package):
     assert len(keys) == len(set(keys)), "a file was scored twice"
     assert len(rows) == first["files_seen"] + len(new) + 1  # the changed file has its old and new row
     assert len({r["path"] for r in rows}) == first["files_seen"] + len(new)
+    # Each run leaves its settings in OUTPUT/_config.yaml; dataset readers and the reruns above skip it.
+    import pandas as pd
+
+    assert ScoreConfig.from_yaml(os.path.join(out, OUTPUT_CONFIG_FILE)) == ScoreConfig(model=package, input=archive, output=out)
+    assert len(pd.read_parquet(out)) == len(rows)
 
 
 def test_killed_run_leaves_nothing_partial_and_the_next_run_completes(package, tmp_path):

@@ -1,16 +1,31 @@
 """The scoring stage (``jobs/score.py``): an MRI archive -> one Parquet row per file or slice, incrementally."""
 
-from ._run import PROB_PREFIX, Predictor, ScoreConfig, decode_batch, format_summary, output_schema, recover, run_scoring
+from ._config import OUTPUT_CONFIG_FILE
+from ._run import (
+    PROB_PREFIX,
+    Predictor,
+    ScoreConfig,
+    actor_threads,
+    decode_batch,
+    format_summary,
+    output_schema,
+    plan_replicas,
+    recover,
+    run_scoring,
+)
 from ._series import SERIES_FILE, Verdict, series_location, series_table, series_verdict, top_slice, update_series_table
 
 __all__ = [
+    "OUTPUT_CONFIG_FILE",
     "PROB_PREFIX",
     "SERIES_FILE",
     "Predictor",
     "ScoreConfig",
+    "actor_threads",
     "decode_batch",
     "format_summary",
     "output_schema",
+    "plan_replicas",
     "recover",
     "run_scoring",
     "series_location",

@@ -13,6 +13,7 @@ after each run the per-series table beside the output is rebuilt from every comm
 Output layout::
 
     OUTPUT/<run>_<n>.parquet      the predictions (read the folder with pandas, pyarrow, DuckDB)
+    OUTPUT/_config.yaml           the last run's ScoreConfig (for --config; dataset readers skip it)
     OUTPUT_series/series.parquet  one row per DICOM series or NIfTI volume and model
     OUTPUT._staging/<run>/        a run in progress or cut off (never read by users)
 """
@@ -32,18 +33,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..core import ConfigError, InputError, Location, resolve
-from ..imaging import MRIPreprocess, SeriesSelector, sha256_hex
-from ._config import ScoreConfig
+from ..core import ConfigError, InputError, Location, StagedWriter, posix_basename, resolve
+from ..imaging import InputGuard, MRIPreprocess, SeriesSelector, sha256_hex
+from ..trust import softmax
+from ..tracking import log_scoring, resolve_registered_model
+from ._config import OUTPUT_CONFIG_FILE, ScoreConfig
 from ._series import update_series_table
 
 logger = logging.getLogger(__name__)
 
 PROB_PREFIX = "prob_"
-STAGING_SUFFIX = "._staging"
-DONE_MARKER = "_SUCCESS"
 # Decoding is a few ms an image against tens for the model: two decode tasks share a CPU.
 DECODE_CPUS = 0.5
+# CPU scoring: the model's share of the CPUs (decode ~3 ms an image, ONNX Runtime's Lite0 ~11 ms
+# a thread) and the threads of one replica (intra-op scaling is near-linear at 2: 92 -> 173
+# images/s). Measured on 2 vCPUs, 3264 images: 1 replica x 1 CPU 75 images/s, 1 x 1.5 CPUs (2
+# threads) 101, 2 x 0.75 CPUs 102 (docs/benchmarks.md).
+MODEL_SHARE = 0.75
+THREADS_PER_REPLICA = 2
 
 
 def output_schema(class_names: list[str]) -> pa.Schema:
@@ -54,7 +61,12 @@ def output_schema(class_names: list[str]) -> pa.Schema:
             ("size", pa.int64()),
             ("version", pa.string()),  # ETag on S3, mtime on disk: how reruns spot changed files
             ("predicted_label", pa.string()),
-            *[(PROB_PREFIX + c, pa.float32()) for c in class_names],
+            *[(PROB_PREFIX + c, pa.float32()) for c in class_names],  # calibrated when the package can
+            ("confidence", pa.float32()),  # the top probability (calibrated)
+            ("ood_score", pa.float32()),  # distance from the training data (higher: less like it)
+            # null: the prediction stands; out_of_distribution (wins) or low_confidence: review it
+            ("review_reason", pa.string()),
+            ("head_fraction", pa.float32()),  # share of the image the head covers (series votes)
             ("model_id", pa.string()),
             ("scored_at", pa.timestamp("us", tz="UTC")),
             ("status", pa.string()),  # ok, error, or skipped (left out by the series selector)
@@ -77,12 +89,18 @@ SLICE_FIELDS = [
 ]
 _SLICE_NAMES = [n for n, _ in SLICE_FIELDS]
 _DECODED = pa.schema(
-    [("path", pa.string()), ("sha256", pa.string()), ("pixels", pa.binary()), ("side", pa.int32()), ("status", pa.string()), ("error", pa.string()), *SLICE_FIELDS]
+    [("path", pa.string()), ("sha256", pa.string()), ("pixels", pa.binary()), ("side", pa.int32()), ("status", pa.string()),
+     ("error", pa.string()), ("head_fraction", pa.float32()), *SLICE_FIELDS]
 )
 
 
 def decode_batch(
-    batch: pa.Table, *, preprocess: MRIPreprocess, already: frozenset = frozenset(), select: SeriesSelector | None = None
+    batch: pa.Table,
+    *,
+    preprocess: MRIPreprocess,
+    already: frozenset = frozenset(),
+    select: SeriesSelector | None = None,
+    guard: InputGuard | None = None,
 ) -> pa.Table:
     """CPU side: file bytes -> sha256 and the preprocessed image of each slice, or the reason
     the file has none (one row then: an error, or ``skipped`` by the series selector).
@@ -92,8 +110,8 @@ def decode_batch(
     """
     cols: dict[str, list] = {n: [] for n in _DECODED.names}
 
-    def add(path, digest, pixels, side, status, error, info):
-        for k, v in zip(_DECODED.names, (path, digest, pixels, side, status, error)):
+    def add(path, digest, pixels, side, status, error, head, info):
+        for k, v in zip(_DECODED.names, (path, digest, pixels, side, status, error, head)):
             cols[k].append(v)
         for k in _SLICE_NAMES:
             cols[k].append(getattr(info, k))
@@ -103,11 +121,11 @@ def decode_batch(
         digest = sha256_hex(data)
         if (path, digest) in already:
             continue
-        res = preprocess.try_slices(data, name=path, select=select)
+        res = preprocess.try_slices(data, name=path, select=select, guard=guard)
         for s in res.slices:
-            add(path, digest, s.image.pixels.tobytes(), s.image.pixels.shape[0], "ok", None, s.info)
+            add(path, digest, s.image.pixels.tobytes(), s.image.pixels.shape[0], "ok", None, s.image.head_fraction, s.info)
         if not res.slices:
-            add(path, digest, None, None, "skipped" if res.skipped else "error", res.skipped or res.error, res.info)
+            add(path, digest, None, None, "skipped" if res.skipped else "error", res.skipped or res.error, None, res.info)
     return pa.Table.from_pydict(cols, schema=_DECODED)
 
 
@@ -115,38 +133,57 @@ class Predictor:
     """Model side: one loaded package per actor; probabilities for the rows that decoded."""
 
     def __init__(
-        self, model_uri: str, s3_endpoint_url: str | None, use_gpu: bool, files: dict, uri_prefix: str, scored_at: datetime, selection: str = ""
+        self,
+        model_uri: str,
+        s3_endpoint_url: str | None,
+        use_gpu: bool,
+        files: dict,
+        uri_prefix: str,
+        scored_at: datetime,
+        selection: str = "",
+        engine: str = "torch",
+        threads: int | None = None,
+        review_threshold: float | None = None,
     ):
-        import torch
+        from ..models import load_inference_model
 
-        from ..models import load_model_package
-
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        # NHWC is what depthwise-conv backbones run fastest in on CPU.
-        self.pkg = load_model_package(model_uri, s3_endpoint_url=s3_endpoint_url, channels_last=not use_gpu)
-        self.pkg.model.to(self.device)
-        self.schema = output_schema(list(self.pkg.class_names))
+        # Intra-op threads = the CPUs this actor was given (Ray's OMP_NUM_THREADS covers torch
+        # only, and ORT would take every core): replicas and decode tasks then share the node
+        # without oversubscribing it.
+        self.threads = threads or actor_threads()
+        self.model = load_inference_model(
+            model_uri, engine=engine, use_gpu=use_gpu, threads=self.threads, s3_endpoint_url=s3_endpoint_url
+        )
+        self.schema = output_schema(list(self.model.class_names))
         self.files, self.uri_prefix, self.scored_at, self.selection = files, uri_prefix, scored_at, selection
+        self.review_threshold = review_threshold
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import torch
-
         n = batch.num_rows
         errors = batch.column("error").to_pylist()
         status = batch.column("status").to_pylist()
         ok = [i for i in range(n) if status[i] == "ok"]
         is_ok = [s == "ok" for s in status]
-        probs = np.full((n, len(self.pkg.class_names)), np.nan, dtype=np.float32)
+        probs = np.full((n, len(self.model.class_names)), np.nan, dtype=np.float32)
+        conf = np.full(n, np.nan, dtype=np.float32)
+        ood = np.full(n, np.nan, dtype=np.float32)
+        reasons: list[str | None] = [None] * n
         if ok:
             pix = batch.column("pixels").to_pylist()
             side = batch.column("side").to_pylist()
             images = np.stack([np.frombuffer(pix[i], np.uint8).reshape(side[i], side[i]) for i in ok])
-            x = self.pkg.prepare(images).to(self.device, non_blocking=True)
-            with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-                logits = self.pkg.model(x)
-            probs[ok] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+            logits, feats = self.model.outputs(images)
+            trust = self.model.trust
+            if trust is None:  # a package from before calibration: raw softmax, no flags
+                probs[ok] = softmax(logits)
+                conf[ok] = probs[ok].max(axis=1)
+            else:
+                a = trust.assess(logits, feats, review_threshold=self.review_threshold)
+                probs[ok], conf[ok], ood[ok] = a.probs, a.confidence, a.ood_score
+                for i, r in zip(ok, a.review_reason):
+                    reasons[i] = r
         paths = batch.column("path").to_pylist()
-        names = list(self.pkg.class_names)
+        names = list(self.model.class_names)
         predicted = [names[int(np.argmax(probs[i]))] if is_ok[i] else None for i in range(n)]
         cols: dict[str, Any] = {
             "path": [self.uri_prefix + p for p in paths],
@@ -155,7 +192,11 @@ class Predictor:
             "version": [self.files[p][1] for p in paths],
             "predicted_label": predicted,
             **{PROB_PREFIX + c: pa.array(np.where(is_ok, probs[:, k], None), pa.float32()) for k, c in enumerate(names)},
-            "model_id": [self.pkg.model_id] * n,
+            "confidence": pa.array(conf, pa.float32(), mask=np.isnan(conf)),
+            "ood_score": pa.array(ood, pa.float32(), mask=np.isnan(ood)),
+            "review_reason": reasons,
+            "head_fraction": batch.column("head_fraction"),
+            "model_id": [self.model.model_id] * n,
             "scored_at": [self.scored_at] * n,
             "status": status,
             "error": errors,
@@ -165,46 +206,22 @@ class Predictor:
         return pa.Table.from_pydict(cols, schema=self.schema)
 
 
-def _staging(dst: Location) -> Location:
-    # Beside the output, not inside it: a glob over the output (DuckDB's) never meets it.
-    return Location(uri=dst.uri.rstrip("/") + STAGING_SUFFIX, path=dst.path.rstrip("/") + STAGING_SUFFIX, fs=dst.fs, is_s3=dst.is_s3)
+def actor_threads() -> int:
+    """The CPUs Ray gave the calling actor or task, rounded, at least 1 (outside Ray: 1)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+            return max(1, int(cpus + 0.5))
+    except Exception:  # not in a Ray worker
+        pass
+    return 1
 
 
 def recover(dst: Location) -> dict[str, int]:
     """Finish what earlier runs left: commit staged runs that completed, drop those that did not."""
-    staging = _staging(dst)
-    done = dropped = 0
-    if not staging.exists():
-        return {"committed_runs": 0, "dropped_runs": 0}
-    for path in sorted(staging.fs.ls(staging.path, detail=False)):
-        run_loc = staging.join(posix_basename(path))
-        run = posix_basename(path)
-        if run_loc.join(DONE_MARKER).exists():
-            _commit(run_loc, dst)
-            done += 1
-        else:
-            logger.warning("score: dropping the unfinished run %s (cut off before its rows were complete)", run)
-            run_loc.remove()
-            dropped += 1
-    return {"committed_runs": done, "dropped_runs": dropped}
-
-
-def _commit(run_loc: Location, dst: Location) -> int:
-    """Move a complete run's files into the output, each file whole; safe to repeat after a kill."""
-    moved = 0
-    for path in run_loc.files():
-        name = posix_basename(path)
-        if name == DONE_MARKER:
-            continue
-        src = Location(uri=run_loc.uri_of(path), path=path, fs=run_loc.fs, is_s3=run_loc.is_s3)
-        src.move_to(dst.join(name))
-        moved += 1
-    run_loc.remove()  # the marker goes last: a cut-off commit is finished next time
-    return moved
-
-
-def posix_basename(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]
+    return StagedWriter(dst, what="score").recover()
 
 
 def _prior_rows(dst: Location) -> pa.Table:
@@ -239,16 +256,25 @@ def run_scoring(config: ScoreConfig) -> dict:
     """Score every new or changed file under ``input``; returns the run's summary."""
     import ray
 
+    from ..models import package_preprocess
+
     t0 = time.perf_counter()
+    config, registered = resolve_registered_model(config)  # models:/NAME/VERSION -> its package folder
     meta = read_package_meta(config.model, config.s3_endpoint_url)
     model_id, class_names = meta["model_id"], list(meta["class_names"])
-    preprocess = MRIPreprocess.from_dict(meta["preprocess"])
+    preprocess = package_preprocess(meta, config.model)
+    engine = _engine(config, meta)  # before any work: an impossible choice fails here
+    # The series verdicts' review threshold: the option, else the package's (none before trust).
+    review = config.review_threshold if config.review_threshold is not None else float(
+        (meta.get("trust") or {}).get("review_threshold", 0.0))
     src = resolve(config.input, s3_endpoint_url=config.s3_endpoint_url)
     dst = resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)
-    recovered = recover(dst)
+    writer = StagedWriter(dst, what="score")
+    recovered = writer.recover()
     files = {p: v for p, v in src.files_with_versions().items() if not posix_basename(p).startswith(".")}
     if not files:
         raise InputError(f"no files under {config.input}: check the URI")
+    config.save_yaml(dst.join(OUTPUT_CONFIG_FILE))  # `jobs/score.py --config` takes it back; readers skip it
 
     prior = _prior_rows(dst)
     prefix = "s3://" if src.is_s3 else ""
@@ -276,8 +302,8 @@ def run_scoring(config: ScoreConfig) -> dict:
         **recovered,
     }
     if not todo:
-        summary.update(series=_series(dst, class_names), wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0)
-        return summary
+        summary.update(series=_series(dst, class_names, review), wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0)
+        return log_scoring(config, summary, registered)
 
     if not ray.is_initialized():
         ray.init()
@@ -285,9 +311,10 @@ def run_scoring(config: ScoreConfig) -> dict:
     cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
     if config.use_gpu and gpus < 1:
         raise ConfigError("use_gpu is set but the Ray cluster has no GPU: drop --use-gpu or add GPU nodes")
-    replicas = config.concurrency or (gpus if config.use_gpu else max(1, cpus // 2))
+    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    replicas, replica_cpus = plan_replicas(config, cpus=cpus, gpus=gpus, node_cpus=node_cpus)
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-    staging = _staging(dst).join(run_id)
+    staging = writer.stage(run_id)
     scored_at = datetime.now(timezone.utc)
     t_run = time.perf_counter()
     ctx = ray.data.DataContext.get_current()
@@ -296,11 +323,13 @@ def run_scoring(config: ScoreConfig) -> dict:
     ctx.op_resource_reservation_enabled = False
     try:
         (
-            ray.data.read_binary_files(list(todo), filesystem=src.pyarrow_fs, include_paths=True)
+            # Reads and writes are I/O: at their default of 1 CPU they could never be scheduled
+            # beside model replicas that hold all but DECODE_CPUS of a node (the job hung).
+            ray.data.read_binary_files(list(todo), filesystem=src.pyarrow_fs, include_paths=True, num_cpus=DECODE_CPUS)
             .map_batches(
                 decode_batch,
                 batch_format="pyarrow",
-                fn_kwargs={"preprocess": preprocess, "already": already, "select": config.select},
+                fn_kwargs={"preprocess": preprocess, "already": already, "select": config.select, "guard": config.guard},
                 # Remote args unlike the model's keep Ray Data from fusing the decode into the
                 # model actor, where it would run in turn with inference instead of beside it.
                 num_cpus=DECODE_CPUS,
@@ -309,11 +338,14 @@ def run_scoring(config: ScoreConfig) -> dict:
                 Predictor,
                 batch_format="pyarrow",
                 batch_size=config.batch_size,
-                fn_constructor_args=(config.model, config.s3_endpoint_url, config.use_gpu, todo, prefix, scored_at, selection),
+                fn_constructor_args=(config.model, config.s3_endpoint_url, config.use_gpu, todo, prefix, scored_at, selection,
+                                     engine),
+                fn_constructor_kwargs={"review_threshold": config.review_threshold},
                 compute=ray.data.ActorPoolStrategy(size=replicas),
                 num_gpus=1 if config.use_gpu else 0,
+                num_cpus=replica_cpus,
             )
-            .write_parquet(staging.path, filesystem=staging.pyarrow_fs)
+            .write_parquet(staging.path, filesystem=staging.pyarrow_fs, ray_remote_args={"num_cpus": DECODE_CPUS})
         )
     finally:
         ctx.op_resource_reservation_enabled = saved
@@ -321,10 +353,9 @@ def run_scoring(config: ScoreConfig) -> dict:
     written = pa.concat_tables(
         [pq.read_table(p, columns=["path", "status"], filesystem=staging.pyarrow_fs) for p in staged]
     ) if staged else pa.table({"path": pa.array([], pa.string()), "status": pa.array([], pa.string())})
-    # The marker says every row of the run is on storage: from here a cut-off run is committed
-    # by the next one instead of redone.
-    staging.join(DONE_MARKER).write_bytes(b"")
-    _commit(staging, dst)
+    # Every row of the run is on storage: the commit marks it so (from here a cut-off run is
+    # committed by the next one instead of redone), then moves the files in one by one.
+    writer.commit(staging)
     elapsed = time.perf_counter() - t_run
     counts = {k: int(pc.sum(pc.equal(written.column("status"), k)).as_py() or 0) for k in ("ok", "error", "skipped")}
     files_written = len(set(written.column("path").to_pylist()))
@@ -333,19 +364,65 @@ def run_scoring(config: ScoreConfig) -> dict:
         errors=counts["error"],
         not_selected=counts["skipped"],
         skipped_already_scored=summary["skipped_already_scored"] + len(todo) - files_written,
-        series=_series(dst, class_names),
+        series=_series(dst, class_names, review),
         run_id=run_id,
         replicas=replicas,
+        cpus_per_replica=replica_cpus,
+        engine=engine,
         wall_s=round(time.perf_counter() - t0, 3),
         images_per_s=round(len(todo) / elapsed, 2),
     )
-    return summary
+    return log_scoring(config, summary, registered)
 
 
-def _series(dst: Location, class_names: list[str]) -> int | None:
+def _engine(config: ScoreConfig, meta: dict) -> str:
+    from ..models import choose_engine, package_has_onnx, verify_onnx
+
+    engine = choose_engine(config.engine, has_onnx=package_has_onnx(meta), use_gpu=config.use_gpu)
+    if engine == "onnxruntime":  # a changed or missing file is refused here, not in every actor
+        verify_onnx(config.model, s3_endpoint_url=config.s3_endpoint_url)
+    return engine
+
+
+def plan_replicas(config: ScoreConfig, *, cpus: float, gpus: int, node_cpus: list[float] | None = None) -> tuple[int, float]:
+    """(model replicas, CPUs each; each replica runs that many threads, rounded).
+
+    With use_gpu: one replica per GPU, 1 CPU each (default). On CPUs each node gives the model
+    :data:`MODEL_SHARE` of its CPUs and reading and decoding the rest (at least
+    :data:`DECODE_CPUS`), in replicas of about :data:`THREADS_PER_REPLICA` CPUs: on a 2-vCPU
+    node one replica of 1.5 CPUs (2 threads) beside 0.5 CPU of decode tasks, the fastest layout
+    measured (docs/benchmarks.md). ``node_cpus``: the CPUs of each node (default: one node).
+    """
+    if config.use_gpu:
+        return config.concurrency or gpus, config.cpus_per_replica or 1.0
+    nodes = [c for c in (node_cpus or [cpus]) if c >= 2 * DECODE_CPUS] or [cpus]
+    model = [max(min(c * MODEL_SHARE, c - DECODE_CPUS), DECODE_CPUS) for c in nodes]
+    # One replica size for the whole pool (Ray Data's actors are alike): the smallest node's.
+    default_per = min(m / max(1, round(m / THREADS_PER_REPLICA)) for m in model)
+    per = config.cpus_per_replica or default_per
+    if config.concurrency:
+        replicas = config.concurrency
+        if not config.cpus_per_replica:  # the model's CPUs shared by the replicas asked for
+            per = min(default_per, sum(model) / replicas)
+    else:
+        replicas = max(1, sum(int(m / per + 1e-9) for m in model))
+    if replicas * per > cpus - DECODE_CPUS + 1e-9 or per > max(nodes) - DECODE_CPUS + 1e-9:
+        raise ConfigError(
+            f"{replicas} model replicas x {per:g} CPUs leave less than {DECODE_CPUS} of the cluster's {cpus:g} CPUs "
+            "(or of a node's) to read and decode files, and the job would wait forever: lower concurrency or "
+            "cpus_per_replica"
+        )
+    if abs(per - DECODE_CPUS) < 1e-9:
+        # Equal remote arguments would let Ray Data fuse the decode stage into the model actor,
+        # where it runs in turn with inference (issue 6): a hair less keeps them apart.
+        per = DECODE_CPUS - 0.01
+    return replicas, round(per, 3)
+
+
+def _series(dst: Location, class_names: list[str], review_threshold: float) -> int | None:
     """Bring the per-series table up to date with every committed row; its row count, or None
     when the output holds no DICOM series or NIfTI volume."""
-    return update_series_table(dst, class_names)
+    return update_series_table(dst, class_names, review_threshold=review_threshold)
 
 
 def format_summary(s: dict) -> str:
@@ -358,5 +435,6 @@ def format_summary(s: dict) -> str:
         lines.append(f"  series table: {s['series']} series or volumes in {s['output'].rstrip('/')}_series/")
     if s.get("committed_runs") or s.get("dropped_runs"):
         lines.append(f"  earlier cut-off runs: committed {s['committed_runs']}, redone {s['dropped_runs']}")
-    lines.append(f"  {s['wall_s']:.1f} s, {s['images_per_s']:.1f} images/s")
+    engine = f" ({s['engine']}, {s['replicas']} model replicas x {s['cpus_per_replica']:g} CPUs)" if s.get("engine") else ""
+    lines.append(f"  {s['wall_s']:.1f} s, {s['images_per_s']:.1f} images/s{engine}")
     return "\n".join(lines)

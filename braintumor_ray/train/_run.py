@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -17,11 +16,14 @@ from typing import Any
 
 import torch
 
-from ..core import CLASS_NAMES, BraintumorError, ConfigError, InputError, Location, resolve
+from ..core import CLASS_NAMES, CONFIG_FILE, BraintumorError, ConfigError, InputError, Location, resolve
 from ..imaging import MRIPreprocess
+from ..tracking import finish_training, start_tracking
 from ._config import TrainConfig
 from ._data import TrainData, load_train_data, read_report
 from ._loop import STATE_FILE, train_loop_per_worker
+from ._outputs import package_metrics, write_plots
+from ._trust import fit_model_trust, write_reliability
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +120,11 @@ def run_training(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     t0 = time.time()
     run = run_location(cfg)
     start_run(run, what="run", resume=resume, data=cfg.data, s3_endpoint_url=cfg.s3_endpoint_url)
+    cfg.save_yaml(run.join(CONFIG_FILE))  # the effective settings: `jobs/train.py --config` takes them back
     data = load_train_data(cfg.data, s3_endpoint_url=cfg.s3_endpoint_url, seed=cfg.seed)
     trainer = build_trainer(cfg, data=data)
+    # MLflow (with a tracking URI only): this run's MLflow run, the same one again on --resume.
+    tracking = start_tracking(cfg.mlflow, run, stage="train", name=cfg.name, params=cfg.to_dict(), resume=resume)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
@@ -155,19 +160,18 @@ def run_training(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
             metrics[k] = out[k]
 
     model = best_model(cfg, result.checkpoint)
+    trust, metrics["trust"] = fit_model_trust(model, data, cfg.trust, seed=cfg.seed, batch_size=cfg.eval_batch_size)
     preprocess = MRIPreprocess.from_dict(data.report["preprocess"])
-    package_metrics = {"best_epoch": out["best_epoch"], "val_macro_f1": out["val"]["macro_f1"]}
-    for k in ("test", "test_clean"):
-        if k in out:
-            package_metrics[f"{k}_accuracy"] = out[k]["accuracy"]
-            package_metrics[f"{k}_macro_f1"] = out[k]["macro_f1"]
-    meta = export_package(model, run.join(MODEL_DIR).uri, preprocess=preprocess, metrics=package_metrics,
+    meta = export_package(model, run.join(MODEL_DIR).uri, preprocess=preprocess, trust=trust,
+                          metrics=package_metrics(out, best_epoch=out["best_epoch"]),
                           s3_endpoint_url=cfg.s3_endpoint_url)
     metrics["model"] = {"uri": run.join(MODEL_DIR).uri, "model_id": meta["model_id"]}
     metrics["run"]["wall_s"] = round(time.time() - t0, 1)
     write_plots(metrics, run)
+    write_reliability(metrics["trust"], run)
     run.join(METRICS_FILE).write_bytes(json.dumps(metrics, indent=2, allow_nan=False).encode())
     logger.info("wrote %s, plots and %s", run.join(METRICS_FILE).uri, run.join(MODEL_DIR).uri)
+    finish_training(tracking, metrics, run)
     return metrics
 
 
@@ -213,61 +217,7 @@ def evaluate_model(model: torch.nn.Module, data: TrainData, *, batch_size: int =
     return out
 
 
-# --- plots and the console table -------------------------------------------------------------
-
-
-def write_plots(metrics: dict[str, Any], run: Location) -> list[str]:
-    """``curves.png`` (loss, accuracy, macro-F1 per epoch) and ``confusion_<split>.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    hist = metrics["epochs"]
-    ep = [h["epoch"] for h in hist]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, (key, title) in zip(axes, (("loss", "loss"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"))):
-        for split, style in (("train", "-o"), ("val", "-s")):
-            k = f"{split}_{key}"
-            if hist and k in hist[0]:
-                ax.plot(ep, [h[k] for h in hist], style, label=split)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{metrics['run']['name']} (best epoch {metrics['best_epoch']})")
-    fig.tight_layout()
-    written.append(_save(fig, run.join("curves.png")))
-    plt.close(fig)
-    for split in ("val", "test", "test_clean"):
-        if split not in metrics:
-            continue
-        m = metrics[split]
-        cm = m["confusion_matrix"]
-        fig, ax = plt.subplots(figsize=(5.2, 4.6))
-        ax.imshow(cm, cmap="Blues")
-        names = m["class_names"]
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_yticks(range(len(names)), names)
-        top = max(max(r) for r in cm) or 1
-        for i, row in enumerate(cm):
-            for j, v in enumerate(row):
-                ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(f"{split}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} (n={m['n']})")
-        fig.tight_layout()
-        written.append(_save(fig, run.join(f"confusion_{split}.png")))
-        plt.close(fig)
-    return written
-
-
-def _save(fig, loc: Location) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    loc.write_bytes(buf.getvalue())
-    return loc.uri
+# --- the console table ----------------------------------------------------------------------
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -285,5 +235,12 @@ def format_table(metrics: dict[str, Any]) -> str:
         lines.append(f"  {s}: {'class':<12}{'precision':>10}{'recall':>8}{'F1':>7}{'n':>5}")
         for name, c in m["per_class"].items():
             lines.append(f"  {'':<{len(s) + 2}}{name:<12}{c['precision']:>10.3f}{c['recall']:>8.3f}{c['f1']:>7.3f}{c['support']:>5}")
+    t = metrics.get("trust")
+    if t:
+        lines.append(f"  calibration: temperature {t['temperature']:.2f}; ECE before -> after: "
+                     + ", ".join(f"{s} {t[s]['ece_before']:.3f} -> {t[s]['ece_after']:.3f}" for s in splits
+                                 if t.get(s, {}).get("n")))
+        lines.append(f"  review flags ({t['ood_detector']} OOD, confidence < {t['review_threshold']:.2f}): "
+                     + ", ".join(f"{s} {t[s]['flagged']:.0%}" for s in splits if t.get(s, {}).get("n")))
     lines.append(f"  model: {metrics['model']['uri']} ({metrics['model']['model_id']})")
     return "\n".join(lines)

@@ -35,6 +35,9 @@ def _l2(x: np.ndarray) -> np.ndarray:
 class Detector:
     name: ClassVar[str] = ""
     uses: ClassVar[str] = "features"  # or "logits"
+    # True when the fitted state holds per-image training features (k-NN's bank): a model
+    # package then carries something derived from each of those patients' scans.
+    stores_training_features: ClassVar[bool] = False
 
     def fit(self, features: np.ndarray, labels: np.ndarray, *, seed: int = 0) -> "Detector":
         return self
@@ -82,6 +85,7 @@ class Mahalanobis(Detector):
 
 class KNN(Detector):
     name = "knn"
+    stores_training_features = True
 
     def fit(self, features, labels, *, seed=0):
         x = _l2(features)

@@ -2,6 +2,7 @@
 
     storage/name/
         search.json            the SearchConfig (``--resume`` reads it back)
+        config.yaml            the same settings as YAML, for ``jobs/tune.py --config``
         trials/<trial id>/     each trial's Ray Train run (checkpoints), as in jobs/train.py
         <Tune's own state>     tuner.pkl, experiment_state-*.json, one folder per trial
         leaderboard.csv, leaderboard.md, val_macro_f1.png, best.json
@@ -18,8 +19,9 @@ import math
 import time
 from typing import Any
 
-from ..core import BraintumorError, ConfigError
+from ..core import CONFIG_FILE, BraintumorError, ConfigError
 from ..core import Location, resolve
+from ..tracking import finish_search, start_tracking
 from ..train import TrainConfig, TrainData
 from ._config import SEARCHABLE, SearchConfig, to_tune_space
 
@@ -131,6 +133,7 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> dict[str, Any]:
     check_backbones(cfg)
     if not resume:
         root.join(SEARCH_FILE).write_bytes(json.dumps(cfg.to_dict() | {"s3_endpoint_url": None}, indent=2).encode())
+        cfg.save_yaml(root.join(CONFIG_FILE))  # the effective settings: `jobs/tune.py --config` takes them back
 
     # Loaded once: every trial's Ray Train run reads the same materialised blocks.
     timing = {"prepare_s": time.time() - t0}
@@ -176,6 +179,7 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> dict[str, Any]:
         )
         logger.info("search %s: %d backbone(s) x %d sample(s), up to %d epochs, %d trial(s) at a time",
                     root.uri, len(cfg.models), cfg.num_samples, cfg.max_epochs, concurrency)
+    tracking = start_tracking(cfg.mlflow, root, stage="search", name=cfg.name, params=cfg.to_dict(), resume=resume)
     t_fit = time.time()
     timing["load_data_s"] = t_fit - t0 - timing["prepare_s"]
     results = tuner.fit()
@@ -202,6 +206,7 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> dict[str, Any]:
     )
     root.join("best.json").write_bytes(json.dumps(summary, indent=2, allow_nan=False).encode())
     summary["leaderboard"] = rows
+    finish_search(tracking, summary, {_trial_id(r): r for r in results}, root, s3_endpoint_url=cfg.s3_endpoint_url)
     return summary
 
 
@@ -288,12 +293,9 @@ def write_leaderboard(rows: list[dict[str, Any]], root: Location) -> None:
 
 def plot_trials(results, root: Location, cfg: SearchConfig) -> str:
     """Validation macro-F1 over each trial's time, one line per trial (``val_macro_f1.png``)."""
-    import matplotlib
+    from ..train import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = pyplot().subplots(figsize=(8, 4.5))
     for r in results:
         df = r.metrics_dataframe
         if df is None or not len(df) or SCORE not in df:
@@ -305,18 +307,13 @@ def plot_trials(results, root: Location, cfg: SearchConfig) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    loc = root.join("val_macro_f1.png")
-    loc.write_bytes(buf.getvalue())
-    return loc.uri
+    return save_figure(fig, root.join("val_macro_f1.png"))
 
 
 def export_best(rows: list[dict[str, Any]], results, cfg: SearchConfig, data: TrainData, root: Location) -> dict[str, Any]:
     """The best trial's best epoch, evaluated on val/test here and exported to ``best_model/``."""
-    from ..train import best_model, evaluate_model, export_package
     from ..imaging import MRIPreprocess
+    from ..train import best_model, evaluate_model, export_package, fit_model_trust, package_metrics, write_reliability
 
     best_row = rows[0]
     result = next(r for r in results if _trial_id(r) == best_row["trial"])
@@ -324,13 +321,12 @@ def export_best(rows: list[dict[str, Any]], results, cfg: SearchConfig, data: Tr
     checkpoint = _best_checkpoint(result, cfg)
     model = best_model(tcfg, checkpoint)
     metrics = evaluate_model(model, data)
-    package_metrics: dict[str, Any] = {"trial": best_row["trial"], "best_epoch": best_row["best_epoch"]}
-    for split, m in metrics.items():
-        package_metrics[f"{split}_accuracy"] = m["accuracy"]
-        package_metrics[f"{split}_macro_f1"] = m["macro_f1"]
+    trust, trust_report = fit_model_trust(model, data, tcfg.trust, seed=tcfg.seed, batch_size=tcfg.eval_batch_size)
+    write_reliability(trust_report, root)
     uri = root.join(BEST_DIR).uri
-    meta = export_package(model, uri, preprocess=MRIPreprocess.from_dict(data.report["preprocess"]),
-                          metrics=package_metrics, s3_endpoint_url=cfg.s3_endpoint_url)
+    meta = export_package(model, uri, preprocess=MRIPreprocess.from_dict(data.report["preprocess"]), trust=trust,
+                          metrics=package_metrics(metrics, trial=best_row["trial"], best_epoch=best_row["best_epoch"]),
+                          s3_endpoint_url=cfg.s3_endpoint_url)
     logger.info("best trial %s (%s): val macro-F1 %.3f; model %s", best_row["trial"], best_row["backbone"],
                 best_row["best_val_macro_f1"], uri)
     return {
@@ -339,6 +335,7 @@ def export_best(rows: list[dict[str, Any]], results, cfg: SearchConfig, data: Tr
         "model": {"uri": uri, "model_id": meta["model_id"]},
         "class_names": metrics["val"]["class_names"],
         **metrics,
+        "trust": trust_report,
     }
 
 

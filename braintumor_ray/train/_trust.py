@@ -1,0 +1,108 @@
+"""After training: fit what makes each prediction trustworthy, on splits the test sets never touch.
+
+The best model runs once over every split in the driver (one forward pass gives logits and
+penultimate features): the temperature and the review threshold come from validation, the
+out-of-distribution reference from the training split's features (its threshold from
+validation). Test and test_clean only report: ECE and NLL before and after, how many rows would
+be flagged, the accuracy of those that stand, and the share of errors caught.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..core import Location
+from ..trust import REVIEW_REASONS, Trust, TrustConfig, calibration_report, fit_trust, reliability_bins, softmax
+from ._data import TrainData
+from ._outputs import pyplot, save_figure
+
+logger = logging.getLogger(__name__)
+
+RELIABILITY_PNG = "reliability.png"
+
+
+def model_outputs(model: torch.nn.Module, dataset, *, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Logits, penultimate features, labels and leak flags of every image of a Ray dataset split."""
+    from ..models import WithFeatures, data_config, prepare_input
+
+    dcfg = data_config(model)
+    net = WithFeatures(model).eval()
+    out: dict[str, list] = {"logits": [], "features": [], "labels": [], "leaked": []}
+    with torch.inference_mode():
+        for batch in dataset.iter_torch_batches(batch_size=batch_size):
+            lo, fe = net(prepare_input(batch["image"], mean=dcfg["mean"], std=dcfg["std"]))
+            out["logits"].append(lo.float().numpy())
+            out["features"].append(fe.float().numpy())
+            out["labels"].append(batch["label"].numpy())
+            out["leaked"].append(batch["leaked"].numpy().astype(bool))
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+
+
+def fit_model_trust(model: torch.nn.Module, data: TrainData, cfg: TrustConfig, *, seed: int = 0,
+                    batch_size: int = 64) -> tuple[Trust, dict[str, Any]]:
+    """The package's :class:`Trust` and the figures ``metrics.json`` records under ``trust``."""
+    outs = {s: model_outputs(model, data.datasets[s], batch_size=batch_size) for s in ("train", "val", "test")
+            if s in data.datasets}
+    tr, va = outs["train"], outs["val"]
+    trust = fit_trust(cfg, train_features=tr["features"], train_labels=tr["labels"], val_logits=va["logits"],
+                      val_features=va["features"], val_labels=va["labels"], seed=seed)
+    splits = {"val": va}
+    if "test" in outs:
+        te = outs["test"]
+        splits["test"] = te
+        splits["test_clean"] = {k: v[~te["leaked"]] for k, v in te.items()}
+    report: dict[str, Any] = {"temperature": trust.temperature, "ood_detector": trust.detector,
+                              "ood_threshold": trust.ood_threshold, "review_threshold": trust.review_threshold}
+    for name, o in splits.items():
+        report[name] = split_report(trust, o)
+    logger.info("trust: temperature %.3f, %s OOD threshold %.4g, review below confidence %.3f; val ECE %.3f -> %.3f",
+                trust.temperature, trust.detector, trust.ood_threshold, trust.review_threshold,
+                report["val"]["ece_before"], report["val"]["ece_after"])
+    return trust, report
+
+
+def split_report(trust: Trust, o: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Calibration and abstention figures of one split."""
+    y = o["labels"]
+    if not len(y):
+        return {"n": 0}
+    a = trust.assess(o["logits"], o["features"])
+    correct = a.probs.argmax(1) == y
+    flagged = np.array([r is not None for r in a.review_reason])
+    return {
+        **calibration_report(o["logits"], y, trust.temperature),
+        "flagged": float(flagged.mean()),
+        **{f"flagged_{r}": float(np.mean([x == r for x in a.review_reason])) for r in REVIEW_REASONS},
+        "accuracy": float(correct.mean()),
+        "accuracy_unflagged": float(correct[~flagged].mean()) if (~flagged).any() else None,
+        "errors_caught": float((~correct & flagged).sum() / (~correct).sum()) if (~correct).any() else None,
+        "reliability": reliability_bins(a.probs, y),
+        "reliability_uncalibrated": reliability_bins(softmax(o["logits"]), y),
+    }
+
+
+def write_reliability(report: dict[str, Any], run: Location) -> str:
+    """``reliability.png``: accuracy against confidence per bin, before and after calibration."""
+    plt = pyplot()
+    splits = [s for s in ("val", "test", "test_clean") if report.get(s, {}).get("n")]
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 4), squeeze=False)
+    for ax, s in zip(axes[0], splits):
+        r = report[s]
+        for key, label, style in (("reliability_uncalibrated", f"raw (ECE {r['ece_before']:.3f})", "--o"),
+                                  ("reliability", f"T={report['temperature']:.2f} (ECE {r['ece_after']:.3f})", "-s")):
+            pts = [(b["confidence"], b["accuracy"]) for b in r[key] if b["n"]]
+            if pts:
+                ax.plot(*zip(*pts), style, label=label)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{s} (n={r['n']})")
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, run.join(RELIABILITY_PNG))
