@@ -13,6 +13,7 @@ import time
 import urllib.request
 
 import pytest
+import yaml
 
 from braintumor_ray import ConfigError, MRIPreprocess, make_sample_dataset
 from braintumor_ray.ingest import IngestConfig, run_ingest
@@ -188,6 +189,8 @@ def test_scoring_by_registered_model(trained, archive, client, mlflow_server, tm
         assert run.data.tags["model_id"] == s["model_id"] and run.data.tags["registered_model"] == ref
         assert run.data.metrics["scored"] == 8 and run.data.metrics["wall_s"] > 0 and "images_per_s" in run.data.metrics
         assert run.data.params["model"] == ref
+        saved = yaml.safe_load((tmp_path / f"p{i}" / "_config.yaml").read_text())
+        assert saved["model"] == ref  # the run's settings name the registered model, not a temp folder
     exp = client.get_experiment_by_name("bt-score")
     assert len(client.search_runs([exp.experiment_id])) == 2
 

@@ -259,6 +259,7 @@ def run_scoring(config: ScoreConfig) -> dict:
     from ..models import package_preprocess
 
     t0 = time.perf_counter()
+    asked = config  # saved as given: a models:/ name stays a name, not the folder it resolved to
     config, registered = resolve_registered_model(config)  # models:/NAME/VERSION -> its package folder
     meta = read_package_meta(config.model, config.s3_endpoint_url)
     model_id, class_names = meta["model_id"], list(meta["class_names"])
@@ -274,7 +275,7 @@ def run_scoring(config: ScoreConfig) -> dict:
     files = {p: v for p, v in src.files_with_versions().items() if not posix_basename(p).startswith(".")}
     if not files:
         raise InputError(f"no files under {config.input}: check the URI")
-    config.save_yaml(dst.join(OUTPUT_CONFIG_FILE))  # `jobs/score.py --config` takes it back; readers skip it
+    asked.save_yaml(dst.join(OUTPUT_CONFIG_FILE))  # `jobs/score.py --config` takes it back; readers skip it
 
     prior = _prior_rows(dst)
     prefix = "s3://" if src.is_s3 else ""
