@@ -1,0 +1,1 @@
+"""Self-contained static HTML review reports of scoring outputs, training runs and searches."""
