@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from braintumor_ray.cli import DEMO_DIR, config_dict, job_parser, join_ray, run_job
+from braintumor_ray.cli import DEMO_DIR, config_dict, job_parser, join_ray, refuse_demo_into, run_job
 from braintumor_ray.imaging import make_sample_dataset
 from braintumor_ray.ingest import IngestConfig, format_summary, run_ingest
 
@@ -29,10 +29,11 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
 
     def work() -> str:
         settings = config_dict(IngestConfig, args)
+        refuse_demo_into(settings, input="input", outputs=("output",))
         demo = settings.get("input") is None  # the embedded default: a generated sample under ./demo
         if demo:
-            settings = {"output": os.path.abspath(os.path.join(DEMO_DIR, "preprocessed"))} | settings | {
-                "input": os.path.abspath(os.path.join(DEMO_DIR, "sample")), "overwrite": True}
+            settings = settings | {"output": os.path.abspath(os.path.join(DEMO_DIR, "preprocessed")),
+                                   "input": os.path.abspath(os.path.join(DEMO_DIR, "sample")), "overwrite": True}
         cfg = IngestConfig.from_dict(settings)
         if demo:
             make_sample_dataset(cfg.input, per_class=24, test_per_class=6)

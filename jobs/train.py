@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from braintumor_ray.cli import DEMO_DIR, config_dict, demo_data, job_parser, join_ray, run_job
+from braintumor_ray.cli import DEMO_DIR, config_dict, demo_data, job_parser, join_ray, refuse_demo_into, run_job
 from braintumor_ray.core import given_settings
 from braintumor_ray.train import TrainConfig, format_table, run_training
 
@@ -34,6 +34,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     def work() -> str:
         settings = config_dict(TrainConfig, args)
         given = given_settings(args, TrainConfig)
+        if not args.smoke_test:  # --smoke-test asks for the generated sample by name; anything else names --data
+            refuse_demo_into(settings, input="data", outputs=("storage",))
         if args.smoke_test and "model" in given and "pretrained" not in given:
             settings["pretrained"] = True  # a model named with --smoke-test keeps its weights
         defaults = {} if args.resume else {"name": time.strftime("train-%Y%m%d-%H%M%S", time.gmtime())}

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from braintumor_ray.cli import DEMO_DIR, config_dict, demo_data, job_parser, join_ray, run_job
+from braintumor_ray.cli import DEMO_DIR, config_dict, demo_data, job_parser, join_ray, refuse_demo_into, run_job
 from braintumor_ray.core import ConfigError
 from braintumor_ray.tune import SearchConfig, format_summary, load_search_config, run_search
 
@@ -35,6 +35,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     def work() -> str:
         settings = config_dict(SearchConfig, args)
         demo = settings.get("data") is None  # the embedded default: a generated sample under ./demo
+        if not (args.resume or args.smoke_test):  # a resumed search keeps its saved data; --smoke-test asks for the sample
+            refuse_demo_into(settings, input="data", outputs=("storage",))
         if args.resume:  # the search's own saved settings
             if not settings.get("name"):
                 raise ConfigError("--resume needs --name (and --storage) of the search to continue")

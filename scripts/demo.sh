@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up ./.venv and run the whole pipeline on the embedded default, on a local Ray:
 # generated sample -> preprocess -> tune (smoke size: each trial a Ray Train run) -> score,
-# all under ./demo. Ends with the leaderboard, the predictions' path and a few of their rows.
+# all under ./demo. Ends with the leaderboard, the predictions' path and a few of their rows, and
+# the paths of the HTML reports of the search and of the scoring output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -24,3 +25,7 @@ cols = ["path", "predicted_label", "prob_glioma", "prob_meningioma", "prob_no_tu
 with pd.option_context("display.width", 200, "display.max_colwidth", 60):
     print(df.sort_values("path")[cols].head(6).to_string(index=False))
 PY
+echo
+echo "reports (open them in a browser):"
+echo "  search:  $(pwd)/demo/runs/demo/report.html"
+echo "  scoring: $(pwd)/demo/predictions/_report.html"

@@ -11,6 +11,23 @@ py=${PYTHON:-python3}
   exit 2
 }
 [ -x .venv/bin/python ] || "$py" -m venv .venv
+# --dev: the report tests drive Debian's chromium (Playwright never downloads a browser here).
+# CHROMIUM and APT_GET name other commands (tests/test_reports.py checks this step with stubs).
+if [ -n "$extra" ] && ! command -v "${CHROMIUM:-chromium}" >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt=${APT_GET:-apt-get}
+    if ! { "$apt" update -qq && DEBIAN_FRONTEND=noninteractive "$apt" install -y -qq --no-install-recommends chromium; } \
+        >.venv/apt.log 2>&1; then
+      tail -20 .venv/apt.log >&2
+      echo "error: installing Debian's chromium failed (full log: .venv/apt.log); the report tests need it" >&2
+      exit 1
+    fi
+  else
+    echo "error: the report tests need Debian's chromium, which is not installed: run" \
+      "'sudo apt-get install -y --no-install-recommends chromium', then this script again" >&2
+    exit 1
+  fi
+fi
 stamp=".venv/.installed$extra"
 want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

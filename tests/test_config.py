@@ -17,7 +17,7 @@ import yaml
 
 from braintumor_ray.cli import build_config
 from braintumor_ray.core import CONFIG_FILE, ConfigError, cli_options, resolve
-from braintumor_ray.imaging import MRIPreprocess, SeriesSelector, TrainAugment
+from braintumor_ray.imaging import InputGuard, MRIPreprocess, SeriesSelector, TrainAugment
 from braintumor_ray.ingest import IngestConfig
 from braintumor_ray.score import OUTPUT_CONFIG_FILE, ScoreConfig
 from braintumor_ray.train import TrainConfig
@@ -183,8 +183,10 @@ def test_every_field_is_an_option():
     ("train", ["--augment.rotate", "4", "--augment.flip", "0"], "augment", TrainAugment(rotate=4.0, flip=0.0)),
     ("train", ["--class-weighting", "none"], "class_weighting", "none"),
     ("train", ["--no-pretrained"], "pretrained", False),
-    ("preprocess", ["--image-size", "64", "--crop-threshold", "30", "--crop-margin", "0.1", "--max-pixels", "5000"],
-     "preprocess", MRIPreprocess(image_size=64, threshold=30, margin=0.1, max_pixels=5000)),
+    ("preprocess", ["--image-size", "64", "--crop-threshold", "30", "--crop-margin", "0.1"],
+     "preprocess", MRIPreprocess(image_size=64, threshold=30, margin=0.1)),
+    # The limits moved from the model's preprocessing to the input guard; the old spelling stays.
+    ("preprocess", ["--max-pixels", "5000", "--max-file-bytes", "4096"], "guard", InputGuard(max_pixels=5000, max_file_bytes=4096)),
     ("score", ["--dicom-modality", "mr,CT", "--orientation", "Axial", "--series-description", "T1"], "select",
      SeriesSelector(modalities=("MR", "CT"), orientations=("axial",), series_description="T1")),
     ("tune", ["--models", "resnet50, vgg16", "--no-pretrained"], "models", ("resnet50", "vgg16")),

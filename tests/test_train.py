@@ -107,6 +107,9 @@ def test_one_worker_learns_with_s3_storage_and_resume(data_dir, s3_endpoint, s3_
         body = client.get_object(Bucket=s3_bucket, Key=f"runs/s3run/{png}")["Body"].read()
         assert body[:4] == b"\x89PNG"
     saved = json.loads(client.get_object(Bucket=s3_bucket, Key="runs/s3run/metrics.json")["Body"].read())
+    page = client.get_object(Bucket=s3_bucket, Key="runs/s3run/report.html")["Body"].read().decode()
+    assert saved["report"] == f"s3://{s3_bucket}/runs/s3run/report.html" and 'id="examples"' in page
+    assert page.count("data:image/png;base64,") >= 2 + 2 * 4  # curves, reliability, scans and maps (read from s3://)
     for split in ("test", "test_clean"):
         assert 0 <= saved[split]["accuracy"] <= 1 and 0 <= saved[split]["macro_f1"] <= 1
         assert set(saved[split]["per_class"]) == {"glioma", "meningioma", "no_tumor", "pituitary"}

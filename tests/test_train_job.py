@@ -40,6 +40,10 @@ def test_smoke_test_end_to_end(tmp_path, monkeypatch):
     assert (run / "reliability.png").exists() and (run / "model" / "trust.safetensors").exists()
     assert json.loads((run / "model" / "model.json").read_text())["trust"]["temperature"] == t["temperature"]
     assert "calibration: temperature" in p.stdout
+    # The run's HTML report, with the validation grid's scans and heat maps embedded.
+    report = (run / "report.html").read_text()
+    assert m["report"] == str(run / "report.html") and f"report: {run / 'report.html'}" in p.stdout
+    assert 'id="examples"' in report and report.count("data:image/png;base64,") >= 2 + 2 * 4
 
     # The run's saved config.yaml, fed back through the job's --config, is the TrainConfig it ran.
     from braintumor_ray.train import TrainConfig

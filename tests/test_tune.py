@@ -66,7 +66,7 @@ def test_search_on_s3_asha_leaderboard_and_best_model(data_dir, s3_endpoint, s3_
 
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="searches/s1/")["Contents"]}
-    for name in ("leaderboard.csv", "leaderboard.md", "val_macro_f1.png", "best.json", "search.json",
+    for name in ("leaderboard.csv", "leaderboard.md", "val_macro_f1.png", "best.json", "search.json", "report.html",
                  "best_model/model.json", "best_model/model.safetensors"):
         assert f"searches/s1/{name}" in keys, name
     assert any(k.startswith(f"searches/s1/trials/{good['trial']}/checkpoint_") for k in keys)
@@ -74,6 +74,9 @@ def test_search_on_s3_asha_leaderboard_and_best_model(data_dir, s3_endpoint, s3_
     assert csv_text.splitlines()[0].startswith("rank,trial,backbone,lr")
     assert len(csv_text.strip().splitlines()) == 3
     best = json.loads(s3.get_object(Bucket=s3_bucket, Key="searches/s1/best.json")["Body"].read())
+    assert best["report"] == "s3://" + s3_bucket + "/searches/s1/report.html"
+    page = s3.get_object(Bucket=s3_bucket, Key="searches/s1/report.html")["Body"].read().decode()
+    assert 'id="leaderboard"' in page and 'id="examples"' in page and good["trial"] in page
     assert best["model"]["model_id"] == s["model"]["model_id"]
 
     pkg = load_model_package(f"s3://{s3_bucket}/searches/s1/best_model", s3_endpoint_url=s3_endpoint)

@@ -18,7 +18,7 @@ import logging
 import sys
 from typing import Any, Callable
 
-from ..core import BraintumorError, add_config_args, given_settings, read_yaml
+from ..core import BraintumorError, ConfigError, add_config_args, given_settings, read_yaml
 
 # The few flags that are not settings of a stage, declared once for every job.
 JOB_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
@@ -96,6 +96,19 @@ def demo_data(*, small: bool) -> str:
     run_ingest(IngestConfig(input=sample, output=out, overwrite=True,
                             preprocess=MRIPreprocess(image_size=64 if small else 128)))
     return out
+
+
+def refuse_demo_into(settings: dict[str, Any], *, input: str, outputs: tuple[str, ...]) -> None:
+    """The embedded default (a generated sample under ./demo) stands in for a missing ``input``
+    only when the user named none of ``outputs`` either: a forgotten --input must not fill an
+    output someone chose (the ingest's demo once replaced it, --overwrite and all)."""
+    named = [k for k in outputs if settings.get(k) is not None]
+    if settings.get(input) is None and named:
+        flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
+        raise ConfigError(
+            f"{flag(named[0])} {settings[named[0]]} is given but {flag(input)} is not: give {flag(input)}. The generated "
+            f"sample is used only when no {' or '.join(flag(k) for k in outputs)} is given, and then only under ./{DEMO_DIR}"
+        )
 
 
 def run_job(work: Callable[[], str]) -> int:

@@ -6,9 +6,11 @@ parsing stay light.
 
 from ._config import CONFIG_FILE, CliOption, Config, add_config_args, cli_options, deep_merge, given_settings, read_yaml, setting
 from ._errors import BraintumorError, ConfigError, ImageDecodeError, InputError, StorageError
+from ._paths import PATH_KEY_ENV, Identifiers, PathMode, UidMode, check_modes
 from ._labels import CLASS_NAMES, SPLIT_ALIASES, canonical_label, canonical_split
+from ._lease import LEASE_SUFFIX, Lease, LeaseError, current_lease, lease_location
 from ._staging import DONE_MARKER, STAGING_SUFFIX, StagedWriter, posix_basename
-from ._storage import Location, resolve, s3_filesystem
+from ._storage import LINK_OUTSIDE, Listing, Location, check_disjoint, resolve, s3_filesystem, unreadable_reason
 
 __all__ = [
     "CONFIG_FILE",
@@ -26,14 +28,28 @@ __all__ = [
     "ConfigError",
     "ImageDecodeError",
     "InputError",
+    "Identifiers",
+    "LINK_OUTSIDE",
+    "Listing",
     "Location",
+    "PATH_KEY_ENV",
+    "PathMode",
+    "UidMode",
+    "check_modes",
     "StorageError",
     "canonical_label",
     "canonical_split",
+    "check_disjoint",
     "resolve",
     "s3_filesystem",
+    "unreadable_reason",
     "DONE_MARKER",
     "STAGING_SUFFIX",
     "StagedWriter",
+    "LEASE_SUFFIX",
+    "Lease",
+    "LeaseError",
+    "current_lease",
+    "lease_location",
     "posix_basename",
 ]

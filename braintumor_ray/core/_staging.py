@@ -6,6 +6,10 @@ rename on disk, a copy then a delete on S3) and deletes the run's folder, marker
 of ``OUTPUT`` sees whole files only; a run cut off at any point is finished (marker present) or
 dropped (no marker) by :meth:`StagedWriter.recover`, which the next run calls first.
 
+Runs on one output take turns through its :class:`~._lease.Lease`: given the lease, the writer
+checks it before each commit step, and :meth:`StagedWriter.recover` never touches the staging
+of a run that holds a live lease, whoever calls it.
+
 The staging folder sits beside the output, not inside it: a glob over the output (DuckDB's,
 pyarrow's) never meets it.
 """
@@ -13,8 +17,13 @@ pyarrow's) never meets it.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
+from ._lease import current_lease
 from ._storage import Location
+
+if TYPE_CHECKING:
+    from ._lease import Lease
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +46,10 @@ class StagedWriter:
         writer.commit(run)                  # marker, then the files into dst one by one
     """
 
-    def __init__(self, output: Location, *, what: str = "run") -> None:
+    def __init__(self, output: Location, *, what: str = "run", lease: Lease | None = None) -> None:
         self.output = output
         self.what = what  # a word for the log lines ("score")
+        self.lease = lease  # checked before each commit step: a run that lost it stops
         self.root = Location(
             uri=output.uri.rstrip("/") + STAGING_SUFFIX,
             path=output.path.rstrip("/") + STAGING_SUFFIX,
@@ -57,6 +67,7 @@ class StagedWriter:
         From the marker on, a run cut off mid-commit is finished by the next :meth:`recover`
         instead of redone.
         """
+        self._check_lease()
         run.join(DONE_MARKER).write_bytes(b"")
         return self._publish(run)
 
@@ -65,9 +76,19 @@ class StagedWriter:
         done = dropped = 0
         if not self.root.exists():
             return {"committed_runs": 0, "dropped_runs": 0}
+        self._check_lease()
+        # Holding the lease is the protection; a caller without it (score.recover) looks whose it is.
+        live = current_lease(self.output) if self.lease is None else None
+        live_owner = live["owner"] if live and live["live"] else None
         for path in sorted(self.root.fs.ls(self.root.path, detail=False)):
             run = posix_basename(path)
+            if run.startswith("_"):
+                continue  # not a run: bookkeeping kept across runs (scoring's decode-attempt markers)
             run_loc = self.root.join(run)
+            if live and run == live_owner:
+                logger.warning("%s: leaving the staging of run %s alone: that run holds the lease on %s (live "
+                               "until %s)", self.what, run, self.output.uri, live["expires"])
+                continue
             if run_loc.join(DONE_MARKER).exists():
                 self._publish(run_loc)
                 done += 1
@@ -84,8 +105,13 @@ class StagedWriter:
             name = posix_basename(path)
             if name == DONE_MARKER:
                 continue
+            self._check_lease()
             src = Location(uri=run.uri_of(path), path=path, fs=run.fs, is_s3=run.is_s3)
             src.move_to(self.output.join(name))
             moved += 1
         run.remove()  # the marker goes last: a cut-off commit is finished next time
         return moved
+
+    def _check_lease(self) -> None:
+        if self.lease is not None:
+            self.lease.check()

@@ -9,18 +9,34 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import fsspec
 import pyarrow.fs as pafs
 
-from ._errors import StorageError
+from ._errors import ConfigError, StorageError
 
 _CRED_HINT = (
     "Check the URI, the AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE "
     "or an instance role) and, for an S3-compatible store, --s3-endpoint-url or AWS_ENDPOINT_URL."
 )
+
+
+# The reason given for a link whose target lies outside the folder being read.
+LINK_OUTSIDE = "refused: links outside --input"
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A folder's files: path -> (size, version), and the entries refused as files, path ->
+    reason (links leaving the folder, dangling links, FIFOs and devices, folders that cannot be
+    listed). A refused entry has a (size, version) too (the link's own), so that it can have a
+    row like any file; directory links are neither: they are not files, and are not followed."""
+
+    files: dict[str, tuple[int, str]]
+    refused: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -70,16 +86,91 @@ class Location:
         return sorted(_guard(self, "list", self.fs.find, self.path, withdirs=False))
 
     def files_with_versions(self) -> dict[str, tuple[int, str]]:
-        """Every file under this folder: path -> (size, version). The version changes when the
-        content is rewritten: the ETag on S3, the modification time on disk."""
+        """Every readable file under this folder: path -> (size, version). The version changes
+        when the content is rewritten: the ETag on S3, the modification time on disk. What
+        :meth:`listing` refuses is left out."""
+        listed = self.listing()
+        return {p: v for p, v in listed.files.items() if p not in listed.refused}
+
+    def listing(self, *, follow_links_outside: bool = False) -> Listing:
+        """Every file under this folder with its (size, version), and what is refused as a file.
+
+        On disk (``os.lstat``, ``os.path.realpath``): a link to a file is read through, as its
+        target's size and modification time, when the target lies inside this folder (or
+        ``follow_links_outside``); a link leaving the folder, a dangling link, a FIFO, socket or
+        device (reading one can block forever) and a folder that cannot be listed are refused;
+        links to directories are not files and are not followed. S3 has no links.
+        """
         if not self.exists():
             raise StorageError(f"{self.uri} does not exist. {_CRED_HINT if self.is_s3 else ''}".strip())
-        info = _guard(self, "list", self.fs.find, self.path, withdirs=False, detail=True)
-        out = {}
-        for path, d in info.items():
-            version = d.get("ETag") or d.get("etag") or d.get("mtime") or d.get("LastModified") or ""
-            out[path] = (int(d.get("size") or 0), str(version).strip('"'))
-        return dict(sorted(out.items()))
+        if self.is_s3:
+            info = _guard(self, "list", self.fs.find, self.path, withdirs=False, detail=True)
+            out = {}
+            for path, d in info.items():
+                version = d.get("ETag") or d.get("etag") or d.get("mtime") or d.get("LastModified") or ""
+                out[path] = (int(d.get("size") or 0), str(version).strip('"'))
+            return Listing(dict(sorted(out.items())), {})
+        root = os.path.realpath(self.path)
+        files: dict[str, tuple[int, str]] = {}
+        refused: dict[str, str] = {}
+
+        def unlisted(e: OSError) -> None:
+            where = e.filename or self.path
+            files[where], refused[where] = (0, ""), f"unreadable folder: it cannot be listed ({type(e).__name__}), its files are not read"
+
+        for dirpath, _, names in os.walk(self.path, onerror=unlisted):  # never descends into directory links
+            for name in names:
+                path = os.path.join(dirpath, name)
+                try:
+                    st = own = os.lstat(path)
+                except FileNotFoundError:
+                    continue  # gone while listing
+                except OSError as e:
+                    files[path], refused[path] = (0, ""), f"unreadable: {type(e).__name__}"
+                    continue
+                if stat.S_ISLNK(own.st_mode):
+                    target = os.path.realpath(path)
+                    try:
+                        st = os.stat(path)
+                    except OSError:
+                        files[path], refused[path] = (own.st_size, str(own.st_mtime)), "refused: a dangling link (its target does not exist)"
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        continue  # a directory link (os.walk lists a dangling-then-fixed one here)
+                    if not follow_links_outside and os.path.commonpath([root, target]) != root:
+                        files[path] = (own.st_size, str(own.st_mtime))
+                        refused[path] = (f"{LINK_OUTSIDE} (this link points to a file outside the input folder; set "
+                                         "guard.follow_links_outside_input to read it)")
+                        continue
+                if not stat.S_ISREG(st.st_mode):
+                    kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+                    files[path], refused[path] = (0, str(st.st_mtime)), f"refused: not a regular file ({kind})"
+                    continue
+                files[path] = (st.st_size, str(st.st_mtime))
+        return Listing(dict(sorted(files.items())), refused)
+
+    def read_limited(self, path: str, limit: int) -> bytes:
+        """One file under this location, at most ``limit`` + 1 bytes of it (more than ``limit``
+        says the file is larger: the caller refuses it). Raises OSError (FileNotFoundError when
+        it vanished, IsADirectoryError...) as the filesystem reports it; on disk a file that is
+        no longer a regular one (a FIFO now) is refused without blocking."""
+        if self.is_s3:
+            return self.fs.cat_file(path, start=0, end=limit + 1)  # one ranged GET
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(21, "Is a directory", path)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(f"not a regular file any more ({stat.filemode(st.st_mode)})")
+            with open(fd, "rb", closefd=False) as f:
+                want = min(st.st_size, limit) + 1
+                data = f.read(want)
+                if len(data) == want and want <= limit:  # grown since: read on, up to the limit
+                    data += f.read(limit + 1 - want)
+                return data
+        finally:
+            os.close(fd)
 
     def move_to(self, other: "Location") -> None:
         """Move one file. On disk a rename (atomic); on S3 a copy then a delete, so a reader
@@ -92,7 +183,24 @@ class Location:
         _guard(self, "delete", self.fs.rm, self.path)
 
     def is_empty(self) -> bool:
-        return not self.exists() or not _guard(self, "list", self.fs.find, self.path, maxdepth=2)
+        # Immediate children, not files to a fixed depth: a folder whose files all sit deeper (a
+        # PACS export's patient/study/series/file) once counted as empty, and was written into.
+        return not self.exists() or not _guard(self, "list", self.fs.ls, self.path, detail=False)
+
+
+def unreadable_reason(e: BaseException) -> str:
+    """Why a listed file could not be read (:meth:`Location.read_limited`), in words that never
+    quote its path: the reason on the file's error row."""
+    if isinstance(e, FileNotFoundError):
+        return "vanished: listed, then gone before it was read (moved or deleted while the job ran)"
+    if isinstance(e, IsADirectoryError):
+        return "unreadable: no longer a file (a folder now)"
+    if isinstance(e, PermissionError):
+        return "unreadable: permission denied"
+    if isinstance(e, OSError):
+        detail = e.strerror or ("" if e.filename else str(e))
+        return f"unreadable: {type(e).__name__}" + (f": {detail}" if detail else "")
+    return f"unreadable: {type(e).__name__}: {str(e)[:300]}"  # an object store's own errors
 
 
 def s3_filesystem(endpoint_url: str | None = None) -> fsspec.AbstractFileSystem:
@@ -136,3 +244,77 @@ def _guard(loc: Location, verb: str, fn, *args, **kwargs):
         if "Credential" in name:
             hint = "No AWS credentials were found. " + _CRED_HINT
         raise StorageError(f"cannot {verb} {loc.uri}: {name}: {e}. {hint}") from e
+
+
+# --- input and output must not overlap ----------------------------------------------------------
+
+_S3_SCHEMES = ("s3://", "s3a://", "s3n://")
+
+
+def _forms(x: "Location | str") -> list[tuple[str, tuple[str, ...]]]:
+    """The places a URI can name, as (filesystem, path components), for :func:`check_disjoint`.
+
+    Local: ``file://`` and ``~`` expanded, made absolute, every link resolved by
+    ``os.path.realpath`` (which also resolves the nearest existing parent of a path that does
+    not exist yet). S3: ``s3a://``/``s3n://`` read as ``s3://``, slashes collapsed, and two forms,
+    ``..`` resolved (what a person means) and taken literally (an S3 key may hold ``..`` as
+    plain characters): a refusal needs only one of them to overlap.
+    """
+    uri = (x.uri if isinstance(x, Location) else str(x)).strip()
+    low = uri.lower()
+    for scheme in _S3_SCHEMES:
+        if low.startswith(scheme):
+            key = uri[len(scheme):]
+            literal = tuple(p for p in key.split("/") if p)
+            resolved = tuple(p for p in posixpath.normpath("/" + key).split("/") if p)
+            return [("s3", resolved), ("s3", literal)]  # the message names the first that overlaps
+    path = uri[len("file://"):] if low.startswith("file://") else uri
+    real = os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+    return [("file", tuple(p for p in real.split(os.sep) if p))]
+
+
+def _overlap(a: "Location | str", b: "Location | str") -> str | None:
+    """How ``b`` relates to ``a`` when they overlap ("is", "lies inside", "contains"), else None."""
+    for fa, pa_ in _forms(a):
+        for fb, pb in _forms(b):
+            if fa != fb:
+                continue
+            if pa_ == pb:
+                return "is"
+            if pb[: len(pa_)] == pa_:  # components, not characters: /a/pre is not in /a/prefix
+                return "lies inside"
+            if pa_[: len(pb)] == pb:
+                return "contains"
+    return None
+
+
+def check_disjoint(
+    input: "Location | str",
+    output: "Location | str",
+    *,
+    siblings: Sequence[str] = (),
+    input_name: str = "input",
+    output_name: str = "output",
+) -> None:
+    """Refuse an output that is, contains or lies inside the input (a ConfigError naming both).
+
+    ``siblings``: suffixes of the folders a job writes beside the output (``OUTPUT_series``,
+    ``OUTPUT._staging``); they must not overlap the input either. Pure: nothing is listed,
+    read or written, so jobs call it before they touch storage (and before ``--overwrite``
+    deletes anything). See :func:`_forms` for what is normalised.
+    """
+    in_uri = input.uri if isinstance(input, Location) else str(input).strip()
+    out_uri = output.uri if isinstance(output, Location) else str(output).strip()
+    candidates = [(out_uri, "")] + [(out_uri.rstrip("/") + s, s) for s in siblings]
+    for uri, suffix in candidates:
+        how = _overlap(in_uri, uri)
+        if how is None:
+            continue
+        what = f"{output_name} {out_uri}" if not suffix else (
+            f"the folder {uri} that the job writes beside {output_name} {out_uri}")
+        relation = "is the same folder as" if how == "is" else how
+        raise ConfigError(
+            f"{what} {relation} the {input_name} {in_uri} (after resolving links, s3a://, '..' and trailing "
+            f"slashes): the job would read what it writes, and replacing the {output_name} could delete the "
+            f"{input_name}. Choose another {output_name}, outside the {input_name} folder (e.g. beside it)."
+        )

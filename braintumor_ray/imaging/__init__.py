@@ -21,7 +21,18 @@ from ._medical import (
     sniff_kind,
     voi_window,
 )
-from ._preprocess import MRIPreprocess, decode_image, decode_png, encode_png, find_head, find_head_box, resize_pad, to_gray_u8
+from ._preprocess import (
+    FileResult,
+    MRIPreprocess,
+    decode_image,
+    decode_png,
+    encode_png,
+    find_head,
+    find_head_box,
+    original_xy,
+    resize_pad,
+    to_gray_u8,
+)
 from ._sample import SampleHead, make_sample_dataset, render_mri
 
 # TrainAugment needs torch (seconds to import); the ingest's Ray workers never do.
@@ -40,6 +51,7 @@ __all__ = [
     "DICOM_SUFFIXES",
     "HEAD_BODY_PARTS",
     "NO_GUARD",
+    "FileResult",
     "InputGuard",
     "NIFTI_SUFFIXES",
     "ORIENTATIONS",
@@ -55,6 +67,7 @@ __all__ = [
     "find_head_box",
     "group_duplicates",
     "make_sample_dataset",
+    "original_xy",
     "percentile_window",
     "phash",
     "read_medical",

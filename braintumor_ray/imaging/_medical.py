@@ -28,7 +28,7 @@ does not reach the jobs' handlers, because pydicom quotes element values in both
 
 from __future__ import annotations
 
-import gzip
+import dataclasses
 import io
 import logging
 import re
@@ -49,9 +49,24 @@ PERCENTILE_WINDOW = (0.5, 99.5)
 # The percentiles of a large volume are taken on an even sample of this many voxels: the same
 # window to within a grey level, at a fraction of the time.
 _PERCENTILE_SAMPLE = 2_000_000
-# A volume may hold this many times ``max_pixels`` voxels in all (one slice is held to
-# ``max_pixels`` itself, like an image).
-VOLUME_PIXEL_FACTOR = 8
+# Limits of one file in one decode task (InputGuard.max_pixels, InputGuard.max_file_bytes). A decode
+# task holds at most: the file as read, its inflated content (gzip, deflated DICOM) or its decoded
+# pixels in their stored type (each capped by max_file_bytes), and its 8-bit slices (1 byte a
+# voxel, capped by max_pixels); windowing and the crop work one slice at a time. A 512x512x400 int16
+# volume (CT, 3-D MR) is 105 M voxels and 200 MiB, inside both limits; at the limits the task holds
+# 256 + 256 + 128 MiB on top of a Ray worker's own ~200 MB, well under 1.5 GB (measured: see
+# docs/benchmarks.md). Before these limits a volume at the old voxel limit cost ~14 GB.
+DEFAULT_MAX_PIXELS = 2**27  # 134 M: 512x512x512 voxels, or one 11585 x 11585 image
+DEFAULT_MAX_FILE_BYTES = 256 * 2**20
+# A gzipped NIfTI may hold this much past the end its header declares (padding some writers
+# leave); more is a decompression bomb, refused before it is inflated.
+NIFTI_GZIP_SLACK = 2**20
+# A deflated DICOM may hold max_file_bytes / this outside its pixel data (16 MiB at the default):
+# Siemens CSA headers are 10-100 KB, enhanced multi-frame functional groups a few KB a frame.
+DICOM_HEADER_SHARE = 16
+GZIP_MAGIC = b"\x1f\x8b"
+DEFLATED_TS = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+_INFLATE_CHUNK = 2**20
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -212,12 +227,39 @@ class InputGuard(Config):
                                   "(no content)")
     require_head: bool = setting(True, help="an image where the crop finds no head (nothing above the crop "
                                  "threshold) is an error")
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, help="most pixels one file may decode to, all its slices or "
+                              "frames together (512x512x512 by default); a file that declares more is an error "
+                              "row before anything is decoded (decompression bomb guard)", aliases=("--max-pixels",))
+    max_file_bytes: int = setting(DEFAULT_MAX_FILE_BYTES, help="most bytes one file may hold: as stored, "
+                                  "decompressed (.gz, deflated DICOM) or as decoded pixels; a larger file is an "
+                                  "error row and is not read", aliases=("--max-file-bytes",))
+    follow_links_outside_input: bool = setting(False, help="read files whose links point outside the input folder "
+                                               "(off: such links, and dangling ones, are error rows; directory "
+                                               "links are never followed)")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modalities", tuple(m.strip().upper() for m in self.modalities if m.strip()))
         object.__setattr__(self, "body_parts", tuple(b.strip().upper() for b in self.body_parts if b.strip()))
         if self.min_contrast < 0:
             raise ConfigError(f"min_contrast={self.min_contrast} must be >= 0")
+        if self.max_pixels < 1:
+            raise ConfigError(f"max_pixels={self.max_pixels} must be at least 1")
+        if self.max_file_bytes < 1024:
+            raise ConfigError(f"max_file_bytes={self.max_file_bytes} is too small: give bytes, at least 1024")
+
+    def too_many_pixels(self, what: str, pixels: int) -> str | None:
+        """The error for a file of ``pixels`` pixels (``what`` describes them), or None within the limit."""
+        if pixels <= self.max_pixels:
+            return None
+        return (f"too large: {what} = {pixels:,} pixels, over the limit guard.max_pixels={self.max_pixels:,} "
+                "(decompression bomb guard; raise guard.max_pixels if such scans are genuine)")
+
+    def too_many_bytes(self, what: str, n: int) -> str | None:
+        """The error for ``n`` bytes of a file (``what`` says which), or None within the limit."""
+        if n <= self.max_file_bytes:
+            return None
+        return (f"too large: {what} {n:,} bytes, over the limit guard.max_file_bytes={self.max_file_bytes:,} "
+                "(raise guard.max_file_bytes if such files are genuine)")
 
     def check_dicom(self, modality: str | None, body_part: str | None, info: SliceInfo) -> None:
         if self.modalities and modality and modality not in self.modalities:
@@ -247,23 +289,71 @@ def sniff_kind(data: bytes, name: str = "") -> str:
 
 
 def read_medical(
-    data: bytes, kind: str, *, max_pixels: int, select: SeriesSelector | None = None, guard: InputGuard | None = None
+    data: bytes,
+    kind: str,
+    *,
+    max_pixels: int | None = None,
+    select: SeriesSelector | None = None,
+    guard: InputGuard | None = None,
 ) -> list[GreySlice]:
     """Every slice of one DICOM or NIfTI file as 8-bit grey.
 
-    Raises MedicalDecodeError (a reason safe to store) or NotSelected.
+    The guard's limits (``max_pixels``, here overridable, and ``max_file_bytes``) are checked
+    against what the file declares before anything is inflated or decoded. Raises
+    MedicalDecodeError (a reason safe to store) or NotSelected.
     """
     select = select or ALL
+    guard = guard or NO_GUARD
+    if max_pixels is not None and max_pixels != guard.max_pixels:
+        guard = dataclasses.replace(guard, max_pixels=max_pixels)
     if kind not in ("dicom", "nifti"):
         raise ValueError(f"unknown kind {kind!r}")
     try:
+        if err := guard.too_many_bytes("the file holds", len(data)):
+            raise MedicalDecodeError(err)
         if kind == "dicom":
-            return _read_dicom(data, max_pixels=max_pixels, select=select, guard=guard or NO_GUARD)
-        return _read_nifti(data, max_pixels=max_pixels, select=select)
+            return _read_dicom(data, select=select, guard=guard)
+        return _read_nifti(data, select=select, guard=guard)
     except (MedicalDecodeError, NotSelected):
         raise
     except Exception as e:  # a library's surprise: its message may quote a value, so only its type
         raise MedicalDecodeError(f"could not read this {'DICOM' if kind == 'dicom' else 'NIfTI'} file ({type(e).__name__})") from None
+
+
+def inflate(data: bytes | memoryview, limit: int, *, raw: bool = False) -> tuple[bytes, bool]:
+    """Decompress gzip (every member) or, with ``raw``, a bare deflate stream, holding at most
+    ``limit`` + 1 bytes: ``(output, complete)``. The output is longer than ``limit`` when the
+    stream holds more (inflating stopped there, the rest never held); ``complete`` is False when
+    the input ends before the stream does (truncated). Raises zlib.error on corrupt data.
+
+    Input is fed a MiB at a time and output goes into one growing buffer, so nothing is held
+    twice (zlib's own one-shot calls join their output blocks at the end: a second copy).
+    """
+    out = io.BytesIO()
+    view = memoryview(data).cast("B")
+    n, start = 0, 0
+    wbits = -zlib.MAX_WBITS if raw else 16 + zlib.MAX_WBITS
+    while True:  # one gzip member at a time
+        d = zlib.decompressobj(wbits)
+        fed, tail = start, b""
+        while not d.eof:
+            if not tail:
+                if fed >= len(view):
+                    return out.getvalue(), False
+                tail = view[fed : fed + _INFLATE_CHUNK]
+                fed += len(tail)
+            piece = d.decompress(tail, limit + 1 - n)
+            tail = d.unconsumed_tail
+            out.write(piece)
+            n += len(piece)
+            if n > limit:
+                return out.getvalue(), True
+        end = fed - len(d.unused_data) - len(d.unconsumed_tail)
+        # Another member follows, or the stream is done (zero padding and trailing bytes are
+        # ignored, as gzip tools do).
+        if raw or bytes(view[end : end + 2]) != GZIP_MAGIC:
+            return out.getvalue(), True
+        start = end
 
 
 # --- pixel arithmetic, shared by both formats ------------------------------------------------
@@ -292,15 +382,36 @@ def percentile_window(x: np.ndarray, percentiles: tuple[float, float] = PERCENTI
     flat = x.ravel()
     if flat.size > _PERCENTILE_SAMPLE:
         flat = flat[:: -(-flat.size // _PERCENTILE_SAMPLE)]
-    finite = flat[np.isfinite(flat)]
+    return _stretch(x, _percentile_levels(flat, percentiles))
+
+
+def _percentile_levels(sample: np.ndarray, percentiles: tuple[float, float] = PERCENTILE_WINDOW) -> tuple[float, float] | None:
+    """The black and white levels of :func:`percentile_window`, from its sample of the values
+    (None: no usable range, all black). Volumes take it once, then window slice by slice."""
+    sample = np.asarray(sample, dtype=np.float64)
+    finite = sample[np.isfinite(sample)]
     if finite.size == 0:
-        return np.zeros(x.shape, np.uint8)
+        return None
     lo, hi = (float(v) for v in np.percentile(finite, percentiles))
     if hi <= lo:  # mostly one value (an empty slab): fall back to the full range
         lo, hi = float(finite.min()), float(finite.max())
-    if hi <= lo:
+    return (lo, hi) if hi > lo else None
+
+
+def _stretch(x: np.ndarray, levels: tuple[float, float] | None) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if levels is None:
         return np.zeros(x.shape, np.uint8)
+    lo, hi = levels
     return _to_u8(np.nan_to_num((x - lo) * (255.0 / (hi - lo)), nan=0.0))
+
+
+def _frames_sample(frames, n: int, frame_size: int) -> np.ndarray:
+    """:func:`percentile_window`'s sample of a stack of ``n`` frames of ``frame_size`` values,
+    taken frame by frame: the same values as from the stacked (n, rows, cols) array."""
+    step = -(-(n * frame_size) // _PERCENTILE_SAMPLE) if n * frame_size > _PERCENTILE_SAMPLE else 1
+    parts = [np.asarray(f, dtype=np.float64).ravel()[(-k * frame_size) % step :: step] for k, f in enumerate(frames)]
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
@@ -397,15 +508,24 @@ def _scrub(message: str, ds: Any) -> str:
     return message
 
 
-def _read_dicom(data: bytes, *, max_pixels: int, select: SeriesSelector, guard: InputGuard) -> list[GreySlice]:
+def _read_dicom(data: bytes, *, select: SeriesSelector, guard: InputGuard) -> list[GreySlice]:
     pydicom = _pydicom()
     from pydicom.uid import UID
 
+    meta_start, meta_end, meta_ts = _dicom_meta(data)
+    # pydicom inflates a deflated dataset whole, before anything can be checked: such files are
+    # inflated here, within the budget their header allows.
+    deflated = meta_ts == DEFLATED_TS or (meta_ts is None and DEFLATED_TS.encode() in bytes(data[:4096]))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
-            ds.get("PixelData")  # pydicom reads lazily: a cut-off file fails here or below, not later
+            if deflated:
+                ds = _read_deflated(data, meta_start, meta_end, guard)
+            else:
+                ds = pydicom.dcmread(io.BytesIO(data), force=True)
+                ds.get("PixelData")  # pydicom reads lazily: a cut-off file fails here or below, not later
+    except MedicalDecodeError:
+        raise
     except Exception as e:
         # Only the exception's type: a parse error's text may quote the bytes it choked on.
         what = "empty file (0 bytes)" if not data else "truncated or corrupt DICOM: its header cannot be parsed"
@@ -450,47 +570,248 @@ def _read_dicom(data: bytes, *, max_pixels: int, select: SeriesSelector, guard: 
             raise MedicalDecodeError(f"{ts_name} cannot be decoded here: install one of: {needs}", info)
 
     rows, cols, frames = _int(ds, "Rows") or 0, _int(ds, "Columns") or 0, _int(ds, "NumberOfFrames") or 1
-    if rows * cols > max_pixels or rows * cols * frames > VOLUME_PIXEL_FACTOR * max_pixels:
-        raise MedicalDecodeError(
-            f"image too large: {frames} frame(s) of {cols}x{rows} pixels exceed the limit of {max_pixels} "
-            "per slice (decompression bomb guard; raise max_pixels if such scans are genuine)",
-            info,
-        )
+    samples, allocated = _int(ds, "SamplesPerPixel") or 1, _int(ds, "BitsAllocated") or 8
+    if err := _dicom_size_error(rows, cols, frames, samples, allocated, guard):
+        raise MedicalDecodeError(err, info)
     photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip().upper()
     bits = _int(ds, "BitsStored") or _int(ds, "BitsAllocated") or 0
-    try:
+    grey = photometric.startswith("MONOCHROME") or (_int(ds, "SamplesPerPixel") or 1) == 1 and photometric != "PALETTE COLOR"
+    window = _file_window(ds) if grey else None
+    stretch = (grey and window is None) or (not grey and bits > 8)  # a percentile window over all frames
+
+    def values():
+        """Each frame's values (modality LUT applied, or luma), decoded one frame at a time."""
+        from pydicom.pixels import apply_color_lut, apply_modality_lut, iter_pixels
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            arr = ds.pixel_array
-            if photometric == "PALETTE COLOR":
-                from pydicom.pixels import apply_color_lut
+            for arr in iter_pixels(ds):
+                if photometric == "PALETTE COLOR":
+                    arr = apply_color_lut(arr, ds)
+                yield np.asarray(apply_modality_lut(arr, ds), dtype=np.float64) if grey else _luma(np.asarray(arr))
 
-                arr = apply_color_lut(arr, ds)
-            grey = photometric.startswith("MONOCHROME") or (_int(ds, "SamplesPerPixel") or 1) == 1 and photometric != "PALETTE COLOR"
+    try:
+        source = values()
+        levels = None
+        if stretch:
+            # Two passes, the first for the levels; small stacks are kept rather than decoded twice.
+            keep = frames * rows * cols * 8 <= _KEEP_FRAMES_BYTES
+            first = list(source) if keep else values()
+            levels = _percentile_levels(_frames_sample(first, frames, rows * cols))
+            source = iter(first) if keep else values()
+        out = []
+        for v in source:
             if grey:
-                from pydicom.pixels import apply_modality_lut
-
-                arr = apply_modality_lut(arr, ds)
+                u8 = voi_window(v, *window) if window else _stretch(v, levels)
+                out.append(255 - u8 if photometric == "MONOCHROME1" else u8)
+            else:
+                out.append(_stretch(v, levels) if bits > 8 else _to_u8(v))
     except Exception as e:
         raise MedicalDecodeError(
             f"corrupt or truncated DICOM pixel data ({ts_name}): {type(e).__name__}: {_scrub(str(e), ds)}", info
         ) from None
-
+    if not out:
+        raise MedicalDecodeError(f"corrupt or truncated DICOM pixel data ({ts_name}): no frames", info)
     mode = f"DICOM {photometric} {bits}-bit"
-    if grey:
-        values = np.asarray(arr, dtype=np.float64)
-        frames_arr = values if frames > 1 and values.ndim == 3 else values.reshape((1, *values.shape[-2:]))
-        window = _file_window(ds)
-        u8 = voi_window(frames_arr, *window) if window else percentile_window(frames_arr)
-        if photometric == "MONOCHROME1":
-            u8 = 255 - u8
+    if len(out) == 1:
+        return [GreySlice(out[0], mode, info)]
+    return [GreySlice(u8, mode, _with_slice(info, k)) for k, u8 in enumerate(out)]
+
+
+def _dicom_size_error(rows: int, cols: int, frames: int, samples: int, allocated: int, guard: InputGuard) -> str | None:
+    """The guard's verdict on what a DICOM header declares, before any pixel is decoded."""
+    pixels = rows * cols * frames * samples
+    what = f"{frames} frame(s) of {cols}x{rows}" + (f"x{samples} samples" if samples > 1 else "")
+    return guard.too_many_pixels(what, pixels) or guard.too_many_bytes(
+        f"{what} at {allocated} bits decode to", (pixels * allocated + 7) // 8)
+
+
+# --- deflated DICOM: inflated here, within a budget -------------------------------------------
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
+_HEADER_TAGS = {0x00280010: "rows", 0x00280011: "cols", 0x00280008: "frames", 0x00280002: "samples",
+                0x00280100: "allocated"}
+_UNDEFINED = 0xFFFFFFFF
+# A multi-frame stack is kept between the two passes of the percentile window up to this size
+# (float64 values); larger ones are decoded twice instead of held.
+_KEEP_FRAMES_BYTES = 64 * 2**20
+
+
+class _NeedMore(Exception):
+    """The header runs past the bytes inflated so far."""
+
+
+def _dicom_meta(data: bytes) -> tuple[int, int, str | None]:
+    """(start, end, transfer syntax UID) of the file meta group (0002,xxxx), always explicit VR
+    little endian; (start, start, None) when there is none."""
+    start = 132 if bytes(data[128:132]) == b"DICM" else 0
+    pos, ts = start, None
+    try:
+        while pos + 8 <= len(data):
+            group, elem = struct.unpack_from("<HH", data, pos)
+            if group != 2:
+                break
+            if bytes(data[pos + 4 : pos + 6]) in _LONG_VRS:
+                length, head = struct.unpack_from("<I", data, pos + 8)[0], 12
+            else:
+                length, head = struct.unpack_from("<H", data, pos + 6)[0], 8
+            if elem == 0x0010:
+                ts = bytes(data[pos + head : pos + head + length]).rstrip(b"\0 ").decode("ascii", "replace")
+            pos += head + length
+    except struct.error:
+        pass
+    return start, pos, ts
+
+
+def _read_deflated(data: bytes, meta_start: int, meta_end: int, guard: InputGuard) -> Any:
+    """A deflated-transfer-syntax file as a pydicom Dataset, inflated within the budget its own
+    header allows: the elements before the pixel data (each, and all of them, at most
+    max_file_bytes / DICOM_HEADER_SHARE), the pixel data its Rows x Columns x NumberOfFrames x
+    SamplesPerPixel x BitsAllocated declare (within the guard's limits), as much again after it.
+    The header is walked as it is inflated, so an oversized element is refused before it is."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filereader import read_dataset
+
+    if meta_end <= meta_start:
+        raise MedicalDecodeError("truncated or corrupt DICOM: a deflated file whose file meta header cannot be read")
+    body = memoryview(data)[meta_end:]
+    allowance = guard.max_file_bytes // DICOM_HEADER_SHARE
+    want = 2**16
+    while True:
+        try:
+            head, complete = inflate(body, want, raw=True)
+        except zlib.error as e:
+            raise MedicalDecodeError(f"corrupt deflated DICOM: the deflate stream is damaged ({e})") from None
+        try:
+            pixel_at, pixel_len, found = _skim_header(head, allowance, at_end=complete and len(head) <= want)
+            break
+        except _NeedMore:
+            if want >= allowance + 2**16:
+                raise MedicalDecodeError(_over_allowance(allowance)) from None
+            want = min(want * 4, allowance + 2**16)
+
+    def number(key: str, default: int) -> int:
+        raw = found.get(key)
+        try:
+            if key == "frames":
+                return int(raw.decode("ascii").strip("\0 ")) if raw else default
+            return struct.unpack("<H", raw[:2])[0] if raw and len(raw) >= 2 else default
+        except (ValueError, UnicodeDecodeError):
+            return default
+
+    rows, cols, frames = number("rows", 0), number("cols", 0), number("frames", 1)
+    samples, allocated = number("samples", 1), number("allocated", 8)
+    if err := _dicom_size_error(rows, cols, frames, samples, allocated, guard):
+        raise MedicalDecodeError(err)
+    declared = (rows * cols * frames * samples * allocated + 7) // 8
+    if pixel_at is None:
+        budget = allowance
     else:
-        luma = _luma(np.asarray(arr))
-        frames_arr = luma if luma.ndim == 3 else luma[None]
-        u8 = _to_u8(frames_arr) if bits <= 8 else percentile_window(frames_arr)
-    if u8.shape[0] == 1:
-        return [GreySlice(u8[0], mode, info)]
-    return [GreySlice(u8[k], mode, _with_slice(info, k)) for k in range(u8.shape[0])]
+        if pixel_len != _UNDEFINED and pixel_len > max(declared + 1, allowance):
+            raise MedicalDecodeError(
+                f"decompression bomb: the pixel data of this deflated DICOM declares {pixel_len:,} bytes, more than the "
+                f"{declared:,} its {frames} frame(s) of {cols}x{rows} declare; refused before it is inflated")
+        budget = pixel_at + 12 + (declared if pixel_len == _UNDEFINED else pixel_len) + allowance
+    try:
+        full, complete = inflate(body, budget, raw=True)
+    except zlib.error as e:
+        raise MedicalDecodeError(f"corrupt deflated DICOM: the deflate stream is damaged ({e})") from None
+    if len(full) > budget:
+        raise MedicalDecodeError(
+            f"decompression bomb: this deflated DICOM inflates past {budget:,} bytes (its header, the pixel data it "
+            f"declares and {allowance:,} bytes more: guard.max_file_bytes / {DICOM_HEADER_SHARE}); refused without "
+            "inflating the rest")
+    if not complete:
+        raise MedicalDecodeError("truncated or corrupt DICOM: the deflate stream ends early")
+    ds = read_dataset(io.BytesIO(full), is_implicit_VR=False, is_little_endian=True)
+    ds.file_meta = FileMetaDataset(read_dataset(io.BytesIO(bytes(data[meta_start:meta_end])), False, True))
+    ds.set_original_encoding(False, True)
+    return ds
+
+
+def _over_allowance(allowance: int) -> str:
+    return (f"decompression bomb: this deflated DICOM holds more than the {allowance:,} bytes it may hold outside its "
+            f"pixel data (guard.max_file_bytes / {DICOM_HEADER_SHARE}); refused before the rest is inflated (raise "
+            "guard.max_file_bytes if such files are genuine)")
+
+
+def _element(buf: bytes, pos: int, at_end: bool) -> tuple[int, int, int] | None:
+    """(tag, value length, header length) of the explicit-VR little-endian element at ``pos``;
+    None where the data ends."""
+    if pos + 8 > len(buf):
+        if at_end:
+            return None
+        raise _NeedMore
+    group, elem = struct.unpack_from("<HH", buf, pos)
+    tag = group << 16 | elem
+    if group == 0xFFFE:  # items and delimiters carry no VR
+        return tag, struct.unpack_from("<I", buf, pos + 4)[0], 8
+    vr = bytes(buf[pos + 4 : pos + 6])
+    if vr in _LONG_VRS:
+        if pos + 12 > len(buf):
+            if at_end:
+                return None
+            raise _NeedMore
+        return tag, struct.unpack_from("<I", buf, pos + 8)[0], 12
+    if not (vr.isalpha() and vr.isupper()):
+        raise MedicalDecodeError("corrupt deflated DICOM: its dataset is not explicit VR little endian")
+    return tag, struct.unpack_from("<H", buf, pos + 6)[0], 8
+
+
+def _skim_header(buf: bytes, allowance: int, *, at_end: bool) -> tuple[int | None, int | None, dict[str, bytes]]:
+    """Walk the top-level elements of an inflated dataset up to its pixel data, reading none of
+    their values but the few the size check needs: (offset of the pixel data element or None,
+    its length, those values). An element longer than ``allowance`` is refused on sight."""
+    found: dict[str, bytes] = {}
+    pos = 0
+    while True:
+        if pos > allowance:
+            raise MedicalDecodeError(_over_allowance(allowance))
+        el = _element(buf, pos, at_end)
+        if el is None:
+            return None, None, found
+        tag, length, head = el
+        if tag in _PIXEL_TAGS:
+            return pos, length, found
+        if length == _UNDEFINED:
+            end = _skip_undefined(buf, pos + head, allowance, at_end)
+        else:
+            if length > allowance:
+                raise MedicalDecodeError(
+                    f"decompression bomb: element ({tag >> 16:04X},{tag & 0xFFFF:04X}) of this deflated DICOM declares "
+                    f"{length:,} bytes, over the {allowance:,} it may hold outside its pixel data (guard.max_file_bytes "
+                    f"/ {DICOM_HEADER_SHARE}); refused before it is inflated (raise guard.max_file_bytes if such files "
+                    "are genuine)")
+            end = pos + head + length
+            if tag in _HEADER_TAGS:
+                if end > len(buf) and not at_end:
+                    raise _NeedMore
+                found[_HEADER_TAGS[tag]] = bytes(buf[pos + head : end])
+        pos = end
+
+
+def _skip_undefined(buf: bytes, pos: int, allowance: int, at_end: bool) -> int:
+    """The offset just past an undefined-length value (a sequence, or encapsulated data) that
+    starts at ``pos``: its items are skipped by their lengths, undefined ones walked."""
+    while True:
+        if pos > allowance:
+            raise MedicalDecodeError(_over_allowance(allowance))
+        el = _element(buf, pos, at_end)
+        if el is None:
+            raise MedicalDecodeError("truncated or corrupt DICOM: a sequence in the deflated dataset has no end")
+        tag, length, head = el
+        pos += head
+        if tag == 0xFFFEE0DD:  # sequence delimiter: the end
+            return pos
+        if tag == 0xFFFEE00D or (tag == 0xFFFEE000 and length == _UNDEFINED):
+            continue  # an item's end, or an item whose elements follow one by one
+        if length == _UNDEFINED:
+            pos = _skip_undefined(buf, pos, allowance, at_end)
+        elif length > allowance:
+            raise MedicalDecodeError(_over_allowance(allowance))
+        else:
+            pos += length
 
 
 def _with_slice(info: SliceInfo, k: int) -> SliceInfo:
@@ -528,7 +849,7 @@ def _nifti_version(data: bytes) -> int | None:
     return None
 
 
-def _read_nifti(data: bytes, *, max_pixels: int, select: SeriesSelector) -> list[GreySlice]:
+def _read_nifti(data: bytes, *, select: SeriesSelector, guard: InputGuard) -> list[GreySlice]:
     import nibabel as nib
 
     if not data:
@@ -537,56 +858,99 @@ def _read_nifti(data: bytes, *, max_pixels: int, select: SeriesSelector) -> list
     if version is None:
         raise MedicalDecodeError("corrupt NIfTI: no NIfTI-1 or NIfTI-2 single-file header (.hdr/.img pairs are not read)")
     cls = nib.Nifti1Image if version == 1 else nib.Nifti2Image
+    gz = data[:2] == GZIP_MAGIC
+    size = cls.header_class.template_dtype.itemsize  # 348 or 540
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            raw = data
-            if data[:2] == b"\x1f\x8b":
-                header = cls.header_class.from_fileobj(io.BytesIO(zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data, 1024)))
-                _check_nifti_size(header.get_data_shape(), max_pixels)
-                raw = gzip.decompress(data)
-            img = cls.from_bytes(raw)
-            shape = img.shape
-            _check_nifti_size(shape, max_pixels)
-            if np.dtype(img.get_data_dtype()).kind not in "iuf":
-                raise MedicalDecodeError(f"unsupported NIfTI data type {img.get_data_dtype()}: only grey-level volumes are read")
-            volume = np.asarray(img.dataobj, dtype=np.float32)  # applies scl_slope / scl_inter
-            affine = img.affine
-            cal = float(img.header["cal_min"]), float(img.header["cal_max"])
-    except MedicalDecodeError:
-        raise
+            head = inflate(data, size)[0] if gz else data[:size]
+            hdr = cls.header_class(bytes(head[:size]), check=False)
+            shape = tuple(int(v) for v in hdr.get_data_shape())
+            dtype = np.dtype(hdr.get_data_dtype())
+            offset = int(hdr.get_data_offset())
+            slope, inter = hdr.get_slope_inter()
+            affine = hdr.get_best_affine()
+            cal = float(hdr["cal_min"]), float(hdr["cal_max"])
     except Exception as e:
-        raise MedicalDecodeError(f"corrupt or truncated NIfTI data ({type(e).__name__})") from None
+        raise MedicalDecodeError(f"corrupt NIfTI header ({type(e).__name__})") from None
 
-    while volume.ndim > 3 and volume.shape[-1] == 1:
-        volume = volume[..., 0]
-    if volume.ndim == 2:
-        volume = volume[:, :, None]
-    if volume.ndim != 3:
+    # Everything is checked against what the header declares before a byte is inflated.
+    if dtype.kind not in "iuf":
+        raise MedicalDecodeError(f"unsupported NIfTI data type {dtype}: only grey-level volumes are read")
+    dims = list(shape)
+    while len(dims) > 3 and dims[-1] == 1:
+        dims.pop()
+    if len(dims) == 2:
+        dims.append(1)
+    if len(dims) != 3:
         raise MedicalDecodeError(
-            f"a {volume.ndim}-D NIfTI ({'x'.join(map(str, volume.shape))}): only 2-D and 3-D volumes are read; "
+            f"a {len(dims)}-D NIfTI ({'x'.join(map(str, dims))}): only 2-D and 3-D volumes are read; "
             "split a time series into 3-D volumes first"
         )
+    voxels = int(np.prod(dims, dtype=np.int64))
+    expected = offset + voxels * dtype.itemsize
+    for err in (guard.too_many_pixels(f"a {'x'.join(map(str, dims))} volume", voxels),
+                guard.too_many_bytes(f"a {'x'.join(map(str, dims))} {dtype} volume takes", expected)):
+        if err:
+            raise MedicalDecodeError(err)
     codes = _axcodes(affine)
     plane = _PLANE_OF_AXIS.get(codes[2]) if codes else None
     select.check_nifti(plane, NO_INFO)
 
-    if np.isfinite(cal).all() and cal[1] > cal[0]:
-        u8 = voi_window(volume, (cal[0] + cal[1]) / 2, cal[1] - cal[0], "LINEAR_EXACT")
+    if gz:
+        budget = expected + NIFTI_GZIP_SLACK
+        try:
+            raw, complete = inflate(data, budget)
+        except zlib.error as e:
+            raise MedicalDecodeError(f"corrupt NIfTI gzip stream ({e})") from None
+        if len(raw) > budget:
+            raise MedicalDecodeError(
+                f"decompression bomb: the gzip stream holds more than the {budget:,} bytes its NIfTI header declares "
+                f"({'x'.join(map(str, dims))} {dtype} and {NIFTI_GZIP_SLACK // 2**20} MiB of slack); refused without "
+                "inflating the rest"
+            )
+        if not complete:
+            raise MedicalDecodeError(f"truncated NIfTI: the gzip stream ends early ({len(raw):,} of {expected:,} bytes)")
     else:
-        u8 = percentile_window(volume)
-    mode = f"NIfTI-{version} {img.get_data_dtype()}"
-    return [GreySlice(_display_slice(u8[:, :, k], codes, plane), mode, SliceInfo(slice_index=k)) for k in range(u8.shape[2])]
+        raw = data
+    if len(raw) < expected:
+        raise MedicalDecodeError(f"corrupt or truncated NIfTI data: {len(raw):,} of the {expected:,} bytes its header declares")
+    # A view of the bytes, not a copy: each slice is scaled and windowed on its own.
+    voxels_of = np.ndarray(tuple(dims), dtype=dtype, buffer=raw, offset=offset, order="F")
+    scale = _nifti_scaling(slope, inter)
+    if np.isfinite(cal).all() and cal[1] > cal[0]:
+        window = ((cal[0] + cal[1]) / 2, cal[1] - cal[0], "LINEAR_EXACT")
+        to_u8 = lambda v: voi_window(v, *window)  # noqa: E731
+    else:
+        levels = _percentile_levels(_volume_sample(voxels_of, scale))
+        to_u8 = lambda v: _stretch(v, levels)  # noqa: E731
+    mode = f"NIfTI-{version} {hdr.get_data_dtype()}"
+    return [GreySlice(_display_slice(to_u8(scale(voxels_of[:, :, k])), codes, plane), mode, SliceInfo(slice_index=k))
+            for k in range(dims[2])]
 
 
-def _check_nifti_size(shape: tuple[int, ...], max_pixels: int) -> None:
-    plane = int(shape[0]) * int(shape[1] if len(shape) > 1 else 1)
-    total = int(np.prod([int(s) for s in shape], dtype=np.int64)) if shape else 0
-    if plane > max_pixels or total > VOLUME_PIXEL_FACTOR * max_pixels:
-        raise MedicalDecodeError(
-            f"volume too large: {'x'.join(map(str, shape))} voxels exceed the limit of {max_pixels} per slice or "
-            f"{VOLUME_PIXEL_FACTOR * max_pixels} in all (raise max_pixels if such scans are genuine)"
-        )
+def _nifti_scaling(slope: Any, inter: Any):
+    """scl_slope/scl_inter applied as nibabel applies them, to float32 (what reading the volume
+    with ``np.asarray(img.dataobj, dtype=np.float32)`` gives, one part at a time)."""
+    from nibabel.volumeutils import apply_read_scaling
+
+    s = np.asanyarray(1.0 if slope is None else slope)
+    i = np.asanyarray(0.0 if inter is None else inter)
+    if np.can_cast(s, np.float32):
+        s = s.astype(np.float32)
+    if np.can_cast(i, np.float32):
+        i = i.astype(np.float32)
+    return lambda v: np.asarray(apply_read_scaling(v, s, i), dtype=np.float32)
+
+
+def _volume_sample(voxels: np.ndarray, scale) -> np.ndarray:
+    """The values the percentile window is taken on: every voxel of a small volume, else the
+    same even sample :func:`percentile_window` takes of the whole volume (C order)."""
+    n = voxels.size
+    if n <= _PERCENTILE_SAMPLE:
+        return scale(voxels).ravel()
+    idx = np.unravel_index(np.arange(0, n, -(-n // _PERCENTILE_SAMPLE)), voxels.shape)
+    return scale(voxels[idx])
 
 
 def _axcodes(affine: np.ndarray) -> tuple[str, str, str] | None:

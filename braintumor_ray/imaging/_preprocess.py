@@ -11,15 +11,18 @@ then take the same crop and resize (:meth:`MRIPreprocess.slices`).
 from __future__ import annotations
 
 import io
+import logging
 import warnings
+import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..core import Config, ConfigError, ImageDecodeError, setting
 from ._medical import (
+    GZIP_MAGIC,
     NO_GUARD,
     NO_INFO,
     InputGuard,
@@ -27,18 +30,22 @@ from ._medical import (
     NotSelected,
     SeriesSelector,
     SliceInfo,
+    inflate,
     read_medical,
     sniff_kind,
 )
 
-# PIL's own bomb guard (89 Mpx warning, 179 Mpx error) is global state; ours is per preset
-# and checked before any pixel is decoded.
-DEFAULT_MAX_PIXELS = 64_000_000
+logger = logging.getLogger(__name__)
+# PIL's own bomb guard (89 Mpx warning, 179 Mpx error) is global state; ours is the input guard's
+# (InputGuard.max_pixels, max_file_bytes) and is checked before any pixel is decoded.
 
 _MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
 
 # The mask is computed on a copy no larger than this, which keeps the crop cheap on large scans.
 _MASK_SIDE = 128
+# Large images go to grey in bands of rows of about this many pixels: the float arrays of the
+# conversion (8 bytes a pixel) stay small whatever the image's size.
+_BAND_PIXELS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,9 @@ class MRIPreprocess(Config):
         threshold: grey level (0-255) above which a blurred pixel counts as part of the head.
             The classic notebooks use 45, which loses dark scans; see :func:`find_head_box`.
         margin: border kept around the head's box, as a fraction of the box's longer side.
-        max_pixels: width x height above which a file is refused as a decompression bomb.
+
+    The limits on a file's size (pixels, bytes) are the input guard's, a setting of the job
+    that reads the files (:class:`~braintumor_ray.imaging.InputGuard`), not of the model.
     """
 
     image_size: int = setting(224, help="side of the square output, pixels", aliases=("--image-size",))
@@ -92,8 +101,6 @@ class MRIPreprocess(Config):
                              aliases=("--crop-threshold",))
     margin: float = setting(0.02, help="border kept around the head, fraction of the box's longer side",
                             aliases=("--crop-margin",))
-    max_pixels: int = setting(DEFAULT_MAX_PIXELS, help="width x height above which a file is refused as a "
-                              "decompression bomb", aliases=("--max-pixels",))
 
     def __post_init__(self) -> None:
         if not 16 <= self.image_size <= 4096:
@@ -102,8 +109,14 @@ class MRIPreprocess(Config):
             raise ConfigError(f"threshold={self.threshold} is out of range: use a grey level in 0..254")
         if not 0 <= self.margin <= 0.5:
             raise ConfigError(f"margin={self.margin} is out of range: use a fraction in 0..0.5")
-        if self.max_pixels < self.image_size**2:
-            raise ConfigError(f"max_pixels={self.max_pixels} is smaller than one output image")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, *, where: str = "") -> Any:
+        # Packages and ingest reports written before the limits moved to the input guard carry
+        # max_pixels here: the limit is now guard.max_pixels, a setting of the job reading files.
+        if isinstance(d, Mapping) and "max_pixels" in d:
+            d = {k: v for k, v in d.items() if k != "max_pixels"}
+        return super().from_dict(d, where=where)
 
     def __call__(self, data: bytes, *, name: str = "") -> PreprocessedImage:
         """One image file (JPEG, PNG..., a single-frame DICOM) -> its preprocessed image.
@@ -123,11 +136,16 @@ class MRIPreprocess(Config):
         for DICOM and NIfTI. Raises ImageDecodeError, or NotSelected when ``select`` or ``guard``
         leaves the file out. ``guard`` (default: none) refuses what the model is not for."""
         guard = guard or NO_GUARD
+        if err := guard.too_many_bytes("the file holds", len(data)):
+            raise ImageDecodeError(err)
         kind = sniff_kind(data, name)
+        if kind == "image" and data[:2] == GZIP_MAGIC:  # a gzipped DICOM or image (a .nii.gz is "nifti")
+            data, name = _gunzip(data, guard), name[:-3] if name.lower().endswith(".gz") else name
+            kind = sniff_kind(data, name)
         if kind == "image":
-            image, mode = decode_image(data, max_pixels=self.max_pixels)
+            image, mode = decode_image(data, guard=guard)
             return [PreprocessedSlice(self._finish(to_gray_u8(image), mode, guard), NO_INFO)]
-        greys = read_medical(data, kind, max_pixels=self.max_pixels, select=select, guard=guard)
+        greys = read_medical(data, kind, select=select, guard=guard)
         out = []
         for g in greys:
             try:
@@ -176,8 +194,39 @@ class MRIPreprocess(Config):
             return None, f"could not preprocess: {type(e).__name__}: {e}"
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str]:
-    """Decode one file's bytes; raise ImageDecodeError with a reason a person can act on."""
+def _gunzip(data: bytes, guard: InputGuard) -> bytes:
+    """A gzipped file's content, inflated within guard.max_file_bytes (streamed: a bomb stops at the limit)."""
+    try:
+        out, complete = inflate(data, guard.max_file_bytes)
+    except zlib.error as e:
+        raise ImageDecodeError(f"corrupt gzip data ({e})") from None
+    if len(out) > guard.max_file_bytes:
+        raise ImageDecodeError(
+            f"decompression bomb: the gzip content is over the limit guard.max_file_bytes={guard.max_file_bytes:,}; "
+            "refused without inflating the rest (raise guard.max_file_bytes if such files are genuine)")
+    if not complete:
+        raise ImageDecodeError(f"truncated gzip: the stream ends early (after {len(out):,} bytes)")
+    return out
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    """Bytes a pixel of ``mode`` takes in the largest form the conversion to grey goes through
+    (Pillow keeps RGB, RGBA, CMYK, 32-bit and palette-through-RGB images at 4)."""
+    if mode in ("1", "L"):
+        return 1
+    return 2 if mode.startswith("I;16") else 4
+
+
+def decode_image(
+    data: bytes, *, max_pixels: int | None = None, guard: InputGuard | None = None
+) -> tuple[Image.Image, str]:
+    """Decode one file's bytes; raise ImageDecodeError with a reason a person can act on.
+
+    The guard's limits (``max_pixels``, here overridable, and ``max_file_bytes`` on the decoded
+    pixels) are checked on the header, before any pixel is decoded.
+    """
+    guard = guard or NO_GUARD
+    max_pixels = guard.max_pixels if max_pixels is None else max_pixels
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
@@ -198,14 +247,16 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
     w, h = image.size
     if w * h > max_pixels:
         raise ImageDecodeError(
-            f"image too large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
-            "(decompression bomb guard; raise max_pixels if such scans are genuine)"
+            f"image too large: {w}x{h} = {w * h:,} pixels, over the limit guard.max_pixels={max_pixels:,} "
+            "(decompression bomb guard; raise guard.max_pixels if such scans are genuine)"
         )
     mode = image.mode
     if image.format == "JPEG" and mode == "RGB":
         # Ask libjpeg for the luma plane only: half the decode time, and the same values as
         # decoding to RGB and converting to L (measured identical on the real dataset).
         image.draft("L", image.size)
+    if err := guard.too_many_bytes(f"a {w}x{h} {image.mode} image decodes to", w * h * _bytes_per_pixel(image.mode)):
+        raise ImageDecodeError(err)
     try:
         image.load()
     except Exception as e:  # PIL reports truncation and corruption as OSError, SyntaxError, ValueError...
@@ -219,16 +270,45 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
 
 
 def to_gray_u8(image: Image.Image) -> np.ndarray:
-    """One channel, 8 bits, whatever the file held (16-bit, float, alpha, palette, CMYK...)."""
-    mode = image.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    """One channel, 8 bits, whatever the file held (16-bit, float, alpha, palette, CMYK...).
+
+    Large images are converted in bands of rows, so the float arrays stay small."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # High bit depth: stretch the values actually used to 0..255; dividing by the type's
         # maximum would leave 12-bit scans in a 16-bit container almost black.
-        a = np.asarray(image, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
+        ends = [(float(a.min()), float(a.max())) for a in (np.asarray(b, dtype=np.float64) for b in _bands(image))]
+        lo, hi = float(np.min([e[0] for e in ends])), float(np.max([e[1] for e in ends]))
         if hi <= lo:
-            return np.zeros(a.shape, dtype=np.uint8)
-        return np.round((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+            return np.zeros((image.height, image.width), dtype=np.uint8)
+        return _by_bands(image, lambda b: np.round((np.asarray(b, dtype=np.float64) - lo) * (255.0 / (hi - lo))).astype(np.uint8))
+    return _by_bands(image, _gray_band)
+
+
+def _bands(image: Image.Image):
+    """The image itself when small, else its bands of rows (each a copy of only that band)."""
+    w, h = image.size
+    rows = max(1, _BAND_PIXELS // max(1, w))
+    if rows >= h:
+        yield image
+        return
+    for y in range(0, h, rows):
+        yield image.crop((0, y, w, min(h, y + rows)))
+
+
+def _by_bands(image: Image.Image, fn) -> np.ndarray:
+    w, h = image.size
+    if w * h <= _BAND_PIXELS:
+        return fn(image)
+    out = np.empty((h, w), dtype=np.uint8)
+    y = 0
+    for band in _bands(image):
+        out[y : y + band.height] = fn(band)
+        y += band.height
+    return out
+
+
+def _gray_band(image: Image.Image) -> np.ndarray:
+    mode = image.mode
     if mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode == "P" and "transparency" in image.info):
         # Transparent pixels become background, which in an MRI is black.
         rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
@@ -293,6 +373,21 @@ def resize_pad(gray: np.ndarray, size: int) -> np.ndarray:
     top, left = (size - nh) // 2, (size - nw) // 2
     out[top : top + nh, left : left + nw] = resized
     return out
+
+
+def original_xy(x: float, y: float, *, crop_box: tuple[int, int, int, int], side: int) -> tuple[int, int]:
+    """A pixel (x, y) of the preprocessed ``side`` x ``side`` image -> the original image's pixel
+    it came from: undo :func:`resize_pad` (centring, then the scale) and the crop. A point in the
+    black padding maps to the nearest edge of the crop."""
+    x0, y0, x1, y1 = crop_box
+    w, h = x1 - x0, y1 - y0
+    scale = side / max(h, w)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    top, left = (side - nh) // 2, (side - nw) // 2
+    # Pixel centres: (x + 0.5) in the resized image is (x + 0.5) * w / nw in the crop.
+    ox = x0 + int(np.floor((x + 0.5 - left) * w / nw))
+    oy = y0 + int(np.floor((y + 0.5 - top) * h / nh))
+    return min(max(ox, x0), x1 - 1), min(max(oy, y0), y1 - 1)
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

@@ -26,10 +26,12 @@ SAMPLE_FOLDERS = {
 
 @dataclass(frozen=True)
 class SampleHead:
-    """Where the head was drawn, so tests can check the crop: x0, y0, x1, y1 (x1/y1 exclusive)."""
+    """Where the head was drawn, so tests can check the crop: x0, y0, x1, y1 (x1/y1 exclusive);
+    and the lesion's box, so they can check a heat map (None for no_tumor)."""
 
     box: tuple[int, int, int, int]
     marker: tuple[int, int, int, int]
+    lesion_box: tuple[int, int, int, int] | None = None
 
 
 def render_mri(label: str, rng: np.random.Generator, size: int = 160) -> tuple[np.ndarray, SampleHead]:
@@ -62,14 +64,18 @@ def render_mri(label: str, rng: np.random.Generator, size: int = 160) -> tuple[n
         lesion = (cy + 0.72 * ry * np.sin(ang), cx + 0.72 * rx * np.cos(ang), 0.18 * ry, 250)
     elif label == "pituitary":  # small bright spot low on the midline
         lesion = (cy + 0.45 * ry, cx, 0.1 * ry, 255)
+    lesion_box = None
     if lesion is not None:
         ly, lx, lr, val = lesion
-        img[((yy - ly) ** 2 + (xx - lx) ** 2) < lr**2] = val
+        disc = ((yy - ly) ** 2 + (xx - lx) ** 2) < lr**2
+        img[disc] = val
+        ys, xs = np.nonzero(disc)
+        lesion_box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
     m = max(3, size // 32)
     my, mx = 2, size - 2 - m
     img[my : my + m, mx : mx + m] = 255  # burnt-in marker, outside the head
     box = (int(np.floor(cx - rx)), int(np.floor(cy - ry)), int(np.ceil(cx + rx)) + 1, int(np.ceil(cy + ry)) + 1)
-    return img.clip(0, 255).astype(np.uint8), SampleHead(box, (mx, my, mx + m, my + m))
+    return img.clip(0, 255).astype(np.uint8), SampleHead(box, (mx, my, mx + m, my + m), lesion_box)
 
 
 def make_sample_dataset(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core import Config, ConfigError, setting
+from ..core import Config, ConfigError, PathMode, UidMode, check_modes, setting
 from ..imaging import InputGuard, MRIPreprocess, SeriesSelector
 
 
@@ -35,6 +35,12 @@ class IngestConfig(Config):
                                 "body parts are left out (counted as not selected), images with no content are "
                                 "errors")
 
+    path_mode: PathMode = setting("full", help="how the shards, errors.parquet and report.json name input files: "
+                                  "full = the URI; relative = the path below input; hashed = an HMAC-SHA256 token keyed "
+                                  "by $BRAINTUMOR_PATH_KEY (same file, same token as scoring's)")
+    uid_mode: UidMode = setting("full", help="DICOM UIDs in the shards: full, or hashed (a 2.25. UID keyed as "
+                                "path_mode's); the split still keeps a series together")
+
     def __post_init__(self) -> None:
         if not self.input or not self.output:
             raise ConfigError("input and output are both required: give a local path or s3://bucket/prefix")
@@ -46,3 +52,4 @@ class IngestConfig(Config):
             raise ConfigError(f"images_per_block={self.images_per_block} must be at least 1")
         if not isinstance(self.select, SeriesSelector):
             raise ConfigError(f"select must be a SeriesSelector, not {type(self.select).__name__}")
+        check_modes(self.path_mode, self.uid_mode)

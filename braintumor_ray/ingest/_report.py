@@ -59,6 +59,8 @@ class IngestReport:
     not_selected: list[dict[str, str]]  # path, reason; the first 1000
     ignored: list[str]  # the first 100
     timing: dict[str, float]
+    # How paths and UIDs are named (path_mode, uid_mode, key_id): outputs with one key id join.
+    identifiers: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

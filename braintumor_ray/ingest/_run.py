@@ -34,8 +34,10 @@ import pyarrow.parquet as pq
 from ._config import IngestConfig
 from ._report import REPORT_FILE, FileError, IngestCounts, IngestReport
 from ._splits import ImageFacts, SplitDecision, assign_splits
-from ..core import CLASS_NAMES, CONFIG_FILE, InputError, Location, StorageError, canonical_label, canonical_split, resolve
-from ..imaging import DICOM_SUFFIXES, NIFTI_SUFFIXES, InputGuard, MRIPreprocess, SeriesSelector, phash, sha256_hex, sniff_kind
+from ..core import (CLASS_NAMES, CONFIG_FILE, Identifiers, InputError, Location, StorageError, canonical_label,
+                    canonical_split, check_disjoint, resolve, unreadable_reason)
+from ..imaging import (DICOM_SUFFIXES, NIFTI_SUFFIXES, NO_GUARD, FileResult, InputGuard, MRIPreprocess, SeriesSelector, phash,
+                       sha256_hex, sniff_kind)
 
 logger = logging.getLogger(__name__)
 
@@ -150,22 +152,40 @@ def plan_inputs(files: list[str], root: str) -> InputPlan:
 
 
 def preprocess_batch(
-    batch: pa.Table, *, preprocess: MRIPreprocess, select: SeriesSelector | None = None, guard: InputGuard | None = None
+    batch: pa.Table,
+    *,
+    preprocess: MRIPreprocess,
+    select: SeriesSelector | None = None,
+    guard: InputGuard | None = None,
+    source: Location | None = None,
 ) -> pa.Table:
     """Worker side: bytes -> hashes, preprocessed image, crop box (one row per slice of a DICOM
-    or NIfTI file); one row with the reason per bad file or file the selector leaves out."""
+    or NIfTI file); one row with the reason per bad file or file the selector leaves out.
+
+    ``batch`` holds each file's ``bytes``, or only its ``path``: the file is then read here from
+    ``source`` (at most guard.max_file_bytes of it), and one that vanished or cannot be read
+    since it was listed is an error row, not the end of the job."""
     cols: dict[str, list] = {name: [] for name in _DECODED_SCHEMA.names}
-    for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist()):
+    paths = batch.column("path").to_pylist()
+    given = batch.column("bytes").to_pylist() if "bytes" in batch.column_names else [None] * len(paths)
+    limit = (guard or NO_GUARD).max_file_bytes
+    for path, data in zip(paths, given):
+        unread = None
+        if "bytes" not in batch.column_names:
+            try:
+                data = source.read_limited(path, limit)  # an oversized file is refused by try_slices
+            except Exception as e:
+                unread = unreadable_reason(e)
         data = data or b""
-        digest = sha256_hex(data)
-        res = preprocess.try_slices(data, name=path, select=select, guard=guard)
+        digest = sha256_hex(data) if unread is None else None
+        res = preprocess.try_slices(data, name=path, select=select, guard=guard) if unread is None else FileResult(error=unread)
         if not res.slices:
             row: dict[str, Any] = dict.fromkeys(_DECODED_SCHEMA.names)
             row.update(path=path, key=path, sha256=digest, error=res.skipped or res.error)
             row.update({k: getattr(res.info, k) for k in _SLICE_NAMES})
             if res.skipped:
                 row["outcome"] = "not_selected"
-            elif file_kind(path.rsplit("/", 1)[-1]) == "maybe" and sniff_kind(data, path) == "image":
+            elif unread is None and file_kind(path.rsplit("/", 1)[-1]) == "maybe" and sniff_kind(data, path) == "image":
                 row["outcome"] = "ignored"  # an extensionless file that is neither DICOM nor an image: a README
             else:
                 row["outcome"] = "error"
@@ -199,9 +219,12 @@ def preprocess_batch(
     return pa.Table.from_pydict(cols, schema=_DECODED_SCHEMA)
 
 
-def add_decisions(batch: pa.Table, *, decisions: dict[str, SplitDecision], planned: dict[str, dict]) -> pa.Table:
+def add_decisions(
+    batch: pa.Table, *, decisions: dict[str, SplitDecision], planned: dict[str, dict], ids: Identifiers | None = None
+) -> pa.Table:
     """Join the driver's decisions (by key: path, or path and slice) onto the workers' rows;
-    rows without one (errors, dropped duplicates, files left out) are left out."""
+    rows without one (errors, dropped duplicates, files left out) are left out. ``ids``: how the
+    UIDs are written (the ``uri`` of ``planned`` is already the path as written)."""
     keys = batch.column("key").to_pylist()
     keep = [k in decisions for k in keys]
     batch = batch.filter(pa.array(keep, pa.bool_()))
@@ -221,7 +244,11 @@ def add_decisions(batch: pa.Table, *, decisions: dict[str, SplitDecision], plann
     }
     for name, arr in cols.items():
         batch = batch.append_column(name, arr)
-    # Users see URIs; the filesystem path was only the join key.
+    if ids is not None and ids.uid_mode != "full":  # after the split: it grouped series by their real UIDs
+        for k in ("sop_instance_uid", "series_instance_uid", "study_instance_uid"):
+            i = batch.schema.get_field_index(k)
+            batch = batch.set_column(i, k, pa.array([ids.uid(u) for u in batch.column(k).to_pylist()], pa.string()))
+    # Users see URIs (as path_mode names them); the filesystem path was only the join key.
     uris = pa.array([x["uri"] for x in pl], pa.string())
     return batch.set_column(batch.schema.get_field_index("path"), "path", uris)
 
@@ -236,12 +263,23 @@ def run_ingest(config: IngestConfig) -> dict:
     t0 = time.perf_counter()
     src = resolve(config.input, s3_endpoint_url=config.s3_endpoint_url)
     dst = resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)
+    # Before anything is listed or deleted: --overwrite of an output that holds the input
+    # would remove the input with it.
+    check_disjoint(src, dst)
+    ids = Identifiers.from_env(config.path_mode, config.uid_mode, root=src.uri)  # no key: fails before any work
     if not dst.is_empty():
         if not config.overwrite:
             raise StorageError(f"output {dst.uri} is not empty: choose a new output, or pass --overwrite to replace it")
+        _check_replaceable(dst)
         dst.remove()
-    files = src.files()
+    listed = src.listing(follow_links_outside=config.guard.follow_links_outside_input)
+    files = list(listed.files)
     plan = plan_inputs(files, src.path)
+    if listed.refused:  # links leaving the input, dangling links, FIFOs: error rows, never read
+        refused = [p for p in plan.images if p.path in listed.refused]
+        plan = dataclasses.replace(
+            plan, images=[p for p in plan.images if p.path not in listed.refused],
+            errors=plan.errors + [FileError(p.path, listed.refused[p.path], p.split, p.label) for p in refused])
     if not plan.images:
         raise InputError(
             f"no usable image files under {src.uri} ({len(files)} files found, {len(plan.errors)} in unexpected "
@@ -266,21 +304,26 @@ def run_ingest(config: IngestConfig) -> dict:
             raise InputError(
                 f"none of the {len(plan.images)} image files under {src.uri} could be used ({len(errors)} errors, "
                 f"{len(decoded.not_selected)} left out by the series selector): "
-                + "; ".join(f"{e.path}: {e.reason}" for e in errors[:5])
+                + "; ".join(f"{ids.path(src.uri_of(e.path))}: {ids.scrub(e.reason, src.uri_of(e.path))}" for e in errors[:5])
             )
         t = time.perf_counter()
         splits = assign_splits(
             decoded.images, val_fraction=config.val_fraction, seed=config.seed, near_dup_distance=config.near_dup_distance
         )
         timing["dedup_s"] = time.perf_counter() - t
-        _write_shards(decoded.dataset, src, dst, plan.images, splits.decisions, timing)
+        # The effective settings (`jobs/preprocess.py --config` takes them back), before the first
+        # shard: an output cut off while writing is then still recognisably an ingest's, which
+        # --overwrite replaces (and nothing else).
+        config.save_yaml(dst.join(CONFIG_FILE))
+        _write_shards(decoded.dataset, src, dst, plan.images, splits.decisions, timing, ids)
     finally:
         ctx.op_resource_reservation_enabled = saved
 
-    errors = [dataclasses.replace(e, path=src.uri_of(e.path)) for e in errors]
+    # Paths are renamed here, after grouping and splitting, which used the real ones.
+    errors = [dataclasses.replace(e, path=ids.path(src.uri_of(e.path)), reason=ids.scrub(e.reason, src.uri_of(e.path))) for e in errors]
     _write_errors(dst.join(ERRORS_FILE), errors)
     wall = time.perf_counter() - t0
-    name = lambda key: _uri_of_key(src, key)  # noqa: E731
+    name = lambda key: _uri_of_key(src, key, ids)  # noqa: E731
     report = IngestReport(
         input=src.uri,
         output=dst.uri,
@@ -297,18 +340,39 @@ def run_ingest(config: IngestConfig) -> dict:
         leakage={split: lk.with_paths(name) for split, lk in splits.leakage.items()},
         errors=sorted(errors, key=lambda e: e.path),
         selection=config.select.describe(),
-        not_selected=sorted(({"path": src.uri_of(p), "reason": r} for p, r in decoded.not_selected), key=lambda e: e["path"])[:1000],
-        ignored=[src.uri_of(p) for p in (plan.ignored + decoded.ignored)[:100]],
+        not_selected=sorted(({"path": ids.path(src.uri_of(p)), "reason": ids.scrub(r, src.uri_of(p))} for p, r in decoded.not_selected),
+                            key=lambda e: e["path"])[:1000],
+        ignored=[ids.path(src.uri_of(p)) for p in (plan.ignored + decoded.ignored)[:100]],
         timing={**{k: round(v, 3) for k, v in timing.items()}, "wall_s": round(wall, 3), "images_per_s": round(len(plan.images) / wall, 2)},
+        identifiers=ids.describe(),
     )
     if report.val_missing_classes:
         logger.warning("ingest: no validation images for %s (one training group or series each)", ", ".join(report.val_missing_classes))
     out = report.to_dict()
-    config.save_yaml(dst.join(CONFIG_FILE))  # the effective settings: `jobs/preprocess.py --config` takes them back
     # report.json is written last: its presence says the shards beside it are complete.
     dst.join(REPORT_FILE).write_bytes(json.dumps(out, indent=2).encode())
     logger.info("ingest: wrote %s", dst.join(REPORT_FILE).uri)
     return out
+
+
+def _check_replaceable(dst: Location) -> None:
+    """``--overwrite`` replaces an earlier ingest's output, nothing else: every file under ``dst``
+    must be one the ingest writes, and its config.yaml or report.json must be there. Anything
+    else is refused, naming the first file not recognised."""
+    files = dst.files()
+    rel = [f[len(dst.path):].lstrip("/") for f in files]
+    for f, r in zip(files, rel):
+        top = r.split("/", 1)[0]
+        if not (r in (ERRORS_FILE, CONFIG_FILE, REPORT_FILE) or (top == IMAGES_DIR and r.endswith(".parquet"))):
+            raise StorageError(
+                f"--overwrite: output {dst.uri} is not an earlier ingest output ({dst.uri_of(f)} is not a file the "
+                "ingest writes), so it is not replaced. Choose a new output, or delete that folder yourself."
+            )
+    if not {CONFIG_FILE, REPORT_FILE} & set(rel):
+        raise StorageError(
+            f"--overwrite: output {dst.uri} holds neither {CONFIG_FILE} nor {REPORT_FILE}, so it is not recognisably an "
+            "earlier ingest output and is not replaced. Choose a new output, or delete that folder yourself."
+        )
 
 
 def _counts(files: list[str], plan: InputPlan, decoded: "_Decoded", decisions: dict[str, SplitDecision]) -> IngestCounts:
@@ -351,11 +415,11 @@ def _decode(config: IngestConfig, src: Location, planned: list[_Planned]) -> _De
     n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     n_blocks = max(2 * n_cpus, math.ceil(len(planned) / config.images_per_block))
     dataset = (
-        ray.data.read_binary_files(
-            [p.path for p in planned], filesystem=src.pyarrow_fs, include_paths=True, override_num_blocks=n_blocks
-        )
+        # The tasks read the files themselves: one that vanished or cannot be read is an error row.
+        ray.data.from_items([{"path": p.path} for p in planned], override_num_blocks=min(n_blocks, len(planned)))
         .map_batches(
-            preprocess_batch, batch_format="pyarrow", fn_kwargs={"preprocess": config.preprocess, "select": config.select, "guard": config.guard}
+            preprocess_batch, batch_format="pyarrow",
+            fn_kwargs={"preprocess": config.preprocess, "select": config.select, "guard": config.guard, "source": src}
         )
         .materialize()
     )
@@ -379,13 +443,14 @@ def _decode(config: IngestConfig, src: Location, planned: list[_Planned]) -> _De
 
 
 def _write_shards(
-    decoded, src: Location, dst: Location, planned: list[_Planned], decisions: dict[str, SplitDecision], timing: dict
+    decoded, src: Location, dst: Location, planned: list[_Planned], decisions: dict[str, SplitDecision], timing: dict,
+    ids: Identifiers,
 ) -> None:
     t = time.perf_counter()
-    extra = {p.path: {"label": p.label, "source_split": p.source_split, "uri": src.uri_of(p.path)} for p in planned}
+    extra = {p.path: {"label": p.label, "source_split": p.source_split, "uri": ids.path(src.uri_of(p.path))} for p in planned}
     # One pass: join the decisions, write one folder per split (hive style: images/split=train/).
     decoded.map_batches(
-        add_decisions, batch_format="pyarrow", fn_kwargs={"decisions": decisions, "planned": extra}
+        add_decisions, batch_format="pyarrow", fn_kwargs={"decisions": decisions, "planned": extra, "ids": ids}
     ).write_parquet(dst.join(IMAGES_DIR).path, filesystem=dst.pyarrow_fs, partition_cols=["split"])
     timing["write_s"] = time.perf_counter() - t
 
@@ -396,10 +461,11 @@ def _to_arrow(ds) -> pa.Table:
     return pa.concat_tables(ray.get(ds.to_arrow_refs()))
 
 
-def _uri_of_key(src: Location, key: str) -> str:
-    """A key as a person reads it: the file's URI, and ``#slice=N`` for one slice of a volume."""
+def _uri_of_key(src: Location, key: str, ids: Identifiers | None = None) -> str:
+    """A key as a person reads it: the file's URI (as ``ids`` names it), and ``#slice=N`` for one slice of a volume."""
     path, _, index = key.partition(_SLICE_SEP)
-    return src.uri_of(path) + (f"#slice={index}" if index else "")
+    uri = src.uri_of(path)
+    return (ids.path(uri) if ids else uri) + (f"#slice={index}" if index else "")
 
 
 def _write_errors(loc: Location, errors: list[FileError]) -> None:

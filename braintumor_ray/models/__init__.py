@@ -35,6 +35,7 @@ from ._package import (
     prepare_input,
     read_trust,
     verify_onnx,
+    verify_package,
 )
 from ._weights import load_state_dict_into, read_weights
 
@@ -73,4 +74,5 @@ __all__ = [
     "prepare_input",
     "read_weights",
     "verify_onnx",
+    "verify_package",
 ]

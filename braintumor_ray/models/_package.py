@@ -154,6 +154,15 @@ def _probe_pixels(side: int) -> np.ndarray:
     return np.concatenate([noise, flat])
 
 
+def _probe_diff(m: nn.Module, session: Any, probe: torch.Tensor) -> float:
+    """Max abs difference of ONNX Runtime's probabilities from PyTorch's (``m``: a WithFeatures
+    model in eval mode) on the prepared probe batch."""
+    with torch.inference_mode():
+        ref = torch.softmax(m(probe)[0].float(), dim=1)
+    got = torch.softmax(torch.from_numpy(session.run(None, {"input": probe.numpy()})[0]).float(), dim=1)
+    return float((got - ref).abs().max())
+
+
 def export_onnx(model: nn.Module, *, side: int, mean: Sequence[float], std: Sequence[float], name: str = "model") -> tuple[bytes, float]:
     """``model`` as ONNX bytes (outputs ``logits`` and the penultimate ``features``; dynamic batch, ``side`` x ``side`` input, opset
     :data:`ONNX_OPSET`) and the max abs difference of ONNX Runtime's probabilities from
@@ -178,11 +187,7 @@ def export_onnx(model: nn.Module, *, side: int, mean: Sequence[float], std: Sequ
             f"exporting {name} to ONNX failed ({type(e).__name__}: {str(e)[:500]}): export the package with "
             "onnx=False (scoring then runs it with PyTorch)"
         ) from e
-    session = onnx_session(blob, threads=torch.get_num_threads())
-    with torch.inference_mode():
-        ref = torch.softmax(m(probe)[0].float(), dim=1)
-    got = torch.softmax(torch.from_numpy(session.run(None, {"input": probe.numpy()})[0]).float(), dim=1)
-    diff = float((got - ref).abs().max())
+    diff = _probe_diff(m, onnx_session(blob, threads=torch.get_num_threads()), probe)
     if not diff <= ONNX_TOLERANCE:  # NaN fails too
         raise ConfigError(
             f"{ONNX_FILE} for {name} disagrees with PyTorch: max abs difference of probabilities {diff:.3g} on "
@@ -347,11 +352,59 @@ def read_trust(loc: Location, meta: Mapping[str, Any]) -> Trust | None:
         raise ConfigError(f"{loc.uri}/{PACKAGE_JSON}: {e}") from e
 
 
-def verify_onnx(uri: str, *, s3_endpoint_url: str | None = None) -> None:
+def verify_onnx(uri: str, *, s3_endpoint_url: str | None = None, against_weights: bool = False) -> None:
     """Check a package's ``model.onnx`` against its ``model.json`` (a ConfigError naming the file
-    if it is missing or changed); scoring calls it before it starts any work."""
+    if it is missing or changed); scoring calls it before it starts any work.
+
+    ``against_weights``: also run the probe batch through it and through the package's weights
+    (checked against their sha256), as export did. The file's hash is not part of the model id
+    (see the module doc), so a model.onnx from another model with its sha256 written into
+    model.json keeps the id; this check is what ties the file to the weights a pinned id names.
+    """
     loc = resolve(uri, s3_endpoint_url=s3_endpoint_url)
-    read_onnx(loc, read_package_meta(loc))
+    meta = read_package_meta(loc)
+    blob = read_onnx(loc, meta)
+    if not against_weights:
+        return
+    pkg = load_model_package(uri, s3_endpoint_url=s3_endpoint_url)
+    side = int(meta.get("onnx_input_side") or pkg.preprocess.image_size)
+    probe = prepare_input(_probe_pixels(side), mean=pkg.data_config["mean"], std=pkg.data_config["std"])
+    diff = _probe_diff(WithFeatures(pkg.model).eval(), onnx_session(blob, threads=torch.get_num_threads()), probe)
+    if not diff <= ONNX_TOLERANCE:  # NaN fails too
+        raise ConfigError(
+            f"{loc.uri}/{meta['onnx_file']} is not the network of {loc.uri}/{meta['weights_file']} (model {meta['model_id']}): "
+            f"their probabilities differ by up to {diff:.3g} on the probe batch (export allows {ONNX_TOLERANCE:g}). "
+            "The file was replaced after export: export the package again, or score with --engine torch."
+        )
+
+
+def _read_weights(loc: Location, meta: Mapping[str, Any]) -> bytes:
+    """The package's weights file, its sha256 (one of the model id's inputs) checked."""
+    blob = loc.join(meta["weights_file"]).read_bytes()
+    if hashlib.sha256(blob).hexdigest() != meta["weights_sha256"]:
+        raise ConfigError(
+            f"{loc.uri}/{meta['weights_file']} does not match the sha256 in {PACKAGE_JSON}: the package was changed "
+            "or is half-written. Export it again."
+        )
+    return blob
+
+
+def verify_package(uri: str, *, s3_endpoint_url: str | None = None, expect_model_id: str | None = None) -> dict[str, Any]:
+    """Check a package before any work and return its ``model.json``: the JSON unedited (the id
+    recomputed from it), the id the one expected (``expect_model_id``), the weights and the
+    trust file matching the sha256s the id is made of. ``model.onnx`` is checked by
+    :func:`verify_onnx` where the engine reads it."""
+    loc = resolve(uri, s3_endpoint_url=s3_endpoint_url)
+    meta = read_package_meta(loc)
+    if expect_model_id is not None and meta["model_id"] != expect_model_id.strip().lower():
+        raise ConfigError(
+            f"model package {loc.uri} is model {meta['model_id']}, not the expected {expect_model_id} "
+            "(--expect-model-id): nothing was scored. Point --model at the package of that model, or change "
+            "--expect-model-id if the new model is meant."
+        )
+    _read_weights(loc, meta)
+    read_trust(loc, meta)
+    return meta
 
 
 def load_model_package(uri: str, *, s3_endpoint_url: str | None = None, channels_last: bool = False) -> ModelPackage:
@@ -360,13 +413,8 @@ def load_model_package(uri: str, *, s3_endpoint_url: str | None = None, channels
 
     loc = resolve(uri, s3_endpoint_url=s3_endpoint_url)
     meta = read_package_meta(loc)
-    backbone, class_names, weights_file = meta["backbone"], tuple(meta["class_names"]), meta["weights_file"]
-    blob = loc.join(weights_file).read_bytes()
-    if hashlib.sha256(blob).hexdigest() != meta["weights_sha256"]:
-        raise ConfigError(
-            f"{loc.uri}/{weights_file} does not match the sha256 in {PACKAGE_JSON}: the package was changed "
-            "or is half-written. Export it again."
-        )
+    backbone, class_names = meta["backbone"], tuple(meta["class_names"])
+    blob = _read_weights(loc, meta)
     model = timm.create_model(backbone, pretrained=False, num_classes=len(class_names), global_pool=meta["global_pool"])
     model.load_state_dict(load(blob), strict=True)
     model.braintumor_build = {k: meta[k] for k in ("backbone", "num_classes", "global_pool")}

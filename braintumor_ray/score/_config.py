@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from ..core import Config, ConfigError, setting
+from ..core import LEASE_SUFFIX, STAGING_SUFFIX, Config, ConfigError, PathMode, UidMode, check_disjoint, check_modes, setting
 from ..imaging import InputGuard, SeriesSelector
 from ..tracking import MLflowConfig
+from ._explain import EXPLAIN_SUFFIX
+from ._series import SERIES_SUFFIX
 
 # The effective settings, written into the output folder. The leading underscore keeps it out of
 # pyarrow/pandas/Spark/Ray dataset discovery of the predictions (they skip "_" and "." files).
 OUTPUT_CONFIG_FILE = "_config.yaml"
+# How the output names files and UIDs (path_mode, uid_mode, key_id): a rerun in another mode or
+# with another key is refused instead of scoring every file again under a second name.
+OUTPUT_IDS_FILE = "_identifiers.json"
+# What scoring writes beside OUTPUT (OUTPUT_series/, OUTPUT_explain/, OUTPUT._staging/, the lease): like
+# OUTPUT itself, none of them may lie inside the input or hold it.
+OUTPUT_SIBLINGS = (SERIES_SUFFIX, EXPLAIN_SUFFIX, STAGING_SUFFIX, LEASE_SUFFIX)
 # The scoring engines (braintumor_ray.models.ENGINES, kept light here: no torch import to parse options).
 Engine = Literal["auto", "onnxruntime", "torch"]
+# Which scored rows get a Grad-CAM heat map (score/_explain.py).
+Explain = Literal["none", "flagged", "positive", "all"]
 
 @dataclass(frozen=True, kw_only=True)
 class ScoreConfig(Config):
@@ -41,9 +52,26 @@ class ScoreConfig(Config):
     guard: InputGuard = setting(default_factory=InputGuard, help="what the model is for, checked before it sees a "
                                 "file: other DICOM modalities and body parts are skipped, images with no content are "
                                 "errors")
+    expect_model_id: str | None = setting(None, help="the model_id the package must have (pin the model a scheduled "
+                                          "job scores with): any other package is refused before any work")
     review_threshold: float | None = setting(None, help="flag ok rows whose calibrated confidence is below this "
                                              "for review (low_confidence) (none: the threshold the model package "
                                              "chose on its validation split)")
+    explain: Explain = setting("flagged", help="Grad-CAM heat maps (an overlay PNG in OUTPUT_explain/, its path and "
+                               "peak in the predictions) for: flagged = rows with a tumour class or a review_reason; "
+                               "positive = a tumour class; all = every scored row; none. Rows scored by earlier runs "
+                               "keep what they had")
+    path_mode: PathMode = setting("full", help="how outputs name input files: full = the URI; relative = the path "
+                                  "below input; hashed = an HMAC-SHA256 token keyed by $BRAINTUMOR_PATH_KEY (same file, "
+                                  "same token; for folder names that identify patients). Fixed for an output")
+    uid_mode: UidMode = setting("full", help="DICOM UIDs in outputs: full, or hashed (a 2.25. UID keyed as path_mode's; "
+                                "series still group). Fixed for an output")
+    # Seconds, not a flag: an unbounded wait lets scheduled runs pile up behind a stuck one.
+    wait: float = setting(0.0, help="seconds to wait for another run that holds the output's lease (OUTPUT._lease.json) "
+                          "to finish or for its lease to expire, instead of refusing at once (0: refuse)")
+    lease_ttl_s: float = setting(120.0, help="lease time-to-live: the run renews its lease on the output every "
+                                 "lease_ttl_s/4; a run that stops renewing (killed) is taken over this long after its "
+                                 "last renewal")
     mlflow: MLflowConfig = setting(default_factory=MLflowConfig, help="MLflow run of each scoring job and the "
                                    "registry that models:/ names are looked up in")
 
@@ -54,13 +82,22 @@ class ScoreConfig(Config):
             raise ConfigError(f"batch_size={self.batch_size} is out of range: use 1..4096")
         if self.concurrency is not None and self.concurrency < 1:
             raise ConfigError(f"concurrency={self.concurrency} must be at least 1")
+        if self.explain not in get_args(Explain):
+            raise ConfigError(f"explain={self.explain!r} is unknown: use one of {', '.join(get_args(Explain))}")
         if self.engine not in get_args(Engine):
             raise ConfigError(f"engine={self.engine!r} is unknown: use one of {', '.join(get_args(Engine))}")
         if self.cpus_per_replica is not None and not 0 < self.cpus_per_replica <= 1024:
             raise ConfigError(f"cpus_per_replica={self.cpus_per_replica} is out of range: use a number of CPUs > 0")
-        if self.output.rstrip("/") == self.input.rstrip("/"):
-            raise ConfigError("output must not be the input folder: predictions would be scored as images")
+        check_disjoint(self.input, self.output, siblings=OUTPUT_SIBLINGS)
+        if self.expect_model_id is not None and not re.fullmatch(r"[0-9a-f]{16}", self.expect_model_id.strip().lower()):
+            raise ConfigError(f"expect_model_id={self.expect_model_id!r} is not a model id: give the 16 hex digits of a "
+                              "package's model_id (model.json, or the model_id column of earlier predictions)")
         if self.review_threshold is not None and not 0.0 <= self.review_threshold <= 1.0:
             raise ConfigError(f"review_threshold={self.review_threshold}: use a probability in 0..1")
         if not isinstance(self.select, SeriesSelector):
             raise ConfigError(f"select must be a SeriesSelector, not {type(self.select).__name__}")
+        check_modes(self.path_mode, self.uid_mode)
+        if not 0 <= self.wait <= 7 * 86400:
+            raise ConfigError(f"wait={self.wait} is out of range: use 0 (refuse at once) up to 604800 seconds")
+        if not 1 <= self.lease_ttl_s <= 86400:
+            raise ConfigError(f"lease_ttl_s={self.lease_ttl_s} is out of range: use 1..86400 seconds")

@@ -14,14 +14,22 @@ Output layout::
 
     OUTPUT/<run>_<n>.parquet      the predictions (read the folder with pandas, pyarrow, DuckDB)
     OUTPUT/_config.yaml           the last run's ScoreConfig (for --config; dataset readers skip it)
+    OUTPUT/_identifiers.json      how the rows name files and UIDs (path_mode, uid_mode, key id)
+    OUTPUT/_report.html           the review report: counts, series verdicts, cases with heat maps, every row
     OUTPUT_series/series.parquet  one row per DICOM series or NIfTI volume and model
     OUTPUT._staging/<run>/        a run in progress or cut off (never read by users)
+    OUTPUT._lease.json            the lease of the run writing the output, while one runs (and, on
+                                  local disk, OUTPUT._lease.lock, the lock its updates take)
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import logging
+import math
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,12 +41,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..core import ConfigError, InputError, Location, StagedWriter, posix_basename, resolve
-from ..imaging import InputGuard, MRIPreprocess, SeriesSelector, sha256_hex
+from ..core import (ConfigError, Identifiers, InputError, Lease, Location, StagedWriter, check_disjoint, posix_basename,
+                    resolve, unreadable_reason)
+from ..imaging import NO_GUARD, InputGuard, MRIPreprocess, SeriesSelector, SliceInfo, sha256_hex
 from ..trust import softmax
+from ..report import write_scoring_report
 from ..tracking import log_scoring, resolve_registered_model
-from ._config import OUTPUT_CONFIG_FILE, ScoreConfig
-from ._series import update_series_table
+from ._config import OUTPUT_CONFIG_FILE, OUTPUT_IDS_FILE, OUTPUT_SIBLINGS, ScoreConfig
+from ._explain import HeatmapWriter, explain_location
+from ._series import SERIES_FILE, series_location, update_series_table
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +62,15 @@ DECODE_CPUS = 0.5
 # threads) 101, 2 x 0.75 CPUs 102 (docs/benchmarks.md).
 MODEL_SHARE = 0.75
 THREADS_PER_REPLICA = 2
+# Decode tasks read their own files (a block of the listing each): a file that vanished or cannot
+# be read since it was listed is an error row of its own (Ray Data's file reader failed the run).
+FILES_PER_BLOCK = 32
+# Beside the runs in OUTPUT._staging/: the markers of decode attempts (see _Attempts).
+ATTEMPTS_DIR = "_attempts"
+KILLED_TWICE = ("killed its decode task twice (out of memory? a crash in a decoder?): not decoded again so that the "
+                "run can finish; a changed file is tried again")
+# Tests only: a decode task that meets a file of this name dies as the OOM killer would kill it.
+KILL_DECODE_ENV = "BRAINTUMOR_TEST_KILL_DECODE"
 
 
 def output_schema(class_names: list[str]) -> pa.Schema:
@@ -76,6 +96,12 @@ def output_schema(class_names: list[str]) -> pa.Schema:
             # file's header is ever written.
             *SLICE_FIELDS,
             ("selection", pa.string()),  # the series selector in force ("" for none)
+            ("explain", pa.string()),  # the --explain setting in force: which rows got a heat map
+            # The Grad-CAM overlay PNG (OUTPUT_explain/...) and its peak in the original image's
+            # pixels; null for rows without a map.
+            ("heatmap_path", pa.string()),
+            ("heatmap_peak_x", pa.int32()),
+            ("heatmap_peak_y", pa.int32()),
         ]
     )
 
@@ -90,7 +116,8 @@ SLICE_FIELDS = [
 _SLICE_NAMES = [n for n, _ in SLICE_FIELDS]
 _DECODED = pa.schema(
     [("path", pa.string()), ("sha256", pa.string()), ("pixels", pa.binary()), ("side", pa.int32()), ("status", pa.string()),
-     ("error", pa.string()), ("head_fraction", pa.float32()), *SLICE_FIELDS]
+     ("error", pa.string()), ("head_fraction", pa.float32()), *SLICE_FIELDS,
+     ("crop_box", pa.list_(pa.int32()))]  # x0, y0, x1, y1 in the original: heat-map peaks map back through it
 )
 
 
@@ -101,32 +128,155 @@ def decode_batch(
     already: frozenset = frozenset(),
     select: SeriesSelector | None = None,
     guard: InputGuard | None = None,
+    source: Location | None = None,
+    attempts: Location | None = None,
 ) -> pa.Table:
     """CPU side: file bytes -> sha256 and the preprocessed image of each slice, or the reason
     the file has none (one row then: an error, or ``skipped`` by the series selector).
+
+    ``batch`` holds each file's ``bytes``, or its listed ``path``, ``size``, ``version`` (and
+    ``refused``, the listing's reason to refuse it): the file is then read here from ``source``,
+    and a file that vanished, cannot be read, is over the guard's size limit or was refused
+    is an error row of its own. ``attempts``: where the markers of decode attempts live
+    (:class:`_Attempts`), so that a file that killed its task twice is not decoded again.
 
     Files whose (path, sha256) is in ``already`` were rewritten with the same content (a new
     mtime or ETag only): they are dropped here, not scored twice.
     """
     cols: dict[str, list] = {n: [] for n in _DECODED.names}
 
-    def add(path, digest, pixels, side, status, error, head, info):
+    def add(path, digest, pixels, side, status, error, head, info, box=None):
         for k, v in zip(_DECODED.names, (path, digest, pixels, side, status, error, head)):
             cols[k].append(v)
         for k in _SLICE_NAMES:
             cols[k].append(getattr(info, k))
+        cols["crop_box"].append(list(box) if box is not None else None)
 
-    for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist()):
+    for path, data, error in _read_files(batch, source, guard or NO_GUARD, attempts):
+        if error is not None:
+            add(path, None, None, None, "error", error, None, SliceInfo())
+            continue
         data = data or b""
         digest = sha256_hex(data)
         if (path, digest) in already:
             continue
         res = preprocess.try_slices(data, name=path, select=select, guard=guard)
         for s in res.slices:
-            add(path, digest, s.image.pixels.tobytes(), s.image.pixels.shape[0], "ok", None, s.image.head_fraction, s.info)
+            add(path, digest, s.image.pixels.tobytes(), s.image.pixels.shape[0], "ok", None, s.image.head_fraction, s.info,
+                s.image.crop_box)
         if not res.slices:
             add(path, digest, None, None, "skipped" if res.skipped else "error", res.skipped or res.error, None, res.info)
     return pa.Table.from_pydict(cols, schema=_DECODED)
+
+
+def _read_files(batch: pa.Table, source: Location | None, guard: InputGuard, attempts: Location | None):
+    """(path, bytes, None) for each file of a decode batch, or (path, None, reason) for one that
+    cannot be read; each file is read only when the caller asks for it, and its attempt marker
+    (when it needs one) stays for exactly as long as the caller decodes it."""
+    paths = batch.column("path").to_pylist()
+    if "bytes" in batch.column_names:
+        for path, data in zip(paths, batch.column("bytes").to_pylist()):
+            yield path, data, None
+        return
+    if source is None:
+        raise ValueError("decode_batch: a batch without file bytes needs the source location to read them from")
+    sizes, versions = batch.column("size").to_pylist(), batch.column("version").to_pylist()
+    refused = batch.column("refused").to_pylist() if "refused" in batch.column_names else [None] * len(paths)
+    keys = [hashlib.sha256(f"{p}\0{v}".encode()).hexdigest()[:16] for p, v in zip(paths, versions)]
+    att = _Attempts(attempts, keys)
+    too_big = [guard.too_many_bytes("the file holds", int(n or 0)) for n in sizes]
+    decoded = [i for i in range(len(paths)) if not refused[i] and not too_big[i] and not att.killed_twice(keys[i])]
+    if len(decoded) == 1:
+        att.retried = True  # a batch of one file: its marker is the file's own from the first attempt
+    whole = att.mark("c", att.batch) if any(not att.suspect(keys[i]) for i in decoded) else None
+    kill = os.environ.get(KILL_DECODE_ENV)
+    for i, path in enumerate(paths):
+        if refused[i] or too_big[i]:
+            yield path, None, refused[i] or f"{too_big[i]}; not read (its listed size)"
+            continue
+        if att.killed_twice(keys[i]):
+            logger.warning("score: a file killed its decode task twice: an error row (see the output), not decoded again")
+            yield path, None, KILLED_TWICE
+            continue
+        alone = att.mark("f", keys[i]) if att.suspect(keys[i]) else None
+        data, error = None, None
+        try:
+            data = source.read_limited(path, guard.max_file_bytes)
+        except Exception as e:
+            error = unreadable_reason(e)
+        if data is not None and (err := guard.too_many_bytes("the file holds at least", len(data))):
+            data, error = None, f"{err}; grown since it was listed"
+        if kill and posix_basename(path) == kill and data is not None:
+            os._exit(137)  # as the kernel's OOM killer ends a process: no cleanup, no exception
+        yield path, data, error
+        att.unmark(alone)
+    att.unmark(whole)
+
+
+class _Attempts:
+    """Markers of decode attempts in ``OUTPUT._staging/_attempts/``: what a killed task leaves.
+
+    A decode task writes one marker for its batch of files (``c-<batch>-<attempt>``) and, for a
+    file already suspected, one for that file (``f-<file>-<attempt>``) while decoding it; it
+    deletes them when done, so only a task that died (OOM killer, a decoder's segfault) leaves
+    any. A batch that finds a marker of its own batch was killed before: it decodes each file
+    alone, under that file's marker; a file found with two markers of its own killed its task
+    twice while decoding it alone, and becomes an error row without being decoded again. Names
+    are hashes of the batch's files and of each file's path and version: a retry of the task
+    (the same block) and a rerun after the whole job died (the file's own markers) both find
+    them; a changed file starts afresh. The run deletes them once its rows are committed.
+
+    Cost per task: one listing, one write, one delete (3 requests on S3); 2 more for each
+    suspected file. Storage that cannot be written only turns the check off (logged).
+    """
+
+    def __init__(self, loc: Location | None, keys: list[str]):
+        self.loc = loc
+        self.batch = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
+        self.attempt = uuid.uuid4().hex[:12]
+        names = self._names()
+        self.retried = any(n.startswith(f"c-{self.batch}-") for n in names)
+        self.alone = collections.Counter(n.split("-")[1] for n in names if n.startswith("f-") and n.count("-") == 2)
+
+    def killed_twice(self, key: str) -> bool:
+        return self.alone[key] >= 2
+
+    def suspect(self, key: str) -> bool:
+        return self.retried or self.alone[key] > 0
+
+    def mark(self, kind: str, key: str) -> Location | None:
+        if self.loc is None:
+            return None
+        marker = self.loc.join(f"{kind}-{key}-{self.attempt}")
+        try:
+            marker.write_bytes(b"")
+            return marker
+        except Exception as e:
+            self._off(e)
+            return None
+
+    def unmark(self, marker: Location | None) -> None:
+        if marker is not None:
+            try:
+                marker.fs.rm(marker.path)
+            except Exception as e:
+                self._off(e)
+
+    def _names(self) -> list[str]:
+        if self.loc is None:
+            return []
+        try:
+            return [posix_basename(p) for p in self.loc.fs.ls(self.loc.path, detail=False)]
+        except FileNotFoundError:
+            return []
+        except Exception as e:
+            self._off(e)
+            return []
+
+    def _off(self, e: Exception) -> None:
+        logger.warning("score: decode-attempt markers in %s do not work (%s: %s): a file that kills its decode task "
+                       "would be retried without end", self.loc.uri if self.loc else "?", type(e).__name__, e)
+        self.loc = None
 
 
 class Predictor:
@@ -144,6 +294,9 @@ class Predictor:
         engine: str = "torch",
         threads: int | None = None,
         review_threshold: float | None = None,
+        identifiers: Identifiers | None = None,
+        explain: str = "none",
+        explain_to: tuple[str, str] | None = None,
     ):
         from ..models import load_inference_model
 
@@ -157,6 +310,13 @@ class Predictor:
         self.schema = output_schema(list(self.model.class_names))
         self.files, self.uri_prefix, self.scored_at, self.selection = files, uri_prefix, scored_at, selection
         self.review_threshold = review_threshold
+        self.ids = identifiers or Identifiers()
+        self.explain = explain
+        # Heat maps: (the run's staging folder, the final folder) of OUTPUT_explain.
+        self.heatmaps = HeatmapWriter(
+            explain, model_uri=model_uri, s3_endpoint_url=s3_endpoint_url, use_gpu=use_gpu, stage_uri=explain_to[0],
+            final_uri=explain_to[1], model_id=self.model.model_id,
+        ) if explain != "none" and explain_to else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -168,6 +328,7 @@ class Predictor:
         conf = np.full(n, np.nan, dtype=np.float32)
         ood = np.full(n, np.nan, dtype=np.float32)
         reasons: list[str | None] = [None] * n
+        images = None
         if ok:
             pix = batch.column("pixels").to_pylist()
             side = batch.column("side").to_pylist()
@@ -185,8 +346,13 @@ class Predictor:
         paths = batch.column("path").to_pylist()
         names = list(self.model.class_names)
         predicted = [names[int(np.argmax(probs[i]))] if is_ok[i] else None for i in range(n)]
+        heat = self.heatmaps(batch, ok, images, predicted, reasons, names) if self.heatmaps else ([None] * n,) * 3
+        uris = [self.uri_prefix + p for p in paths]
+        ids = self.ids
+        if ids.path_mode != "full":  # decoders' messages may quote the path: shown as the path column shows it
+            errors = [ids.scrub(e, u) for e, u in zip(errors, uris)]
         cols: dict[str, Any] = {
-            "path": [self.uri_prefix + p for p in paths],
+            "path": [ids.path(u) for u in uris],
             "sha256": batch.column("sha256"),
             "size": [self.files[p][0] for p in paths],
             "version": [self.files[p][1] for p in paths],
@@ -200,8 +366,13 @@ class Predictor:
             "scored_at": [self.scored_at] * n,
             "status": status,
             "error": errors,
-            **{k: batch.column(k) for k in _SLICE_NAMES},
+            **{k: batch.column(k) if k in ("instance_number", "slice_index") or ids.uid_mode == "full"
+               else [ids.uid(u) for u in batch.column(k).to_pylist()] for k in _SLICE_NAMES},
             "selection": [self.selection] * n,
+            "explain": [self.explain] * n,
+            "heatmap_path": heat[0],
+            "heatmap_peak_x": heat[1],
+            "heatmap_peak_y": heat[2],
         }
         return pa.Table.from_pydict(cols, schema=self.schema)
 
@@ -242,26 +413,33 @@ def _prior_rows(dst: Location) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def read_package_meta(model_uri: str, s3_endpoint_url: str | None) -> dict:
-    from ..models import PACKAGE_JSON
-
-    loc = resolve(model_uri, s3_endpoint_url=s3_endpoint_url)
-    try:
-        return json.loads(loc.join(PACKAGE_JSON).read_bytes())
-    except ValueError as e:
-        raise ConfigError(f"{loc.uri}/{PACKAGE_JSON} is not a model package description ({e})") from e
-
-
 def run_scoring(config: ScoreConfig) -> dict:
-    """Score every new or changed file under ``input``; returns the run's summary."""
+    """Score every new or changed file under ``input``; returns the run's summary.
+
+    The whole run holds the output's lease (``OUTPUT._lease.json``): a second run on the same
+    output refuses, naming this one, or waits (``wait``), whoever started it.
+    """
+    # Again here, not only when the config was built: links resolve on the machine that runs the
+    # job, and this comes before the lease or anything else touches storage.
+    check_disjoint(config.input, config.output, siblings=OUTPUT_SIBLINGS)
+    dst = resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)
+    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    with Lease(dst, owner=run_id, ttl_s=config.lease_ttl_s, wait_s=config.wait, what="score") as lease:
+        summary = _run_scoring(config, lease)
+    return summary | {"lease": lease.describe()}
+
+
+def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
+    """:func:`run_scoring`'s work, under the lease (``lease.owner`` is the run id)."""
     import ray
 
-    from ..models import package_preprocess
+    from ..models import package_preprocess, verify_package
 
     t0 = time.perf_counter()
     asked = config  # saved as given: a models:/ name stays a name, not the folder it resolved to
     config, registered = resolve_registered_model(config)  # models:/NAME/VERSION -> its package folder
-    meta = read_package_meta(config.model, config.s3_endpoint_url)
+    # model.json unedited, the pinned id (expect_model_id), weights and trust file matching the id's hashes.
+    meta = verify_package(config.model, s3_endpoint_url=config.s3_endpoint_url, expect_model_id=config.expect_model_id)
     model_id, class_names = meta["model_id"], list(meta["class_names"])
     preprocess = package_preprocess(meta, config.model)
     engine = _engine(config, meta)  # before any work: an impossible choice fails here
@@ -270,11 +448,18 @@ def run_scoring(config: ScoreConfig) -> dict:
         (meta.get("trust") or {}).get("review_threshold", 0.0))
     src = resolve(config.input, s3_endpoint_url=config.s3_endpoint_url)
     dst = resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)
-    writer = StagedWriter(dst, what="score")
+    ids = Identifiers.from_env(config.path_mode, config.uid_mode, root=src.uri)  # no key: fails before any work
+    writer = StagedWriter(dst, what="score", lease=lease)  # commits only while the lease holds
     recovered = writer.recover()
-    files = {p: v for p, v in src.files_with_versions().items() if not posix_basename(p).startswith(".")}
+    # Heat maps (--explain) stage and commit beside the predictions: same run id, same lease.
+    explain_writer = StagedWriter(explain_location(dst), what="explain", lease=lease)
+    explain_writer.recover()
+    # Links leaving the input, dangling links, FIFOs: refused here, each an error row of its own.
+    listed = src.listing(follow_links_outside=config.guard.follow_links_outside_input)
+    files = {p: v for p, v in listed.files.items() if not posix_basename(p).startswith(".")}
     if not files:
         raise InputError(f"no files under {config.input}: check the URI")
+    _claim_identifiers(dst, ids)
     asked.save_yaml(dst.join(OUTPUT_CONFIG_FILE))  # `jobs/score.py --config` takes it back; readers skip it
 
     prior = _prior_rows(dst)
@@ -288,9 +473,12 @@ def run_scoring(config: ScoreConfig) -> dict:
         )
     )
     seen = set(zip(same_model.column("path").to_pylist(), same_model.column("size").to_pylist(), same_model.column("version").to_pylist()))
-    todo = {p: v for p, v in files.items() if (prefix + p, v[0], v[1]) not in seen}
+    # The listing named as the output names it (path_mode), so both sides compare like for like.
+    shown = {p: ids.path(prefix + p) for p in files}
+    todo = {p: v for p, v in files.items() if (shown[p], v[0], v[1]) not in seen}
+    todo_by_name = {shown[p]: p for p in todo}
     known = zip(same_model.column("path").to_pylist(), same_model.column("sha256").to_pylist())
-    already = frozenset((path[len(prefix) :], sha) for path, sha in known if path[len(prefix) :] in todo)
+    already = frozenset((todo_by_name[path], sha) for path, sha in known if path in todo_by_name)
     summary: dict[str, Any] = {
         "input": src.uri,
         "output": dst.uri,
@@ -304,7 +492,7 @@ def run_scoring(config: ScoreConfig) -> dict:
     }
     if not todo:
         summary.update(series=_series(dst, class_names, review), wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0)
-        return log_scoring(config, summary, registered)
+        return log_scoring(config, _with_report(summary, dst), registered)
 
     if not ray.is_initialized():
         ray.init()
@@ -314,8 +502,9 @@ def run_scoring(config: ScoreConfig) -> dict:
         raise ConfigError("use_gpu is set but the Ray cluster has no GPU: drop --use-gpu or add GPU nodes")
     node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     replicas, replica_cpus = plan_replicas(config, cpus=cpus, gpus=gpus, node_cpus=node_cpus)
-    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    run_id = lease.owner
     staging = writer.stage(run_id)
+    explain_stage = explain_writer.stage(run_id)
     scored_at = datetime.now(timezone.utc)
     t_run = time.perf_counter()
     ctx = ray.data.DataContext.get_current()
@@ -326,11 +515,16 @@ def run_scoring(config: ScoreConfig) -> dict:
         (
             # Reads and writes are I/O: at their default of 1 CPU they could never be scheduled
             # beside model replicas that hold all but DECODE_CPUS of a node (the job hung).
-            ray.data.read_binary_files(list(todo), filesystem=src.pyarrow_fs, include_paths=True, num_cpus=DECODE_CPUS)
+            # The decode tasks read the files themselves: one that fails to read is its own error row.
+            ray.data.from_items(
+                [{"path": p, "size": n, "version": v, "refused": listed.refused.get(p)} for p, (n, v) in todo.items()],
+                override_num_blocks=max(min(len(todo), 2 * cpus), math.ceil(len(todo) / FILES_PER_BLOCK)),
+            )
             .map_batches(
                 decode_batch,
                 batch_format="pyarrow",
-                fn_kwargs={"preprocess": preprocess, "already": already, "select": config.select, "guard": config.guard},
+                fn_kwargs={"preprocess": preprocess, "already": already, "select": config.select, "guard": config.guard,
+                           "source": src, "attempts": writer.root.join(ATTEMPTS_DIR)},
                 # Remote args unlike the model's keep Ray Data from fusing the decode into the
                 # model actor, where it would run in turn with inference instead of beside it.
                 num_cpus=DECODE_CPUS,
@@ -341,7 +535,8 @@ def run_scoring(config: ScoreConfig) -> dict:
                 batch_size=config.batch_size,
                 fn_constructor_args=(config.model, config.s3_endpoint_url, config.use_gpu, todo, prefix, scored_at, selection,
                                      engine),
-                fn_constructor_kwargs={"review_threshold": config.review_threshold},
+                fn_constructor_kwargs={"review_threshold": config.review_threshold, "identifiers": ids,
+                                       "explain": config.explain, "explain_to": (explain_stage.uri, explain_writer.output.uri)},
                 compute=ray.data.ActorPoolStrategy(size=replicas),
                 num_gpus=1 if config.use_gpu else 0,
                 num_cpus=replica_cpus,
@@ -356,7 +551,11 @@ def run_scoring(config: ScoreConfig) -> dict:
     ) if staged else pa.table({"path": pa.array([], pa.string()), "status": pa.array([], pa.string())})
     # Every row of the run is on storage: the commit marks it so (from here a cut-off run is
     # committed by the next one instead of redone), then moves the files in one by one.
+    # The maps first: a committed row never names a PNG that is not there yet (a run cut off
+    # between the two commits is redone, and rewrites the same file names).
+    heatmaps = explain_writer.commit(explain_stage) if explain_stage.exists() else 0
     writer.commit(staging)
+    _clear_attempts(writer.root.join(ATTEMPTS_DIR))
     elapsed = time.perf_counter() - t_run
     counts = {k: int(pc.sum(pc.equal(written.column("status"), k)).as_py() or 0) for k in ("ok", "error", "skipped")}
     files_written = len(set(written.column("path").to_pylist()))
@@ -370,10 +569,51 @@ def run_scoring(config: ScoreConfig) -> dict:
         replicas=replicas,
         cpus_per_replica=replica_cpus,
         engine=engine,
+        heatmaps=heatmaps,
         wall_s=round(time.perf_counter() - t0, 3),
         images_per_s=round(len(todo) / elapsed, 2),
     )
-    return log_scoring(config, summary, registered)
+    return log_scoring(config, _with_report(summary, dst), registered)
+
+
+def _clear_attempts(attempts: Location) -> None:
+    """After a commit every listed file has its row: the decode-attempt markers have served (and
+    the lease keeps other runs out, so none of them is another run's)."""
+    try:
+        attempts.remove()
+    except Exception as e:
+        logger.warning("score: could not delete the decode-attempt markers in %s (%s): harmless, they are only "
+                       "read while a file is being scored", attempts.uri, e)
+
+
+def _claim_identifiers(dst: Location, ids: Identifiers) -> None:
+    """Refuse to add rows named another way than the output's (another mode or key): they would
+    not match the rows there, and every file would be scored again under a second name. An
+    output with rows but no record was written before the modes existed: full names."""
+    record = dst.join(OUTPUT_IDS_FILE)
+    mine = ids.describe()
+    if record.exists():
+        try:
+            theirs = json.loads(record.read_bytes())
+        except ValueError as e:
+            raise ConfigError(f"{record.uri} is not readable JSON ({e}): restore it, or score into a new output") from e
+    elif dst.exists() and any(p.endswith(".parquet") for p in dst.files()):
+        theirs = {"path_mode": "full", "uid_mode": "full", "key_id": None}
+    else:
+        theirs = None
+    if theirs is not None and {k: theirs.get(k) for k in mine} != mine:
+        if theirs.get("key_id") != mine["key_id"] and theirs.get("path_mode") == mine["path_mode"] and theirs.get("uid_mode") == mine["uid_mode"]:
+            why = f"its rows were hashed with another key (key id {theirs.get('key_id')}, this run's {mine['key_id']})"
+            fix = "run with the key the output was written with"
+        else:
+            why = f"its rows name files with path_mode={theirs.get('path_mode')}, uid_mode={theirs.get('uid_mode')}"
+            fix = f"rerun with --path-mode {theirs.get('path_mode')} --uid-mode {theirs.get('uid_mode')}"
+        raise ConfigError(
+            f"output {dst.uri}: {why}, and this run asks for path_mode={ids.path_mode}, uid_mode={ids.uid_mode}; every "
+            f"file would be scored again under a second name. {fix}, or score into a new output"
+        )
+    if theirs != mine:
+        record.write_bytes(json.dumps(mine, indent=2).encode())
 
 
 def _engine(config: ScoreConfig, meta: dict) -> str:
@@ -381,7 +621,8 @@ def _engine(config: ScoreConfig, meta: dict) -> str:
 
     engine = choose_engine(config.engine, has_onnx=package_has_onnx(meta), use_gpu=config.use_gpu)
     if engine == "onnxruntime":  # a changed or missing file is refused here, not in every actor
-        verify_onnx(config.model, s3_endpoint_url=config.s3_endpoint_url)
+        # Pinned: the file must also be the pinned weights' network (its hash is not part of the id).
+        verify_onnx(config.model, s3_endpoint_url=config.s3_endpoint_url, against_weights=config.expect_model_id is not None)
     return engine
 
 
@@ -426,6 +667,12 @@ def _series(dst: Location, class_names: list[str], review_threshold: float) -> i
     return update_series_table(dst, class_names, review_threshold=review_threshold)
 
 
+def _with_report(summary: dict, dst: Location) -> dict:
+    """The review page, rebuilt from every committed row (this run's and earlier ones'), still
+    under the lease: ``OUTPUT/_report.html`` (:mod:`braintumor_ray.report`)."""
+    return summary | {"report": write_scoring_report(dst, series=series_location(dst).join(SERIES_FILE))}
+
+
 def format_summary(s: dict) -> str:
     lines = [
         f"score {s['input']} -> {s['output']} (model {s['model_id']})",
@@ -434,8 +681,12 @@ def format_summary(s: dict) -> str:
     ]
     if s.get("series") is not None:
         lines.append(f"  series table: {s['series']} series or volumes in {s['output'].rstrip('/')}_series/")
+    if s.get("heatmaps"):
+        lines.append(f"  heat maps: {s['heatmaps']} overlay PNGs in {s['output'].rstrip('/')}_explain/")
     if s.get("committed_runs") or s.get("dropped_runs"):
         lines.append(f"  earlier cut-off runs: committed {s['committed_runs']}, redone {s['dropped_runs']}")
     engine = f" ({s['engine']}, {s['replicas']} model replicas x {s['cpus_per_replica']:g} CPUs)" if s.get("engine") else ""
     lines.append(f"  {s['wall_s']:.1f} s, {s['images_per_s']:.1f} images/s{engine}")
+    if s.get("report"):
+        lines.append(f"  report: {s['report']}")
     return "\n".join(lines)

@@ -36,6 +36,7 @@ from ._run import (
     run_training,
     start_run,
 )
+from ._report import validation_examples, write_run_report
 from ._trust import RELIABILITY_PNG, fit_model_trust, model_outputs, split_report, write_reliability
 
 __all__ = [
@@ -75,4 +76,6 @@ __all__ = [
     "train_loop_per_worker",
     "train_one_epoch",
     "write_plots",
+    "validation_examples",
+    "write_run_report",
 ]

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import tempfile
 import time
 from dataclasses import dataclass, field, fields
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..core import CLASS_NAMES
+from ..core import CLASS_NAMES, StorageError
 from ..imaging import TrainAugment
 from ..models import count_parameters, create_model, data_config, param_groups, prepare_input
 from ._config import TrainConfig
@@ -274,6 +275,23 @@ class TrainingState:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
+def read_checkpoint_state(path: str, *, source: str | None = None) -> dict[str, Any]:
+    """A checkpoint's ``state.pt`` (written by the worker's ``save_checkpoint``), read with
+    ``weights_only=True``: tensors and plain values only. Anyone who can write the runs storage
+    can put a file there, and a full unpickle would run whatever code it names on every node
+    that restores it; such a file is refused with a StorageError naming it (``source``: its
+    URI, where ``path`` is a local copy)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise StorageError(
+            f"refusing to load the checkpoint {source or path}: it holds objects other than tensors and plain values, "
+            f"and unpickling them could run code ({str(e).splitlines()[0][:300]}). This job never writes such a "
+            "checkpoint, so someone or something else wrote it: check who can write the runs storage, then delete "
+            "that checkpoint (or start a new run instead of --resume)."
+        ) from e
+
+
 class _WorkerRunner:
     """One Ray Train worker's part of a run (each rank builds one): restore, train with per-epoch
     validation and checkpoints, then evaluate the best weights on val and test.
@@ -355,7 +373,7 @@ class _WorkerRunner:
     def load_checkpoint(self, checkpoint) -> None:
         """Continue from a checkpoint written by :meth:`save_checkpoint` (before DDP wraps the model)."""
         with checkpoint.as_directory() as d:
-            saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+            saved = read_checkpoint_state(os.path.join(d, STATE_FILE), source=f"{checkpoint.path}/{STATE_FILE}")
         self.model.load_state_dict(saved.pop("model"))
         self.optimizer.load_state_dict(saved.pop("optimizer"))
         self.scheduler.load_state_dict(saved.pop("scheduler"))

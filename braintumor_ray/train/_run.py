@@ -16,13 +16,14 @@ from typing import Any
 
 import torch
 
-from ..core import CLASS_NAMES, CONFIG_FILE, BraintumorError, ConfigError, InputError, Location, resolve
+from ..core import CLASS_NAMES, CONFIG_FILE, BraintumorError, ConfigError, InputError, Location, check_disjoint, resolve
 from ..imaging import MRIPreprocess
 from ..tracking import finish_training, start_tracking
 from ._config import TrainConfig
 from ._data import TrainData, load_train_data, read_report
-from ._loop import STATE_FILE, train_loop_per_worker
+from ._loop import STATE_FILE, read_checkpoint_state, train_loop_per_worker
 from ._outputs import package_metrics, write_plots
+from ._report import write_run_report
 from ._trust import fit_model_trust, write_reliability
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ def start_run(loc: Location, *, what: str, resume: bool, data: str | None, s3_en
     ``resume``, exists), and ``data`` is an ingest output; errors come before Ray starts."""
     import ray
 
+    if data is not None:  # first: the run's config.yaml would replace the ingest's in the data folder
+        check_disjoint(data, loc, input_name="data", output_name=f"{what} folder (--storage/--name)")
     exists = loc.exists() and not loc.is_empty()
     if exists and not resume:
         raise ConfigError(f"{what} {loc.uri} already exists: pass --resume to continue it, or choose another --name")
@@ -169,6 +172,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     metrics["run"]["wall_s"] = round(time.time() - t0, 1)
     write_plots(metrics, run)
     write_reliability(metrics["trust"], run)
+    metrics["report"] = write_run_report(metrics, run, model=model, trust=trust, data=data)  # reads the plots
     run.join(METRICS_FILE).write_bytes(json.dumps(metrics, indent=2, allow_nan=False).encode())
     logger.info("wrote %s, plots and %s", run.join(METRICS_FILE).uri, run.join(MODEL_DIR).uri)
     finish_training(tracking, metrics, run)
@@ -186,7 +190,7 @@ def best_model(cfg: TrainConfig, checkpoint) -> torch.nn.Module:
     from ..models import create_model
 
     with checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        state = read_checkpoint_state(os.path.join(d, STATE_FILE), source=f"{checkpoint.path}/{STATE_FILE}")
     weights = state["best_model"] if state.get("best_model") is not None else state["model"]
     model = create_model(cfg.model, pretrained=False, drop_rate=cfg.drop_rate)
     model.load_state_dict(weights)
@@ -243,4 +247,6 @@ def format_table(metrics: dict[str, Any]) -> str:
         lines.append(f"  review flags ({t['ood_detector']} OOD, confidence < {t['review_threshold']:.2f}): "
                      + ", ".join(f"{s} {t[s]['flagged']:.0%}" for s in splits if t.get(s, {}).get("n")))
     lines.append(f"  model: {metrics['model']['uri']} ({metrics['model']['model_id']})")
+    if metrics.get("report"):
+        lines.append(f"  report: {metrics['report']}")
     return "\n".join(lines)

@@ -6,6 +6,7 @@
         trials/<trial id>/     each trial's Ray Train run (checkpoints), as in jobs/train.py
         <Tune's own state>     tuner.pkl, experiment_state-*.json, one folder per trial
         leaderboard.csv, leaderboard.md, val_macro_f1.png, best.json
+        report.html            the search in one page (leaderboard, curves, the best model's figures)
         best_model/            the best trial's model package
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 
 from ..core import CONFIG_FILE, BraintumorError, ConfigError
 from ..core import Location, resolve
+from ..report import write_search_report
 from ..tracking import finish_search, start_tracking
 from ..train import TrainConfig, TrainData
 from ._config import SEARCHABLE, SearchConfig, to_tune_space
@@ -204,6 +206,7 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> dict[str, Any]:
         timing={k: round(v, 1) for k, v in timing.items()} | {"results_s": round(time.time() - t_fit - timing["trials_s"], 1)},
         resumed=resume,
     )
+    summary["report"] = write_report(summary, rows, results, data, root, cfg)
     root.join("best.json").write_bytes(json.dumps(summary, indent=2, allow_nan=False).encode())
     summary["leaderboard"] = rows
     finish_search(tracking, summary, {_trial_id(r): r for r in results}, root, s3_endpoint_url=cfg.s3_endpoint_url)
@@ -308,6 +311,25 @@ def plot_trials(results, root: Location, cfg: SearchConfig) -> str:
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return save_figure(fig, root.join("val_macro_f1.png"))
+
+
+def write_report(summary: dict[str, Any], rows: list[dict[str, Any]], results, data: TrainData, root: Location,
+                 cfg: SearchConfig) -> str:
+    """``report.html``: the leaderboard, each trial's curves per epoch, the best model's figures
+    and validation examples with their heat maps (from the exported package, as scoring sees it)."""
+    from ..models import load_model_package
+    from ..train import validation_examples
+
+    histories = {}
+    for r in results:
+        df = r.metrics_dataframe
+        if df is not None and len(df) and "epoch" in df:
+            keep = [c for c in ("epoch", SCORE, "val_loss", "train_loss") if c in df]
+            histories[f"{_trial_id(r)} {r.config.get('model')}"] = df[keep].sort_values("epoch").to_dict("records")
+    pkg = load_model_package(summary["model"]["uri"], s3_endpoint_url=cfg.s3_endpoint_url)
+    examples = validation_examples(pkg.model, data.datasets["val"], trust=pkg.trust, class_names=pkg.class_names)
+    return write_search_report(summary, root, leaderboard=rows, columns=_columns(rows), histories=histories,
+                               examples=examples)
 
 
 def export_best(rows: list[dict[str, Any]], results, cfg: SearchConfig, data: TrainData, root: Location) -> dict[str, Any]:

@@ -23,4 +23,6 @@ def format_summary(s: dict[str, Any]) -> str:
                          f"macro-F1 {s[split]['macro_f1']:.3f}")
     lines.append(f"  model: {s['model']['uri']} ({s['model']['model_id']})")
     lines.append(f"  leaderboard: {s['search']}/leaderboard.md, plot: {s['search']}/val_macro_f1.png")
+    if s.get("report"):
+        lines.append(f"  report: {s['report']}")
     return "\n".join(lines)

@@ -1,0 +1,323 @@
+"""Soak: score an archive with ~5% hostile files while the job is killed at random points.
+
+    .venv/bin/python benchmarks/soak.py [--files 2000] [--hostile 0.05] [--kills 3] [--seed 0]
+        [--work /tmp/soak] [--lease-ttl-s 8]
+
+What it does, in order:
+
+1. Writes an archive of ``--files`` files: generated MRI-like JPEGs (256 px) and, as ~``--hostile``
+   of them, hostile ones: gzip bombs (a 0.3 MB ``.nii.gz`` holding an 8x8x1 header and 300 MB of
+   zeros), deflated-DICOM bombs (a 300 MB private element), truncated JPEGs, dangling links,
+   directory links, links to a file outside the archive, plus files that vanish or turn into a
+   directory after the last run listed them.
+2. Runs ``jobs/score.py`` (its own local Ray, as cron would) and SIGKILLs the whole process tree at
+   ``--kills`` random points; each next run waits out the dead run's lease (``--wait``) and finishes
+   or redoes what it left. While one run is live a second run is started once: it must be refused.
+3. Checks the output: one row per file listed by the completing run, no duplicate rows, every good
+   file ``ok``, every hostile file an ``error`` row; and reports the peak RSS (``VmHWM``) of the Ray
+   worker processes that ran the decode stage.
+
+The model is a small randomly initialised ResNet (64 px): what is soaked is the job, not the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import io
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow.dataset as pads
+from PIL import Image
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BOMB_BYTES = 300 * 1024 * 1024
+
+
+def jpeg(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).convert("RGB").save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def nifti_bomb() -> bytes:
+    """A NIfTI-1 header declaring 8x8x1 int16, followed by 300 MB of zeros, gzip-compressed."""
+    hdr = bytearray(348)
+    struct.pack_into("<i", hdr, 0, 348)
+    struct.pack_into("<8h", hdr, 40, 3, 8, 8, 1, 1, 1, 1, 1)
+    struct.pack_into("<h", hdr, 70, 4)  # int16
+    struct.pack_into("<h", hdr, 72, 16)
+    struct.pack_into("<8f", hdr, 76, 1, 1, 1, 1, 1, 1, 1, 1)
+    struct.pack_into("<f", hdr, 108, 352.0)
+    hdr[344:348] = b"n+1\0"
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=9) as z:
+        z.write(bytes(hdr) + b"\0" * 4)
+        chunk = b"\0" * (1 << 20)
+        for _ in range(BOMB_BYTES >> 20):
+            z.write(chunk)
+    return out.getvalue()
+
+
+def dicom_bomb() -> bytes:
+    """A deflated-transfer-syntax MR DICOM whose dataset carries a 300 MB private element."""
+    import zlib
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns = "MR", 8, 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = b"\0" * 128
+    # Built once (300 MB held for a moment here); pydicom deflates the body on writing.
+    ds.add_new(0x00091010, "OB", b"\0" * BOMB_BYTES)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def build_archive(root: str, n: int, hostile: float, seed: int) -> dict[str, str]:
+    """The archive; returns {path: expected status} for every file the last run will list
+    (vanishing ones are added by the run that makes them vanish)."""
+    from braintumor_ray import CLASS_NAMES
+    from braintumor_ray.imaging import render_mri
+
+    rng = np.random.default_rng(seed)
+    if os.path.exists(root):
+        shutil.rmtree(root)
+    arc, outside = os.path.join(root, "archive"), os.path.join(root, "outside")
+    os.makedirs(outside)
+    open(os.path.join(outside, "secret.jpg"), "wb").write(jpeg(render_mri("glioma", rng, 256)[0]))
+    kinds = ["nifti_bomb", "dicom_bomb", "truncated", "dangling", "dir_link", "outside_link", "vanish", "to_dir"]
+    n_bad = max(len(kinds), int(round(n * hostile)))
+    expected: dict[str, str] = {}
+    bombs = {"nifti_bomb": (nifti_bomb(), ".nii.gz"), "dicom_bomb": (dicom_bomb(), ".dcm")}
+    for i in range(n):
+        d = os.path.join(arc, f"patient_{i // 50:03d}", "study")
+        os.makedirs(d, exist_ok=True)
+        if i % max(1, n // n_bad) == 0 and i // max(1, n // n_bad) < n_bad:
+            kind = kinds[(i // max(1, n // n_bad)) % len(kinds)]
+            p = os.path.join(d, f"{i:05d}_{kind}")
+            if kind in bombs:
+                p += bombs[kind][1]
+                open(p, "wb").write(bombs[kind][0])
+            elif kind == "truncated":
+                p += ".jpg"
+                data = jpeg(render_mri(CLASS_NAMES[i % 4], rng, 256)[0])
+                open(p, "wb").write(data[: len(data) * 2 // 5])
+            elif kind == "dangling":
+                os.symlink(os.path.join(d, "no-such-file.jpg"), p + ".jpg")
+                p += ".jpg"
+            elif kind == "dir_link":
+                os.symlink(outside, p)
+                continue  # a directory: no row of its own (its files lie outside the input)
+            elif kind == "outside_link":
+                os.symlink(os.path.join(outside, "secret.jpg"), p + ".jpg")
+                p += ".jpg"
+            else:  # vanish / to_dir: good files now, made hostile during the last run
+                p += ".jpg"
+                open(p, "wb").write(jpeg(render_mri(CLASS_NAMES[i % 4], rng, 256)[0]))
+            expected[p] = kind
+        else:
+            p = os.path.join(d, f"{i:05d}.jpg")
+            open(p, "wb").write(jpeg(render_mri(CLASS_NAMES[i % 4], rng, 256)[0]))
+            expected[p] = "ok"
+    return expected
+
+
+def tree(pid: int) -> list[int]:
+    """pid and all its descendants (from /proc; psutil is not a dependency)."""
+    children: dict[int, list[int]] = {}
+    for st in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(st).read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(st.split("/")[2]))
+        except (OSError, IndexError, ValueError):
+            pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def proc_title(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def hwm_mb(pid: int) -> float:
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class Job:
+    """One ``jobs/score.py`` run in its own session; watches its decode workers' peak RSS."""
+
+    def __init__(self, args: list[str], env: dict, log: str):
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "score.py"), *args],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                     start_new_session=True)
+        self.decode_hwm_mb = 0.0
+        self.decode_pids: set[int] = set()
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set() and self.proc.poll() is None:
+            for pid in tree(self.proc.pid):
+                if "decode" in proc_title(pid):
+                    self.decode_pids.add(pid)
+            for pid in list(self.decode_pids):
+                self.decode_hwm_mb = max(self.decode_hwm_mb, hwm_mb(pid))
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        for pid in tree(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> int:
+        rc = self.proc.wait(timeout)
+        self._stop.set()
+        # Ray's own processes outlive a clean driver exit for a moment; leave none behind.
+        return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--files", type=int, default=2000)
+    ap.add_argument("--hostile", type=float, default=0.05)
+    ap.add_argument("--kills", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default="/tmp/soak")
+    ap.add_argument("--lease-ttl-s", type=float, default=8.0)
+    ap.add_argument("--json", help="write the figures here as JSON too")
+    a = ap.parse_args(argv)
+    random.seed(a.seed)
+
+    import torch
+
+    from braintumor_ray import MRIPreprocess, create_model, export_model_package
+
+    t0 = time.time()
+    expected = build_archive(a.work, a.files, a.hostile, a.seed)
+    torch.manual_seed(0)
+    model = os.path.join(a.work, "model")
+    export_model_package(create_model("resnet10t", pretrained=False, drop_rate=0.0), model,
+                         preprocess=MRIPreprocess(image_size=64))
+    arc, out = os.path.join(a.work, "archive"), os.path.join(a.work, "predictions")
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "HOME": os.path.join(a.work, "home")}
+    os.makedirs(env["HOME"], exist_ok=True)
+    base = ["--model", model, "--input", arc, "--output", out, "--lease-ttl-s", str(a.lease_ttl_s), "--explain", "none"]
+    logs = os.path.join(a.work, "logs")
+    os.makedirs(logs, exist_ok=True)
+    built_s = time.time() - t0
+
+    runs, hwm, refused = [], 0.0, None
+    # Kill points: uniform over the part of a run where work happens (Ray's start takes ~10 s here).
+    for k in range(a.kills):
+        job = Job(base + ["--wait"], env, os.path.join(logs, f"killed_{k}.log"))
+        at = random.uniform(8.0, 45.0)
+        if k == 1:  # the concurrent run, started once while a live run holds the lease
+            time.sleep(min(at, 6.0))
+            second = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "score.py"), *base], env=env,
+                                    cwd=ROOT, capture_output=True, text=True, timeout=600)
+            refused = {"rc": second.returncode, "message": (second.stderr.strip().splitlines() or [""])[-1]}
+            at = max(0.0, at - 6.0)
+        try:
+            rc = job.wait(timeout=at)
+            runs.append({"run": k, "killed_at_s": None, "rc": rc})  # finished before its kill point
+        except subprocess.TimeoutExpired:
+            job.kill()
+            runs.append({"run": k, "killed_at_s": round(at, 1), "rc": "SIGKILL"})
+        hwm = max(hwm, job.decode_hwm_mb)
+
+    # The completing run: some files vanish, one turns into a directory, after it has listed them.
+    cfg = os.path.join(out, "_config.yaml")
+    before = os.path.getmtime(cfg) if os.path.exists(cfg) else 0.0
+    job = Job(base + ["--wait"], env, os.path.join(logs, "final.log"))
+    while job.proc.poll() is None and (not os.path.exists(cfg) or os.path.getmtime(cfg) == before):
+        time.sleep(0.05)
+    for p, kind in expected.items():
+        if kind == "vanish":
+            os.remove(p)
+        elif kind == "to_dir":
+            os.remove(p)
+            os.makedirs(p)
+    rc = job.wait(timeout=1800)
+    hwm = max(hwm, job.decode_hwm_mb)
+    runs.append({"run": "final", "killed_at_s": None, "rc": rc})
+
+    rows = pads.dataset(out, format="parquet").to_table(columns=["path", "status", "error"]).to_pylist()
+    by_path: dict[str, list[dict]] = {}
+    for r in rows:
+        by_path.setdefault(r["path"], []).append(r)
+    dup = sum(len(v) - 1 for v in by_path.values())
+    good = [p for p, k in expected.items() if k == "ok"]
+    lost = [p for p in good if [r["status"] for r in by_path.get(p, [])] != ["ok"]]
+    hostile = {p: k for p, k in expected.items() if k != "ok"}
+    hostile_ok = [p for p in hostile if [r["status"] for r in by_path.get(p, [])] != ["error"]]
+    figures = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.node()} {os.cpu_count()} CPUs",
+        "files": len(expected),
+        "hostile": len(hostile),
+        "rows": len(rows),
+        "rows_equal_files": len(rows) == len(expected),
+        "duplicates": dup,
+        "good_files_lost": len(lost),
+        "hostile_without_error_row": len(hostile_ok),
+        "concurrent_run": refused,
+        "runs": runs,
+        "decode_worker_peak_rss_mb": round(hwm, 1),
+        "build_s": round(built_s, 1),
+        "wall_s": round(time.time() - t0, 1),
+    }
+    print(json.dumps(figures, indent=2))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(figures, f, indent=2)
+    ok = (figures["rows_equal_files"] and dup == 0 and not lost and not hostile_ok and refused is not None
+          and refused["rc"] == 2 and rc == 0)
+    if not ok:
+        print("SOAK FAILED: " + ", ".join(f"{p}: {by_path.get(p)}" for p in (lost + hostile_ok)[:10]), file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

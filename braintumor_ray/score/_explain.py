@@ -1,0 +1,97 @@
+"""Heat maps in a scoring run (``--explain``): which rows get one, and the PNGs in ``OUTPUT_explain/``.
+
+Each chosen row gets the Grad-CAM overlay of the preprocessed scan the model saw
+(:mod:`braintumor_ray.explain`), written by the model actor that scored it into the run's own
+staging folder, ``OUTPUT_explain._staging/<run>/``; the run commits that folder just before its
+predictions, so a row's ``heatmap_path`` never names a file that is not there. File names come
+from the content (sha256, slice, model id), not the input path: a redone run overwrites its
+maps instead of adding copies, and no patient name reaches a file name.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from ..core import Location, resolve
+from ..imaging import original_xy
+from ._series import NO_TUMOR
+
+logger = logging.getLogger(__name__)
+
+EXPLAIN_SUFFIX = "_explain"
+
+
+def explain_location(dst: Location) -> Location:
+    """``OUTPUT_explain`` beside ``OUTPUT`` (outside any glob over the predictions)."""
+    return Location(uri=dst.uri.rstrip("/") + EXPLAIN_SUFFIX, path=dst.path.rstrip("/") + EXPLAIN_SUFFIX, fs=dst.fs,
+                    is_s3=dst.is_s3)
+
+
+def chosen_rows(mode: str, predicted: Sequence[str | None], reasons: Sequence[str | None]) -> list[int]:
+    """Rows that get a map: ``all`` every scored row, ``positive`` a tumour class, ``flagged``
+    a tumour class or a review reason, ``none`` no row. Rows without a prediction never do."""
+    if mode == "none":
+        return []
+    out = []
+    for i, (label, reason) in enumerate(zip(predicted, reasons)):
+        if label is None:
+            continue
+        if mode == "all" or label != NO_TUMOR or (mode == "flagged" and reason is not None):
+            out.append(i)
+    return out
+
+
+def heatmap_name(sha256: str, slice_index: int | None, model_id: str) -> str:
+    return f"{sha256}-{model_id}.png" if slice_index is None else f"{sha256}-s{slice_index}-{model_id}.png"
+
+
+class HeatmapWriter:
+    """The model actor's side: maps for the chosen rows of a batch, in one batched call, as PNGs.
+
+    The network for Grad-CAM is the package's PyTorch model, loaded on first use (the actor may
+    score with ONNX Runtime, which has no gradients).
+    """
+
+    def __init__(self, mode: str, *, model_uri: str, s3_endpoint_url: str | None, use_gpu: bool, stage_uri: str,
+                 final_uri: str, model_id: str) -> None:
+        self.mode, self.model_uri, self.s3_endpoint_url = mode, model_uri, s3_endpoint_url
+        self.device = "cuda" if use_gpu else "cpu"
+        self.stage = resolve(stage_uri, s3_endpoint_url=s3_endpoint_url)
+        self.final_uri, self.model_id = final_uri.rstrip("/"), model_id
+        self._explainer = None
+
+    def __call__(
+        self, batch: pa.Table, ok: list[int], images: np.ndarray | None, predicted: list[str | None],
+        reasons: list[str | None], class_names: Sequence[str],
+    ) -> tuple[list[str | None], list[int | None], list[int | None]]:
+        """(heatmap_path, peak x, peak y) of every row of ``batch``; None where a row has no map.
+        ``images`` are the preprocessed images of the ``ok`` rows, in that order."""
+        from ..explain import Explainer, heatmap_peak, overlay_png
+
+        n = batch.num_rows
+        paths: list[str | None] = [None] * n
+        xs: list[int | None] = [None] * n
+        ys: list[int | None] = [None] * n
+        rows = chosen_rows(self.mode, predicted, reasons)
+        if not rows or images is None:
+            return paths, xs, ys
+        if self._explainer is None:
+            self._explainer = Explainer.from_package(self.model_uri, self.s3_endpoint_url, device=self.device)
+        at = {r: k for k, r in enumerate(ok)}
+        pix = images[[at[r] for r in rows]]
+        maps = self._explainer.heatmaps(pix, classes=[list(class_names).index(predicted[r]) for r in rows])
+        sha = batch.column("sha256").to_pylist()
+        slices = batch.column("slice_index").to_pylist()
+        boxes = batch.column("crop_box").to_pylist()
+        for r, image, heat in zip(rows, pix, maps):
+            name = heatmap_name(sha[r], slices[r], self.model_id)
+            self.stage.join(name).write_bytes(overlay_png(image, heat))
+            paths[r] = f"{self.final_uri}/{name}"
+            if float(heat.max()) > 0:  # an all-zero map (nothing speaks for the class) has no peak
+                py, px = heatmap_peak(heat)
+                xs[r], ys[r] = original_xy(px, py, crop_box=tuple(boxes[r]), side=image.shape[0])
+        return paths, xs, ys
