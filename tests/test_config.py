@@ -122,6 +122,7 @@ SAMPLES = {
     "orientations": ([], ["axial", "sagittal"]),
     "data": ([], "s3://b/other"),
     "storage": ([], "s3://b/runs"),
+    "expect_model_id": ([], "0123456789abcdef"),  # a model id: 16 hex digits
 }
 
 
