@@ -263,3 +263,15 @@ def test_scoring_writes_maps_for_the_chosen_rows_once(ray_session, lesion_model,
     plain = pads.dataset(str(tmp_path / "plain"), format="parquet").to_table()
     assert none["heatmaps"] == 0 and plain.column("heatmap_path").null_count == plain.num_rows
     assert not os.path.exists(str(tmp_path / "plain") + "_explain")
+
+
+def test_peak_is_the_centre_of_the_hot_spot_and_never_a_cold_pixel():
+    heat = np.zeros((60, 60), np.float32)
+    heat[10:21, 30:35] = 1.0  # a bar: its centre, not its first pixel
+    heat[50, 5] = 0.4  # below half the maximum: not part of the spot
+    assert heatmap_peak(heat) == (15, 32)  # the centre of rows 10-20, columns 30-34
+    yy, xx = np.mgrid[0:60, 0:60]
+    ring = (np.abs(np.hypot(yy - 30, xx - 30) - 20) < 3).astype(np.float32)
+    y, x = heatmap_peak(ring)
+    assert ring[y, x] == 1.0 and abs(np.hypot(y - 30, x - 30) - 20) < 3  # on the ring, not its cold centre
+    assert heatmap_peak(np.zeros((4, 4))) == (0, 0)  # nothing speaks for the class

@@ -181,7 +181,8 @@ class Explainer:
 
 def heatmap_peak(heatmap: np.ndarray) -> tuple[int, int]:
     """(y, x) of the map's hot spot: the centre of the region where the map is at least half its
-    maximum, connected to the maximum, each pixel weighted by the map's value.
+    maximum, connected to the maximum, each pixel weighted by the map's value (or, when that
+    centre is outside the region, as for a ring, the region's pixel nearest to it).
 
     Not the hottest pixel: the map is a 7 x 7 grid (at 224 px) upsampled bilinearly, so its
     maximum always sits on a grid cell's centre, 32 px apart, and a lesion smaller than a cell
@@ -198,9 +199,15 @@ def heatmap_peak(heatmap: np.ndarray) -> tuple[int, int]:
     if h[top] <= 0:
         return int(top[0]), int(top[1])
     regions, _ = ndimage.label(h >= 0.5 * h[top])
-    ys, xs = np.nonzero(regions == regions[top])
+    hot = regions == regions[top]
+    ys, xs = np.nonzero(hot)
     w = h[ys, xs]
-    return int(round(float(np.dot(w, ys) / w.sum()))), int(round(float(np.dot(w, xs) / w.sum())))
+    cy, cx = float(np.dot(w, ys) / w.sum()), float(np.dot(w, xs) / w.sum())
+    y, x = int(round(cy)), int(round(cx))
+    if not hot[y, x]:  # a ring or a crescent: its centre is cold; the nearest hot pixel instead
+        k = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))
+        y, x = int(ys[k]), int(xs[k])
+    return y, x
 
 
 def colorize(heatmap: np.ndarray) -> np.ndarray:
