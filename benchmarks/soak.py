@@ -11,11 +11,17 @@ What it does, in order:
    directory links, links to a file outside the archive, plus files that vanish or turn into a
    directory after the last run listed them.
 2. Runs ``jobs/score.py`` (its own local Ray, as cron would) and SIGKILLs the whole process tree at
-   ``--kills`` random points; each next run waits out the dead run's lease (``--wait``) and finishes
-   or redoes what it left. While one run is live a second run is started once: it must be refused.
+   ``--kills`` random points (uniform in ``--kill-window`` seconds after the run's scoring
+   started); each next run waits out the dead run's lease (``--wait``) and finishes or redoes
+   what it left. While one run is live a second run is started once: it must be refused. The
+   files that vanish or turn into folders are written only before the last run, which lists
+   them and then loses them.
 3. Checks the output: one row per file listed by the completing run, no duplicate rows, every good
    file ``ok``, every hostile file an ``error`` row; and reports the peak RSS (``VmHWM``) of the Ray
    worker processes that ran the decode stage.
+4. Scores two more archives on their own: one small JPEG (a decode worker's own footprint) and
+   the largest volume the default limits let through (a 512 x 512 x 511 int16 ``.nii.gz``), and
+   reports the peak RSS of their decode workers: the bound on a decode task's memory.
 
 The model is a small randomly initialised ResNet (64 px): what is soaked is the job, not the model.
 """
@@ -135,9 +141,8 @@ def build_archive(root: str, n: int, hostile: float, seed: int) -> dict[str, str
             elif kind == "outside_link":
                 os.symlink(os.path.join(outside, "secret.jpg"), p + ".jpg")
                 p += ".jpg"
-            else:  # vanish / to_dir: good files now, made hostile during the last run
+            else:  # vanish / to_dir: written just before the last run, made hostile once it has listed them
                 p += ".jpg"
-                open(p, "wb").write(jpeg(render_mri(CLASS_NAMES[i % 4], rng, 256)[0]))
             expected[p] = kind
         else:
             p = os.path.join(d, f"{i:05d}.jpg")
@@ -218,6 +223,72 @@ class Job:
         return rc
 
 
+def limit_volume() -> bytes:
+    """A gzipped NIfTI as large as the default limits let through: 512 x 512 x 511 int16 voxels
+    (133.9 M of guard.max_pixels' 134.2 M; 255.5 MiB of guard.max_file_bytes' 256 MiB once
+    inflated), each slice a generated head."""
+    import nibabel as nib
+
+    from braintumor_ray.imaging import render_mri
+
+    rng = np.random.default_rng(1)
+    heads = [render_mri("glioma", rng, 512)[0].astype(np.int16) * 4 for _ in range(8)]
+    vol = np.empty((512, 512, 511), np.int16)
+    for k in range(511):
+        vol[:, :, k] = heads[k % 8]
+    img = nib.Nifti1Image(vol, np.eye(4))
+    del vol
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1) as z:
+        z.write(img.to_bytes())
+    return out.getvalue()
+
+
+def decode_at_limits(work: str, model: str, env: dict, logs: str) -> dict:
+    """Peak RSS (VmHWM) of the decode workers of two more scoring runs: one small JPEG (the
+    worker's own footprint) and the largest volume the default limits admit."""
+    from braintumor_ray.imaging import render_mri
+
+    out = {}
+    for name, data in (("one_jpeg", jpeg(render_mri("glioma", np.random.default_rng(2), 256)[0])),
+                       ("limit_volume", limit_volume())):
+        arc = os.path.join(work, f"archive_{name}")
+        shutil.rmtree(arc, ignore_errors=True)
+        os.makedirs(arc)
+        open(os.path.join(arc, "scan.nii.gz" if name == "limit_volume" else "scan.jpg"), "wb").write(data)
+        dst = os.path.join(work, f"predictions_{name}")
+        shutil.rmtree(dst, ignore_errors=True)
+        t = time.time()
+        job = Job(["--model", model, "--input", arc, "--output", dst, "--explain", "none"], env,
+                  os.path.join(logs, f"{name}.log"))
+        rc = job.wait(timeout=1800)
+        rows = pads.dataset(dst, format="parquet").to_table(columns=["status"]).column("status").to_pylist() if rc == 0 else []
+        out[name] = {"rc": rc, "file_mb": round(len(data) / 2**20, 1), "rows_ok": rows.count("ok"),
+                     "decode_worker_peak_rss_mb": round(job.decode_hwm_mb, 1), "wall_s": round(time.time() - t, 1)}
+    return out
+
+
+def wait_for(cond, job: "Job", timeout: float = 300.0) -> float:
+    """Poll ``cond`` until it holds or the job ends; returns when."""
+    t = time.time()
+    while not cond() and job.proc.poll() is None and time.time() - t < timeout:
+        time.sleep(0.05)
+    return time.time()
+
+
+def staged_run(out: str) -> str | None:
+    """The staging folder of a run in progress (``OUTPUT._staging/<run id>``), if any."""
+    root = out + "._staging"
+    names = [n for n in os.listdir(root) if not n.startswith("_")] if os.path.isdir(root) else []
+    return names[0] if names else None
+
+
+def committed_rows(out: str) -> int:
+    if not os.path.isdir(out) or not glob.glob(os.path.join(out, "*.parquet")):
+        return 0
+    return pads.dataset(out, format="parquet").count_rows()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", type=int, default=2000)
@@ -226,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/soak")
     ap.add_argument("--lease-ttl-s", type=float, default=8.0)
+    ap.add_argument("--kill-window", default="1,20", help="LO,HI: each kill falls uniformly this many seconds after "
+                    "the run's scoring starts (a 3000-file run scores for ~25 s here)")
     ap.add_argument("--json", help="write the figures here as JSON too")
     a = ap.parse_args(argv)
     random.seed(a.seed)
@@ -249,28 +322,40 @@ def main(argv: list[str] | None = None) -> int:
     built_s = time.time() - t0
 
     runs, hwm, refused = [], 0.0, None
-    # Kill points: uniform over the part of a run where work happens (Ray's start takes ~10 s here).
+    lo, hi = (float(v) for v in a.kill_window.split(","))
     for k in range(a.kills):
-        job = Job(base + ["--wait"], env, os.path.join(logs, f"killed_{k}.log"))
-        at = random.uniform(8.0, 45.0)
+        job = Job(base + ["--wait", "900"], env, os.path.join(logs, f"killed_{k}.log"))
         if k == 1:  # the concurrent run, started once while a live run holds the lease
-            time.sleep(min(at, 6.0))
+            wait_for(lambda: os.path.exists(out + "._lease.json"), job)
+            time.sleep(1.0)
             second = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "score.py"), *base], env=env,
                                     cwd=ROOT, capture_output=True, text=True, timeout=600)
             refused = {"rc": second.returncode, "message": (second.stderr.strip().splitlines() or [""])[-1]}
-            at = max(0.0, at - 6.0)
+        # Kill points: uniform over a window that starts when the run's scoring starts (its
+        # staging folder appears; Ray's start takes ~8 s before that here).
+        started = wait_for(lambda: staged_run(out) is not None, job)
+        at = random.uniform(lo, hi)
         try:
             rc = job.wait(timeout=at)
             runs.append({"run": k, "killed_at_s": None, "rc": rc})  # finished before its kill point
         except subprocess.TimeoutExpired:
             job.kill()
-            runs.append({"run": k, "killed_at_s": round(at, 1), "rc": "SIGKILL"})
+            runs.append({"run": k, "killed_at_s": round(at, 1), "after_start_s": round(time.time() - started, 1),
+                         "rows_committed": committed_rows(out), "rc": "SIGKILL"})
         hwm = max(hwm, job.decode_hwm_mb)
 
-    # The completing run: some files vanish, one turns into a directory, after it has listed them.
+    # The completing run: some files vanish, some turn into a directory, after it has listed them
+    # (they did not exist for the runs before, so none of those can have scored them).
+    from braintumor_ray import CLASS_NAMES
+    from braintumor_ray.imaging import render_mri
+
+    rng = np.random.default_rng(a.seed + 1)
+    for i, (p, kind) in enumerate(expected.items()):
+        if kind in ("vanish", "to_dir"):
+            open(p, "wb").write(jpeg(render_mri(CLASS_NAMES[i % 4], rng, 256)[0]))
     cfg = os.path.join(out, "_config.yaml")
     before = os.path.getmtime(cfg) if os.path.exists(cfg) else 0.0
-    job = Job(base + ["--wait"], env, os.path.join(logs, "final.log"))
+    job = Job(base + ["--wait", "900"], env, os.path.join(logs, "final.log"))
     while job.proc.poll() is None and (not os.path.exists(cfg) or os.path.getmtime(cfg) == before):
         time.sleep(0.05)
     for p, kind in expected.items():
@@ -292,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     lost = [p for p in good if [r["status"] for r in by_path.get(p, [])] != ["ok"]]
     hostile = {p: k for p, k in expected.items() if k != "ok"}
     hostile_ok = [p for p in hostile if [r["status"] for r in by_path.get(p, [])] != ["error"]]
+    at_limits = decode_at_limits(a.work, model, env, logs)
     figures = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.node()} {os.cpu_count()} CPUs",
@@ -305,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         "concurrent_run": refused,
         "runs": runs,
         "decode_worker_peak_rss_mb": round(hwm, 1),
+        "at_limits": at_limits,
         "build_s": round(built_s, 1),
         "wall_s": round(time.time() - t0, 1),
     }
@@ -313,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(a.json, "w") as f:
             json.dump(figures, f, indent=2)
     ok = (figures["rows_equal_files"] and dup == 0 and not lost and not hostile_ok and refused is not None
-          and refused["rc"] == 2 and rc == 0)
+          and refused["rc"] == 2 and rc == 0 and all(r["rc"] in (0, "SIGKILL") for r in runs) and at_limits["limit_volume"]["rows_ok"] == 511)
     if not ok:
         print("SOAK FAILED: " + ", ".join(f"{p}: {by_path.get(p)}" for p in (lost + hostile_ok)[:10]), file=sys.stderr)
     return 0 if ok else 1
