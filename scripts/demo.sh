@@ -11,7 +11,8 @@ export RAY_DATA_DISABLE_PROGRESS_BARS=1
 echo "== 1/3 preprocess: generated sample -> demo/preprocessed"
 $py jobs/preprocess.py --image-size 64
 echo "== 2/3 tune (smoke size) -> demo/runs/demo"
-rm -rf demo/runs/demo demo/predictions demo/predictions._staging demo/predictions_series
+rm -rf demo/runs/demo demo/predictions demo/predictions._staging demo/predictions_series demo/predictions_explain \
+  demo/predictions_explain._staging demo/predictions._lease.json demo/predictions._lease.lock
 $py jobs/tune.py --smoke-test --data demo/preprocessed --storage demo/runs --name demo
 echo "== 3/3 score every file of demo/sample -> demo/predictions"
 $py jobs/score.py --model demo/runs/demo/best_model --input demo/sample --output demo/predictions
@@ -26,6 +27,8 @@ with pd.option_context("display.width", 200, "display.max_colwidth", 60):
     print(df.sort_values("path")[cols].head(6).to_string(index=False))
 PY
 echo
-echo "reports (open them in a browser):"
-echo "  search:  $(pwd)/demo/runs/demo/report.html"
-echo "  scoring: $(pwd)/demo/predictions/_report.html"
+echo "reports (open them in a browser): the search's, then the scoring output's"
+for f in demo/runs/demo/report.html demo/predictions/_report.html; do
+  [ -f "$f" ] || { echo "error: the demo did not write $f" >&2; exit 1; }
+  echo "  $(pwd)/$f"
+done

@@ -469,6 +469,11 @@ class _WorkerRunner:
             self.shard(split)
         self.generator.manual_seed(cfg.seed * 1000 + self.rank + 7919 * s.epoch)
 
+        if checkpoint and s.history and (s.epoch >= cfg.epochs or s.stopped):
+            # Restored from the run's last checkpoint: nothing is left to train, but whoever
+            # restarted the run (Tune, resuming a search whose state was saved before this trial
+            # ended) needs its final result again, or the trial ends with no metrics at all.
+            self.report(s.history[-1])
         while s.epoch < cfg.epochs and not s.stopped:
             epoch = s.epoch + 1
             tr = self.train_one_epoch(epoch)
