@@ -11,8 +11,8 @@ export RAY_DATA_DISABLE_PROGRESS_BARS=1
 echo "== 1/3 preprocess: generated sample -> demo/preprocessed"
 $py jobs/preprocess.py --image-size 64
 echo "== 2/3 tune (smoke size) -> demo/runs/demo"
-rm -rf demo/runs/demo demo/predictions demo/predictions._staging demo/predictions_series demo/predictions_explain \
-  demo/predictions_explain._staging demo/predictions._lease.json demo/predictions._lease.lock
+# The output and every sibling scoring writes beside it (_series, _explain, ._staging, ._lease.*).
+rm -rf demo/runs/demo demo/predictions demo/predictions[._]*
 $py jobs/tune.py --smoke-test --data demo/preprocessed --storage demo/runs --name demo
 echo "== 3/3 score every file of demo/sample -> demo/predictions"
 $py jobs/score.py --model demo/runs/demo/best_model --input demo/sample --output demo/predictions
