@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 
@@ -27,33 +28,69 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # `ray`, so that `pytest -m "not ray"` is the fast subset. Tests that start Ray some other way (a
 # job in a subprocess) carry @pytest.mark.ray themselves; modules where every test needs Ray say
 # so with pytestmark.
-RAY_FIXTURES = {"ray_session", "cluster", "ray_head"}
+RAY_FIXTURES = {"ray_session", "cluster", "ray_head", "train_data_dir"}
+
+
+# Modules that connect the test process to a Ray of their own (a Cluster) run last, after the
+# session's Ray is shut down for them.
+OWN_RAY_MODULES = ("test_multinode.py",)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
+    items.sort(key=lambda item: item.path.name in OWN_RAY_MODULES)  # stable: the rest keep their order
 
 
 def start_ray(**kwargs):
-    """A local Ray for one test module (2 CPUs, quiet); ``kwargs`` go to ``ray.init``."""
+    """A local Ray (2 CPUs, quiet); ``kwargs`` go to ``ray.init``."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False, **kwargs)
+    ray.init(**{"num_cpus": 2, "include_dashboard": False, "configure_logging": False, "log_to_driver": False, **kwargs})
     return ray
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = start_ray()
+# The test hooks that the session's Ray hands to every worker (Ray Train's and Ray Data's included).
+# Each is armed for one name only, so it is inert for every other test: the training failure for the
+# run named TRAIN_FAILING_RUN (tests/test_train.py), the decode kill for files named KILL_DECODE_FILE
+# (tests/test_hostile.py).
+INJECT_FAILURE_ENV = "BRAINTUMOR_TEST_INJECT_FAILURE"  # read by braintumor_ray.train's worker
+TRAIN_FAILING_RUN = "t"
+KILL_DECODE_FILE = "killme.png"
+
+
+@pytest.fixture(scope="session")
+def failure_marker(tmp_path_factory):
+    """The file the training failure hook writes when it fires (it fires once per session)."""
+    return str(tmp_path_factory.mktemp("hook") / "failed-once")
+
+
+@pytest.fixture(scope="session")
+def ray_session(failure_marker):
+    """One local Ray for the whole session (a start costs 10-20 s here, and 13 modules used to
+    start their own). With the dashboard: Ray Train's placement-group cleaner asks the State API
+    (served by the dashboard) whether a trial's Train controller is gone, and without it the worker
+    groups of finished trials keep their CPUs for the rest of the session. The armed test hooks
+    ride in every worker's environment. tests/test_multinode.py shuts it down for its own Cluster
+    (it runs last, see pytest_collection_modifyitems)."""
+    import ray
+
+    from braintumor_ray.score._run import KILL_DECODE_ENV
+
+    if ray.is_initialized():  # something ran ray.init() itself: make it the session's Ray
+        ray.shutdown()
+    hook = {"marker": failure_marker, "epoch": 2, "rank": 1, "step": 1, "name": TRAIN_FAILING_RUN}
+    start_ray(include_dashboard=True,
+              runtime_env={"env_vars": {INJECT_FAILURE_ENV: json.dumps(hook), KILL_DECODE_ENV: KILL_DECODE_FILE}})
     yield ray
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def package(tmp_path_factory):
-    """A small randomly initialised model (64 px), exported as users' packages are."""
+    """A small randomly initialised model (64 px), exported as users' packages are (with
+    model.onnx: 6-60 s here, once per session). Shared: a test that tampers with it copies it first."""
     import torch
 
     from braintumor_ray import MRIPreprocess, create_model, export_model_package
@@ -110,7 +147,7 @@ def mri_like(n: int, seed: int, size: int = 64):
     return [render_mri(CLASS_NAMES[i % len(CLASS_NAMES)], rng, size=size)[0] for i in range(n)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trusted_package(tmp_path_factory):
     """The ``package`` model (random init, 64 px) with a fitted trust: the OOD reference on the
     features of generated MRI-like images, calibration and thresholds on another set of them."""
@@ -141,3 +178,72 @@ def trusted_package(tmp_path_factory):
     uri = str(tmp_path_factory.mktemp("trusted") / "model")
     export_model_package(model, uri, preprocess=pre, trust=trust)
     return uri
+
+
+@pytest.fixture(scope="session")
+def train_data_dir(tmp_path_factory, request):
+    """One generated sample, ingested once for the session's training, search and tracking tests
+    (each module used to ingest its own: ~20 s apiece). Read only: a test writes its runs elsewhere."""
+    import ray
+
+    from braintumor_ray import MRIPreprocess, make_sample_dataset
+    from braintumor_ray.ingest import IngestConfig, run_ingest
+
+    if not ray.is_initialized():  # the session's Ray, unless a module's own Cluster is connected
+        request.getfixturevalue("ray_session")
+    root = tmp_path_factory.mktemp("train-data")
+    make_sample_dataset(str(root / "sample"), per_class=30, test_per_class=8, size=96, leaks=2, seed=1)
+    out = str(root / "pre")
+    run_ingest(IngestConfig(input=str(root / "sample"), output=out, preprocess=MRIPreprocess(image_size=64)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on 127.0.0.1: SQLite in tmp, artifacts proxied to a local folder; yields
+    (tracking URI, artifact folder). One for the session: tests/test_mlflow.py and the search in
+    tests/test_tune.py log to it, each into experiments of its own."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from _net import free_port
+
+    root = tmp_path_factory.mktemp("mlflow")
+    artifacts = root / "artifacts"
+    artifacts.mkdir()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(artifacts)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
+        time.sleep(0.5)
+    yield uri, artifacts
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_client(mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=mlflow_server[0], registry_uri=mlflow_server[0])

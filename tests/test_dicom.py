@@ -28,8 +28,8 @@ from braintumor_ray.core import resolve
 
 from _images import jpeg_bytes
 
-pydicom = pytest.importorskip("pydicom")
-nib = pytest.importorskip("nibabel")
+import pydicom  # noqa: E402  (a core dependency: a missing one fails, never skips)
+import nibabel as nib  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.uid import JPEG2000Lossless, MPEG2MPML, ExplicitVRLittleEndian, RLELossless, generate_uid  # noqa: E402

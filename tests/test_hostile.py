@@ -29,11 +29,11 @@ from braintumor_ray.ingest._run import preprocess_batch
 from braintumor_ray.score import ScoreConfig, decode_batch, run_scoring
 from braintumor_ray.score._run import ATTEMPTS_DIR, KILL_DECODE_ENV, KILLED_TWICE
 
-from conftest import mri_like, start_ray
+from conftest import KILL_DECODE_FILE, mri_like
 from test_dicom import dicom_bytes, head12, nifti_bytes
 
-pydicom = pytest.importorskip("pydicom")
-nib = pytest.importorskip("nibabel")
+import pydicom  # noqa: E402  (a core dependency: a missing one fails, never skips)
+import nibabel as nib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRE = MRIPreprocess(image_size=64)
@@ -313,14 +313,6 @@ def test_a_file_that_kills_its_decode_task_twice_becomes_an_error_row(tmp_path, 
 # --- scoring with Ray: local disk and S3 ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    """conftest's session, with the decode-kill fault in every worker's environment."""
-    ray = start_ray(runtime_env={"env_vars": {KILL_DECODE_ENV: "killme.png"}})
-    yield ray
-    ray.shutdown()
-
-
 def _rows(out: str, filesystem=None) -> dict[str, dict]:
     rows = pads.dataset(out, format="parquet", filesystem=filesystem).to_table(columns=["path", "status", "error"]).to_pylist()
     by = {}
@@ -348,7 +340,7 @@ def test_scoring_isolates_every_hostile_file(ray_session, package, tmp_path, mon
     outside.mkdir()
     images = mri_like(8, seed=7)
     good = [arc / "series" / f"scan{i}.png" for i in range(4)]
-    named = {n: arc / n for n in ("killme.png", "vanish.png", "to_dir.png", "oversize.png")}
+    named = {n: arc / n for n in (KILL_DECODE_FILE, "vanish.png", "to_dir.png", "oversize.png")}
     for path, px in zip(good + list(named.values()), images):
         path.write_bytes(encode_png(px))
     (outside / "secret.png").write_bytes(encode_png(images[0]))
@@ -372,7 +364,7 @@ def test_scoring_isolates_every_hostile_file(ray_session, package, tmp_path, mon
 
     rows = _rows(out)
     expect = {
-        "killme.png": KILLED_TWICE,
+        KILL_DECODE_FILE: KILLED_TWICE,
         "vanish.png": "vanished: listed, then gone before it was read",
         "to_dir.png": "unreadable: no longer a file",
         "oversize.png": "guard.max_file_bytes",

@@ -1,4 +1,5 @@
-"""jobs/preprocess.py as users run it: a subprocess, real arguments, exit codes, messages."""
+"""jobs/preprocess.py as users run it: real arguments, exit codes, messages; the end-to-end run and
+the S3 errors in a subprocess, the other error paths through main(args) in this process."""
 
 from __future__ import annotations
 
@@ -37,25 +38,48 @@ def _assert_clean_error(r, *needles):
         assert n in r.stderr, (n, r.stderr)
 
 
-def test_missing_input_is_one_clear_error(tmp_path):
-    _assert_clean_error(run_job(["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")], tmp_path), "does not exist")
+def _job():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("preprocess_job", JOB)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def test_empty_input_is_one_clear_error(tmp_path):
+def main_in_process(args, capsys):
+    """The job's main(args) in this process (a subprocess costs ~10 s of imports here): its exit
+    code and stderr, shaped like a CompletedProcess. Any exception other than the job's own clear
+    error fails the test, as a traceback would."""
+    code = _job().main(args)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def test_missing_input_is_one_clear_error(tmp_path, capsys):
+    r = main_in_process(["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")], capsys)
+    _assert_clean_error(r, "does not exist")
+
+
+def test_empty_input_is_one_clear_error(tmp_path, capsys):
     (tmp_path / "in" / "Training" / "glioma").mkdir(parents=True)
     (tmp_path / "in" / "Training" / "glioma" / "notes.txt").write_text("x")
-    _assert_clean_error(run_job(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")], tmp_path), "no usable image files")
+    r = main_in_process(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")], capsys)
+    _assert_clean_error(r, "no usable image files")
 
 
-def test_unsupported_scheme_is_one_clear_error(tmp_path):
-    _assert_clean_error(run_job(["--input", "gs://bucket/x", "--output", str(tmp_path / "o")], tmp_path), "unsupported URI scheme")
+def test_unsupported_scheme_is_one_clear_error(tmp_path, capsys):
+    _assert_clean_error(main_in_process(["--input", "gs://bucket/x", "--output", str(tmp_path / "o")], capsys),
+                        "unsupported URI scheme")
 
 
-def test_bad_option_is_one_clear_error(tmp_path):
-    r = run_job(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--val-fraction", "1.5"], tmp_path)
+def test_bad_option_is_one_clear_error(tmp_path, capsys):
+    r = main_in_process(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--val-fraction", "1.5"], capsys)
     _assert_clean_error(r, "val_fraction")
 
 
+# The S3 errors stay a subprocess: the credentials come from the environment of a fresh process
+# (s3fs caches its filesystems, with the credentials they were made with, for the life of one).
 @pytest.mark.parametrize("case", ["no_credentials", "no_bucket"])
 def test_s3_problems_are_one_clear_error(tmp_path, s3_endpoint, case):
     env = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}

@@ -15,10 +15,8 @@ import urllib.request
 import pytest
 import yaml
 
-from braintumor_ray import ConfigError, MRIPreprocess, make_sample_dataset
-from braintumor_ray.ingest import IngestConfig, run_ingest
+from braintumor_ray import ConfigError, make_sample_dataset
 
-pytest.importorskip("mlflow")
 pytestmark = [pytest.mark.timeout(600), pytest.mark.ray]
 
 
@@ -26,72 +24,9 @@ class DriverKilled(BaseException):
     """The training driver dying (as from SIGKILL) after training, before its MLflow logging."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """`mlflow server` on 127.0.0.1: SQLite in tmp, artifacts proxied to a local folder; yields
-    (tracking URI, artifact folder)."""
-    root = tmp_path_factory.mktemp("mlflow")
-    artifacts = root / "artifacts"
-    artifacts.mkdir()
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(artifacts)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
-        time.sleep(0.5)
-    yield uri, artifacts
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-
-
-@pytest.fixture(scope="module")
-def client(mlflow_server):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=mlflow_server[0], registry_uri=mlflow_server[0])
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    """With the dashboard, as in test_tune.py (Ray Train's placement-group cleaner needs the State API)."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=True, configure_logging=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def data_dir(ray_session, tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-data")
-    make_sample_dataset(str(root / "sample"), per_class=20, test_per_class=4, size=96, leaks=1, seed=5)
-    out = str(root / "pre")
-    run_ingest(IngestConfig(input=str(root / "sample"), output=out, preprocess=MRIPreprocess(image_size=64)))
-    return out
+def client(mlflow_client):
+    return mlflow_client
 
 
 @pytest.fixture(scope="module")
@@ -112,26 +47,39 @@ def test_no_tracking_uri_logs_nothing(ray_session, package, archive, mlflow_serv
     from braintumor_ray.score import ScoreConfig, run_scoring
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # The server is the session's: compare with what it held before (other modules log to it too).
+    experiments = {e.name for e in client.search_experiments()}
+    runs = {r.info.run_id for e in client.search_experiments() for r in client.search_runs([e.experiment_id])}
+    artifacts = sorted(mlflow_server[1].rglob("*"))
     s = run_scoring(ScoreConfig(model=package, input=archive, output=str(tmp_path / "p")))
     assert s["scored"] > 0 and "mlflow_run_id" not in s
-    assert [e.name for e in client.search_experiments()] == ["Default"]
+    assert {e.name for e in client.search_experiments()} == experiments and "Default" in experiments
+    assert {r.info.run_id for e in client.search_experiments() for r in client.search_runs([e.experiment_id])} == runs
     assert not client.search_runs(["0"])
-    assert not any(mlflow_server[1].iterdir())  # the artifact root stays empty
+    assert sorted(mlflow_server[1].rglob("*")) == artifacts  # the artifact root stays as it was
     with pytest.raises(ConfigError, match="tracking"):
         run_scoring(ScoreConfig(model="models:/bt-model/1", input=archive, output=str(tmp_path / "q")))
 
 
 @pytest.fixture(scope="module")
-def trained(data_dir, mlflow_server, client, tmp_path_factory):
-    """A training run whose driver dies after training, before its MLflow logging, then --resume."""
-    from braintumor_ray.train import TrainConfig, _run, run_training
+def trained(train_data_dir, s3_endpoint, mlflow_server, client):
+    """One training run for the tracking tests and the s3:// storage test below (they used to train
+    twice): one worker, storage on s3://, tracked to MLflow; its driver dies after training and
+    after writing its outputs, before its MLflow logging; then --resume. Returns (config, the
+    first run's metrics, the resumed run's metrics, the MLflow run id, the bucket)."""
+    import boto3
+
     from braintumor_ray.tracking import RUN_ID_FILE
+    from braintumor_ray.train import TrainConfig, _run, run_training
 
-    storage = tmp_path_factory.mktemp("mlflow-runs")
-    cfg = TrainConfig.smoke_test(data=data_dir, storage=str(storage), name="r1", model="resnet10t", epochs=2,
-                                 num_workers=1, batch_size=8, mlflow=_tracking(mlflow_server[0], "bt-train"))
+    bucket = "bt-mlflow-train"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    cfg = TrainConfig.smoke_test(data=train_data_dir, storage=f"s3://{bucket}/runs", name="s3run", epochs=4,
+                                 s3_endpoint_url=s3_endpoint, mlflow=_tracking(mlflow_server[0], "bt-train"))
+    first: list[dict] = []
 
-    def killed(*a, **k):
+    def killed(tracking, metrics, run):
+        first.append(metrics)
         raise DriverKilled("driver killed")
 
     original = _run.finish_training
@@ -141,15 +89,68 @@ def trained(data_dir, mlflow_server, client, tmp_path_factory):
             run_training(cfg)
     finally:
         _run.finish_training = original
-    run_id = (storage / "r1" / RUN_ID_FILE).read_text().strip()
-    first = client.get_run(run_id)
-    assert first.info.status == "RUNNING" and first.data.params["model"] == "resnet10t"
-    metrics = run_training(cfg, resume=True)
-    return cfg, metrics, run_id
+    from braintumor_ray.core import resolve
+
+    run_id = resolve(f"s3://{bucket}/runs/s3run", s3_endpoint_url=s3_endpoint).join(RUN_ID_FILE).read_bytes().decode().strip()
+    started = client.get_run(run_id)
+    assert started.info.status == "RUNNING" and started.data.params["model"] == "resnet10t"
+    again = run_training(cfg, resume=True)
+    return cfg, first[0], again, run_id, bucket
+
+
+def _learned(history, result):
+    """Loss falls and the easy task ends well classified; a model that learnt nothing has
+    accuracy ~0.25 and ROC-AUC ~0.5 (as in tests/test_train.py)."""
+    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"], [h["train_loss"] for h in history]
+    for split in ("val", "test"):
+        m = result[split]
+        assert m["accuracy"] >= 0.7 and m["roc_auc_ovr"] >= 0.95, (split, m)
+
+
+def test_one_worker_learns_with_s3_storage_and_resume(trained, s3_endpoint):
+    """(from tests/test_train.py) One worker learns the easy task; checkpoints, metrics, plots and
+    the model package land on s3:// and load back; a finished run is refused unless resumed, and
+    its --resume trains no epoch again."""
+    import boto3
+    import numpy as np
+
+    from braintumor_ray import load_model_package
+    from braintumor_ray.train import run_training
+
+    cfg, m, again, _, bucket = trained
+    assert m["run"]["config"]["num_workers"] == 1 and m["restores"] == []
+    _learned(m["epochs"], m)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert any(k.startswith("runs/s3run/checkpoint_") and k.endswith("state.pt") for k in keys), keys
+    for png in ("curves.png", "confusion_test.png", "confusion_test_clean.png"):
+        body = s3.get_object(Bucket=bucket, Key=f"runs/s3run/{png}")["Body"].read()
+        assert body[:4] == b"\x89PNG"
+    saved = json.loads(s3.get_object(Bucket=bucket, Key="runs/s3run/metrics.json")["Body"].read())
+    page = s3.get_object(Bucket=bucket, Key="runs/s3run/report.html")["Body"].read().decode()
+    assert saved["report"] == f"s3://{bucket}/runs/s3run/report.html" and 'id="examples"' in page
+    assert page.count("data:image/png;base64,") >= 2 + 2 * 4  # curves, reliability, scans and maps (read from s3://)
+    for split in ("test", "test_clean"):
+        assert 0 <= saved[split]["accuracy"] <= 1 and 0 <= saved[split]["macro_f1"] <= 1
+        assert set(saved[split]["per_class"]) == {"glioma", "meningioma", "no_tumor", "pituitary"}
+        assert np.asarray(saved[split]["confusion_matrix"]).sum() == saved[split]["n"]
+    assert saved["test_clean"]["n"] < saved["test"]["n"]
+    assert 0 <= saved["val"]["macro_f1"] <= 1 and len(saved["epochs"]) == 4
+    pkg = load_model_package(f"s3://{bucket}/runs/s3run/model", s3_endpoint_url=s3_endpoint)
+    assert pkg.model_id == again["model"]["model_id"] and pkg.metrics["test_accuracy"] == again["test"]["accuracy"]
+    assert pkg.preprocess.image_size == 64
+    assert tuple(pkg.logits(np.zeros((2, 64, 64), np.uint8)).shape) == (2, 4)
+
+    with pytest.raises(ConfigError, match="already exists"):
+        run_training(cfg)
+    # --resume of a finished run (the fixture's second call): no epoch is trained again; it restores
+    # epoch 4 and writes the outputs again.
+    assert [h["epoch"] for h in again["epochs"]] == [1, 2, 3, 4] and again["restores"] == [4]
+    assert again["test"]["accuracy"] == m["test"]["accuracy"]
 
 
 def test_training_run_metrics_artifacts_and_registered_version(trained, client):
-    cfg, metrics, run_id = trained
+    cfg, _, metrics, run_id, _ = trained
     exp = client.get_experiment_by_name("bt-train")
     runs = client.search_runs([exp.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]  # the resumed run continued the same MLflow run
@@ -157,9 +158,9 @@ def test_training_run_metrics_artifacts_and_registered_version(trained, client):
     assert run.info.status == "FINISHED" and run.data.tags["resumes"] == "1"
     assert run.data.tags["model_id"] == metrics["model"]["model_id"]
     p = run.data.params
-    assert p["epochs"] == "2" and p["augment.rotate"] == str(cfg.augment.rotate) and p["mlflow.experiment"] == "bt-train"
+    assert p["epochs"] == "4" and p["augment.rotate"] == str(cfg.augment.rotate) and p["mlflow.experiment"] == "bt-train"
     steps = [m.step for m in client.get_metric_history(run_id, "val_macro_f1")]
-    assert steps == [1, 2]
+    assert steps == [1, 2, 3, 4]
     m = run.data.metrics
     assert m["final_test_accuracy"] == pytest.approx(metrics["test"]["accuracy"])
     assert m["final_test_clean_macro_f1"] == pytest.approx(metrics["test_clean"]["macro_f1"])
@@ -178,7 +179,7 @@ def test_training_run_metrics_artifacts_and_registered_version(trained, client):
 def test_scoring_by_registered_model(trained, archive, client, mlflow_server, tmp_path):
     from braintumor_ray.score import ScoreConfig, run_scoring
 
-    cfg, metrics, run_id = trained
+    cfg, _, metrics, run_id, _ = trained
     mv = next(v for v in client.search_model_versions("name='bt-model'") if v.run_id == run_id)
     client.set_registered_model_alias("bt-model", "champion", mv.version)
     mc = _tracking(mlflow_server[0], "bt-score")
@@ -203,48 +204,8 @@ def test_scoring_by_registered_model(trained, archive, client, mlflow_server, tm
         run_scoring(ScoreConfig(model="models:/bt-model/99", input=archive, output=str(tmp_path / "y"), mlflow=mc))
 
 
-def test_search_parent_children_leaderboard_and_best_model(data_dir, mlflow_server, client, tmp_path):
-    from braintumor_ray.tune import SearchConfig, run_search
-
-    cfg = SearchConfig.smoke_test(
-        data=data_dir, storage=str(tmp_path / "searches"), name="s1", models=("resnet10t",), max_epochs=2,
-        grace_period=1, reduction_factor=2, max_concurrent_trials=1,
-        space={"lr": {"grid": [3e-3, 1e-7]}, "batch_size": 8, "drop_rate": 0.0, "augment_strength": 0.5,
-               "weight_decay": 0.01},
-        mlflow=_tracking(mlflow_server[0], "bt-search", model="bt-search-model"),
-    )
-    s = run_search(cfg)
-    exp = client.get_experiment_by_name("bt-search")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 2
-    parent = parents[0]
-    assert parent.info.status == "FINISHED" and parent.data.tags["model_id"] == s["model"]["model_id"]
-    assert parent.data.tags["best_trial"] == s["best_trial"]["trial"]
-    assert parent.data.metrics["final_test_accuracy"] == pytest.approx(s["test"]["accuracy"])
-    rows = {r["trial"]: r for r in s["leaderboard"]}
-    for c in children:
-        tid = c.data.tags["trial_id"]
-        assert c.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert c.data.tags["status"] == rows[tid]["status"]
-        assert c.data.tags["asha_stopped"] == str(rows[tid]["status"] == "stopped by ASHA").lower()
-        assert float(c.data.params["lr"]) in (3e-3, 1e-7) and c.data.params["model"] == "resnet10t"
-        hist = client.get_metric_history(c.info.run_id, "val_macro_f1")
-        assert [m.step for m in hist] == list(range(1, rows[tid]["epochs_run"] + 1))
-    files = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"leaderboard.csv", "leaderboard.md", "best.json", "val_macro_f1.png", "model"} <= files, files
-    (v,) = client.search_model_versions("name='bt-search-model'")
-    assert v.tags["model_id"] == s["model"]["model_id"] and v.tags["trial"] == s["best_trial"]["trial"]
-
-    # --resume of the finished search continues the same parent and children: no new runs. It
-    # exports best_model/ again: one version per distinct package, the current one among them.
-    again = run_search(cfg, resume=True)
-    assert len(client.search_runs([exp.experiment_id])) == 3
-    versions = client.search_model_versions("name='bt-search-model'")
-    ids = {v.tags["model_id"] for v in versions}
-    assert ids == {s["model"]["model_id"], again["model"]["model_id"]} and len(versions) == len(ids)
-    assert client.get_run(parent.info.run_id).data.tags["model_id"] == again["model"]["model_id"]
+# The search's MLflow runs (parent, children, leaderboard, best model, resume) are checked on the
+# session's one search: tests/test_tune.py::test_search_on_s3_asha_leaderboard_and_best_model.
 
 
 def test_mlflow_is_not_imported_without_a_tracking_uri():

@@ -7,49 +7,33 @@ import json
 
 import pytest
 
-from braintumor_ray import ConfigError, MRIPreprocess, make_sample_dataset
-from braintumor_ray.ingest import IngestConfig, run_ingest
+from braintumor_ray import ConfigError
 
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    """With the dashboard, unlike the other modules: Ray Train's placement-group cleaner asks the
-    State API (served by the dashboard) whether a trial's Train controller is gone, and without it
-    the worker groups of finished trials keep their CPUs for the rest of the session."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=True, configure_logging=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def data_dir(ray_session, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tune-data")
-    make_sample_dataset(str(root / "sample"), per_class=30, test_per_class=8, size=96, leaks=2, seed=3)
-    out = str(root / "pre")
-    run_ingest(IngestConfig(input=str(root / "sample"), output=out, preprocess=MRIPreprocess(image_size=64)))
-    return out
-
-
-def test_search_on_s3_asha_leaderboard_and_best_model(data_dir, s3_endpoint, s3_bucket):
+def test_search_on_s3_asha_leaderboard_and_best_model(train_data_dir, s3_endpoint, s3_bucket, mlflow_server,
+                                                     mlflow_client):
     """Two trials run one after the other: one learns (lr 3e-3), one cannot (lr 1e-7). ASHA
-    compares them at its rungs and stops the second; the first runs its 3 epochs and is exported."""
+    compares them at its rungs and stops the second; the first runs its 3 epochs and is exported.
+    The search is tracked to the session's MLflow server (the tracking test used to run a search
+    of its own): a parent run, a child per trial, the best model registered; --resume adds none."""
     import boto3
     import pyarrow.parquet as pq
 
     from braintumor_ray import load_model_package
+    from braintumor_ray.tracking import MLflowConfig
     from braintumor_ray.tune import SearchConfig, run_search
 
     cfg = SearchConfig.smoke_test(
-        data=data_dir, storage=f"s3://{s3_bucket}/searches", name="s1", s3_endpoint_url=s3_endpoint,
+        data=train_data_dir, storage=f"s3://{s3_bucket}/searches", name="s1", s3_endpoint_url=s3_endpoint,
         models=("resnet10t",), max_epochs=3, grace_period=1, reduction_factor=2, max_concurrent_trials=1,
         space={"lr": {"grid": [3e-3, 1e-7]}, "batch_size": 8, "drop_rate": 0.0, "augment_strength": 0.5,
                "weight_decay": 0.01},
+        mlflow=MLflowConfig(tracking_uri=mlflow_server[0], experiment="bt-search", registered_model="bt-search-model"),
     )
     s = run_search(cfg)
+    _check_search_runs(mlflow_client, s)
     rows = {r["lr"]: r for r in s["leaderboard"]}
     assert set(rows) == {3e-3, 1e-7}, rows
     good, bad = rows[3e-3], rows[1e-7]
@@ -60,7 +44,7 @@ def test_search_on_s3_asha_leaderboard_and_best_model(data_dir, s3_endpoint, s3_
     assert s["trial_epochs_budget"] == 6 and s["trial_epochs_run"] == 3 + bad["epochs_run"]
     assert s["best_trial"]["trial"] == good["trial"]
     # The exported model is the good trial's best epoch: it scores the test split like the search says.
-    n_test = pq.read_table(f"{data_dir}/images/split=test", columns=["label_index"]).num_rows
+    n_test = pq.read_table(f"{train_data_dir}/images/split=test", columns=["label_index"]).num_rows
     assert s["test"]["n"] == n_test and s["test"]["accuracy"] >= 0.6, s["test"]
     assert s["test_clean"]["n"] < s["test"]["n"]
 
@@ -90,6 +74,48 @@ def test_search_on_s3_asha_leaderboard_and_best_model(data_dir, s3_endpoint, s3_
     assert {r["trial"]: r["epochs_run"] for r in again["leaderboard"]} == {
         r["trial"]: r["epochs_run"] for r in s["leaderboard"]
     }
+    _check_resumed_search_runs(mlflow_client, s, again)
+
+
+def _check_search_runs(client, s) -> None:
+    """(from tests/test_mlflow.py) The search's MLflow runs: one parent with the best trial and the
+    test figures, a child per trial with its status, ASHA flag and per-epoch history, the search's
+    files as artifacts, the best model registered with its model_id and trial."""
+    exp = client.get_experiment_by_name("bt-search")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["model_id"] == s["model"]["model_id"]
+    assert parent.data.tags["best_trial"] == s["best_trial"]["trial"]
+    assert parent.data.metrics["final_test_accuracy"] == pytest.approx(s["test"]["accuracy"])
+    rows = {r["trial"]: r for r in s["leaderboard"]}
+    for c in children:
+        tid = c.data.tags["trial_id"]
+        assert c.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert c.data.tags["status"] == rows[tid]["status"]
+        assert c.data.tags["asha_stopped"] == str(rows[tid]["status"] == "stopped by ASHA").lower()
+        assert float(c.data.params["lr"]) in (3e-3, 1e-7) and c.data.params["model"] == "resnet10t"
+        hist = client.get_metric_history(c.info.run_id, "val_macro_f1")
+        assert [m.step for m in hist] == list(range(1, rows[tid]["epochs_run"] + 1))
+    files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"leaderboard.csv", "leaderboard.md", "best.json", "val_macro_f1.png", "model"} <= files, files
+    (v,) = client.search_model_versions("name='bt-search-model'")
+    assert v.tags["model_id"] == s["model"]["model_id"] and v.tags["trial"] == s["best_trial"]["trial"]
+
+
+def _check_resumed_search_runs(client, s, again) -> None:
+    """--resume of the finished search continues the same parent and children: no new runs. It
+    exports best_model/ again: one version per distinct package, the current one among them."""
+    exp = client.get_experiment_by_name("bt-search")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 3
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    versions = client.search_model_versions("name='bt-search-model'")
+    ids = {v.tags["model_id"] for v in versions}
+    assert ids == {s["model"]["model_id"], again["model"]["model_id"]} and len(versions) == len(ids)
+    assert client.get_run(parent.info.run_id).data.tags["model_id"] == again["model"]["model_id"]
 
 
 def test_space_and_config_validation(tmp_path):
@@ -150,11 +176,11 @@ def test_space_and_config_validation(tmp_path):
         load_yaml(str(tmp_path / "bad.yaml"))
 
 
-def test_missing_weights_fail_before_any_trial(data_dir, tmp_path):
+def test_missing_weights_fail_before_any_trial(train_data_dir, tmp_path):
     """Offline, a backbone without local weights is refused in the driver with the fix in the message."""
     from braintumor_ray.tune import SearchConfig, run_search
 
-    cfg = SearchConfig(data=data_dir, storage=str(tmp_path), name="w", models=("resnet10t",), pretrained=True)
+    cfg = SearchConfig(data=train_data_dir, storage=str(tmp_path), name="w", models=("resnet10t",), pretrained=True)
     with pytest.raises(ConfigError, match="--no-pretrained"):
         run_search(cfg)
     assert not (tmp_path / "w" / "trials").exists()

@@ -328,3 +328,36 @@ def test_training_state_checkpoint_loads_with_weights_only(tmp_path):
     back = TrainingState.from_dict(saved)
     assert back.epoch == 2 and back.history == state.history and back.restores == [1]
     assert torch.equal(back.best_model["weight"], state.best_model["weight"])
+
+
+# The training failure hook rides in every worker of the session's one Ray (tests/conftest.py), so
+# it must stay inert for every run but the one it is armed for: (run, epoch, rank, world) -> fires?
+HOOK = {"epoch": 2, "rank": 1, "step": 1, "name": "t"}
+HOOK_CASES = [
+    ("t", 2, 1, 2, True),
+    ("t", 2, 0, 2, False),  # another rank
+    ("t", 1, 1, 2, False),  # another epoch
+    ("s3run", 2, 1, 2, False),  # another run: the MLflow/S3 training, the trials of a search
+    ("trial_0001", 2, 0, 1, False),
+    ("t", 2, 0, 1, True),  # one worker: the hook's rank is capped at the last rank
+]
+
+
+@pytest.mark.parametrize("run, epoch, rank, world, fires", HOOK_CASES)
+def test_failure_hook_is_armed_for_one_run_only(tmp_path, monkeypatch, run, epoch, rank, world, fires):
+    import json
+
+    from braintumor_ray.train._loop import INJECT_FAILURE_ENV, _failure_hook
+
+    marker = tmp_path / "fired"
+    monkeypatch.setenv(INJECT_FAILURE_ENV, json.dumps(HOOK | {"marker": str(marker)}))
+    hook = _failure_hook(epoch, rank, world, run)
+    assert (hook is not None) == fires
+    if fires:
+        hook(0)  # not its step
+        with pytest.raises(RuntimeError, match="injected failure"):
+            hook(1)
+        hook(1)  # once only: the marker now exists
+        assert marker.exists()
+    monkeypatch.delenv(INJECT_FAILURE_ENV)
+    assert _failure_hook(epoch, rank, world, run) is None  # unset: never armed
