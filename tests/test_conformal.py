@@ -211,3 +211,22 @@ def test_series_set_is_the_union_of_the_deciding_slices_sets():
     assert one.in_set == (True, False, False, False) and one.review_reason is None
     assert series_verdict(p, no_tumor=2, in_set=in_set, review_threshold=0.99).review_reason == "low_confidence"
     assert series_verdict(p, no_tumor=2).in_set is None
+
+
+def test_training_report_shows_coverage_set_sizes_and_each_examples_set(tmp_path):
+    from braintumor_ray.core import CLASS_NAMES, resolve
+    from braintumor_ray.report import Example, training_report_html
+    from braintumor_ray.train import split_report
+    from braintumor_ray.trust import coverage_report
+
+    trust, logits, x = _fitted_trust()
+    o = {"logits": logits, "features": x, "labels": np.arange(400) % 4}
+    val = split_report(trust, o) | {"conformal": coverage_report(trust.conformal, softmax(logits, trust.temperature),
+                                                                 o["labels"], CLASS_NAMES)}
+    metrics = {"run": {"name": "r"}, "epochs": [], "best_epoch": 1,
+               "trust": {"temperature": trust.temperature, "ood_detector": "mahalanobis", "review_threshold": 0.5,
+                         "val": val, "conformal": trust.report["conformal"]}}
+    ex = Example(true_label="glioma", predicted_label="glioma", confidence=0.6, prediction_set=("glioma", "meningioma"))
+    html = training_report_html(metrics, resolve(str(tmp_path)), [ex])
+    assert 'id="sets"' in html and "prediction-set size" in html and f"{val['conformal']['coverage']:.3f}" in html
+    assert "<dt>prediction set</dt><dd>glioma, meningioma</dd>" in html

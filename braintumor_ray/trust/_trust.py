@@ -181,7 +181,7 @@ def fit_trust(cfg: TrustConfig, *, train_features: np.ndarray, train_labels: np.
     conf_rows = split_calibration(val_labels, cfg.conformal_fraction, seed=seed)
     if len(val_labels) < 2 or (~conf_rows).sum() < 2:
         raise ConfigError(f"calibration and the review threshold need 2 or more validation images beside the "
-                          f"{int(conf_rows.sum())} that calibrate the prediction sets, and the split has "
+                          f"{int(conf_rows.sum())} that calibrate the prediction sets, and the validation split has "
                           f"{len(val_labels)}: re-run the ingest with a larger --val-fraction (or lower "
                           "--trust.conformal-fraction)")
     all_logits = val_logits
