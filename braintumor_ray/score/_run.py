@@ -453,6 +453,9 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     # The series verdicts' review threshold: the option, else the package's (none before trust).
     review = config.review_threshold if config.review_threshold is not None else float(
         (meta.get("trust") or {}).get("review_threshold", 0.0))
+    if "conformal" not in (meta.get("trust") or {}):
+        logger.warning("score: model %s was exported before prediction sets: its rows get null prediction_set and "
+                       "set_size and no 'ambiguous' flag (train it again, or run a search, to add them)", model_id)
     src = resolve(config.input, s3_endpoint_url=config.s3_endpoint_url)
     dst = resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)
     ids = Identifiers.from_env(config.path_mode, config.uid_mode, root=src.uri)  # no key: fails before any work
