@@ -13,6 +13,11 @@ figures are means over the draws (the spread of one draw is given for validation
 shifted (its gliomas come from another source): it is reported as it is, not covered by the
 guarantee. Only the model's logits are needed (cached in ``--out``); the OOD part of the trust
 is not measured here (bench_trust.py), so the energy detector stands in for it.
+
+``--package-out DIR --raw SARTAJ``: also fit the whole trust as training does (``fit_trust``
+with every default: Mahalanobis on the training split's features, seed 0), export the model
+again with it (``DIR/model``, ONNX included), and score the raw Testing folder with both
+engines (``jobs/score.py``'s ``run_scoring``, one local Ray), comparing their sets row by row.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ def main() -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seeds", type=int, default=200)
+    p.add_argument("--package-out", help="re-export the model with prediction sets here and score --raw's Testing")
+    p.add_argument("--raw", help="the raw dataset (Training/, Testing/) for --package-out")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import torch
@@ -135,7 +142,48 @@ def main() -> int:
         print(f"  alpha {alpha}: " + ", ".join(f"{c} {r[c][2]:.3f}" for c in names))
     with open(os.path.join(args.out, "conformal.json"), "w") as f:
         json.dump({" | ".join(map(str, k)): v for k, v in res.items()}, f, indent=1)
+    if args.package_out and args.raw:
+        score_both_engines(pkg, args, z, vy)
     return 0
+
+
+def score_both_engines(pkg, args, z: dict, vy: np.ndarray) -> None:
+    import pandas as pd
+    import ray
+
+    from braintumor_ray import export_model_package
+    from braintumor_ray.score import ScoreConfig, run_scoring
+
+    train = read_split(args.data, "train")
+    _, train_features = run_model(pkg, train["image"])
+    trust = fit_trust(TrustConfig(), train_features=train_features, train_labels=train["label"],
+                      val_logits=z["val_logits"], val_features=z["val_features"], val_labels=vy)
+    uri = os.path.join(args.package_out, "model")
+    meta = export_model_package(pkg.model, uri, preprocess=pkg.preprocess, metrics=pkg.metrics, trust=trust)
+    print(f"\nre-exported with sets: model {meta['model_id']} (was {pkg.model_id}); temperature {trust.temperature:.3f}, "
+          f"review threshold {trust.review_threshold:.3f}, LAC thresholds {trust.conformal.to_meta()['thresholds']} "
+          f"from {trust.conformal.counts} calibration images", flush=True)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    frames = {}
+    for engine in ("onnxruntime", "torch"):
+        out = os.path.join(args.package_out, f"testing_{engine}")
+        t = time.time()
+        run_scoring(ScoreConfig(model=uri, input=os.path.join(args.raw, "Testing"), output=out, engine=engine,
+                                explain="none"))
+        frames[engine] = pd.read_parquet(out).query("status == 'ok'").set_index("path").sort_index()
+        print(f"{engine}: {len(frames[engine])} rows in {time.time() - t:.0f} s", flush=True)
+    ray.shutdown()
+    a, b = frames["onnxruntime"], frames["torch"]
+    same = [list(x) == list(y) for x, y in zip(a.prediction_set, b.prediction_set)]
+    print(f"sets equal in both engines: {sum(same)}/{len(same)}; labels equal: {(a.predicted_label == b.predicted_label).sum()}"
+          f"; review reasons equal: {(a.review_reason.fillna('-') == b.review_reason.fillna('-')).sum()}")
+    truth = a.index.map(lambda p: next(c for c in CLASS_NAMES if f"/{c.split('_')[0]}" in p.lower()))
+    covered = [t in list(s) for t, s in zip(truth, a.prediction_set)]
+    print(f"Testing scored from raw files: coverage {np.mean(covered):.3f}, set sizes {a.set_size.value_counts().sort_index().to_dict()}, "
+          f"review reasons {a.review_reason.fillna('none').value_counts().to_dict()}")
+    for c in CLASS_NAMES:
+        m = np.asarray(truth == c)
+        print(f"  {c}: n {m.sum()}, coverage {np.mean(np.asarray(covered)[m]):.3f}, mean set size {a.set_size[m].mean():.2f}")
 
 
 if __name__ == "__main__":
