@@ -23,7 +23,7 @@ def _run(args, cwd, home, timeout=420):
 
 @pytest.mark.ray
 def test_smoke_test_end_to_end(tmp_path, monkeypatch):
-    p = _run(["--smoke-test", "--name", "smoke", "--epochs", "2"], cwd=tmp_path, home=tmp_path)
+    p = _run(["--smoke-test", "--name", "smoke", "--epochs", "2", "--conformal-alpha", "0.2"], cwd=tmp_path, home=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     run = tmp_path / "demo" / "runs" / "smoke"
     m = json.loads((run / "metrics.json").read_text())
@@ -40,6 +40,11 @@ def test_smoke_test_end_to_end(tmp_path, monkeypatch):
     assert (run / "reliability.png").exists() and (run / "model" / "trust.safetensors").exists()
     assert json.loads((run / "model" / "model.json").read_text())["trust"]["temperature"] == t["temperature"]
     assert "calibration: temperature" in p.stdout
+    # The prediction sets (issue 28): class-conditional, at the alpha asked for, in the package (so in its id).
+    conformal = json.loads((run / "model" / "model.json").read_text())["trust"]["conformal"]
+    assert conformal["alpha"] == 0.2 and conformal["class_conditional"] and len(conformal["thresholds"]) == 4
+    assert t["conformal"]["rows"] == sum(conformal["counts"]) and "coverage" in t["test"]["conformal"]
+    assert "prediction sets (alpha 0.2" in p.stdout and 'id="sets"' in (run / "report.html").read_text()
     # The run's HTML report, with the validation grid's scans and heat maps embedded.
     report = (run / "report.html").read_text()
     assert m["report"] == str(run / "report.html") and f"report: {run / 'report.html'}" in p.stdout

@@ -199,6 +199,37 @@ def line_chart(
     return f'<figure class="chart">{"".join(out)}<figcaption class="legend">{"".join(legend)}</figcaption></figure>'
 
 
+def bar_chart(bars: Sequence[tuple[str, Sequence[int]]], labels: Sequence[str], *, title: str, xlabel: str,
+              width: int = 440, height: int = 240) -> str:
+    """An inline SVG bar chart of counts (a histogram): ``bars`` of (series label, count per
+    ``labels`` entry), series side by side within each label's slot; the legend below."""
+    ml, mr, mt, mb = 44, 14, 28, 40
+    pw, ph = width - ml - mr, height - mt - mb
+    top = max([1] + [v for _, vs in bars for v in vs])
+    slot = pw / max(1, len(labels))
+    bw = slot * 0.8 / max(1, len(bars))
+    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+           f'aria-label="{esc(title)}" xmlns="http://www.w3.org/2000/svg">',
+           f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" class="title">{esc(title)}</text>',
+           f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" class="frame"/>',
+           f'<text x="{ml - 5}" y="{mt + 4}" text-anchor="end">{top}</text>',
+           f'<text x="{ml - 5}" y="{mt + ph + 4}" text-anchor="end">0</text>',
+           f'<text x="{ml + pw / 2:.0f}" y="{height - 6}" text-anchor="middle">{esc(xlabel)}</text>']
+    legend = []
+    for j, (series, values) in enumerate(bars):
+        colour = PALETTE[j % len(PALETTE)]
+        for i, v in enumerate(values):
+            h = ph * v / top
+            x = ml + slot * i + slot * 0.1 + bw * j
+            out.append(f'<rect x="{x:.1f}" y="{mt + ph - h:.1f}" width="{bw:.1f}" height="{h:.1f}" fill="{colour}">'
+                       f"<title>{esc(series)}: {esc(str(labels[i]))}: {int(v)}</title></rect>")
+        legend.append(f'<span><i style="background:{colour}"></i>{esc(series)}</span>')
+    for i, lab in enumerate(labels):
+        out.append(f'<text x="{ml + slot * (i + 0.5):.1f}" y="{mt + ph + 14}" text-anchor="middle">{esc(str(lab))}</text>')
+    out.append("</svg>")
+    return f'<figure class="chart">{"".join(out)}<figcaption class="legend">{"".join(legend)}</figcaption></figure>'
+
+
 def _tick(v: float) -> str:
     return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core import Location
-from ._page import data_table, esc, fmt, img, is_png, page, section, static_table, write_html
+from ._page import bar_chart, data_table, esc, fmt, img, is_png, page, section, static_table, write_html
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +42,17 @@ MAX_CASES = 300
 # first, so what a reviewer needs is never the part left out.
 MAX_TABLE_ROWS = 20_000
 MAP_READERS = 16
-REASON_ORDER = {"out_of_distribution": 0, "low_confidence": 1}
+REASON_ORDER = {"out_of_distribution": 0, "low_confidence": 1, "ambiguous": 2}
 
-_TABLE_COLUMNS = ["path", "predicted_label", "confidence", "ood_score", "review_reason", "status", "error"]
+_TABLE_COLUMNS = ["path", "predicted_label", "confidence", "ood_score", "review_reason", "prediction_set", "set_size",
+                  "status", "error"]
 _OPTIONAL_COLUMNS = ["study_instance_uid", "series_instance_uid", "sop_instance_uid", "instance_number", "slice_index"]
 _TAIL_COLUMNS = ["model_id", "scored_at"]
-_SERIES_COLUMNS = ["predicted_label", "confidence", "review_reason", "slices_scored", "slices_failed", "slices_voting",
+_SERIES_COLUMNS = ["predicted_label", "confidence", "review_reason", "prediction_set", "set_size", "slices_scored", "slices_failed", "slices_voting",
                    "study_instance_uid", "series_instance_uid", "volume_path", "top_slice_path",
                    "top_slice_instance_number", "top_slice_index", "model_id"]
 _TYPES = {"error": "long", "confidence": "num", "ood_score": "num", "top_probability": "num", "instance_number": "int",
-          "slice_index": "int", "slices_scored": "int", "slices_failed": "int", "slices_voting": "int",
+          "slice_index": "int", "set_size": "int", "slices_scored": "int", "slices_failed": "int", "slices_voting": "int",
           "top_slice_instance_number": "int", "top_slice_index": "int"}
 
 
@@ -75,11 +76,31 @@ def read_predictions(dst: Location) -> tuple[pd.DataFrame, int]:
     for c in _TABLE_COLUMNS + _OPTIONAL_COLUMNS + _TAIL_COLUMNS:
         if c not in df:
             df[c] = None
+    df["prediction_set"] = df["prediction_set"].map(set_text)
     total = len(df)
     if total and df["scored_at"].notna().any():
         latest = df.groupby(["model_id", "path"], dropna=False)["scored_at"].transform("max")
         df = df[(df["scored_at"] == latest) | latest.isna()]
     return df.reset_index(drop=True), total
+
+
+def set_text(v: Any) -> str | None:
+    """A prediction set as the page shows it: ``glioma, meningioma`` (None without one)."""
+    if v is None or isinstance(v, (float, str)):
+        return None if v is None or isinstance(v, float) else v
+    return ", ".join(str(c) for c in v)
+
+
+def set_size_histogram(frames: list[tuple[str, pd.DataFrame]], classes: int) -> str:
+    """Rows per prediction-set size (1 .. the number of classes), one bar series per frame."""
+    sizes = [str(k) for k in range(1, max(2, classes) + 1)]
+    bars = []
+    for label, f in frames:
+        n = pd.to_numeric(f["set_size"], errors="coerce").dropna().astype(int).value_counts() if len(f) else pd.Series(dtype=int)
+        bars.append((label, [int(n.get(int(k), 0)) for k in sizes]))
+    if not any(sum(v) for _, v in bars):
+        return ""
+    return bar_chart(bars, sizes, title="prediction-set size", xlabel="classes in the set")
 
 
 def review_order(df: pd.DataFrame) -> pd.DataFrame:
@@ -148,6 +169,8 @@ def _card(row: pd.Series, maps: dict[str, bytes | None], probs: list[str], extra
     tag = (f'<span class="tag flag">{esc(reason)}</span>' if isinstance(reason, str) else "") + (
         f'<span class="tag {"tumour" if label != NO_TUMOR else "ok"}">{esc(label)}</span>' if isinstance(label, str) else "")
     facts = [("confidence", fmt(row.get("confidence"))), ("ood score", fmt(row.get("ood_score")))]
+    if isinstance(row.get("prediction_set"), str):
+        facts.insert(0, ("prediction set", row["prediction_set"]))
     facts += [(c[len(PROB_PREFIX):], fmt(row.get(c))) for c in probs]
     for c in ("instance_number", "slice_index"):
         v = row.get(c)
@@ -191,9 +214,15 @@ def scoring_report_html(
               + "<div><h3>Predicted class (ok rows)</h3>" + static_table(["class", "rows", "share", "flagged for review"], by_class) + "</div>"
               + "<div><h3>Status</h3>" + static_table(["status", "rows", "share"], _counts(df, "status", ["ok", "error", "skipped"])) + "</div>"
               + "<div><h3>Review reason (ok rows)</h3>" + static_table(
-                  ["review reason", "rows", "share"], _counts(ok, "review_reason", ["out_of_distribution", "low_confidence"],
-                                                              none_label="none (the prediction stands)")) + "</div>"
-              + "</div>")
+                  ["review reason", "rows", "share"], _counts(ok, "review_reason", list(REASON_ORDER),
+                                                              none_label="none (the prediction stands)")) + "</div>")
+    hist = set_size_histogram([("ok rows", ok)], len(probs)) if len(ok) else ""
+    if hist:
+        sized = ok[pd.to_numeric(ok["set_size"], errors="coerce").notna()]
+        counts += ("<div><h3>Prediction-set size (ok rows)</h3>" + static_table(
+            ["classes in the set", "rows", "share"], _counts(sized.assign(set_size=sized["set_size"].astype(int).astype(str)),
+                                                             "set_size")) + hist + "</div>")
+    counts += "</div>"
     parts.append(section("Counts", counts, anchor="counts"))
 
     # Series verdicts.
@@ -202,6 +231,8 @@ def scoring_report_html(
         cols = [c for c in _SERIES_COLUMNS if c in st and st[c].notna().any()]
         if len(st):
             st = review_order(st.assign(path=st.get("top_slice_path"), status="ok"))
+        if "prediction_set" in st:
+            st["prediction_set"] = st["prediction_set"].map(set_text)
         rows = st[cols].astype(object).where(st[cols].notna(), None).values.tolist()
         verdicts = static_table(["verdict", "series or volumes", "share"], _counts(st, "predicted_label"))
         parts.append(section(
@@ -223,7 +254,9 @@ def scoring_report_html(
         cards.append(html_card)
         embedded += has
     note = (f"{len(cases)} rows to review first: rows with a review reason (out of distribution, then low confidence, "
-            "least confident first), then tumour predictions (most confident first).")
+            "then ambiguous: a prediction set of more than one class; least confident first), then tumour predictions "
+            "(most confident first). A row's prediction set holds the classes still in play: at the model's conformal "
+            "alpha it misses the true class of at most that share of each class's images like the calibration images.")
     if len(cases) > max_cases:
         note += f' <span class="notice">Showing the first {max_cases} of {len(cases)}; the rest are in the table below.</span>'
     if len(shown) and not embedded:

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 from ..core import Location
 from ._page import (
     REPORT_FILE,
+    bar_chart,
     confusion_table,
     data_table,
     facts_table,
@@ -46,6 +47,7 @@ class Example:
     overlay_png: bytes | None = None
     scan_png: bytes | None = None
     review_reason: str | None = None
+    prediction_set: tuple[str, ...] | None = None  # the conformal set (None: a model without sets)
 
 
 def _read_png(loc: Location) -> bytes | None:
@@ -116,7 +118,33 @@ def trust_section(trust: Mapping[str, Any] | None, reliability: Location | None)
             f"rows below confidence {trust['review_threshold']:.3f} or beyond the OOD threshold are flagged for review.")
     return section("Calibration and review flags", f'{table}<div class="row">{fig}{chart}</div>', anchor="trust",
                    note=head + " Risk-coverage: rows set aside from the least confident up; each point is exact "
-                   "(the reliability bins' edges), the ringed point is where the review flags put the line.")
+                   "(the reliability bins' edges), the ringed point is where the review flags put the line.") \
+        + conformal_section(trust)
+
+
+def conformal_section(trust: Mapping[str, Any]) -> str:
+    """Prediction sets: coverage and mean set size per split and per true class, the set sizes."""
+    splits = [s for s in SPLITS if ((trust.get(s) or {}).get("conformal") or {}).get("n")]
+    cal = trust.get("conformal")
+    if not splits or not cal:
+        return ""
+    classes = list(trust[splits[0]]["conformal"].get("per_class") or {})
+    head = ["split", "n", "coverage", "mean set size"] + [f"{c} coverage / size" for c in classes]
+    rows = []
+    for s in splits:
+        c = trust[s]["conformal"]
+        per = c.get("per_class") or {}
+        rows.append([s, c["n"], c["coverage"], c["mean_set_size"]] + [
+            f"{per[k]['coverage']:.3f} / {per[k]['mean_set_size']:.2f} (n={per[k]['n']})" if k in per else "" for k in classes])
+    sizes = sorted({k for s in splits for k in trust[s]["conformal"].get("set_sizes", {})}, key=int)
+    chart = bar_chart([(s, [trust[s]["conformal"]["set_sizes"].get(k, 0) for k in sizes]) for s in splits], sizes,
+                      title="prediction-set size", xlabel="classes in the set")
+    note = (f"Class-conditional conformal sets ({esc(str(cal.get('score')))} score) at alpha {cal.get('alpha')}: for images like "
+            f"the calibration images, each class's true images are in their set at least {1 - float(cal['alpha']):.0%} "
+            f"of the time. Calibrated on {cal.get('rows')} validation images (per class {cal.get('counts')}) that fit "
+            "neither the temperature nor the review threshold; val here is the other validation images (held out from "
+            "the sets' calibration). Test and test_clean only report: shifted data is not covered by the guarantee.")
+    return section("Prediction sets", static_table(head, rows) + f'<div class="row">{chart}</div>', anchor="sets", note=note)
 
 
 def examples_section(examples: Sequence[Example], *, what: str = "validation") -> str:
@@ -131,7 +159,9 @@ def examples_section(examples: Sequence[Example], *, what: str = "validation") -
         cards.append(
             f'<div class="card"><div class="pair">{pics}</div><div>{flag}<span class="tag {"flag" if wrong else "ok"}">'
             f'{"wrong" if wrong else "right"}</span></div><dl><dt>true</dt><dd>{esc(e.true_label)}</dd>'
-            f"<dt>predicted</dt><dd>{esc(e.predicted_label)}</dd><dt>confidence</dt><dd>{fmt(e.confidence)}</dd></dl></div>")
+            f"<dt>predicted</dt><dd>{esc(e.predicted_label)}</dd><dt>confidence</dt><dd>{fmt(e.confidence)}</dd>"
+            + (f"<dt>prediction set</dt><dd>{esc(', '.join(e.prediction_set))}</dd>" if e.prediction_set else "")
+            + "</dl></div>")
     return section(f"{what.capitalize()} examples", f'<div class="cards">{"".join(cards)}</div>', anchor="examples",
                    note=f"{len(examples)} {what} images, mistakes first, then a few of each class: the scan as the model "
                    "saw it (after the head crop) and its Grad-CAM heat map for the predicted class.")

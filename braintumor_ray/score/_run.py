@@ -84,8 +84,12 @@ def output_schema(class_names: list[str]) -> pa.Schema:
             *[(PROB_PREFIX + c, pa.float32()) for c in class_names],  # calibrated when the package can
             ("confidence", pa.float32()),  # the top probability (calibrated)
             ("ood_score", pa.float32()),  # distance from the training data (higher: less like it)
-            # null: the prediction stands; out_of_distribution (wins) or low_confidence: review it
+            # null: the prediction stands; out_of_distribution (wins), low_confidence or ambiguous: review it
             ("review_reason", pa.string()),
+            # The classes still in play (class-conditional conformal set at the package's alpha);
+            # null for packages from before sets and for rows that are not ok.
+            ("prediction_set", pa.list_(pa.string())),
+            ("set_size", pa.int8()),
             ("head_fraction", pa.float32()),  # share of the image the head covers (series votes)
             ("model_id", pa.string()),
             ("scored_at", pa.timestamp("us", tz="UTC")),
@@ -328,6 +332,7 @@ class Predictor:
         conf = np.full(n, np.nan, dtype=np.float32)
         ood = np.full(n, np.nan, dtype=np.float32)
         reasons: list[str | None] = [None] * n
+        sets: list[list[str] | None] = [None] * n
         images = None
         if ok:
             pix = batch.column("pixels").to_pylist()
@@ -341,8 +346,8 @@ class Predictor:
             else:
                 a = trust.assess(logits, feats, review_threshold=self.review_threshold)
                 probs[ok], conf[ok], ood[ok] = a.probs, a.confidence, a.ood_score
-                for i, r in zip(ok, a.review_reason):
-                    reasons[i] = r
+                for i, r, ps in zip(ok, a.review_reason, a.prediction_sets(self.model.class_names) or [None] * len(ok)):
+                    reasons[i], sets[i] = r, ps
         paths = batch.column("path").to_pylist()
         names = list(self.model.class_names)
         predicted = [names[int(np.argmax(probs[i]))] if is_ok[i] else None for i in range(n)]
@@ -361,6 +366,8 @@ class Predictor:
             "confidence": pa.array(conf, pa.float32(), mask=np.isnan(conf)),
             "ood_score": pa.array(ood, pa.float32(), mask=np.isnan(ood)),
             "review_reason": reasons,
+            "prediction_set": sets,
+            "set_size": [None if ps is None else len(ps) for ps in sets],
             "head_fraction": batch.column("head_fraction"),
             "model_id": [self.model.model_id] * n,
             "scored_at": [self.scored_at] * n,
@@ -446,6 +453,9 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     # The series verdicts' review threshold: the option, else the package's (none before trust).
     review = config.review_threshold if config.review_threshold is not None else float(
         (meta.get("trust") or {}).get("review_threshold", 0.0))
+    if "conformal" not in (meta.get("trust") or {}):
+        logger.warning("score: model %s was exported before prediction sets: its rows get null prediction_set and "
+                       "set_size and no 'ambiguous' flag (train it again, or run a search, to add them)", model_id)
     src = resolve(config.input, s3_endpoint_url=config.s3_endpoint_url)
     dst = resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)
     ids = Identifiers.from_env(config.path_mode, config.uid_mode, root=src.uri)  # no key: fails before any work

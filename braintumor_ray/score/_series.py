@@ -18,8 +18,16 @@ it, while a single noisy slice (one of three) cannot reach 0.5 alone. A score of
 names the tumour class with the most probability on those slices; below, ``no_tumor``. The
 series' ``confidence`` is the score (or 1 - score for ``no_tumor``), and its ``review_reason``
 is ``out_of_distribution`` when no slice could vote because of it, ``no_head_content`` when
-none shows enough head, or ``low_confidence`` below the model's review threshold. Models
-without a ``no_tumor`` class take the highest mean probability of the voting slices.
+none shows enough head, ``low_confidence`` below the model's review threshold, or ``ambiguous``
+when its prediction set holds more than one class. Models without a ``no_tumor`` class take
+the highest mean probability of the voting slices.
+
+The series' ``prediction_set`` is the union of the sets of the slices that decide the verdict
+(the top ``k`` voting slices; all voting slices for models without ``no_tumor``), and the
+verdict's class: every diagnosis still in play on the slices that carry the evidence. Each
+slice's set has the conformal guarantee for slices like the calibration images; the union is
+no calibrated series-level set (no series were calibrated), only larger, so at least as often
+right.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ TOP_K = 3
 # A slice votes when its head covers at least this share of the series' largest head section.
 HEAD_SHARE = 0.5
 # Columns older prediction files lack; their rows vote as before trust flags existed.
-_OPTIONAL = {"head_fraction": pa.float32(), "review_reason": pa.string()}
+_OPTIONAL = {"head_fraction": pa.float32(), "review_reason": pa.string(), "prediction_set": pa.list_(pa.string())}
 
 _ROW_COLUMNS = [
     "path",
@@ -83,6 +91,8 @@ def series_schema(class_names: list[str]) -> pa.Schema:
             ("top_probability", pa.float32()),
             ("confidence", pa.float32()),  # how sure the verdict is (see series_verdict)
             ("review_reason", pa.string()),  # null: the verdict stands
+            ("prediction_set", pa.list_(pa.string())),  # union of the deciding slices' sets (null without sets)
+            ("set_size", pa.int8()),
             ("slices_voting", pa.int32()),
             ("top_slice_path", pa.string()),
             ("top_slice_sop_instance_uid", pa.string()),
@@ -186,7 +196,8 @@ def series_table(rows: pa.Table, class_names: list[str], *, review_threshold: fl
         out["last_scored_at"].append(g["scored_at"].max())
         if ok.empty:
             for k in ("predicted_label", "top_probability", "confidence", "review_reason", "top_slice_path",
-                      "top_slice_sop_instance_uid", "top_slice_instance_number", "top_slice_index"):
+                      "top_slice_sop_instance_uid", "top_slice_instance_number", "top_slice_index", "prediction_set",
+                      "set_size"):
                 out[k].append(None)
             out["slices_voting"].append(0)
             for c in names:
@@ -196,10 +207,14 @@ def series_table(rows: pa.Table, class_names: list[str], *, review_threshold: fl
         p = ok[[PROB_PREFIX + c for c in names]].to_numpy(dtype=np.float64)
         head = ok["head_fraction"].to_numpy(dtype=np.float64, na_value=np.nan)
         ood = (ok["review_reason"] == "out_of_distribution").to_numpy()
-        v = series_verdict(p, head_fraction=head, ood=ood, no_tumor=no_tumor, review_threshold=review_threshold)
+        in_set = _set_mask(ok["prediction_set"].tolist(), names)
+        v = series_verdict(p, head_fraction=head, ood=ood, no_tumor=no_tumor, review_threshold=review_threshold,
+                           in_set=in_set)
         out["slices_voting"].append(v.voting)
         out["confidence"].append(v.confidence)
         out["review_reason"].append(v.review_reason)
+        out["prediction_set"].append(None if v.in_set is None else [c for c, k in zip(names, v.in_set) if k])
+        out["set_size"].append(None if v.in_set is None else int(sum(v.in_set)))
         if v.label is None:
             for k in ("predicted_label", "top_probability", "top_slice_path", "top_slice_sop_instance_uid",
                       "top_slice_instance_number", "top_slice_index"):
@@ -222,16 +237,26 @@ def series_table(rows: pa.Table, class_names: list[str], *, review_threshold: fl
     return pa.Table.from_pydict(out, schema=schema)
 
 
+def _set_mask(sets: list, names: list[str]) -> np.ndarray | None:
+    """(n, classes) bool mask of the slices' prediction sets; None when a slice has none (rows
+    scored by a package from before sets)."""
+    if not sets or any(s is None or (isinstance(s, float) and np.isnan(s)) for s in sets):
+        return None
+    return np.array([[c in set(s) for c in names] for s in sets], dtype=bool)
+
+
 @dataclass(frozen=True)
 class Verdict:
     """One series' verdict: class index (None when no slice could vote), the slice that shows it
-    best, how sure, why to review it (None: it stands), and how many slices voted."""
+    best, how sure, why to review it (None: it stands), how many slices voted, and its
+    prediction set as a mask over the classes (None without slice sets)."""
 
     label: int | None
     top_slice: int | None
     confidence: float | None
     review_reason: str | None
     voting: int
+    in_set: tuple[bool, ...] | None = None
 
 
 def series_verdict(
@@ -242,8 +267,10 @@ def series_verdict(
     no_tumor: int | None,
     review_threshold: float = 0.0,
     k: int = TOP_K,
+    in_set: np.ndarray | None = None,
 ) -> Verdict:
-    """The verdict of a series from its ok slices' calibrated probabilities ``p`` (n, classes)."""
+    """The verdict of a series from its ok slices' calibrated probabilities ``p`` (n, classes)
+    and, when given, their prediction sets ``in_set`` (n, classes) bool."""
     n = len(p)
     ood = np.zeros(n, bool) if ood is None else np.asarray(ood, bool)
     head = np.ones(n) if head_fraction is None else np.nan_to_num(np.asarray(head_fraction, np.float64), nan=1.0)
@@ -254,6 +281,7 @@ def series_verdict(
         # The largest head section always has "enough", so only OOD flags can silence every slice.
         return Verdict(None, None, None, "out_of_distribution" if ood.any() else "no_head_content", 0)
     q = p[idx]
+    deciding = idx
     if no_tumor is None:
         cls = int(q.mean(axis=0).argmax())
         best = int(idx[int(q[:, cls].argmax())])
@@ -261,6 +289,7 @@ def series_verdict(
     else:
         tumour = 1.0 - q[:, no_tumor]
         top = np.argsort(-tumour, kind="stable")[: min(k, len(idx))]
+        deciding = idx[top]
         score = float(tumour[top].mean())
         if score >= 0.5:
             mass = q[top].sum(axis=0)
@@ -272,8 +301,13 @@ def series_verdict(
             cls = no_tumor
             best = int(idx[int(q[:, no_tumor].argmax())])
             conf = 1.0 - score
-    reason = "low_confidence" if conf < review_threshold else None
-    return Verdict(cls, best, conf, reason, int(len(idx)))
+    union = None
+    if in_set is not None:
+        mask = np.asarray(in_set, bool)[deciding].any(axis=0)
+        mask[cls] = True
+        union = tuple(bool(x) for x in mask)
+    reason = "low_confidence" if conf < review_threshold else "ambiguous" if union and sum(union) > 1 else None
+    return Verdict(cls, best, conf, reason, int(len(idx)), union)
 
 
 def top_slice(p: np.ndarray, no_tumor: int | None) -> tuple[int, int]:

@@ -57,11 +57,11 @@ def validation_examples(
     lo, fe = np.concatenate(logits)[:scanned], np.concatenate(feats)[:scanned]
     if trust is not None:
         a = trust.assess(lo, fe)
-        probs, reasons = a.probs, list(a.review_reason)
+        probs, reasons, sets = a.probs, list(a.review_reason), a.prediction_sets(class_names)
     else:
         from ..trust import softmax
 
-        probs, reasons = softmax(lo), [None] * len(lo)
+        probs, reasons, sets = softmax(lo), [None] * len(lo), None
     pred = probs.argmax(1)
     k = len(class_names)
     total = per_class * k
@@ -75,7 +75,8 @@ def validation_examples(
         x[chosen], classes=[int(pred[i]) for i in chosen])
     return [Example(true_label=class_names[int(y[i])], predicted_label=class_names[int(pred[i])],
                     confidence=float(probs[i].max()), overlay_png=overlay_png(x[i], m), scan_png=encode_png(x[i]),
-                    review_reason=reasons[i]) for i, m in zip(chosen, maps)]
+                    review_reason=reasons[i], prediction_set=tuple(sets[i]) if sets else None)
+            for i, m in zip(chosen, maps)]
 
 
 def write_run_report(metrics: dict[str, Any], run: Location, *, model: torch.nn.Module, trust, data) -> str:

@@ -246,6 +246,11 @@ def format_table(metrics: dict[str, Any]) -> str:
                                  if t.get(s, {}).get("n")))
         lines.append(f"  review flags ({t['ood_detector']} OOD, confidence < {t['review_threshold']:.2f}): "
                      + ", ".join(f"{s} {t[s]['flagged']:.0%}" for s in splits if t.get(s, {}).get("n")))
+        if t.get("conformal"):
+            lines.append(f"  prediction sets (alpha {t['conformal']['alpha']:g}, class-conditional): coverage / mean size "
+                         + ", ".join(f"{s} {t[s]['conformal']['coverage']:.3f} / {t[s]['conformal']['mean_set_size']:.2f}"
+                                     for s in splits if (t.get(s, {}).get("conformal") or {}).get("n"))
+                         + " (val: the half that did not calibrate them)")
     lines.append(f"  model: {metrics['model']['uri']} ({metrics['model']['model_id']})")
     if metrics.get("report"):
         lines.append(f"  report: {metrics['report']}")

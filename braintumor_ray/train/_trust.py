@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core import Location
-from ..trust import REVIEW_REASONS, Trust, TrustConfig, calibration_report, fit_trust, reliability_bins, softmax
+from ..core import CLASS_NAMES, Location
+from ..trust import (REVIEW_REASONS, Trust, TrustConfig, calibration_report, coverage_report, fit_trust, reliability_bins,
+                     softmax, split_calibration)
 from ._data import TrainData
 from ._outputs import pyplot, save_figure
 
@@ -50,6 +51,8 @@ def fit_model_trust(model: torch.nn.Module, data: TrainData, cfg: TrustConfig, *
     tr, va = outs["train"], outs["val"]
     trust = fit_trust(cfg, train_features=tr["features"], train_labels=tr["labels"], val_logits=va["logits"],
                       val_features=va["features"], val_labels=va["labels"], seed=seed)
+    # Validation's conformal figures: on the rows that did not calibrate the sets (split as fit_trust splits).
+    held_out = ~split_calibration(va["labels"], cfg.conformal_fraction, seed=seed)
     splits = {"val": va}
     if "test" in outs:
         te = outs["test"]
@@ -59,6 +62,15 @@ def fit_model_trust(model: torch.nn.Module, data: TrainData, cfg: TrustConfig, *
                               "ood_threshold": trust.ood_threshold, "review_threshold": trust.review_threshold}
     for name, o in splits.items():
         report[name] = split_report(trust, o)
+        if trust.conformal is not None:
+            keep = held_out if name == "val" else np.ones(len(o["labels"]), bool)
+            report[name]["conformal"] = coverage_report(trust.conformal, softmax(o["logits"][keep], trust.temperature),
+                                                        o["labels"][keep], CLASS_NAMES)
+    if trust.conformal is not None:
+        report["conformal"] = trust.report.get("conformal")
+        logger.info("trust: prediction sets at alpha %g, val (held out) coverage %.3f, mean set size %.2f",
+                    trust.conformal.alpha, report["val"]["conformal"].get("coverage", float("nan")),
+                    report["val"]["conformal"].get("mean_set_size", float("nan")))
     logger.info("trust: temperature %.3f, %s OOD threshold %.4g, review below confidence %.3f; val ECE %.3f -> %.3f",
                 trust.temperature, trust.detector, trust.ood_threshold, trust.review_threshold,
                 report["val"]["ece_before"], report["val"]["ece_after"])

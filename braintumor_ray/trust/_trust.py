@@ -1,11 +1,18 @@
 """What a model package carries so that each prediction says how far to trust it.
 
-Fitted once after training (``fit_trust``), on splits the test sets never touch: the temperature
-and the review threshold on the validation split, the out-of-distribution reference on the
-training split's features with its threshold on the validation split. Scoring applies it with
-numpy alone (``Trust.assess``): calibrated probabilities, ``confidence``, ``ood_score`` and a
-``review_reason`` (``out_of_distribution`` wins over ``low_confidence``; null = the prediction
-stands).
+Fitted once after training (``fit_trust``), on splits the test sets never touch. The validation
+split is cut in two, per class and by a seeded draw (split conformal, not cross-fitting): one
+part fits the temperature and the review threshold, the other (``conformal_fraction`` of it)
+calibrates the prediction sets, so the sets' scores are exchangeable with new rows' (the
+temperature was not fitted on them). The out-of-distribution reference is fitted on the
+training split's features, its threshold on the whole validation split. Scoring applies it with
+numpy alone (``Trust.assess``): calibrated probabilities, ``confidence``, ``ood_score``, the
+prediction set and a ``review_reason`` (``out_of_distribution`` wins over ``low_confidence``,
+which wins over ``ambiguous``, a set of more than one class; null = the prediction stands).
+
+Split rather than cross-fit: split conformal's guarantee is exact at a finite sample, while
+cross-conformal / CV+ only promise ``1 - 2 alpha`` and would need each fold's temperature at
+scoring time; a temperature (one number) and a confidence cut need few rows.
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ import numpy as np
 
 from ..core import Config, ConfigError, setting
 from ._calibration import calibration_report, fit_temperature, softmax
+from ._conformal import SCORES, Conformal, fit_conformal, split_calibration
 from ._ood import DETECTORS, Detector, make_detector
 
 OOD = "out_of_distribution"
 LOW_CONFIDENCE = "low_confidence"
-REVIEW_REASONS = (OOD, LOW_CONFIDENCE)
+AMBIGUOUS = "ambiguous"  # the prediction set holds more than one class
+REVIEW_REASONS = (OOD, LOW_CONFIDENCE, AMBIGUOUS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +49,14 @@ class TrustConfig(Config):
         "predictions kept reach this accuracy")
     review_max_fraction: float = setting(0.2, help="the low-confidence threshold never flags more than this share "
                                          "of validation images")
+    conformal_alpha: float = setting(
+        0.1, aliases=("--conformal-alpha",), help="prediction sets miss the true class of at most this share of "
+        "each class's images (class-conditional conformal, calibrated on part of the validation split)")
+    conformal_score: Literal["lac", "aps"] = setting(
+        "lac", help="conformal score: lac (1 - probability; smallest sets) or aps (probability mass ranked above)")
+    conformal_fraction: float = setting(
+        0.5, help="share of each class's validation images that calibrate the prediction sets (the rest fit the "
+        "temperature and the review threshold); 0: no prediction sets")
 
     def __post_init__(self) -> None:
         if not 0.5 <= self.ood_pass_rate <= 1.0:
@@ -48,17 +65,30 @@ class TrustConfig(Config):
             raise ConfigError(f"review_target_accuracy={self.review_target_accuracy}: use a share in (0, 1]")
         if not 0.0 <= self.review_max_fraction < 1.0:
             raise ConfigError(f"review_max_fraction={self.review_max_fraction}: use a share in 0..1")
+        if not 0.0 < self.conformal_alpha < 1.0:
+            raise ConfigError(f"conformal_alpha={self.conformal_alpha}: use a miscoverage rate in (0, 1), e.g. 0.1")
+        if self.conformal_score not in SCORES:
+            raise ConfigError(f"conformal_score={self.conformal_score!r}: use one of {', '.join(SCORES)}")
+        if not 0.0 <= self.conformal_fraction < 1.0:
+            raise ConfigError(f"conformal_fraction={self.conformal_fraction}: use a share in 0..1 (0: no sets)")
 
 
 @dataclass(frozen=True)
 class Assessment:
-    """Per row: calibrated probabilities, top probability, OOD score, review reason (or None)."""
+    """Per row: calibrated probabilities, top probability, OOD score, review reason (or None),
+    and the prediction set as a (N, classes) mask (None: a package from before sets)."""
 
     probs: np.ndarray
     confidence: np.ndarray
     ood_score: np.ndarray
     ood: np.ndarray
     review_reason: list[str | None]
+    in_set: np.ndarray | None = None
+
+    def prediction_sets(self, class_names) -> list[list[str]] | None:
+        if self.in_set is None:
+            return None
+        return [[c for c, k in zip(class_names, row) if k] for row in self.in_set]
 
 
 @dataclass
@@ -70,6 +100,7 @@ class Trust:
     ood_threshold: float = float("inf")
     review_threshold: float = 0.0
     report: dict[str, Any] = field(default_factory=dict)
+    conformal: Conformal | None = None  # prediction sets (None: a package from before them)
     _det: Detector | None = field(default=None, repr=False)
 
     @property
@@ -87,25 +118,31 @@ class Trust:
         score = det.score(features=features, logits=logits) if len(logits) else np.zeros(0)
         ood = score > self.ood_threshold
         tau = self.review_threshold if review_threshold is None else review_threshold
-        reasons = [OOD if o else (LOW_CONFIDENCE if c < tau else None) for o, c in zip(ood, conf)]
-        return Assessment(probs=probs, confidence=conf, ood_score=score, ood=ood, review_reason=reasons)
+        in_set = self.conformal.in_set(probs) if self.conformal is not None else None
+        wide = in_set.sum(axis=1) > 1 if in_set is not None else np.zeros(len(conf), bool)
+        reasons = [OOD if o else LOW_CONFIDENCE if c < tau else AMBIGUOUS if w else None
+                   for o, c, w in zip(ood, conf, wide)]
+        return Assessment(probs=probs, confidence=conf, ood_score=score, ood=ood, review_reason=reasons, in_set=in_set)
 
     # --- package form: a JSON mapping + arrays --------------------------------------------------
     def to_meta(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "detector": self.detector, "ood_threshold": self.ood_threshold,
+        meta = {"temperature": self.temperature, "detector": self.detector, "ood_threshold": self.ood_threshold,
                 "review_threshold": self.review_threshold, "report": self.report}
+        # Absent (not null) without sets: a package from before them keeps its model_id.
+        return meta | ({"conformal": self.conformal.to_meta()} if self.conformal is not None else {})
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {k: np.ascontiguousarray(v) for k, v in (self._det.state() if self._det else {}).items()}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> "Trust":
-        known = {"temperature", "detector", "ood_threshold", "review_threshold", "report"}
+        known = {"temperature", "detector", "ood_threshold", "review_threshold", "report", "conformal"}
         unknown = sorted(set(meta) - known)
         if unknown:
             raise ConfigError(f"unknown trust settings {', '.join(unknown)} in the model package: known are "
                               f"{', '.join(sorted(known))}; this package needs a newer braintumor-ray")
-        t = cls(**meta)
+        conformal = Conformal.from_meta(meta["conformal"]) if meta.get("conformal") is not None else None
+        t = cls(**{**meta, "conformal": conformal})
         t._det = make_detector(t.detector).load(arrays) if arrays or t.detector == "energy" else None
         if t._det is None:
             raise ConfigError(f"the model package's {t.detector} OOD reference has no arrays: export it again")
@@ -137,15 +174,22 @@ def choose_review_threshold(confidence: np.ndarray, correct: np.ndarray, *, targ
 
 def fit_trust(cfg: TrustConfig, *, train_features: np.ndarray, train_labels: np.ndarray, val_logits: np.ndarray,
               val_features: np.ndarray, val_labels: np.ndarray, seed: int = 0) -> Trust:
-    """Temperature and review threshold on validation; OOD reference on train, its threshold on validation."""
+    """Temperature and review threshold on one part of validation, the prediction sets on the other
+    (:func:`split_calibration`); OOD reference on train, its threshold on all of validation."""
     val_logits = np.asarray(val_logits, dtype=np.float64)
     val_labels = np.asarray(val_labels)
-    if len(val_labels) < 2:
-        raise ConfigError("calibration and the review threshold need a validation split of 2 or more images: "
-                          "re-run the ingest with --val-fraction > 0")
+    conf_rows = split_calibration(val_labels, cfg.conformal_fraction, seed=seed)
+    if len(val_labels) < 2 or (~conf_rows).sum() < 2:
+        raise ConfigError(f"calibration and the review threshold need 2 or more validation images beside the "
+                          f"{int(conf_rows.sum())} that calibrate the prediction sets, and the validation split has "
+                          f"{len(val_labels)}: re-run the ingest with a larger --val-fraction (or lower "
+                          "--trust.conformal-fraction)")
+    all_logits = val_logits
+    val_logits, val_labels, cal_logits, cal_labels = (val_logits[~conf_rows], val_labels[~conf_rows],
+                                                      val_logits[conf_rows], val_labels[conf_rows])
     temperature = fit_temperature(val_logits, val_labels) if cfg.calibrate else 1.0
     det = make_detector(cfg.ood_detector).fit(np.asarray(train_features), np.asarray(train_labels), seed=seed)
-    val_scores = det.score(features=np.asarray(val_features), logits=val_logits)
+    val_scores = det.score(features=np.asarray(val_features), logits=all_logits)
     ood_threshold = float(np.quantile(val_scores, cfg.ood_pass_rate)) if cfg.ood_pass_rate < 1 else float(val_scores.max())
     probs = softmax(val_logits, temperature)
     review = choose_review_threshold(probs.max(axis=1), probs.argmax(axis=1) == val_labels,
@@ -153,5 +197,12 @@ def fit_trust(cfg: TrustConfig, *, train_features: np.ndarray, train_labels: np.
     report = {"val": calibration_report(val_logits, val_labels, temperature),
               "val_ood_flagged": float((val_scores > ood_threshold).mean()),
               "val_review_flagged": float((probs.max(axis=1) < review).mean())}
+    conformal = None
+    if conf_rows.any():
+        conformal = fit_conformal(softmax(cal_logits, temperature), cal_labels, alpha=cfg.conformal_alpha,
+                                  score=cfg.conformal_score, num_classes=all_logits.shape[1])
+        report["conformal"] = {"alpha": conformal.alpha, "score": conformal.score, "rows": int(conf_rows.sum()),
+                               "thresholds": conformal.to_meta()["thresholds"], "counts": conformal.counts}
+    report["val_rows_temperature"] = int(len(val_labels))
     return Trust(temperature=temperature, detector=cfg.ood_detector, ood_threshold=ood_threshold,
-                 review_threshold=review, report=report, _det=det)
+                 review_threshold=review, report=report, conformal=conformal, _det=det)
