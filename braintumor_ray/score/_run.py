@@ -724,6 +724,13 @@ def format_summary(s: dict) -> str:
         f"  files seen {s['files_seen']}, rows scored {s['scored']} (one per image or slice), skipped as already "
         f"scored {s['skipped_already_scored']}, errors {s['errors']}, not selected {s.get('not_selected', 0)}",
     ]
+    if s.get("withdrawn") or s.get("errors_retried") or s.get("errors_final"):
+        lines.append(f"  withdrawn {s.get('withdrawn', 0)} (files gone from the input), error rows tried again "
+                     f"{s.get('errors_retried', 0)}, errors final after --retry-errors {s.get('errors_final', 0)}")
+    if s.get("replaced_models"):
+        lines.append(f"  replaced the rows of model {', '.join(s['replaced_models'])} (--rescore-all)")
+    for note in s.get("notes", ()):
+        lines.append(f"  note: {note}")
     if s.get("series") is not None:
         lines.append(f"  series table: {s['series']} series or volumes in {s['output'].rstrip('/')}_series/")
     if s.get("heatmaps"):
