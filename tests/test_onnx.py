@@ -39,6 +39,9 @@ def _old_package(package: str, dst: str) -> str:
     for k in [k for k in meta if k.startswith("onnx_")]:
         del meta[k]
     meta["versions"].pop("onnxruntime", None)
+    from braintumor_ray.models._package import _identity
+
+    meta["model_id"] = _identity(meta)  # without model.onnx, the id of an onnx=False export
     open(os.path.join(dst, "model.json"), "w").write(json.dumps(meta, indent=2, sort_keys=True))
     return dst
 
@@ -164,7 +167,8 @@ def test_package_without_onnx_still_scores(ray_session, package, archive, tmp_pa
     summary = run_scoring(ScoreConfig(model=old, input=archive, output=str(tmp_path / "old-out")))
     assert summary["engine"] == "torch" and summary["scored"] == 12
     new = run_scoring(ScoreConfig(model=package, input=archive, output=str(tmp_path / "new-out")))
-    assert summary["model_id"] == new["model_id"]  # the same model, the same id: nothing to redo
+    # model.onnx is one of the id's inputs (issue 25): the package with it is another id.
+    assert summary["model_id"] != new["model_id"]
     a, b = _rows(str(tmp_path / "old-out")), _rows(str(tmp_path / "new-out"))
     assert {p: r["predicted_label"] for p, r in a.items()} == {p: r["predicted_label"] for p, r in b.items()}
     with pytest.raises(ConfigError, match="needs a package with model.onnx"):
@@ -190,8 +194,8 @@ def test_model_actor_threads_follow_its_cpus(ray_session, package):
 
     @ray_session.remote
     class Probe:
-        def __init__(self, engine):
-            self.p = Predictor(_plan_for(package, engine))
+        def __init__(self, plan):
+            self.p = Predictor(plan)
 
         def threads(self):
             import onnxruntime  # noqa: F401
@@ -201,7 +205,7 @@ def test_model_actor_threads_follow_its_cpus(ray_session, package):
             return self.p.threads, torch.get_num_threads(), ort_threads
 
     for engine in ("onnxruntime", "torch"):
-        a = Probe.options(num_cpus=2).remote(engine)
+        a = Probe.options(num_cpus=2).remote(_plan_for(package, engine))
         threads, torch_threads, ort_threads = ray_session.get(a.threads.remote())
         assert threads == torch_threads == 2 and ort_threads in (2, None)
         ray_session.kill(a)

@@ -6,6 +6,12 @@ runs the network. Each run writes its rows to a staging folder beside the output
 complete, then moves the files into the output one by one: a reader of the output sees whole
 Parquet files only, and a run killed at any point is finished or redone by the next one.
 
+A run is a plan, then its execution, then its commit: :mod:`._plan` decides from the listing,
+the committed rows (the manifest's files only) and the verified package, with no Ray, what the
+run does (one frozen :class:`ScoringPlan`); :func:`_execute` runs it on Ray Data, its model
+replicas taking the plan (and loading only the package bytes it pins); :func:`_commit` adds the
+withdrawal rows and commits the run, naming its files in ``OUTPUT/_manifest.json``.
+
 DICOM files and NIfTI volumes are scored slice by slice (one row per slice, with its UIDs);
 after each run the per-series table beside the output is rebuilt from every committed row
 (:mod:`braintumor_ray.score._series`).
