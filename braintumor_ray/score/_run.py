@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..core import (CommittedFile, ConfigError, Identifiers, InputError, Lease, Location, StagedWriter, StorageError,
+from ..core import (CommittedFile, ConfigError, Identifiers, InputError, Lease, Location, Manifest, StagedWriter, StorageError,
                     check_disjoint, is_no_space, no_space_message, posix_basename, resolve, unreadable_reason)
 from ..imaging import NO_GUARD, InputGuard, MRIPreprocess, SeriesSelector, SliceInfo, sha256_hex
 from ..trust import softmax
@@ -677,7 +677,7 @@ def _claim_identifiers(dst: Location, ids: Identifiers) -> None:
             theirs = json.loads(raw)
         except ValueError as e:
             raise ConfigError(f"{record.uri} is not readable JSON ({e}): restore it, or score into a new output") from e
-    elif dst.exists() and any(p.endswith(".parquet") for p in dst.files()):
+    elif Manifest(dst, what="score").read():  # committed rows (a planted file is none), written before the record
         theirs = {"path_mode": "full", "uid_mode": "full", "key_id": None}
     else:
         theirs = None
