@@ -39,6 +39,9 @@ def _old_package(package: str, dst: str) -> str:
     for k in [k for k in meta if k.startswith("onnx_")]:
         del meta[k]
     meta["versions"].pop("onnxruntime", None)
+    from braintumor_ray.models._package import _identity
+
+    meta["model_id"] = _identity(meta)  # without model.onnx, the id of an onnx=False export
     open(os.path.join(dst, "model.json"), "w").write(json.dumps(meta, indent=2, sort_keys=True))
     return dst
 
@@ -70,14 +73,15 @@ def test_exported_onnx_agrees_with_pytorch(package):
     assert np.abs(ort.probabilities(_pixels(4)) - ref).max() <= ONNX_TOLERANCE
 
 
-def test_onnx_is_not_part_of_the_model_id(tmp_path):
+def test_onnx_is_part_of_the_model_id(tmp_path):
+    """model.onnx's hash is one of the id's inputs (issue 25): the id names the exact file."""
     torch.manual_seed(0)
     model = create_model("resnet10t", pretrained=False, drop_rate=0.0)
     from braintumor_ray import MRIPreprocess
 
     with_onnx = export_model_package(model, str(tmp_path / "a"), preprocess=MRIPreprocess(image_size=32))
     without = export_model_package(model, str(tmp_path / "b"), preprocess=MRIPreprocess(image_size=32), onnx=False)
-    assert with_onnx["model_id"] == without["model_id"]
+    assert with_onnx["model_id"] != without["model_id"] and with_onnx["onnx_in_id"] and "onnx_in_id" not in without
     assert sorted(os.listdir(tmp_path / "a")) == ["model.json", "model.onnx", "model.safetensors"]
     assert sorted(os.listdir(tmp_path / "b")) == ["model.json", "model.safetensors"]
     # Re-exporting without ONNX over a package with it leaves no stale model.onnx behind.
@@ -163,7 +167,8 @@ def test_package_without_onnx_still_scores(ray_session, package, archive, tmp_pa
     summary = run_scoring(ScoreConfig(model=old, input=archive, output=str(tmp_path / "old-out")))
     assert summary["engine"] == "torch" and summary["scored"] == 12
     new = run_scoring(ScoreConfig(model=package, input=archive, output=str(tmp_path / "new-out")))
-    assert summary["model_id"] == new["model_id"]  # the same model, the same id: nothing to redo
+    # model.onnx is one of the id's inputs (issue 25): the package with it is another id.
+    assert summary["model_id"] != new["model_id"]
     a, b = _rows(str(tmp_path / "old-out")), _rows(str(tmp_path / "new-out"))
     assert {p: r["predicted_label"] for p, r in a.items()} == {p: r["predicted_label"] for p, r in b.items()}
     with pytest.raises(ConfigError, match="needs a package with model.onnx"):
@@ -189,8 +194,8 @@ def test_model_actor_threads_follow_its_cpus(ray_session, package):
 
     @ray_session.remote
     class Probe:
-        def __init__(self, engine):
-            self.p = Predictor(package, None, False, {}, "", datetime.now(timezone.utc), "", engine)
+        def __init__(self, plan):
+            self.p = Predictor(plan)
 
         def threads(self):
             import onnxruntime  # noqa: F401
@@ -200,10 +205,28 @@ def test_model_actor_threads_follow_its_cpus(ray_session, package):
             return self.p.threads, torch.get_num_threads(), ort_threads
 
     for engine in ("onnxruntime", "torch"):
-        a = Probe.options(num_cpus=2).remote(engine)
+        a = Probe.options(num_cpus=2).remote(_plan_for(package, engine))
         threads, torch_threads, ort_threads = ray_session.get(a.threads.remote())
         assert threads == torch_threads == 2 and ort_threads in (2, None)
         ray_session.kill(a)
+
+
+def _plan_for(package: str, engine: str):
+    """A scoring plan for ``package`` on ``engine`` with nothing to score (a replica's own arguments)."""
+    from datetime import datetime, timezone
+
+    from braintumor_ray.core import Identifiers, resolve
+    from braintumor_ray.models import package_preprocess, pin_package, verify_package
+    from braintumor_ray.score import plan_scoring, rerun_diff
+
+    meta = verify_package(package)
+    pin = pin_package(resolve(package), meta, with_onnx=engine == "onnxruntime")
+    cfg = ScoreConfig(model=package, input="/nonexistent/in", output="/nonexistent/out", explain="none")
+    diff = rerun_diff({}, {}, {}, model_id=meta["model_id"], selection="", retry_errors=0)
+    return plan_scoring(config=cfg, run_id="r", input_uri=cfg.input, output_uri=cfg.output, uri_prefix="", pin=pin,
+                        engine=engine, meta=meta, preprocess=package_preprocess(meta, package), identifiers=Identifiers(),
+                        diff=diff, refused={}, explain_stage_uri="", explain_final_uri="", cluster=None,
+                        scored_at=datetime.now(timezone.utc))
 
 
 def test_replica_layout_leaves_cpus_to_decode():

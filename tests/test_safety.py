@@ -306,8 +306,9 @@ def test_swapped_weights_under_an_untouched_model_json_are_refused(package, arch
     assert not os.path.exists(out)
 
 
-def test_a_pinned_run_refuses_another_models_onnx(package, archive, tmp_path):
-    """model.onnx's hash is not part of model_id; a pinned run ties the file to the pinned weights."""
+def test_another_models_onnx_is_refused_before_any_work(package, archive, tmp_path):
+    """model.onnx's hash is part of model_id (issue 25): another network's file, its hash
+    rewritten beside it, makes model.json read as edited, pinned or not."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -320,13 +321,12 @@ def test_a_pinned_run_refuses_another_models_onnx(package, archive, tmp_path):
     blob = proto.SerializeToString()
     open(os.path.join(swapped, ONNX_FILE), "wb").write(blob)
     meta = _meta(swapped)
-    meta["onnx_sha256"] = hashlib.sha256(blob).hexdigest()  # the hash beside it, rewritten: same model_id
+    meta["onnx_sha256"] = hashlib.sha256(blob).hexdigest()  # the hash beside it, rewritten
     open(os.path.join(swapped, PACKAGE_JSON), "w").write(json.dumps(meta))
-    assert verify_package(swapped)["model_id"] == _meta(package)["model_id"]
     out = str(tmp_path / "preds")
-    with pytest.raises(ConfigError, match=r"onnx-swapped/model\.onnx is not the network of .*model\.safetensors"):
-        run_scoring(ScoreConfig(model=swapped, input=archive, output=out, engine="onnxruntime",
-                                expect_model_id=meta["model_id"]))
+    for pin in (None, meta["model_id"]):
+        with pytest.raises(ConfigError, match=r"onnx-swapped/model\.json was edited after export"):
+            run_scoring(ScoreConfig(model=swapped, input=archive, output=out, expect_model_id=pin))
     assert not os.path.exists(out)
 
 

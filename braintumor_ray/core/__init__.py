@@ -9,8 +9,9 @@ from ._errors import BraintumorError, ConfigError, ImageDecodeError, InputError,
 from ._paths import PATH_KEY_ENV, Identifiers, PathMode, UidMode, check_modes
 from ._labels import CLASS_NAMES, SPLIT_ALIASES, canonical_label, canonical_split
 from ._lease import LEASE_SUFFIX, Lease, LeaseError, current_lease, lease_location
-from ._staging import DONE_MARKER, STAGING_SUFFIX, StagedWriter, posix_basename
-from ._storage import LINK_OUTSIDE, Listing, Location, check_disjoint, resolve, s3_filesystem, unreadable_reason
+from ._staging import DONE_MARKER, MANIFEST_FILE, STAGING_SUFFIX, CommittedFile, Manifest, StagedWriter, posix_basename
+from ._storage import (LINK_OUTSIDE, Listing, Location, check_disjoint, is_no_space, local_version, no_space_message,
+                       resolve, s3_filesystem, same_version, unreadable_reason)
 
 __all__ = [
     "CONFIG_FILE",
@@ -44,6 +45,13 @@ __all__ = [
     "s3_filesystem",
     "unreadable_reason",
     "DONE_MARKER",
+    "MANIFEST_FILE",
+    "CommittedFile",
+    "Manifest",
+    "is_no_space",
+    "local_version",
+    "no_space_message",
+    "same_version",
     "STAGING_SUFFIX",
     "StagedWriter",
     "LEASE_SUFFIX",

@@ -109,8 +109,9 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
     def save_yaml(self, loc: Any) -> None:
-        """Write the effective config (``config.yaml``) to a :class:`Location`."""
-        loc.write_bytes(self.to_yaml().encode())
+        """Write the effective config (``config.yaml``) to a :class:`Location`, whole or not at
+        all (a full disk leaves the previous file, not an empty one)."""
+        loc.write_atomic(self.to_yaml().encode())
 
     @classmethod
     def from_yaml(cls, uri: str, *, s3_endpoint_url: str | None = None) -> Any:

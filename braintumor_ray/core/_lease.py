@@ -29,6 +29,7 @@ TTL ahead (it renews every quarter), so hosts' clocks may differ by up to 90 s a
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -41,7 +42,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
 from ._errors import ConfigError, StorageError
-from ._storage import Location
+from ._storage import Location, no_space_message
 
 logger = logging.getLogger(__name__)
 
@@ -395,10 +396,17 @@ class _LocalStore:
 
     def _write_temp(self, data: bytes) -> str:
         tmp = f"{self.path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # a full disk: no temporary file left behind, and one line that says so
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageError(no_space_message(self.path)) from e
+            raise
         return tmp
 
     def create(self, data: bytes) -> str:

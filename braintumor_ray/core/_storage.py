@@ -7,9 +7,11 @@ pyarrow, so the driver and the workers see the same objects.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import stat
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -74,6 +76,30 @@ class Location:
         with _guard(self, "write", self.fs.open, self.path, "wb") as f:
             f.write(data)
 
+    def write_atomic(self, data: bytes) -> None:
+        """Write this file so that a reader (or the next run) finds the old content or the new,
+        whole: on disk a temporary file beside it, fsynced, renamed over it; on S3 one PUT
+        (an object appears whole). A full disk is a :class:`StorageError` of one line, and
+        leaves the old file and no temporary one."""
+        if self.is_s3:
+            return self.write_bytes(data)
+        folder = os.path.dirname(self.path) or "."
+        tmp = os.path.join(folder, f".{os.path.basename(self.path)}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:
+            with _quiet():
+                os.unlink(tmp)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageError(no_space_message(self.uri)) from e
+            raise StorageError(f"cannot write {self.uri}: {type(e).__name__}: {e}. Check the path and its "
+                               "permissions.") from e
+
     def remove(self) -> None:
         """Delete this folder or file and everything under it."""
         if self.exists():
@@ -87,7 +113,8 @@ class Location:
 
     def files_with_versions(self) -> dict[str, tuple[int, str]]:
         """Every readable file under this folder: path -> (size, version). The version changes
-        when the content is rewritten: the ETag on S3, the modification time on disk. What
+        when the content is rewritten: the ETag on S3, on disk the modification time, inode and
+        change time (:func:`local_version`). What
         :meth:`listing` refuses is left out."""
         listed = self.listing()
         return {p: v for p, v in listed.files.items() if p not in listed.refused}
@@ -146,7 +173,7 @@ class Location:
                     kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
                     files[path], refused[path] = (0, str(st.st_mtime)), f"refused: not a regular file ({kind})"
                     continue
-                files[path] = (st.st_size, str(st.st_mtime))
+                files[path] = (st.st_size, local_version(st))
         return Listing(dict(sorted(files.items())), refused)
 
     def read_limited(self, path: str, limit: int) -> bytes:
@@ -186,6 +213,56 @@ class Location:
         # Immediate children, not files to a fixed depth: a folder whose files all sit deeper (a
         # PACS export's patient/study/series/file) once counted as empty, and was written into.
         return not self.exists() or not _guard(self, "list", self.fs.ls, self.path, detail=False)
+
+
+class _quiet:
+    """``with _quiet():`` ignores OSError (cleaning up after a failed write)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, *_: object) -> bool:
+        return kind is not None and issubclass(kind, OSError)
+
+
+def local_version(st: os.stat_result) -> str:
+    """A local file's version: ``mtime;inode;ctime_ns``. The mtime alone misses a rewrite that
+    keeps it (``cp -p``, ``rsync -a``, tar, a coarse-mtime mount); the change time cannot be set
+    back by a user, and a replacement by rename (rsync, tar) is a new inode. A chmod also
+    changes the ctime: the file is then read and hashed again, and dropped when its bytes are
+    the same."""
+    return f"{st.st_mtime};{st.st_ino};{st.st_ctime_ns}"
+
+
+def same_version(prior: str | None, now: str | None) -> bool:
+    """Whether a file listed with version ``now`` is the one a row recorded as ``prior``. No
+    version (a store that gives none) never matches: the file is read and hashed. A row written
+    before :func:`local_version` holds the mtime alone and is compared by it, as it was then."""
+    if not prior or not now:
+        return False
+    if ";" not in prior and ";" in now:
+        return prior == now.split(";", 1)[0]
+    return prior == now
+
+
+def no_space_message(uri: str) -> str:
+    """The one line a job gives when storage is full (ENOSPC, a quota)."""
+    return (f"no space left on the device holding {uri}: nothing was half-written (every file beside the rows is "
+            "replaced whole, and rows commit only once complete); free some space and run again, the next run "
+            "continues from what is committed")
+
+
+def is_no_space(e: BaseException | None) -> bool:
+    """Whether ``e`` or an exception it was raised from (a Ray task's wrapped error included)
+    is storage that is full."""
+    seen = 0
+    while e is not None and seen < 20:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "[Errno 28]" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def unreadable_reason(e: BaseException) -> str:

@@ -113,10 +113,12 @@ class Explainer:
 
     @classmethod
     def from_package(
-        cls, model_uri: str, s3_endpoint_url: str | None = None, *, device: str = "cpu", batch_size: int = DEFAULT_BATCH
+        cls, model_uri: str, s3_endpoint_url: str | None = None, *, device: str = "cpu", batch_size: int = DEFAULT_BATCH,
+        pin: Any = None,
     ) -> "Explainer":
-        """The explainer of an exported model package (local or ``s3://``), with its normalisation."""
-        pkg = load_model_package(model_uri, s3_endpoint_url=s3_endpoint_url)
+        """The explainer of an exported model package (local or ``s3://``), with its normalisation
+        (``pin``: the files the job verified, see :class:`~braintumor_ray.models.PackagePin`)."""
+        pkg = load_model_package(model_uri, s3_endpoint_url=s3_endpoint_url, pin=pin)
         cfg = pkg.data_config
         return cls(pkg.model, mean=cfg["mean"], std=cfg["std"], class_names=pkg.class_names, batch_size=batch_size,
                    device=device, copy_model=False)

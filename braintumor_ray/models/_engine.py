@@ -23,8 +23,10 @@ from ..imaging import MRIPreprocess
 from ..trust import Trust
 from ._factory import WithFeatures
 from ._package import (
+    PackagePin,
     load_model_package,
     onnx_session,
+    onnx_unbound_note,
     package_preprocess,
     prepare_input,
     read_onnx,
@@ -51,7 +53,8 @@ def choose_engine(engine: str, *, has_onnx: bool, use_gpu: bool) -> str:
 
 
 def package_has_onnx(meta: dict[str, Any]) -> bool:
-    return bool(meta.get("onnx_file"))
+    """A ``model.onnx`` the package may run: one its model id covers (see :func:`onnx_unbound_note`)."""
+    return bool(meta.get("onnx_file")) and bool(meta.get("onnx_in_id"))
 
 
 @dataclass
@@ -102,15 +105,19 @@ def load_inference_model(
     use_gpu: bool = False,
     threads: int | None = None,
     s3_endpoint_url: str | None = None,
+    pin: PackagePin | None = None,
 ) -> InferenceModel:
     """Load a package for inference on ``engine`` (see :func:`choose_engine`).
 
     ``threads``: intra-op threads for the engine (``torch.set_num_threads`` for PyTorch, which
     is per process; ORT's ``intra_op_num_threads``); None leaves PyTorch's setting and gives
-    ORT as many as PyTorch has. The ONNX file's sha256 is checked when it is used.
+    ORT as many as PyTorch has. The ONNX file's sha256 is checked when it is used. ``pin``:
+    what the driver verified; every file loaded must hash to it (:class:`PackagePin`).
     """
     loc = resolve(uri, s3_endpoint_url=s3_endpoint_url)
-    meta = read_package_meta(loc)
+    meta = read_package_meta(loc, pin=pin)
+    if engine == "onnxruntime" and (note := onnx_unbound_note(meta)):
+        raise ConfigError(f"{loc.uri}: {note} (or use engine torch or auto)")
     chosen = choose_engine(engine, has_onnx=package_has_onnx(meta), use_gpu=use_gpu)
     device = "cuda" if use_gpu else "cpu"
     if threads is not None:
@@ -124,12 +131,12 @@ def load_inference_model(
         uri=loc.uri,
         threads=threads,
         device=device,
-        trust=read_trust(loc, meta),
+        trust=read_trust(loc, meta, pin=pin),
     )
     if chosen == "onnxruntime":
-        session = onnx_session(read_onnx(loc, meta), threads=threads or torch.get_num_threads(), use_gpu=use_gpu)
+        session = onnx_session(read_onnx(loc, meta, pin=pin), threads=threads or torch.get_num_threads(), use_gpu=use_gpu)
         return InferenceModel(engine=chosen, _run=session, **common)
     # NHWC is what depthwise-conv backbones run fastest in on CPU.
-    pkg = load_model_package(uri, s3_endpoint_url=s3_endpoint_url, channels_last=not use_gpu)
+    pkg = load_model_package(uri, s3_endpoint_url=s3_endpoint_url, channels_last=not use_gpu, pin=pin)
     return InferenceModel(engine=chosen, _run=WithFeatures(pkg.model.to(device)).eval(), _channels_last=not use_gpu,
                           **common)

@@ -6,11 +6,16 @@ plus training metrics. The model id is a content hash of what decides the predic
 (weights and those settings), so the same model exported twice has the same id.
 
 ``model.onnx`` is the same network for ONNX Runtime (scoring's fast CPU engine), written only
-after its outputs matched PyTorch's on a probe batch. Its sha256 is in the JSON and checked
-whenever it is loaded, but it is not one of the id's inputs: the file is a verified rendering
-of the weights, not a new model. So a package from before ONNX keeps its id (and its scored
-rows stay scored), and the same weights re-exported by another torch version, whose ONNX bytes
-differ, keep theirs. Packages without the file load and score with PyTorch.
+after its outputs matched PyTorch's on a probe batch. Its sha256 is one of the id's inputs
+(``onnx_in_id``): a probe batch cannot prove two files are the same network, so the id names
+the exact file, and a package only ever runs an ONNX file its id covers. Packages exported
+before that (``model.onnx`` present, ``onnx_in_id`` absent) keep their id and score with
+PyTorch, with a note; export them again to use ONNX Runtime. Packages without the file load
+and score with PyTorch.
+
+Scoring verifies a package once in the driver and hands every model replica a
+:class:`PackagePin` (the id and the sha256 of each file); the replica recomputes them over
+the bytes it loads, and refuses a package folder rewritten since.
 """
 
 from __future__ import annotations
@@ -109,6 +114,9 @@ def _identity(meta: Mapping[str, Any]) -> str:
     for k in ("trust", "trust_sha256"):
         if k in meta:
             ident[k] = meta[k]
+    # model.onnx bound to the id (issue 25); packages from before keep their id (the key is absent).
+    if meta.get("onnx_in_id"):
+        ident["onnx_in_id"], ident["onnx_sha256"] = True, meta.get("onnx_sha256")
     canon = json.dumps(ident, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
@@ -262,6 +270,7 @@ def export_model_package(
         meta.update(
             onnx_file=ONNX_FILE,
             onnx_sha256=hashlib.sha256(onnx_blob).hexdigest(),
+            onnx_in_id=True,
             onnx_opset=ONNX_OPSET,
             onnx_input_side=preprocess.image_size,
             onnx_probe_max_abs_diff=diff,
@@ -292,10 +301,57 @@ def export_model_package(
     return json.loads(text)
 
 
-def read_package_meta(loc: Location) -> dict[str, Any]:
-    """A package's ``model.json``, checked: readable, this format, its model id intact."""
+@dataclass(frozen=True)
+class PackagePin:
+    """What the driver verified of a package: its URI, model id and the sha256 of each file a
+    replica may load (``model.json`` included). Loading with a pin recomputes each hash over
+    the bytes actually loaded and refuses any other (a folder re-exported, synced or edited
+    between the driver's checks and a replica's start, hours later for a restarted actor)."""
+
+    uri: str
+    model_id: str
+    files: tuple[tuple[str, str], ...]  # (file name, sha256), sorted
+
+    def sha256(self, name: str) -> str | None:
+        return dict(self.files).get(name)
+
+
+def _read_file(loc: Location, name: str, pin: PackagePin | None) -> bytes:
+    """One file of the package; with a pin, refused unless its bytes are the ones verified."""
+    blob = loc.join(name).read_bytes()
+    if pin is not None:
+        got, want = hashlib.sha256(blob).hexdigest(), pin.sha256(name)
+        if got != want:
+            raise ConfigError(
+                f"{loc.uri}/{name} is not the file verified for model {pin.model_id} (sha256 {got[:12]}, verified "
+                f"{(want or 'none')[:12]}): the package folder changed after the job checked it, and this replica "
+                "refuses to load it, so nothing is scored with it. Keep the package folder unchanged while a job "
+                "scores with it (export a new model to a new folder), then rerun."
+            )
+    return blob
+
+
+def pin_package(loc: Location, meta: Mapping[str, Any], *, with_onnx: bool) -> PackagePin:
+    """The pin of a package whose ``model.json`` (``meta``) and files were just verified."""
+    files = {PACKAGE_JSON: hashlib.sha256(loc.join(PACKAGE_JSON).read_bytes()).hexdigest(),
+             meta["weights_file"]: meta["weights_sha256"]}
+    if "trust" in meta:
+        files[meta.get("trust_file", TRUST_FILE)] = meta["trust_sha256"]
+    if with_onnx:
+        files[meta["onnx_file"]] = meta["onnx_sha256"]
+    pin = PackagePin(uri=loc.uri, model_id=meta["model_id"], files=tuple(sorted(files.items())))
+    # The JSON read for the hash must be the one verified: a rewrite in between is caught here.
+    if read_package_meta(loc, pin=pin) != dict(meta):
+        raise ConfigError(f"{loc.uri}/{PACKAGE_JSON} changed while the job checked it: rerun once the package is "
+                          "unchanged")
+    return pin
+
+
+def read_package_meta(loc: Location, *, pin: PackagePin | None = None) -> dict[str, Any]:
+    """A package's ``model.json``, checked: readable, this format, its model id intact (and,
+    with ``pin``, the very bytes the driver verified)."""
     try:
-        meta = json.loads(loc.join(PACKAGE_JSON).read_bytes())
+        meta = json.loads(_read_file(loc, PACKAGE_JSON, pin))
         version = meta["format_version"]
         meta["backbone"], meta["class_names"], meta["weights_file"]  # noqa: B018 (must be there)
     except (ValueError, KeyError, TypeError) as e:
@@ -307,6 +363,16 @@ def read_package_meta(loc: Location) -> dict[str, Any]:
     return meta
 
 
+def onnx_unbound_note(meta: Mapping[str, Any]) -> str | None:
+    """The note for a package whose ``model.onnx`` its id does not cover (exported before
+    issue 25): the file could be any network, so it is never run."""
+    if meta.get("onnx_file") and not meta.get("onnx_in_id"):
+        return (f"model {meta['model_id']}: its {meta['onnx_file']} is not covered by its model id (exported before "
+                "the id named the ONNX file), so it is not used: scored with PyTorch. Export the package again to "
+                "score with ONNX Runtime")
+    return None
+
+
 def package_preprocess(meta: Mapping[str, Any], uri: str) -> MRIPreprocess:
     """A package's preprocessing settings; an unknown or bad one is a ConfigError naming its ``model.json``."""
     try:
@@ -316,16 +382,19 @@ def package_preprocess(meta: Mapping[str, Any], uri: str) -> MRIPreprocess:
                           "of braintumor_ray? Export it again with this one.") from e
 
 
-def read_onnx(loc: Location, meta: Mapping[str, Any]) -> bytes:
-    """The package's ``model.onnx``, its sha256 checked against ``model.json``."""
+def read_onnx(loc: Location, meta: Mapping[str, Any], *, pin: PackagePin | None = None) -> bytes:
+    """The package's ``model.onnx``, its sha256 checked against ``model.json`` (and ``pin``);
+    only a file the model id covers (``onnx_in_id``)."""
     name = meta.get("onnx_file")
     if not name:
         raise ConfigError(f"model package {loc.uri} has no {ONNX_FILE} (exported before ONNX support, or with "
                           "onnx=False): score it with the torch engine, or export it again")
+    if not meta.get("onnx_in_id"):
+        raise ConfigError(f"{loc.uri}/{name}: {onnx_unbound_note(meta)} (or use --engine torch or auto)")
     if not loc.join(name).exists():
         raise ConfigError(f"{loc.uri}/{name} is missing though {PACKAGE_JSON} names it: the package is "
                           "half-copied. Copy or export it again (or score with --engine torch).")
-    blob = loc.join(name).read_bytes()
+    blob = _read_file(loc, name, pin)
     if hashlib.sha256(blob).hexdigest() != meta.get("onnx_sha256"):
         raise ConfigError(
             f"{loc.uri}/{name} does not match the sha256 in {PACKAGE_JSON}: the file was changed or is "
@@ -334,13 +403,13 @@ def read_onnx(loc: Location, meta: Mapping[str, Any]) -> bytes:
     return blob
 
 
-def read_trust(loc: Location, meta: Mapping[str, Any]) -> Trust | None:
+def read_trust(loc: Location, meta: Mapping[str, Any], *, pin: PackagePin | None = None) -> Trust | None:
     """The package's calibration and review flags (None for a package from before them), the
     arrays' sha256 checked against ``model.json``; an unknown key is an error naming the file."""
     if "trust" not in meta:
         return None
     name = meta.get("trust_file", TRUST_FILE)
-    blob = loc.join(name).read_bytes() if loc.join(name).exists() else None
+    blob = _read_file(loc, name, pin) if loc.join(name).exists() else None
     if blob is None or hashlib.sha256(blob).hexdigest() != meta.get("trust_sha256"):
         raise ConfigError(f"{loc.uri}/{name} is missing or does not match the sha256 in {PACKAGE_JSON}: the package "
                           "was changed or is half-copied. Export it again.")
@@ -357,9 +426,9 @@ def verify_onnx(uri: str, *, s3_endpoint_url: str | None = None, against_weights
     if it is missing or changed); scoring calls it before it starts any work.
 
     ``against_weights``: also run the probe batch through it and through the package's weights
-    (checked against their sha256), as export did. The file's hash is not part of the model id
-    (see the module doc), so a model.onnx from another model with its sha256 written into
-    model.json keeps the id; this check is what ties the file to the weights a pinned id names.
+    (checked against their sha256), as export did: a diagnostic only. What ties the file to the
+    model is its hash inside the model id (``onnx_in_id``): a probe batch cannot prove two files
+    are the same network, so scoring no longer relies on it.
     """
     loc = resolve(uri, s3_endpoint_url=s3_endpoint_url)
     meta = read_package_meta(loc)
@@ -378,9 +447,9 @@ def verify_onnx(uri: str, *, s3_endpoint_url: str | None = None, against_weights
         )
 
 
-def _read_weights(loc: Location, meta: Mapping[str, Any]) -> bytes:
+def _read_weights(loc: Location, meta: Mapping[str, Any], pin: PackagePin | None = None) -> bytes:
     """The package's weights file, its sha256 (one of the model id's inputs) checked."""
-    blob = loc.join(meta["weights_file"]).read_bytes()
+    blob = _read_file(loc, meta["weights_file"], pin)
     if hashlib.sha256(blob).hexdigest() != meta["weights_sha256"]:
         raise ConfigError(
             f"{loc.uri}/{meta['weights_file']} does not match the sha256 in {PACKAGE_JSON}: the package was changed "
@@ -407,14 +476,16 @@ def verify_package(uri: str, *, s3_endpoint_url: str | None = None, expect_model
     return meta
 
 
-def load_model_package(uri: str, *, s3_endpoint_url: str | None = None, channels_last: bool = False) -> ModelPackage:
-    """Load a package written by :func:`export_model_package`; the weights' sha256 is checked."""
+def load_model_package(uri: str, *, s3_endpoint_url: str | None = None, channels_last: bool = False,
+                       pin: PackagePin | None = None) -> ModelPackage:
+    """Load a package written by :func:`export_model_package`; the weights' sha256 is checked
+    (and every file against ``pin``, when given)."""
     from safetensors.torch import load
 
     loc = resolve(uri, s3_endpoint_url=s3_endpoint_url)
-    meta = read_package_meta(loc)
+    meta = read_package_meta(loc, pin=pin)
     backbone, class_names = meta["backbone"], tuple(meta["class_names"])
-    blob = _read_weights(loc, meta)
+    blob = _read_weights(loc, meta, pin)
     model = timm.create_model(backbone, pretrained=False, num_classes=len(class_names), global_pool=meta["global_pool"])
     model.load_state_dict(load(blob), strict=True)
     model.braintumor_build = {k: meta[k] for k in ("backbone", "num_classes", "global_pool")}
@@ -431,5 +502,5 @@ def load_model_package(uri: str, *, s3_endpoint_url: str | None = None, channels
         metrics=meta.get("metrics", {}),
         uri=loc.uri,
         channels_last=channels_last,
-        trust=read_trust(loc, meta),
+        trust=read_trust(loc, meta, pin=pin),
     )

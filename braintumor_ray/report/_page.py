@@ -12,7 +12,6 @@ import html
 import json
 import logging
 import math
-import uuid
 from datetime import date, datetime
 from typing import Any, Iterable, Sequence
 
@@ -268,18 +267,7 @@ def write_html(loc: Location, text: str) -> str:
     dot-named temporary file beside it, then a rename; on S3 one PUT (an object appears only
     complete, multipart uploads included). Returns the URI."""
     data = text.encode("utf-8")
-    if loc.is_s3:
-        loc.write_bytes(data)
-    else:
-        parent, name = loc.path.rsplit("/", 1)
-        path = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"  # dot-named: folder readers skip it
-        tmp = Location(uri=path, path=path, fs=loc.fs, is_s3=False)
-        try:
-            tmp.write_bytes(data)
-            tmp.move_to(loc)
-        finally:
-            if tmp.exists():
-                tmp.remove()
+    loc.write_atomic(data)  # the temporary file is dot-named: folder readers skip it
     logger.info("report: wrote %s (%.1f MB)", loc.uri, len(data) / 1e6)
     return loc.uri
 

@@ -12,7 +12,12 @@ status and review reason; the per-series verdicts; the cases to review first (ro
 review reason, then tumour predictions), each with its heat-map overlay when the predictions
 name one (``heatmap_path``); and every prediction in a table that sorts and filters in the
 page. A changed file's older rows (superseded by a later scoring of the same path with the
-same model) are left out, as the series table leaves them out.
+same model) are left out, as the series table leaves them out. Only the files the output's
+manifest names (``_manifest.json``, their sha256 checked) are read: a Parquet file planted in
+the output is never shown, nor any heat map it names; and only maps inside the job's own
+maps folder are embedded. Rows of input files deleted since they were scored show as
+``withdrawn`` (in the counts and the table, not among the cases); the model id of each group
+of rows is listed, and each case card names its model.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core import Location
+from ..core import Location, Manifest
 from ._page import bar_chart, data_table, esc, fmt, img, is_png, page, section, static_table, write_html
 
 logger = logging.getLogger(__name__)
@@ -63,11 +68,9 @@ def scoring_report_location(dst: Location) -> Location:
 def read_predictions(dst: Location) -> tuple[pd.DataFrame, int]:
     """Every committed row of the output (the columns the report shows), less the rows a later
     scoring of the same file superseded; and how many rows the Parquet holds in all."""
-    files = sorted(p for p in (dst.files() if dst.exists() else []) if p.endswith(".parquet")
-                   and not posixpath.basename(p).startswith(("_", ".")))
     frames = []
-    for p in files:
-        f = pq.ParquetFile(p, filesystem=dst.pyarrow_fs)
+    for cf in Manifest(dst, what="report").committed():  # committed files only, their bytes checked
+        f = pq.ParquetFile(pa.BufferReader(cf.data))
         names = f.schema_arrow.names
         want = [c for c in names if c in _TABLE_COLUMNS + _OPTIONAL_COLUMNS + _TAIL_COLUMNS
                 or c.startswith(PROB_PREFIX) or c.startswith("heatmap_")]
@@ -124,8 +127,9 @@ def review_order(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def is_case(df: pd.DataFrame) -> pd.Series:
-    """The rows to look at first: a review reason, or a tumour class."""
-    return df["review_reason"].notna() | (df["predicted_label"].notna() & (df["predicted_label"] != NO_TUMOR))
+    """The rows to look at first: a review reason, or a tumour class (not withdrawn: the file is gone)."""
+    return (df["status"] != "withdrawn") & (
+        df["review_reason"].notna() | (df["predicted_label"].notna() & (df["predicted_label"] != NO_TUMOR)))
 
 
 def heatmap_location(dst: Location, value: str) -> Location:
@@ -146,9 +150,13 @@ def _counts(df: pd.DataFrame, column: str, order: list[str] | None = None, none_
     return [[k, int(vc[k]), f"{vc[k] / max(len(df), 1):.1%}"] for k in keys]
 
 
-def _read_map(dst: Location, value: str) -> bytes | None:
+def _read_map(dst: Location, value: str, maps: Location | None = None) -> bytes | None:
+    loc = heatmap_location(dst, value)
+    if maps is not None and not loc.path.startswith(maps.path.rstrip("/") + "/"):
+        logger.warning("report: heat map %s not shown: it is not in the job's maps folder %s", value, maps.uri)
+        return None
     try:
-        return heatmap_location(dst, value).read_bytes()
+        return loc.read_bytes()
     except Exception as e:  # a removed or unreadable map costs its picture, not the report
         logger.warning("report: heat map %s not shown (%s)", value, e)
         return None
@@ -168,9 +176,10 @@ def _card(row: pd.Series, maps: dict[str, bytes | None], probs: list[str], extra
     label = row.get("predicted_label")
     tag = (f'<span class="tag flag">{esc(reason)}</span>' if isinstance(reason, str) else "") + (
         f'<span class="tag {"tumour" if label != NO_TUMOR else "ok"}">{esc(label)}</span>' if isinstance(label, str) else "")
-    facts = [("confidence", fmt(row.get("confidence"))), ("ood score", fmt(row.get("ood_score")))]
+    facts = [("model", fmt(row.get("model_id"))), ("confidence", fmt(row.get("confidence"))),
+             ("ood score", fmt(row.get("ood_score")))]
     if isinstance(row.get("prediction_set"), str):
-        facts.insert(0, ("prediction set", row["prediction_set"]))
+        facts.insert(1, ("prediction set", row["prediction_set"]))
     facts += [(c[len(PROB_PREFIX):], fmt(row.get(c))) for c in probs]
     for c in ("instance_number", "slice_index"):
         v = row.get(c)
@@ -187,8 +196,10 @@ def _card(row: pd.Series, maps: dict[str, bytes | None], probs: list[str], extra
 
 
 def scoring_report_html(
-    dst: Location, *, series: Location | None = None, max_cases: int = MAX_CASES, max_rows: int = MAX_TABLE_ROWS
+    dst: Location, *, series: Location | None = None, maps: Location | None = None, max_cases: int = MAX_CASES,
+    max_rows: int = MAX_TABLE_ROWS,
 ) -> str:
+    """The page; ``maps``: the folder the job writes heat maps to (only maps in it are embedded)."""
     df, total = read_predictions(dst)
     df = review_order(df) if len(df) else df
     probs = sorted(c for c in df.columns if c.startswith(PROB_PREFIX))
@@ -212,7 +223,7 @@ def scoring_report_html(
         by_class.append([k, n, share, int(sub["review_reason"].notna().sum())])
     counts = ('<div class="tables">'
               + "<div><h3>Predicted class (ok rows)</h3>" + static_table(["class", "rows", "share", "flagged for review"], by_class) + "</div>"
-              + "<div><h3>Status</h3>" + static_table(["status", "rows", "share"], _counts(df, "status", ["ok", "error", "skipped"])) + "</div>"
+              + "<div><h3>Status</h3>" + static_table(["status", "rows", "share"], _counts(df, "status", ["ok", "error", "skipped", "withdrawn"])) + "</div>"
               + "<div><h3>Review reason (ok rows)</h3>" + static_table(
                   ["review reason", "rows", "share"], _counts(ok, "review_reason", list(REASON_ORDER),
                                                               none_label="none (the prediction stands)")) + "</div>")
@@ -224,6 +235,14 @@ def scoring_report_html(
                                                              "set_size")) + hist + "</div>")
     counts += "</div>"
     parts.append(section("Counts", counts, anchor="counts"))
+
+    # Which model wrote which rows (one model per output unless an output predates that rule).
+    if len(df):
+        by_model = df.groupby(df["model_id"].fillna("(none)"))
+        model_rows = [[m, int(len(g)), int((g["status"] == "withdrawn").sum()), fmt(g["scored_at"].max())]
+                      for m, g in by_model]
+        parts.append(section("Models", static_table(["model id", "rows", "withdrawn", "last scored"], model_rows),
+                             anchor="models", note="The model id of each group of rows (every case card names its own)."))
 
     # Series verdicts.
     if series is not None and series.exists():
@@ -248,9 +267,9 @@ def scoring_report_html(
     wanted = sorted({v for v in shown.get("heatmap_path", pd.Series(dtype=object)) if isinstance(v, str) and v})
     # Side by side: on S3 each map is a GET of tens of ms, 300 of them one after the other ~10 s.
     with ThreadPoolExecutor(MAP_READERS) as pool:
-        maps = dict(zip(wanted, pool.map(lambda v: _read_map(dst, v), wanted)))
+        read = dict(zip(wanted, pool.map(lambda v: _read_map(dst, v, maps), wanted)))
     for _, row in shown.iterrows():
-        html_card, has = _card(row, maps, probs, extra)
+        html_card, has = _card(row, read, probs, extra)
         cards.append(html_card)
         embedded += has
     note = (f"{len(cases)} rows to review first: rows with a review reason (out of distribution, then low confidence, "

@@ -13,9 +13,17 @@ from ._run import (
     recover,
     run_scoring,
 )
+from ._plan import ClusterShape, PriorFile, RerunDiff, ScoringPlan, plan_scoring, prior_state, rerun_diff
 from ._series import SERIES_FILE, Verdict, series_location, series_table, series_verdict, top_slice, update_series_table
 
 __all__ = [
+    "ClusterShape",
+    "PriorFile",
+    "RerunDiff",
+    "ScoringPlan",
+    "plan_scoring",
+    "prior_state",
+    "rerun_diff",
     "OUTPUT_CONFIG_FILE",
     "PROB_PREFIX",
     "SERIES_FILE",

@@ -66,6 +66,12 @@ class ScoreConfig(Config):
                                   "same token; for folder names that identify patients). Fixed for an output")
     uid_mode: UidMode = setting("full", help="DICOM UIDs in outputs: full, or hashed (a 2.25. UID keyed as path_mode's; "
                                 "series still group). Fixed for an output")
+    retry_errors: int = setting(3, help="times later runs try a file again whose row is an error that may come out "
+                                "otherwise (it could not be read, or killed its decode task; or the guard's limits "
+                                "changed since); then its error row is final. A changed file starts again. 0: error "
+                                "rows are final")
+    rescore_all: bool = setting(False, help="score every file again and replace every earlier row of the output "
+                                "(needed to score an output that holds another model's rows: one model per output)")
     # Seconds, not a flag: an unbounded wait lets scheduled runs pile up behind a stuck one.
     wait: float = setting(0.0, help="seconds to wait for another run that holds the output's lease (OUTPUT._lease.json) "
                           "to finish or for its lease to expire, instead of refusing at once (0: refuse)")
@@ -97,6 +103,8 @@ class ScoreConfig(Config):
         if not isinstance(self.select, SeriesSelector):
             raise ConfigError(f"select must be a SeriesSelector, not {type(self.select).__name__}")
         check_modes(self.path_mode, self.uid_mode)
+        if not 0 <= self.retry_errors <= 1000:
+            raise ConfigError(f"retry_errors={self.retry_errors} is out of range: use 0 (errors are final) up to 1000")
         if not 0 <= self.wait <= 7 * 86400:
             raise ConfigError(f"wait={self.wait} is out of range: use 0 (refuse at once) up to 604800 seconds")
         if not 1 <= self.lease_ttl_s <= 86400:

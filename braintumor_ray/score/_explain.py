@@ -11,7 +11,7 @@ maps instead of adding copies, and no patient name reaches a file name.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -57,8 +57,8 @@ class HeatmapWriter:
     """
 
     def __init__(self, mode: str, *, model_uri: str, s3_endpoint_url: str | None, use_gpu: bool, stage_uri: str,
-                 final_uri: str, model_id: str) -> None:
-        self.mode, self.model_uri, self.s3_endpoint_url = mode, model_uri, s3_endpoint_url
+                 final_uri: str, model_id: str, pin: Any = None) -> None:
+        self.mode, self.model_uri, self.s3_endpoint_url, self.pin = mode, model_uri, s3_endpoint_url, pin
         self.device = "cuda" if use_gpu else "cpu"
         self.stage = resolve(stage_uri, s3_endpoint_url=s3_endpoint_url)
         self.final_uri, self.model_id = final_uri.rstrip("/"), model_id
@@ -80,7 +80,7 @@ class HeatmapWriter:
         if not rows or images is None:
             return paths, xs, ys
         if self._explainer is None:
-            self._explainer = Explainer.from_package(self.model_uri, self.s3_endpoint_url, device=self.device)
+            self._explainer = Explainer.from_package(self.model_uri, self.s3_endpoint_url, device=self.device, pin=self.pin)
         at = {r: k for k, r in enumerate(ok)}
         pix = images[[at[r] for r in rows]]
         maps = self._explainer.heatmaps(pix, classes=[list(class_names).index(predicted[r]) for r in rows])

@@ -6,6 +6,12 @@ runs the network. Each run writes its rows to a staging folder beside the output
 complete, then moves the files into the output one by one: a reader of the output sees whole
 Parquet files only, and a run killed at any point is finished or redone by the next one.
 
+A run is a plan, then its execution, then its commit: :mod:`._plan` decides from the listing,
+the committed rows (the manifest's files only) and the verified package, with no Ray, what the
+run does (one frozen :class:`ScoringPlan`); :func:`_execute` runs it on Ray Data, its model
+replicas taking the plan (and loading only the package bytes it pins); :func:`_commit` adds the
+withdrawal rows and commits the run, naming its files in ``OUTPUT/_manifest.json``.
+
 DICOM files and NIfTI volumes are scored slice by slice (one row per slice, with its UIDs);
 after each run the per-series table beside the output is rebuilt from every committed row
 (:mod:`braintumor_ray.score._series`).
@@ -14,6 +20,8 @@ Output layout::
 
     OUTPUT/<run>_<n>.parquet      the predictions (read the folder with pandas, pyarrow, DuckDB)
     OUTPUT/_config.yaml           the last run's ScoreConfig (for --config; dataset readers skip it)
+    OUTPUT/_manifest.json         what the job committed: each file, its sha256, rows and model id;
+                                  only these files are read as committed rows
     OUTPUT/_identifiers.json      how the rows name files and UIDs (path_mode, uid_mode, key id)
     OUTPUT/_report.html           the review report: counts, series verdicts, cases with heat maps, every row
     OUTPUT_series/series.parquet  one row per DICOM series or NIfTI volume and model
@@ -41,27 +49,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..core import (ConfigError, Identifiers, InputError, Lease, Location, StagedWriter, check_disjoint, posix_basename,
-                    resolve, unreadable_reason)
+from ..core import (CommittedFile, ConfigError, Identifiers, InputError, Lease, Location, Manifest, StagedWriter, StorageError,
+                    check_disjoint, is_no_space, no_space_message, posix_basename, resolve, unreadable_reason)
 from ..imaging import NO_GUARD, InputGuard, MRIPreprocess, SeriesSelector, SliceInfo, sha256_hex
 from ..trust import softmax
 from ..report import write_scoring_report
 from ..tracking import log_scoring, resolve_registered_model
 from ._config import OUTPUT_CONFIG_FILE, OUTPUT_IDS_FILE, OUTPUT_SIBLINGS, ScoreConfig
 from ._explain import HeatmapWriter, explain_location
+from ._plan import (DECODE_CPUS, PRIOR_COLUMNS, WITHDRAWN, WITHDRAWN_REASON, ClusterShape, ScoringPlan, guard_id,
+                    plan_replicas, plan_scoring, prior_state, rerun_diff)
 from ._series import SERIES_FILE, series_location, update_series_table
 
 logger = logging.getLogger(__name__)
 
 PROB_PREFIX = "prob_"
-# Decoding is a few ms an image against tens for the model: two decode tasks share a CPU.
-DECODE_CPUS = 0.5
-# CPU scoring: the model's share of the CPUs (decode ~3 ms an image, ONNX Runtime's Lite0 ~11 ms
-# a thread) and the threads of one replica (intra-op scaling is near-linear at 2: 92 -> 173
-# images/s). Measured on 2 vCPUs, 3264 images: 1 replica x 1 CPU 75 images/s, 1 x 1.5 CPUs (2
-# threads) 101, 2 x 0.75 CPUs 102 (docs/benchmarks.md).
-MODEL_SHARE = 0.75
-THREADS_PER_REPLICA = 2
 # Decode tasks read their own files (a block of the listing each): a file that vanished or cannot
 # be read since it was listed is an error row of its own (Ray Data's file reader failed the run).
 FILES_PER_BLOCK = 32
@@ -106,6 +108,9 @@ def output_schema(class_names: list[str]) -> pa.Schema:
             ("heatmap_path", pa.string()),
             ("heatmap_peak_x", pa.int32()),
             ("heatmap_peak_y", pa.int32()),
+            # The input guard's settings (hashed) the row was scored under: a rerun under others
+            # (a limit raised) tries its error rows again.
+            ("guard", pa.string()),
         ]
     )
 
@@ -284,43 +289,30 @@ class _Attempts:
 
 
 class Predictor:
-    """Model side: one loaded package per actor; probabilities for the rows that decoded."""
+    """Model side (a Ray Data actor): one loaded package per actor; probabilities for the rows
+    that decoded. It loads the package the plan pins and nothing else: every file's sha256 is
+    recomputed over the bytes it loads (:class:`~braintumor_ray.models.PackagePin`)."""
 
-    def __init__(
-        self,
-        model_uri: str,
-        s3_endpoint_url: str | None,
-        use_gpu: bool,
-        files: dict,
-        uri_prefix: str,
-        scored_at: datetime,
-        selection: str = "",
-        engine: str = "torch",
-        threads: int | None = None,
-        review_threshold: float | None = None,
-        identifiers: Identifiers | None = None,
-        explain: str = "none",
-        explain_to: tuple[str, str] | None = None,
-    ):
+    def __init__(self, plan: ScoringPlan, threads: int | None = None):
         from ..models import load_inference_model
 
         # Intra-op threads = the CPUs this actor was given (Ray's OMP_NUM_THREADS covers torch
         # only, and ORT would take every core): replicas and decode tasks then share the node
         # without oversubscribing it.
         self.threads = threads or actor_threads()
-        self.model = load_inference_model(
-            model_uri, engine=engine, use_gpu=use_gpu, threads=self.threads, s3_endpoint_url=s3_endpoint_url
-        )
+        self.model = load_inference_model(plan.pin.uri, engine=plan.engine, use_gpu=plan.use_gpu, threads=self.threads,
+                                          s3_endpoint_url=plan.s3_endpoint_url, pin=plan.pin)
         self.schema = output_schema(list(self.model.class_names))
-        self.files, self.uri_prefix, self.scored_at, self.selection = files, uri_prefix, scored_at, selection
-        self.review_threshold = review_threshold
-        self.ids = identifiers or Identifiers()
-        self.explain = explain
-        # Heat maps: (the run's staging folder, the final folder) of OUTPUT_explain.
+        self.files, self.uri_prefix, self.scored_at = plan.diff.todo, plan.uri_prefix, plan.scored_at
+        self.selection, self.review_threshold, self.ids, self.explain = (plan.selection, plan.review_threshold,
+                                                                         plan.identifiers, plan.explain)
+        self.guard_id = plan.guard_id
+        # Heat maps: into the run's staging folder of OUTPUT_explain, named by the final one.
         self.heatmaps = HeatmapWriter(
-            explain, model_uri=model_uri, s3_endpoint_url=s3_endpoint_url, use_gpu=use_gpu, stage_uri=explain_to[0],
-            final_uri=explain_to[1], model_id=self.model.model_id,
-        ) if explain != "none" and explain_to else None
+            plan.explain, model_uri=plan.pin.uri, s3_endpoint_url=plan.s3_endpoint_url, use_gpu=plan.use_gpu,
+            stage_uri=plan.explain_stage_uri, final_uri=plan.explain_final_uri, model_id=self.model.model_id,
+            pin=plan.pin,
+        ) if plan.explain != "none" else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -380,6 +372,7 @@ class Predictor:
             "heatmap_path": heat[0],
             "heatmap_peak_x": heat[1],
             "heatmap_peak_y": heat[2],
+            "guard": [self.guard_id] * n,
         }
         return pa.Table.from_pydict(cols, schema=self.schema)
 
@@ -399,71 +392,126 @@ def actor_threads() -> int:
 
 def recover(dst: Location) -> dict[str, int]:
     """Finish what earlier runs left: commit staged runs that completed, drop those that did not."""
-    return StagedWriter(dst, what="score").recover()
+    return _writer(dst).recover()
 
 
-def _prior_rows(dst: Location) -> pa.Table:
-    """(path, sha256, size, version, model_id, status, selection) of every row already committed."""
-    types = {"path": pa.string(), "sha256": pa.string(), "size": pa.int64(), "version": pa.string(), "model_id": pa.string(), "status": pa.string(), "selection": pa.string()}
-    files = [p for p in (dst.files() if dst.exists() else []) if p.endswith(".parquet")]
+def _writer(dst: Location, lease: Lease | None = None) -> StagedWriter:
+    """The predictions' writer: its commits name their files in ``OUTPUT/_manifest.json``."""
+    return StagedWriter(dst, what="score", lease=lease, describe=_describe_rows)
+
+
+def _describe_rows(data: bytes) -> dict[str, Any]:
+    """A committed Parquet file's manifest entry: its rows and the model id of its rows."""
+    t = pq.read_table(pa.BufferReader(data), columns=["model_id"])
+    return {"rows": t.num_rows, "model_ids": sorted({m for m in t.column("model_id").to_pylist() if m})}
+
+
+def _read_committed(files: list[CommittedFile], columns: dict[str, pa.DataType]) -> pa.Table:
+    """``columns`` of every committed row (columns a file predates: null, status ``ok``,
+    selection empty, as those files meant)."""
     tables = []
-    for p in files:
-        f = pq.ParquetFile(p, filesystem=dst.pyarrow_fs)
-        have = [c for c in types if c in f.schema_arrow.names]
+    for cf in files:
+        f = pq.ParquetFile(pa.BufferReader(cf.data))
+        have = [c for c in columns if c in f.schema_arrow.names]
         t = f.read(columns=have)
-        for c in types:
+        for c in columns:
             if c not in have:  # files from before DICOM support: every row ok, no selector
-                t = t.append_column(c, pa.array(["ok" if c == "status" else "" if c == "selection" else None] * t.num_rows, types[c]))
-        tables.append(t.select(list(types)).cast(pa.schema(types)))
+                fill = "ok" if c == "status" else "" if c == "selection" else None
+                t = t.append_column(c, pa.array([fill] * t.num_rows, columns[c]))
+        tables.append(t.select(list(columns)).cast(pa.schema(columns)))
     if not tables:
-        return pa.table({c: pa.array([], t) for c, t in types.items()})
+        return pa.table({c: pa.array([], t) for c, t in columns.items()})
     return pa.concat_tables(tables)
+
+
+def _withdrawal_rows(files: list[CommittedFile], withdrawn: tuple[str, ...], schema: pa.Schema,
+                     scored_at: datetime) -> pa.Table:
+    """A ``withdrawn`` row for each latest row of the files gone from the input: a copy of it
+    (what was said, by which model, from which bytes), marked, and the latest of its file."""
+    gone = pa.array(sorted(withdrawn), pa.string())
+    parts = []
+    for cf in files:
+        t = pq.read_table(pa.BufferReader(cf.data))
+        t = t.filter(pc.is_in(t.column("path"), value_set=gone))
+        if t.num_rows:
+            parts.append(t)
+    if not parts:
+        return schema.empty_table()
+    rows = pa.concat_tables(parts, promote_options="permissive")
+    paths, when = rows.column("path").to_pylist(), rows.column("scored_at").to_pylist()
+    last: dict[str, Any] = {}
+    for p, w in zip(paths, when):
+        if p not in last or (w is not None and (last[p] is None or w > last[p])):
+            last[p] = w
+    keep = [i for i, (p, w) in enumerate(zip(paths, when)) if w == last[p]]
+    rows = rows.take(pa.array(keep, pa.int64()))
+    cols = {}
+    for f in schema:
+        if f.name == "status":
+            cols[f.name] = pa.array([WITHDRAWN] * rows.num_rows, f.type)
+        elif f.name == "error":
+            cols[f.name] = pa.array([WITHDRAWN_REASON] * rows.num_rows, f.type)
+        elif f.name == "scored_at":
+            cols[f.name] = pa.array([scored_at] * rows.num_rows, f.type)
+        elif f.name in rows.column_names:
+            cols[f.name] = rows.column(f.name).cast(f.type)
+        else:
+            cols[f.name] = pa.nulls(rows.num_rows, f.type)
+    return pa.table(cols, schema=schema)
 
 
 def run_scoring(config: ScoreConfig) -> dict:
     """Score every new or changed file under ``input``; returns the run's summary.
 
     The whole run holds the output's lease (``OUTPUT._lease.json``): a second run on the same
-    output refuses, naming this one, or waits (``wait``), whoever started it.
+    output refuses, naming this one, or waits (``wait``), whoever started it. A full disk is a
+    :class:`StorageError` of one line; what was committed stays whole, and the next run goes on.
     """
     # Again here, not only when the config was built: links resolve on the machine that runs the
     # job, and this comes before the lease or anything else touches storage.
     check_disjoint(config.input, config.output, siblings=OUTPUT_SIBLINGS)
     dst = resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-    with Lease(dst, owner=run_id, ttl_s=config.lease_ttl_s, wait_s=config.wait, what="score") as lease:
-        summary = _run_scoring(config, lease)
+    try:
+        with Lease(dst, owner=run_id, ttl_s=config.lease_ttl_s, wait_s=config.wait, what="score") as lease:
+            summary = _run_scoring(config, lease)
+    except StorageError:
+        raise
+    except Exception as e:
+        if is_no_space(e):  # a Ray task's OSError arrives wrapped, with the worker's traceback
+            raise StorageError(no_space_message(dst.uri)) from e
+        raise
     return summary | {"lease": lease.describe()}
 
 
 def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
-    """:func:`run_scoring`'s work, under the lease (``lease.owner`` is the run id)."""
-    import ray
-
-    from ..models import package_preprocess, verify_package
+    """:func:`run_scoring`'s work, under the lease (``lease.owner`` is the run id): the facts,
+    the plan (:mod:`._plan`, pure), the execution (Ray), the commit."""
+    from ..models import package_preprocess, pin_package, verify_package
 
     t0 = time.perf_counter()
     asked = config  # saved as given: a models:/ name stays a name, not the folder it resolved to
     config, registered = resolve_registered_model(config)  # models:/NAME/VERSION -> its package folder
     # model.json unedited, the pinned id (expect_model_id), weights and trust file matching the id's hashes.
     meta = verify_package(config.model, s3_endpoint_url=config.s3_endpoint_url, expect_model_id=config.expect_model_id)
-    model_id, class_names = meta["model_id"], list(meta["class_names"])
+    model_id = meta["model_id"]
     preprocess = package_preprocess(meta, config.model)
-    engine = _engine(config, meta)  # before any work: an impossible choice fails here
-    # The series verdicts' review threshold: the option, else the package's (none before trust).
-    review = config.review_threshold if config.review_threshold is not None else float(
-        (meta.get("trust") or {}).get("review_threshold", 0.0))
+    engine, notes = _engine(config, meta)  # before any work: an impossible choice fails here
+    # What every replica must load: these bytes (a folder rewritten from here on is refused).
+    pin = pin_package(resolve(config.model, s3_endpoint_url=config.s3_endpoint_url), meta,
+                      with_onnx=engine == "onnxruntime")
     if "conformal" not in (meta.get("trust") or {}):
         logger.warning("score: model %s was exported before prediction sets: its rows get null prediction_set and "
                        "set_size and no 'ambiguous' flag (train it again, or run a search, to add them)", model_id)
     src = resolve(config.input, s3_endpoint_url=config.s3_endpoint_url)
     dst = resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)
     ids = Identifiers.from_env(config.path_mode, config.uid_mode, root=src.uri)  # no key: fails before any work
-    writer = StagedWriter(dst, what="score", lease=lease)  # commits only while the lease holds
+    writer = _writer(dst, lease)  # commits only while the lease holds, and names its files in the manifest
     recovered = writer.recover()
     # Heat maps (--explain) stage and commit beside the predictions: same run id, same lease.
     explain_writer = StagedWriter(explain_location(dst), what="explain", lease=lease)
     explain_writer.recover()
+    writer.adopt()  # an output from before manifests: its files as they are now
     # Links leaving the input, dangling links, FIFOs: refused here, each an error row of its own.
     listed = src.listing(follow_links_outside=config.guard.follow_links_outside_input)
     files = {p: v for p, v in listed.files.items() if not posix_basename(p).startswith(".")}
@@ -472,51 +520,83 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     _claim_identifiers(dst, ids)
     asked.save_yaml(dst.join(OUTPUT_CONFIG_FILE))  # `jobs/score.py --config` takes it back; readers skip it
 
-    prior = _prior_rows(dst)
+    committed = writer.manifest.committed()  # the files the job committed, their bytes checked
+    prior = prior_state(_read_committed(committed, PRIOR_COLUMNS))
     prefix = "s3://" if src.is_s3 else ""
-    selection = config.select.describe()
-    # A file the selector left out is done only for the same selector: other settings look again.
-    same_model = prior.filter(
-        pc.and_(
-            pc.equal(prior.column("model_id"), model_id),
-            pc.or_(pc.not_equal(prior.column("status"), "skipped"), pc.equal(prior.column("selection"), selection)),
-        )
-    )
-    seen = set(zip(same_model.column("path").to_pylist(), same_model.column("size").to_pylist(), same_model.column("version").to_pylist()))
     # The listing named as the output names it (path_mode), so both sides compare like for like.
     shown = {p: ids.path(prefix + p) for p in files}
-    todo = {p: v for p, v in files.items() if (shown[p], v[0], v[1]) not in seen}
-    todo_by_name = {shown[p]: p for p in todo}
-    known = zip(same_model.column("path").to_pylist(), same_model.column("sha256").to_pylist())
-    already = frozenset((todo_by_name[path], sha) for path, sha in known if path in todo_by_name)
+    diff = rerun_diff(files, shown, prior, model_id=model_id, selection=config.select.describe(),
+                      retry_errors=config.retry_errors, guard=guard_id(config.guard), rescore_all=config.rescore_all,
+                      output=dst.uri)
+    run_id = lease.owner
+    explain_stage = explain_writer.stage(run_id)
+    plan = plan_scoring(
+        config=config, run_id=run_id, input_uri=src.uri, output_uri=dst.uri, uri_prefix=prefix, pin=pin, engine=engine,
+        meta=meta, preprocess=preprocess, identifiers=ids, diff=diff, refused=listed.refused,
+        explain_stage_uri=explain_stage.uri, explain_final_uri=explain_writer.output.uri,
+        cluster=_cluster_shape() if diff.todo else None, scored_at=datetime.now(timezone.utc), notes=notes,
+    )
     summary: dict[str, Any] = {
         "input": src.uri,
         "output": dst.uri,
         "model_id": model_id,
         "files_seen": len(files),
-        "skipped_already_scored": len(files) - len(todo),
+        "skipped_already_scored": len(files) - len(diff.todo),
         "scored": 0,
         "errors": 0,
         "not_selected": 0,
+        "withdrawn": len(diff.withdrawn),
+        "errors_retried": diff.retried,
+        "errors_final": diff.final_errors,
+        **({"replaced_models": list(diff.replaced_models)} if diff.replaced_models else {}),
+        **({"notes": list(notes)} if notes else {}),
         **recovered,
     }
-    if not todo:
-        summary.update(series=_series(dst, class_names, review), wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0)
+    if not diff.has_work:
+        summary.update(series=_series(dst, list(plan.class_names), plan.series_review_threshold),
+                       wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0)
         return log_scoring(config, _with_report(summary, dst), registered)
+
+    staging = writer.stage(run_id)
+    t_run = time.perf_counter()
+    if diff.todo:
+        _execute(plan, staging, source=src, attempts=writer.root.join(ATTEMPTS_DIR))
+    elapsed = time.perf_counter() - t_run
+    written, heatmaps = _commit(plan, writer, staging, explain_writer, explain_stage, committed)
+    counts = {k: int(pc.sum(pc.equal(written.column("status"), k)).as_py() or 0) for k in ("ok", "error", "skipped")}
+    files_written = len(set(written.filter(pc.not_equal(written.column("status"), WITHDRAWN)).column("path").to_pylist()))
+    summary.update(
+        scored=counts["ok"],
+        errors=counts["error"],
+        not_selected=counts["skipped"],
+        skipped_already_scored=summary["skipped_already_scored"] + len(diff.todo) - files_written,
+        series=_series(dst, list(plan.class_names), plan.series_review_threshold),
+        run_id=run_id,
+        **({"replicas": plan.replicas, "cpus_per_replica": plan.replica_cpus, "engine": engine} if diff.todo else {}),
+        heatmaps=heatmaps,
+        wall_s=round(time.perf_counter() - t0, 3),
+        images_per_s=round(len(diff.todo) / elapsed, 2) if diff.todo and elapsed > 0 else 0.0,
+    )
+    return log_scoring(config, _with_report(summary, dst), registered)
+
+
+def _cluster_shape() -> ClusterShape:
+    import ray
 
     if not ray.is_initialized():
         ray.init()
     resources = ray.cluster_resources()
-    cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
-    if config.use_gpu and gpus < 1:
-        raise ConfigError("use_gpu is set but the Ray cluster has no GPU: drop --use-gpu or add GPU nodes")
-    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    replicas, replica_cpus = plan_replicas(config, cpus=cpus, gpus=gpus, node_cpus=node_cpus)
-    run_id = lease.owner
-    staging = writer.stage(run_id)
-    explain_stage = explain_writer.stage(run_id)
-    scored_at = datetime.now(timezone.utc)
-    t_run = time.perf_counter()
+    return ClusterShape(cpus=int(resources.get("CPU", 1)), gpus=int(resources.get("GPU", 0)),
+                        node_cpus=tuple(n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")))
+
+
+def _execute(plan: ScoringPlan, staging: Location, *, source: Location, attempts: Location) -> None:
+    """The Ray part: decode tasks read and preprocess the plan's files, the plan's replicas score
+    them, the rows land in the run's staging folder (nothing is committed here)."""
+    import ray
+
+    todo = plan.diff.todo
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ctx = ray.data.DataContext.get_current()
     saved = ctx.op_resource_reservation_enabled
     # As in the ingest: on a small cluster the per-operator reservation idles half the CPUs.
@@ -527,14 +607,14 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
             # beside model replicas that hold all but DECODE_CPUS of a node (the job hung).
             # The decode tasks read the files themselves: one that fails to read is its own error row.
             ray.data.from_items(
-                [{"path": p, "size": n, "version": v, "refused": listed.refused.get(p)} for p, (n, v) in todo.items()],
+                [{"path": p, "size": n, "version": v, "refused": plan.refused.get(p)} for p, (n, v) in todo.items()],
                 override_num_blocks=max(min(len(todo), 2 * cpus), math.ceil(len(todo) / FILES_PER_BLOCK)),
             )
             .map_batches(
                 decode_batch,
                 batch_format="pyarrow",
-                fn_kwargs={"preprocess": preprocess, "already": already, "select": config.select, "guard": config.guard,
-                           "source": src, "attempts": writer.root.join(ATTEMPTS_DIR)},
+                fn_kwargs={"preprocess": plan.preprocess, "already": plan.diff.already, "select": plan.select,
+                           "guard": plan.guard, "source": source, "attempts": attempts},
                 # Remote args unlike the model's keep Ray Data from fusing the decode into the
                 # model actor, where it would run in turn with inference instead of beside it.
                 num_cpus=DECODE_CPUS,
@@ -542,48 +622,43 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
             .map_batches(
                 Predictor,
                 batch_format="pyarrow",
-                batch_size=config.batch_size,
-                fn_constructor_args=(config.model, config.s3_endpoint_url, config.use_gpu, todo, prefix, scored_at, selection,
-                                     engine),
-                fn_constructor_kwargs={"review_threshold": config.review_threshold, "identifiers": ids,
-                                       "explain": config.explain, "explain_to": (explain_stage.uri, explain_writer.output.uri)},
-                compute=ray.data.ActorPoolStrategy(size=replicas),
-                num_gpus=1 if config.use_gpu else 0,
-                num_cpus=replica_cpus,
+                batch_size=plan.batch_size,
+                fn_constructor_args=(plan,),
+                compute=ray.data.ActorPoolStrategy(size=plan.replicas),
+                num_gpus=1 if plan.use_gpu else 0,
+                num_cpus=plan.replica_cpus,
             )
             .write_parquet(staging.path, filesystem=staging.pyarrow_fs, ray_remote_args={"num_cpus": DECODE_CPUS})
         )
     finally:
         ctx.op_resource_reservation_enabled = saved
+
+
+def _commit(plan: ScoringPlan, writer: StagedWriter, staging: Location, explain_writer: StagedWriter,
+            explain_stage: Location, committed: list[CommittedFile]) -> tuple[pa.Table, int]:
+    """Add the withdrawal rows to the run, then commit it: its (path, status) rows and the maps.
+
+    Every row of the run is on storage: the commit marks it so (from here a cut-off run is
+    committed by the next one instead of redone), then moves the files in one by one and names
+    them in the manifest. The maps first: a committed row never names a PNG that is not there
+    yet (a run cut off between the two commits is redone, and rewrites the same file names).
+    """
+    if plan.diff.withdrawn:
+        rows = _withdrawal_rows(committed, plan.diff.withdrawn, output_schema(list(plan.class_names)), plan.scored_at)
+        buf = pa.BufferOutputStream()
+        pq.write_table(rows, buf)
+        staging.join(f"withdrawn-{plan.run_id}.parquet").write_bytes(buf.getvalue().to_pybytes())
+        logger.warning("score: %d rows of %d files gone from the input marked withdrawn (their earlier rows stay)",
+                       rows.num_rows, len(plan.diff.withdrawn))
     staged = [p for p in (staging.files() if staging.exists() else []) if p.endswith(".parquet")]
     written = pa.concat_tables(
         [pq.read_table(p, columns=["path", "status"], filesystem=staging.pyarrow_fs) for p in staged]
     ) if staged else pa.table({"path": pa.array([], pa.string()), "status": pa.array([], pa.string())})
-    # Every row of the run is on storage: the commit marks it so (from here a cut-off run is
-    # committed by the next one instead of redone), then moves the files in one by one.
-    # The maps first: a committed row never names a PNG that is not there yet (a run cut off
-    # between the two commits is redone, and rewrites the same file names).
     heatmaps = explain_writer.commit(explain_stage) if explain_stage.exists() else 0
-    writer.commit(staging)
+    if staged:
+        writer.commit(staging, replace_all=plan.rescore_all)
     _clear_attempts(writer.root.join(ATTEMPTS_DIR))
-    elapsed = time.perf_counter() - t_run
-    counts = {k: int(pc.sum(pc.equal(written.column("status"), k)).as_py() or 0) for k in ("ok", "error", "skipped")}
-    files_written = len(set(written.column("path").to_pylist()))
-    summary.update(
-        scored=counts["ok"],
-        errors=counts["error"],
-        not_selected=counts["skipped"],
-        skipped_already_scored=summary["skipped_already_scored"] + len(todo) - files_written,
-        series=_series(dst, class_names, review),
-        run_id=run_id,
-        replicas=replicas,
-        cpus_per_replica=replica_cpus,
-        engine=engine,
-        heatmaps=heatmaps,
-        wall_s=round(time.perf_counter() - t0, 3),
-        images_per_s=round(len(todo) / elapsed, 2),
-    )
-    return log_scoring(config, _with_report(summary, dst), registered)
+    return written, heatmaps
 
 
 def _clear_attempts(attempts: Location) -> None:
@@ -602,12 +677,17 @@ def _claim_identifiers(dst: Location, ids: Identifiers) -> None:
     output with rows but no record was written before the modes existed: full names."""
     record = dst.join(OUTPUT_IDS_FILE)
     mine = ids.describe()
-    if record.exists():
+    raw = record.read_bytes() if record.exists() else None
+    if raw is not None and not raw.strip():
+        # Left empty by a full disk before the record was written whole: no record at all.
+        logger.warning("score: %s is empty (a write cut off by a full disk?): written again", record.uri)
+        raw = None
+    if raw is not None:
         try:
-            theirs = json.loads(record.read_bytes())
+            theirs = json.loads(raw)
         except ValueError as e:
             raise ConfigError(f"{record.uri} is not readable JSON ({e}): restore it, or score into a new output") from e
-    elif dst.exists() and any(p.endswith(".parquet") for p in dst.files()):
+    elif Manifest(dst, what="score").read():  # committed rows (a planted file is none), written before the record
         theirs = {"path_mode": "full", "uid_mode": "full", "key_id": None}
     else:
         theirs = None
@@ -622,53 +702,23 @@ def _claim_identifiers(dst: Location, ids: Identifiers) -> None:
             f"output {dst.uri}: {why}, and this run asks for path_mode={ids.path_mode}, uid_mode={ids.uid_mode}; every "
             f"file would be scored again under a second name. {fix}, or score into a new output"
         )
-    if theirs != mine:
-        record.write_bytes(json.dumps(mine, indent=2).encode())
+    if theirs != mine or raw is None:
+        record.write_atomic(json.dumps(mine, indent=2).encode())
 
 
-def _engine(config: ScoreConfig, meta: dict) -> str:
-    from ..models import choose_engine, package_has_onnx, verify_onnx
+def _engine(config: ScoreConfig, meta: dict) -> tuple[str, tuple[str, ...]]:
+    """The engine, and the notes for the summary (an old package's ONNX file left unused)."""
+    from ..models import choose_engine, onnx_unbound_note, package_has_onnx, verify_onnx
 
+    note = onnx_unbound_note(meta)
+    if note and config.engine == "onnxruntime":
+        raise ConfigError(f"{config.model}: {note}; or score with --engine auto or torch")
     engine = choose_engine(config.engine, has_onnx=package_has_onnx(meta), use_gpu=config.use_gpu)
     if engine == "onnxruntime":  # a changed or missing file is refused here, not in every actor
-        # Pinned: the file must also be the pinned weights' network (its hash is not part of the id).
-        verify_onnx(config.model, s3_endpoint_url=config.s3_endpoint_url, against_weights=config.expect_model_id is not None)
-    return engine
-
-
-def plan_replicas(config: ScoreConfig, *, cpus: float, gpus: int, node_cpus: list[float] | None = None) -> tuple[int, float]:
-    """(model replicas, CPUs each; each replica runs that many threads, rounded).
-
-    With use_gpu: one replica per GPU, 1 CPU each (default). On CPUs each node gives the model
-    :data:`MODEL_SHARE` of its CPUs and reading and decoding the rest (at least
-    :data:`DECODE_CPUS`), in replicas of about :data:`THREADS_PER_REPLICA` CPUs: on a 2-vCPU
-    node one replica of 1.5 CPUs (2 threads) beside 0.5 CPU of decode tasks, the fastest layout
-    measured (docs/benchmarks.md). ``node_cpus``: the CPUs of each node (default: one node).
-    """
-    if config.use_gpu:
-        return config.concurrency or gpus, config.cpus_per_replica or 1.0
-    nodes = [c for c in (node_cpus or [cpus]) if c >= 2 * DECODE_CPUS] or [cpus]
-    model = [max(min(c * MODEL_SHARE, c - DECODE_CPUS), DECODE_CPUS) for c in nodes]
-    # One replica size for the whole pool (Ray Data's actors are alike): the smallest node's.
-    default_per = min(m / max(1, round(m / THREADS_PER_REPLICA)) for m in model)
-    per = config.cpus_per_replica or default_per
-    if config.concurrency:
-        replicas = config.concurrency
-        if not config.cpus_per_replica:  # the model's CPUs shared by the replicas asked for
-            per = min(default_per, sum(model) / replicas)
-    else:
-        replicas = max(1, sum(int(m / per + 1e-9) for m in model))
-    if replicas * per > cpus - DECODE_CPUS + 1e-9 or per > max(nodes) - DECODE_CPUS + 1e-9:
-        raise ConfigError(
-            f"{replicas} model replicas x {per:g} CPUs leave less than {DECODE_CPUS} of the cluster's {cpus:g} CPUs "
-            "(or of a node's) to read and decode files, and the job would wait forever: lower concurrency or "
-            "cpus_per_replica"
-        )
-    if abs(per - DECODE_CPUS) < 1e-9:
-        # Equal remote arguments would let Ray Data fuse the decode stage into the model actor,
-        # where it runs in turn with inference (issue 6): a hair less keeps them apart.
-        per = DECODE_CPUS - 0.01
-    return replicas, round(per, 3)
+        verify_onnx(config.model, s3_endpoint_url=config.s3_endpoint_url)
+    if note:
+        logger.warning("score: %s", note)
+    return engine, (note,) if note else ()
 
 
 def _series(dst: Location, class_names: list[str], review_threshold: float) -> int | None:
@@ -680,7 +730,8 @@ def _series(dst: Location, class_names: list[str], review_threshold: float) -> i
 def _with_report(summary: dict, dst: Location) -> dict:
     """The review page, rebuilt from every committed row (this run's and earlier ones'), still
     under the lease: ``OUTPUT/_report.html`` (:mod:`braintumor_ray.report`)."""
-    return summary | {"report": write_scoring_report(dst, series=series_location(dst).join(SERIES_FILE))}
+    return summary | {"report": write_scoring_report(dst, series=series_location(dst).join(SERIES_FILE),
+                                                     maps=explain_location(dst))}
 
 
 def format_summary(s: dict) -> str:
@@ -689,6 +740,13 @@ def format_summary(s: dict) -> str:
         f"  files seen {s['files_seen']}, rows scored {s['scored']} (one per image or slice), skipped as already "
         f"scored {s['skipped_already_scored']}, errors {s['errors']}, not selected {s.get('not_selected', 0)}",
     ]
+    if s.get("withdrawn") or s.get("errors_retried") or s.get("errors_final"):
+        lines.append(f"  withdrawn {s.get('withdrawn', 0)} (files gone from the input), error rows tried again "
+                     f"{s.get('errors_retried', 0)}, errors final after --retry-errors {s.get('errors_final', 0)}")
+    if s.get("replaced_models"):
+        lines.append(f"  replaced the rows of model {', '.join(s['replaced_models'])} (--rescore-all)")
+    for note in s.get("notes", ()):
+        lines.append(f"  note: {note}")
     if s.get("series") is not None:
         lines.append(f"  series table: {s['series']} series or volumes in {s['output'].rstrip('/')}_series/")
     if s.get("heatmaps"):

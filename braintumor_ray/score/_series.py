@@ -42,7 +42,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core import CLASS_NAMES, Location
+from ..core import CLASS_NAMES, CommittedFile, Location, Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +105,8 @@ def series_schema(class_names: list[str]) -> pa.Schema:
     )
 
 
-def _fingerprint(files: list[str]) -> str:
-    names = sorted(f.rstrip("/").rsplit("/", 1)[-1] for f in files)
+def _fingerprint(files: list[CommittedFile]) -> str:
+    names = sorted(f"{f.name}:{f.entry.get('sha256', '')}" for f in files)
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
@@ -118,7 +118,7 @@ def update_series_table(
     Returns its number of rows, or None when no committed row belongs to a series or volume
     (then no table is written: an archive of plain images gets no empty sibling folder).
     """
-    files = sorted(p for p in (dst.files() if dst.exists() else []) if p.endswith(".parquet"))
+    files = Manifest(dst, what="score").committed()  # committed rows only: never a planted file
     digest = _fingerprint(files)
     target = series_location(dst).join(SERIES_FILE)
     if target.exists():
@@ -141,13 +141,13 @@ def update_series_table(
     return table.num_rows
 
 
-def _read_slice_rows(dst: Location, files: list[str], class_names: list[str]) -> pa.Table:
-    """The columns the table needs, from every prediction file that has them."""
+def _read_slice_rows(dst: Location, files: list[CommittedFile], class_names: list[str]) -> pa.Table:
+    """The columns the table needs, from every committed prediction file that has them."""
     probs = [PROB_PREFIX + c for c in class_names]
     want = _ROW_COLUMNS + probs
     tables = []
-    for p in files:
-        f = pq.ParquetFile(p, filesystem=dst.pyarrow_fs)
+    for cf in files:
+        f = pq.ParquetFile(pa.BufferReader(cf.data))
         if not set(want) <= set(f.schema_arrow.names):
             continue  # written before DICOM support, or by a model with other classes
         t = f.read(columns=want + [c for c in _OPTIONAL if c in f.schema_arrow.names])
@@ -166,13 +166,15 @@ def series_table(rows: pa.Table, class_names: list[str], *, review_threshold: fl
     if rows.num_rows == 0:
         return schema.empty_table()
     df = rows.to_pandas()
-    df = df[df["status"].isin(["ok", "error"])]
     df = df[df["series_instance_uid"].notna() | df["slice_index"].notna()]
+    # The latest scoring of each file: a changed file's (or volume's) older rows drop out, and so
+    # do the rows of a file withdrawn since (gone from the input: its latest rows say so).
+    if not df.empty:
+        latest = df.groupby(["model_id", "path"])["scored_at"].transform("max")
+        df = df[df["scored_at"] == latest]
+    df = df[df["status"].isin(["ok", "error"])]
     if df.empty:
         return schema.empty_table()
-    # The latest scoring of each file: a changed file's (or volume's) older rows drop out.
-    latest = df.groupby(["model_id", "path"])["scored_at"].transform("max")
-    df = df[df["scored_at"] == latest]
     # The latest row of each DICOM instance (and frame): a copy under a second name counts once.
     df = df.assign(_frame=df["slice_index"].fillna(-1)).sort_values(["scored_at", "path"], ascending=[False, True])
     dicom = df["sop_instance_uid"].notna()

@@ -1,0 +1,206 @@
+"""Scoring's plan and record, without Ray (issue 25): the rerun rules, versions, the manifest,
+atomic writes on a full disk, the package pin and the ONNX file bound to the model id."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from datetime import datetime, timedelta, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from braintumor_ray.core import ConfigError, Manifest, StorageError, local_version, resolve, same_version
+from braintumor_ray.score._plan import PRIOR_COLUMNS, WITHDRAWN, prior_state, rerun_diff
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def _rows(*rows: dict) -> pa.Table:
+    base = {"sha256": "s", "size": 10, "version": "v1", "model_id": "m1", "status": "ok", "selection": "",
+            "scored_at": T0, "error": None, "guard": "g1"}
+    full = [base | r for r in rows]
+    return pa.table({c: pa.array([r[c] for r in full], t) for c, t in PRIOR_COLUMNS.items()})
+
+
+def _diff(files, rows, **kw):
+    kw = {"model_id": "m1", "selection": "", "retry_errors": 2, "guard": "g1"} | kw
+    return rerun_diff(files, {p: p for p in files}, prior_state(rows), **kw)
+
+
+def test_unchanged_files_are_done_and_new_ones_scored():
+    d = _diff({"a": (10, "v1"), "b": (5, "v1")}, _rows({"path": "a"}))
+    assert d.todo == {"b": (5, "v1")} and not d.already and not d.withdrawn
+
+
+def test_a_changed_version_at_equal_size_is_read_again_and_dropped_if_same_bytes():
+    d = _diff({"a": (10, "v2")}, _rows({"path": "a", "sha256": "abc"}))
+    assert d.todo == {"a": (10, "v2")} and d.already == {("a", "abc")}
+
+
+def test_no_version_means_hash():
+    d = _diff({"a": (10, "")}, _rows({"path": "a", "version": ""}))
+    assert "a" in d.todo
+
+
+def test_error_rows_are_retried_up_to_the_cap_then_final():
+    unreadable = {"path": "a", "status": "error", "error": "unreadable: permission denied"}
+    d = _diff({"a": (10, "v1")}, _rows(unreadable))
+    assert d.todo == {"a": (10, "v1")} and d.retried == 1 and not d.already  # retried even at the same bytes
+    three = _rows(*(unreadable | {"scored_at": T0 + timedelta(seconds=i)} for i in range(3)))
+    d = _diff({"a": (10, "v1")}, three)
+    assert not d.todo and d.final_errors == 1  # 1 + retry_errors=2 error rows: final, stays recorded
+    assert _diff({"a": (10, "v1")}, _rows(unreadable), retry_errors=0).final_errors == 1
+    # A changed file starts afresh, whatever its history.
+    assert "a" in _diff({"a": (11, "v2")}, three).todo
+    # A later ok row supersedes the errors.
+    fixed = _rows(unreadable, {"path": "a", "scored_at": T0 + timedelta(seconds=1)})
+    assert not _diff({"a": (10, "v1")}, fixed).todo
+
+
+def test_a_decode_error_is_retried_only_under_other_guard_settings():
+    corrupt = _rows({"path": "a", "status": "error", "error": "not an image: cannot identify image file"})
+    assert not _diff({"a": (10, "v1")}, corrupt).todo  # same bytes, same settings: the same error
+    assert _diff({"a": (10, "v1")}, corrupt, guard="g2").retried == 1  # a limit raised since
+    killed = _rows({"path": "a", "status": "error", "error": "killed its decode task twice (out of memory?)"})
+    assert _diff({"a": (10, "v1")}, killed).retried == 1
+
+
+def test_skipped_files_are_looked_at_again_only_under_another_selector():
+    rows = _rows({"path": "a", "status": "skipped", "selection": "sel1"})
+    assert not _diff({"a": (10, "v1")}, rows, selection="sel1").todo
+    assert "a" in _diff({"a": (10, "v1")}, rows, selection="sel2").todo
+
+
+def test_files_gone_from_the_input_are_withdrawn_once():
+    rows = _rows({"path": "a"}, {"path": "gone"})
+    assert _diff({"a": (10, "v1")}, rows).withdrawn == ("gone",)
+    again = _rows({"path": "a"}, {"path": "gone"}, {"path": "gone", "status": WITHDRAWN,
+                                                     "scored_at": T0 + timedelta(seconds=1)})
+    assert _diff({"a": (10, "v1")}, again).withdrawn == ()
+    # A withdrawn file that comes back is scored again.
+    assert "gone" in _diff({"a": (10, "v1"), "gone": (10, "v1")}, again).todo
+
+
+def test_another_models_rows_refuse_the_run_with_the_fix_named():
+    rows = _rows({"path": "a", "model_id": "old"})
+    with pytest.raises(ConfigError, match=r"model old \(1 file\).*--rescore-all.*new output"):
+        _diff({"a": (10, "v1")}, rows)
+    d = _diff({"a": (10, "v1"), "b": (1, "v1")}, rows, rescore_all=True)
+    assert d.todo == {"a": (10, "v1"), "b": (1, "v1")} and d.replaced_models == ("old",)
+
+
+def test_local_version_sees_a_rewrite_that_keeps_size_and_mtime(tmp_path):
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"a" * 100)
+    st = os.stat(f)
+    before = local_version(st)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    f.write_bytes(b"b" * 100)  # cp -p: same size, mtime put back
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = local_version(os.stat(f))
+    assert os.stat(f).st_mtime == st.st_mtime and os.stat(f).st_size == st.st_size
+    assert not same_version(before, after)
+    # A row written before the new versions (mtime only) compares by the mtime, as it did.
+    assert same_version(str(st.st_mtime), after) and not same_version(None, after)
+
+
+def test_atomic_write_on_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    loc = resolve(str(tmp_path / "out" / "_identifiers.json"))
+    loc.write_atomic(b'{"old": 1}')
+    real = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(StorageError, match="no space left on the device") as e:
+        loc.write_atomic(b'{"new": 2}')
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(os, "fsync", real)
+    assert loc.read_bytes() == b'{"old": 1}' and os.listdir(tmp_path / "out") == ["_identifiers.json"]
+
+
+def _parquet(path, rows):
+    pq.write_table(pa.table({"path": rows, "model_id": ["m"] * len(rows)}), path)
+    return open(path, "rb").read()
+
+
+def test_the_manifest_reads_only_the_files_it_names_with_their_bytes(tmp_path, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    good = _parquet(out / "a.parquet", ["x"])
+    _parquet(out / "planted.parquet", ["y"])
+    _parquet(out / "b.parquet", ["z"])
+    m = Manifest(resolve(str(out)))
+    assert m.read() is None and [c.name for c in m.committed()] == ["a.parquet", "b.parquet", "planted.parquet"]
+    m.write({"a.parquet": {"sha256": hashlib.sha256(good).hexdigest()},
+             "b.parquet": {"sha256": "0" * 64}})  # b rewritten since its commit
+    with caplog.at_level("WARNING"):
+        assert [c.name for c in m.committed()] == ["a.parquet"]
+    assert "planted.parquet is not in _manifest.json" in caplog.text and "b.parquet is not the file" in caplog.text
+    (out / "_manifest.json").write_text("{")
+    with pytest.raises(StorageError, match="not a readable manifest"):
+        m.committed()
+
+
+@pytest.fixture
+def old_package(package, tmp_path):
+    """The package as exported before its model.onnx was bound to its id (same files, older JSON)."""
+    from braintumor_ray.models._package import _identity
+
+    old = str(tmp_path / "old")
+    shutil.copytree(package, old)
+    meta = json.load(open(os.path.join(old, "model.json")))
+    meta.pop("onnx_in_id")
+    meta["model_id"] = _identity(meta)
+    open(os.path.join(old, "model.json"), "w").write(json.dumps(meta))
+    return old
+
+
+def test_model_onnx_is_part_of_the_id_and_an_unbound_one_is_never_run(package, old_package, tmp_path):
+    from braintumor_ray.models import ONNX_FILE, load_inference_model, onnx_unbound_note, verify_package
+
+    meta = verify_package(package)
+    assert meta["onnx_in_id"] is True
+    # Any other model.onnx, its hash written beside it, is another id: model.json reads as edited.
+    swapped = str(tmp_path / "swapped")
+    shutil.copytree(package, swapped)
+    with open(os.path.join(swapped, ONNX_FILE), "ab") as f:
+        f.write(b"\0")
+    m2 = json.load(open(os.path.join(swapped, "model.json")))
+    m2["onnx_sha256"] = hashlib.sha256(open(os.path.join(swapped, ONNX_FILE), "rb").read()).hexdigest()
+    open(os.path.join(swapped, "model.json"), "w").write(json.dumps(m2))
+    with pytest.raises(ConfigError, match="was edited after export"):
+        verify_package(swapped)
+    # An old package keeps its id, scores with PyTorch, and says why.
+    old = verify_package(old_package)
+    assert old["model_id"] != meta["model_id"] and "not covered by its model id" in onnx_unbound_note(old)
+    assert load_inference_model(old_package, engine="auto").engine == "torch"
+    with pytest.raises(ConfigError, match="not covered by its model id"):
+        load_inference_model(old_package, engine="onnxruntime")
+
+
+def test_a_pinned_load_refuses_a_package_rewritten_after_its_checks(package, tmp_path):
+    from braintumor_ray.models import load_inference_model, pin_package, verify_package
+
+    pkg = str(tmp_path / "pkg")
+    shutil.copytree(package, pkg)
+    meta = verify_package(pkg)
+    pin = pin_package(resolve(pkg), meta, with_onnx=True)
+    assert dict(pin.files)["model.json"] == hashlib.sha256(open(os.path.join(pkg, "model.json"), "rb").read()).hexdigest()
+    assert load_inference_model(pkg, engine="onnxruntime", pin=pin).model_id == meta["model_id"]
+    # Rewritten whole and consistently (another export into the same folder): still refused.
+    import torch
+
+    from braintumor_ray import MRIPreprocess, create_model, export_model_package
+
+    torch.manual_seed(7)
+    export_model_package(create_model("resnet10t", pretrained=False), pkg, preprocess=MRIPreprocess(image_size=64))
+    for engine in ("onnxruntime", "torch"):
+        with pytest.raises(ConfigError, match=r"pkg/model\.json is not the file verified for model"):
+            load_inference_model(pkg, engine=engine, pin=pin)
