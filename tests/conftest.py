@@ -136,6 +136,18 @@ def upload_tree(local_dir: str, endpoint: str, bucket: str, prefix: str) -> None
             client.upload_file(path, bucket, key)
 
 
+def load_job(name: str):
+    """jobs/NAME.py as a module, imported as users run it (its ``main(args)`` returns the exit
+    code): the in-process way to run a job's error paths and reruns."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"job_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def mri_like(n: int, seed: int, size: int = 64):
     """``n`` generated MRI-like slices (uint8, size x size), labels cycling through the classes."""
     import numpy as np
@@ -247,3 +259,21 @@ def mlflow_client(mlflow_server):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=mlflow_server[0], registry_uri=mlflow_server[0])
+
+
+@pytest.fixture
+def old_package(package, tmp_path):
+    """The ``package`` as exported before its model.onnx was bound to its id (same files, the
+    older model.json): another model id."""
+    import json
+    import shutil
+
+    from braintumor_ray.models._package import _identity
+
+    old = str(tmp_path / "old")
+    shutil.copytree(package, old)
+    meta = json.load(open(os.path.join(old, "model.json")))
+    meta.pop("onnx_in_id")
+    meta["model_id"] = _identity(meta)
+    open(os.path.join(old, "model.json"), "w").write(json.dumps(meta))
+    return old

@@ -27,6 +27,7 @@ from braintumor_ray.score import PROB_PREFIX, ScoreConfig, run_scoring
 from braintumor_ray.core import resolve
 
 from _images import jpeg_bytes
+from conftest import load_job
 
 import pydicom  # noqa: E402  (a core dependency: a missing one fails, never skips)
 import nibabel as nib  # noqa: E402
@@ -262,13 +263,7 @@ def test_selector_validates_and_selects():
     assert "orientation sagittal" in pre.try_slices(nifti_bytes(np.ones((8, 8, 3), np.int16), affine=sag), select=sel).skipped
 
 
-def _job(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"job_{name}", os.path.join(os.path.dirname(os.path.dirname(__file__)), "jobs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_job = load_job
 
 
 def test_job_options_build_the_selector_and_refuse_bad_ones(capsys):

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from conftest import load_job
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = os.path.join(REPO, "jobs", "preprocess.py")
 
@@ -38,20 +40,11 @@ def _assert_clean_error(r, *needles):
         assert n in r.stderr, (n, r.stderr)
 
 
-def _job():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("preprocess_job", JOB)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def main_in_process(args, capsys):
     """The job's main(args) in this process (a subprocess costs ~10 s of imports here): its exit
     code and stderr, shaped like a CompletedProcess. Any exception other than the job's own clear
     error fails the test, as a traceback would."""
-    code = _job().main(args)
+    code = load_job("preprocess").main(args)
     captured = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 

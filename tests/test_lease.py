@@ -5,7 +5,6 @@ Short TTLs (1-2 s) keep these fast; nothing here starts Ray (a refused run stops
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -219,10 +218,9 @@ def test_recover_leaves_a_live_lease_holders_staging(output):
 
 
 def _score_job():
-    spec = importlib.util.spec_from_file_location("_lease_test_job_score", os.path.join(REPO, "jobs", "score.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from conftest import load_job
+
+    return load_job("score")
 
 
 @pytest.fixture(scope="module")

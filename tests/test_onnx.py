@@ -186,8 +186,6 @@ def test_scoring_refuses_a_tampered_onnx_before_any_work(ray_session, package, a
 
 def test_model_actor_threads_follow_its_cpus(ray_session, package):
     """Each replica runs as many intra-op threads as the CPUs Ray gave it, in either engine."""
-    from datetime import datetime, timezone
-
     from braintumor_ray.score import actor_threads
 
     assert actor_threads() == 1  # the driver is no actor: one thread

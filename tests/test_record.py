@@ -139,20 +139,6 @@ def test_freshness_withdrawn_rows_error_retries_and_a_planted_file(ray_session, 
     assert sorted(r["status"] for r in _committed(out) if r["path"] == big) == ["error", "ok"]
 
 
-@pytest.fixture
-def old_package(package, tmp_path):
-    """The package as exported before model.onnx was part of the id: another model id."""
-    from braintumor_ray.models._package import _identity
-
-    old = str(tmp_path / "old")
-    shutil.copytree(package, old)
-    meta = json.load(open(os.path.join(old, "model.json")))
-    meta.pop("onnx_in_id")
-    meta["model_id"] = _identity(meta)
-    open(os.path.join(old, "model.json"), "w").write(json.dumps(meta))
-    return old
-
-
 def test_one_model_per_output_and_the_model_on_every_card(ray_session, package, old_package, tmp_path, capsys):
     from jobs.score import main
 

@@ -26,19 +26,12 @@ from braintumor_ray.models import (
 )
 from braintumor_ray.score import ScoreConfig, run_scoring
 
-from conftest import upload_tree
+from conftest import load_job, upload_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _job(name: str):
-    """A job module from jobs/, imported as users run it (its main returns the exit code)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"safety_job_{name}", os.path.join(REPO, "jobs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_job = load_job  # a job module from jobs/, imported as users run it (its main returns the exit code)
 
 
 def _error_lines(err: str) -> list[str]:

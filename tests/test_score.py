@@ -18,7 +18,7 @@ from braintumor_ray import CLASS_NAMES, load_model_package, make_sample_dataset,
 from braintumor_ray.score import OUTPUT_CONFIG_FILE, PROB_PREFIX, ScoreConfig, run_scoring
 
 from _images import bad_files, odd_but_valid
-from conftest import upload_tree
+from conftest import load_job, upload_tree
 
 pytestmark = pytest.mark.ray
 
@@ -145,22 +145,13 @@ def test_killed_run_leaves_nothing_partial_and_the_next_run_completes(ray_sessio
             assert r["status"] == "ok"
     # The next run, as cron would start it, through the job's main() on the session's Ray (a second
     # subprocess would start a Ray of its own: ~30 s here, for nothing this test proves).
-    code = _score_job().main(job[2:])
+    code = load_job("score").main(job[2:])
     printed = capsys.readouterr().out
     assert code == 0
     rows = _rows(out)
     assert sorted(r["path"] for r in rows) == sorted(files), "every file exactly once"
     assert not os.path.exists(out + "._staging") or not os.listdir(out + "._staging")
     assert "files seen" in printed
-
-
-def _score_job():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("score_job", os.path.join(REPO, "jobs", "score.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_s3_in_and_out(ray_session, package, s3_endpoint, s3_bucket, tmp_path):

@@ -148,20 +148,6 @@ def test_the_manifest_reads_only_the_files_it_names_with_their_bytes(tmp_path, c
         m.committed()
 
 
-@pytest.fixture
-def old_package(package, tmp_path):
-    """The package as exported before its model.onnx was bound to its id (same files, older JSON)."""
-    from braintumor_ray.models._package import _identity
-
-    old = str(tmp_path / "old")
-    shutil.copytree(package, old)
-    meta = json.load(open(os.path.join(old, "model.json")))
-    meta.pop("onnx_in_id")
-    meta["model_id"] = _identity(meta)
-    open(os.path.join(old, "model.json"), "w").write(json.dumps(meta))
-    return old
-
-
 def test_model_onnx_is_part_of_the_id_and_an_unbound_one_is_never_run(package, old_package, tmp_path):
     from braintumor_ray.models import ONNX_FILE, load_inference_model, onnx_unbound_note, verify_package
 

@@ -3,10 +3,8 @@ tolerance (the 1-worker run on s3:// storage is in tests/test_mlflow.py, trained
 
 from __future__ import annotations
 
-import json
 import os
 
-import numpy as np
 import pytest
 
 from conftest import TRAIN_FAILING_RUN as FAILING_RUN  # the run the session's failure hook is armed for

@@ -62,12 +62,9 @@ def test_smoke_test_end_to_end(tmp_path, monkeypatch):
 
 
 def _load_job():
-    import importlib.util
+    from conftest import load_job
 
-    spec = importlib.util.spec_from_file_location("train_job", JOB)
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    return job
+    return load_job("train")
 
 
 def test_bad_data_is_a_clear_error(tmp_path, capsys):

@@ -68,12 +68,17 @@ def ray_head(tmp_path):
     assert gen.returncode == 0 and (home / ".ray" / "auth_token").exists(), gen.stdout + gen.stderr
     env["RAY_AUTH_MODE"] = "token"
     port, dash = free_port(), free_port()
+    # The agents' ports too: the dashboard agent's default (52365) belongs to the first Ray on the
+    # machine that has a dashboard (the session's, see conftest.py), and a head whose agent cannot
+    # bind it refuses every submission ("No available agent to submit job").
+    agents = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+              f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     # Short: Ray's socket paths live under it and must stay under 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
     log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen(
         [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
+         f"--dashboard-port={dash}", *agents, "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
          "--disable-usage-stats", f"--temp-dir={temp_dir}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -200,11 +205,9 @@ def test_killed_driver_then_resume_runs_only_unfinished_trials(train_data_dir, t
 
 
 def test_bad_options_are_clear_errors(tmp_path, capsys):
-    import importlib.util
+    from conftest import load_job
 
-    spec = importlib.util.spec_from_file_location("tune_job", JOB)
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_job("tune")
     assert job.main(["--data", str(tmp_path / "nothing"), "--models", "resnet50,resnet50", "--storage", str(tmp_path)]) == 2
     assert "twice" in capsys.readouterr().err
     assert job.main(["--resume", "--storage", str(tmp_path), "--name", "never"]) == 2
