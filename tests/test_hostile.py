@@ -338,9 +338,9 @@ def test_scoring_isolates_every_hostile_file(ray_session, package, tmp_path, mon
     arc, outside = tmp_path / "archive", tmp_path / "outside"
     (arc / "series").mkdir(parents=True)
     outside.mkdir()
-    images = mri_like(8, seed=7)
+    images = mri_like(9, seed=7)
     good = [arc / "series" / f"scan{i}.png" for i in range(4)]
-    named = {n: arc / n for n in (KILL_DECODE_FILE, "vanish.png", "to_dir.png", "oversize.png")}
+    named = {n: arc / n for n in (KILL_DECODE_FILE, "vanish.png", "to_dir.png", "oversize.png", "swapped.png")}
     for path, px in zip(good + list(named.values()), images):
         path.write_bytes(encode_png(px))
     (outside / "secret.png").write_bytes(encode_png(images[0]))
@@ -354,6 +354,8 @@ def test_scoring_isolates_every_hostile_file(ray_session, package, tmp_path, mon
         os.remove(named["vanish.png"])
         os.remove(named["to_dir.png"])
         os.mkdir(named["to_dir.png"])
+        os.remove(named["swapped.png"])
+        os.symlink(outside / "secret.png", named["swapped.png"])  # issue 26: a link to outside, after the listing
         files = dict(listed.files)
         files[str(named["oversize.png"])] = (10**12, files[str(named["oversize.png"])][1])  # not read: by its size
         return Listing(files, listed.refused)
@@ -368,6 +370,7 @@ def test_scoring_isolates_every_hostile_file(ray_session, package, tmp_path, mon
         "vanish.png": "vanished: listed, then gone before it was read",
         "to_dir.png": "unreadable: no longer a file",
         "oversize.png": "guard.max_file_bytes",
+        "swapped.png": "changed since it was listed",
         "pipe.png": "not a regular file (a FIFO)",
         "dangling.png": "dangling link",
         "outside.png": "refused: links outside --input",

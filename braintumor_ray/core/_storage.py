@@ -10,12 +10,14 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
+import re
 import stat
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import fsspec
+import fsspec.asyn
 import pyarrow.fs as pafs
 
 from ._errors import ConfigError, StorageError
@@ -28,6 +30,15 @@ _CRED_HINT = (
 
 # The reason given for a link whose target lies outside the folder being read.
 LINK_OUTSIDE = "refused: links outside --input"
+# An S3 ETag as listings give it (quotes stripped): an MD5, or MD5-parts for a multipart upload.
+# A version of another shape (a store without ETags falls back to the mtime) is not held to.
+_ETAG = re.compile(r"[0-9a-fA-F]{32}(-[0-9]+)?")
+
+
+class ChangedSinceListed(OSError):
+    """The file or object at a listed path is no longer the one listed: replaced by a link,
+    another file or new content between the listing and the read. Its row is an error whose
+    reason starts ``unreadable``, so that the next run reads it again."""
 
 
 @dataclass(frozen=True)
@@ -176,20 +187,43 @@ class Location:
                 files[path] = (st.st_size, local_version(st))
         return Listing(dict(sorted(files.items())), refused)
 
-    def read_limited(self, path: str, limit: int) -> bytes:
+    def read_limited(self, path: str, limit: int, *, version: str | None = None,
+                     follow_links_outside: bool = False) -> bytes:
         """One file under this location, at most ``limit`` + 1 bytes of it (more than ``limit``
         says the file is larger: the caller refuses it). Raises OSError (FileNotFoundError when
         it vanished, IsADirectoryError...) as the filesystem reports it; on disk a file that is
-        no longer a regular one (a FIFO now) is refused without blocking."""
+        no longer a regular one (a FIFO now) is refused without blocking.
+
+        ``version``: what the listing recorded. The file read must be that one, or this raises
+        :class:`ChangedSinceListed`: on disk the opened file's own ``fstat`` (inode, mtime and
+        change time, :func:`local_version`), so that a file swapped for a link or another file
+        after the listing is never read under the listed name; on S3 the object's ETag, sent as
+        ``If-Match`` and compared with the GET's own. Links: the file is opened ``O_NOFOLLOW``;
+        one that is a link (the listing reads links inside the folder through) is opened at its
+        resolved target, which must lie inside this folder unless ``follow_links_outside``.
+        """
         if self.is_s3:
-            return self.fs.cat_file(path, start=0, end=limit + 1)  # one ranged GET
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+            return self._read_s3(path, limit, version)
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        nofollow = getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(path, flags | nofollow)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            target = os.path.realpath(path)
+            root = os.path.realpath(self.path)
+            if not follow_links_outside and os.path.commonpath([root, target]) != root:
+                raise ChangedSinceListed(f"{LINK_OUTSIDE} (a link to a file outside the input folder when it was read)") from None
+            fd = os.open(target, flags | nofollow)
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
                 raise IsADirectoryError(21, "Is a directory", path)
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(f"not a regular file any more ({stat.filemode(st.st_mode)})")
+            if version and ";" in version and local_version(st) != version:
+                raise ChangedSinceListed("its inode, modification or change time differ from the listing's")
             with open(fd, "rb", closefd=False) as f:
                 want = min(st.st_size, limit) + 1
                 data = f.read(want)
@@ -198,6 +232,31 @@ class Location:
                 return data
         finally:
             os.close(fd)
+
+    def _read_s3(self, path: str, limit: int, version: str | None) -> bytes:
+        etag = version if version and _ETAG.fullmatch(version) else None
+        if etag is None:  # a store whose listing gave no ETag: nothing to hold the read to
+            return self.fs.cat_file(path, start=0, end=limit + 1)  # one ranged GET
+        bucket, key, _ = self.fs.split_path(path)
+        fs = self.fs
+
+        async def get() -> tuple[bytes, str]:
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes=0-{limit}",
+                                     IfMatch=f'"{etag}"')
+            try:
+                return await resp["Body"].read(), str(resp.get("ETag") or "").strip('"')
+            finally:
+                resp["Body"].close()
+
+        try:
+            data, got = fsspec.asyn.sync(fs.loop, get)
+        except OSError as e:
+            if e.errno == errno.EINVAL and "recondition" in str(e.__cause__ or e):  # 412: If-Match failed
+                raise ChangedSinceListed("its ETag differs from the listing's") from None
+            raise
+        if got and got != etag:  # a store that ignores If-Match
+            raise ChangedSinceListed("its ETag differs from the listing's")
+        return data
 
     def move_to(self, other: "Location") -> None:
         """Move one file. On disk a rename (atomic); on S3 a copy then a delete, so a reader
@@ -272,6 +331,8 @@ def unreadable_reason(e: BaseException) -> str:
         return "vanished: listed, then gone before it was read (moved or deleted while the job ran)"
     if isinstance(e, IsADirectoryError):
         return "unreadable: no longer a file (a folder now)"
+    if isinstance(e, ChangedSinceListed):
+        return f"unreadable: changed since it was listed ({e.args[0]}): not read; the next run reads it again"
     if isinstance(e, PermissionError):
         return "unreadable: permission denied"
     if isinstance(e, OSError):

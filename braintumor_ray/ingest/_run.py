@@ -173,7 +173,8 @@ def preprocess_batch(
         unread = None
         if "bytes" not in batch.column_names:
             try:
-                data = source.read_limited(path, limit)  # an oversized file is refused by try_slices
+                data = source.read_limited(path, limit,  # an oversized file is refused by try_slices
+                                           follow_links_outside=(guard or NO_GUARD).follow_links_outside_input)
             except Exception as e:
                 unread = unreadable_reason(e)
         data = data or b""

@@ -210,7 +210,9 @@ def _read_files(batch: pa.Table, source: Location | None, guard: InputGuard, att
         alone = att.mark("f", keys[i]) if att.suspect(keys[i]) else None
         data, error = None, None
         try:
-            data = source.read_limited(path, guard.max_file_bytes)
+            # Held to the listed version: a file swapped for a link or another file since is an error row.
+            data = source.read_limited(path, guard.max_file_bytes, version=versions[i],
+                                       follow_links_outside=guard.follow_links_outside_input)
         except Exception as e:
             error = unreadable_reason(e)
         if data is not None and (err := guard.too_many_bytes("the file holds at least", len(data))):

@@ -1,0 +1,71 @@
+"""Races between the listing and the read, the listing's depth, and the services around a run
+(issue 26): a file swapped for a link or another file after it was listed, an S3 object
+replaced, a folder chain deeper than Python's recursion limit."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+
+from braintumor_ray import MRIPreprocess
+from braintumor_ray.core import resolve
+from braintumor_ray.imaging import InputGuard, encode_png
+from braintumor_ray.score import decode_batch
+
+from conftest import mri_like
+
+PRE = MRIPreprocess(image_size=64)
+
+
+def _decode(source, listed, paths, guard=InputGuard()):
+    batch = pa.table({"path": paths, "size": [listed[p][0] for p in paths], "version": [listed[p][1] for p in paths]})
+    return {r["path"]: r for r in decode_batch(batch, preprocess=PRE, guard=guard, source=source).to_pylist()}
+
+
+def test_a_file_swapped_after_the_listing_is_an_error_row_not_read(tmp_path):
+    root, outside = tmp_path / "in", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    px = mri_like(4, seed=3)
+    for i, name in enumerate(["good.png", "to_link.png", "replaced.png"]):
+        (root / name).write_bytes(encode_png(px[i]))
+    (root / "sub").mkdir()
+    (root / "sub" / "target.png").write_bytes(encode_png(px[3]))
+    os.symlink(root / "sub" / "target.png", root / "inside_link.png")  # listed, read through
+    (outside / "secret.png").write_bytes(encode_png(px[3]))
+    source = resolve(str(root))
+    listed = source.listing().files
+    # After the listing: a link to a file outside the input; another file renamed over one.
+    os.remove(root / "to_link.png")
+    os.symlink(outside / "secret.png", root / "to_link.png")
+    (root / "other.tmp").write_bytes(encode_png(px[0]))
+    os.replace(root / "other.tmp", root / "replaced.png")
+    paths = [str(root / n) for n in ("good.png", "to_link.png", "replaced.png", "inside_link.png")]
+    rows = _decode(source, listed, paths)
+    assert rows[paths[0]]["status"] == rows[paths[3]]["status"] == "ok"
+    for p in paths[1:3]:
+        assert rows[p]["status"] == "error" and rows[p]["sha256"] is None, rows[p]
+        assert rows[p]["error"].startswith("unreadable: changed since it was listed"), rows[p]
+    assert "links outside --input" in rows[paths[1]]["error"]
+    # A link retargeted inside the folder, at another file: not the listed inode either.
+    os.remove(root / "inside_link.png")
+    os.symlink(root / "good.png", root / "inside_link.png")
+    assert _decode(source, listed, paths[3:])[paths[3]]["error"].startswith("unreadable: changed since it was listed")
+
+
+def test_an_s3_object_replaced_after_the_listing_is_an_error_row(s3_endpoint, s3_bucket):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    px = mri_like(3, seed=5)
+    for i, name in enumerate(["keep.png", "swap.png"]):
+        client.put_object(Bucket=s3_bucket, Key=f"arc/{name}", Body=encode_png(px[i]))
+    source = resolve(f"s3://{s3_bucket}/arc", s3_endpoint_url=s3_endpoint)
+    listed = source.listing().files
+    client.put_object(Bucket=s3_bucket, Key="arc/swap.png", Body=encode_png(px[2]))  # a new ETag
+    paths = [f"{s3_bucket}/arc/keep.png", f"{s3_bucket}/arc/swap.png"]
+    rows = _decode(source, listed, paths)
+    assert rows[paths[0]]["status"] == "ok"
+    assert rows[paths[1]]["status"] == "error" and "ETag differs" in rows[paths[1]]["error"], rows[paths[1]]
+    assert rows[paths[1]]["error"].startswith("unreadable: changed since it was listed")
