@@ -349,6 +349,9 @@ def test_scoring_isolates_every_hostile_file(ray_session, package, tmp_path, mon
     os.symlink(outside, arc / "dirlink")
     os.symlink(arc / "nothing.png", arc / "dangling.png")
     os.symlink(outside / "secret.png", arc / "outside.png")
+    too_deep = arc.joinpath(*["d"] * 4)  # issue 26: below max_folder_depth=3, one error row naming the folder
+    too_deep.mkdir(parents=True)
+    (too_deep / "deep.png").write_bytes(encode_png(images[0]))
 
     def hook(listed: Listing) -> Listing:
         os.remove(named["vanish.png"])
@@ -362,7 +365,7 @@ def test_scoring_isolates_every_hostile_file(ray_session, package, tmp_path, mon
 
     _after_listing(monkeypatch, str(arc), hook)
     out = str(tmp_path / "predictions")
-    summary = run_scoring(ScoreConfig(model=package, input=str(arc), output=out, batch_size=8))
+    summary = run_scoring(ScoreConfig(model=package, input=str(arc), output=out, batch_size=8, max_folder_depth=3))
 
     rows = _rows(out)
     expect = {
@@ -375,6 +378,7 @@ def test_scoring_isolates_every_hostile_file(ray_session, package, tmp_path, mon
         "dangling.png": "dangling link",
         "outside.png": "refused: links outside --input",
         "bomb.nii.gz": "decompression bomb",
+        "d/d/d/d": "deeper than max_folder_depth=3",
     }
     assert set(rows) == {str(p) for p in good} | {str(arc / n) for n in expect}  # no row for the directory link
     for p in good:

@@ -69,3 +69,67 @@ def test_an_s3_object_replaced_after_the_listing_is_an_error_row(s3_endpoint, s3
     assert rows[paths[0]]["status"] == "ok"
     assert rows[paths[1]]["status"] == "error" and "ETag differs" in rows[paths[1]]["error"], rows[paths[1]]
     assert rows[paths[1]]["error"].startswith("unreadable: changed since it was listed")
+
+
+def _chain(base: str, levels: int) -> str:
+    """``levels`` nested folders ``d/d/...`` under ``base``, made through folder fds (no long
+    absolute paths, no recursion); returns the deepest folder's path."""
+    fd = os.open(base, os.O_RDONLY)
+    try:
+        for _ in range(levels):
+            os.mkdir("d", dir_fd=fd)
+            nxt = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    finally:
+        os.close(fd)
+    return os.path.join(base, *["d"] * levels)
+
+
+def _unchain(deepest: str, base: str) -> None:
+    # shutil.rmtree (pytest's tmp_path cleanup) recurses once per level, past Python's limit.
+    for name in os.listdir(deepest):
+        os.remove(os.path.join(deepest, name))
+    while os.path.abspath(deepest) != os.path.abspath(base):
+        os.rmdir(deepest)
+        deepest = os.path.dirname(deepest)
+
+
+def test_a_folder_chain_deeper_than_the_recursion_limit_is_one_error_row(tmp_path):
+    from braintumor_ray.core import MAX_FOLDER_DEPTH, ConfigError
+    from braintumor_ray.score import ScoreConfig
+
+    base = str(tmp_path / "in")
+    os.mkdir(base)
+    (tmp_path / "in" / "top.png").write_bytes(b"x")
+    deepest = _chain(base, 1100)
+    try:
+        with open(os.path.join(deepest, "deep.png"), "wb") as f:
+            f.write(b"y")
+        listed = resolve(base).listing()  # os.walk: RecursionError, the whole run failed
+        folder = os.path.join(base, *["d"] * (MAX_FOLDER_DEPTH + 1))
+        assert set(listed.files) == {os.path.join(base, "top.png"), folder}
+        assert listed.refused[folder].startswith(f"refused: a folder {MAX_FOLDER_DEPTH + 1} levels below the input")
+        assert f"max_folder_depth={MAX_FOLDER_DEPTH}" in listed.refused[folder]
+        deep = resolve(base).listing(max_depth=1000)  # a loop: 1,000 levels down, no recursion
+        assert os.path.join(base, *["d"] * 1001) in deep.refused and len(deep.files) == 2
+    finally:
+        _unchain(deepest, base)
+    for bad in (0, 1001, True, "3"):
+        try:
+            ScoreConfig(model="m", input="i", output="o", max_folder_depth=bad)
+        except ConfigError as e:
+            assert "max_folder_depth" in str(e) and "\n" not in str(e)
+        else:
+            raise AssertionError(f"max_folder_depth={bad!r} was accepted")
+
+
+def test_a_deep_chain_on_s3_is_one_error_row(s3_endpoint, s3_bucket):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.put_object(Bucket=s3_bucket, Key="arc/a.png", Body=b"x")
+    client.put_object(Bucket=s3_bucket, Key="arc/" + "d/" * 5 + "deep.png", Body=b"y")
+    listed = resolve(f"s3://{s3_bucket}/arc", s3_endpoint_url=s3_endpoint).listing(max_depth=3)
+    folder = f"{s3_bucket}/arc/d/d/d/d"
+    assert set(listed.files) == {f"{s3_bucket}/arc/a.png", folder} and "4 levels below" in listed.refused[folder]

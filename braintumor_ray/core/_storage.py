@@ -20,6 +20,7 @@ import fsspec
 import fsspec.asyn
 import pyarrow.fs as pafs
 
+from ._config import setting
 from ._errors import ConfigError, StorageError
 
 _CRED_HINT = (
@@ -33,6 +34,30 @@ LINK_OUTSIDE = "refused: links outside --input"
 # An S3 ETag as listings give it (quotes stripped): an MD5, or MD5-parts for a multipart upload.
 # A version of another shape (a store without ETags falls back to the mtime) is not held to.
 _ETAG = re.compile(r"[0-9a-fA-F]{32}(-[0-9]+)?")
+
+
+# How many folders deep a listing descends below the input. A PACS export is
+# patient/study/series/file (3 folders); 64 leaves room for any archive a person made, and stops
+# a generated chain (1,100 levels crashed the recursive walk) long before PATH_MAX (4,096 bytes).
+MAX_FOLDER_DEPTH = 64
+MAX_FOLDER_DEPTH_LIMIT = 1000
+
+
+def folder_depth_setting() -> Any:
+    """The ``max_folder_depth`` setting of the jobs that list an input (declared here once)."""
+    return setting(MAX_FOLDER_DEPTH, help="folders a listing descends below the input; a folder deeper than this is "
+                   "an error row naming it, its files unread")
+
+
+def check_folder_depth(depth: int) -> None:
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= MAX_FOLDER_DEPTH_LIMIT:
+        raise ConfigError(f"max_folder_depth={depth!r} is out of range: use a whole number of folders, "
+                          f"1..{MAX_FOLDER_DEPTH_LIMIT}")
+
+
+def too_deep_reason(level: int, limit: int) -> str:
+    return (f"refused: a folder {level} levels below the input, deeper than max_folder_depth={limit}: its files "
+            "are not read (move them up, or raise max_folder_depth)")
 
 
 class ChangedSinceListed(OSError):
@@ -130,7 +155,7 @@ class Location:
         listed = self.listing()
         return {p: v for p, v in listed.files.items() if p not in listed.refused}
 
-    def listing(self, *, follow_links_outside: bool = False) -> Listing:
+    def listing(self, *, follow_links_outside: bool = False, max_depth: int = MAX_FOLDER_DEPTH) -> Listing:
         """Every file under this folder with its (size, version), and what is refused as a file.
 
         On disk (``os.lstat``, ``os.path.realpath``): a link to a file is read through, as its
@@ -138,27 +163,41 @@ class Location:
         ``follow_links_outside``); a link leaving the folder, a dangling link, a FIFO, socket or
         device (reading one can block forever) and a folder that cannot be listed are refused;
         links to directories are not files and are not followed. S3 has no links.
+
+        The walk is a loop over a stack, not a recursion (``os.walk`` recursed: a chain of 1,100
+        folders raised RecursionError and failed the whole run); a folder more than
+        ``max_depth`` levels below this one is refused, as one entry naming it, unread.
         """
+        check_folder_depth(max_depth)
         if not self.exists():
             raise StorageError(f"{self.uri} does not exist. {_CRED_HINT if self.is_s3 else ''}".strip())
         if self.is_s3:
-            info = _guard(self, "list", self.fs.find, self.path, withdirs=False, detail=True)
-            out = {}
-            for path, d in info.items():
-                version = d.get("ETag") or d.get("etag") or d.get("mtime") or d.get("LastModified") or ""
-                out[path] = (int(d.get("size") or 0), str(version).strip('"'))
-            return Listing(dict(sorted(out.items())), {})
+            return self._s3_listing(max_depth)
         root = os.path.realpath(self.path)
         files: dict[str, tuple[int, str]] = {}
         refused: dict[str, str] = {}
-
-        def unlisted(e: OSError) -> None:
-            where = e.filename or self.path
-            files[where], refused[where] = (0, ""), f"unreadable folder: it cannot be listed ({type(e).__name__}), its files are not read"
-
-        for dirpath, _, names in os.walk(self.path, onerror=unlisted):  # never descends into directory links
-            for name in names:
-                path = os.path.join(dirpath, name)
+        stack = [(self.path, 0)]
+        while stack:
+            folder, depth = stack.pop()
+            try:
+                with os.scandir(folder) as it:
+                    entries = list(it)
+            except OSError as e:
+                where = e.filename or folder
+                files[where], refused[where] = (0, ""), f"unreadable folder: it cannot be listed ({type(e).__name__}), its files are not read"
+                continue
+            for entry in entries:
+                path = entry.path
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)  # directory links are never descended
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    if depth + 1 > max_depth:
+                        files[path], refused[path] = (0, ""), too_deep_reason(depth + 1, max_depth)
+                    else:
+                        stack.append((path, depth + 1))
+                    continue
                 try:
                     st = own = os.lstat(path)
                 except FileNotFoundError:
@@ -166,6 +205,8 @@ class Location:
                 except OSError as e:
                     files[path], refused[path] = (0, ""), f"unreadable: {type(e).__name__}"
                     continue
+                if stat.S_ISDIR(own.st_mode):
+                    continue  # a file swapped for a folder while listing: not a file
                 if stat.S_ISLNK(own.st_mode):
                     target = os.path.realpath(path)
                     try:
@@ -174,7 +215,7 @@ class Location:
                         files[path], refused[path] = (own.st_size, str(own.st_mtime)), "refused: a dangling link (its target does not exist)"
                         continue
                     if stat.S_ISDIR(st.st_mode):
-                        continue  # a directory link (os.walk lists a dangling-then-fixed one here)
+                        continue  # a directory link
                     if not follow_links_outside and os.path.commonpath([root, target]) != root:
                         files[path] = (own.st_size, str(own.st_mtime))
                         refused[path] = (f"{LINK_OUTSIDE} (this link points to a file outside the input folder; set "
@@ -186,6 +227,21 @@ class Location:
                     continue
                 files[path] = (st.st_size, local_version(st))
         return Listing(dict(sorted(files.items())), refused)
+
+    def _s3_listing(self, max_depth: int) -> Listing:
+        info = _guard(self, "list", self.fs.find, self.path, withdirs=False, detail=True)
+        out: dict[str, tuple[int, str]] = {}
+        refused: dict[str, str] = {}
+        base = self.path.rstrip("/") + "/"
+        for path, d in info.items():
+            parts = path[len(base):].split("/") if path.startswith(base) else [path]
+            if len(parts) - 1 > max_depth:  # keys are flat: the cap is for the files' sake, as on disk
+                folder = base + "/".join(parts[: max_depth + 1])
+                out[folder], refused[folder] = (0, ""), too_deep_reason(max_depth + 1, max_depth)
+                continue
+            version = d.get("ETag") or d.get("etag") or d.get("mtime") or d.get("LastModified") or ""
+            out[path] = (int(d.get("size") or 0), str(version).strip('"'))
+        return Listing(dict(sorted(out.items())), refused)
 
     def read_limited(self, path: str, limit: int, *, version: str | None = None,
                      follow_links_outside: bool = False) -> bytes:

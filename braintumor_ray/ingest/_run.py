@@ -273,7 +273,7 @@ def run_ingest(config: IngestConfig) -> dict:
             raise StorageError(f"output {dst.uri} is not empty: choose a new output, or pass --overwrite to replace it")
         _check_replaceable(dst)
         dst.remove()
-    listed = src.listing(follow_links_outside=config.guard.follow_links_outside_input)
+    listed = src.listing(follow_links_outside=config.guard.follow_links_outside_input, max_depth=config.max_folder_depth)
     files = list(listed.files)
     plan = plan_inputs(files, src.path)
     if listed.refused:  # links leaving the input, dangling links, FIFOs: error rows, never read

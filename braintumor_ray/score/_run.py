@@ -515,7 +515,7 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     explain_writer.recover()
     writer.adopt()  # an output from before manifests: its files as they are now
     # Links leaving the input, dangling links, FIFOs: refused here, each an error row of its own.
-    listed = src.listing(follow_links_outside=config.guard.follow_links_outside_input)
+    listed = src.listing(follow_links_outside=config.guard.follow_links_outside_input, max_depth=config.max_folder_depth)
     files = {p: v for p, v in listed.files.items() if not posix_basename(p).startswith(".")}
     if not files:
         raise InputError(f"no files under {config.input}: check the URI")
