@@ -7,9 +7,10 @@ from __future__ import annotations
 import os
 
 import pyarrow as pa
+import pytest
 
 from braintumor_ray import MRIPreprocess
-from braintumor_ray.core import resolve
+from braintumor_ray.core import ConfigError, resolve
 from braintumor_ray.imaging import InputGuard, encode_png
 from braintumor_ray.score import decode_batch
 
@@ -133,3 +134,53 @@ def test_a_deep_chain_on_s3_is_one_error_row(s3_endpoint, s3_bucket):
     listed = resolve(f"s3://{s3_bucket}/arc", s3_endpoint_url=s3_endpoint).listing(max_depth=3)
     folder = f"{s3_bucket}/arc/d/d/d/d"
     assert set(listed.files) == {f"{s3_bucket}/arc/a.png", folder} and "4 levels below" in listed.refused[folder]
+
+
+# --- --config YAML: bounded before it is loaded, nested types checked ----------------------------
+
+LAUGHS = "".join(f"{c}: &{c} [{','.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+LAUGHS = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + LAUGHS
+
+
+def test_a_billion_laughs_config_is_refused_quickly_in_one_line(tmp_path, capsys):
+    import time
+
+    from conftest import load_job
+
+    path = tmp_path / "laughs.yaml"
+    path.write_text(f"model: m\ninput: {tmp_path}/in\noutput: {tmp_path}/out\n{LAUGHS}guard: {{modalities: *i}}\n")
+    assert len(LAUGHS) < 455  # 9**9 = 387 million strings once expanded
+    t = time.perf_counter()
+    assert load_job("score").main(["--config", str(path)]) == 2
+    assert time.perf_counter() - t < 5
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "aliases" in err and str(path) in err
+    # Aliases within the bound still load (a shared list of names).
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("model: m\ninput: i\noutput: o\nselect: {modalities: &m [MR]}\nguard: {modalities: *m}\n")
+    from braintumor_ray.score import ScoreConfig
+
+    assert ScoreConfig.from_yaml(str(ok)).guard.modalities == ("MR",)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model: " + "[" * 200 + "]" * 200 + "\n")
+    with pytest.raises(ConfigError, match="nests more than"):
+        ScoreConfig.from_yaml(str(deep))
+
+
+@pytest.mark.parametrize("yaml_text,message", [
+    ("guard: {modalities: [[MR]]}", "guard.modalities[0]: expected a string, found list"),
+    ("batch_size: '32'", "batch_size: expected a whole number, found str"),
+    ("batch_size: true", "batch_size: expected a whole number, found bool"),
+    ("review_threshold: [0.5]", "review_threshold: expected a number, found list"),
+    ("explain: [all]", "explain: found list ['all']: use one of none, flagged, positive, all"),
+    ("guard: {follow_links_outside_input: 'yes'}", "guard.follow_links_outside_input: expected true or false"),
+    ("select: {modalities: {MR: 1}}", "select.modalities: expected a list, found dict"),
+])
+def test_a_wrong_nested_type_in_a_config_is_one_line_naming_the_key(tmp_path, yaml_text, message):
+    from braintumor_ray.score import ScoreConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: m\ninput: i\noutput: o\n{yaml_text}\n")
+    with pytest.raises(ConfigError) as e:
+        ScoreConfig.from_yaml(str(path))
+    assert message in str(e.value) and "\n" not in str(e.value)
