@@ -184,3 +184,32 @@ def test_a_wrong_nested_type_in_a_config_is_one_line_naming_the_key(tmp_path, ya
     with pytest.raises(ConfigError) as e:
         ScoreConfig.from_yaml(str(path))
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# --- tracking never fails a committed run ---------------------------------------------------------
+
+def _dead_tracking():
+    from _net import free_port
+
+    from braintumor_ray.tracking import MLflowConfig
+
+    return MLflowConfig(tracking_uri=f"http://127.0.0.1:{free_port()}", experiment="bt-down")  # nothing listens
+
+
+def test_a_tracking_server_that_is_down_is_a_warning_not_a_failure(tmp_path, monkeypatch, caplog):
+    import time
+
+    from braintumor_ray.score import ScoreConfig
+    from braintumor_ray.tracking import _mlflow, finish_training, log_scoring, start_tracking
+
+    monkeypatch.setattr(_mlflow, "RETRY_WAIT_S", 0.0)
+    mc = _dead_tracking()
+    t0 = time.perf_counter()
+    summary = log_scoring(ScoreConfig(model="m", input="i", output="o", mlflow=mc), {"scored": 3, "model_id": "x"})
+    assert summary["scored"] == 3 and "mlflow_run_id" not in summary and "Max retries" in summary["mlflow_error"], summary
+    run = resolve(str(tmp_path / "run"))
+    pending = start_tracking(mc, run, stage="train", name="r", params={"lr": 0.1}, resume=False)
+    assert isinstance(pending, _mlflow.PendingTracking)  # opened at the end instead
+    reason = finish_training(pending, {"epochs": [], "model": {}}, run)
+    assert reason and time.perf_counter() - t0 < 20  # MLflow's own retries alone took ~2 minutes a call
+    assert any("was not logged" in r.getMessage() for r in caplog.records)
