@@ -210,22 +210,6 @@ def test_scoring_by_registered_model(trained, archive, client, mlflow_server, tm
         run_scoring(ScoreConfig(model="models:/bt-model/99", input=archive, output=str(tmp_path / "y"), mlflow=mc))
 
 
-def test_a_tracking_server_down_never_fails_a_committed_scoring_run(ray_session, package, archive, tmp_path,
-                                                                     monkeypatch, capsys):
-    """The rows commit, the MLflow run is tried again at the end, then a warning: exit 0 (issue 26)."""
-    from _net import free_port
-    from conftest import load_job
-
-    from braintumor_ray.tracking import _mlflow
-
-    monkeypatch.setattr(_mlflow, "RETRY_WAIT_S", 0.0)
-    out = tmp_path / "preds"
-    code = load_job("score").main(["--model", package, "--input", archive, "--output", str(out),
-                                   "--mlflow.tracking-uri", f"http://127.0.0.1:{free_port()}"])
-    assert code == 0 and "MLflow: not logged, the rows are committed" in capsys.readouterr().out
-    assert (out / "_manifest.json").exists()
-
-
 def test_a_run_whose_tracking_could_not_start_is_opened_at_the_end(mlflow_server, client, tmp_path):
     from braintumor_ray.core import resolve
     from braintumor_ray.tracking import RUN_ID_FILE, finish_training

@@ -199,7 +199,7 @@ def _dead_tracking():
 def test_a_tracking_server_that_is_down_is_a_warning_not_a_failure(tmp_path, monkeypatch, caplog):
     import time
 
-    from braintumor_ray.score import ScoreConfig
+    from braintumor_ray.score import ScoreConfig, format_summary
     from braintumor_ray.tracking import _mlflow, finish_training, log_scoring, start_tracking
 
     monkeypatch.setattr(_mlflow, "RETRY_WAIT_S", 0.0)
@@ -207,6 +207,10 @@ def test_a_tracking_server_that_is_down_is_a_warning_not_a_failure(tmp_path, mon
     t0 = time.perf_counter()
     summary = log_scoring(ScoreConfig(model="m", input="i", output="o", mlflow=mc), {"scored": 3, "model_id": "x"})
     assert summary["scored"] == 3 and "mlflow_run_id" not in summary and "Max retries" in summary["mlflow_error"], summary
+    # What jobs/score.py prints (then exit 0: log_scoring is the last step after the commit and never raises).
+    done = {"input": "i", "output": "o", "model_id": "x", "files_seen": 3, "skipped_already_scored": 0, "errors": 0,
+            "wall_s": 1.0, "images_per_s": 3.0}
+    assert "MLflow: not logged, the rows are committed" in format_summary(done | summary)
     run = resolve(str(tmp_path / "run"))
     pending = start_tracking(mc, run, stage="train", name="r", params={"lr": 0.1}, resume=False)
     assert isinstance(pending, _mlflow.PendingTracking)  # opened at the end instead
