@@ -8,8 +8,9 @@ What it does, in order:
 1. Writes an archive of ``--files`` files: generated MRI-like JPEGs (256 px) and, as ~``--hostile``
    of them, hostile ones: gzip bombs (a 0.3 MB ``.nii.gz`` holding an 8x8x1 header and 300 MB of
    zeros), deflated-DICOM bombs (a 300 MB private element), truncated JPEGs, dangling links,
-   directory links, links to a file outside the archive, plus files that vanish or turn into a
-   directory after the last run listed them.
+   directory links, links to a file outside the archive, folder chains 100 deep (past
+   ``max_folder_depth``), plus files that vanish, turn into a directory or are swapped for a link
+   to a file outside the archive after the last run listed them.
 2. Runs ``jobs/score.py`` (its own local Ray, as cron would) and SIGKILLs the whole process tree at
    ``--kills`` random points (uniform in ``--kill-window`` seconds after the run's scoring
    started); each next run waits out the dead run's lease (``--wait``) and finishes or redoes
@@ -115,7 +116,8 @@ def build_archive(root: str, n: int, hostile: float, seed: int) -> dict[str, str
     arc, outside = os.path.join(root, "archive"), os.path.join(root, "outside")
     os.makedirs(outside)
     open(os.path.join(outside, "secret.jpg"), "wb").write(jpeg(render_mri("glioma", rng, 256)[0]))
-    kinds = ["nifti_bomb", "dicom_bomb", "truncated", "dangling", "dir_link", "outside_link", "vanish", "to_dir"]
+    kinds = ["nifti_bomb", "dicom_bomb", "truncated", "dangling", "dir_link", "outside_link", "vanish", "to_dir",
+             "swap_link", "deep_chain"]
     n_bad = max(len(kinds), int(round(n * hostile)))
     expected: dict[str, str] = {}
     bombs = {"nifti_bomb": (nifti_bomb(), ".nii.gz"), "dicom_bomb": (dicom_bomb(), ".dcm")}
@@ -141,7 +143,15 @@ def build_archive(root: str, n: int, hostile: float, seed: int) -> dict[str, str
             elif kind == "outside_link":
                 os.symlink(os.path.join(outside, "secret.jpg"), p + ".jpg")
                 p += ".jpg"
-            else:  # vanish / to_dir: written just before the last run, made hostile once it has listed them
+            elif kind == "deep_chain":  # issue 26: 100 folders deep; its row names the folder past the cap
+                from braintumor_ray.core import MAX_FOLDER_DEPTH
+
+                os.makedirs(os.path.join(p, *["d"] * 100))
+                open(os.path.join(p, *["d"] * 100, "deep.jpg"), "wb").write(jpeg(render_mri("glioma", rng, 256)[0]))
+                below = os.path.relpath(p, arc).count(os.sep) + 1  # p's own level below the archive
+                p = os.path.join(p, *["d"] * (MAX_FOLDER_DEPTH + 1 - below))
+            else:  # vanish / to_dir / swap_link (issue 26: a link to outside the archive once listed): written
+                # just before the last run, made hostile once it has listed them
                 p += ".jpg"
             expected[p] = kind
         else:
@@ -351,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rng = np.random.default_rng(a.seed + 1)
     for i, (p, kind) in enumerate(expected.items()):
-        if kind in ("vanish", "to_dir"):
+        if kind in ("vanish", "to_dir", "swap_link"):
             open(p, "wb").write(jpeg(render_mri(CLASS_NAMES[i % 4], rng, 256)[0]))
     cfg = os.path.join(out, "_config.yaml")
     before = os.path.getmtime(cfg) if os.path.exists(cfg) else 0.0
@@ -364,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         elif kind == "to_dir":
             os.remove(p)
             os.makedirs(p)
+        elif kind == "swap_link":
+            os.remove(p)
+            os.symlink(os.path.join(a.work, "outside", "secret.jpg"), p)
     rc = job.wait(timeout=1800)
     hwm = max(hwm, job.decode_hwm_mb)
     runs.append({"run": "final", "killed_at_s": None, "rc": rc})

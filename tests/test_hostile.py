@@ -338,9 +338,9 @@ def test_scoring_isolates_every_hostile_file(ray_session, package, tmp_path, mon
     arc, outside = tmp_path / "archive", tmp_path / "outside"
     (arc / "series").mkdir(parents=True)
     outside.mkdir()
-    images = mri_like(8, seed=7)
+    images = mri_like(9, seed=7)
     good = [arc / "series" / f"scan{i}.png" for i in range(4)]
-    named = {n: arc / n for n in (KILL_DECODE_FILE, "vanish.png", "to_dir.png", "oversize.png")}
+    named = {n: arc / n for n in (KILL_DECODE_FILE, "vanish.png", "to_dir.png", "oversize.png", "swapped.png")}
     for path, px in zip(good + list(named.values()), images):
         path.write_bytes(encode_png(px))
     (outside / "secret.png").write_bytes(encode_png(images[0]))
@@ -349,18 +349,23 @@ def test_scoring_isolates_every_hostile_file(ray_session, package, tmp_path, mon
     os.symlink(outside, arc / "dirlink")
     os.symlink(arc / "nothing.png", arc / "dangling.png")
     os.symlink(outside / "secret.png", arc / "outside.png")
+    too_deep = arc.joinpath(*["d"] * 4)  # issue 26: below max_folder_depth=3, one error row naming the folder
+    too_deep.mkdir(parents=True)
+    (too_deep / "deep.png").write_bytes(encode_png(images[0]))
 
     def hook(listed: Listing) -> Listing:
         os.remove(named["vanish.png"])
         os.remove(named["to_dir.png"])
         os.mkdir(named["to_dir.png"])
+        os.remove(named["swapped.png"])
+        os.symlink(outside / "secret.png", named["swapped.png"])  # issue 26: a link to outside, after the listing
         files = dict(listed.files)
         files[str(named["oversize.png"])] = (10**12, files[str(named["oversize.png"])][1])  # not read: by its size
         return Listing(files, listed.refused)
 
     _after_listing(monkeypatch, str(arc), hook)
     out = str(tmp_path / "predictions")
-    summary = run_scoring(ScoreConfig(model=package, input=str(arc), output=out, batch_size=8))
+    summary = run_scoring(ScoreConfig(model=package, input=str(arc), output=out, batch_size=8, max_folder_depth=3))
 
     rows = _rows(out)
     expect = {
@@ -368,10 +373,12 @@ def test_scoring_isolates_every_hostile_file(ray_session, package, tmp_path, mon
         "vanish.png": "vanished: listed, then gone before it was read",
         "to_dir.png": "unreadable: no longer a file",
         "oversize.png": "guard.max_file_bytes",
+        "swapped.png": "changed since it was listed",
         "pipe.png": "not a regular file (a FIFO)",
         "dangling.png": "dangling link",
         "outside.png": "refused: links outside --input",
         "bomb.nii.gz": "decompression bomb",
+        "d/d/d/d": "deeper than max_folder_depth=3",
     }
     assert set(rows) == {str(p) for p in good} | {str(arc / n) for n in expect}  # no row for the directory link
     for p in good:

@@ -44,7 +44,7 @@ def _dead_lease(output, owner: str, *, expires_in: float = -5.0) -> None:
     """The lease a killed run left behind (written directly, as that run's last heartbeat did)."""
     now = datetime.now(timezone.utc)
     rec = {"owner": owner, "host": "node-gone", "pid": 4242, "started": (now - timedelta(minutes=10)).isoformat(),
-           "heartbeat": (now - timedelta(minutes=3)).isoformat(),
+           "heartbeat": (now + timedelta(seconds=expires_in - 120.0)).isoformat(),  # expires = heartbeat + ttl_s
            "expires": (now + timedelta(seconds=expires_in)).isoformat(), "ttl_s": 120.0}
     lease_location(output).write_bytes(json.dumps(rec).encode())
 
@@ -287,3 +287,59 @@ def test_wait_and_lease_ttl_settings():
     for bad in ({"wait": -1}, {"lease_ttl_s": 0}):
         with pytest.raises(ConfigError):
             ScoreConfig(model="m", input="in", output="out", **bad)
+
+
+# --- hand-edited records (issue 26): no time zone, a far future, garbage ---------------------------
+
+def _edited_lease(output, **fields) -> None:
+    now = datetime.now(timezone.utc)
+    rec = {"owner": "run-edited", "host": "node-gone", "pid": 4242, "started": (now - timedelta(minutes=10)).isoformat(),
+           "heartbeat": (now - timedelta(seconds=10)).isoformat(), "expires": (now + timedelta(seconds=110)).isoformat(),
+           "ttl_s": 120.0} | fields
+    lease_location(output).write_bytes(json.dumps(rec).encode())
+
+
+def test_a_lease_without_a_time_zone_is_read_as_utc(tmp_path):
+    output = resolve(str(tmp_path / "preds"))
+    utc = datetime.now(timezone.utc).replace(tzinfo=None)  # naive, as a hand edit writes it
+    _edited_lease(output, heartbeat=(utc - timedelta(seconds=10)).isoformat(), expires=(utc + timedelta(seconds=110)).isoformat())
+    assert current_lease(output)["live"]  # was: TypeError, naive and aware datetimes compared
+    with pytest.raises(LeaseError, match="being written by another"):
+        Lease(output, owner="run-b", ttl_s=30).acquire()
+    _edited_lease(output, heartbeat=(utc - timedelta(seconds=200)).isoformat(), expires=(utc - timedelta(seconds=80)).isoformat())
+    assert not current_lease(output)["live"]
+    with Lease(output, owner="run-b", ttl_s=30) as lease:
+        assert lease.took_over["owner"] == "run-edited"
+
+
+def test_a_far_future_expires_is_capped_by_the_ttl_from_the_heartbeat(tmp_path):
+    output = resolve(str(tmp_path / "preds"))
+    now = datetime.now(timezone.utc)
+    # Last renewed 3 minutes ago with a 120 s ttl, yet "expires" in 2099: stale since a minute.
+    _edited_lease(output, heartbeat=(now - timedelta(minutes=3)).isoformat(), expires="2099-01-01T00:00:00+00:00")
+    assert not current_lease(output)["live"]
+    with Lease(output, owner="run-b", ttl_s=30) as lease:
+        assert lease.took_over["owner"] == "run-edited"
+    # A heartbeat in the far future too: no live holder's clock is that far ahead.
+    _edited_lease(output, heartbeat="2099-01-01T00:00:00+00:00", expires="2099-01-01T00:02:00+00:00")
+    assert not current_lease(output)["live"]
+    # A ttl_s beyond what any run may set is held to the longest (a day), not believed.
+    _edited_lease(output, heartbeat=(now - timedelta(days=2)).isoformat(), expires="2099-01-01T00:00:00+00:00",
+                  ttl_s=1e12)
+    assert not current_lease(output)["live"]
+    # A live record as runs write it stays live.
+    _edited_lease(output)
+    assert current_lease(output)["live"]
+
+
+@pytest.mark.parametrize("fields", [{"expires": "soon"}, {"expires": 12}, {"heartbeat": None}, {"heartbeat": "x"}])
+def test_a_garbage_lease_is_the_one_line_error(tmp_path, fields):
+    output = resolve(str(tmp_path / "preds"))
+    _edited_lease(output, **fields)
+    for attempt in (lambda: current_lease(output), lambda: Lease(output, owner="run-b", ttl_s=30).acquire()):
+        with pytest.raises(LeaseError) as e:
+            attempt()
+        assert "is not a lease record" in str(e.value) and "\n" not in str(e.value)
+    lease_location(output).write_bytes(b"[1, 2]")
+    with pytest.raises(LeaseError, match="is not a lease record"):
+        current_lease(output)

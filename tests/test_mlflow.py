@@ -180,6 +180,9 @@ def test_scoring_by_registered_model(trained, archive, client, mlflow_server, tm
     mv = next(v for v in client.search_model_versions("name='bt-model'") if v.run_id == run_id)
     client.set_registered_model_alias("bt-model", "champion", mv.version)
     mc = _tracking(mlflow_server[0], "bt-score")
+    import tempfile
+
+    temps = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("braintumor-")}
     for i, ref in enumerate((f"models:/bt-model/{mv.version}", "models:/bt-model@champion")):
         s = run_scoring(ScoreConfig(model=ref, input=archive, output=str(tmp_path / f"p{i}"), mlflow=mc))
         assert s["model_id"] == metrics["model"]["model_id"] and s["scored"] == 8, s
@@ -189,8 +192,14 @@ def test_scoring_by_registered_model(trained, archive, client, mlflow_server, tm
         assert run.data.params["model"] == ref
         saved = yaml.safe_load((tmp_path / f"p{i}" / "_config.yaml").read_text())
         assert saved["model"] == ref  # the run's settings name the registered model, not a temp folder
+        # Fetched from the server's artifact store under OUTPUT._staging/ (every node reads it), not a
+        # driver-local temp folder; removed when the run ended (issue 26).
+        staging = str(tmp_path / f"p{i}") + "._staging"
+        assert run.data.params["model_path"].startswith(os.path.join(staging, "_models", s["run_id"]) + os.sep), run.data.params
+        assert not os.path.exists(os.path.join(staging, "_models"))
     exp = client.get_experiment_by_name("bt-score")
     assert len(client.search_runs([exp.experiment_id])) == 2
+    assert {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("braintumor-")} == temps  # no copy left
 
     # A version whose model_id tag is not the package's is refused; unknown versions are clear errors.
     bad = client.create_model_version("bt-model", mv.source, run_id=run_id, tags={"model_id": "0" * 16})
@@ -199,6 +208,19 @@ def test_scoring_by_registered_model(trained, archive, client, mlflow_server, tm
                                 mlflow=mc))
     with pytest.raises(ConfigError, match="models:/bt-model/99"):
         run_scoring(ScoreConfig(model="models:/bt-model/99", input=archive, output=str(tmp_path / "y"), mlflow=mc))
+
+
+def test_a_run_whose_tracking_could_not_start_is_opened_at_the_end(mlflow_server, client, tmp_path):
+    from braintumor_ray.core import resolve
+    from braintumor_ray.tracking import RUN_ID_FILE, finish_training
+    from braintumor_ray.tracking._mlflow import PendingTracking
+
+    run = resolve(str(tmp_path / "run"))
+    pending = PendingTracking(_tracking(mlflow_server[0], "bt-pending"), run, "train", "late", {"lr": 0.5}, False,
+                              "the server was down")
+    assert finish_training(pending, {"epochs": [{"epoch": 1, "val_loss": 0.5}], "model": {}}, run) is None
+    logged = client.get_run(run.join(RUN_ID_FILE).read_bytes().decode())
+    assert logged.info.status == "FINISHED" and logged.data.params["lr"] == "0.5"
 
 
 # The search's MLflow runs (parent, children, leaderboard, best model, resume) are checked on the

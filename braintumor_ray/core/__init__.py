@@ -10,8 +10,9 @@ from ._paths import PATH_KEY_ENV, Identifiers, PathMode, UidMode, check_modes
 from ._labels import CLASS_NAMES, SPLIT_ALIASES, canonical_label, canonical_split
 from ._lease import LEASE_SUFFIX, Lease, LeaseError, current_lease, lease_location
 from ._staging import DONE_MARKER, MANIFEST_FILE, STAGING_SUFFIX, CommittedFile, Manifest, StagedWriter, posix_basename
-from ._storage import (LINK_OUTSIDE, Listing, Location, check_disjoint, is_no_space, local_version, no_space_message,
-                       resolve, s3_filesystem, same_version, unreadable_reason)
+from ._storage import (LINK_OUTSIDE, MAX_FOLDER_DEPTH, Listing, Location, check_disjoint, check_folder_depth,
+                       folder_depth_setting, is_no_space, local_version, no_space_message, resolve, s3_filesystem,
+                       same_version, unreadable_reason)
 
 __all__ = [
     "CONFIG_FILE",
@@ -31,6 +32,9 @@ __all__ = [
     "InputError",
     "Identifiers",
     "LINK_OUTSIDE",
+    "MAX_FOLDER_DEPTH",
+    "check_folder_depth",
+    "folder_depth_setting",
     "Listing",
     "Location",
     "PATH_KEY_ENV",

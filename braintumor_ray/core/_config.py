@@ -138,20 +138,75 @@ class Config:
         return out
 
 
+# A --config file is a few dozen settings: these bounds are 100x what any real one needs, and
+# stop a "billion laughs" (a 455-byte YAML whose nested aliases stand for 387 million strings:
+# minutes and gigabytes, with the output's lease held) before anything is built from it.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000  # values and collections, every alias counted as what it stands for
+MAX_YAML_DEPTH = 64
+
+
 def read_yaml(uri: str, *, s3_endpoint_url: str | None = None) -> dict[str, Any]:
-    """A YAML mapping from a local path or ``s3://`` URI."""
+    """A YAML mapping from a local path or ``s3://`` URI, bounded before it is loaded
+    (:func:`check_yaml_size`)."""
     import yaml
 
     from ._storage import resolve
 
     loc = resolve(uri, s3_endpoint_url=s3_endpoint_url)
+    data = loc.read_bytes()
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(f"{uri} holds {len(data):,} bytes, more than a --config file's {MAX_YAML_BYTES:,}: give a "
+                          "file of setting: value lines")
     try:
-        d = yaml.safe_load(loc.read_bytes()) or {}
+        check_yaml_size(data, uri)
+        d = yaml.safe_load(data) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{uri} is not valid YAML: {e}. Fix the file (a mapping of setting: value)") from e
+        first = " ".join(str(e).split())
+        raise ConfigError(f"{uri} is not valid YAML: {first}. Fix the file (a mapping of setting: value)") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{uri}: expected a mapping of setting: value, found {type(d).__name__}")
     return d
+
+
+def check_yaml_size(data: bytes | str, uri: str) -> None:
+    """Refuse a YAML document that stands for more than :data:`MAX_YAML_NODES` values (aliases
+    counted as what they expand to) or nests deeper than :data:`MAX_YAML_DEPTH`, from its parse
+    events alone: one pass, linear in the file's size, nothing built. PyYAML's ``safe_load``
+    shares an alias's object (cheap to load), but every reader after it (merging, checking,
+    writing the effective config) walks the expansion."""
+    import yaml
+
+    sizes: dict[str, int] = {}
+    stack: list[list[Any]] = [[None, 0]]  # per open collection: its anchor, its expanded size so far
+    total = 0
+    for ev in yaml.parse(data, Loader=yaml.SafeLoader):
+        if isinstance(ev, yaml.AliasEvent):
+            n = sizes.get(ev.anchor, 1)
+        elif isinstance(ev, yaml.ScalarEvent):
+            n = 1
+            if ev.anchor:
+                sizes[ev.anchor] = 1
+        elif isinstance(ev, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            stack.append([ev.anchor, 1])
+            total += 1
+            if len(stack) - 1 > MAX_YAML_DEPTH:
+                raise ConfigError(f"{uri} nests more than {MAX_YAML_DEPTH} levels deep: a --config file is a mapping "
+                                  "of setting: value (nested settings a level or two down)")
+            continue
+        elif isinstance(ev, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            anchor, n = stack.pop()
+            if anchor:
+                sizes[anchor] = n
+            stack[-1][1] += n
+            continue
+        else:
+            continue
+        stack[-1][1] += n
+        total += n
+        if total > MAX_YAML_NODES:
+            raise ConfigError(f"{uri} stands for more than {MAX_YAML_NODES:,} values once its aliases (*name) are "
+                              "expanded (nested aliases: a 'billion laughs'): refused unread; write the settings out")
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -321,19 +376,62 @@ def _field_default(f: dataclasses.Field) -> Any:
 
 
 def _coerce(v: Any, tp: Any, *, where: str) -> Any:
-    """YAML/CLI values -> the field's type: nested configs from mappings, tuples from lists."""
+    """YAML/CLI values -> the field's type: nested configs from mappings, tuples from lists.
+    A value of the wrong shape (a list inside a list of names, a number for a name) is a
+    ConfigError naming its key, before the config class sees it."""
     inner = _strip_optional(tp)
     if v is None:
         return None
     if isinstance(inner, type) and issubclass(inner, Config):
         return inner.from_dict(v, where=where)
+    _check_type(v, inner, where)
     if get_origin(inner) is tuple and isinstance(v, (list, tuple)):
         return tuple(v)
+    if get_origin(inner) is tuple and isinstance(v, str):  # one string, as on the command line: comma-separated
+        return tuple(p.strip() for p in v.split(",") if p.strip())
     if inner is float and isinstance(v, int) and not isinstance(v, bool):
         return float(v)
     if isinstance(v, Mapping):  # a copy: a config shares no mutable mapping with its source (a preset)
         return _plain(v)
     return v
+
+
+_SCALARS = {str: "a string", int: "a whole number", float: "a number", bool: "true or false"}
+
+
+def _shown(v: Any) -> str:
+    text = repr(v)
+    return f"{type(v).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def _check_type(v: Any, tp: Any, where: str) -> None:
+    """Whether ``v`` fits the field type ``tp`` (the kinds config fields use: str, int, float,
+    bool, Literal, tuple[X, ...], dict); other types are left to the class's own checks."""
+    if tp in _SCALARS:
+        ok = (isinstance(v, str) if tp is str else isinstance(v, bool) if tp is bool
+              else isinstance(v, int) and not isinstance(v, bool) if tp is int
+              else isinstance(v, (int, float)) and not isinstance(v, bool))
+        if not ok:
+            raise ConfigError(f"{where}: expected {_SCALARS[tp]}, found {_shown(v)}: fix the value of {where}")
+        return
+    origin = get_origin(tp)
+    if origin is Literal:
+        if isinstance(v, (list, tuple, Mapping)) or v not in get_args(tp):
+            raise ConfigError(f"{where}: found {_shown(v)}: use one of {', '.join(map(str, get_args(tp)))}")
+        return
+    if origin in (tuple, list):
+        args = [a for a in get_args(tp) if a is not Ellipsis]
+        if isinstance(v, str):
+            return
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, found {_shown(v)}: write it as [a, b] (or a, b on the "
+                              "command line)")
+        if len(args) == 1:
+            for i, x in enumerate(v):
+                _check_type(x, args[0], f"{where}[{i}]")
+        return
+    if (origin in (dict, Mapping) or tp is dict) and not isinstance(v, Mapping):
+        raise ConfigError(f"{where}: expected a mapping (key: value), found {_shown(v)}")
 
 
 def _plain(v: Any) -> Any:

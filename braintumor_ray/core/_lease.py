@@ -267,7 +267,7 @@ class Lease:
             f"Two runs on one output would do the same work twice and could delete each other's staged files, so "
             f"this run stops here. Wait for it with --wait SECONDS (this run then starts once that lease is released or "
             f"expires), or run again later; if that run is dead, its lease expires by itself at "
-            f"{holder.get('expires')} "
+            f"{_iso(_expiry(holder))} "
             f"(lease: {self.location.uri})")
 
 
@@ -322,8 +322,39 @@ def _iso(t: datetime) -> str:
     return t.isoformat(timespec="milliseconds")
 
 
+# The longest ttl a run may set (the jobs' lease_ttl_s): a record claiming more, or none, is held to it.
+MAX_TTL_S = 86400.0
+
+
+def _when(text: Any) -> datetime:
+    """A record's time. One without a time zone (a hand edit: runs always write +00:00) is read
+    as UTC, the zone every run writes, rather than crash the comparison with an aware clock."""
+    t = datetime.fromisoformat(text)
+    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
+
+
+def _ttl(rec: dict[str, Any]) -> float:
+    ttl = rec.get("ttl_s")
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TTL_S:
+        return MAX_TTL_S
+    return float(ttl)
+
+
+def _expiry(rec: dict[str, Any]) -> datetime:
+    """When a lease is stale: its ``expires``, but never later than ``ttl_s`` after its last
+    heartbeat (a live holder writes ``expires = heartbeat + ttl_s`` at every renewal, so a
+    later one is an edit and is not believed). A heartbeat more than ``ttl_s`` ahead of this
+    clock is none a live holder writes (hosts' clocks may differ by less than 3/4 of the ttl,
+    see the module doc): that lease is stale now."""
+    ttl = timedelta(seconds=_ttl(rec))
+    beat, now = _when(rec["heartbeat"]), _now()
+    if beat - now > ttl:
+        return now
+    return min(_when(rec["expires"]), beat + ttl)
+
+
 def _expired(rec: dict[str, Any]) -> bool:
-    return datetime.fromisoformat(rec["expires"]) <= _now()
+    return _expiry(rec) <= _now()
 
 
 def _parse(raw: bytes, where: Location) -> dict[str, Any]:
@@ -338,13 +369,14 @@ def _parse(raw: bytes, where: Location) -> dict[str, Any]:
 def _parse_quietly(raw: bytes) -> dict[str, Any] | None:
     try:
         rec = json.loads(raw)
-        datetime.fromisoformat(rec["expires"])
+        if not isinstance(rec, dict):
+            return None
+        _when(rec["expires"]), _when(rec["heartbeat"])
         return rec
     except (ValueError, TypeError, KeyError):
         return None
 
 
-# --- storage: create, compare-and-replace, compare-and-delete -------------------------------------
 class _Conflict(Exception):
     """The lease is not in the state the caller expected (another run created, changed or removed it)."""
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
+import re
 import stat
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import fsspec
+import fsspec.asyn
 import pyarrow.fs as pafs
 
+from ._config import setting
 from ._errors import ConfigError, StorageError
 
 _CRED_HINT = (
@@ -28,6 +31,39 @@ _CRED_HINT = (
 
 # The reason given for a link whose target lies outside the folder being read.
 LINK_OUTSIDE = "refused: links outside --input"
+# An S3 ETag as listings give it (quotes stripped): an MD5, or MD5-parts for a multipart upload.
+# A version of another shape (a store without ETags falls back to the mtime) is not held to.
+_ETAG = re.compile(r"[0-9a-fA-F]{32}(-[0-9]+)?")
+
+
+# How many folders deep a listing descends below the input. A PACS export is
+# patient/study/series/file (3 folders); 64 leaves room for any archive a person made, and stops
+# a generated chain (1,100 levels crashed the recursive walk) long before PATH_MAX (4,096 bytes).
+MAX_FOLDER_DEPTH = 64
+MAX_FOLDER_DEPTH_LIMIT = 1000
+
+
+def folder_depth_setting() -> Any:
+    """The ``max_folder_depth`` setting of the jobs that list an input (declared here once)."""
+    return setting(MAX_FOLDER_DEPTH, help="folders a listing descends below the input; a folder deeper than this is "
+                   "an error row naming it, its files unread")
+
+
+def check_folder_depth(depth: int) -> None:
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= MAX_FOLDER_DEPTH_LIMIT:
+        raise ConfigError(f"max_folder_depth={depth!r} is out of range: use a whole number of folders, "
+                          f"1..{MAX_FOLDER_DEPTH_LIMIT}")
+
+
+def too_deep_reason(level: int, limit: int) -> str:
+    return (f"refused: a folder {level} levels below the input, deeper than max_folder_depth={limit}: its files "
+            "are not read (move them up, or raise max_folder_depth)")
+
+
+class ChangedSinceListed(OSError):
+    """The file or object at a listed path is no longer the one listed: replaced by a link,
+    another file or new content between the listing and the read. Its row is an error whose
+    reason starts ``unreadable``, so that the next run reads it again."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +155,7 @@ class Location:
         listed = self.listing()
         return {p: v for p, v in listed.files.items() if p not in listed.refused}
 
-    def listing(self, *, follow_links_outside: bool = False) -> Listing:
+    def listing(self, *, follow_links_outside: bool = False, max_depth: int = MAX_FOLDER_DEPTH) -> Listing:
         """Every file under this folder with its (size, version), and what is refused as a file.
 
         On disk (``os.lstat``, ``os.path.realpath``): a link to a file is read through, as its
@@ -127,27 +163,41 @@ class Location:
         ``follow_links_outside``); a link leaving the folder, a dangling link, a FIFO, socket or
         device (reading one can block forever) and a folder that cannot be listed are refused;
         links to directories are not files and are not followed. S3 has no links.
+
+        The walk is a loop over a stack, not a recursion (``os.walk`` recursed: a chain of 1,100
+        folders raised RecursionError and failed the whole run); a folder more than
+        ``max_depth`` levels below this one is refused, as one entry naming it, unread.
         """
+        check_folder_depth(max_depth)
         if not self.exists():
             raise StorageError(f"{self.uri} does not exist. {_CRED_HINT if self.is_s3 else ''}".strip())
         if self.is_s3:
-            info = _guard(self, "list", self.fs.find, self.path, withdirs=False, detail=True)
-            out = {}
-            for path, d in info.items():
-                version = d.get("ETag") or d.get("etag") or d.get("mtime") or d.get("LastModified") or ""
-                out[path] = (int(d.get("size") or 0), str(version).strip('"'))
-            return Listing(dict(sorted(out.items())), {})
+            return self._s3_listing(max_depth)
         root = os.path.realpath(self.path)
         files: dict[str, tuple[int, str]] = {}
         refused: dict[str, str] = {}
-
-        def unlisted(e: OSError) -> None:
-            where = e.filename or self.path
-            files[where], refused[where] = (0, ""), f"unreadable folder: it cannot be listed ({type(e).__name__}), its files are not read"
-
-        for dirpath, _, names in os.walk(self.path, onerror=unlisted):  # never descends into directory links
-            for name in names:
-                path = os.path.join(dirpath, name)
+        stack = [(self.path, 0)]
+        while stack:
+            folder, depth = stack.pop()
+            try:
+                with os.scandir(folder) as it:
+                    entries = list(it)
+            except OSError as e:
+                where = e.filename or folder
+                files[where], refused[where] = (0, ""), f"unreadable folder: it cannot be listed ({type(e).__name__}), its files are not read"
+                continue
+            for entry in entries:
+                path = entry.path
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)  # directory links are never descended
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    if depth + 1 > max_depth:
+                        files[path], refused[path] = (0, ""), too_deep_reason(depth + 1, max_depth)
+                    else:
+                        stack.append((path, depth + 1))
+                    continue
                 try:
                     st = own = os.lstat(path)
                 except FileNotFoundError:
@@ -155,6 +205,8 @@ class Location:
                 except OSError as e:
                     files[path], refused[path] = (0, ""), f"unreadable: {type(e).__name__}"
                     continue
+                if stat.S_ISDIR(own.st_mode):
+                    continue  # a file swapped for a folder while listing: not a file
                 if stat.S_ISLNK(own.st_mode):
                     target = os.path.realpath(path)
                     try:
@@ -163,7 +215,7 @@ class Location:
                         files[path], refused[path] = (own.st_size, str(own.st_mtime)), "refused: a dangling link (its target does not exist)"
                         continue
                     if stat.S_ISDIR(st.st_mode):
-                        continue  # a directory link (os.walk lists a dangling-then-fixed one here)
+                        continue  # a directory link
                     if not follow_links_outside and os.path.commonpath([root, target]) != root:
                         files[path] = (own.st_size, str(own.st_mtime))
                         refused[path] = (f"{LINK_OUTSIDE} (this link points to a file outside the input folder; set "
@@ -176,20 +228,58 @@ class Location:
                 files[path] = (st.st_size, local_version(st))
         return Listing(dict(sorted(files.items())), refused)
 
-    def read_limited(self, path: str, limit: int) -> bytes:
+    def _s3_listing(self, max_depth: int) -> Listing:
+        info = _guard(self, "list", self.fs.find, self.path, withdirs=False, detail=True)
+        out: dict[str, tuple[int, str]] = {}
+        refused: dict[str, str] = {}
+        base = self.path.rstrip("/") + "/"
+        for path, d in info.items():
+            parts = path[len(base):].split("/") if path.startswith(base) else [path]
+            if len(parts) - 1 > max_depth:  # keys are flat: the cap is for the files' sake, as on disk
+                folder = base + "/".join(parts[: max_depth + 1])
+                out[folder], refused[folder] = (0, ""), too_deep_reason(max_depth + 1, max_depth)
+                continue
+            version = d.get("ETag") or d.get("etag") or d.get("mtime") or d.get("LastModified") or ""
+            out[path] = (int(d.get("size") or 0), str(version).strip('"'))
+        return Listing(dict(sorted(out.items())), refused)
+
+    def read_limited(self, path: str, limit: int, *, version: str | None = None,
+                     follow_links_outside: bool = False) -> bytes:
         """One file under this location, at most ``limit`` + 1 bytes of it (more than ``limit``
         says the file is larger: the caller refuses it). Raises OSError (FileNotFoundError when
         it vanished, IsADirectoryError...) as the filesystem reports it; on disk a file that is
-        no longer a regular one (a FIFO now) is refused without blocking."""
+        no longer a regular one (a FIFO now) is refused without blocking.
+
+        ``version``: what the listing recorded. The file read must be that one, or this raises
+        :class:`ChangedSinceListed`: on disk the opened file's own ``fstat`` (inode, mtime and
+        change time, :func:`local_version`), so that a file swapped for a link or another file
+        after the listing is never read under the listed name; on S3 the object's ETag, sent as
+        ``If-Match`` and compared with the GET's own. Links: the file is opened ``O_NOFOLLOW``;
+        one that is a link (the listing reads links inside the folder through) is opened at its
+        resolved target, which must lie inside this folder unless ``follow_links_outside``.
+        """
         if self.is_s3:
-            return self.fs.cat_file(path, start=0, end=limit + 1)  # one ranged GET
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+            return self._read_s3(path, limit, version)
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        nofollow = getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(path, flags | nofollow)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            target = os.path.realpath(path)
+            root = os.path.realpath(self.path)
+            if not follow_links_outside and os.path.commonpath([root, target]) != root:
+                raise ChangedSinceListed(f"{LINK_OUTSIDE} (a link to a file outside the input folder when it was read)") from None
+            fd = os.open(target, flags | nofollow)
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
                 raise IsADirectoryError(21, "Is a directory", path)
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(f"not a regular file any more ({stat.filemode(st.st_mode)})")
+            if version and ";" in version and local_version(st) != version:
+                raise ChangedSinceListed("its inode, modification or change time differ from the listing's")
             with open(fd, "rb", closefd=False) as f:
                 want = min(st.st_size, limit) + 1
                 data = f.read(want)
@@ -198,6 +288,31 @@ class Location:
                 return data
         finally:
             os.close(fd)
+
+    def _read_s3(self, path: str, limit: int, version: str | None) -> bytes:
+        etag = version if version and _ETAG.fullmatch(version) else None
+        if etag is None:  # a store whose listing gave no ETag: nothing to hold the read to
+            return self.fs.cat_file(path, start=0, end=limit + 1)  # one ranged GET
+        bucket, key, _ = self.fs.split_path(path)
+        fs = self.fs
+
+        async def get() -> tuple[bytes, str]:
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes=0-{limit}",
+                                     IfMatch=f'"{etag}"')
+            try:
+                return await resp["Body"].read(), str(resp.get("ETag") or "").strip('"')
+            finally:
+                resp["Body"].close()
+
+        try:
+            data, got = fsspec.asyn.sync(fs.loop, get)
+        except OSError as e:
+            if e.errno == errno.EINVAL and "recondition" in str(e.__cause__ or e):  # 412: If-Match failed
+                raise ChangedSinceListed("its ETag differs from the listing's") from None
+            raise
+        if got and got != etag:  # a store that ignores If-Match
+            raise ChangedSinceListed("its ETag differs from the listing's")
+        return data
 
     def move_to(self, other: "Location") -> None:
         """Move one file. On disk a rename (atomic); on S3 a copy then a delete, so a reader
@@ -272,6 +387,8 @@ def unreadable_reason(e: BaseException) -> str:
         return "vanished: listed, then gone before it was read (moved or deleted while the job ran)"
     if isinstance(e, IsADirectoryError):
         return "unreadable: no longer a file (a folder now)"
+    if isinstance(e, ChangedSinceListed):
+        return f"unreadable: changed since it was listed ({e.args[0]}): not read; the next run reads it again"
     if isinstance(e, PermissionError):
         return "unreadable: permission denied"
     if isinstance(e, OSError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core import Config, ConfigError, PathMode, UidMode, check_modes, setting
+from ..core import Config, ConfigError, PathMode, UidMode, check_folder_depth, check_modes, folder_depth_setting, setting
 from ..imaging import InputGuard, MRIPreprocess, SeriesSelector
 
 
@@ -40,6 +40,7 @@ class IngestConfig(Config):
                                   "by $BRAINTUMOR_PATH_KEY (same file, same token as scoring's)")
     uid_mode: UidMode = setting("full", help="DICOM UIDs in the shards: full, or hashed (a 2.25. UID keyed as "
                                 "path_mode's); the split still keeps a series together")
+    max_folder_depth: int = folder_depth_setting()
 
     def __post_init__(self) -> None:
         if not self.input or not self.output:
@@ -53,3 +54,4 @@ class IngestConfig(Config):
         if not isinstance(self.select, SeriesSelector):
             raise ConfigError(f"select must be a SeriesSelector, not {type(self.select).__name__}")
         check_modes(self.path_mode, self.uid_mode)
+        check_folder_depth(self.max_folder_depth)

@@ -173,7 +173,8 @@ def preprocess_batch(
         unread = None
         if "bytes" not in batch.column_names:
             try:
-                data = source.read_limited(path, limit)  # an oversized file is refused by try_slices
+                data = source.read_limited(path, limit,  # an oversized file is refused by try_slices
+                                           follow_links_outside=(guard or NO_GUARD).follow_links_outside_input)
             except Exception as e:
                 unread = unreadable_reason(e)
         data = data or b""
@@ -272,7 +273,7 @@ def run_ingest(config: IngestConfig) -> dict:
             raise StorageError(f"output {dst.uri} is not empty: choose a new output, or pass --overwrite to replace it")
         _check_replaceable(dst)
         dst.remove()
-    listed = src.listing(follow_links_outside=config.guard.follow_links_outside_input)
+    listed = src.listing(follow_links_outside=config.guard.follow_links_outside_input, max_depth=config.max_folder_depth)
     files = list(listed.files)
     plan = plan_inputs(files, src.path)
     if listed.refused:  # links leaving the input, dangling links, FIFOs: error rows, never read

@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from ..core import LEASE_SUFFIX, STAGING_SUFFIX, Config, ConfigError, PathMode, UidMode, check_disjoint, check_modes, setting
+from ..core import (LEASE_SUFFIX, STAGING_SUFFIX, Config, ConfigError, PathMode, UidMode, check_disjoint, check_folder_depth,
+                    check_modes, folder_depth_setting, setting)
 from ..imaging import InputGuard, SeriesSelector
 from ..tracking import MLflowConfig
 from ._explain import EXPLAIN_SUFFIX
@@ -78,6 +79,7 @@ class ScoreConfig(Config):
     lease_ttl_s: float = setting(120.0, help="lease time-to-live: the run renews its lease on the output every "
                                  "lease_ttl_s/4; a run that stops renewing (killed) is taken over this long after its "
                                  "last renewal")
+    max_folder_depth: int = folder_depth_setting()
     mlflow: MLflowConfig = setting(default_factory=MLflowConfig, help="MLflow run of each scoring job and the "
                                    "registry that models:/ names are looked up in")
 
@@ -109,3 +111,4 @@ class ScoreConfig(Config):
             raise ConfigError(f"wait={self.wait} is out of range: use 0 (refuse at once) up to 604800 seconds")
         if not 1 <= self.lease_ttl_s <= 86400:
             raise ConfigError(f"lease_ttl_s={self.lease_ttl_s} is out of range: use 1..86400 seconds")
+        check_folder_depth(self.max_folder_depth)

@@ -69,6 +69,11 @@ PROB_PREFIX = "prob_"
 FILES_PER_BLOCK = 32
 # Beside the runs in OUTPUT._staging/: the markers of decode attempts (see _Attempts).
 ATTEMPTS_DIR = "_attempts"
+# Where a models:/ package from a server-side artifact store is fetched, in OUTPUT._staging/ (which
+# every node reads, and whose "_" folders recovery keeps): one folder per run, removed when it ends;
+# a killed run's copy goes at the next run's start. A driver-local temp folder was left behind by
+# every run, and was what replicas on other nodes were told to load.
+FETCHED_MODELS_DIR = "_models"
 KILLED_TWICE = ("killed its decode task twice (out of memory? a crash in a decoder?): not decoded again so that the "
                 "run can finish; a changed file is tried again")
 # Tests only: a decode task that meets a file of this name dies as the OOM killer would kill it.
@@ -210,7 +215,9 @@ def _read_files(batch: pa.Table, source: Location | None, guard: InputGuard, att
         alone = att.mark("f", keys[i]) if att.suspect(keys[i]) else None
         data, error = None, None
         try:
-            data = source.read_limited(path, guard.max_file_bytes)
+            # Held to the listed version: a file swapped for a link or another file since is an error row.
+            data = source.read_limited(path, guard.max_file_bytes, version=versions[i],
+                                       follow_links_outside=guard.follow_links_outside_input)
         except Exception as e:
             error = unreadable_reason(e)
         if data is not None and (err := guard.too_many_bytes("the file holds at least", len(data))):
@@ -395,6 +402,13 @@ def recover(dst: Location) -> dict[str, int]:
     return _writer(dst).recover()
 
 
+def _remove_fetched(loc: Location) -> None:
+    try:
+        loc.remove()
+    except StorageError as e:  # the next run's start removes it
+        logger.warning("score: could not remove the fetched model package %s (%s)", loc.uri, e)
+
+
 def _writer(dst: Location, lease: Lease | None = None) -> StagedWriter:
     """The predictions' writer: its commits name their files in ``OUTPUT/_manifest.json``."""
     return StagedWriter(dst, what="score", lease=lease, describe=_describe_rows)
@@ -474,7 +488,10 @@ def run_scoring(config: ScoreConfig) -> dict:
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     try:
         with Lease(dst, owner=run_id, ttl_s=config.lease_ttl_s, wait_s=config.wait, what="score") as lease:
-            summary = _run_scoring(config, lease)
+            try:
+                summary = _run_scoring(config, lease)
+            finally:
+                _remove_fetched(_writer(dst).root.join(FETCHED_MODELS_DIR))  # only this run's copy: the lease
     except StorageError:
         raise
     except Exception as e:
@@ -491,7 +508,10 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
 
     t0 = time.perf_counter()
     asked = config  # saved as given: a models:/ name stays a name, not the folder it resolved to
-    config, registered = resolve_registered_model(config)  # models:/NAME/VERSION -> its package folder
+    fetched = _writer(resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)).root.join(FETCHED_MODELS_DIR)
+    fetched.remove()  # copies left by killed runs (this run holds the lease)
+    # models:/NAME/VERSION -> its package folder (fetched under the output's staging when it must be)
+    config, registered = resolve_registered_model(config, fetch_to=fetched.join(lease.owner))
     # model.json unedited, the pinned id (expect_model_id), weights and trust file matching the id's hashes.
     meta = verify_package(config.model, s3_endpoint_url=config.s3_endpoint_url, expect_model_id=config.expect_model_id)
     model_id = meta["model_id"]
@@ -513,7 +533,7 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     explain_writer.recover()
     writer.adopt()  # an output from before manifests: its files as they are now
     # Links leaving the input, dangling links, FIFOs: refused here, each an error row of its own.
-    listed = src.listing(follow_links_outside=config.guard.follow_links_outside_input)
+    listed = src.listing(follow_links_outside=config.guard.follow_links_outside_input, max_depth=config.max_folder_depth)
     files = {p: v for p, v in listed.files.items() if not posix_basename(p).startswith(".")}
     if not files:
         raise InputError(f"no files under {config.input}: check the URI")
@@ -757,4 +777,6 @@ def format_summary(s: dict) -> str:
     lines.append(f"  {s['wall_s']:.1f} s, {s['images_per_s']:.1f} images/s{engine}")
     if s.get("report"):
         lines.append(f"  report: {s['report']}")
+    if s.get("mlflow_error"):
+        lines.append(f"  MLflow: not logged, the rows are committed ({s['mlflow_error'][:200]})")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ at once and MLflow sees nothing. The run id of a training run or search is kept 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -15,7 +16,7 @@ import posixpath
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from ..core import ConfigError, Location, resolve
 from ._config import MLflowConfig
@@ -29,6 +30,60 @@ MODEL_ARTIFACT = "model"
 # Tune's bookkeeping columns: not metrics of a trial.
 _TUNE_COLUMNS = {"epoch", "timestamp", "training_iteration", "pid", "time_this_iter_s", "time_since_restore",
                  "iterations_since_restore", "done", "checkpoint_dir_name", "trial_id", "date", "hostname", "node_ip"}
+
+
+# MLflow's HTTP client retries a refused connection 7 times with a backoff factor of 2: minutes
+# per call, then a traceback, after the rows were committed. The jobs' calls ask for 1 retry
+# (0.04 s to give up on a refused connection, against 7 s at 3 retries, measured), then try the
+# whole logging once more at the end of the job, RETRY_WAIT_S later; what still fails is a
+# warning. Settings the user gave are kept.
+_QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+RETRY_WAIT_S = 10.0
+
+
+@contextlib.contextmanager
+def _quick_http() -> Iterator[None]:
+    added = {k: v for k, v in _QUICK_HTTP.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _tolerant(what: str, fn: Callable[[], Any], *, retry: bool = True) -> tuple[Any, str | None]:
+    """``fn()``, or, when it raises, once more ``RETRY_WAIT_S`` later (``retry``); then a warning
+    and ``(None, reason)``: tracking is never what fails a job whose work is committed."""
+    reason = None
+    for attempt in range(2 if retry else 1):
+        if attempt:
+            time.sleep(RETRY_WAIT_S)
+        try:
+            with _quick_http():
+                return fn(), None
+        except Exception as e:  # the server down, a proxy's error page, a refused write: all the same here
+            reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    logger.warning("MLflow: %s was not logged (%s); the job's own outputs are complete. Log it again once the "
+                   "tracking server is up (rerun, or --resume a training run)", what, reason)
+    return None, reason
+
+
+@dataclass
+class PendingTracking:
+    """A training run or search whose MLflow run could not be opened when it started (the
+    server was down): opened at the end instead, when its results are logged (once: a retry
+    of the logging reuses the run the first attempt opened)."""
+
+    settings: MLflowConfig
+    folder: Location
+    stage: str
+    name: str
+    params: Mapping[str, Any]
+    resume: bool
+    reason: str
+    opened: "Tracking | None" = None
 
 
 @dataclass
@@ -188,12 +243,30 @@ def _register(t: Tracking, package: Location, model_id: str, tags: Mapping[str, 
 
 
 def start_tracking(mc: MLflowConfig, folder: Location, *, stage: str, name: str, params: Mapping[str, Any],
-                   resume: bool) -> Tracking | None:
+                   resume: bool) -> "Tracking | PendingTracking | None":
     """Open the MLflow run of a training run or search (None without a tracking URI). With ``resume``
     the run whose id ``folder/mlflow_run_id`` holds is continued; otherwise a new one is created and
-    its id written there."""
+    its id written there. A server that cannot be reached is a warning: the run is opened at the
+    end (:class:`PendingTracking`), when the results are logged."""
     if not mc.enabled:
         return None
+    t, reason = _tolerant(f"the start of the {stage} run", lambda: _start(mc, folder, stage=stage, name=name,
+                                                                         params=params, resume=resume), retry=False)
+    if t is None:
+        return PendingTracking(mc, folder, stage, name, dict(params), resume, reason or "")
+    return t
+
+
+def _open(t: "Tracking | PendingTracking") -> Tracking:
+    if isinstance(t, PendingTracking):
+        if t.opened is None:
+            t.opened = _start(t.settings, t.folder, stage=t.stage, name=t.name, params=t.params, resume=t.resume)
+        return t.opened
+    return t
+
+
+def _start(mc: MLflowConfig, folder: Location, *, stage: str, name: str, params: Mapping[str, Any],
+           resume: bool) -> Tracking:
     from mlflow.exceptions import MlflowException
 
     client = _client(mc)
@@ -221,11 +294,16 @@ def start_tracking(mc: MLflowConfig, folder: Location, *, stage: str, name: str,
     return t
 
 
-def finish_training(t: Tracking | None, metrics: Mapping[str, Any], run: Location) -> None:
+def finish_training(t: "Tracking | PendingTracking | None", metrics: Mapping[str, Any], run: Location) -> str | None:
     """Per-epoch and final metrics (val/test/test_clean, calibration and review flags), the plots,
-    ``metrics.json`` and ``config.yaml``, and the model package registered; the run ends FINISHED."""
+    ``metrics.json`` and ``config.yaml``, and the model package registered; the run ends FINISHED.
+    Never raises: a failure is retried once, then a warning; returns its reason (None: logged)."""
     if t is None:
-        return
+        return None
+    return _tolerant("the training run", lambda: _finish_training(_open(t), metrics, run))[1]
+
+
+def _finish_training(t: Tracking, metrics: Mapping[str, Any], run: Location) -> None:
     c = t.client
     _log_history(c, t.run_id, metrics.get("epochs") or [])
     final: dict[str, float] = {}
@@ -248,13 +326,20 @@ def finish_training(t: Tracking | None, metrics: Mapping[str, Any], run: Locatio
     c.set_terminated(t.run_id, "FINISHED")
 
 
-def finish_search(t: Tracking | None, summary: Mapping[str, Any], results: Mapping[str, Any], root: Location,
-                  *, s3_endpoint_url: str | None = None) -> None:
+def finish_search(t: "Tracking | PendingTracking | None", summary: Mapping[str, Any], results: Mapping[str, Any],
+                  root: Location, *, s3_endpoint_url: str | None = None) -> str | None:
     """A child run per trial (its sampled parameters, metrics per epoch, status, ASHA stop), then on
     the parent the best trial's final metrics, the leaderboard and plots, and the best model registered.
-    ``results``: trial id -> Tune ``Result``. Children already logged (a resume) are reused."""
+    ``results``: trial id -> Tune ``Result``. Children already logged (a resume) are reused. Never
+    raises (as :func:`finish_training`)."""
     if t is None:
-        return
+        return None
+    return _tolerant("the search", lambda: _finish_search(_open(t), summary, results, root,
+                                                          s3_endpoint_url=s3_endpoint_url))[1]
+
+
+def _finish_search(t: Tracking, summary: Mapping[str, Any], results: Mapping[str, Any], root: Location,
+                   *, s3_endpoint_url: str | None = None) -> None:
     c = t.client
     rows = summary.get("leaderboard") or []
     for row in rows:
@@ -305,10 +390,12 @@ def finish_search(t: Tracking | None, summary: Mapping[str, Any], results: Mappi
 # --- scoring ---------------------------------------------------------------------------------------
 
 
-def resolve_registered_model(config: Any) -> tuple[Any, dict[str, str] | None]:
+def resolve_registered_model(config: Any, *, fetch_to: Location | None = None) -> tuple[Any, dict[str, str] | None]:
     """``config`` with ``model`` a package folder. ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``
     is looked up in the registry at ``config.mlflow.tracking_uri``: its source folder is used as it is
-    when local or ``s3://``, otherwise downloaded to a temporary folder; the package's ``model_id``
+    when local or ``s3://``, otherwise (a server-side artifact store, ``mlflow-artifacts:/``)
+    downloaded into ``fetch_to``, a folder every node of the job can read (scoring: beside its
+    output; the caller removes it), or a temporary folder without one; the package's ``model_id``
     must be the one the version is tagged with. Returns the config and the version's description."""
     if not str(config.model).startswith(MODELS_SCHEME):
         return config, None
@@ -337,6 +424,8 @@ def resolve_registered_model(config: Any) -> tuple[Any, dict[str, str] | None]:
         src = src[len("file://"):]
     if src.startswith("s3://") or os.path.isdir(src):
         path = src
+    elif fetch_to is not None:
+        path = _fetch(src, mc, fetch_to)
     else:
         dst = tempfile.mkdtemp(prefix=f"braintumor-{name}-v{mv.version}-")
         path = mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=dst, tracking_uri=mc.tracking_uri)
@@ -350,15 +439,40 @@ def resolve_registered_model(config: Any) -> tuple[Any, dict[str, str] | None]:
                           f"but the version is tagged {tagged}: not the registered package")
     logger.info("MLflow: %s is version %s of %s (%s), at %s", config.model, mv.version, name, tagged, path)
     return config.replace(model=path), {"uri": config.model, "name": name, "version": str(mv.version),
-                                        "source": mv.source, "model_id": tagged}
+                                        "source": mv.source, "model_id": tagged, "fetched_to": path}
+
+
+def _fetch(src: str, mc: MLflowConfig, dest: Location) -> str:
+    """A registered package's artifacts copied into ``dest`` (local or ``s3://``): its folder."""
+    import mlflow.artifacts
+
+    if not dest.is_s3:
+        os.makedirs(dest.path, exist_ok=True)
+        return mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=dest.path, tracking_uri=mc.tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="braintumor-model-") as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=tmp, tracking_uri=mc.tracking_uri)
+        folder = dest.join(posixpath.basename(local.rstrip(os.sep)))
+        for root, _, names in os.walk(local):
+            for n in names:
+                p = os.path.join(root, n)
+                with open(p, "rb") as f:
+                    folder.join(os.path.relpath(p, local).replace(os.sep, "/")).write_bytes(f.read())
+    return folder.uri
 
 
 def log_scoring(config: Any, summary: dict[str, Any], registered: Mapping[str, str] | None = None) -> dict[str, Any]:
     """One MLflow run for a scoring job: counts, timings, the model_id and where it came from. Returns
-    ``summary`` (with ``mlflow_run_id`` added when logged)."""
+    ``summary`` (with ``mlflow_run_id`` added when logged, ``mlflow_error`` when it could not be,
+    after one retry: never an exception, the rows are committed by then)."""
     mc: MLflowConfig = config.mlflow
     if not mc.enabled:
         return summary
+    run_id, reason = _tolerant("the scoring run", lambda: _log_scoring(config, summary, registered))
+    return summary | ({"mlflow_run_id": run_id} if run_id else {"mlflow_error": reason})
+
+
+def _log_scoring(config: Any, summary: dict[str, Any], registered: Mapping[str, str] | None) -> str:
+    mc: MLflowConfig = config.mlflow
     client = _client(mc)
     exp = _experiment_id(client, mc.experiment)
     tags = {"stage": "score", "model_id": str(summary.get("model_id")), "input": str(summary.get("input")),
@@ -376,5 +490,4 @@ def log_scoring(config: Any, summary: dict[str, Any], registered: Mapping[str, s
     _log_metrics(client, t.run_id, [(k, v, 0) for k, v in scalar_metrics(counts).items()]
                  + [(k, v, 0) for k, v in scalar_metrics(summary.get("series") or {}, "series_").items()])
     client.set_terminated(t.run_id, "FINISHED")
-    summary["mlflow_run_id"] = t.run_id
-    return summary
+    return t.run_id
