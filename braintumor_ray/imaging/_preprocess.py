@@ -4,7 +4,7 @@
 array: decode safely, convert to one channel, crop the black background around the head,
 resize keeping aspect by padding. The ingest stores its output; scoring calls the very same
 object on raw files, so a model never sees pixels prepared differently from its training data.
-DICOM files and NIfTI volumes become 8-bit grey slices in :mod:`braintumor_ray.imaging._medical`,
+DICOM files and NIfTI volumes become 8-bit grey slices by :func:`~braintumor_ray.imaging.read_medical`,
 then take the same crop and resize (:meth:`MRIPreprocess.slices`).
 """
 
@@ -21,19 +21,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..core import Config, ConfigError, ImageDecodeError, setting
-from ._medical import (
-    GZIP_MAGIC,
-    NO_GUARD,
-    NO_INFO,
-    InputGuard,
-    MedicalDecodeError,
-    NotSelected,
-    SeriesSelector,
-    SliceInfo,
-    inflate,
-    read_medical,
-    sniff_kind,
-)
+from ._guard import NO_GUARD, NO_INFO, InputGuard, MedicalDecodeError, NotSelected, SeriesSelector, SliceInfo
+from ._inflate import GZIP_MAGIC, inflate
+from ._medical import read_medical, sniff_kind
 
 logger = logging.getLogger(__name__)
 # PIL's own bomb guard (89 Mpx warning, 179 Mpx error) is global state; ours is the input guard's
