@@ -30,6 +30,7 @@ from ._guard import (
     dicom_size_error,
     with_slice,
 )
+from ._frames import check_frames
 from ._inflate import DEFLATED_TS, dicom_meta, read_deflated
 from ._window import _frames_sample, _luma, _percentile_levels, _stretch, _to_u8, voi_window
 
@@ -194,6 +195,8 @@ def read_dicom(data: bytes, *, select: SeriesSelector, guard: InputGuard) -> lis
     samples, allocated = _int(ds, "SamplesPerPixel") or 1, _int(ds, "BitsAllocated") or 8
     if err := dicom_size_error(rows, cols, frames, samples, allocated, guard):
         raise MedicalDecodeError(err, info)
+    if ts.is_encapsulated and "PixelData" in ds:
+        _check_encapsulated(ds, str(ts), ts_name, rows, cols, frames, samples, allocated, guard, info)
     photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip().upper()
     bits = _int(ds, "BitsStored") or _int(ds, "BitsAllocated") or 0
     grey = photometric.startswith("MONOCHROME") or (_int(ds, "SamplesPerPixel") or 1) == 1 and photometric != "PALETTE COLOR"
@@ -238,6 +241,29 @@ def read_dicom(data: bytes, *, select: SeriesSelector, guard: InputGuard) -> lis
         return [GreySlice(out[0], mode, info)]
     return [GreySlice(u8, mode, with_slice(info, k)) for k, u8 in enumerate(out)]
 
+
+
+def _check_encapsulated(ds: Any, ts: str, ts_name: str, rows: int, cols: int, frames: int, samples: int,
+                        allocated: int, guard: InputGuard, info: SliceInfo) -> None:
+    """Each compressed frame's own header against the dataset and the guard, before decoding
+    (``_frames``): the codec decodes what its codestream declares, not what Rows x Columns say."""
+    from pydicom.encaps import generate_frames
+
+    ext = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        ext = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # The same split into frames that pydicom's decoders make (iter_pixels).
+            split = generate_frames(ds.PixelData, number_of_frames=frames, extended_offsets=ext)
+            check_frames(split, ts, rows=rows, cols=cols, samples=samples, allocated=allocated,
+                         number_of_frames=frames, guard=guard, info=info)
+    except MedicalDecodeError:
+        raise
+    except Exception as e:
+        raise MedicalDecodeError(f"corrupt or truncated DICOM pixel data ({ts_name}): its encapsulated frames cannot "
+                                 f"be split ({type(e).__name__})", info) from None
 
 
 def _file_window(ds: Any) -> tuple[float, float, str] | None:
