@@ -166,6 +166,14 @@ def multi_page(kind: str, pages: int, side: int = 64) -> bytes:
     return buf.getvalue()
 
 
+def many_page_gif(pages: int = 100_000) -> bytes:
+    """A GIF of ``pages`` 1x1 frames, hand-made (Pillow merges identical frames when it writes):
+    17 bytes a frame, 1.7 MB for 100,000."""
+    header = b"GIF89a\x01\x00\x01\x00\x80\x00\x00" + b"\x00\x00\x00\xff\xff\xff"  # 1x1, a 2-colour palette
+    frame = b",\x00\x00\x00\x00\x01\x00\x01\x00\x00" + b"\x02\x02\x44\x01\x00"  # descriptor, 1 pixel of LZW
+    return header + frame * pages + b";"
+
+
 _CHILD = """
 import json, sys, time
 from braintumor_ray.imaging import InputGuard, read_medical

@@ -164,7 +164,8 @@ def check_frames(frames, ts: str, *, rows: int, cols: int, samples: int, allocat
     declared = f"{cols}x{rows}x{samples} at {allocated} bits"
     for k, frame in enumerate(frames):
         where = f"frame {k + 1} (of {number_of_frames})"
-        if err := guard.too_many_pixels(f"{k + 1} frame(s) of {cols}x{rows}x{samples}", (k + 1) * rows * cols * samples):
+        if err := (guard.too_many_slices(f"{k + 1:,} frames in the pixel data", k + 1)
+                   or guard.too_many_pixels(f"{k + 1} frame(s) of {cols}x{rows}x{samples}", (k + 1) * rows * cols * samples)):
             raise MedicalDecodeError(err + f" ({where}: the pixel data holds more frames than declared)", info)
         try:
             if read is None:

@@ -24,6 +24,10 @@ from ..core import Config, ConfigError, ImageDecodeError, setting
 # docs/benchmarks.md). Before these limits a volume at the old voxel limit cost ~14 GB.
 DEFAULT_MAX_PIXELS = 2**27  # 134 M: 512x512x512 voxels, or one 11585 x 11585 image
 DEFAULT_MAX_FILE_BYTES = 256 * 2**20
+# Most images (rows) one file may become. The pixel limit alone lets a file of 1x1 pages become
+# 134 M rows: a hand-made GIF of 100,000 1x1 frames is 1.7 MB. Real stacks are far below this:
+# a 512-slice volume, an enhanced multi-frame MR of 60 directions x 60 slices (3600 frames).
+DEFAULT_MAX_SLICES = 4096
 
 ORIENTATIONS = ("axial", "coronal", "sagittal")
 MODALITY_CODE = re.compile(r"^[A-Z0-9_]{1,16}$")
@@ -176,6 +180,10 @@ class InputGuard(Config):
     max_file_bytes: int = setting(DEFAULT_MAX_FILE_BYTES, help="most bytes one file may hold: as stored, "
                                   "decompressed (.gz, deflated DICOM) or as decoded pixels; a larger file is an "
                                   "error row and is not read", aliases=("--max-file-bytes",))
+    max_slices: int = setting(DEFAULT_MAX_SLICES, help="most images one file may become: pages of a multi-page TIFF, "
+                              "GIF, WebP or APNG, frames of a DICOM, slices of a NIfTI volume; a file with more is an "
+                              "error row (pages are counted as they are read: the rest are never decoded)",
+                              aliases=("--max-slices",))
     follow_links_outside_input: bool = setting(False, help="read files whose links point outside the input folder "
                                                "(off: such links, and dangling ones, are error rows; directory "
                                                "links are never followed)")
@@ -187,6 +195,8 @@ class InputGuard(Config):
             raise ConfigError(f"min_contrast={self.min_contrast} must be >= 0")
         if self.max_pixels < 1:
             raise ConfigError(f"max_pixels={self.max_pixels} must be at least 1")
+        if self.max_slices < 1:
+            raise ConfigError(f"max_slices={self.max_slices} must be at least 1")
         if self.max_file_bytes < 1024:
             raise ConfigError(f"max_file_bytes={self.max_file_bytes} is too small: give bytes, at least 1024")
 
@@ -196,6 +206,13 @@ class InputGuard(Config):
             return None
         return (f"too large: {what} = {pixels:,} pixels, over the limit guard.max_pixels={self.max_pixels:,} "
                 "(decompression bomb guard; raise guard.max_pixels if such scans are genuine)")
+
+    def too_many_slices(self, what: str, n: int) -> str | None:
+        """The error for a file of ``n`` images (``what`` says which: pages, frames, slices), or None."""
+        if n <= self.max_slices:
+            return None
+        return (f"too many images: {what}, over the limit guard.max_slices={self.max_slices:,} (raise "
+                "guard.max_slices if such files are genuine, or split the file)")
 
     def too_many_bytes(self, what: str, n: int) -> str | None:
         """The error for ``n`` bytes of a file (``what`` says which), or None within the limit."""
@@ -225,5 +242,5 @@ def dicom_size_error(rows: int, cols: int, frames: int, samples: int, allocated:
     """The guard's verdict on what a DICOM header declares, before any pixel is decoded."""
     pixels = rows * cols * frames * samples
     what = f"{frames} frame(s) of {cols}x{rows}" + (f"x{samples} samples" if samples > 1 else "")
-    return guard.too_many_pixels(what, pixels) or guard.too_many_bytes(
+    return guard.too_many_slices(f"{frames:,} frames declared", frames) or guard.too_many_pixels(what, pixels) or guard.too_many_bytes(
         f"{what} at {allocated} bits decode to", (pixels * allocated + 7) // 8)

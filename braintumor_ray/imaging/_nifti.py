@@ -83,7 +83,8 @@ def read_nifti(data: bytes, *, select: SeriesSelector, guard: InputGuard) -> lis
         )
     voxels = int(np.prod(dims, dtype=np.int64))
     expected = offset + voxels * dtype.itemsize
-    for err in (guard.too_many_pixels(f"a {'x'.join(map(str, dims))} volume", voxels),
+    for err in (guard.too_many_slices(f"a {'x'.join(map(str, dims))} volume of {dims[2]:,} slices", dims[2]),
+                guard.too_many_pixels(f"a {'x'.join(map(str, dims))} volume", voxels),
                 guard.too_many_bytes(f"a {'x'.join(map(str, dims))} {dtype} volume takes", expected)):
         if err:
             raise MedicalDecodeError(err)
