@@ -10,7 +10,9 @@ What it does, in order:
    zeros), deflated-DICOM bombs (a 300 MB private element), truncated JPEGs, dangling links,
    directory links, links to a file outside the archive, folder chains 100 deep (past
    ``max_folder_depth``), plus files that vanish, turn into a directory or are swapped for a link
-   to a file outside the archive after the last run listed them.
+   to a file outside the archive after the last run listed them; and compressed-frame bombs (JPEG,
+   JPEG lossless, JPEG-LS, JPEG 2000 frame headers declaring 30000 x 30000 in a 64 x 64 DICOM, a
+   64-fold RLE frame) and a GIF of 100,000 frames (``frame_and_page_bombs``).
 2. Runs ``jobs/score.py`` (its own local Ray, as cron would) and SIGKILLs the whole process tree at
    ``--kills`` random points (uniform in ``--kill-window`` seconds after the run's scoring
    started); each next run waits out the dead run's lease (``--wait``) and finishes or redoes
@@ -81,8 +83,6 @@ def nifti_bomb() -> bytes:
 
 def dicom_bomb() -> bytes:
     """A deflated-transfer-syntax MR DICOM whose dataset carries a 300 MB private element."""
-    import zlib
-
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import DeflatedExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -104,6 +104,18 @@ def dicom_bomb() -> bytes:
     return buf.getvalue()
 
 
+def frame_and_page_bombs() -> dict[str, tuple[bytes, str]]:
+    """Issue 26's decode cases, {kind: (bytes, suffix)}: a DICOM of 64 x 64 whose one compressed
+    frame's header declares 30000 x 30000 (JPEG, JPEG lossless, JPEG-LS, J2K), an RLE frame that
+    expands 64-fold, and a 1.7 MB GIF of 100,000 1x1 frames (over guard.max_slices)."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from benchmarks.hostile_frames import frame_bombs, many_page_gif
+
+    out = {name.removesuffix(".dcm"): (data, ".dcm") for name, data in frame_bombs().items()}
+    return {**out, "gif_page_bomb": (many_page_gif(), ".gif")}
+
+
 def build_archive(root: str, n: int, hostile: float, seed: int) -> dict[str, str]:
     """The archive; returns {path: expected status} for every file the last run will list
     (vanishing ones are added by the run that makes them vanish)."""
@@ -118,9 +130,11 @@ def build_archive(root: str, n: int, hostile: float, seed: int) -> dict[str, str
     open(os.path.join(outside, "secret.jpg"), "wb").write(jpeg(render_mri("glioma", rng, 256)[0]))
     kinds = ["nifti_bomb", "dicom_bomb", "truncated", "dangling", "dir_link", "outside_link", "vanish", "to_dir",
              "swap_link", "deep_chain"]
+    decode_bombs = frame_and_page_bombs()
+    kinds += list(decode_bombs)
     n_bad = max(len(kinds), int(round(n * hostile)))
     expected: dict[str, str] = {}
-    bombs = {"nifti_bomb": (nifti_bomb(), ".nii.gz"), "dicom_bomb": (dicom_bomb(), ".dcm")}
+    bombs = {"nifti_bomb": (nifti_bomb(), ".nii.gz"), "dicom_bomb": (dicom_bomb(), ".dcm"), **decode_bombs}
     for i in range(n):
         d = os.path.join(arc, f"patient_{i // 50:03d}", "study")
         os.makedirs(d, exist_ok=True)

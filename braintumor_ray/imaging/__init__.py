@@ -7,20 +7,11 @@ slice by slice (``read_medical``); :class:`TrainAugment` is the training-time au
 """
 
 from ._hashing import group_duplicates, phash, sha256_hex
-from ._medical import (
-    DICOM_SUFFIXES,
-    HEAD_BODY_PARTS,
-    NIFTI_SUFFIXES,
-    NO_GUARD,
-    InputGuard,
-    ORIENTATIONS,
-    SeriesSelector,
-    SliceInfo,
-    percentile_window,
-    read_medical,
-    sniff_kind,
-    voi_window,
-)
+from ._dicom import DICOM_SUFFIXES
+from ._guard import HEAD_BODY_PARTS, NO_GUARD, ORIENTATIONS, InputGuard, SeriesSelector, SliceInfo
+from ._medical import read_medical, sniff_kind
+from ._nifti import NIFTI_SUFFIXES
+from ._window import percentile_window, voi_window
 from ._preprocess import (
     FileResult,
     MRIPreprocess,
@@ -29,6 +20,7 @@ from ._preprocess import (
     encode_png,
     find_head,
     find_head_box,
+    image_pages,
     original_xy,
     resize_pad,
     to_gray_u8,
@@ -66,6 +58,7 @@ __all__ = [
     "find_head",
     "find_head_box",
     "group_duplicates",
+    "image_pages",
     "make_sample_dataset",
     "original_xy",
     "percentile_window",

@@ -4,13 +4,14 @@
 array: decode safely, convert to one channel, crop the black background around the head,
 resize keeping aspect by padding. The ingest stores its output; scoring calls the very same
 object on raw files, so a model never sees pixels prepared differently from its training data.
-DICOM files and NIfTI volumes become 8-bit grey slices in :mod:`braintumor_ray.imaging._medical`,
+DICOM files and NIfTI volumes become 8-bit grey slices by :func:`~braintumor_ray.imaging.read_medical`,
 then take the same crop and resize (:meth:`MRIPreprocess.slices`).
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import warnings
 import zlib
@@ -21,19 +22,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..core import Config, ConfigError, ImageDecodeError, setting
-from ._medical import (
-    GZIP_MAGIC,
-    NO_GUARD,
-    NO_INFO,
-    InputGuard,
-    MedicalDecodeError,
-    NotSelected,
-    SeriesSelector,
-    SliceInfo,
-    inflate,
-    read_medical,
-    sniff_kind,
-)
+from ._guard import NO_GUARD, NO_INFO, InputGuard, MedicalDecodeError, NotSelected, SeriesSelector, SliceInfo
+from ._inflate import GZIP_MAGIC, inflate
+from ._medical import read_medical, sniff_kind
 
 logger = logging.getLogger(__name__)
 # PIL's own bomb guard (89 Mpx warning, 179 Mpx error) is global state; ours is the input guard's
@@ -130,11 +121,14 @@ class MRIPreprocess(Config):
         return out[0].image
 
     def slices(
-        self, data: bytes, *, name: str = "", select: SeriesSelector | None = None, guard: InputGuard | None = None
+        self, data: bytes, *, name: str = "", select: SeriesSelector | None = None, guard: InputGuard | None = None,
+        pages: bool = True,
     ) -> list[PreprocessedSlice]:
-        """Every image of one file, preprocessed: one for an image file, one per slice (or frame)
-        for DICOM and NIfTI. Raises ImageDecodeError, or NotSelected when ``select`` or ``guard``
-        leaves the file out. ``guard`` (default: none) refuses what the model is not for."""
+        """Every image of one file, preprocessed: one for an image file, one per page of a
+        multi-page TIFF, GIF, WebP or APNG (``pages=False``: such a file is an error instead), one
+        per slice (or frame) for DICOM and NIfTI. Raises ImageDecodeError, or NotSelected when
+        ``select`` or ``guard`` leaves the file out. ``guard`` (default: none) refuses what the
+        model is not for."""
         guard = guard or NO_GUARD
         if err := guard.too_many_bytes("the file holds", len(data)):
             raise ImageDecodeError(err)
@@ -143,8 +137,7 @@ class MRIPreprocess(Config):
             data, name = _gunzip(data, guard), name[:-3] if name.lower().endswith(".gz") else name
             kind = sniff_kind(data, name)
         if kind == "image":
-            image, mode = decode_image(data, guard=guard)
-            return [PreprocessedSlice(self._finish(to_gray_u8(image), mode, guard), NO_INFO)]
+            return self._pages(data, guard, pages)
         greys = read_medical(data, kind, select=select, guard=guard)
         out = []
         for g in greys:
@@ -152,6 +145,25 @@ class MRIPreprocess(Config):
                 out.append(PreprocessedSlice(self._finish(g.gray, g.mode, guard), g.info))
             except ImageDecodeError as e:
                 raise MedicalDecodeError(str(e), g.info) from None
+        return out
+
+    def _pages(self, data: bytes, guard: InputGuard, pages: bool) -> list[PreprocessedSlice]:
+        """An image file's pages, one slice each (``slice_index`` = page), like a DICOM's frames;
+        a single-page file is one slice with no index, as before."""
+        # All pages to grey first (1 byte a pixel, all pages within guard.max_pixels), then the
+        # crop: a file over guard.max_slices pages is refused before any page is cropped.
+        greys, multi, fmt = [], False, ""
+        for image, mode in image_pages(data, guard=guard, multi_page=pages):
+            multi, fmt = multi or bool(getattr(image, "is_animated", False)), image.format
+            greys.append((to_gray_u8(image), mode))
+        if not multi:
+            return [PreprocessedSlice(self._finish(greys[0][0], greys[0][1], guard), NO_INFO)]
+        out = []
+        for k, (gray, mode) in enumerate(greys):
+            try:
+                out.append(PreprocessedSlice(self._finish(gray, mode, guard), SliceInfo(slice_index=k)))
+            except ImageDecodeError as e:
+                raise ImageDecodeError(f"page {k + 1} of this multi-page {fmt}: {e}") from None
         return out
 
     def _finish(self, gray: np.ndarray, mode: str, guard: InputGuard = NO_GUARD) -> PreprocessedImage:
@@ -170,11 +182,12 @@ class MRIPreprocess(Config):
         return PreprocessedImage(pixels, w, h, mode, (x0, y0, x1, y1), cropped, fraction)
 
     def try_slices(
-        self, data: bytes, *, name: str = "", select: SeriesSelector | None = None, guard: InputGuard | None = None
+        self, data: bytes, *, name: str = "", select: SeriesSelector | None = None, guard: InputGuard | None = None,
+        pages: bool = True,
     ) -> FileResult:
         """:meth:`slices` that never raises: what jobs use so one odd file never stops them."""
         try:
-            return FileResult(slices=tuple(self.slices(data, name=name, select=select, guard=guard)))
+            return FileResult(slices=tuple(self.slices(data, name=name, select=select, guard=guard, pages=pages)))
         except NotSelected as e:
             return FileResult(skipped=str(e), info=e.info)
         except MedicalDecodeError as e:
@@ -220,19 +233,63 @@ def _bytes_per_pixel(mode: str) -> int:
 def decode_image(
     data: bytes, *, max_pixels: int | None = None, guard: InputGuard | None = None
 ) -> tuple[Image.Image, str]:
-    """Decode one file's bytes; raise ImageDecodeError with a reason a person can act on.
+    """Decode one file's bytes (the first page of a multi-page file: :func:`image_pages` gives
+    them all); raise ImageDecodeError with a reason a person can act on.
 
     The guard's limits (``max_pixels``, here overridable, and ``max_file_bytes`` on the decoded
     pixels) are checked on the header, before any pixel is decoded.
     """
     guard = guard or NO_GUARD
     max_pixels = guard.max_pixels if max_pixels is None else max_pixels
+    image = _open_image(data)
+    mode = image.mode  # what the file holds (the check may ask libjpeg for luma only)
+    _check_page(image, max_pixels, guard)
+    return _load_page(image), mode
+
+
+def image_pages(data: bytes, *, guard: InputGuard | None = None, multi_page: bool = True):
+    """Every page of an image file, in order, as ``(image, mode)``: one for most files, one per
+    page of a multi-page TIFF, GIF, WebP or APNG (as a viewer composes it). Pages are read one
+    at a time (the image is the same object, moved on to the next page) and counted as they go:
+    the guard's limits (max_slices pages, max_pixels and max_file_bytes for all pages together)
+    are checked before each page is decoded, so a GIF of 100,000 frames stops at the limit.
+    ``multi_page=False``: a file of more than one page is an error, before any is decoded."""
+    guard = guard or NO_GUARD
+    image = _open_image(data)
+    if not multi_page and getattr(image, "is_animated", False):
+        raise ImageDecodeError(f"a multi-page {image.format}: only single-page images are taken here (reading page one "
+                               "alone would drop the others silently); split it into one file per page")
+    # APNG and animated WebP declare their frame count (acTL, the demuxer's count): checked at once.
+    # GIF and TIFF do not (Pillow's n_frames walks the whole file: 2.5 s for 100,000 GIF frames).
+    declared = getattr(image, "n_frames", 1) if image.format in ("PNG", "WEBP") else None
+    if declared and (err := guard.too_many_slices(f"a {image.format} of {declared:,} pages", declared)):
+        raise ImageDecodeError(err)
+    pixels = 0
+    for k in itertools.count():
+        if k:
+            try:
+                image.seek(k)
+            except EOFError:
+                return
+            except Exception as e:
+                raise ImageDecodeError(f"corrupt or truncated {image.format or 'image'} data: page {k + 1}: {e}") from None
+            if err := guard.too_many_slices(f"a {image.format} of more than {k:,} pages", k + 1):
+                raise ImageDecodeError(err)
+        pixels += image.width * image.height
+        mode = image.mode
+        _check_page(image, guard.max_pixels, guard, pixels=pixels, page=k)
+        yield _load_page(image), mode
+        if not getattr(image, "is_animated", False):
+            return
+
+
+def _open_image(data: bytes) -> Image.Image:
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         kind = next((k for magic, k in _MAGIC.items() if data.startswith(magic)), None)
         if kind:
@@ -244,29 +301,43 @@ def decode_image(
         raise ImageDecodeError(f"image too large (decompression bomb guard): {e}") from None
     except Exception as e:
         raise ImageDecodeError(f"corrupt or truncated image header: {type(e).__name__}: {e}") from None
+
+
+def _check_page(image: Image.Image, max_pixels: int, guard: InputGuard, *, pixels: int | None = None,
+                page: int = 0) -> None:
+    """The guard's limits on the page ``image`` is at (``pixels``: all pages so far together),
+    from its header: nothing of it is decoded yet."""
     w, h = image.size
-    if w * h > max_pixels:
+    pixels = w * h if pixels is None else pixels
+    what = f"{w}x{h}" if not page else f"{page + 1} pages up to this {w}x{h} one"
+    if pixels > max_pixels:
         raise ImageDecodeError(
-            f"image too large: {w}x{h} = {w * h:,} pixels, over the limit guard.max_pixels={max_pixels:,} "
+            f"image too large: {what} = {pixels:,} pixels, over the limit guard.max_pixels={max_pixels:,} "
             "(decompression bomb guard; raise guard.max_pixels if such scans are genuine)"
         )
-    mode = image.mode
-    if image.format == "JPEG" and mode == "RGB":
+    if image.format == "JPEG" and image.mode == "RGB":
         # Ask libjpeg for the luma plane only: half the decode time, and the same values as
         # decoding to RGB and converting to L (measured identical on the real dataset).
         image.draft("L", image.size)
-    if err := guard.too_many_bytes(f"a {w}x{h} {image.mode} image decodes to", w * h * _bytes_per_pixel(image.mode)):
+    n = pixels * _bytes_per_pixel(image.mode)
+    if err := guard.too_many_bytes(f"a {w}x{h} {image.mode} image decodes to" if not page else
+                                   f"{page + 1} pages of {image.mode} decode to", n):
         raise ImageDecodeError(err)
+
+
+def _load_page(image: Image.Image) -> Image.Image:
     try:
         image.load()
     except Exception as e:  # PIL reports truncation and corruption as OSError, SyntaxError, ValueError...
         raise ImageDecodeError(f"corrupt or truncated {image.format or 'image'} data: {e}") from None
+    if getattr(image, "is_animated", False):
+        return image  # the pages of an animation are composed as they are; no EXIF turn
     try:
         # Phone photos of films carry an orientation tag; scanners' exports rarely do.
         ImageOps.exif_transpose(image, in_place=True)
     except Exception:
         pass
-    return image, mode
+    return image
 
 
 def to_gray_u8(image: Image.Image) -> np.ndarray:

@@ -179,7 +179,10 @@ def preprocess_batch(
                 unread = unreadable_reason(e)
         data = data or b""
         digest = sha256_hex(data) if unread is None else None
-        res = preprocess.try_slices(data, name=path, select=select, guard=guard) if unread is None else FileResult(error=unread)
+        # Training images are one page a file: a multi-page TIFF, GIF, WebP or APNG is an error row
+        # (its label would be copied to every page, or page one taken silently).
+        res = (preprocess.try_slices(data, name=path, select=select, guard=guard, pages=False) if unread is None
+               else FileResult(error=unread))
         if not res.slices:
             row: dict[str, Any] = dict.fromkeys(_DECODED_SCHEMA.names)
             row.update(path=path, key=path, sha256=digest, error=res.skipped or res.error)
