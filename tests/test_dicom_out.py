@@ -214,3 +214,24 @@ def test_summary_says_what_was_written_sent_and_not():
     assert "DICOM objects: 1 SR, 1 SC written to /out_dicom/" in text
     assert "not DICOM: 2 scored files (JPEG/PNG/NIfTI) get no DICOM objects" in text
     assert "2 NOT sent (refused): the next run tries again" in text
+
+
+def test_an_sc_without_a_heat_map_shows_the_grey_slice_and_a_gone_source_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from braintumor_ray.imaging import InputGuard
+    from braintumor_ray.score._dicom import _object_bytes
+    from braintumor_ray.score._dicom_out import DicomObject
+
+    (tmp_path / "IM1").write_bytes(dicom_bytes(head12(3), window=(1500, 3000)))
+    src = resolve(str(tmp_path))
+    cfg = SimpleNamespace(guard=InputGuard(), dicom_identifiers=False, dicom_banner="NOT FOR DIAGNOSTIC USE",
+                          s3_endpoint_url=None)
+    f = SeriesFinding(**{**finding("glioma").__dict__, "source_path": "shown/IM1"})
+    sc = pydicom.dcmread(io.BytesIO(_object_bytes(DicomObject("sc", f), cfg, src, Identifiers(),
+                                                  {"shown/IM1": str(tmp_path / "IM1")}, ALGO)))
+    px = sc.pixel_array
+    image = px[-512:].astype(int)
+    assert (image[..., 0] == image[..., 1]).all() and image.std() > 10  # grey, and the slice, not a blank
+    with pytest.raises(FileNotFoundError, match="not in the input any more"):
+        _object_bytes(DicomObject("sr", f), cfg, src, Identifiers(), {}, ALGO)
