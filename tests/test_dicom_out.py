@@ -6,6 +6,7 @@ tests/test_pacs.py sends them to a real Orthanc and reads them back with pydicom
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pandas as pd
@@ -209,11 +210,15 @@ def test_summary_says_what_was_written_sent_and_not():
     s = {"input": "/in", "output": "/out", "model_id": "m", "files_seen": 3, "scored": 3, "skipped_already_scored": 0,
          "errors": 0, "wall_s": 1.0, "images_per_s": 3.0,
          "dicom": {"mode": "sr+sc", "series": 1, "not_dicom_files": 2, "sr": 1, "sc": 1, "skipped": 0,
-                   "sent": {"dicom://PACS@h:104": {"sent": 0, "already": 0, "failed": 2, "error": "refused"}}}}
+                   "sent": [{"destination": "dicom://PACS@h:104", "sent": 0, "already": 0, "failed": 2,
+                             "error": "refused"}]}}
     text = format_summary(s)
     assert "DICOM objects: 1 SR, 1 SC written to /out_dicom/" in text
     assert "not DICOM: 2 scored files (JPEG/PNG/NIfTI) get no DICOM objects" in text
-    assert "2 NOT sent (refused): the next run tries again" in text
+    assert "sent to dicom://PACS@h:104: 0 new, 0 sent before, 2 NOT sent (refused): the next run tries again" in text
+    from braintumor_ray.tracking._mlflow import scalar_metrics  # what an MLflow run logs of it: valid names
+
+    assert all(re.fullmatch(r"[\w./ -]+", k) for k in scalar_metrics(s)) and "dicom_sr" in scalar_metrics(s)
 
 
 def test_an_sc_without_a_heat_map_shows_the_grey_slice_and_a_gone_source_is_refused(tmp_path):

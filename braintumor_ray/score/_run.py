@@ -567,9 +567,8 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
         return {"dicom": step} if step is not None else {}
 
     if not diff.has_work:
-        summary.update(series=_series(dst, list(plan.class_names), plan.series_review_threshold),
+        summary.update(series=_series(dst, list(plan.class_names), plan.series_review_threshold), **dicom(),
                        wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0)
-        summary.update(dicom())
         return log_scoring(config, _with_report(summary, dst), registered)
 
     staging = writer.stage(run_id)
@@ -593,6 +592,7 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
         images_per_s=round(len(diff.todo) / elapsed, 2) if diff.todo and elapsed > 0 else 0.0,
     )
     summary.update(dicom())
+    summary["wall_s"] = round(time.perf_counter() - t0, 3)  # with the DICOM step
     return log_scoring(config, _with_report(summary, dst), registered)
 
 
@@ -785,7 +785,7 @@ def _dicom_lines(d: dict, out: str) -> list[str]:
                      + (f", {d['skipped']} left out: source file gone or unreadable" if d["skipped"] else "") + ")")
     if d.get("not_dicom_files"):
         lines.append(f"  not DICOM: {d['not_dicom_files']} scored files (JPEG/PNG/NIfTI) get no DICOM objects")
-    for dest, e in d.get("sent", {}).items():
-        lines.append(f"  sent to {dest}: {e['sent']} new, {e['already']} sent before"
+    for e in d.get("sent", ()):
+        lines.append(f"  sent to {e['destination']}: {e['sent']} new, {e['already']} sent before"
                      + (f", {e['failed']} NOT sent ({e.get('error')}): the next run tries again" if e["failed"] else ""))
     return lines
