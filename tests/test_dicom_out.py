@@ -106,6 +106,10 @@ def test_sr_codes_the_verdict_and_joins_the_source_study():
     assert "NOT FOR DIAGNOSTIC USE" in sr.SeriesDescription
     refs = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert refs.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID  # the top slice
+    # No slice could vote (all out of distribution): no class, no probability, the reason only.
+    none = pydicom.dcmread(io.BytesIO(to_bytes(build_sr(view, finding(None, "out_of_distribution", None), ALGO,
+                                                        notice=""))))
+    assert [c for c in _content(none) if c[0] in ("Finding", "Probability", "Review reason")] == [("Review reason", "OOD")]
 
 
 @pytest.mark.parametrize("modes", [("hashed", "full"), ("full", "hashed"), ("hashed", "hashed")])

@@ -24,7 +24,8 @@ in the PACS that no source identifier names, unless ``dicom_identifiers`` copies
 New Series and SOP Instance UIDs are derived from the model id and the source series (a rerun, or
 a second run cut off and redone, makes the same UIDs: a PACS overwrites instead of doubling).
 
-Everything here is a pure function of its arguments but :func:`write_objects`, which stages the files.
+Everything here is a pure function of its arguments; :mod:`._dicom` reads the sources and stages
+the files, :mod:`._dicom_send` sends them.
 """
 
 from __future__ import annotations
