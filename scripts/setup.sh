@@ -11,21 +11,30 @@ py=${PYTHON:-python3}
   exit 2
 }
 [ -x .venv/bin/python ] || "$py" -m venv .venv
-# --dev: the report tests drive Debian's chromium (Playwright never downloads a browser here).
-# CHROMIUM and APT_GET name other commands (tests/test_reports.py checks this step with stubs).
-if [ -n "$extra" ] && ! command -v "${CHROMIUM:-chromium}" >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then
-    apt=${APT_GET:-apt-get}
-    if ! { "$apt" update -qq && DEBIAN_FRONTEND=noninteractive "$apt" install -y -qq --no-install-recommends chromium; } \
-        >.venv/apt.log 2>&1; then
-      tail -20 .venv/apt.log >&2
-      echo "error: installing Debian's chromium failed (full log: .venv/apt.log); the report tests need it" >&2
+# --dev: the tests drive Debian's chromium (the HTML reports; Playwright never downloads a browser
+# here), a real PACS (orthanc with its DICOMweb plugin) and dcmtk's dsrdump/dcmdump (the DICOM
+# objects of scoring). CHROMIUM, ORTHANC, ORTHANC_DICOMWEB, DSRDUMP and APT_GET name other commands
+# or files (tests/test_reports.py checks this step with stubs).
+if [ -n "$extra" ]; then
+  need=()
+  command -v "${CHROMIUM:-chromium}" >/dev/null 2>&1 || need+=(chromium)
+  command -v "${ORTHANC:-/usr/sbin/Orthanc}" >/dev/null 2>&1 || need+=(orthanc)
+  [ -f "${ORTHANC_DICOMWEB:-/usr/share/orthanc/plugins/libOrthancDicomWeb.so}" ] || need+=(orthanc-dicomweb)
+  command -v "${DSRDUMP:-dsrdump}" >/dev/null 2>&1 || need+=(dcmtk)
+  if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+      apt=${APT_GET:-apt-get}
+      if ! { "$apt" update -qq && DEBIAN_FRONTEND=noninteractive "$apt" install -y -qq --no-install-recommends "${need[@]}"; } \
+          >.venv/apt.log 2>&1; then
+        tail -20 .venv/apt.log >&2
+        echo "error: installing Debian's ${need[*]} failed (full log: .venv/apt.log); the tests need them" >&2
+        exit 1
+      fi
+    else
+      echo "error: the tests need Debian's ${need[*]}, which is not installed: run" \
+        "'sudo apt-get install -y --no-install-recommends ${need[*]}', then this script again" >&2
       exit 1
     fi
-  else
-    echo "error: the report tests need Debian's chromium, which is not installed: run" \
-      "'sudo apt-get install -y --no-install-recommends chromium', then this script again" >&2
-    exit 1
   fi
 fi
 stamp=".venv/.installed$extra"

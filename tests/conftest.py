@@ -288,3 +288,54 @@ def old_package(package, tmp_path):
     meta["model_id"] = _identity(meta)
     open(os.path.join(old, "model.json"), "w").write(json.dumps(meta))
     return old
+
+
+ORTHANC = "/usr/sbin/Orthanc"  # Debian's orthanc package (scripts/setup.sh --dev installs it)
+ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian's orthanc-dicomweb
+PACS_AET, SCORER_AET = "TESTPACS", "BRAINTUMOR"
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A real PACS on loopback: Debian's Orthanc with its DICOMweb plugin, storage and index in tmp,
+    on free ports. It takes C-STOREs only from SCORER_AET at 127.0.0.1 (the configuration
+    docs/scoring.md gives PACS administrators). Yields {"dicom": dicom://..., "web": REST root,
+    "stow": DICOMweb root}. Starts in ~1 s."""
+    import subprocess
+    import time
+    import urllib.request
+
+    from _net import free_port
+
+    root = tmp_path_factory.mktemp("orthanc")
+    dicom_port, http_port = free_port(), free_port()
+    config = {
+        "Name": "braintumor-test", "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
+        "DicomAet": PACS_AET, "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "DicomCheckCalledAet": True, "DicomAlwaysAllowStore": False,
+        "DicomCheckModalityHost": True, "DicomModalities": {"scorer": [SCORER_AET, "127.0.0.1", 104]},
+        "Plugins": [ORTHANC_DICOMWEB], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = open(root / "orthanc.log", "wb")
+    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    web = f"http://127.0.0.1:{http_port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            if urllib.request.urlopen(f"{web}/system", timeout=2).status == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("Orthanc did not start: " + (root / "orthanc.log").read_text()[-2000:])
+        time.sleep(0.2)
+    yield {"dicom": f"dicom://{PACS_AET}@127.0.0.1:{dicom_port}", "web": web, "stow": f"{web}/dicom-web",
+           "log": root / "orthanc.log"}
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()

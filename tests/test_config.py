@@ -123,6 +123,7 @@ SAMPLES = {
     "data": ([], "s3://b/other"),
     "storage": ([], "s3://b/runs"),
     "expect_model_id": ([], "0123456789abcdef"),  # a model id: 16 hex digits
+    "dicom_send": ([], "dicom://PACS@127.0.0.1:104"),  # a DICOM node
 }
 
 

@@ -434,7 +434,8 @@ def test_search_report_in_the_browser(browser, run_figures, tmp_path):
 
 def test_setup_installs_chromium_for_dev_only_when_missing(tmp_path):
     """``setup.sh --dev`` runs ``apt-get install chromium`` when the browser is missing (as root;
-    otherwise it stops with the command to run), and nothing when it is there or without --dev.
+    otherwise it stops with the command to run), and nothing when it is there or without --dev;
+    likewise Debian's orthanc, orthanc-dicomweb and dcmtk (the PACS tests), all in one install.
     Run on a copy of the script with a stub apt-get and an up-to-date stamp, so no install happens."""
     repo = Path(__file__).resolve().parents[1]
     (tmp_path / "scripts").mkdir()
@@ -450,8 +451,9 @@ def test_setup_installs_chromium_for_dev_only_when_missing(tmp_path):
     apt.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     apt.chmod(0o755)
 
-    def setup(*args, browser="no-such-browser"):
-        env = dict(os.environ, CHROMIUM=browser, APT_GET=str(apt), PYTHON=sys.executable)
+    def setup(*args, browser="no-such-browser", pacs="sh", plugin=str(apt)):
+        env = dict(os.environ, CHROMIUM=browser, APT_GET=str(apt), PYTHON=sys.executable, ORTHANC=pacs, DSRDUMP=pacs,
+                   ORTHANC_DICOMWEB=plugin)
         return subprocess.run(["bash", str(tmp_path / "scripts" / "setup.sh"), *args], env=env, capture_output=True,
                               text=True, timeout=60)
 
@@ -465,3 +467,13 @@ def test_setup_installs_chromium_for_dev_only_when_missing(tmp_path):
     else:
         assert p.returncode == 1 and "apt-get install -y --no-install-recommends chromium" in p.stderr
         assert not calls.exists()
+    # The PACS and dcmtk missing as well: one install of all four; none of them without --dev.
+    calls.unlink(missing_ok=True)
+    assert setup(pacs="no-such-tool", plugin="/no/such/plugin.so").returncode == 0 and not calls.exists()
+    p = setup("--dev", pacs="no-such-tool", plugin="/no/such/plugin.so")
+    if os.geteuid() == 0:
+        assert p.returncode == 0, p.stderr
+        assert calls.read_text().splitlines()[1] == ("install -y -qq --no-install-recommends chromium orthanc "
+                                                      "orthanc-dicomweb dcmtk")
+    else:
+        assert p.returncode == 1 and "--no-install-recommends chromium orthanc orthanc-dicomweb dcmtk" in p.stderr

@@ -10,6 +10,8 @@ from ..core import (LEASE_SUFFIX, STAGING_SUFFIX, Config, ConfigError, PathMode,
                     check_modes, folder_depth_setting, setting)
 from ..imaging import InputGuard, SeriesSelector
 from ..tracking import MLflowConfig
+from ._dicom_out import DEFAULT_BANNER, DICOM_SUFFIX, DicomOut
+from ._dicom_send import DEFAULT_AE_TITLE, check_ae_title, parse_destinations
 from ._explain import EXPLAIN_SUFFIX
 from ._series import SERIES_SUFFIX
 
@@ -19,9 +21,9 @@ OUTPUT_CONFIG_FILE = "_config.yaml"
 # How the output names files and UIDs (path_mode, uid_mode, key_id): a rerun in another mode or
 # with another key is refused instead of scoring every file again under a second name.
 OUTPUT_IDS_FILE = "_identifiers.json"
-# What scoring writes beside OUTPUT (OUTPUT_series/, OUTPUT_explain/, OUTPUT._staging/, the lease): like
+# What scoring writes beside OUTPUT (OUTPUT_series/, OUTPUT_explain/, OUTPUT_dicom/, OUTPUT._staging/, the lease): like
 # OUTPUT itself, none of them may lie inside the input or hold it.
-OUTPUT_SIBLINGS = (SERIES_SUFFIX, EXPLAIN_SUFFIX, STAGING_SUFFIX, LEASE_SUFFIX)
+OUTPUT_SIBLINGS = (SERIES_SUFFIX, EXPLAIN_SUFFIX, DICOM_SUFFIX, STAGING_SUFFIX, LEASE_SUFFIX)
 # The scoring engines (braintumor_ray.models.ENGINES, kept light here: no torch import to parse options).
 Engine = Literal["auto", "onnxruntime", "torch"]
 # Which scored rows get a Grad-CAM heat map (score/_explain.py).
@@ -62,6 +64,23 @@ class ScoreConfig(Config):
                                "peak in the predictions) for: flagged = rows with a tumour class or a review_reason; "
                                "positive = a tumour class; all = every scored row; none. Rows scored by earlier runs "
                                "keep what they had")
+    dicom_out: DicomOut = setting("none", help="DICOM objects in OUTPUT_dicom/ for each scored DICOM series, in its "
+                                  "study: sr = a Comprehensive 3D SR (TID 1500: finding, class, confidence, review "
+                                  "reason, model); sc = a Secondary Capture of the top slice with its heat map and a "
+                                  "text banner, for flagged or positive series; sr+sc both; none. Plain images and "
+                                  "NIfTI volumes get none")
+    dicom_send: str | None = setting(None, help="send the objects of OUTPUT_dicom/ to: dicom://CALLED_AET@HOST:PORT "
+                                     "(C-STORE) or http(s)://HOST:PORT/dicom-web (STOW-RS), comma-separated for several; "
+                                     "each object once per destination (OUTPUT_dicom/_sent.json); a failed send is a "
+                                     "warning, and the next run sends it")
+    dicom_ae_title: str = setting(DEFAULT_AE_TITLE, help="our (calling) AE title for C-STORE: the PACS must know it")
+    dicom_send_retries: int = setting(3, help="times a failed send is tried again (backoff 0.5 s, doubling) before "
+                                      "it waits for the next run")
+    dicom_banner: str = setting(DEFAULT_BANNER, help="notice burned into the SC's banner and put in both objects' "
+                                "SeriesDescription (empty: none)")
+    dicom_identifiers: bool = setting(False, help="with a hashed path_mode or uid_mode, copy the source's patient "
+                                      "module and UIDs into the DICOM objects anyway (they then join the source study "
+                                      "in the PACS); without it they carry hashed UIDs and no patient data")
     path_mode: PathMode = setting("full", help="how outputs name input files: full = the URI; relative = the path "
                                   "below input; hashed = an HMAC-SHA256 token keyed by $BRAINTUMOR_PATH_KEY (same file, "
                                   "same token; for folder names that identify patients). Fixed for an output")
@@ -105,6 +124,14 @@ class ScoreConfig(Config):
         if not isinstance(self.select, SeriesSelector):
             raise ConfigError(f"select must be a SeriesSelector, not {type(self.select).__name__}")
         check_modes(self.path_mode, self.uid_mode)
+        if self.dicom_out not in get_args(DicomOut):
+            raise ConfigError(f"dicom_out={self.dicom_out!r} is unknown: use one of {', '.join(get_args(DicomOut))}")
+        parse_destinations(self.dicom_send)
+        check_ae_title(self.dicom_ae_title, "dicom_ae_title")
+        if not 0 <= self.dicom_send_retries <= 10:
+            raise ConfigError(f"dicom_send_retries={self.dicom_send_retries} is out of range: use 0..10")
+        if len(self.dicom_banner) > 200 or any(not c.isprintable() for c in self.dicom_banner):
+            raise ConfigError("dicom_banner must be one printable line of at most 200 characters")
         if not 0 <= self.retry_errors <= 1000:
             raise ConfigError(f"retry_errors={self.retry_errors} is out of range: use 0 (errors are final) up to 1000")
         if not 0 <= self.wait <= 7 * 86400:

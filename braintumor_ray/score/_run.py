@@ -25,6 +25,8 @@ Output layout::
     OUTPUT/_identifiers.json      how the rows name files and UIDs (path_mode, uid_mode, key id)
     OUTPUT/_report.html           the review report: counts, series verdicts, cases with heat maps, every row
     OUTPUT_series/series.parquet  one row per DICOM series or NIfTI volume and model
+    OUTPUT_dicom/*.dcm            --dicom-out: an SR (and SC) per DICOM series, named in its _manifest.json;
+                                  _sent.json: what --dicom-send sent where
     OUTPUT._staging/<run>/        a run in progress or cut off (never read by users)
     OUTPUT._lease.json            the lease of the run writing the output, while one runs (and, on
                                   local disk, OUTPUT._lease.lock, the lock its updates take)
@@ -56,6 +58,8 @@ from ..trust import softmax
 from ..report import write_scoring_report
 from ..tracking import log_scoring, resolve_registered_model
 from ._config import OUTPUT_CONFIG_FILE, OUTPUT_IDS_FILE, OUTPUT_SIBLINGS, ScoreConfig
+from ._dicom import SLICE_COLUMNS, run_dicom_step
+from ._dicom_out import Algorithm
 from ._explain import HeatmapWriter, explain_location
 from ._plan import (DECODE_CPUS, PRIOR_COLUMNS, WITHDRAWN, WITHDRAWN_REASON, ClusterShape, ScoringPlan, guard_id,
                     plan_replicas, plan_scoring, prior_state, rerun_diff)
@@ -572,8 +576,18 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
         **({"notes": list(notes)} if notes else {}),
         **recovered,
     }
+    def dicom() -> dict:
+        """--dicom-out/--dicom-send after the series table: the objects of every series, sent."""
+        # The algorithm identification: the registered model's name and version when scored by name.
+        algo = Algorithm(name=registered["name"] if registered else f"braintumor-ray {meta.get('backbone', 'model')}",
+                         version=f"{registered['version']} (registered)" if registered
+                         else f"package format {meta.get('format_version')}", model_id=model_id)
+        step = run_dicom_step(config, dst=dst, src=src, ids=ids, sources={v: k for k, v in shown.items()}, lease=lease,
+                              run_id=run_id, algo=algo, rows=_read_committed(writer.manifest.committed(), SLICE_COLUMNS))
+        return {"dicom": step} if step is not None else {}
+
     if not diff.has_work:
-        summary.update(series=_series(dst, list(plan.class_names), plan.series_review_threshold),
+        summary.update(series=_series(dst, list(plan.class_names), plan.series_review_threshold), **dicom(),
                        wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0)
         return log_scoring(config, _with_report(summary, dst), registered)
 
@@ -597,6 +611,8 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
         wall_s=round(time.perf_counter() - t0, 3),
         images_per_s=round(len(diff.todo) / elapsed, 2) if diff.todo and elapsed > 0 else 0.0,
     )
+    summary.update(dicom())
+    summary["wall_s"] = round(time.perf_counter() - t0, 3)  # with the DICOM step
     return log_scoring(config, _with_report(summary, dst), registered)
 
 
@@ -771,6 +787,8 @@ def format_summary(s: dict) -> str:
         lines.append(f"  series table: {s['series']} series or volumes in {s['output'].rstrip('/')}_series/")
     if s.get("heatmaps"):
         lines.append(f"  heat maps: {s['heatmaps']} overlay PNGs in {s['output'].rstrip('/')}_explain/")
+    if s.get("dicom"):
+        lines.extend(_dicom_lines(s["dicom"], s["output"].rstrip("/")))
     if s.get("committed_runs") or s.get("dropped_runs"):
         lines.append(f"  earlier cut-off runs: committed {s['committed_runs']}, redone {s['dropped_runs']}")
     engine = f" ({s['engine']}, {s['replicas']} model replicas x {s['cpus_per_replica']:g} CPUs)" if s.get("engine") else ""
@@ -780,3 +798,16 @@ def format_summary(s: dict) -> str:
     if s.get("mlflow_error"):
         lines.append(f"  MLflow: not logged, the rows are committed ({s['mlflow_error'][:200]})")
     return "\n".join(lines)
+
+
+def _dicom_lines(d: dict, out: str) -> list[str]:
+    lines = []
+    if d["mode"] != "none":
+        lines.append(f"  DICOM objects: {d['sr']} SR, {d['sc']} SC written to {out}_dicom/ ({d['series']} DICOM series"
+                     + (f", {d['skipped']} left out: source file gone or unreadable" if d["skipped"] else "") + ")")
+    if d.get("not_dicom_files"):
+        lines.append(f"  not DICOM: {d['not_dicom_files']} scored files (JPEG/PNG/NIfTI) get no DICOM objects")
+    for e in d.get("sent", ()):
+        lines.append(f"  sent to {e['destination']}: {e['sent']} new, {e['already']} sent before"
+                     + (f", {e['failed']} NOT sent ({e.get('error')}): the next run tries again" if e["failed"] else ""))
+    return lines

@@ -1,0 +1,280 @@
+"""DICOM objects of a scoring run (``--dicom-out``): a Structured Report per scored DICOM series, and a
+Secondary Capture per flagged or positive one, in ``OUTPUT_dicom/``.
+
+Both are built with highdicom (weighed against writing the SR content tree with pydicom by hand:
+highdicom checks the templates' rules and the IODs' required modules, which is what a PACS
+validates on import; MONAI Deploy's Basic Text SR writer was no fit, it has no coded content).
+
+The SR is a Comprehensive 3D SR holding a TID 1500 Measurement Report, the closest fit highdicom
+offers for a classification finding: one TID 1501 measurement group (no region: the finding is
+about the series) with the finding type (SCT Neoplasm, or SCT Normal for no tumour), finding site
+(SCT Brain), the class as a qualitative evaluation "Finding" coded in our private scheme
+:data:`CODING_SCHEME` (no public code covers these four classes: pydicom's code dictionary has no
+glioma, meningioma or pituitary tumour, and codes we cannot check are worse than private ones), the
+calibrated confidence as "Probability" (DCM 122157, unit UCUM 1), the review reason (private code),
+the source image (the top slice), and the algorithm identification (model name, version, model id).
+
+The SC is the top slice with its Grad-CAM overlay (the PNG of ``--explain``; the grey slice without
+one) and a burned-in banner: verdict, confidence, review reason and the configured notice.
+
+Identifiers: with ``path_mode`` and ``uid_mode`` ``full`` the objects join the source study (its
+Study Instance UID and patient module copied from the source file). When a mode hashes, the objects
+carry the hashed UIDs the rows carry and an empty patient module, so they form a study of their own
+in the PACS that no source identifier names, unless ``dicom_identifiers`` copies them anyway.
+New Series and SOP Instance UIDs are derived from the model id and the source series (a rerun, or
+a second run cut off and redone, makes the same UIDs: a PACS overwrites instead of doubling).
+
+Everything here is a pure function of its arguments; :mod:`._dicom` reads the sources and stages
+the files, :mod:`._dicom_send` sends them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import textwrap
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+
+from ..core import Identifiers, Location
+
+logger = logging.getLogger(__name__)
+
+DICOM_SUFFIX = "_dicom"
+DicomOut = Literal["none", "sr", "sc", "sr+sc"]
+DEFAULT_BANNER = "NOT FOR DIAGNOSTIC USE"
+# Private coding scheme ("99" prefix: DICOM PS3.16 8.2's convention for local schemes).
+CODING_SCHEME = "99BTRAY"
+MANUFACTURER = "braintumor-ray"
+# Series numbers of the objects in the study (high: out of the way of the scanner's series).
+SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
+NO_TUMOR = "no_tumor"
+_CLASS_MEANING = {"glioma": "Glioma", "meningioma": "Meningioma", "pituitary": "Pituitary tumour", NO_TUMOR: "No tumour"}
+_REASON = {"low_confidence": ("LOWCONF", "Low confidence"), "ambiguous": ("AMBIGUOUS", "Ambiguous: several classes"),
+           "out_of_distribution": ("OOD", "Out of distribution"), "no_head_content": ("NOHEAD", "No head content")}
+# What the SR copies from the source file: the patient and study modules, nothing else.
+PATIENT_STUDY_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+                      "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID")
+# The SC's width on screen: the model's input (64-384 px) upscaled so the banner text reads.
+SC_WIDTH = 512
+
+
+def dicom_location(dst: Location) -> Location:
+    """``OUTPUT_dicom`` beside ``OUTPUT`` (outside any glob over the predictions)."""
+    return Location(uri=dst.uri.rstrip("/") + DICOM_SUFFIX, path=dst.path.rstrip("/") + DICOM_SUFFIX, fs=dst.fs,
+                    is_s3=dst.is_s3)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """Which model said it: name (backbone, or the registered model), version, and model id."""
+
+    name: str
+    version: str
+    model_id: str
+
+
+@dataclass(frozen=True)
+class SeriesFinding:
+    """One series' verdict, as the series table has it (UIDs as the output shows them)."""
+
+    model_id: str
+    series_uid: str
+    study_uid: str | None
+    label: str | None
+    confidence: float | None
+    review_reason: str | None
+    prediction_set: tuple[str, ...] | None
+    source_path: str  # the top slice's file (or any slice's, without a verdict), as the output names it
+    source_sop_uid: str | None
+    slice_index: int | None
+    heatmap_path: str | None
+
+    @property
+    def wants_sc(self) -> bool:
+        """Flagged or positive (a tumour class or a review reason), with a slice to show."""
+        return self.label is not None and (self.label != NO_TUMOR or self.review_reason is not None)
+
+
+@dataclass(frozen=True)
+class DicomObject:
+    """One object to write: which kind, for which series, under which file name."""
+
+    kind: Literal["sr", "sc"]
+    finding: SeriesFinding
+
+    @property
+    def name(self) -> str:
+        return object_name(self.finding.model_id, self.finding.series_uid, self.kind)
+
+
+def object_name(model_id: str, series_uid: str, kind: str) -> str:
+    """The file name: from a digest of the series UID (no UID in a file name), the model id and kind."""
+    return f"{hashlib.sha256(series_uid.encode()).hexdigest()[:20]}-{model_id}-{kind}.dcm"
+
+
+def object_uids(model_id: str, series_uid: str, kind: str) -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of an object, the same on every run."""
+    from pydicom.uid import generate_uid
+
+    return (generate_uid(entropy_srcs=["braintumor-ray", kind, "series", model_id, series_uid]),
+            generate_uid(entropy_srcs=["braintumor-ray", kind, "instance", model_id, series_uid]))
+
+
+def plan_objects(findings: Sequence[SeriesFinding], mode: str, done: set[str] | frozenset[str] = frozenset()) -> list[DicomObject]:
+    """The objects ``mode`` asks for that are not written yet (``done``: committed file names).
+
+    An SR for every series; an SC for each flagged or positive one. One object per model id, series
+    and kind, ever: a later run with more slices of a series does not write it again.
+    """
+    if mode == "none":
+        return []
+    out = []
+    for f in findings:
+        kinds = [k for k in ("sr", "sc") if k in mode.split("+") and (k == "sr" or f.wants_sc)]
+        out.extend(o for o in (DicomObject(k, f) for k in kinds) if o.name not in done)
+    return out
+
+
+def banner_lines(f: SeriesFinding, notice: str) -> list[str]:
+    """The SC's burned-in text: verdict, confidence, review reason, the notice."""
+    label = _CLASS_MEANING.get(f.label or "", f.label or "no verdict")
+    lines = [f"AI verdict: {label}" + (f"  confidence {f.confidence:.0%}" if f.confidence is not None else "")]
+    lines.append(f"Review: {_REASON.get(f.review_reason, (None, f.review_reason))[1]}" if f.review_reason
+                 else "Review: not flagged")
+    if f.prediction_set and len(f.prediction_set) > 1:
+        lines.append("Still possible: " + ", ".join(_CLASS_MEANING.get(c, c) for c in f.prediction_set))
+    if notice:
+        lines.append(notice)
+    return lines
+
+
+def sc_pixels(image: np.ndarray, lines: Sequence[str], *, width: int = SC_WIDTH, highlight_last: bool = True) -> np.ndarray:
+    """(H, W, 3) uint8: ``image`` (grey or RGB) scaled to ``width``, under a banner of ``lines``
+    in white on black (burned in: every viewer shows it, none can hide it)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
+    h = max(1, round(img.height * width / img.width))
+    img = img.resize((width, h), Image.Resampling.BICUBIC)
+    font = ImageFont.load_default(size=18)
+    # The last line is the notice when one is given: in yellow, so it is not read as part of the verdict.
+    wrapped = [(w, k == len(lines) - 1) for k, line in enumerate(lines) for w in (textwrap.wrap(line, 44) or [""])]
+    line_h = 24
+    banner = 10 + line_h * len(wrapped)
+    out = Image.new("RGB", (width, h + banner), "black")
+    out.paste(img, (0, banner))
+    draw = ImageDraw.Draw(out)
+    for k, (text, last) in enumerate(wrapped):
+        draw.text((10, 6 + k * line_h), text, fill="yellow" if last and highlight_last else "white", font=font)
+    return np.asarray(out)
+
+
+def source_view(ds, ids: Identifiers, *, keep_identifiers: bool):
+    """The source file's header as the objects may show it: the patient and study modules and the
+    top slice's identity; with a hashing mode (and not ``keep_identifiers``) the UIDs hashed as the
+    rows hash them and the patient module empty."""
+    from pydicom.dataset import Dataset
+
+    view = Dataset()
+    full = not ids.hashes or keep_identifiers
+    for tag in PATIENT_STUDY_TAGS:
+        value = ds.get(tag, "") if full else ""
+        setattr(view, tag, value if value is not None else "")
+    # path_mode hashed alone hashes the UIDs in the objects too: a study's UID names a patient's visit.
+    uid = (lambda u: u) if full else ids.uid if ids.uid_mode == "hashed" else _hash_uid(ids)
+    view.StudyInstanceUID = uid(str(ds.StudyInstanceUID))
+    view.SeriesInstanceUID = uid(str(ds.SeriesInstanceUID))
+    view.SOPInstanceUID = uid(str(ds.SOPInstanceUID))
+    view.SOPClassUID = ds.SOPClassUID
+    view.Modality = ds.get("Modality", "MR")
+    return view
+
+
+def _hash_uid(ids: Identifiers):
+    """A UID hashed with the output's key even where uid_mode is full (path_mode hashed)."""
+    hashing = Identifiers(ids.path_mode, "hashed", ids.root, ids.key)
+    return hashing.uid
+
+
+def build_sr(view, f: SeriesFinding, algo: Algorithm, *, notice: str):
+    """The Comprehensive 3D SR (TID 1500) of one series' verdict."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
+
+    algo_id = hd.sr.AlgorithmIdentification(name=algo.name, version=algo.version,
+                                            parameters=[f"model_id={algo.model_id}"], manufacturer=MANUFACTURER)
+    qualitative, measurements = [], []
+    finding_type = None
+    if f.label is not None:
+        finding_type = codes.SCT.Normal if f.label == NO_TUMOR else codes.SCT.Neoplasm
+        qualitative.append(hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=class_code(f.label)))
+    if f.review_reason is not None:
+        qualitative.append(hd.sr.QualitativeEvaluation(name=Code("REVIEW", CODING_SCHEME, "Review reason"),
+                                                       value=reason_code(f.review_reason)))
+    if f.confidence is not None:
+        measurements.append(hd.sr.Measurement(name=codes.DCM.Probability, value=round(float(f.confidence), 4),
+                                              unit=Code("1", "UCUM", "no units"), algorithm_id=algo_id))
+    series_uid, sop_uid = object_uids(f.model_id, f.series_uid, "sr")
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=object_uids(f.model_id, f.series_uid, "track")[1],
+                                                     identifier=f"series verdict of model {algo.model_id}"),
+        finding_type=finding_type, algorithm_id=algo_id,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Brain)],
+        measurements=measurements or None, qualitative_evaluations=qualitative or None,
+        source_images=[hd.sr.SourceImageForMeasurementGroup(view.SOPClassUID, view.SOPInstanceUID)],
+    )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=object_uids(algo.model_id, "device", "device")[1], name=algo.name, manufacturer_name=MANUFACTURER,
+            model_name=algo.model_id))
+    report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+                                     procedure_reported=codes.SCT.ImagingProcedure, imaging_measurements=[group])
+    sr = hd.sr.Comprehensive3DSR(evidence=[view], content=report[0], series_instance_uid=series_uid,
+                                 series_number=SR_SERIES_NUMBER, sop_instance_uid=sop_uid, instance_number=1,
+                                 manufacturer=MANUFACTURER, is_complete=True)
+    sr.SeriesDescription = _description("AI result", notice)
+    return sr
+
+
+def build_sc(view, pixels: np.ndarray, f: SeriesFinding, *, notice: str):
+    """The Secondary Capture of one series: ``pixels`` (from :func:`sc_pixels`) in its study."""
+    import highdicom as hd
+
+    series_uid, sop_uid = object_uids(f.model_id, f.series_uid, "sc")
+    sc = hd.sc.SCImage.from_ref_dataset(view, pixels, "RGB", 8, "PATIENT", series_uid, SC_SERIES_NUMBER, sop_uid, 1,
+                                        MANUFACTURER, patient_orientation=("L", "P"))
+    # The capture is a crop with a banner: no orientation is claimed (type 2, empty).
+    sc.PatientOrientation = None
+    sc.SeriesDescription = _description("AI heat map", notice)
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = " / ".join(banner_lines(f, notice))[:10240]
+    return sc
+
+
+def class_code(label: str):
+    from pydicom.sr.coding import Code
+
+    return Code(label.upper().replace(" ", "_")[:16], CODING_SCHEME, _CLASS_MEANING.get(label, label))
+
+
+def reason_code(reason: str):
+    from pydicom.sr.coding import Code
+
+    value, meaning = _REASON.get(reason, (reason.upper()[:16], reason))
+    return Code(value, CODING_SCHEME, meaning)
+
+
+def _description(what: str, notice: str) -> str:
+    return f"{what} ({notice})"[:64] if notice else what
+
+
+def to_bytes(ds) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
