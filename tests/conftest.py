@@ -22,6 +22,12 @@ os.environ.pop("AWS_PROFILE", None)
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # No test may reach a model hub; the tests that probe one point it at loopback themselves.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Two pytest-xdist workers (scripts/test.sh) on two cores: one torch thread each in the test
+# processes (set before torch is imported). With torch's default of a thread per core, the
+# in-process Lite0 training of tests/test_explain.py took 102 s beside the other worker, 40 s
+# alone: OpenMP threads spin waiting for a core the other worker holds.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 # Fixtures that start Ray: a test that uses one (directly or through another fixture) is marked

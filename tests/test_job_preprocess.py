@@ -17,7 +17,7 @@ JOB = os.path.join(REPO, "jobs", "preprocess.py")
 
 
 def run_job(args, cwd, env=None, timeout=300):
-    e = dict(os.environ, HOME=str(cwd), RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    e = dict(os.environ, HOME=str(cwd), RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_ADDRESS="local")  # its own Ray
     e.update(env or {})
     return subprocess.run([sys.executable, JOB, *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
 

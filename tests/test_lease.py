@@ -78,15 +78,16 @@ def test_second_acquire_is_refused_naming_the_holder(output):
 
 
 def test_heartbeat_renews_expires(output):
-    with Lease(output, owner="run-a", ttl_s=1.0) as a:
+    # A 2 s TTL (1 s failed once on a loaded machine: a renewal, due every third of it, came late).
+    with Lease(output, owner="run-a", ttl_s=2.0) as a:
         first = current_lease(output)
-        time.sleep(1.6)  # longer than the TTL: only renewals keep it live
+        time.sleep(3.0)  # longer than the TTL: only renewals keep it live
         later = current_lease(output)
         assert later["live"] and a.held()
         assert later["expires"] > first["expires"] and later["heartbeat"] > first["heartbeat"]
         assert later["started"] == first["started"]
         with pytest.raises(LeaseError, match="run-a"):
-            Lease(output, owner="run-b", ttl_s=1.0).acquire()
+            Lease(output, owner="run-b", ttl_s=2.0).acquire()
 
 
 def test_stale_lease_is_taken_over_with_a_warning(output, caplog):
@@ -181,7 +182,9 @@ def test_wait_acquires_once_the_holder_releases(output):
 
 
 def test_wait_acquires_once_a_dead_holders_lease_expires(output):
-    _dead_lease(output, "run-killed", expires_in=0.7)
+    # 3 s: the refusal below must come before the lease expires, and one S3 call to moto took
+    # over 0.7 s (the old figure) with the machine loaded.
+    _dead_lease(output, "run-killed", expires_in=3.0)
     with pytest.raises(LeaseError, match="run-killed"):  # still live: refused without wait
         Lease(output, owner="run-b", ttl_s=30).acquire()
     with Lease(output, owner="run-b", ttl_s=30, wait_s=20, poll_s=0.05) as b:

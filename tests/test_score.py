@@ -130,7 +130,7 @@ def test_killed_run_leaves_nothing_partial_and_the_next_run_completes(ray_sessio
     archive = str(tmp_path / "archive")
     files = make_archive(archive, seed=3, n=6)
     out = str(tmp_path / "preds")
-    env = dict(os.environ, HOME=str(tmp_path), RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    env = dict(os.environ, HOME=str(tmp_path), RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_ADDRESS="local")  # its own Ray
     job = [sys.executable, os.path.join(REPO, "jobs", "score.py"), "--model", package, "--input", archive, "--output", out, "--batch-size", "2"]
     proc = subprocess.Popen(job, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 120

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(600)
 
 def _run(args, cwd, home, timeout=420):
     env = dict(os.environ, HOME=str(home), RAY_DATA_DISABLE_PROGRESS_BARS="1", PYTHONPATH=ROOT)
-    env.pop("RAY_ADDRESS", None)
+    env["RAY_ADDRESS"] = "local"  # its own Ray, never a `ray start` cluster found on the machine
     return subprocess.run([sys.executable, JOB, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

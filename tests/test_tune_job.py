@@ -36,6 +36,14 @@ def _env(home) -> dict[str, str]:
     return env
 
 
+def _own_ray(env: dict[str, str]) -> dict[str, str]:
+    # A driver that must start its own Ray says so: with no address, ray.init() joins the latest
+    # `ray start` cluster on the machine (/tmp/ray/ray_current_cluster), which a developer's or
+    # another run's may be (seen here: a killed driver that joined another's head and failed on
+    # its token).
+    return dict(env, RAY_ADDRESS="local")
+
+
 def _wait_for_dashboard(address: str, proc, timeout: float = 300) -> None:
     import urllib.error
     import urllib.request
@@ -167,7 +175,7 @@ def test_killed_driver_then_resume_runs_only_unfinished_trials(train_data_dir, t
             "--num-samples", "2", "--models", "resnet10t", "--max-epochs", str(epochs),
             "--max-concurrent-trials", "1", "--grace-period", str(epochs)]
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    first = subprocess.Popen(args, cwd=tmp_path, env=_own_ray(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     search = storage / name
     deadline = time.time() + 480
     try:
