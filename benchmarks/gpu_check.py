@@ -91,7 +91,7 @@ def prepare(args: argparse.Namespace) -> int:
                 shutil.copyfile(os.path.join(src, split_dir, class_dir, names[i]), os.path.join(dst, names[i]))
             picked[f"{split_dir}/{class_dir}"] = len(chosen)
     if not ray.is_initialized():
-        _init_ray(num_cpus=os.cpu_count(), num_gpus=0)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     summary = run_ingest(IngestConfig(input=os.path.join(out, "jpegs"), output=os.path.join(out, "preprocessed"),
                                       preprocess=MRIPreprocess(image_size=args.image_size)))
@@ -237,18 +237,6 @@ def decode_rate(files: list[str], preprocess: MRIPreprocess, seconds: float) -> 
 
 
 # --- run ----------------------------------------------------------------------------------------------
-def _init_ray(*, num_cpus: int | None, num_gpus: int) -> None:
-    """A Ray of this check's own on the GPU machine; with $RAY_ADDRESS, the running cluster it names,
-    with its resources as they are (the dry run in the test suite joins the suite's Ray: two Ray
-    start-ups less, 10-20 s each on a 2-vCPU machine)."""
-    import ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False, configure_logging=False)
-    else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-
-
 def run(args: argparse.Namespace) -> int:
     import ray
 
@@ -282,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
         env["timm"] = timm.__version__
     except ImportError:
         pass
-    _init_ray(num_cpus=cpus, num_gpus=1 if gpu else 0)
+    ray.init(num_cpus=cpus, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     env["ray"] = ray.__version__
     print(json.dumps(env), flush=True)

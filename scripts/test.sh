@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
 export RAY_DATA_DISABLE_PROGRESS_BARS=1
 set +e
-.venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -22,12 +22,6 @@ os.environ.pop("AWS_PROFILE", None)
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # No test may reach a model hub; the tests that probe one point it at loopback themselves.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Two pytest-xdist workers (scripts/test.sh) on two cores: one torch thread each in the test
-# processes (set before torch is imported). With torch's default of a thread per core, the
-# in-process Lite0 training of tests/test_explain.py took 102 s beside the other worker, 40 s
-# alone: OpenMP threads spin waiting for a core the other worker holds.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 # Fixtures that start Ray: a test that uses one (directly or through another fixture) is marked
@@ -40,24 +34,13 @@ RAY_FIXTURES = {"ray_session", "cluster", "ray_head", "train_data_dir"}
 # Modules that connect the test process to a Ray of their own (a Cluster) run last, after the
 # session's Ray is shut down for them.
 OWN_RAY_MODULES = ("test_multinode.py",)
-# scripts/test.sh runs two pytest-xdist workers that take whole modules (--dist loadfile) in
-# collection order: the slowest modules go first (by their --durations), so that the two
-# workers do not end with one of them alone on a long module.
-SLOW_MODULES_FIRST = ("test_tune_job.py", "test_tune.py", "test_mlflow.py", "test_train_job.py", "test_gpu_check.py",
-                      "test_train.py", "test_score.py", "test_explain.py", "test_onnx.py", "test_record.py")
-
-
-def _module_order(item) -> tuple[bool, int]:
-    name = item.path.name
-    slow = SLOW_MODULES_FIRST.index(name) if name in SLOW_MODULES_FIRST else len(SLOW_MODULES_FIRST)
-    return name in OWN_RAY_MODULES, slow
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
-    items.sort(key=_module_order)  # stable: within a module, the tests keep their order
+    items.sort(key=lambda item: item.path.name in OWN_RAY_MODULES)  # stable: the rest keep their order
 
 
 def start_ray(**kwargs):

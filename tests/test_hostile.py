@@ -24,7 +24,7 @@ import pytest
 
 from braintumor_ray import MRIPreprocess
 from braintumor_ray.core import Listing, Location, resolve
-from braintumor_ray.imaging import InputGuard, encode_png, read_medical, sniff_kind
+from braintumor_ray.imaging import InputGuard, encode_png, read_medical
 from braintumor_ray.ingest._run import preprocess_batch
 from braintumor_ray.score import ScoreConfig, decode_batch, run_scoring
 from braintumor_ray.score._run import ATTEMPTS_DIR, KILL_DECODE_ENV, KILLED_TWICE

@@ -32,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core import Location, Manifest
+from ..core import CommittedFile, Location, Manifest
 from ._page import bar_chart, data_table, esc, fmt, img, is_png, page, section, static_table, write_html
 
 logger = logging.getLogger(__name__)
@@ -65,11 +65,14 @@ def scoring_report_location(dst: Location) -> Location:
     return dst.join(SCORING_REPORT)
 
 
-def read_predictions(dst: Location) -> tuple[pd.DataFrame, int]:
+def read_predictions(dst: Location, files: list[CommittedFile] | None = None) -> tuple[pd.DataFrame, int]:
     """Every committed row of the output (the columns the report shows), less the rows a later
-    scoring of the same file superseded; and how many rows the Parquet holds in all."""
+    scoring of the same file superseded; and how many rows the Parquet holds in all.
+    ``files``: the committed files, when the caller has read them already."""
     frames = []
-    for cf in Manifest(dst, what="report").committed():  # committed files only, their bytes checked
+    if files is None:
+        files = Manifest(dst, what="report").committed()  # committed files only, their bytes checked
+    for cf in files:
         f = pq.ParquetFile(pa.BufferReader(cf.data))
         names = f.schema_arrow.names
         want = [c for c in names if c in _TABLE_COLUMNS + _OPTIONAL_COLUMNS + _TAIL_COLUMNS
@@ -197,10 +200,11 @@ def _card(row: pd.Series, maps: dict[str, bytes | None], probs: list[str], extra
 
 def scoring_report_html(
     dst: Location, *, series: Location | None = None, maps: Location | None = None, max_cases: int = MAX_CASES,
-    max_rows: int = MAX_TABLE_ROWS,
+    max_rows: int = MAX_TABLE_ROWS, files: list[CommittedFile] | None = None,
 ) -> str:
-    """The page; ``maps``: the folder the job writes heat maps to (only maps in it are embedded)."""
-    df, total = read_predictions(dst)
+    """The page; ``maps``: the folder the job writes heat maps to (only maps in it are embedded);
+    ``files``: the output's committed files, when the caller has read them already."""
+    df, total = read_predictions(dst, files)
     df = review_order(df) if len(df) else df
     probs = sorted(c for c in df.columns if c.startswith(PROB_PREFIX))
     ok = df[df["status"] == "ok"] if len(df) else df

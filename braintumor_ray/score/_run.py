@@ -42,7 +42,6 @@ import math
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -583,13 +582,14 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
                          version=f"{registered['version']} (registered)" if registered
                          else f"package format {meta.get('format_version')}", model_id=model_id)
         step = run_dicom_step(config, dst=dst, src=src, ids=ids, sources={v: k for k, v in shown.items()}, lease=lease,
-                              run_id=run_id, algo=algo, rows=_read_committed(writer.manifest.committed(), SLICE_COLUMNS))
+                              run_id=run_id, algo=algo, rows=_read_committed(after, SLICE_COLUMNS))
         return {"dicom": step} if step is not None else {}
 
     if not diff.has_work:
-        summary.update(series=_series(dst, list(plan.class_names), plan.series_review_threshold), **dicom(),
+        after = committed  # nothing was committed since the plan read them
+        summary.update(series=_series(dst, list(plan.class_names), plan.series_review_threshold, after), **dicom(),
                        wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0)
-        return log_scoring(config, _with_report(summary, dst), registered)
+        return log_scoring(config, _with_report(summary, dst, after), registered)
 
     staging = writer.stage(run_id)
     t_run = time.perf_counter()
@@ -599,12 +599,15 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     written, heatmaps = _commit(plan, writer, staging, explain_writer, explain_stage, committed)
     counts = {k: int(pc.sum(pc.equal(written.column("status"), k)).as_py() or 0) for k in ("ok", "error", "skipped")}
     files_written = len(set(written.filter(pc.not_equal(written.column("status"), WITHDRAWN)).column("path").to_pylist()))
+    # Read (and sha256-checked) once after the commit, for the series table, the DICOM step and
+    # the report: each used to read every committed file of the output again.
+    after = writer.manifest.committed()
     summary.update(
         scored=counts["ok"],
         errors=counts["error"],
         not_selected=counts["skipped"],
         skipped_already_scored=summary["skipped_already_scored"] + len(diff.todo) - files_written,
-        series=_series(dst, list(plan.class_names), plan.series_review_threshold),
+        series=_series(dst, list(plan.class_names), plan.series_review_threshold, after),
         run_id=run_id,
         **({"replicas": plan.replicas, "cpus_per_replica": plan.replica_cpus, "engine": engine} if diff.todo else {}),
         heatmaps=heatmaps,
@@ -613,7 +616,7 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     )
     summary.update(dicom())
     summary["wall_s"] = round(time.perf_counter() - t0, 3)  # with the DICOM step
-    return log_scoring(config, _with_report(summary, dst), registered)
+    return log_scoring(config, _with_report(summary, dst, after), registered)
 
 
 def _cluster_shape() -> ClusterShape:
@@ -757,17 +760,17 @@ def _engine(config: ScoreConfig, meta: dict) -> tuple[str, tuple[str, ...]]:
     return engine, (note,) if note else ()
 
 
-def _series(dst: Location, class_names: list[str], review_threshold: float) -> int | None:
+def _series(dst: Location, class_names: list[str], review_threshold: float, files: list[CommittedFile]) -> int | None:
     """Bring the per-series table up to date with every committed row; its row count, or None
     when the output holds no DICOM series or NIfTI volume."""
-    return update_series_table(dst, class_names, review_threshold=review_threshold)
+    return update_series_table(dst, class_names, review_threshold=review_threshold, files=files)
 
 
-def _with_report(summary: dict, dst: Location) -> dict:
+def _with_report(summary: dict, dst: Location, files: list[CommittedFile]) -> dict:
     """The review page, rebuilt from every committed row (this run's and earlier ones'), still
     under the lease: ``OUTPUT/_report.html`` (:mod:`braintumor_ray.report`)."""
     return summary | {"report": write_scoring_report(dst, series=series_location(dst).join(SERIES_FILE),
-                                                     maps=explain_location(dst))}
+                                                     maps=explain_location(dst), files=files)}
 
 
 def format_summary(s: dict) -> str:

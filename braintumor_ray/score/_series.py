@@ -111,14 +111,18 @@ def _fingerprint(files: list[CommittedFile]) -> str:
 
 
 def update_series_table(
-    dst: Location, class_names: list[str] = list(CLASS_NAMES), *, review_threshold: float = 0.0
+    dst: Location, class_names: list[str] = list(CLASS_NAMES), *, review_threshold: float = 0.0,
+    files: list[CommittedFile] | None = None,
 ) -> int | None:
     """Rebuild ``OUTPUT_series/series.parquet`` if the predictions changed since it was built.
 
+    ``files``: the output's committed files, when the caller has read them already (the scoring
+    job reads them once after its commit, for this table, the DICOM step and the report).
     Returns its number of rows, or None when no committed row belongs to a series or volume
     (then no table is written: an archive of plain images gets no empty sibling folder).
     """
-    files = Manifest(dst, what="score").committed()  # committed rows only: never a planted file
+    if files is None:
+        files = Manifest(dst, what="score").committed()  # committed rows only: never a planted file
     digest = _fingerprint(files)
     target = series_location(dst).join(SERIES_FILE)
     if target.exists():
