@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -210,15 +211,52 @@ def train_data_dir(tmp_path_factory, request):
     return out
 
 
+@contextlib.contextmanager
+def serve(cmd: list[str], *, ready: str, log_path, what: str, timeout: float, poll: float, cwd, env=None):
+    """A server in a process group of its own, up once ``ready`` answers 200; stopped with its
+    children (mlflow's uvicorn and huey workers outlived a kill of the parent alone)."""
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
+
+    def stop(sig) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                if urllib.request.urlopen(ready, timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                stop(signal.SIGKILL)
+                pytest.fail(f"{what} did not start: " + open(log_path, errors="replace").read()[-2000:])
+            time.sleep(poll)
+        yield proc
+    finally:
+        stop(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            stop(signal.SIGKILL)
+        log.close()
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` on 127.0.0.1: SQLite in tmp, artifacts proxied to a local folder; yields
     (tracking URI, artifact folder). One for the session: tests/test_mlflow.py and the search in
     tests/test_tune.py log to it, each into experiments of its own."""
-    import subprocess
     import sys
-    import time
-    import urllib.request
 
     from _net import free_port
 
@@ -227,31 +265,12 @@ def mlflow_server(tmp_path_factory):
     artifacts.mkdir()
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(artifacts)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
-    )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
-        time.sleep(0.5)
-    yield uri, artifacts
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(artifacts)]
+    with serve(cmd, ready=f"{uri}/health", log_path=root / "server.log", what="mlflow server", timeout=90, poll=0.5,
+               cwd=root, env=env):
+        yield uri, artifacts
 
 
 @pytest.fixture(scope="session")
@@ -290,10 +309,6 @@ def orthanc(tmp_path_factory):
     on free ports. It takes C-STOREs only from SCORER_AET at 127.0.0.1 (the configuration
     docs/scoring.md gives PACS administrators). Yields {"dicom": dicom://..., "web": REST root,
     "stow": DICOMweb root}. Starts in ~1 s."""
-    import subprocess
-    import time
-    import urllib.request
-
     from _net import free_port
 
     root = tmp_path_factory.mktemp("orthanc")
@@ -306,25 +321,8 @@ def orthanc(tmp_path_factory):
         "Plugins": [ORTHANC_DICOMWEB], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }
     (root / "orthanc.json").write_text(json.dumps(config))
-    log = open(root / "orthanc.log", "wb")
-    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=root)
     web = f"http://127.0.0.1:{http_port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if urllib.request.urlopen(f"{web}/system", timeout=2).status == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail("Orthanc did not start: " + (root / "orthanc.log").read_text()[-2000:])
-        time.sleep(0.2)
-    yield {"dicom": f"dicom://{PACS_AET}@127.0.0.1:{dicom_port}", "web": web, "stow": f"{web}/dicom-web",
-           "log": root / "orthanc.log"}
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with serve([ORTHANC, str(root / "orthanc.json")], ready=f"{web}/system", log_path=root / "orthanc.log",
+               what="Orthanc", timeout=60, poll=0.2, cwd=root):
+        yield {"dicom": f"dicom://{PACS_AET}@127.0.0.1:{dicom_port}", "web": web, "stow": f"{web}/dicom-web",
+               "log": root / "orthanc.log"}
