@@ -190,3 +190,22 @@ def test_a_pinned_load_refuses_a_package_rewritten_after_its_checks(package, tmp
     for engine in ("onnxruntime", "torch"):
         with pytest.raises(ConfigError, match=r"pkg/model\.json is not the file verified for model"):
             load_inference_model(pkg, engine=engine, pin=pin)
+
+
+def test_a_folder_refused_for_its_depth_gets_its_error_row_once(tmp_path):
+    """(the soak found it) A folder past max_folder_depth was listed with no version, so every run
+    wrote its error row again; its version is now the limit, and the row is final while it holds."""
+    from braintumor_ray.core._storage import too_deep_reason
+
+    base = tmp_path / "in"
+    (base / "a" / "b").mkdir(parents=True)
+    (base / "top.png").write_bytes(b"x")
+    first, again = resolve(str(base)).listing(max_depth=1), resolve(str(base)).listing(max_depth=1)
+    folder = str(base / "a" / "b")
+    assert first.files[folder] == again.files[folder] and first.files[folder][1]
+    row = _rows({"path": folder, "size": 0, "version": first.files[folder][1], "status": "error",
+                 "sha256": None, "error": too_deep_reason(2, 1)})
+    assert _diff({folder: again.files[folder]}, row).todo == {}
+    # Another limit is another listing: the folder is looked at again.
+    deeper = resolve(str(base)).listing(max_depth=2)
+    assert folder not in deeper.refused and str(base / "top.png") in deeper.files

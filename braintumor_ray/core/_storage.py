@@ -55,6 +55,12 @@ def check_folder_depth(depth: int) -> None:
                           f"1..{MAX_FOLDER_DEPTH_LIMIT}")
 
 
+def too_deep_version(limit: int) -> str:
+    """The listed version of a folder refused for its depth: the same while the limit is (a refused
+    folder has no bytes to version, and with none its error row was written again by every run)."""
+    return f"too-deep;max_folder_depth={limit}"
+
+
 def too_deep_reason(level: int, limit: int) -> str:
     return (f"refused: a folder {level} levels below the input, deeper than max_folder_depth={limit}: its files "
             "are not read (move them up, or raise max_folder_depth)")
@@ -194,7 +200,7 @@ class Location:
                     is_dir = False
                 if is_dir:
                     if depth + 1 > max_depth:
-                        files[path], refused[path] = (0, ""), too_deep_reason(depth + 1, max_depth)
+                        files[path], refused[path] = (0, too_deep_version(max_depth)), too_deep_reason(depth + 1, max_depth)
                     else:
                         stack.append((path, depth + 1))
                     continue
@@ -237,7 +243,7 @@ class Location:
             parts = path[len(base):].split("/") if path.startswith(base) else [path]
             if len(parts) - 1 > max_depth:  # keys are flat: the cap is for the files' sake, as on disk
                 folder = base + "/".join(parts[: max_depth + 1])
-                out[folder], refused[folder] = (0, ""), too_deep_reason(max_depth + 1, max_depth)
+                out[folder], refused[folder] = (0, too_deep_version(max_depth)), too_deep_reason(max_depth + 1, max_depth)
                 continue
             version = d.get("ETag") or d.get("etag") or d.get("mtime") or d.get("LastModified") or ""
             out[path] = (int(d.get("size") or 0), str(version).strip('"'))
