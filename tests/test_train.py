@@ -14,9 +14,34 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.ray]
 
 @pytest.fixture(scope="module")
 def train_data(train_data_dir):
+    """Through Ray Data (the path of outputs over DIRECT_READ_MAX_BYTES): every other test loads
+    the small sample by the driver's direct read, so this module's training proves the other path."""
     from braintumor_ray.train import load_train_data
 
-    return load_train_data(train_data_dir)
+    return load_train_data(train_data_dir, direct_read_max_bytes=0)
+
+
+def _rows(data) -> dict:
+    import collections
+    import hashlib
+
+    return {split: collections.Counter((int(r["label"]), bool(r["leaked"]), r["image"].shape,
+                                        hashlib.sha256(r["image"].tobytes()).hexdigest()) for r in ds.iter_rows())
+            for split, ds in data.datasets.items()}
+
+
+def test_the_direct_read_and_ray_data_load_the_same_rows(train_data, train_data_dir):
+    """Small outputs are read by the driver, large ones by Ray Data: the same rows, schema, counts
+    and class counts either way, and the training split shuffled (the ingest writes it by class)."""
+    from braintumor_ray.train import load_train_data
+
+    direct = load_train_data(train_data_dir)
+    assert direct.counts == train_data.counts and direct.class_counts == train_data.class_counts
+    assert direct.datasets["train"].schema() == train_data.datasets["train"].schema()
+    assert _rows(direct) == _rows(train_data)
+    labels = [int(r["label"]) for r in direct.datasets["train"].iter_rows()]
+    assert labels != sorted(labels)
+    assert labels == [int(r["label"]) for r in load_train_data(train_data_dir).datasets["train"].iter_rows()]  # seeded
 
 
 def _cfg(tmp_path, **kw):
@@ -55,3 +80,19 @@ def test_two_workers_survive_a_failure_mid_epoch_2(train_data, failure_marker, t
 
 # The one-worker run on s3:// storage with --resume is trained once for this and the MLflow tests:
 # tests/test_mlflow.py::test_one_worker_learns_with_s3_storage_and_resume.
+
+
+def test_files_beside_the_parquet_are_not_read(train_data, train_data_dir, tmp_path):
+    """A copied ingest output may carry a Finder or checksum file in a split folder: the listing
+    both paths read keeps the Parquet files only, as Ray's reader does with a folder (the direct
+    read is checked: the Ray Data path costs ~10 s more and reads the same list)."""
+    import shutil
+
+    from braintumor_ray.train import load_train_data
+
+    copy = tmp_path / "pre"
+    shutil.copytree(train_data_dir, copy)
+    (copy / "images" / "split=train" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (copy / "images" / "split=val" / "part-0.parquet.crc").write_bytes(b"crc")
+    data = load_train_data(str(copy))
+    assert data.counts == train_data.counts and data.class_counts == train_data.class_counts

@@ -149,9 +149,14 @@ class Location:
 
     def files(self) -> list[str]:
         """Every file under this folder, as paths in ``fs``, sorted."""
+        return sorted(self.file_sizes())
+
+    def file_sizes(self) -> dict[str, int]:
+        """Every file under this folder, as paths in ``fs``, with its size in bytes: one listing."""
         if not self.exists():
             raise StorageError(f"{self.uri} does not exist. {_CRED_HINT if self.is_s3 else ''}".strip())
-        return sorted(_guard(self, "list", self.fs.find, self.path, withdirs=False))
+        found = _guard(self, "list", self.fs.find, self.path, withdirs=False, detail=True)
+        return {p: int(info.get("size") or 0) for p, info in sorted(found.items())}
 
     def files_with_versions(self) -> dict[str, tuple[int, str]]:
         """Every readable file under this folder: path -> (size, version). The version changes

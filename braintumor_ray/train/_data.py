@@ -88,46 +88,55 @@ def missing_split_hint(split: str, report: dict[str, Any]) -> str:
     )
 
 
-def load_train_data(uri: str, *, s3_endpoint_url: str | None = None, seed: int = 0) -> TrainData:
+# Ingest outputs up to this size (their Parquet files, all splits) are read by the driver in one
+# pass and put into the object store as they are. Ray Data's path costs three executions whatever
+# the size: 7-12 s on a warm 2-CPU Ray for the 160-image test sample, against 0.1 s read here; and a
+# search or training run on a few thousand images (the 3264-image set at 224 px is ~170 MB) only
+# waits. Larger outputs are decoded by Ray Data tasks, in parallel and without one process holding
+# them all.
+DIRECT_READ_MAX_BYTES = 256 * 2**20
+BLOCK_ROWS = 256  # the Ray Data path's batch size: blocks of the same size either way
+
+
+def load_train_data(uri: str, *, s3_endpoint_url: str | None = None, seed: int = 0,
+                    direct_read_max_bytes: int = DIRECT_READ_MAX_BYTES) -> TrainData:
     """Read, decode and materialise train/val/test from an ingest output.
 
     Materialising in the driver (a few hundred MB at most for this data) means the training
     workers only read blocks from the object store: with every CPU given to the workers, no Ray
     Data task has to be scheduled during training. The training split is shuffled once here
     (the ingest writes blocks in folder order, i.e. by class) and again per epoch in the workers.
+    Outputs up to ``direct_read_max_bytes`` are read by this process (see DIRECT_READ_MAX_BYTES),
+    larger ones by Ray Data.
     """
-    import ray
-
     data = resolve(uri, s3_endpoint_url=s3_endpoint_url)
     report = read_report(data)
     if report.get("val_missing_classes"):
         logger.warning("%s has no validation images for %s (too few training images): early stopping and the best "
                        "epoch do not see them", data.uri, ", ".join(report["val_missing_classes"]))
     images = data.join("images")
-    lazy: dict[str, Any] = {}
+    files: dict[str, list[str]] = {}
+    size = 0
     for split in ("train", "val", "test"):
         loc = images.join(f"split={split}")
-        if not loc.exists() or not loc.files():
+        # Parquet files only, as Ray's reader takes a folder (a copied output may hold .DS_Store or .crc files).
+        sizes = {f: n for f, n in loc.file_sizes().items() if f.endswith(".parquet")} if loc.exists() else {}
+        found = list(sizes)
+        size += sum(sizes.values())
+        if not found:
             if split in REQUIRED_SPLITS:
                 raise InputError(f"--data {data.uri} has no {split} split ({loc.uri}): " + missing_split_hint(split, report))
             logger.warning("no %s split in %s: no test metrics", split, data.uri)
             continue
-        ds = ray.data.read_parquet(loc.path, filesystem=data.pyarrow_fs, columns=COLUMNS)
-        ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=256)
-        if split == "train":
-            ds = ds.random_shuffle(seed=seed)
-        lazy[split] = ds
-    # One split after the other: three executions side by side split the CPUs between their
-    # operators and stall each other (the 128-row demo sample on 2 CPUs, warm workers, 3
-    # interleaved rounds: 32-42 s side by side, 11-14 s one after the other).
-    datasets = {split: ds.materialize() for split, ds in lazy.items()}
+        files[split] = found
+    if size <= direct_read_max_bytes:
+        datasets, labels = _read_direct(data, files, seed=seed)
+    else:
+        datasets, labels = _read_with_ray_data(data, files, seed=seed)
     counts = {split: ds.count() for split, ds in datasets.items()}
     for split, n in counts.items():
         if n == 0:
             raise InputError(f"the {split} split of {data.uri} is empty: nothing to train or validate on")
-    labels = np.concatenate(
-        [b["label"] for b in datasets["train"].iter_batches(batch_size=4096, batch_format="numpy")]
-    )
     class_counts = np.bincount(labels, minlength=len(CLASS_NAMES)).tolist()
     logger.info("data %s: %s; training images per class %s", data.uri, counts, dict(zip(CLASS_NAMES, class_counts)))
     return TrainData(
@@ -137,3 +146,48 @@ def load_train_data(uri: str, *, s3_endpoint_url: str | None = None, seed: int =
         report=report,
         image_size=int(report["preprocess"]["image_size"]),
     )
+
+
+def _read_direct(data: Location, files: dict[str, list[str]], *, seed: int) -> tuple[dict[str, Any], np.ndarray]:
+    import pyarrow.parquet as pq
+    import ray
+    from ray.data.extensions import ArrowTensorArray
+
+    fs = data.pyarrow_fs
+    datasets: dict[str, Any] = {}
+    labels = np.zeros(0, np.int64)
+    for split, paths in files.items():
+        table = pa.concat_tables([pq.read_table(p, filesystem=fs, columns=COLUMNS) for p in paths])
+        batch = decode_batch(table)
+        if split == "train":
+            order = np.random.default_rng(seed).permutation(len(batch["label"]))
+            batch = {k: v[order] for k, v in batch.items()}
+            labels = batch["label"]
+        blocks = [
+            pa.table({"image": ArrowTensorArray.from_numpy(batch["image"][i:i + BLOCK_ROWS]),
+                      "label": pa.array(batch["label"][i:i + BLOCK_ROWS]),
+                      "leaked": pa.array(batch["leaked"][i:i + BLOCK_ROWS])})
+            for i in range(0, max(len(batch["label"]), 1), BLOCK_ROWS)
+        ]
+        datasets[split] = ray.data.from_arrow(blocks)
+    return datasets, labels
+
+
+def _read_with_ray_data(data: Location, files: dict[str, list[str]], *, seed: int) -> tuple[dict[str, Any], np.ndarray]:
+    import ray
+
+    lazy: dict[str, Any] = {}
+    for split, paths in files.items():
+        ds = ray.data.read_parquet(paths, filesystem=data.pyarrow_fs, columns=COLUMNS)
+        ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=BLOCK_ROWS)
+        if split == "train":
+            ds = ds.random_shuffle(seed=seed)
+        lazy[split] = ds
+    # One split after the other: three executions side by side split the CPUs between their
+    # operators and stall each other (the 128-row demo sample on 2 CPUs, warm workers, 3
+    # interleaved rounds: 32-42 s side by side, 11-14 s one after the other).
+    datasets = {split: ds.materialize() for split, ds in lazy.items()}
+    labels = np.concatenate(
+        [b["label"] for b in datasets["train"].iter_batches(batch_size=4096, batch_format="numpy")]
+    )
+    return datasets, labels
