@@ -71,7 +71,8 @@ def trained(train_data_dir, s3_endpoint, mlflow_server, client):
 
     bucket = "bt-mlflow-train"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
-    cfg = TrainConfig.smoke_test(data=train_data_dir, storage=f"s3://{bucket}/runs", name="s3run", epochs=4,
+    # No model.onnx: these tests score it with PyTorch (the export costs ~5 s; tests/test_train_job.py checks it).
+    cfg = TrainConfig.smoke_test(data=train_data_dir, storage=f"s3://{bucket}/runs", name="s3run", epochs=4, onnx=False,
                                  s3_endpoint_url=s3_endpoint, mlflow=_tracking(mlflow_server[0], "bt-train"))
     first: list[dict] = []
 
@@ -120,6 +121,7 @@ def test_one_worker_learns_with_s3_storage_and_resume(trained, s3_endpoint):
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
     assert any(k.startswith("runs/s3run/checkpoint_") and k.endswith("state.pt") for k in keys), keys
+    assert "runs/s3run/model/model.safetensors" in keys and "runs/s3run/model/model.onnx" not in keys  # onnx=False
     for png in ("curves.png", "confusion_test.png", "confusion_test_clean.png"):
         body = s3.get_object(Bucket=bucket, Key=f"runs/s3run/{png}")["Body"].read()
         assert body[:4] == b"\x89PNG"

@@ -443,14 +443,15 @@ def test_package_on_s3(tmp_path, s3_endpoint, s3_bucket):
 
 
 def test_package_tampering_is_detected(tmp_path):
+    # No model.onnx: this is about model.json and the weights (tests/test_onnx.py tampers with the ONNX file).
     folder = tmp_path / "pkg"
-    export_model_package(_trained_tiny(), str(folder), preprocess=MRIPreprocess())
+    export_model_package(_trained_tiny(), str(folder), preprocess=MRIPreprocess(), onnx=False)
     meta = json.loads((folder / "model.json").read_text())
     meta["class_names"] = meta["class_names"][::-1]
     (folder / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match="edited after export"):
         load_model_package(str(folder))
-    export_model_package(_trained_tiny(), str(folder), preprocess=MRIPreprocess())
+    export_model_package(_trained_tiny(), str(folder), preprocess=MRIPreprocess(), onnx=False)
     blob = bytearray((folder / "model.safetensors").read_bytes())
     blob[-1] ^= 1
     (folder / "model.safetensors").write_bytes(bytes(blob))

@@ -123,7 +123,8 @@ def test_two_worker_training_spreads_over_nodes_and_survives_losing_one(cluster,
 
     c, workers = cluster
     storage = tmp_path / "runs"
-    cfg = TrainConfig.smoke_test(data=train_data_dir, storage=str(storage), name="mn", num_workers=2, epochs=8, early_stop_patience=0)
+    cfg = TrainConfig.smoke_test(data=train_data_dir, storage=str(storage), name="mn", num_workers=2, epochs=8,
+                                 early_stop_patience=0, onnx=False)
     result: dict = {}
 
     def train():

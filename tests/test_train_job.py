@@ -29,6 +29,8 @@ def test_smoke_test_end_to_end(tmp_path, monkeypatch):
     m = json.loads((run / "metrics.json").read_text())
     assert len(m["epochs"]) == 2 and 0 <= m["test"]["accuracy"] <= 1 and "test_clean" in m
     assert (run / "model" / "model.json").exists() and (run / "curves.png").exists()
+    # model.onnx by default (the tests that train for other reasons pass onnx=False: ~5 s an export).
+    assert (run / "model" / "model.onnx").exists() and json.loads((run / "model" / "model.json").read_text())["onnx_in_id"]
     assert "test_clean" in p.stdout and "macro-F1" in p.stdout  # the final table
     assert "epoch 2/2" in p.stdout + p.stderr  # one line per epoch, from the rank-0 worker
     # Fitted after training: calibration and review flags, on val; test and test_clean report.

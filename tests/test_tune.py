@@ -30,6 +30,7 @@ def test_search_on_s3_asha_leaderboard_and_best_model(train_data_dir, s3_endpoin
         models=("resnet10t",), max_epochs=3, grace_period=1, reduction_factor=2, max_concurrent_trials=1,
         space={"lr": {"grid": [3e-3, 1e-7]}, "batch_size": 8, "drop_rate": 0.0, "augment_strength": 0.5,
                "weight_decay": 0.01},
+        fixed=dict(SearchConfig.SMOKE["fixed"], onnx=False),  # a fixed setting reaches the export: no model.onnx
         mlflow=MLflowConfig(tracking_uri=mlflow_server[0], experiment="bt-search", registered_model="bt-search-model"),
     )
     s = run_search(cfg)
@@ -53,6 +54,7 @@ def test_search_on_s3_asha_leaderboard_and_best_model(train_data_dir, s3_endpoin
     for name in ("leaderboard.csv", "leaderboard.md", "val_macro_f1.png", "best.json", "search.json", "report.html",
                  "best_model/model.json", "best_model/model.safetensors"):
         assert f"searches/s1/{name}" in keys, name
+    assert "searches/s1/best_model/model.onnx" not in keys
     assert any(k.startswith(f"searches/s1/trials/{good['trial']}/checkpoint_") for k in keys)
     csv_text = s3.get_object(Bucket=s3_bucket, Key="searches/s1/leaderboard.csv")["Body"].read().decode()
     assert csv_text.splitlines()[0].startswith("rank,trial,backbone,lr")

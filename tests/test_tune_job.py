@@ -26,6 +26,14 @@ pytestmark = pytest.mark.timeout(900)
 NO_AGENT_YET = "No available agent to submit job"  # Ray's job server, while its agent is not up
 
 
+def _no_onnx() -> str:
+    # The smoke preset's fixed settings and no model.onnx (an export costs ~5 s; tests/test_train_job.py
+    # checks the default); --fixed replaces the preset's mapping whole, so it is given in full.
+    from braintumor_ray.tune import SearchConfig
+
+    return json.dumps(dict(SearchConfig.SMOKE["fixed"], onnx=False))
+
+
 def _env(home) -> dict[str, str]:
     # A temporary HOME: `ray start` writes its auth token to ~/.ray/auth_token, and `ray job
     # submit` reads it from there; a stray token in the real HOME must not leak in.
@@ -124,7 +132,7 @@ def test_ray_job_submit_smoke_search(ray_head, train_data_dir, tmp_path):
     storage = tmp_path / "runs"
     submit = [os.path.join(BIN, "ray"), "job", "submit", "--address", ray_head["address"], "--working-dir", ROOT,
               "--", "python", "jobs/tune.py", "--smoke-test", "--data", train_data_dir, "--storage", str(storage),
-              "--name", "e2e", "--models", "resnet10t", "--max-epochs", "1"]
+              "--name", "e2e", "--models", "resnet10t", "--max-epochs", "1", "--fixed", _no_onnx()]
     deadline = time.time() + 120
     while True:
         p = subprocess.run(submit, env=ray_head["env"], capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -147,6 +155,7 @@ def test_ray_job_submit_smoke_search(ray_head, train_data_dir, tmp_path):
     saved = SearchConfig.from_yaml(str(storage / "e2e" / "config.yaml"))
     assert (saved.name, saved.models, saved.storage, saved.max_epochs) == ("e2e", ("resnet10t",), str(storage), 1)
     assert saved.space == SearchConfig.SMOKE["space"]  # the smoke preset under the options given
+    assert saved.fixed["onnx"] is False and not (storage / "e2e" / "best_model" / "model.onnx").exists()
 
 
 def _trial_results(search_dir) -> dict[str, list[dict]]:
@@ -173,7 +182,7 @@ def test_killed_driver_then_resume_runs_only_unfinished_trials(train_data_dir, t
     storage, name, epochs = tmp_path / "runs", "killed", 1
     args = [sys.executable, JOB, "--smoke-test", "--data", train_data_dir, "--storage", str(storage), "--name", name,
             "--num-samples", "2", "--models", "resnet10t", "--max-epochs", str(epochs),
-            "--max-concurrent-trials", "1", "--grace-period", str(epochs)]
+            "--max-concurrent-trials", "1", "--grace-period", str(epochs), "--fixed", _no_onnx()]
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(args, cwd=tmp_path, env=_own_ray(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     search = storage / name

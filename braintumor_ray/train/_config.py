@@ -79,6 +79,11 @@ class TrainConfig(Config):
     max_failures: int = setting(2, help="worker failures to recover from (-1: retry forever)")
     seed: int = setting(0, help="model init, data order, augmentation")
 
+    # The model package
+    onnx: bool = setting(True, help="write model.onnx beside the weights (ONNX Runtime, scoring's fast CPU engine, "
+                         "~3.4x PyTorch per thread for Lite0, docs/scoring.md); --no-onnx: a PyTorch-only package, "
+                         "for a backbone the exporter cannot convert or whose probe batch disagrees")
+
     # Experiment tracking
     mlflow: MLflowConfig = setting(default_factory=MLflowConfig, help="MLflow run, metrics, artifacts and "
                                    "registered model version of the run (none without a tracking URI)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -167,7 +166,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     preprocess = MRIPreprocess.from_dict(data.report["preprocess"])
     meta = export_package(model, run.join(MODEL_DIR).uri, preprocess=preprocess, trust=trust,
                           metrics=package_metrics(out, best_epoch=out["best_epoch"]),
-                          s3_endpoint_url=cfg.s3_endpoint_url)
+                          s3_endpoint_url=cfg.s3_endpoint_url, onnx=cfg.onnx)
     metrics["model"] = {"uri": run.join(MODEL_DIR).uri, "model_id": meta["model_id"]}
     metrics["run"]["wall_s"] = round(time.time() - t0, 1)
     write_plots(metrics, run)

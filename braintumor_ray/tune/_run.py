@@ -24,7 +24,7 @@ from ..core import CONFIG_FILE, BraintumorError, ConfigError
 from ..core import Location, resolve
 from ..report import write_search_report
 from ..tracking import finish_search, start_tracking
-from ..train import TrainConfig, TrainData
+from ..train import TrainData
 from ._config import SEARCHABLE, SearchConfig, to_tune_space
 
 logger = logging.getLogger(__name__)
@@ -348,7 +348,7 @@ def export_best(rows: list[dict[str, Any]], results, cfg: SearchConfig, data: Tr
     uri = root.join(BEST_DIR).uri
     meta = export_package(model, uri, preprocess=MRIPreprocess.from_dict(data.report["preprocess"]), trust=trust,
                           metrics=package_metrics(metrics, trial=best_row["trial"], best_epoch=best_row["best_epoch"]),
-                          s3_endpoint_url=cfg.s3_endpoint_url)
+                          s3_endpoint_url=cfg.s3_endpoint_url, onnx=tcfg.onnx)
     logger.info("best trial %s (%s): val macro-F1 %.3f; model %s", best_row["trial"], best_row["backbone"],
                 best_row["best_val_macro_f1"], uri)
     return {
