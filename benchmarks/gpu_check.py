@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py prepare --data ../shared/data/sartaj-brain-mri --out .gpucheck
     python benchmarks/gpu_check.py run --data .gpucheck [--out DIR] [--budget-s 420] [--dry-run]
+    python benchmarks/gpu_check.py dry [--out DIR] [run options]   # sample + prepare + run --dry-run, one process
 
 ``prepare`` (on the development machine) picks a few hundred real JPEGs, stratified by split and
 class, copies them to ``OUT/jpegs/`` and runs the ingest on them into ``OUT/preprocessed/``: the
@@ -270,7 +271,9 @@ def run(args: argparse.Namespace) -> int:
         env["timm"] = timm.__version__
     except ImportError:
         pass
-    ray.init(num_cpus=cpus, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if not ray.is_initialized():  # `dry` started it for prepare
+        ray.init(num_cpus=cpus, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     env["ray"] = ray.__version__
     print(json.dumps(env), flush=True)
@@ -434,6 +437,42 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def dry(args: argparse.Namespace) -> int:
+    """The whole check at tiny size on the CPU, in one process: a generated sample instead of the
+    real data, ``prepare`` on it, then ``run --dry-run`` (one Python and one Ray start-up instead of
+    three and two, for the test that runs it)."""
+    from braintumor_ray import make_sample_dataset
+
+    work = tempfile.mkdtemp(prefix="gpucheck-dry-")
+    try:
+        make_sample_dataset(os.path.join(work, "sample"), per_class=5, test_per_class=1, leaks=0, size=80, seed=0)
+        prepare(argparse.Namespace(data=os.path.join(work, "sample"), out=os.path.join(work, "subset"), per_class_train=5,
+                                   per_class_test=1, image_size=64, seed=0, max_mib=0))
+        args.data, args.dry_run = os.path.join(work, "subset"), True
+        return run(args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_options(pr: argparse.ArgumentParser, *, dry_run: bool) -> None:
+    pr.add_argument("--out", default=os.environ.get("OUT") or None, help="folder for gpu_check.md/.json (default $OUT)")
+    pr.add_argument("--budget-s", type=float, default=420.0, help="skip sections that would start after this")
+    pr.add_argument("--backbones", type=int, default=len(BACKBONES), help=f"how many of {[b for b, _ in BACKBONES]}")
+    # The dry run's defaults: every step at tiny size (2 epochs, the split once, each JPEG once, no warm-up).
+    pr.add_argument("--epochs", type=int, default=2 if dry_run else 3,
+                    help="training epochs per side; all but the first are timed")
+    pr.add_argument("--train-repeat", type=int, default=1 if dry_run else 10,
+                    help="the training split repeated this many times per epoch")
+    pr.add_argument("--train-batch-size", type=int, default=8 if dry_run else 128)
+    pr.add_argument("--score-copies", type=int, default=1 if dry_run else 24,
+                    help="names per carried JPEG in the scored archive")
+    pr.add_argument("--score-batch-size", type=int, default=8 if dry_run else 128)
+    pr.add_argument("--no-warm", dest="warm", action="store_false", default=not dry_run,
+                    help="skip the scoring job's warm-up run")
+    pr.add_argument("--decode-seconds", type=float, default=0.5 if dry_run else 5.0,
+                    help="time spent measuring one core's decode rate")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -449,18 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     pp.set_defaults(func=prepare)
     pr = sub.add_parser("run", help="measure (on the GPU machine; --dry-run: here, tiny)")
     pr.add_argument("--data", default=".gpucheck", help="what prepare wrote")
-    pr.add_argument("--out", default=os.environ.get("OUT") or None, help="folder for gpu_check.md/.json (default $OUT)")
     pr.add_argument("--dry-run", action="store_true", help="CPU, tiny: check that every step runs")
-    pr.add_argument("--budget-s", type=float, default=420.0, help="skip sections that would start after this")
-    pr.add_argument("--backbones", type=int, default=len(BACKBONES), help=f"how many of {[b for b, _ in BACKBONES]}")
-    pr.add_argument("--epochs", type=int, default=3, help="training epochs per side; all but the first are timed")
-    pr.add_argument("--train-repeat", type=int, default=10, help="the training split repeated this many times per epoch")
-    pr.add_argument("--train-batch-size", type=int, default=128)
-    pr.add_argument("--score-copies", type=int, default=24, help="names per carried JPEG in the scored archive")
-    pr.add_argument("--score-batch-size", type=int, default=128)
-    pr.add_argument("--no-warm", dest="warm", action="store_false", help="skip the scoring job's warm-up run")
-    pr.add_argument("--decode-seconds", type=float, default=5.0, help="time spent measuring one core's decode rate")
+    _run_options(pr, dry_run=False)
     pr.set_defaults(func=run)
+    pd = sub.add_parser("dry", help="here: a generated sample, prepare and run --dry-run in one process (a test runs it)")
+    _run_options(pd, dry_run=True)
+    pd.set_defaults(func=dry, data=None, dry_run=True)
     args = p.parse_args(argv)
     return args.func(args)
 

@@ -52,21 +52,11 @@ prepare)
   echo "now, on the GPU machine: bash benchmarks/gpu_check.sh   (carry: .whl, $subset)"
   ;;
 dry)
-  # The same steps at tiny size: a generated sample instead of the real subset, 64 px, the CPU.
-  tmp=$(mktemp -d)
-  trap 'rm -rf "$tmp"' EXIT
+  # The same steps at tiny size, in one process: a generated sample instead of the real subset, 64 px,
+  # the CPU (gpu_check.py dry: prepare on it, then run --dry-run).
   ensure_ray "$venv_py"  # with ./.venv a no-op; with PYTHON=a Ray-less python, the GPU machine's install path
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  "$venv_py" - "$tmp/sample" <<'EOF'
-import sys
-from braintumor_ray import make_sample_dataset
-make_sample_dataset(sys.argv[1], per_class=5, test_per_class=1, leaks=0, size=80, seed=0)
-EOF
-  "$venv_py" benchmarks/gpu_check.py prepare --data "$tmp/sample" --out "$tmp/subset" --per-class-train 5 \
-      --per-class-test 1 --image-size 64
-  "$venv_py" benchmarks/gpu_check.py run --data "$tmp/subset" --dry-run --out "${OUT:-$tmp/out}" --epochs 2 \
-      --train-repeat 1 --train-batch-size 8 --score-copies 1 --score-batch-size 8 --decode-seconds 0.5 --no-warm \
-      ${args[@]+"${args[@]}"}
+  "$venv_py" benchmarks/gpu_check.py dry ${OUT:+--out "$OUT"} ${args[@]+"${args[@]}"}
   ;;
 run)
   py=${PYTHON:-python3}
