@@ -190,7 +190,7 @@ def _in_box(x: int, y: int, box) -> bool:
     return x0 <= x < x1 and y0 <= y < y1
 
 
-def test_the_hot_spot_falls_inside_the_lesion(lesion_model):
+def _hot_spots_fall_inside_the_lesion(lesion_model) -> None:
     """Issue 16: the map's peak, mapped back to the original image, lies inside the generator's
     lesion box for >= 90% of correctly classified tumour images (held-out images, another seed)."""
     model, cfg, pre, _ = lesion_model
@@ -214,13 +214,16 @@ def test_the_hot_spot_falls_inside_the_lesion(lesion_model):
 
 
 def test_scoring_writes_maps_for_the_chosen_rows_once(ray_session, lesion_model, tmp_path):
-    """--explain through run_scoring: flagged (the default) gives every tumour row an overlay
-    PNG in OUTPUT_explain/ whose peak, in the original image's pixels, is in the lesion box;
-    a rerun draws maps only for the new files; none draws nothing."""
+    """The maps of the fine-tuned Lite0 in-process, then --explain through run_scoring: flagged
+    (the default) gives every tumour row an overlay PNG in OUTPUT_explain/ whose peak, in the
+    original image's pixels, is in the lesion box; a rerun draws maps only for the new files;
+    none draws nothing. (The in-process check was test_the_hot_spot_falls_inside_the_lesion, the
+    one test outside `-m ray` that needed the ~30 s fine-tune: it kept the fast subset over 2 min.)"""
     from PIL import Image
 
     from braintumor_ray.score import ScoreConfig, run_scoring
 
+    _hot_spots_fall_inside_the_lesion(lesion_model)
     _, _, _, package = lesion_model
     archive = tmp_path / "archive"
     archive.mkdir()

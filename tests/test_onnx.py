@@ -142,6 +142,9 @@ def archive(tmp_path_factory):
 
 
 def test_engines_agree_through_run_scoring(ray_session, package, archive, tmp_path):
+    """Both engines through the job give the same rows and schema; auto picks onnxruntime for a
+    package with model.onnx, and a package from before ONNX scores with torch (was
+    test_package_without_onnx_still_scores, whose second run was this test's auto run)."""
     outs, summaries = {}, {}
     for engine in ("torch", "onnxruntime", "auto"):
         outs[engine] = str(tmp_path / engine)
@@ -161,16 +164,19 @@ def test_engines_agree_through_run_scoring(ray_session, package, archive, tmp_pa
     schemas = {e: pads.dataset(outs[e], format="parquet").schema for e in outs}
     assert schemas["torch"] == schemas["onnxruntime"] == schemas["auto"]
 
-
-def test_package_without_onnx_still_scores(ray_session, package, archive, tmp_path):
+    # A package as exported before ONNX: auto scores it with torch, the same labels under another id.
     old = _old_package(package, str(tmp_path / "old-package"))
     summary = run_scoring(ScoreConfig(model=old, input=archive, output=str(tmp_path / "old-out")))
     assert summary["engine"] == "torch" and summary["scored"] == 12
-    new = run_scoring(ScoreConfig(model=package, input=archive, output=str(tmp_path / "new-out")))
+    new = summaries["auto"]  # the package with model.onnx, default engine
     # model.onnx is one of the id's inputs (issue 25): the package with it is another id.
     assert summary["model_id"] != new["model_id"]
-    a, b = _rows(str(tmp_path / "old-out")), _rows(str(tmp_path / "new-out"))
+    a, b = _rows(str(tmp_path / "old-out")), _rows(outs["auto"])
     assert {p: r["predicted_label"] for p, r in a.items()} == {p: r["predicted_label"] for p, r in b.items()}
+
+
+def test_a_package_without_onnx_refuses_engine_onnxruntime(ray_session, package, archive, tmp_path):
+    old = _old_package(package, str(tmp_path / "old-package"))
     with pytest.raises(ConfigError, match="needs a package with model.onnx"):
         run_scoring(ScoreConfig(model=old, input=archive, output=str(tmp_path / "x"), engine="onnxruntime"))
 
