@@ -575,8 +575,9 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
         **({"notes": list(notes)} if notes else {}),
         **recovered,
     }
-    def dicom() -> dict:
-        """--dicom-out/--dicom-send after the series table: the objects of every series, sent."""
+    def dicom(after: list[CommittedFile]) -> dict:
+        """--dicom-out/--dicom-send after the series table: the objects of every series (of the
+        output's committed files ``after``), sent."""
         # The algorithm identification: the registered model's name and version when scored by name.
         algo = Algorithm(name=registered["name"] if registered else f"braintumor-ray {meta.get('backbone', 'model')}",
                          version=f"{registered['version']} (registered)" if registered
@@ -587,7 +588,7 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
 
     if not diff.has_work:
         after = committed  # nothing was committed since the plan read them
-        summary.update(series=_series(dst, list(plan.class_names), plan.series_review_threshold, after), **dicom(),
+        summary.update(series=_series(dst, list(plan.class_names), plan.series_review_threshold, after), **dicom(after),
                        wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0)
         return log_scoring(config, _with_report(summary, dst, after), registered)
 
@@ -614,7 +615,7 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
         wall_s=round(time.perf_counter() - t0, 3),
         images_per_s=round(len(diff.todo) / elapsed, 2) if diff.todo and elapsed > 0 else 0.0,
     )
-    summary.update(dicom())
+    summary.update(dicom(after))
     summary["wall_s"] = round(time.perf_counter() - t0, 3)  # with the DICOM step
     return log_scoring(config, _with_report(summary, dst, after), registered)
 
