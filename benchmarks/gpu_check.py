@@ -62,10 +62,18 @@ def _mib(path: str) -> float:
 
 
 # --- prepare ----------------------------------------------------------------------------------------
-def prepare(args: argparse.Namespace) -> int:
-    """Copy a stratified subset of JPEGs and ingest it: ``OUT/jpegs`` + ``OUT/preprocessed``."""
+def _start_ray(*, gpus: int) -> None:
+    """This process's Ray, every CPU of the machine; started once (``dry`` runs prepare, then run)."""
     import ray
 
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count() or 1, num_gpus=gpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def prepare(args: argparse.Namespace) -> int:
+    """Copy a stratified subset of JPEGs and ingest it: ``OUT/jpegs`` + ``OUT/preprocessed``."""
     from braintumor_ray.ingest import IngestConfig, format_summary, run_ingest
 
     src = os.path.abspath(args.data)
@@ -91,9 +99,7 @@ def prepare(args: argparse.Namespace) -> int:
             for i in chosen:
                 shutil.copyfile(os.path.join(src, split_dir, class_dir, names[i]), os.path.join(dst, names[i]))
             picked[f"{split_dir}/{class_dir}"] = len(chosen)
-    if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    _start_ray(gpus=0)
     summary = run_ingest(IngestConfig(input=os.path.join(out, "jpegs"), output=os.path.join(out, "preprocessed"),
                                       preprocess=MRIPreprocess(image_size=args.image_size)))
     print(format_summary(summary))
@@ -271,10 +277,7 @@ def run(args: argparse.Namespace) -> int:
         env["timm"] = timm.__version__
     except ImportError:
         pass
-    if not ray.is_initialized():  # `dry` started it for prepare
-        ray.init(num_cpus=cpus, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    _start_ray(gpus=1 if gpu else 0)
     env["ray"] = ray.__version__
     print(json.dumps(env), flush=True)
     results: dict = {"env": env, "args": {k: v for k, v in vars(args).items() if k != "func"}, "training": [], "scoring": [],
