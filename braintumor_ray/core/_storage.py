@@ -151,9 +151,12 @@ class Location:
         """Every file under this folder, as paths in ``fs``, sorted."""
         return sorted(self.file_sizes())
 
-    def file_sizes(self) -> dict[str, int]:
-        """Every file under this folder, as paths in ``fs``, with its size in bytes: one listing."""
+    def file_sizes(self, *, missing_ok: bool = False) -> dict[str, int]:
+        """Every file under this folder, as paths in ``fs``, with its size in bytes: one listing
+        (none, with ``missing_ok``, when the folder does not exist)."""
         if not self.exists():
+            if missing_ok:
+                return {}
             raise StorageError(f"{self.uri} does not exist. {_CRED_HINT if self.is_s3 else ''}".strip())
         found = _guard(self, "list", self.fs.find, self.path, withdirs=False, detail=True)
         return {p: int(info.get("size") or 0) for p, info in sorted(found.items())}

@@ -120,7 +120,7 @@ def load_train_data(uri: str, *, s3_endpoint_url: str | None = None, seed: int =
     for split in ("train", "val", "test"):
         loc = images.join(f"split={split}")
         # Parquet files only, as Ray's reader takes a folder (a copied output may hold .DS_Store or .crc files).
-        sizes = {f: n for f, n in loc.file_sizes().items() if f.endswith(".parquet")} if loc.exists() else {}
+        sizes = {f: n for f, n in loc.file_sizes(missing_ok=True).items() if f.endswith(".parquet")}
         found = list(sizes)
         size += sum(sizes.values())
         if not found:
