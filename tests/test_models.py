@@ -26,18 +26,19 @@ from braintumor_ray.models import (
     Transfer,
     apply_transfer,
     backbone_stages,
-    convert_lukemelas_lite0,
+    LITE_CHECKPOINTS,
+    convert_lukemelas_lite,
     count_parameters,
     create_model,
     data_config,
     export_model_package,
-    lite0_offline_weights,
+    lite_offline_weights,
     load_model_package,
     param_groups,
     prepare_input,
 )
 from braintumor_ray.models import _weights
-from braintumor_ray.models._lite0 import lukemelas_lite0_checkpoint
+from braintumor_ray.models._lite import lukemelas_lite_checkpoint
 
 LITE0 = "tf_efficientnet_lite0"
 TINY = "test_efficientnet"  # 0.1M parameters, same family and head layout as EfficientNet
@@ -54,7 +55,7 @@ def offline(monkeypatch, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lukemelas_sd():
-    return torch.load(lukemelas_lite0_checkpoint(), map_location="cpu", weights_only=True)
+    return torch.load(lukemelas_lite_checkpoint(LITE0), map_location="cpu", weights_only=True)
 
 
 def _state_equal(a: torch.nn.Module, b: torch.nn.Module, skip: tuple[str, ...] = ()) -> bool:
@@ -66,7 +67,7 @@ def _state_equal(a: torch.nn.Module, b: torch.nn.Module, skip: tuple[str, ...] =
 
 
 def test_lite0_conversion_maps_every_tensor(lukemelas_sd):
-    converted = convert_lukemelas_lite0(lukemelas_sd)
+    converted = convert_lukemelas_lite(lukemelas_sd)
     target = timm.create_model(LITE0).state_dict()
     assert len(lukemelas_sd) == len(converted) == len(target) == 296
     assert converted.keys() == target.keys()  # nothing missing, nothing left over
@@ -74,22 +75,27 @@ def test_lite0_conversion_maps_every_tensor(lukemelas_sd):
     # Each source tensor is used exactly once.
     assert sorted(map(id, converted.values())) == sorted(map(id, lukemelas_sd.values()))
     with pytest.raises(ConfigError, match=r"_blocks\.16\._bn0\.weight"):
-        convert_lukemelas_lite0({**lukemelas_sd, "_blocks.16._bn0.weight": torch.zeros(1)})
+        convert_lukemelas_lite({**lukemelas_sd, "_blocks.16._bn0.weight": torch.zeros(1)})
 
 
-def test_lite0_logits_match_reference_implementation(lukemelas_sd):
+@pytest.mark.parametrize("arch", list(LITE_CHECKPOINTS))
+def test_lite_logits_match_reference_implementation(arch, lukemelas_sd):
     from efficientnet_lite_pytorch import EfficientNet
 
-    ref = EfficientNet.from_name("efficientnet-lite0")
-    ref.load_state_dict(lukemelas_sd)
+    c = LITE_CHECKPOINTS[arch]
+    sd = lukemelas_sd if c.variant == 0 else torch.load(lukemelas_lite_checkpoint(arch), map_location="cpu",
+                                                        weights_only=True)
+    ref = EfficientNet.from_name(f"efficientnet-lite{c.variant}")
+    ref.load_state_dict(sd)
     # The offline default weights of the preset, through the public path.
-    ours = create_model(LITE0, num_classes=1000, drop_rate=0.0)
-    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    ours = create_model(arch, num_classes=1000, drop_rate=0.0)
+    side = data_config(ours)["input_size"][-1]  # 224, 240, 260
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, got = ref.eval()(x), ours.eval()(x)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-    # plain efficientnet_lite0 pads symmetrically, so the same weights give other logits
-    other = timm.create_model("efficientnet_lite0").eval()
+    # plain efficientnet_lite* pads symmetrically, so the same weights give other logits
+    other = timm.create_model(f"efficientnet_lite{c.variant}").eval()
     other.load_state_dict(ours.state_dict())
     with torch.no_grad():
         assert (other(x) - expected).abs().max() > 0.1
@@ -107,7 +113,7 @@ def test_lite0_sees_a_cat_in_chelsea():
 
 
 def test_lite0_offline_weights_are_cached_and_loaded():
-    path = lite0_offline_weights()
+    path = lite_offline_weights(LITE0)
     assert path.startswith(os.environ[CACHE_ENV]) and path.endswith(".safetensors")
     mtime = os.stat(path).st_mtime_ns
     model = create_model(LITE0)  # 4 classes, pretrained, no hub: the offline copy
@@ -120,11 +126,11 @@ def test_lite0_offline_weights_are_cached_and_loaded():
 
 def test_lite0_cache_rebuilds_a_truncated_file(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
-    path = lite0_offline_weights()
+    path = lite_offline_weights(LITE0)
     good = {k: v.clone() for k, v in load_file(path).items()}  # load_file maps the file: copy first
     with open(path, "r+b") as f:
         f.truncate(1000)  # as left by a killed worker
-    assert lite0_offline_weights() == path
+    assert lite_offline_weights(LITE0) == path
     again = load_file(path)
     assert again.keys() == good.keys() and all(torch.equal(again[k], good[k]) for k in good)
 

@@ -61,12 +61,23 @@ def _learned(result):
 
 
 def test_two_workers_survive_a_failure_mid_epoch_2(train_data, failure_marker, tmp_path):
-    """Rank 1 raises once in epoch 2 of 5: Ray Train restarts the group from the epoch-1 checkpoint."""
-    from braintumor_ray.train import build_trainer
+    """Rank 1 raises once in epoch 2 of 5: Ray Train restarts the group from the epoch-1 checkpoint,
+    the weight average (EMA) included: it has seen every optimizer step of the five epochs once."""
+    import math
+
+    import torch
+
+    from braintumor_ray.train import STATE_FILE, build_trainer, read_checkpoint_state
 
     marker = failure_marker  # the hook is armed by conftest's ray_session
-    cfg = _cfg(tmp_path, epochs=5, num_workers=2)
+    cfg = _cfg(tmp_path, epochs=5, num_workers=2, ema_decay=0.5)  # a short average: the tiny task still ends learnt
     result = build_trainer(cfg, data=train_data).fit()
+    with result.checkpoint.as_directory() as d:
+        state = read_checkpoint_state(os.path.join(d, STATE_FILE))
+    per_epoch = math.ceil(math.ceil(train_data.counts["train"] // 2 / cfg.batch_size) / cfg.grad_accum_steps)
+    assert state["ema_steps"] == 5 * per_epoch
+    assert state["ema"].keys() == state["model"].keys()
+    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"] if "weight" in k)
     out = result.return_value
     assert os.path.exists(marker), "the failure hook never fired"
     assert out["world_size"] == 2

@@ -330,6 +330,34 @@ def test_training_state_checkpoint_loads_with_weights_only(tmp_path):
     assert torch.equal(back.best_model["weight"], state.best_model["weight"])
 
 
+def test_train_one_epoch_updates_the_weight_average_after_each_optimizer_step():
+    """EMA follows optimizer steps, not micro-batches: 5 batches at 2 micro-batches a step are 3
+    updates (the last one partial), and the average then differs from the trained weights."""
+    from timm.utils import ModelEmaV3
+
+    from braintumor_ray.imaging import TrainAugment
+    from braintumor_ray.train import train_one_epoch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    ema = ModelEmaV3(model, decay=0.9, use_warmup=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    batches = [{"image": torch.randint(0, 255, (2, 4, 4), dtype=torch.uint8), "label": torch.tensor([0, 3])}
+               for _ in range(5)]
+    steps = []
+
+    def update():
+        steps.append(len(steps) + 1)
+        ema.update(model, step=steps[-1])
+
+    out = train_one_epoch(model, batches, criterion=torch.nn.CrossEntropyLoss(), optimizer=opt, scheduler=None,
+                          prepare=lambda p: p.float() / 255, augment=TrainAugment(), generator=torch.Generator(),
+                          device=torch.device("cpu"), grad_accum_steps=2, on_update=update)
+    assert out["steps"] == 3 and steps == [1, 2, 3]
+    trained, averaged = model.state_dict(), ema.module.state_dict()
+    assert not torch.equal(trained["1.weight"], averaged["1.weight"])
+
+
 # The training failure hook rides in every worker of the session's one Ray (tests/conftest.py), so
 # it must stay inert for every run but the one it is armed for: (run, epoch, rank, world) -> fires?
 HOOK = {"epoch": 2, "rank": 1, "step": 1, "name": "t"}

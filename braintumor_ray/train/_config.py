@@ -53,6 +53,8 @@ class TrainConfig(Config):
     warmup_epochs: float = setting(1.0, help="linear warm-up, then cosine")
     min_lr_ratio: float = setting(0.01, help="the cosine ends at lr x this")
     label_smoothing: float = setting(0.1, help="label smoothing of the loss")
+    ema_decay: float = setting(0.0, help="exponential moving average of the weights (timm's ModelEmaV3, decay warmed "
+                               "up from 0): the average is what is validated, kept and exported; 0: off")
     # Off by default, measured: on the real data 1/count (no_tumor 2.6x) gave 77.9% test accuracy,
     # 1/sqrt(count) 76.9%, none 81.0% (docs/benchmarks.md). The 2.7:1 imbalance is mild, and the
     # weights pull the official Testing split's out-of-source gliomas into no_tumor.
@@ -138,6 +140,8 @@ class TrainConfig(Config):
             raise ConfigError(f"min_lr_ratio={self.min_lr_ratio}: use a fraction in 0..1")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing={self.label_smoothing}: use 0 <= label_smoothing < 1")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay={self.ema_decay}: use 0 (off) or 0 < ema_decay < 1 (e.g. 0.998)")
         if not 0 <= self.drop_rate < 1:
             raise ConfigError(f"drop_rate={self.drop_rate}: use 0 <= drop_rate < 1")
         if self.early_stop_patience < 0:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from ..core import CLASS_NAMES, StorageError
@@ -97,10 +98,12 @@ def train_one_epoch(
     amp: bool = False,
     grad_accum_steps: int = 1,
     on_step: Callable[[int], None] | None = None,
+    on_update: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """One pass over this worker's shard; returns this worker's sums (loss, correct, images, seconds).
 
     ``data_wait_s`` is the time spent waiting for the next batch (data loading not hidden by compute).
+    ``on_update`` runs after each optimizer step (the weight average's update).
     """
     model.train()
     loss_sum, correct, seen, steps = 0.0, 0, 0, 0
@@ -131,19 +134,19 @@ def train_one_epoch(
             scaled = loss / grad_accum_steps
             (scaler.scale(scaled) if scaler else scaled).backward()
         if last_micro:
-            _step(optimizer, scheduler, scaler)
+            _step(optimizer, scheduler, scaler, on_update)
             micro, steps = 0, steps + 1
         loss_sum += float(loss.detach()) * len(y)
         correct += int((logits.detach().argmax(1) == y).sum())
         seen += len(y)
     if micro:  # a last partial accumulation
-        _step(optimizer, scheduler, scaler)
+        _step(optimizer, scheduler, scaler, on_update)
         steps += 1
     return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "seconds": time.perf_counter() - t0, "steps": steps,
             "data_wait_s": wait}
 
 
-def _step(optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> None:
+def _step(optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, on_update: Callable[[], None] | None) -> None:
     if scaler:
         scaler.step(optimizer)
         scaler.update()
@@ -152,6 +155,8 @@ def _step(optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> None
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
         scheduler.step()
+    if on_update is not None:
+        on_update()
 
 
 @torch.inference_mode()
@@ -266,6 +271,7 @@ class TrainingState:
     bad_epochs: int = 0  # epochs since the best one (early stopping)
     stopped: bool = False  # stopped early
     restores: list[int] = field(default_factory=list)  # epochs the run was restored from
+    ema_steps: int = 0  # optimizer steps the weight average has seen (its decay warms up over them)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -341,6 +347,10 @@ class _WorkerRunner:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         self.criterion = make_criterion(cfg, class_counts, self.device)
         self.state = TrainingState()
+        # The weight average (EMA) when asked for: what is validated, kept as the best epoch and
+        # exported. Built from the bare model before DDP wraps it, on the training device.
+        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, use_warmup=True, device=self.device) \
+            if cfg.ema_decay else None
         self.generator = torch.Generator()
         self._shards: dict[str, Any] = {}
 
@@ -366,6 +376,7 @@ class _WorkerRunner:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
+                "ema": self.ema.module.state_dict() if self.ema is not None else None,
             },
             os.path.join(directory, STATE_FILE),
         )
@@ -380,6 +391,9 @@ class _WorkerRunner:
         scaler_state = saved.pop("scaler", None)
         if self.scaler and scaler_state:
             self.scaler.load_state_dict(scaler_state)
+        ema_state = saved.pop("ema", None)
+        if self.ema is not None and ema_state is not None:
+            self.ema.module.load_state_dict(ema_state)
         self.state = TrainingState.from_dict(saved)
         self.state.restores = self.state.restores + [self.state.epoch]
         if self.rank == 0:
@@ -412,7 +426,7 @@ class _WorkerRunner:
             self.model, batches, criterion=self.criterion, optimizer=self.optimizer, scheduler=self.scheduler,
             prepare=self.prepare, augment=cfg.train_augment, generator=self.generator, device=self.device,
             scaler=self.scaler, amp=self.amp, grad_accum_steps=cfg.grad_accum_steps,
-            on_step=_failure_hook(epoch, self.rank, self.world, cfg.name),
+            on_step=_failure_hook(epoch, self.rank, self.world, cfg.name), on_update=self._update_ema,
         )
         loss_sum, correct, seen = _all_sum([tr["loss_sum"], tr["correct"], tr["seen"]], self.device)
         return {
@@ -423,11 +437,21 @@ class _WorkerRunner:
             "data_wait_s": tr["data_wait_s"],
         }
 
+    def _update_ema(self) -> None:
+        if self.ema is not None:
+            self.state.ema_steps += 1
+            self.ema.update(_bare(self.model), step=self.state.ema_steps)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated and kept: the average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
     def evaluate(self, split: str) -> dict[str, np.ndarray]:
         """Every image of ``split`` through the model (each worker scores its own batches), gathered."""
         batches = self.shard(split).iter_torch_batches(batch_size=self.cfg.eval_batch_size)
         return gather_eval(
-            evaluate(self.model, batches, criterion=self.criterion, prepare=self.prepare, device=self.device,
+            evaluate(self.eval_model, batches, criterion=self.criterion, prepare=self.prepare, device=self.device,
                      amp=self.amp, rank=self.rank, world_size=self.world)
         )
 
@@ -440,7 +464,7 @@ class _WorkerRunner:
         improved = val["macro_f1"] > s.best_f1
         if improved:
             s.best_f1, s.best_epoch, s.bad_epochs = val["macro_f1"], epoch, 0
-            s.best_model = {k: v.detach().cpu().clone() for k, v in _bare(self.model).state_dict().items()}
+            s.best_model = {k: v.detach().cpu().clone() for k, v in _bare(self.eval_model).state_dict().items()}
         else:
             s.bad_epochs += 1
         if cfg.early_stop_patience and s.bad_epochs >= cfg.early_stop_patience and epoch < cfg.epochs:
@@ -504,9 +528,10 @@ class _WorkerRunner:
                 )
             self.report(row)
 
-        # The best epoch's weights, tested once on the test split.
+        # The best epoch's weights (averaged, with EMA), tested once on the test split.
         if s.best_model is not None:
             _bare(self.model).load_state_dict(s.best_model)
+        self.ema = None
         result: dict[str, Any] = {
             "history": s.history,
             "best_epoch": s.best_epoch,
