@@ -13,8 +13,10 @@ from ._medical import read_medical, sniff_kind
 from ._nifti import NIFTI_SUFFIXES
 from ._window import percentile_window, voi_window
 from ._preprocess import (
+    SLICE_SKIP_REASONS,
     FileResult,
     MRIPreprocess,
+    SkippedSlice,
     decode_image,
     decode_png,
     encode_png,
@@ -48,8 +50,10 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "ORIENTATIONS",
     "MRIPreprocess",
+    "SLICE_SKIP_REASONS",
     "SampleHead",
     "SeriesSelector",
+    "SkippedSlice",
     "SliceInfo",
     "TrainAugment",
     "decode_image",

@@ -1,7 +1,8 @@
 """NIfTI volumes -> 8-bit grey slices (one :class:`GreySlice` a slice), the guard checked first.
 
 Pixel values: the header's scl_slope/scl_inter; the window is cal_min/cal_max when the header sets
-it, else the percentile window over the whole volume. A 3-D volume is cut along its last voxel axis
+it, else the percentile window over the head's voxels (those above the volume's minimum, which is
+the background of a skull-stripped or z-scored volume: ``head_levels``). A 3-D volume is cut along its last voxel axis
 (the acquisition's slice axis as scanner converters such as dcm2niix write it), slice ``k`` being
 ``data[:, :, k]``, each shown as a DICOM viewer shows that plane: axial with anterior up and the
 patient's right on the left, coronal with superior up and right on the left, sagittal with superior
@@ -19,7 +20,7 @@ import numpy as np
 
 from ._guard import NO_INFO, GreySlice, InputGuard, MedicalDecodeError, SeriesSelector, SliceInfo
 from ._inflate import GZIP_MAGIC, NIFTI_GZIP_SLACK, inflate
-from ._window import _PERCENTILE_SAMPLE, _percentile_levels, _stretch, voi_window
+from ._window import _PERCENTILE_SAMPLE, _stretch, head_levels, voi_window
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Target display directions (RAS letters) of the horizontal and vertical image axes per plane.
@@ -117,7 +118,7 @@ def read_nifti(data: bytes, *, select: SeriesSelector, guard: InputGuard) -> lis
         window = ((cal[0] + cal[1]) / 2, cal[1] - cal[0], "LINEAR_EXACT")
         to_u8 = lambda v: voi_window(v, *window)  # noqa: E731
     else:
-        levels = _percentile_levels(_volume_sample(voxels_of, scale))
+        levels = head_levels(_volume_sample(voxels_of, scale))
         to_u8 = lambda v: _stretch(v, levels)  # noqa: E731
     mode = f"NIfTI-{version} {hdr.get_data_dtype()}"
     return [GreySlice(_display_slice(to_u8(scale(voxels_of[:, :, k])), codes, plane), mode, SliceInfo(slice_index=k))
@@ -170,3 +171,4 @@ def _display_slice(s: np.ndarray, codes: tuple[str, str, str] | None, plane: str
     if codes[1 - h_axis] != vertical:
         image = image[::-1, :]
     return np.ascontiguousarray(image)
+
