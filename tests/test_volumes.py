@@ -167,3 +167,195 @@ def test_a_z_scored_and_a_raw_copy_of_a_volume_give_the_same_slices():
     c = _pixels(nifti_bytes(padded))
     assert all(np.abs(c[k + 30] - a[k]).max() <= 1 for k in a)
 
+
+# --- 4. train on volumes: the ingest ----------------------------------------------------------
+
+
+def lesion_volume(seed: int = 0, size: int = 64) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A glioma volume and its segmentation mask: 2 empty slices at each end, then 2 healthy
+    slices, a slice with a sliver of lesion, 3 slices with a large one; and what each slice is
+    (``empty``, ``none``, ``sliver``, ``lesion``)."""
+    rng = np.random.default_rng(seed)
+    kinds = ["empty"] * 2 + ["none", "none", "sliver", "lesion", "lesion", "lesion"] + ["empty"] * 2
+    vol, seg = [], []
+    for kind in kinds:
+        m = np.zeros((size, size), np.uint8)
+        if kind == "empty":
+            vol.append(np.zeros((size, size), np.float32))
+        else:
+            image, head = render_mri("glioma" if kind == "lesion" else "no_tumor", rng, size)
+            vol.append(image.astype(np.float32))
+            if kind == "lesion":
+                m[size // 2 - 8: size // 2 + 8, size // 2 - 8: size // 2 + 8] = 1  # 256 px: ~15% of the head
+            elif kind == "sliver":
+                m[size // 2, size // 2: size // 2 + 3] = 2  # 3 px: well under 1% of the head
+        seg.append(m)
+    fix = lambda a: np.stack(a, axis=-1).transpose(1, 0, 2)[:, ::-1].copy()  # noqa: E731
+    return fix(vol), fix(seg), kinds
+
+
+def test_plan_inputs_takes_masks_aside_and_finds_each_volumes_patient():
+    from braintumor_ray.ingest import plan_inputs
+
+    files = ["/r/glioma/P1/p1_flair.nii.gz", "/r/glioma/P1/p1_t1ce.nii.gz", "/r/glioma/P1/p1_seg.nii.gz",
+             "/r/glioma/P2/p2_flair.nii.gz", "/r/glioma/P2/a_seg.nii.gz", "/r/glioma/P2/b_SEG.nii.gz",
+             "/r/glioma/flat.nii.gz", "/r/no_tumor/x.jpg"]
+    plan = plan_inputs(files, "/r", mask_pattern="*_seg.nii.gz")
+    got = {p.path: (p.mask, p.patient) for p in plan.images}
+    assert got == {"/r/glioma/P1/p1_flair.nii.gz": ("/r/glioma/P1/p1_seg.nii.gz", "/r/glioma/P1"),
+                   "/r/glioma/P1/p1_t1ce.nii.gz": ("/r/glioma/P1/p1_seg.nii.gz", "/r/glioma/P1"),
+                   "/r/glioma/flat.nii.gz": (None, None), "/r/no_tumor/x.jpg": (None, None)}
+    assert [(e.path, "2 segmentation masks" in e.reason) for e in plan.errors] == [("/r/glioma/P2/p2_flair.nii.gz", True)]
+    # Without the setting a mask is a volume like any other (and was ingested with the folder's label).
+    assert len(plan_inputs(files, "/r").images) == len(files)
+
+
+def test_a_mask_labels_a_volumes_slices_and_the_empty_ones_are_left_out(tmp_path):
+    from braintumor_ray.core import resolve
+    from braintumor_ray.ingest._run import preprocess_batch
+
+    vol, seg, kinds = lesion_volume()
+    (tmp_path / "v.nii.gz").write_bytes(nifti_bytes(vol, gz=True))
+    (tmp_path / "v_seg.nii.gz").write_bytes(nifti_bytes(seg, gz=True))
+    (tmp_path / "bad_seg.nii.gz").write_bytes(nifti_bytes(seg[:, :, :5], gz=True))
+    batch = pa.table({"path": [str(tmp_path / "v.nii.gz")] * 2, "mask": [str(tmp_path / "v_seg.nii.gz"), str(tmp_path / "bad_seg.nii.gz")]})
+    rows = preprocess_batch(batch, preprocess=PRE, guard=GUARD, source=resolve(str(tmp_path)), mask_min_lesion=0.01).to_pylist()
+    good = sorted((r for r in rows[: len(kinds)]), key=lambda r: r["slice_index"])
+    want = {"empty": ("skipped", None), "none": ("ok", "none"), "sliver": ("unlabelled", None), "lesion": ("ok", "lesion")}
+    assert [(r["outcome"], r["slice_label"]) for r in good] == [want[k] for k in kinds]
+    assert len({r["key"] for r in good}) == len(kinds)
+    (bad,) = rows[len(kinds):]
+    assert bad["outcome"] == "error" and "segmentation mask bad_seg.nii.gz" in bad["error"] and "grid" in bad["error"]
+
+
+def test_a_patients_slices_of_two_labels_share_one_split():
+    from braintumor_ray.ingest._splits import ImageFacts, assign_splits
+
+    images = []
+    for p in range(8):  # 8 patients, each 3 glioma and 3 no_tumor slices of one volume
+        for k in range(6):
+            images.append(ImageFacts(f"p{p}\x00{k}", f"{p:02d}{k:062d}", f"{(p * 6 + k) * 0x0f0f0f0f0f0f:016x}"[-16:],
+                                     "glioma" if k < 3 else "no_tumor", "train", f"/r/glioma/P{p}"))
+    res = assign_splits(images, val_fraction=0.25, seed=0, near_dup_distance=-1)
+    for p in range(8):
+        assert len({res.decisions[f"p{p}\x00{k}"].split for k in range(6)}) == 1, p
+    assert {d.split for d in res.decisions.values()} == {"train", "val"}
+
+
+def test_an_ingest_of_volumes_with_masks_labels_slices_and_trains_unchanged(ray_session, tmp_path):
+    import json
+    import os
+
+    from braintumor_ray import make_sample_dataset
+    from braintumor_ray.ingest import IngestConfig, run_ingest
+    from conftest import load_job
+
+    root = tmp_path / "data"
+    make_sample_dataset(str(root), per_class=6, test_per_class=2, size=64, seed=3)
+    kinds = lesion_volume()[2]
+    (glioma,) = [d for d in (root / "Training").iterdir() if d.name.startswith("glioma")]
+    for p in range(5):  # five glioma patients, each a folder with a FLAIR volume and its mask
+        vol, seg, _ = lesion_volume(seed=10 + p)
+        (glioma / f"P{p}").mkdir()
+        (glioma / f"P{p}" / f"p{p}_flair.nii.gz").write_bytes(nifti_bytes(vol, gz=True))
+        (glioma / f"P{p}" / f"p{p}_seg.nii.gz").write_bytes(nifti_bytes(seg, gz=True))
+    out = tmp_path / "pre"
+    report = run_ingest(IngestConfig(input=str(root), output=str(out), preprocess=MRIPreprocess(image_size=64),
+                                     mask_pattern="*_seg.nii.gz", near_dup_distance=-1))
+    c = report["counts"]
+    assert c["errors"] == 0 and not report["errors"]
+    assert c["slices_skipped"] == 5 * kinds.count("empty") and c["slices_unlabelled"] == 5 * kinds.count("sliver")
+    import pandas as pd
+
+    rows = pd.read_parquet(out / "images")
+    vols = rows[rows.path.str.endswith("_flair.nii.gz")]
+    want = {k: ("glioma" if kind == "lesion" else "no_tumor") for k, kind in enumerate(kinds) if kind in ("lesion", "none")}
+    assert len(vols) == 5 * len(want) and not rows.path.str.endswith("_seg.nii.gz").any()
+    assert all(want[int(r.slice_index)] == r.label for r in vols.itertuples())
+    assert (vols.groupby("path")["split"].nunique() == 1).all()  # a patient's slices in one split
+    # jobs/train.py trains on it as on any ingest.
+    job = load_job("train")
+    assert job.main(["--smoke-test", "--data", str(out), "--storage", str(tmp_path / "runs"), "--name", "vol",
+                     "--epochs", "1", "--no-onnx"]) == 0
+    assert json.loads((tmp_path / "runs" / "vol" / "metrics.json").read_text())["epochs"]
+
+
+# --- 5. real healthy volumes that ship in installed packages ----------------------------------
+
+
+def healthy_volumes(folder) -> list[str]:
+    """Real healthy heads shipped in installed packages, copied to ``folder``: nibabel's test data
+    (a T1 head, the same resampled to float, the first volume of a 4-D EPI series) and pydicom's
+    MR_small (one MR head slice). What else was looked for is in docs/scoring.md ("Volumes")."""
+    import os
+    import shutil
+
+    import nibabel as nib
+    import pydicom.data
+
+    data = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
+    out = []
+    for name in ("anatomical.nii", "reoriented_anat_moved.nii"):
+        shutil.copy(os.path.join(data, name), folder / name)
+        out.append(str(folder / name))
+    epi = nib.load(os.path.join(data, "example4d.nii.gz"))
+    nib.save(epi.slicer[..., 0], str(folder / "example4d_vol0.nii.gz"))
+    out.append(str(folder / "example4d_vol0.nii.gz"))
+    shutil.copy(pydicom.data.get_testdata_file("MR_small.dcm"), folder / "MR_small.dcm")
+    out.append(str(folder / "MR_small.dcm"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def scored_volumes(ray_session, trusted_package, tmp_path_factory):
+    from braintumor_ray.score import ScoreConfig, run_scoring
+
+    base = tmp_path_factory.mktemp("volumes")
+    archive, out = base / "archive", base / "predictions"
+    (archive / "healthy").mkdir(parents=True)
+    (archive / "generated").mkdir()
+    healthy = healthy_volumes(archive / "healthy")
+    vol, kinds = head_volume(n_head=4, empty=3, headless=1, seed=7)
+    (archive / "generated" / "glioma.nii.gz").write_bytes(nifti_bytes(vol, gz=True))
+    summary = run_scoring(ScoreConfig(model=trusted_package, input=str(archive), output=str(out), batch_size=16))
+    return str(archive), str(out), healthy, kinds, summary
+
+
+def test_scoring_a_volume_skips_its_empty_slices_and_counts_them(scored_volumes):
+    import os
+
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from braintumor_ray.score import SERIES_FILE
+
+    archive, out, _, kinds, _ = scored_volumes
+    rows = [r for r in pads.dataset(out, format="parquet").to_table().to_pylist() if r["path"].endswith("glioma.nii.gz")]
+    rows.sort(key=lambda r: r["slice_index"])
+    assert [r["status"] for r in rows] == ["ok" if k == "head" else "skipped" for k in kinds]
+    series = {r["volume_path"]: r for r in pq.read_table(os.path.join(out + "_series", SERIES_FILE)).to_pylist()}
+    s = series[os.path.join(archive, "generated", "glioma.nii.gz")]
+    assert (s["slices_scored"], s["slices_skipped"], s["slices_failed"]) == (kinds.count("head"), len(kinds) - kinds.count("head"), 0)
+
+
+def test_real_healthy_volumes_never_get_a_tumour_verdict_without_a_review_reason(scored_volumes):
+    import os
+
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from braintumor_ray.score import SERIES_FILE
+
+    _, out, healthy, _, _ = scored_volumes
+    rows = pads.dataset(out, format="parquet").to_table().to_pylist()
+    for path in healthy:  # each read (no error row) with slices scored
+        mine = [r for r in rows if r["path"] == path]
+        assert mine and not [r for r in mine if r["status"] == "error"] and any(r["status"] == "ok" for r in mine), path
+    series = pq.read_table(os.path.join(out + "_series", SERIES_FILE)).to_pylist()
+    by_path = {r["volume_path"]: r for r in series if r["volume_path"]}
+    verdicts = [by_path[p] for p in healthy if p.endswith((".nii", ".nii.gz"))]
+    verdicts += [r for r in series if r["series_instance_uid"] and not r["volume_path"]]  # MR_small's series
+    assert len(verdicts) == len(healthy)
+    for v in verdicts:
+        assert v["predicted_label"] in (None, "no_tumor") or v["review_reason"] is not None, v
+

@@ -172,3 +172,45 @@ def _display_slice(s: np.ndarray, codes: tuple[str, str, str] | None, plane: str
         image = image[::-1, :]
     return np.ascontiguousarray(image)
 
+
+def mask_slice_counts(data: bytes, *, guard: InputGuard) -> tuple[tuple[int, int, int], np.ndarray]:
+    """A NIfTI segmentation mask's shape (x, y, slices) and, per slice along its last axis (the
+    axis :func:`read_nifti` cuts a volume along), how many voxels it marks (non-zero)."""
+    import nibabel as nib
+
+    if err := guard.too_many_bytes("the mask holds", len(data)):
+        raise MedicalDecodeError(err)
+    version = nifti_version(data)
+    if version is None:
+        raise MedicalDecodeError("corrupt NIfTI mask: no NIfTI-1 or NIfTI-2 single-file header")
+    raw: bytes | bytearray = data
+    if data[:2] == GZIP_MAGIC:
+        try:
+            raw, complete = inflate(data, guard.max_file_bytes)
+        except zlib.error as e:
+            raise MedicalDecodeError(f"corrupt NIfTI mask gzip stream ({e})") from None
+        if len(raw) > guard.max_file_bytes:
+            raise MedicalDecodeError(f"decompression bomb: the mask's gzip content is over guard.max_file_bytes="
+                                     f"{guard.max_file_bytes:,}; refused without inflating the rest")
+        if not complete:
+            raise MedicalDecodeError("truncated NIfTI mask: the gzip stream ends early")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = (nib.Nifti1Image if version == 1 else nib.Nifti2Image).from_bytes(bytes(raw))
+            shape = tuple(int(v) for v in img.shape)
+            while len(shape) > 3 and shape[-1] == 1:
+                shape = shape[:-1]
+            if len(shape) == 2:
+                shape = shape + (1,)
+            if len(shape) != 3:
+                raise MedicalDecodeError(f"a {len(shape)}-D NIfTI mask: only 2-D and 3-D masks are read")
+            if err := guard.too_many_pixels("the mask", int(np.prod(shape, dtype=np.int64))):
+                raise MedicalDecodeError(err)
+            marked = np.asanyarray(img.dataobj).reshape(shape, order="F")
+            counts = np.count_nonzero(marked, axis=(0, 1))
+    except MedicalDecodeError:
+        raise
+    except Exception as e:  # nibabel's message may quote header values: only its type
+        raise MedicalDecodeError(f"corrupt NIfTI mask ({type(e).__name__})") from None
+    return shape, counts
