@@ -359,3 +359,33 @@ def test_real_healthy_volumes_never_get_a_tumour_verdict_without_a_review_reason
     for v in verdicts:
         assert v["predicted_label"] in (None, "no_tumor") or v["review_reason"] is not None, v
 
+
+# --- 6. archive-shift augmentation: skull strip and renormalisation ---------------------------
+
+
+def test_skull_strip_and_renormalise_augmentations():
+    import torch
+
+    from braintumor_ray.imaging import TrainAugment
+
+    image, head = render_mri("glioma", np.random.default_rng(0), 64)
+    x = torch.from_numpy(np.stack([image, image]))
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    off = TrainAugment.none()
+    import dataclasses
+
+    strip = dataclasses.replace(off, skull_strip=1.0, strip_depth=0.06)
+    y = strip(x, generator=g()).numpy()
+    skull = image == 200  # render_mri's skull ring
+    assert skull.sum() > 50 and (y[0][skull] == 0).all(), "the skull is gone"
+    centre = np.zeros_like(skull)
+    centre[28:36, 28:36] = True
+    assert np.array_equal(y[0][centre], image[centre]), "the brain is kept"
+    # Renormalised: the head spans the full range, the background stays black.
+    dim = torch.from_numpy((np.stack([image, image]) * 0.5).astype(np.uint8))
+    z = dataclasses.replace(off, renormalise=1.0)(dim, generator=g()).numpy()
+    assert z[0].max() == 255 and int(dim.numpy()[0].max()) < 130 and (z[0][image == 0] == 0).all()
+    # Off by default, and the default preset's random draws are the same as without them.
+    assert TrainAugment().skull_strip == TrainAugment().renormalise == 0
+    assert torch.equal(TrainAugment()(x, generator=g()), TrainAugment()(x, generator=g()))
+    assert not dataclasses.replace(off, skull_strip=0.5).is_identity and off.is_identity
