@@ -10,11 +10,13 @@ from ._hashing import group_duplicates, phash, sha256_hex
 from ._dicom import DICOM_SUFFIXES
 from ._guard import HEAD_BODY_PARTS, NO_GUARD, ORIENTATIONS, InputGuard, SeriesSelector, SliceInfo
 from ._medical import read_medical, sniff_kind
-from ._nifti import NIFTI_SUFFIXES
+from ._nifti import NIFTI_SUFFIXES, mask_slice_counts
 from ._window import percentile_window, voi_window
 from ._preprocess import (
+    SLICE_SKIP_REASONS,
     FileResult,
     MRIPreprocess,
+    SkippedSlice,
     decode_image,
     decode_png,
     encode_png,
@@ -48,8 +50,10 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "ORIENTATIONS",
     "MRIPreprocess",
+    "SLICE_SKIP_REASONS",
     "SampleHead",
     "SeriesSelector",
+    "SkippedSlice",
     "SliceInfo",
     "TrainAugment",
     "decode_image",
@@ -60,6 +64,7 @@ __all__ = [
     "group_duplicates",
     "image_pages",
     "make_sample_dataset",
+    "mask_slice_counts",
     "original_xy",
     "percentile_window",
     "phash",

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,8 +34,15 @@ class TrainAugment(Config):
         brightness: largest brightness factor change (x * (1 +- brightness)).
         contrast: largest gamma change (gamma in 1 +- contrast).
 
+        skull_strip: probability of a crude skull strip: the head (pixels above the crop
+            threshold) eroded by ``strip_depth`` of the side, everything outside it set to black,
+            as skull-stripped research volumes (BraTS) look.
+        renormalise: probability of stretching the head's own 0.5..99.5 percentiles to 0..255,
+            what a z-scored or bias-corrected volume looks like after scoring's head window.
+
     Black stays black: the background the affine uncovers, brightness and gamma all keep the
-    scans' black background.
+    scans' black background. The two archive-shift augmentations are off by default: their
+    effect on real skull-stripped and z-scored scans is not measured yet (docs/benchmarks.md).
     """
 
     rotate: float = setting(15.0, help="largest rotation, degrees (uniform in +-rotate)")
@@ -43,6 +51,12 @@ class TrainAugment(Config):
     flip: float = setting(0.5, help="probability of a left-right flip; brains are near-symmetric")
     brightness: float = setting(0.2, help="largest brightness factor change (x * (1 +- brightness))")
     contrast: float = setting(0.2, help="largest gamma change (gamma in 1 +- contrast)")
+    skull_strip: float = setting(0.0, help="probability of a crude skull strip (the head mask eroded by strip_depth, "
+                                 "outside set black), as skull-stripped research volumes look; 0: off")
+    strip_depth: float = setting(0.06, help="how deep the skull strip erodes the head, fraction of the side (the "
+                                 "generated heads' skull is about 3% of it; deeper also takes the brain's rim)")
+    renormalise: float = setting(0.0, help="probability of stretching the head's 0.5..99.5 percentiles to 0..255, as "
+                                 "z-scored volumes look after scoring's head window; 0: off")
 
     def __post_init__(self) -> None:
         checks = {
@@ -52,6 +66,9 @@ class TrainAugment(Config):
             "flip": (0.0, 1.0),
             "brightness": (0.0, 1.0),
             "contrast": (0.0, 1.0),
+            "skull_strip": (0.0, 1.0),
+            "strip_depth": (0.0, 0.25),
+            "renormalise": (0.0, 1.0),
         }
         for name, (lo, hi) in checks.items():
             v = getattr(self, name)
@@ -60,7 +77,7 @@ class TrainAugment(Config):
 
     @classmethod
     def none(cls) -> "TrainAugment":
-        return cls(rotate=0, shift=0, zoom=0, flip=0, brightness=0, contrast=0)
+        return cls(rotate=0, shift=0, zoom=0, flip=0, brightness=0, contrast=0, skull_strip=0, strip_depth=0, renormalise=0)
 
     def scaled(self, strength: float) -> "TrainAugment":
         """This preset with every magnitude times ``strength`` (0 = off); flip stays as is unless 0."""
@@ -79,7 +96,7 @@ class TrainAugment(Config):
 
     @property
     def is_identity(self) -> bool:
-        return all(getattr(self, f.name) == 0 for f in fields(self))
+        return all(getattr(self, f.name) == 0 for f in fields(self) if f.name != "strip_depth")
 
     def __call__(self, pixels: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """(N, H, W) uint8 -> (N, H, W) uint8, each image with its own random draw."""
@@ -93,6 +110,11 @@ class TrainAugment(Config):
             return torch.rand(n, generator=generator) * (hi - lo) + lo
 
         x = pixels.to(torch.float32)[:, None]  # N, 1, H, W
+        # Drawn only when on, so that the other augmentations keep their random streams.
+        if self.skull_strip:
+            x = _skull_strip(x, torch.rand(n, generator=generator) < self.skull_strip, self.strip_depth)
+        if self.renormalise:
+            x = _renormalise(x, torch.rand(n, generator=generator) < self.renormalise)
         angle = u(-self.rotate, self.rotate) * (math.pi / 180.0)
         scale = u(1 - self.zoom, 1 + self.zoom)
         tx, ty = u(-self.shift, self.shift) * 2, u(-self.shift, self.shift) * 2  # grid units span 2
@@ -113,3 +135,41 @@ class TrainAugment(Config):
             # Multiplicative, like Keras' brightness_range: the background stays black.
             x = x * u(1 - self.brightness, 1 + self.brightness).view(n, 1, 1, 1)
         return x[:, 0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+# Grey level above which a pixel is head: the crop's threshold (MRIPreprocess.threshold).
+_HEAD_LEVEL = 20.0
+
+
+def _skull_strip(x: torch.Tensor, which: torch.Tensor, depth: float) -> torch.Tensor:
+    """``x`` (N, 1, H, W) float with the chosen images' heads eroded by ``depth`` of the side and
+    the rest black: the bright skull ring at the head's edge goes, the brain stays (the head's
+    holes, dark ventricles and CSF, are filled first so the erosion only eats from outside)."""
+    if not bool(which.any()) or depth <= 0:
+        return x
+    from scipy import ndimage
+
+    r = max(1, round(depth * x.shape[-1]))
+    disk = np.hypot(*np.mgrid[-r:r + 1, -r:r + 1]) <= r
+    out = x.clone()
+    for i in torch.nonzero(which).flatten().tolist():
+        head = ndimage.binary_fill_holes(x[i, 0].numpy() > _HEAD_LEVEL)
+        keep = ndimage.binary_erosion(head, structure=disk)
+        out[i, 0] = x[i, 0] * torch.from_numpy(keep.astype(np.float32))
+    return out
+
+
+def _renormalise(x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """The chosen images' head pixels (above black) stretched from their 0.5 and 99.5
+    percentiles to 0..255, the background kept black."""
+    out = x.clone()
+    for i in torch.nonzero(which).flatten().tolist():
+        img = x[i]
+        head = img[img > 0]
+        if head.numel() < 2:
+            continue
+        lo, hi = torch.quantile(head, torch.tensor([0.005, 0.995]))
+        if hi <= lo:
+            continue
+        out[i] = torch.where(img > 0, ((img - lo) * (255.0 / (hi - lo))).clamp(0, 255), img)
+    return out

@@ -18,7 +18,9 @@ Pixel values (one rule per fact):
   (RGB, YBR, palette) become luma. Compressed transfer syntaxes are decoded by whatever
   decoder pydicom finds installed; one it cannot decode is an error naming the syntax.
 - NIfTI: the header's scl_slope/scl_inter; the window is cal_min/cal_max when the header
-  sets it, else the same percentile window over the whole volume. A 3-D volume is cut along
+  sets it, else the same percentile window over the head's voxels: those above the volume's
+  minimum, the background of a skull-stripped or z-scored volume, which would otherwise move
+  the window with the share of the field of view that is empty. A 3-D volume is cut along
   its last voxel axis (the acquisition's slice axis as scanner converters such as dcm2niix
   write it), slice ``k`` being ``data[:, :, k]``, each shown as a DICOM viewer shows that
   plane: axial with anterior up and the patient's right on the left, coronal with superior

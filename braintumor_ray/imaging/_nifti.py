@@ -1,7 +1,8 @@
 """NIfTI volumes -> 8-bit grey slices (one :class:`GreySlice` a slice), the guard checked first.
 
 Pixel values: the header's scl_slope/scl_inter; the window is cal_min/cal_max when the header sets
-it, else the percentile window over the whole volume. A 3-D volume is cut along its last voxel axis
+it, else the percentile window over the head's voxels (those above the volume's minimum, which is
+the background of a skull-stripped or z-scored volume: ``head_levels``). A 3-D volume is cut along its last voxel axis
 (the acquisition's slice axis as scanner converters such as dcm2niix write it), slice ``k`` being
 ``data[:, :, k]``, each shown as a DICOM viewer shows that plane: axial with anterior up and the
 patient's right on the left, coronal with superior up and right on the left, sagittal with superior
@@ -19,7 +20,7 @@ import numpy as np
 
 from ._guard import NO_INFO, GreySlice, InputGuard, MedicalDecodeError, SeriesSelector, SliceInfo
 from ._inflate import GZIP_MAGIC, NIFTI_GZIP_SLACK, inflate
-from ._window import _PERCENTILE_SAMPLE, _percentile_levels, _stretch, voi_window
+from ._window import _PERCENTILE_SAMPLE, _stretch, head_levels, voi_window
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Target display directions (RAS letters) of the horizontal and vertical image axes per plane.
@@ -117,7 +118,7 @@ def read_nifti(data: bytes, *, select: SeriesSelector, guard: InputGuard) -> lis
         window = ((cal[0] + cal[1]) / 2, cal[1] - cal[0], "LINEAR_EXACT")
         to_u8 = lambda v: voi_window(v, *window)  # noqa: E731
     else:
-        levels = _percentile_levels(_volume_sample(voxels_of, scale))
+        levels = head_levels(_volume_sample(voxels_of, scale))
         to_u8 = lambda v: _stretch(v, levels)  # noqa: E731
     mode = f"NIfTI-{version} {hdr.get_data_dtype()}"
     return [GreySlice(_display_slice(to_u8(scale(voxels_of[:, :, k])), codes, plane), mode, SliceInfo(slice_index=k))
@@ -170,3 +171,46 @@ def _display_slice(s: np.ndarray, codes: tuple[str, str, str] | None, plane: str
     if codes[1 - h_axis] != vertical:
         image = image[::-1, :]
     return np.ascontiguousarray(image)
+
+
+def mask_slice_counts(data: bytes, *, guard: InputGuard) -> tuple[tuple[int, int, int], np.ndarray]:
+    """A NIfTI segmentation mask's shape (x, y, slices) and, per slice along its last axis (the
+    axis :func:`read_nifti` cuts a volume along), how many voxels it marks (non-zero)."""
+    import nibabel as nib
+
+    if err := guard.too_many_bytes("the mask holds", len(data)):
+        raise MedicalDecodeError(err)
+    version = nifti_version(data)
+    if version is None:
+        raise MedicalDecodeError("corrupt NIfTI mask: no NIfTI-1 or NIfTI-2 single-file header")
+    raw: bytes | bytearray = data
+    if data[:2] == GZIP_MAGIC:
+        try:
+            raw, complete = inflate(data, guard.max_file_bytes)
+        except zlib.error as e:
+            raise MedicalDecodeError(f"corrupt NIfTI mask gzip stream ({e})") from None
+        if len(raw) > guard.max_file_bytes:
+            raise MedicalDecodeError(f"decompression bomb: the mask's gzip content is over guard.max_file_bytes="
+                                     f"{guard.max_file_bytes:,}; refused without inflating the rest")
+        if not complete:
+            raise MedicalDecodeError("truncated NIfTI mask: the gzip stream ends early")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = (nib.Nifti1Image if version == 1 else nib.Nifti2Image).from_bytes(bytes(raw))
+            shape = tuple(int(v) for v in img.shape)
+            while len(shape) > 3 and shape[-1] == 1:
+                shape = shape[:-1]
+            if len(shape) == 2:
+                shape = shape + (1,)
+            if len(shape) != 3:
+                raise MedicalDecodeError(f"a {len(shape)}-D NIfTI mask: only 2-D and 3-D masks are read")
+            if err := guard.too_many_pixels("the mask", int(np.prod(shape, dtype=np.int64))):
+                raise MedicalDecodeError(err)
+            marked = np.asanyarray(img.dataobj).reshape(shape, order="F")
+            counts = np.count_nonzero(marked, axis=(0, 1))
+    except MedicalDecodeError:
+        raise
+    except Exception as e:  # nibabel's message may quote header values: only its type
+        raise MedicalDecodeError(f"corrupt NIfTI mask ({type(e).__name__})") from None
+    return shape, counts

@@ -63,14 +63,34 @@ class PreprocessedSlice:
 
 
 @dataclass(frozen=True)
+class SkippedSlice:
+    """A slice of a DICOM or NIfTI file left out by the content or head check, and why."""
+
+    info: SliceInfo
+    reason: str
+
+
+class NoContent(ImageDecodeError):
+    """An image the input guard's content or head check refuses: the file's error when it is the
+    file's only image, a skipped slice when it is one slice of a volume or series."""
+
+
+# What a skipped slice's reason starts with (the series table counts such rows as skipped slices).
+SLICE_SKIP_REASONS = ("no content", "no head found")
+
+
+@dataclass(frozen=True)
 class FileResult:
     """What became of one file: its slices, or why it has none (an error, or left out by the
-    series selector). ``info`` holds the UIDs known even when the file failed."""
+    series selector). ``info`` holds the UIDs known even when the file failed.
+    ``skipped_slices``: the slices of a DICOM or NIfTI file with no content or no head (a
+    volume's empty top and bottom slices), left out one by one while the rest are kept."""
 
     slices: tuple[PreprocessedSlice, ...] = ()
     error: str | None = None
     skipped: str | None = None
     info: SliceInfo = NO_INFO
+    skipped_slices: tuple[SkippedSlice, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,13 +142,18 @@ class MRIPreprocess(Config):
 
     def slices(
         self, data: bytes, *, name: str = "", select: SeriesSelector | None = None, guard: InputGuard | None = None,
-        pages: bool = True,
+        pages: bool = True, skipped: list[SkippedSlice] | None = None,
     ) -> list[PreprocessedSlice]:
         """Every image of one file, preprocessed: one for an image file, one per page of a
         multi-page TIFF, GIF, WebP or APNG (``pages=False``: such a file is an error instead), one
         per slice (or frame) for DICOM and NIfTI. Raises ImageDecodeError, or NotSelected when
         ``select`` or ``guard`` leaves the file out. ``guard`` (default: none) refuses what the
-        model is not for."""
+        model is not for.
+
+        A DICOM or NIfTI slice the guard finds empty or headless is left out on its own and
+        appended to ``skipped``: every real volume has empty slices at its ends (a skull-stripped
+        one dozens), which must not cost the volume its other slices. With ``skipped`` None, a
+        file whose every slice is left out raises the first slice's reason."""
         guard = guard or NO_GUARD
         if err := guard.too_many_bytes("the file holds", len(data)):
             raise ImageDecodeError(err)
@@ -139,12 +164,18 @@ class MRIPreprocess(Config):
         if kind == "image":
             return self._pages(data, guard, pages)
         greys = read_medical(data, kind, select=select, guard=guard)
-        out = []
+        out, left_out = [], []
         for g in greys:
             try:
                 out.append(PreprocessedSlice(self._finish(g.gray, g.mode, guard), g.info))
+            except NoContent as e:
+                left_out.append(SkippedSlice(g.info, str(e)))
             except ImageDecodeError as e:
                 raise MedicalDecodeError(str(e), g.info) from None
+        if skipped is not None:
+            skipped.extend(left_out)
+        elif left_out and not out:
+            raise MedicalDecodeError(left_out[0].reason, left_out[0].info)
         return out
 
     def _pages(self, data: bytes, guard: InputGuard, pages: bool) -> list[PreprocessedSlice]:
@@ -169,11 +200,11 @@ class MRIPreprocess(Config):
     def _finish(self, gray: np.ndarray, mode: str, guard: InputGuard = NO_GUARD) -> PreprocessedImage:
         """The part every source shares: crop to the head, pad to a square of ``image_size``."""
         if guard.min_contrast and float(gray.std()) < guard.min_contrast:
-            raise ImageDecodeError(f"no content: the image is near-constant (grey-level spread {gray.std():.1f} < "
+            raise NoContent(f"no content: the image is near-constant (grey-level spread {gray.std():.1f} < "
                                    f"{guard.min_contrast:g})")
         box, fraction = find_head(gray, threshold=self.threshold, margin=self.margin)
         if box is None and guard.require_head:
-            raise ImageDecodeError(f"no head found: nothing in the image is brighter than the crop threshold "
+            raise NoContent(f"no head found: nothing in the image is brighter than the crop threshold "
                                    f"({self.threshold})")
         h, w = gray.shape
         cropped = box is not None
@@ -186,8 +217,10 @@ class MRIPreprocess(Config):
         pages: bool = True,
     ) -> FileResult:
         """:meth:`slices` that never raises: what jobs use so one odd file never stops them."""
+        left_out: list[SkippedSlice] = []
         try:
-            return FileResult(slices=tuple(self.slices(data, name=name, select=select, guard=guard, pages=pages)))
+            kept = self.slices(data, name=name, select=select, guard=guard, pages=pages, skipped=left_out)
+            return FileResult(slices=tuple(kept), skipped_slices=tuple(left_out))
         except NotSelected as e:
             return FileResult(skipped=str(e), info=e.info)
         except MedicalDecodeError as e:

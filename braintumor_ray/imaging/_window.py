@@ -50,6 +50,23 @@ def _percentile_levels(sample: np.ndarray, percentiles: tuple[float, float] = PE
     return (lo, hi) if hi > lo else None
 
 
+def head_levels(sample: np.ndarray, percentiles: tuple[float, float] = PERCENTILE_WINDOW) -> tuple[float, float] | None:
+    """:func:`_percentile_levels` of a volume's head: its voxels above the volume's minimum.
+
+    Skull-stripped, z-scored and bias-corrected volumes set their background to one value at the
+    bottom of the range (0 in a raw strip, the most negative value after z-scoring): taken with
+    the head, it moves the percentiles with the share of the field of view that is empty. On the
+    head's voxels alone, the raw and the z-scored copy of a volume (an affine map of the head)
+    get the same window, and the background stays black (it is below the window)."""
+    sample = np.asarray(sample, dtype=np.float64)
+    finite = sample[np.isfinite(sample)]
+    if finite.size:
+        above = finite[finite > finite.min()]
+        if above.size:
+            return _percentile_levels(above, percentiles)
+    return _percentile_levels(finite, percentiles)
+
+
 def _stretch(x: np.ndarray, levels: tuple[float, float] | None) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if levels is None:

@@ -31,6 +31,16 @@ class IngestConfig(Config):
                                      help="which DICOM series and NIfTI volumes to use; files it leaves out are "
                                      "counted in the report, not errors")
 
+    # BraTS-style datasets put a segmentation beside each patient's volumes (BraTS20_..._seg.nii.gz).
+    mask_pattern: str | None = setting(None, help="file name pattern (fnmatch, e.g. *_seg.nii.gz) of a NIfTI "
+                                       "segmentation mask beside a volume: the volumes in its folder are labelled per "
+                                       "slice from it (enough lesion: the folder's class; none: no_tumor; in between: "
+                                       "left out); masks are never ingested as images")
+    # 1% of an axial head section is about 2 cm^2 (a lesion 15 mm across), which a reader sees on
+    # a slice; slices with less lesion than that, but some, are neither clearly tumour nor healthy.
+    mask_min_lesion: float = setting(0.01, help="share of a slice's head area the mask must mark for the slice to "
+                                     "take the folder's tumour class (slices with some lesion, but less, are left "
+                                     "out)")
     guard: InputGuard = setting(default_factory=InputGuard, help="what the model is for: other DICOM modalities and "
                                 "body parts are left out (counted as not selected), images with no content are "
                                 "errors")
@@ -53,5 +63,10 @@ class IngestConfig(Config):
             raise ConfigError(f"images_per_block={self.images_per_block} must be at least 1")
         if not isinstance(self.select, SeriesSelector):
             raise ConfigError(f"select must be a SeriesSelector, not {type(self.select).__name__}")
+        if self.mask_pattern is not None and (not self.mask_pattern.strip() or "/" in self.mask_pattern):
+            raise ConfigError(f"mask_pattern={self.mask_pattern!r}: give a file name pattern such as *_seg.nii.gz "
+                              "(no folders), or leave it out")
+        if not 0.0 < self.mask_min_lesion <= 1.0:
+            raise ConfigError(f"mask_min_lesion={self.mask_min_lesion} is out of range: use a share in (0, 1]")
         check_modes(self.path_mode, self.uid_mode)
         check_folder_depth(self.max_folder_depth)

@@ -33,6 +33,10 @@ class IngestCounts:
     not_selected: int
     input: dict[str, dict[str, int]]  # split -> label -> files, as published
     output: dict[str, dict[str, int]]  # split -> label -> rows written
+    # Slices of volumes left out one by one: no content or no head (a volume's empty ends), and
+    # slices whose segmentation mask marks some lesion but under IngestConfig.mask_min_lesion.
+    slices_skipped: int = 0
+    slices_unlabelled: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,11 @@ def format_summary(report: IngestReport | dict) -> str:
         f"  files listed {c['files_listed']}, images read {c['images_read']}, ok {c['images_ok']}, "
         f"errors {c['errors']}, ignored (not images) {c['ignored_files']}"
         + (f", left out by the series selector {c['not_selected']}" if c.get("not_selected") else ""),
+    ]
+    if c.get("slices_skipped") or c.get("slices_unlabelled"):
+        lines.append(f"  slices of volumes left out: {c.get('slices_skipped', 0)} with no content or no head, "
+                     f"{c.get('slices_unlabelled', 0)} whose mask marks too little lesion to label")
+    lines += [
         f"  {'split':<6}" + "".join(f"{n:>12}" for n in CLASS_NAMES) + f"{'total':>8}",
     ]
     for split, labels in report["counts"]["output"].items():

@@ -20,6 +20,7 @@ Output layout under ``output``::
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import logging
 import math
@@ -34,10 +35,10 @@ import pyarrow.parquet as pq
 from ._config import IngestConfig
 from ._report import REPORT_FILE, FileError, IngestCounts, IngestReport
 from ._splits import ImageFacts, SplitDecision, assign_splits
-from ..core import (CLASS_NAMES, CONFIG_FILE, Identifiers, InputError, Location, StorageError, canonical_label,
+from ..core import (CLASS_NAMES, CONFIG_FILE, Identifiers, ImageDecodeError, InputError, Location, StorageError, canonical_label,
                     canonical_split, check_disjoint, resolve, unreadable_reason)
-from ..imaging import (DICOM_SUFFIXES, NIFTI_SUFFIXES, NO_GUARD, FileResult, InputGuard, MRIPreprocess, SeriesSelector, phash,
-                       sha256_hex, sniff_kind)
+from ..imaging import (DICOM_SUFFIXES, NIFTI_SUFFIXES, NO_GUARD, FileResult, InputGuard, MRIPreprocess, SeriesSelector,
+                       mask_slice_counts, phash, sha256_hex, sniff_kind)
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,11 @@ _DECODED_SCHEMA = pa.schema(
         ("instance_number", pa.int32()),
         ("slice_index", pa.int32()),
         ("key", pa.string()),  # path, or path + _SLICE_SEP + slice for a file of many slices
-        ("outcome", pa.string()),  # ok, error, not_selected (series selector), ignored (not an image after all)
-        ("error", pa.string()),  # the reason, for error and not_selected
+        # ok, error, not_selected (series selector), ignored (not an image after all), skipped (a
+        # volume's slice with no content or no head), unlabelled (its mask marks too little lesion)
+        ("outcome", pa.string()),
+        ("error", pa.string()),  # the reason, for error, not_selected and skipped
+        ("slice_label", pa.string()),  # the slice's label from a segmentation mask (null: the folder's)
     ]
 )
 _SLICE_NAMES = ("sop_instance_uid", "series_instance_uid", "study_instance_uid", "instance_number", "slice_index")
@@ -86,6 +90,10 @@ class _Planned:
     label: str
     split: str  # train / val / test as published; train for a class-only layout
     source_split: str  # the folder name as published ("" for a class-only layout)
+    mask: str | None = None  # the segmentation mask beside a volume (IngestConfig.mask_pattern)
+    # A volume or series below a folder of its own under the class folder (a patient's folder:
+    # BraTS20_001/, PAT1/STUDY1/...): that folder, which keeps all of a patient's slices in one split.
+    patient: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,13 +120,22 @@ def file_kind(name: str) -> str | None:
     return "maybe" if ext == "" or ext.isdigit() else None
 
 
-def plan_inputs(files: list[str], root: str) -> InputPlan:
+def plan_inputs(files: list[str], root: str, *, mask_pattern: str | None = None) -> InputPlan:
     """Sort a listing into images to read, errors (path, reason) and ignored files.
 
     The layout is ``<split>/<class>/<file>`` when any top folder is a split name, else
     ``<class>/<file>``; DICOM and NIfTI files (and extensionless files, which may be DICOM)
-    may also sit deeper below their class folder.
+    may also sit deeper below their class folder. Files named like ``mask_pattern`` are
+    segmentation masks, not images: each volume gets the one mask in its folder.
     """
+    masks: dict[str, list[str]] = defaultdict(list)
+    if mask_pattern:
+        pattern = mask_pattern.lower()
+        for f in files:
+            if fnmatch.fnmatchcase(f.rsplit("/", 1)[-1].lower(), pattern):
+                masks[f.rsplit("/", 1)[0]].append(f)
+        taken = {m for ms in masks.values() for m in ms}
+        files = [f for f in files if f not in taken]
     rels = [(f, f[len(root) :].lstrip("/").split("/")) for f in files]
     has_splits = any(len(p) >= 3 and canonical_split(p[0]) for _, p in rels)
     depth = 3 if has_splits else 2
@@ -147,8 +164,41 @@ def plan_inputs(files: list[str], root: str) -> InputPlan:
                 )
             )
             continue
-        planned.append(_Planned(path, label, split, parts[0] if has_splits else ""))
+        beside = masks.get(path.rsplit("/", 1)[0], []) if kind != "image" else []
+        if len(beside) > 1:
+            errors.append(FileError(path, f"{len(beside)} segmentation masks match {mask_pattern!r} beside this volume: "
+                                    "keep one per folder (one patient's volumes and their mask)", split, label))
+            continue
+        patient = root.rstrip("/") + "/" + "/".join(parts[:depth]) if len(parts) > depth else None
+        planned.append(_Planned(path, label, split, parts[0] if has_splits else "", beside[0] if beside else None, patient))
     return InputPlan(planned, errors, ignored, layout)
+
+
+# What a segmentation mask says of a slice (the decoded rows' slice_label): enough lesion (the
+# folder's tumour class), none (no_tumor); a slice in between is UNLABELLED and left out.
+LESION, NO_LESION, UNLABELLED = "lesion", "none", "unlabelled"
+NO_TUMOR = "no_tumor"
+
+
+def mask_labels(res: FileResult, mask: bytes, *, guard: InputGuard, min_lesion: float) -> list[str]:
+    """Per kept slice of a volume, what its segmentation mask says: ``LESION`` when the mask marks
+    at least ``min_lesion`` of the slice's head area (the crop's head fraction of its pixels),
+    ``NO_LESION`` when it marks nothing, ``UNLABELLED`` in between. The mask must have the
+    volume's grid (same slices, same pixels a slice); raises ImageDecodeError saying why not."""
+    shape, counts = mask_slice_counts(mask, guard=guard)
+    n = len(res.slices) + len(res.skipped_slices)
+    first = res.slices[0].image if res.slices else None
+    if shape[2] != n or (first is not None and shape[0] * shape[1] != first.orig_width * first.orig_height):
+        raise ImageDecodeError(f"its grid {'x'.join(map(str, shape))} is not the volume's ({n} slices"
+                               + (f" of {first.orig_width}x{first.orig_height}" if first else "") + "): "
+                               "give the mask of this volume, resampled to its grid")
+    out = []
+    for s in res.slices:
+        k = s.info.slice_index or 0
+        area = max(s.image.head_fraction, 1e-9) * s.image.orig_width * s.image.orig_height
+        marked = int(counts[k])
+        out.append(NO_LESION if marked == 0 else LESION if marked >= min_lesion * area else UNLABELLED)
+    return out
 
 
 def preprocess_batch(
@@ -158,18 +208,23 @@ def preprocess_batch(
     select: SeriesSelector | None = None,
     guard: InputGuard | None = None,
     source: Location | None = None,
+    mask_min_lesion: float = 0.01,
 ) -> pa.Table:
     """Worker side: bytes -> hashes, preprocessed image, crop box (one row per slice of a DICOM
-    or NIfTI file); one row with the reason per bad file or file the selector leaves out.
+    or NIfTI file); one row with the reason per bad file or file the selector leaves out, and
+    per slice of a volume with no content or no head (``skipped``).
 
     ``batch`` holds each file's ``bytes``, or only its ``path``: the file is then read here from
     ``source`` (at most guard.max_file_bytes of it), and one that vanished or cannot be read
-    since it was listed is an error row, not the end of the job."""
+    since it was listed is an error row, not the end of the job. A ``mask`` column names each
+    volume's segmentation mask (read from ``source``), which labels its slices
+    (:func:`mask_labels`)."""
     cols: dict[str, list] = {name: [] for name in _DECODED_SCHEMA.names}
     paths = batch.column("path").to_pylist()
     given = batch.column("bytes").to_pylist() if "bytes" in batch.column_names else [None] * len(paths)
+    masks = batch.column("mask").to_pylist() if "mask" in batch.column_names else [None] * len(paths)
     limit = (guard or NO_GUARD).max_file_bytes
-    for path, data in zip(paths, given):
+    for path, data, mask in zip(paths, given, masks):
         unread = None
         if "bytes" not in batch.column_names:
             try:
@@ -183,7 +238,22 @@ def preprocess_batch(
         # (its label would be copied to every page, or page one taken silently).
         res = (preprocess.try_slices(data, name=path, select=select, guard=guard, pages=False) if unread is None
                else FileResult(error=unread))
-        if not res.slices:
+        labels: list[str | None] = [None] * len(res.slices)
+        if mask and (res.slices or res.skipped_slices):
+            try:
+                labels = mask_labels(res, source.read_limited(mask, limit), guard=guard or NO_GUARD,
+                                     min_lesion=mask_min_lesion)
+            except Exception as e:
+                name = mask.rsplit("/", 1)[-1]
+                res = FileResult(error=f"segmentation mask {name}: {e if isinstance(e, ImageDecodeError) else unreadable_reason(e)}",
+                                 info=res.slices[0].info if res.slices else res.info)
+        for s in res.skipped_slices:  # a volume's empty or headless slice: left out on its own
+            row = dict.fromkeys(_DECODED_SCHEMA.names)
+            row.update(path=path, key=f"{path}{_SLICE_SEP}{s.info.slice_index}", outcome="skipped", error=s.reason)
+            row.update({k: getattr(s.info, k) for k in _SLICE_NAMES})
+            for k, v in row.items():
+                cols[k].append(v)
+        if not res.slices and not res.skipped_slices:
             row: dict[str, Any] = dict.fromkeys(_DECODED_SCHEMA.names)
             row.update(path=path, key=path, sha256=digest, error=res.skipped or res.error)
             row.update({k: getattr(res.info, k) for k in _SLICE_NAMES})
@@ -195,13 +265,17 @@ def preprocess_batch(
                 row["outcome"] = "error"
             for k, v in row.items():
                 cols[k].append(v)
-        for i, s in enumerate(res.slices):
+        for i, (s, label) in enumerate(zip(res.slices, labels)):
             out = s.image
             row = dict.fromkeys(_DECODED_SCHEMA.names)
-            many = len(res.slices) > 1
+            many = len(res.slices) + len(res.skipped_slices) > 1
+            index = i if s.info.slice_index is None else s.info.slice_index
             # The slices of one volume share a file: their hash is of their own pixels, so that
             # exact-duplicate grouping sees slices (blank ones are all one), not the file.
-            row.update(path=path, outcome="ok", key=f"{path}{_SLICE_SEP}{i}" if many else path)
+            row.update(path=path, key=f"{path}{_SLICE_SEP}{index}" if many else path)
+            row.update(outcome="unlabelled" if label == UNLABELLED else "ok", slice_label=None if label == UNLABELLED else label)
+            if label == UNLABELLED:
+                row["error"] = f"the segmentation mask marks some lesion on this slice, under {mask_min_lesion:g} of its head"
             row["sha256"] = sha256_hex(out.pixels.tobytes()) if many else digest
             row.update({k: getattr(s.info, k) for k in _SLICE_NAMES})
             row.update(
@@ -234,11 +308,13 @@ def add_decisions(
     batch = batch.filter(pa.array(keep, pa.bool_()))
     paths = batch.column("path").to_pylist()
     d = [decisions[k] for k, kept in zip(keys, keep) if kept]
-    batch = batch.drop_columns(["error", "key", "outcome"])
+    marks = batch.column("slice_label").to_pylist()
+    batch = batch.drop_columns(["error", "key", "outcome", "slice_label"])
     pl = [planned[p] for p in paths]
+    labels = [NO_TUMOR if m == NO_LESION else x["label"] for x, m in zip(pl, marks)]
     cols = {
-        "label": pa.array([x["label"] for x in pl], pa.string()),
-        "label_index": pa.array([CLASS_NAMES.index(x["label"]) for x in pl], pa.int8()),
+        "label": pa.array(labels, pa.string()),
+        "label_index": pa.array([CLASS_NAMES.index(x) for x in labels], pa.int8()),
         "split": pa.array([x.split for x in d], pa.string()),
         "source_split": pa.array([x["source_split"] for x in pl], pa.string()),
         "group_id": pa.array([x.group_id for x in d], pa.string()),
@@ -278,7 +354,7 @@ def run_ingest(config: IngestConfig) -> dict:
         dst.remove()
     listed = src.listing(follow_links_outside=config.guard.follow_links_outside_input, max_depth=config.max_folder_depth)
     files = list(listed.files)
-    plan = plan_inputs(files, src.path)
+    plan = plan_inputs(files, src.path, mask_pattern=config.mask_pattern)
     if listed.refused:  # links leaving the input, dangling links, FIFOs: error rows, never read
         refused = [p for p in plan.images if p.path in listed.refused]
         plan = dataclasses.replace(
@@ -394,6 +470,8 @@ def _counts(files: list[str], plan: InputPlan, decoded: "_Decoded", decisions: d
         images_ok=len(decoded.images),
         errors=len(plan.errors) + len(decoded.errors),
         not_selected=len(decoded.not_selected),
+        slices_skipped=decoded.slices_left_out.get("no_content_or_head", 0),
+        slices_unlabelled=decoded.slices_left_out.get("mask_unlabelled", 0),
         input={s: dict(sorted(counts_in[s].items())) for s in SPLITS if s in counts_in},
         output={s: dict(sorted(counts_out[s].items())) for s in SPLITS if s in counts_out},
     )
@@ -409,6 +487,7 @@ class _Decoded:
     not_selected: list[tuple[str, str]]  # (path, reason) of files the series selector left out
     ignored: list[str]  # extensionless files that turned out to be neither DICOM nor an image
     seconds: float
+    slices_left_out: dict[str, int] = dataclasses.field(default_factory=dict)  # why -> slices of volumes left out
 
 
 def _decode(config: IngestConfig, src: Location, planned: list[_Planned]) -> _Decoded:
@@ -420,20 +499,25 @@ def _decode(config: IngestConfig, src: Location, planned: list[_Planned]) -> _De
     n_blocks = max(2 * n_cpus, math.ceil(len(planned) / config.images_per_block))
     dataset = (
         # The tasks read the files themselves: one that vanished or cannot be read is an error row.
-        ray.data.from_items([{"path": p.path} for p in planned], override_num_blocks=min(n_blocks, len(planned)))
+        ray.data.from_items([{"path": p.path, "mask": p.mask or ""} for p in planned], override_num_blocks=min(n_blocks, len(planned)))
         .map_batches(
             preprocess_batch, batch_format="pyarrow",
-            fn_kwargs={"preprocess": config.preprocess, "select": config.select, "guard": config.guard, "source": src}
+            fn_kwargs={"preprocess": config.preprocess, "select": config.select, "guard": config.guard, "source": src,
+                       "mask_min_lesion": config.mask_min_lesion}
         )
         .materialize()
     )
-    cols = ["key", "path", "sha256", "phash", "outcome", "error", "series_instance_uid", "slice_index"]
+    cols = ["key", "path", "sha256", "phash", "outcome", "error", "series_instance_uid", "slice_index", "slice_label"]
     rows = _to_arrow(dataset.select_columns(cols)).to_pylist()
     by_path = {p.path: p for p in planned}
     images, errors, not_selected, ignored = [], [], [], []
+    left_out: Counter = Counter()
     for row in rows:
         p = by_path[row["path"]]
-        if row["outcome"] == "error":
+        if row["outcome"] in ("skipped", "unlabelled") or (row["slice_label"] == LESION and p.label == NO_TUMOR):
+            # A volume's empty or headless slice, one its mask cannot label, or lesion in a no_tumor folder.
+            left_out["no_content_or_head" if row["outcome"] == "skipped" else "mask_unlabelled"] += 1
+        elif row["outcome"] == "error":
             errors.append(FileError(p.path, row["error"], p.split, p.label))
         elif row["outcome"] == "not_selected":
             not_selected.append((p.path, row["error"]))
@@ -441,9 +525,12 @@ def _decode(config: IngestConfig, src: Location, planned: list[_Planned]) -> _De
             ignored.append(p.path)
         else:
             # The series that keeps slices together in one split: a DICOM series, or a volume.
+            # A patient's folder, when the file has one, keeps all of the patient's volumes and series together.
             series = row["series_instance_uid"] or (row["path"] if row["slice_index"] is not None else None)
-            images.append(ImageFacts(row["key"], row["sha256"], row["phash"], p.label, p.split, series))
-    return _Decoded(dataset, images, errors, not_selected, ignored, time.perf_counter() - t)
+            series = p.patient if series and p.patient else series
+            label = NO_TUMOR if row["slice_label"] == NO_LESION else p.label
+            images.append(ImageFacts(row["key"], row["sha256"], row["phash"], label, p.split, series))
+    return _Decoded(dataset, images, errors, not_selected, ignored, time.perf_counter() - t, dict(left_out))
 
 
 def _write_shards(

@@ -215,8 +215,14 @@ def carve_validation(
     rng = np.random.default_rng(seed)
     decisions: dict[str, SplitDecision] = {}
     missing: list[str] = []
-    for label in sorted(kept):
-        units = split_units(images, kept[label])
+    # A unit is whole across labels: a volume labelled per slice by its mask (tumour slices and
+    # no_tumor slices of one patient) goes to one split, stratified under its most common label.
+    by_label: dict[str, list[list[TrainGroup]]] = defaultdict(list)
+    for unit in split_units(images, [g for label in sorted(kept) for g in kept[label]]):
+        count = Counter(images[g.index].label for g in unit)
+        by_label[min(count, key=lambda lab: (-count[lab], lab))].append(unit)
+    for label in sorted(set(kept) | set(by_label)):
+        units = sorted(by_label.get(label, []))
         order = rng.permutation(len(units))  # drawn for every label, so each carve keeps its seed's draw
         n_val = val_count(len(units), val_fraction)
         if val_fraction > 0 and n_val == 0:

@@ -149,7 +149,8 @@ def decode_batch(
     attempts: Location | None = None,
 ) -> pa.Table:
     """CPU side: file bytes -> sha256 and the preprocessed image of each slice, or the reason
-    the file has none (one row then: an error, or ``skipped`` by the series selector).
+    the file has none (one row then: an error, or ``skipped`` by the series selector); a
+    volume's slice with no content or no head is a ``skipped`` row of its own.
 
     ``batch`` holds each file's ``bytes``, or its listed ``path``, ``size``, ``version`` (and
     ``refused``, the listing's reason to refuse it): the file is then read here from ``source``,
@@ -181,7 +182,10 @@ def decode_batch(
         for s in res.slices:
             add(path, digest, s.image.pixels.tobytes(), s.image.pixels.shape[0], "ok", None, s.image.head_fraction, s.info,
                 s.image.crop_box)
-        if not res.slices:
+        # A volume's empty or headless slices: a skipped row each, with the reason and where it is.
+        for s in res.skipped_slices:
+            add(path, digest, None, None, "skipped", s.reason, None, s.info)
+        if not res.slices and not res.skipped_slices:
             add(path, digest, None, None, "skipped" if res.skipped else "error", res.skipped or res.error, None, res.info)
     return pa.Table.from_pydict(cols, schema=_DECODED)
 

@@ -11,7 +11,11 @@ copied under two names counts once).
 
 The verdict (:func:`series_verdict`): only slices that show enough of the head vote (the crop's
 ``head_fraction`` at least half the series' largest, so the top and bottom of a head, with
-little brain in them, do not), and out-of-distribution slices do not vote. The series'
+little brain in them, do not), and out-of-distribution slices do not vote. When at least
+``OOD_SHARE`` (half) of the head-showing slices are out of distribution, the series has no
+verdict and its ``review_reason`` is ``out_of_distribution``: a model that does not know a
+volume gives no answer from its few unflagged slices. Slices skipped for no content or no head
+(a volume's empty ends) are counted in ``slices_skipped`` and take no part. The series'
 tumour score is the mean of the top ``k`` = 3 voting slices' calibrated tumour probabilities
 (1 - p(no_tumor)): a tumour shows on a few slices of a volume, so a majority vote would hide
 it, while a single noisy slice (one of three) cannot reach 0.5 alone. A score of 0.5 or more
@@ -43,6 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core import CLASS_NAMES, CommittedFile, Location, Manifest
+from ..imaging import SLICE_SKIP_REASONS
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +62,12 @@ SOURCES_KEY = b"braintumor_ray.sources"
 TOP_K = 3
 # A slice votes when its head covers at least this share of the series' largest head section.
 HEAD_SHARE = 0.5
+# A series is out_of_distribution as a whole when at least this share of its head-showing slices
+# is: the OOD threshold passes 99% of validation images (TrustConfig.ood_pass_rate), so a volume
+# like the training data has about 1 slice in 100 flagged, and half of them flagged means the model
+# does not know this scanner or protocol; its few unflagged slices are then the least trustworthy
+# of a volume it does not know, not evidence (docs/scoring.md, "Volumes").
+OOD_SHARE = 0.5
 # Columns older prediction files lack; their rows vote as before trust flags existed.
 _OPTIONAL = {"head_fraction": pa.float32(), "review_reason": pa.string(), "prediction_set": pa.list_(pa.string())}
 
@@ -65,6 +76,7 @@ _ROW_COLUMNS = [
     "model_id",
     "scored_at",
     "status",
+    "error",
     "sop_instance_uid",
     "series_instance_uid",
     "study_instance_uid",
@@ -87,6 +99,7 @@ def series_schema(class_names: list[str]) -> pa.Schema:
             ("volume_path", pa.string()),  # the NIfTI file; null for a DICOM series (many files)
             ("slices_scored", pa.int32()),
             ("slices_failed", pa.int32()),
+            ("slices_skipped", pa.int32()),  # no content or no head (a volume's empty ends): not scored
             ("predicted_label", pa.string()),
             ("top_probability", pa.float32()),
             ("confidence", pa.float32()),  # how sure the verdict is (see series_verdict)
@@ -176,7 +189,9 @@ def series_table(rows: pa.Table, class_names: list[str], *, review_threshold: fl
     if not df.empty:
         latest = df.groupby(["model_id", "path"])["scored_at"].transform("max")
         df = df[df["scored_at"] == latest]
-    df = df[df["status"].isin(["ok", "error"])]
+    reasons = df["error"].fillna("") if "error" in df else pd.Series("", index=df.index)
+    skipped_slice = (df["status"] == "skipped") & reasons.astype(str).str.startswith(SLICE_SKIP_REASONS)
+    df = df[df["status"].isin(["ok", "error"]) | skipped_slice]
     if df.empty:
         return schema.empty_table()
     # The latest row of each DICOM instance (and frame): a copy under a second name counts once.
@@ -199,6 +214,7 @@ def series_table(rows: pa.Table, class_names: list[str], *, review_threshold: fl
         out["volume_path"].append(_value(g["path"].iloc[0]) if is_volume else None)
         out["slices_scored"].append(len(ok))
         out["slices_failed"].append(int((g["status"] == "error").sum()))
+        out["slices_skipped"].append(int((g["status"] == "skipped").sum()))
         out["last_scored_at"].append(g["scored_at"].max())
         if ok.empty:
             for k in ("predicted_label", "top_probability", "confidence", "review_reason", "top_slice_path",
@@ -281,6 +297,8 @@ def series_verdict(
     ood = np.zeros(n, bool) if ood is None else np.asarray(ood, bool)
     head = np.ones(n) if head_fraction is None else np.nan_to_num(np.asarray(head_fraction, np.float64), nan=1.0)
     enough = head >= HEAD_SHARE * (head.max() if n else 0.0)
+    if enough.any() and ood[enough].mean() >= OOD_SHARE:
+        return Verdict(None, None, None, "out_of_distribution", 0)
     vote = enough & ~ood
     idx = np.nonzero(vote)[0]
     if not len(idx):

@@ -1,0 +1,391 @@
+"""Real volumes: a volume's empty and headless slices are skipped one by one (never the end of
+the volume), a series most of whose head-showing slices are out of distribution gets no verdict,
+float volumes are windowed on the head's voxels, and volumes train through the ingest.
+
+Every volume here is generated (tumour slices among empty and headless ones, skull-stripped and
+z-scored copies), except the healthy heads that ship inside installed packages (nibabel's)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from braintumor_ray import CLASS_NAMES, MRIPreprocess
+from braintumor_ray.imaging import InputGuard, render_mri
+from braintumor_ray.score import decode_batch, output_schema, series_table, series_verdict
+from test_dicom import dicom_bytes, head12, nifti_bytes
+
+GUARD = InputGuard()
+PRE = MRIPreprocess(image_size=64)
+NAMES = list(CLASS_NAMES)
+NO_TUMOR = NAMES.index("no_tumor")
+
+
+def head_volume(n_head: int = 4, *, empty: int = 2, headless: int = 1, label: str = "glioma", seed: int = 0,
+                size: int = 64) -> tuple[np.ndarray, list[str]]:
+    """(x, y, z) float32 volume: ``empty`` all-zero slices at each end, ``headless`` slices of faint
+    noise (below the crop threshold) next to them, and ``n_head`` MRI-like slices in the middle;
+    and what each slice is (``empty``, ``headless``, ``head``)."""
+    rng = np.random.default_rng(seed)
+    kinds = ["empty"] * empty + ["headless"] * headless + ["head"] * n_head + ["headless"] * headless + ["empty"] * empty
+    out = []
+    for kind in kinds:
+        if kind == "head":
+            out.append(render_mri(label, rng, size)[0].astype(np.float32))
+        elif kind == "headless":
+            out.append(rng.uniform(0, 14, (size, size)).astype(np.float32))
+        else:
+            out.append(np.zeros((size, size), np.float32))
+    # render_mri's rows run down the image: stored as NIfTI x, y with the display convention undone.
+    return np.stack(out, axis=-1).transpose(1, 0, 2)[:, ::-1].copy(), kinds
+
+
+# --- 1. per-slice skip ------------------------------------------------------------------------
+
+
+def test_a_volumes_empty_and_headless_slices_are_skipped_one_by_one():
+    vol, kinds = head_volume()
+    r = PRE.try_slices(nifti_bytes(vol), name="v.nii", guard=GUARD)
+    assert r.error is None and r.skipped is None
+    assert [s.info.slice_index for s in r.slices] == [k for k, kind in enumerate(kinds) if kind == "head"]
+    skipped = {s.info.slice_index: s.reason for s in r.skipped_slices}
+    assert set(skipped) == {k for k, kind in enumerate(kinds) if kind != "head"}
+    assert all(skipped[k].startswith("no content") for k, kind in enumerate(kinds) if kind == "empty")
+    assert all(skipped[k].startswith("no head found") for k, kind in enumerate(kinds) if kind == "headless")
+
+
+def test_a_multi_frame_dicoms_blank_frame_is_skipped_and_the_others_kept():
+    frames = np.stack([np.zeros((64, 64), np.uint16), head12(1), head12(2), np.zeros((64, 64), np.uint16)])
+    r = PRE.try_slices(dicom_bytes(frames), guard=GUARD)
+    assert r.error is None and [s.info.slice_index for s in r.slices] == [1, 2]
+    assert [s.info.slice_index for s in r.skipped_slices] == [0, 3]
+    assert all(s.info.sop_instance_uid == r.slices[0].info.sop_instance_uid for s in r.skipped_slices)
+    # An all-empty volume: every slice skipped, none an error (the file itself reads).
+    blank = PRE.try_slices(nifti_bytes(np.zeros((32, 32, 3), np.float32)), name="b.nii", guard=GUARD)
+    assert blank.error is None and not blank.slices and len(blank.skipped_slices) == 3
+    # A plain image with no content is still the file's error (it has nothing else).
+    assert "no content" in PRE.try_slices(_png(np.zeros((32, 32), np.uint8)), guard=GUARD).error
+
+
+def test_scoring_decodes_a_volume_to_a_row_per_slice_skipped_ones_with_their_reason():
+    vol, kinds = head_volume(n_head=3)
+    frames = np.stack([np.zeros((64, 64), np.uint16), head12(1)])
+    batch = pa.table({"path": ["v.nii.gz", "mf.dcm"], "bytes": [nifti_bytes(vol, gz=True), dicom_bytes(frames)]})
+    rows = decode_batch(batch, preprocess=PRE, guard=GUARD).to_pylist()
+    vol_rows = sorted((r for r in rows if r["path"] == "v.nii.gz"), key=lambda r: r["slice_index"])
+    assert [r["slice_index"] for r in vol_rows] == list(range(len(kinds)))
+    assert [r["status"] for r in vol_rows] == ["ok" if k == "head" else "skipped" for k in kinds]
+    assert all(r["error"].startswith(("no content", "no head found")) and r["pixels"] is None
+               for r in vol_rows if r["status"] == "skipped")
+    mf = sorted((r for r in rows if r["path"] == "mf.dcm"), key=lambda r: r["slice_index"])
+    assert [(r["slice_index"], r["status"]) for r in mf] == [(0, "skipped"), (1, "ok")]
+    assert mf[0]["sop_instance_uid"] == mf[1]["sop_instance_uid"] is not None
+
+
+def _png(a):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _rows(slices: list[dict]) -> pa.Table:
+    """Prediction rows of one NIfTI volume (the scoring schema), from short per-slice dicts."""
+    schema = output_schema(NAMES)
+    base = {n: None for n in schema.names}
+    rows = []
+    for k, s in enumerate(slices):
+        r = dict(base, path="vol.nii.gz", model_id="m", scored_at=pa.scalar(0, pa.timestamp("us", tz="UTC")).as_py(),
+                 slice_index=k, status=s.get("status", "ok"), error=s.get("error"))
+        if r["status"] == "ok":
+            p = s.get("p", [0.1, 0.1, 0.7, 0.1])
+            r.update({f"prob_{c}": float(v) for c, v in zip(NAMES, p)}, head_fraction=s.get("head", 0.5),
+                     review_reason=s.get("reason"))
+        rows.append(r)
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def test_the_series_table_counts_scored_skipped_and_failed_slices():
+    rows = _rows([{"status": "skipped", "error": "no content: the image is near-constant"},
+                  {"status": "skipped", "error": "no head found: nothing in the image"},
+                  {}, {}, {"status": "error", "error": "corrupt"}, {}])
+    (s,) = series_table(rows, NAMES).to_pylist()
+    assert (s["slices_scored"], s["slices_skipped"], s["slices_failed"]) == (3, 2, 1)
+    assert s["predicted_label"] == "no_tumor" and s["volume_path"] == "vol.nii.gz"
+
+
+# --- 2. series-level distribution check -------------------------------------------------------
+
+
+def test_a_volume_mostly_out_of_distribution_gets_no_verdict_from_its_other_slices():
+    glioma, healthy = [0.8, 0.05, 0.1, 0.05], [0.02, 0.02, 0.94, 0.02]
+    p = np.array([glioma] * 6 + [healthy] * 4)
+    head = np.full(10, 0.5)
+    ood = np.array([True] * 6 + [False] * 4)
+    v = series_verdict(p, head_fraction=head, ood=ood, no_tumor=NO_TUMOR)
+    # Before: the four unflagged slices voted a confident no_tumor for a glioma volume.
+    assert v.label is None and v.review_reason == "out_of_distribution" and v.voting == 0
+    # A few flagged slices (1 in 10) leave the verdict to the others.
+    v = series_verdict(p, head_fraction=head, ood=np.arange(10) == 0, no_tumor=NO_TUMOR)
+    assert v.label == 0 and v.review_reason is None
+    # Only head-showing slices count: flagged slivers at the ends of the head do not tip it.
+    head2 = np.array([0.05] * 6 + [0.5] * 4)
+    v = series_verdict(p, head_fraction=head2, ood=ood, no_tumor=NO_TUMOR)
+    assert v.label == NO_TUMOR and v.voting == 4
+    # Through the table: the volume's row says out_of_distribution, with no label.
+    rows = _rows([{"p": glioma, "reason": "out_of_distribution"}] * 3 + [{"p": healthy}] * 2)
+    (s,) = series_table(rows, NAMES).to_pylist()
+    assert s["predicted_label"] is None and s["review_reason"] == "out_of_distribution"
+
+
+# --- 3. windowing of float volumes on the head's voxels ---------------------------------------
+
+
+def _pixels(data: bytes) -> dict[int, np.ndarray]:
+    r = PRE.try_slices(data, name="v.nii", guard=GUARD)
+    assert r.error is None
+    return {s.info.slice_index: s.image.pixels.astype(int) for s in r.slices}
+
+
+def test_a_z_scored_and_a_raw_copy_of_a_volume_give_the_same_slices():
+    raw, kinds = head_volume(n_head=5, empty=3, headless=0, seed=3)
+    head = raw > 0
+    z = np.zeros_like(raw)
+    z[head] = (raw[head] - raw[head].mean()) / raw[head].std()
+    z[~head] = z[head].min() - 0.5  # the background at the minimum, as z-scoring pipelines leave it
+    a, b = _pixels(nifti_bytes(raw)), _pixels(nifti_bytes(z.astype(np.float32)))
+    assert set(a) == set(b) == {k for k, kind in enumerate(kinds) if kind == "head"}
+    for k in a:
+        diff = np.abs(a[k] - b[k])
+        assert diff.max() <= 2 and diff.mean() < 0.5, (k, diff.max(), diff.mean())
+    # The head's contrast does not depend on how much of the field of view is empty.
+    padded = np.concatenate([np.zeros(raw.shape[:2] + (30,), np.float32), raw], axis=-1)
+    c = _pixels(nifti_bytes(padded))
+    assert all(np.abs(c[k + 30] - a[k]).max() <= 1 for k in a)
+
+
+# --- 4. train on volumes: the ingest ----------------------------------------------------------
+
+
+def lesion_volume(seed: int = 0, size: int = 64) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A glioma volume and its segmentation mask: 2 empty slices at each end, then 2 healthy
+    slices, a slice with a sliver of lesion, 3 slices with a large one; and what each slice is
+    (``empty``, ``none``, ``sliver``, ``lesion``)."""
+    rng = np.random.default_rng(seed)
+    kinds = ["empty"] * 2 + ["none", "none", "sliver", "lesion", "lesion", "lesion"] + ["empty"] * 2
+    vol, seg = [], []
+    for kind in kinds:
+        m = np.zeros((size, size), np.uint8)
+        if kind == "empty":
+            vol.append(np.zeros((size, size), np.float32))
+        else:
+            image, head = render_mri("glioma" if kind == "lesion" else "no_tumor", rng, size)
+            vol.append(image.astype(np.float32))
+            if kind == "lesion":
+                m[size // 2 - 8: size // 2 + 8, size // 2 - 8: size // 2 + 8] = 1  # 256 px: ~15% of the head
+            elif kind == "sliver":
+                m[size // 2, size // 2: size // 2 + 3] = 2  # 3 px: well under 1% of the head
+        seg.append(m)
+    fix = lambda a: np.stack(a, axis=-1).transpose(1, 0, 2)[:, ::-1].copy()  # noqa: E731
+    return fix(vol), fix(seg), kinds
+
+
+def test_plan_inputs_takes_masks_aside_and_finds_each_volumes_patient():
+    from braintumor_ray.ingest import plan_inputs
+
+    files = ["/r/glioma/P1/p1_flair.nii.gz", "/r/glioma/P1/p1_t1ce.nii.gz", "/r/glioma/P1/p1_seg.nii.gz",
+             "/r/glioma/P2/p2_flair.nii.gz", "/r/glioma/P2/a_seg.nii.gz", "/r/glioma/P2/b_SEG.nii.gz",
+             "/r/glioma/flat.nii.gz", "/r/no_tumor/x.jpg"]
+    plan = plan_inputs(files, "/r", mask_pattern="*_seg.nii.gz")
+    got = {p.path: (p.mask, p.patient) for p in plan.images}
+    assert got == {"/r/glioma/P1/p1_flair.nii.gz": ("/r/glioma/P1/p1_seg.nii.gz", "/r/glioma/P1"),
+                   "/r/glioma/P1/p1_t1ce.nii.gz": ("/r/glioma/P1/p1_seg.nii.gz", "/r/glioma/P1"),
+                   "/r/glioma/flat.nii.gz": (None, None), "/r/no_tumor/x.jpg": (None, None)}
+    assert [(e.path, "2 segmentation masks" in e.reason) for e in plan.errors] == [("/r/glioma/P2/p2_flair.nii.gz", True)]
+    # Without the setting a mask is a volume like any other (and was ingested with the folder's label).
+    assert len(plan_inputs(files, "/r").images) == len(files)
+
+
+def test_a_mask_labels_a_volumes_slices_and_the_empty_ones_are_left_out(tmp_path):
+    from braintumor_ray.core import resolve
+    from braintumor_ray.ingest._run import preprocess_batch
+
+    vol, seg, kinds = lesion_volume()
+    (tmp_path / "v.nii.gz").write_bytes(nifti_bytes(vol, gz=True))
+    (tmp_path / "v_seg.nii.gz").write_bytes(nifti_bytes(seg, gz=True))
+    (tmp_path / "bad_seg.nii.gz").write_bytes(nifti_bytes(seg[:, :, :5], gz=True))
+    batch = pa.table({"path": [str(tmp_path / "v.nii.gz")] * 2, "mask": [str(tmp_path / "v_seg.nii.gz"), str(tmp_path / "bad_seg.nii.gz")]})
+    rows = preprocess_batch(batch, preprocess=PRE, guard=GUARD, source=resolve(str(tmp_path)), mask_min_lesion=0.01).to_pylist()
+    good = sorted((r for r in rows[: len(kinds)]), key=lambda r: r["slice_index"])
+    want = {"empty": ("skipped", None), "none": ("ok", "none"), "sliver": ("unlabelled", None), "lesion": ("ok", "lesion")}
+    assert [(r["outcome"], r["slice_label"]) for r in good] == [want[k] for k in kinds]
+    assert len({r["key"] for r in good}) == len(kinds)
+    (bad,) = rows[len(kinds):]
+    assert bad["outcome"] == "error" and "segmentation mask bad_seg.nii.gz" in bad["error"] and "grid" in bad["error"]
+
+
+def test_a_patients_slices_of_two_labels_share_one_split():
+    from braintumor_ray.ingest._splits import ImageFacts, assign_splits
+
+    images = []
+    for p in range(8):  # 8 patients, each 3 glioma and 3 no_tumor slices of one volume
+        for k in range(6):
+            images.append(ImageFacts(f"p{p}\x00{k}", f"{p:02d}{k:062d}", f"{(p * 6 + k) * 0x0f0f0f0f0f0f:016x}"[-16:],
+                                     "glioma" if k < 3 else "no_tumor", "train", f"/r/glioma/P{p}"))
+    res = assign_splits(images, val_fraction=0.25, seed=0, near_dup_distance=-1)
+    for p in range(8):
+        assert len({res.decisions[f"p{p}\x00{k}"].split for k in range(6)}) == 1, p
+    assert {d.split for d in res.decisions.values()} == {"train", "val"}
+
+
+def test_an_ingest_of_volumes_with_masks_labels_slices_and_trains_unchanged(ray_session, tmp_path):
+    import json
+    import os
+
+    from braintumor_ray import make_sample_dataset
+    from braintumor_ray.ingest import IngestConfig, run_ingest
+    from conftest import load_job
+
+    root = tmp_path / "data"
+    make_sample_dataset(str(root), per_class=6, test_per_class=2, size=64, seed=3)
+    kinds = lesion_volume()[2]
+    (glioma,) = [d for d in (root / "Training").iterdir() if d.name.startswith("glioma")]
+    for p in range(5):  # five glioma patients, each a folder with a FLAIR volume and its mask
+        vol, seg, _ = lesion_volume(seed=10 + p)
+        (glioma / f"P{p}").mkdir()
+        (glioma / f"P{p}" / f"p{p}_flair.nii.gz").write_bytes(nifti_bytes(vol, gz=True))
+        (glioma / f"P{p}" / f"p{p}_seg.nii.gz").write_bytes(nifti_bytes(seg, gz=True))
+    out = tmp_path / "pre"
+    report = run_ingest(IngestConfig(input=str(root), output=str(out), preprocess=MRIPreprocess(image_size=64),
+                                     mask_pattern="*_seg.nii.gz", near_dup_distance=-1))
+    c = report["counts"]
+    assert c["errors"] == 0 and not report["errors"]
+    assert c["slices_skipped"] == 5 * kinds.count("empty") and c["slices_unlabelled"] == 5 * kinds.count("sliver")
+    import pandas as pd
+
+    rows = pd.read_parquet(out / "images")
+    vols = rows[rows.path.str.endswith("_flair.nii.gz")]
+    want = {k: ("glioma" if kind == "lesion" else "no_tumor") for k, kind in enumerate(kinds) if kind in ("lesion", "none")}
+    assert len(vols) == 5 * len(want) and not rows.path.str.endswith("_seg.nii.gz").any()
+    assert all(want[int(r.slice_index)] == r.label for r in vols.itertuples())
+    assert (vols.groupby("path")["split"].nunique() == 1).all()  # a patient's slices in one split
+    # jobs/train.py trains on it as on any ingest.
+    job = load_job("train")
+    assert job.main(["--smoke-test", "--data", str(out), "--storage", str(tmp_path / "runs"), "--name", "vol",
+                     "--epochs", "1", "--no-onnx"]) == 0
+    assert json.loads((tmp_path / "runs" / "vol" / "metrics.json").read_text())["epochs"]
+
+
+# --- 5. real healthy volumes that ship in installed packages ----------------------------------
+
+
+def healthy_volumes(folder) -> list[str]:
+    """Real healthy heads shipped in installed packages, copied to ``folder``: nibabel's test data
+    (a T1 head, the same resampled to float, the first volume of a 4-D EPI series) and pydicom's
+    MR_small (one MR head slice). What else was looked for is in docs/scoring.md ("Volumes")."""
+    import os
+    import shutil
+
+    import nibabel as nib
+    import pydicom.data
+
+    data = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
+    out = []
+    for name in ("anatomical.nii", "reoriented_anat_moved.nii"):
+        shutil.copy(os.path.join(data, name), folder / name)
+        out.append(str(folder / name))
+    epi = nib.load(os.path.join(data, "example4d.nii.gz"))
+    nib.save(epi.slicer[..., 0], str(folder / "example4d_vol0.nii.gz"))
+    out.append(str(folder / "example4d_vol0.nii.gz"))
+    shutil.copy(pydicom.data.get_testdata_file("MR_small.dcm"), folder / "MR_small.dcm")
+    out.append(str(folder / "MR_small.dcm"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def scored_volumes(ray_session, trusted_package, tmp_path_factory):
+    from braintumor_ray.score import ScoreConfig, run_scoring
+
+    base = tmp_path_factory.mktemp("volumes")
+    archive, out = base / "archive", base / "predictions"
+    (archive / "healthy").mkdir(parents=True)
+    (archive / "generated").mkdir()
+    healthy = healthy_volumes(archive / "healthy")
+    vol, kinds = head_volume(n_head=4, empty=3, headless=1, seed=7)
+    (archive / "generated" / "glioma.nii.gz").write_bytes(nifti_bytes(vol, gz=True))
+    summary = run_scoring(ScoreConfig(model=trusted_package, input=str(archive), output=str(out), batch_size=16))
+    return str(archive), str(out), healthy, kinds, summary
+
+
+def test_scoring_a_volume_skips_its_empty_slices_and_counts_them(scored_volumes):
+    import os
+
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from braintumor_ray.score import SERIES_FILE
+
+    archive, out, _, kinds, _ = scored_volumes
+    rows = [r for r in pads.dataset(out, format="parquet").to_table().to_pylist() if r["path"].endswith("glioma.nii.gz")]
+    rows.sort(key=lambda r: r["slice_index"])
+    assert [r["status"] for r in rows] == ["ok" if k == "head" else "skipped" for k in kinds]
+    series = {r["volume_path"]: r for r in pq.read_table(os.path.join(out + "_series", SERIES_FILE)).to_pylist()}
+    s = series[os.path.join(archive, "generated", "glioma.nii.gz")]
+    assert (s["slices_scored"], s["slices_skipped"], s["slices_failed"]) == (kinds.count("head"), len(kinds) - kinds.count("head"), 0)
+
+
+def test_real_healthy_volumes_never_get_a_tumour_verdict_without_a_review_reason(scored_volumes):
+    import os
+
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from braintumor_ray.score import SERIES_FILE
+
+    _, out, healthy, _, _ = scored_volumes
+    rows = pads.dataset(out, format="parquet").to_table().to_pylist()
+    for path in healthy:  # each read (no error row) with slices scored
+        mine = [r for r in rows if r["path"] == path]
+        assert mine and not [r for r in mine if r["status"] == "error"] and any(r["status"] == "ok" for r in mine), path
+    series = pq.read_table(os.path.join(out + "_series", SERIES_FILE)).to_pylist()
+    by_path = {r["volume_path"]: r for r in series if r["volume_path"]}
+    verdicts = [by_path[p] for p in healthy if p.endswith((".nii", ".nii.gz"))]
+    verdicts += [r for r in series if r["series_instance_uid"] and not r["volume_path"]]  # MR_small's series
+    assert len(verdicts) == len(healthy)
+    for v in verdicts:
+        assert v["predicted_label"] in (None, "no_tumor") or v["review_reason"] is not None, v
+
+
+# --- 6. archive-shift augmentation: skull strip and renormalisation ---------------------------
+
+
+def test_skull_strip_and_renormalise_augmentations():
+    import torch
+
+    from braintumor_ray.imaging import TrainAugment
+
+    image, head = render_mri("glioma", np.random.default_rng(0), 64)
+    x = torch.from_numpy(np.stack([image, image]))
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    off = TrainAugment.none()
+    import dataclasses
+
+    strip = dataclasses.replace(off, skull_strip=1.0, strip_depth=0.06)
+    y = strip(x, generator=g()).numpy()
+    skull = image == 200  # render_mri's skull ring
+    assert skull.sum() > 50 and (y[0][skull] == 0).all(), "the skull is gone"
+    centre = np.zeros_like(skull)
+    centre[28:36, 28:36] = True
+    assert np.array_equal(y[0][centre], image[centre]), "the brain is kept"
+    # Renormalised: the head spans the full range, the background stays black.
+    dim = torch.from_numpy((np.stack([image, image]) * 0.5).astype(np.uint8))
+    z = dataclasses.replace(off, renormalise=1.0)(dim, generator=g()).numpy()
+    assert z[0].max() == 255 and int(dim.numpy()[0].max()) < 130 and (z[0][image == 0] == 0).all()
+    # Off by default, and the default preset's random draws are the same as without them.
+    assert TrainAugment().skull_strip == TrainAugment().renormalise == 0
+    assert torch.equal(TrainAugment()(x, generator=g()), TrainAugment()(x, generator=g()))
+    assert not dataclasses.replace(off, skull_strip=0.5).is_identity and off.is_identity
