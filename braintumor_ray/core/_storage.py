@@ -34,6 +34,28 @@ LINK_OUTSIDE = "refused: links outside --input"
 # An S3 ETag as listings give it (quotes stripped): an MD5, or MD5-parts for a multipart upload.
 # A version of another shape (a store without ETags falls back to the mtime) is not held to.
 _ETAG = re.compile(r"[0-9a-fA-F]{32}(-[0-9]+)?")
+# Control characters (C0 and DEL) in a name: an S3 listing's XML cannot carry most of them and
+# normalises CR to LF (AWS's own docs), so such a key cannot be read back by the name listed; on
+# disk they break every line-based log and tool that shows the name.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+BAD_NAME = ("refused: its name is not valid UTF-8 or holds control characters (shown here with those bytes "
+            "escaped as \\xNN): not read; rename the file to a UTF-8 name without control characters (e.g. "
+            "`convmv -f latin1 -t utf-8`), and the next run scores it")
+
+
+def escaped_name(path: str) -> str | None:
+    """``path`` with the bytes that are not UTF-8 (a Latin-1 name on an SMB or NFS share: Python
+    lists them as surrogates, and any UTF-8 encoding of the name raised) and the control
+    characters written as ``\\xNN``; None when the name is fine. The same bytes give the same
+    escaped name on every run, so the file's error row is found again, not written twice."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = path.encode("utf-8", "surrogateescape")
+        return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", raw.decode("utf-8", "backslashreplace"))
+    if _CONTROL.search(path):
+        return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", path)
+    return None
 
 
 # How many folders deep a listing descends below the input. A PACS export is
@@ -185,8 +207,9 @@ class Location:
         check_folder_depth(max_depth)
         if not self.exists():
             raise StorageError(f"{self.uri} does not exist. {_CRED_HINT if self.is_s3 else ''}".strip())
-        if self.is_s3:
-            return self._s3_listing(max_depth)
+        return _refuse_bad_names(self._s3_listing(max_depth) if self.is_s3 else self._local_listing(follow_links_outside, max_depth))
+
+    def _local_listing(self, follow_links_outside: bool, max_depth: int) -> Listing:
         root = os.path.realpath(self.path)
         files: dict[str, tuple[int, str]] = {}
         refused: dict[str, str] = {}
@@ -342,6 +365,24 @@ class Location:
         # Immediate children, not files to a fixed depth: a folder whose files all sit deeper (a
         # PACS export's patient/study/series/file) once counted as empty, and was written into.
         return not self.exists() or not _guard(self, "list", self.fs.ls, self.path, detail=False)
+
+
+def _refuse_bad_names(listed: Listing) -> Listing:
+    """Each entry whose name :func:`escaped_name` escapes becomes a refused entry under the escaped
+    name (never read: nothing downstream holds the raw name); an entry already refused keeps its
+    own reason."""
+    if not any(escaped_name(p) for p in listed.files):
+        return listed
+    files: dict[str, tuple[int, str]] = {}
+    refused: dict[str, str] = {}
+    for path, version in listed.files.items():
+        shown = escaped_name(path)
+        files[shown or path] = version
+        if path in listed.refused:
+            refused[shown or path] = listed.refused[path]
+        elif shown is not None:
+            refused[shown] = BAD_NAME
+    return Listing(dict(sorted(files.items())), refused)
 
 
 class _quiet:
