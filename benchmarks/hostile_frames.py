@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 SIDE = 30000  # what the tests' bombs declare: 900 M pixels, refused on the header alone
+PROGRESSIVE_SIDE = 8000  # the progressive-JPEG bomb's side, its DICOM's Rows x Columns alike
 RLE_RUNS = 1_500_000  # 2 bytes each: 3 MB of segment that decodes to 192 MB
 
 
@@ -75,6 +76,27 @@ def jpeg_frame(side: int | None = None) -> bytes:
         at = data.index(b"\xff\xc0")
         struct.pack_into(">HH", data, at + 5, side, side)
     return bytes(data)
+
+
+def progressive_jpeg(scans: int = 8000, side: int | None = None) -> bytes:
+    """A progressive greyscale JPEG (libjpeg's own 64 x 64 of :func:`_gradient`) whose last scan
+    (an AC refinement; the Huffman table defined before it stays in force) is repeated until the
+    file holds ``scans`` scans;
+    with ``side``, its SOF2 declares side x side, so that each scan is a pass over that many
+    pixels. libjpeg decodes every repeated scan (a warning, not an error): 8000 scans of 8000 x
+    8000 is the issue-35 bomb (80 KB in a DICOM, 124 s to decode)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(_gradient(), "L").save(buf, format="JPEG", quality=90, progressive=True)
+    data = buf.getvalue()
+    last = data.rindex(b"\xff\xda")
+    have = data.count(b"\xff\xda")
+    out = bytearray(data[:-2] + data[last:-2] * max(0, scans - have) + b"\xff\xd9")
+    if side is not None:
+        at = out.index(b"\xff\xc2")
+        struct.pack_into(">HH", out, at + 5, side, side)
+    return bytes(out)
 
 
 def _sof_only(marker: int, side: int, precision: int) -> bytes:
@@ -138,6 +160,9 @@ def frame_bombs(side: int = SIDE, *, real_side: int | None = None) -> dict[str, 
         "jpeg_ls_bomb.dcm": _dicom(jpeg_ls_frame(side), JPEGLSLossless, bits=16),
         "j2k_bomb.dcm": _dicom(j2k_frame(side), JPEG2000Lossless),
         "rle_bomb.dcm": _dicom(rle_frame(), RLELossless),
+        # A frame whose header agrees with the DICOM (8000 x 8000), but of 8000 scans (issue 35).
+        "progressive_jpeg_bomb.dcm": _dicom(progressive_jpeg(8000, PROGRESSIVE_SIDE), JPEGBaseline8Bit,
+                                            rows=PROGRESSIVE_SIDE, cols=PROGRESSIVE_SIDE),
     }
 
 

@@ -243,6 +243,7 @@ def decode_image(
     max_pixels = guard.max_pixels if max_pixels is None else max_pixels
     image = _open_image(data)
     mode = image.mode  # what the file holds (the check may ask libjpeg for luma only)
+    _check_scans(image, data, guard)
     _check_page(image, max_pixels, guard)
     return _load_page(image), mode
 
@@ -256,6 +257,7 @@ def image_pages(data: bytes, *, guard: InputGuard | None = None, multi_page: boo
     ``multi_page=False``: a file of more than one page is an error, before any is decoded."""
     guard = guard or NO_GUARD
     image = _open_image(data)
+    _check_scans(image, data, guard)
     if not multi_page and getattr(image, "is_animated", False):
         raise ImageDecodeError(f"a multi-page {image.format}: only single-page images are taken here (reading page one "
                                "alone would drop the others silently); split it into one file per page")
@@ -301,6 +303,13 @@ def _open_image(data: bytes) -> Image.Image:
         raise ImageDecodeError(f"image too large (decompression bomb guard): {e}") from None
     except Exception as e:
         raise ImageDecodeError(f"corrupt or truncated image header: {type(e).__name__}: {e}") from None
+
+
+def _check_scans(image: Image.Image, data: bytes, guard: InputGuard) -> None:
+    """A JPEG's scan count against guard.max_jpeg_scans, before any scan is decoded (an MPO's
+    later images count too: Pillow decodes the first alone, but the file is refused whole)."""
+    if image.format in ("JPEG", "MPO") and (err := guard.too_many_jpeg_scans(f"a {image.format} file", data)):
+        raise ImageDecodeError(err)
 
 
 def _check_page(image: Image.Image, max_pixels: int, guard: InputGuard, *, pixels: int | None = None,
