@@ -500,26 +500,41 @@ def _guard(loc: Location, verb: str, fn, *args, **kwargs):
 _S3_SCHEMES = ("s3://", "s3a://", "s3n://")
 
 
-def _forms(x: "Location | str") -> list[tuple[str, tuple[str, ...]]]:
-    """The places a URI can name, as (filesystem, path components), for :func:`check_disjoint`.
+def canonical(x: "Location | str") -> tuple[str, tuple[str, ...]]:
+    """The one form of the place a URI names, as (filesystem, path components): what the lease
+    and :func:`check_disjoint` compare, so that two spellings of one folder are one place.
 
     Local: ``file://`` and ``~`` expanded, made absolute, every link resolved by
-    ``os.path.realpath`` (which also resolves the nearest existing parent of a path that does
-    not exist yet). S3: ``s3a://``/``s3n://`` read as ``s3://``, slashes collapsed, and two forms,
-    ``..`` resolved (what a person means) and taken literally (an S3 key may hold ``..`` as
-    plain characters): a refusal needs only one of them to overlap.
+    ``os.path.realpath`` (which also resolves the nearest existing parent of a path that does not
+    exist yet). S3: the bucket and the key as written (``s3a://``/``s3n://`` read as ``s3://``,
+    slashes collapsed, trailing ones dropped); an S3 key may hold ``..`` as plain characters.
     """
     uri = (x.uri if isinstance(x, Location) else str(x)).strip()
     low = uri.lower()
     for scheme in _S3_SCHEMES:
         if low.startswith(scheme):
-            key = uri[len(scheme):]
-            literal = tuple(p for p in key.split("/") if p)
-            resolved = tuple(p for p in posixpath.normpath("/" + key).split("/") if p)
-            return [("s3", resolved), ("s3", literal)]  # the message names the first that overlaps
+            return "s3", tuple(p for p in uri[len(scheme):].split("/") if p)
     path = uri[len("file://"):] if low.startswith("file://") else uri
     real = os.path.realpath(os.path.abspath(os.path.expanduser(path)))
-    return [("file", tuple(p for p in real.split(os.sep) if p))]
+    return "file", tuple(p for p in real.split(os.sep) if p)
+
+
+def canonical_location(loc: Location) -> Location:
+    """``loc`` under its :func:`canonical` form (its real path; bucket and key), same filesystem."""
+    kind, parts = canonical(loc)
+    path = "/".join(parts) if kind == "s3" else os.sep + os.sep.join(parts)
+    return Location(uri=loc.uri_of(path), path=path, fs=loc.fs, is_s3=loc.is_s3)
+
+
+def _forms(x: "Location | str") -> list[tuple[str, tuple[str, ...]]]:
+    """The places a URI can name, for :func:`check_disjoint`: its :func:`canonical` form and, on
+    S3, the key with ``..`` resolved too (what a person means): a refusal needs only one of them
+    to overlap."""
+    kind, parts = canonical(x)
+    if kind == "s3":
+        resolved = tuple(p for p in posixpath.normpath("/" + "/".join(parts)).split("/") if p)
+        return [("s3", resolved), ("s3", parts)]  # the message names the first that overlaps
+    return [(kind, parts)]
 
 
 def _overlap(a: "Location | str", b: "Location | str") -> str | None:
