@@ -134,19 +134,6 @@ class SeriesSelector(Config):
             parts.append("orientation=" + ",".join(self.orientations))
         return ";".join(parts)
 
-    def too_many_jpeg_scans(self, what: str, data: bytes) -> str | None:
-        """The error for a JPEG codestream ``data`` of more than ``max_jpeg_scans`` scans, or None.
-
-        Counted as the SOS markers (``FF DA``) in the bytes, a C-speed search (0.05 s for 256 MB):
-        the entropy-coded data cannot hold that pair (an ``FF`` byte there is followed by ``00`` or a
-        restart marker), so each one is a scan, of this image or of a thumbnail embedded in it."""
-        scans = data.count(b"\xff\xda")
-        if scans <= self.max_jpeg_scans:
-            return None
-        return (f"decompression bomb: {what} holds {scans:,} scans, over the limit guard.max_jpeg_scans="
-                f"{self.max_jpeg_scans:,} (each scan of a progressive JPEG is another pass over the whole image); "
-                "refused before decoding (raise guard.max_jpeg_scans if such files are genuine)")
-
     def check_dicom(self, modality: str | None, description: str | None, orientation: str | None, info: SliceInfo) -> None:
         # The reasons name the rule and coded values only, never the (free-text) description.
         if self.modalities and (modality or "") not in self.modalities:
