@@ -7,7 +7,9 @@ Each bomb is a small DICOM that says Rows x Columns = 64 x 64 while its one enca
 own header declares ``--side`` x ``--side``: JPEG baseline (a real 64 x 64 JPEG whose SOF0 is
 patched), JPEG lossless (SOF3) and JPEG-LS (SOF55) headers over garbage entropy data, JPEG 2000 (a
 real 64 x 64 codestream whose SIZ is patched), and an RLE frame whose one segment is PackBits runs
-that expand 64-fold (3 MB to 192 MB). The benchmark reads each with ``read_medical`` in a child
+that expand 64-fold (3 MB to 192 MB); issue 35 added a progressive JPEG frame of 8000 scans whose
+header agrees with its 8000 x 8000 DICOM, and two plain files (:func:`image_bombs`, read with
+``MRIPreprocess.try_slices``, the whole per-file path). The benchmark reads each with ``read_medical`` in a child
 process and reports the wall time, the peak RSS (``VmHWM``) over the process's own after
 importing the decoders, and the error. Run it with PYTHONPATH pointing at a checkout without the
 frame-header check to get the "before" figures.
@@ -28,6 +30,7 @@ import time
 import numpy as np
 
 SIDE = 30000  # what the tests' bombs declare: 900 M pixels, refused on the header alone
+PROGRESSIVE_SIDE = 8000  # the progressive-JPEG bomb's side, its DICOM's Rows x Columns alike
 RLE_RUNS = 1_500_000  # 2 bytes each: 3 MB of segment that decodes to 192 MB
 
 
@@ -75,6 +78,27 @@ def jpeg_frame(side: int | None = None) -> bytes:
         at = data.index(b"\xff\xc0")
         struct.pack_into(">HH", data, at + 5, side, side)
     return bytes(data)
+
+
+def progressive_jpeg(scans: int = 8000, side: int | None = None) -> bytes:
+    """A progressive greyscale JPEG (libjpeg's own 64 x 64 of :func:`_gradient`) whose last scan
+    (an AC refinement; the Huffman table defined before it stays in force) is repeated until the
+    file holds ``scans`` scans;
+    with ``side``, its SOF2 declares side x side, so that each scan is a pass over that many
+    pixels. libjpeg decodes every repeated scan (a warning, not an error): 8000 scans of 8000 x
+    8000 is the issue-35 bomb (80 KB in a DICOM, 124 s to decode)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(_gradient(), "L").save(buf, format="JPEG", quality=90, progressive=True)
+    data = buf.getvalue()
+    last = data.rindex(b"\xff\xda")
+    have = data.count(b"\xff\xda")
+    out = bytearray(data[:-2] + data[last:-2] * max(0, scans - have) + b"\xff\xd9")
+    if side is not None:
+        at = out.index(b"\xff\xc2")
+        struct.pack_into(">HH", out, at + 5, side, side)
+    return bytes(out)
 
 
 def _sof_only(marker: int, side: int, precision: int) -> bytes:
@@ -138,6 +162,9 @@ def frame_bombs(side: int = SIDE, *, real_side: int | None = None) -> dict[str, 
         "jpeg_ls_bomb.dcm": _dicom(jpeg_ls_frame(side), JPEGLSLossless, bits=16),
         "j2k_bomb.dcm": _dicom(j2k_frame(side), JPEG2000Lossless),
         "rle_bomb.dcm": _dicom(rle_frame(), RLELossless),
+        # A frame whose header agrees with the DICOM (8000 x 8000), but of 8000 scans (issue 35).
+        "progressive_jpeg_bomb.dcm": _dicom(progressive_jpeg(8000, PROGRESSIVE_SIDE), JPEGBaseline8Bit,
+                                            rows=PROGRESSIVE_SIDE, cols=PROGRESSIVE_SIDE),
     }
 
 
@@ -174,6 +201,17 @@ def many_page_gif(pages: int = 100_000) -> bytes:
     return header + frame * pages + b";"
 
 
+def image_bombs() -> dict[str, bytes]:
+    """Issue 35's plain files: a progressive JPEG of 8000 scans of 8000 x 8000 (278 s and 1.36 GB
+    before), and a flat PNG of 11584 x 11584 (134.2 M pixels, just under guard.max_pixels: +1.2 GB
+    before, the contrast check's float64 copy of the image)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (11584, 11584), 0).save(buf, format="PNG")
+    return {"progressive_jpeg_bomb.jpg": progressive_jpeg(8000, PROGRESSIVE_SIDE), "flat_max_pixels.png": buf.getvalue()}
+
+
 _CHILD = """
 import json, sys, time
 from braintumor_ray.imaging import InputGuard, read_medical
@@ -183,7 +221,12 @@ peak = lambda: next(int(l.split()[1]) for l in open("/proc/self/status") if l.st
 data = open(sys.argv[1], "rb").read()
 before, t = peak(), time.perf_counter()
 try:
-    n, err = len(read_medical(data, "dicom", guard=InputGuard())), None
+    if sys.argv[1].endswith(".dcm"):
+        n, err = len(read_medical(data, "dicom", guard=InputGuard())), None
+    else:  # a plain image: the whole per-file path of scoring (decode, contrast and head checks, crop)
+        from braintumor_ray import MRIPreprocess
+        r = MRIPreprocess(image_size=224).try_slices(data, name=sys.argv[1], guard=InputGuard())
+        n, err = len(r.slices), r.error
 except Exception as e:
     n, err = 0, f"{type(e).__name__}: {e}"
 print(json.dumps({"s": round(time.perf_counter() - t, 2), "rss_growth_mb": round(peak() - before, 1),
@@ -201,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(a.work, exist_ok=True)
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{platform.node()} "
            f"{os.cpu_count()} CPUs", "side": a.side, "real_side": a.real_side, "pythonpath": os.environ.get("PYTHONPATH", ""), "bombs": {}}
-    for name, data in frame_bombs(a.side, real_side=a.real_side).items():
+    for name, data in {**frame_bombs(a.side, real_side=a.real_side), **image_bombs()}.items():
         path = os.path.join(a.work, name)
         open(path, "wb").write(data)
         r = subprocess.run([sys.executable, "-c", _CHILD, path], capture_output=True, text=True, timeout=600)

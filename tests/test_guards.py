@@ -76,3 +76,30 @@ def test_head_fraction_is_small_for_a_small_head():
     assert find_head(big)[1] > 3 * find_head(small)[1] > 0
     out = PRE.try_slices(_png(big), guard=GUARD).slices[0].image
     assert 0.2 < out.head_fraction <= 1.0
+
+
+def test_the_contrast_and_head_checks_cost_a_few_bytes_a_pixel():
+    """Issue 35: the contrast check made a float64 copy of the whole image (8 bytes a pixel: +1.07 GB
+    for a flat PNG of guard.max_pixels). Now it is an integer pass over the histogram and the head
+    check works on a bounded sample: what numpy allocates, decoding included, stays under 3 bytes a
+    pixel (it was 9), for a flat image (refused) and one with a head (scored)."""
+    import tracemalloc
+
+    from braintumor_ray.imaging._preprocess import grey_spread
+
+    side = 3000
+    y, x = np.mgrid[0:side, 0:side]
+    head = np.where((x - side / 2) ** 2 + (y - side / 2) ** 2 < (side / 3) ** 2, 120, 0).astype(np.uint8)
+    head[::7] += 40
+    flat, headed = _png(np.full((side, side), 9, np.uint8)), _png(head)
+    assert abs(grey_spread(head) - float(head.std())) < 1e-9
+    del y, x, head
+    for data, error in ((flat, "no content"), (headed, None)):
+        tracemalloc.start()
+        try:
+            r = PRE.try_slices(data, guard=GUARD)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert (r.error or "").startswith(error or "") and bool(r.slices) == (error is None), r.error
+        assert peak < 3 * side * side, (error, peak / side / side)

@@ -246,6 +246,36 @@ def test_listing_refuses_links_and_special_files(tmp_path):
     assert set(resolve(str(root)).files_with_versions()) == {str(root / "sub" / "a.png"), str(root / "inside.png")}
 
 
+LATIN1 = b"M\xfcller.png"  # a Latin-1 name, as an SMB or NFS share gives it: not UTF-8
+LATIN1_SHOWN = "M\\xfcller.png"
+
+
+def test_a_name_that_is_not_utf8_is_refused_under_its_escaped_name(tmp_path, s3_endpoint, s3_bucket):
+    """Issue 35: the listing refuses a name that is not UTF-8 (on disk) or holds control characters
+    (an S3 key that the listing's XML cannot carry back), under the name with those bytes escaped,
+    the same on every listing; the other files are listed as before."""
+    import boto3
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.png").write_bytes(b"a")
+    with open(os.path.join(os.fsencode(tmp_path), LATIN1), "wb") as f:
+        f.write(b"latin")
+    (tmp_path / "M\u00fcller-utf8.png").write_bytes(b"utf8")  # a proper UTF-8 umlaut is a name like any other
+    for _ in range(2):  # stable: the same escaped name on every run
+        listed = resolve(str(tmp_path)).listing()
+        shown = str(tmp_path / LATIN1_SHOWN)
+        assert set(listed.files) == {str(tmp_path / "sub" / "a.png"), shown, str(tmp_path / "M\u00fcller-utf8.png")}
+        assert listed.files[shown][0] == 5 and "not valid UTF-8" in listed.refused[shown] and "rename" in listed.refused[shown]
+        assert set(listed.refused) == {shown}
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    for key in ("arc/ok.png", "arc/cr\r.png", "arc/bell\x07.png"):
+        client.put_object(Bucket=s3_bucket, Key=key, Body=b"x")
+    listed = resolve(f"s3://{s3_bucket}/arc", s3_endpoint_url=s3_endpoint).listing()
+    base = f"{s3_bucket}/arc/"
+    assert set(listed.files) == {base + "ok.png", base + "cr\\x0d.png", base + "bell\\x07.png"}
+    assert set(listed.refused) == {base + "cr\\x0d.png", base + "bell\\x07.png"}
+
+
 def test_ingest_workers_read_files_themselves(tmp_path):
     """A file gone or turned into a folder since the listing is an error row of the ingest."""
     good = tmp_path / "glioma" / "a.png"
@@ -345,6 +375,8 @@ def test_scoring_isolates_every_hostile_file(ray_session, package, tmp_path, mon
         path.write_bytes(encode_png(px))
     (outside / "secret.png").write_bytes(encode_png(images[0]))
     (arc / "bomb.nii.gz").write_bytes(bombs["bomb.nii.gz"])
+    with open(os.path.join(os.fsencode(arc), LATIN1), "wb") as f:  # issue 35: failed the whole run (UnicodeEncodeError)
+        f.write(encode_png(images[0]))
     os.mkfifo(arc / "pipe.png")
     os.symlink(outside, arc / "dirlink")
     os.symlink(arc / "nothing.png", arc / "dangling.png")
@@ -379,6 +411,7 @@ def test_scoring_isolates_every_hostile_file(ray_session, package, tmp_path, mon
         "outside.png": "refused: links outside --input",
         "bomb.nii.gz": "decompression bomb",
         "d/d/d/d": "deeper than max_folder_depth=3",
+        LATIN1_SHOWN: "not valid UTF-8",
     }
     assert set(rows) == {str(p) for p in good} | {str(arc / n) for n in expect}  # no row for the directory link
     for p in good:
@@ -399,6 +432,7 @@ def test_scoring_on_s3_isolates_a_vanished_object_and_a_bomb(ray_session, packag
         client.put_object(Bucket=s3_bucket, Key=f"arc/scan{i}.png", Body=encode_png(px))
     client.put_object(Bucket=s3_bucket, Key="arc/vanish.png", Body=encode_png(mri_like(1, seed=11)[0]))
     client.put_object(Bucket=s3_bucket, Key="arc/bomb.nii.gz", Body=bombs["bomb.nii.gz"])
+    client.put_object(Bucket=s3_bucket, Key="arc/cr\r.png", Body=encode_png(mri_like(1, seed=12)[0]))  # issue 35
 
     def hook(listed: Listing) -> Listing:
         client.delete_object(Bucket=s3_bucket, Key="arc/vanish.png")
@@ -411,7 +445,8 @@ def test_scoring_on_s3_isolates_a_vanished_object_and_a_bomb(ray_session, packag
     fs = resolve(out, s3_endpoint_url=s3_endpoint).pyarrow_fs
     rows = _rows(f"{s3_bucket}/preds", filesystem=fs)
     base = f"s3://{s3_bucket}/arc/"
-    assert set(rows) == {base + n for n in ("scan0.png", "scan1.png", "vanish.png", "bomb.nii.gz")}
+    assert set(rows) == {base + n for n in ("scan0.png", "scan1.png", "vanish.png", "bomb.nii.gz", "cr\\x0d.png")}
+    assert rows[base + "cr\\x0d.png"]["status"] == "error" and "control characters" in rows[base + "cr\\x0d.png"]["error"]
     assert rows[base + "scan0.png"]["status"] == rows[base + "scan1.png"]["status"] == "ok"
     assert rows[base + "vanish.png"]["status"] == "error" and rows[base + "vanish.png"]["error"].startswith("vanished")
     assert rows[base + "bomb.nii.gz"]["status"] == "error" and "decompression bomb" in rows[base + "bomb.nii.gz"]["error"]

@@ -25,6 +25,7 @@ from benchmarks.hostile_frames import (
     jpeg_lossless_frame,
     jpeg_ls_frame,
     legit_frames,
+    progressive_jpeg,
     rle_frame,
 )
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless, RLELossless
@@ -54,7 +55,7 @@ def no_decoding(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["jpeg_bomb.dcm", "jpeg_lossless_bomb.dcm", "jpeg_ls_bomb.dcm", "j2k_bomb.dcm",
-                                  "rle_bomb.dcm"])
+                                  "rle_bomb.dcm", "progressive_jpeg_bomb.dcm"])
 def test_each_frame_bomb_is_an_error_row_before_decoding(bombs, name, no_decoding):
     data = bombs[name]
     assert len(data) < 4_000_000  # a few KB (RLE: 3 MB)
@@ -65,6 +66,9 @@ def test_each_frame_bomb_is_an_error_row_before_decoding(bombs, name, no_decodin
     assert "pixel decoder was called" not in r.error, r.error
     if name == "rle_bomb.dcm":
         assert "decompression bomb: RLE segment 1 of frame 1" in r.error and "refused before decoding" in r.error
+    elif name == "progressive_jpeg_bomb.dcm":  # issue 35: its SOF agrees with the DICOM; 8000 scans cost 124 s
+        assert "the JPEG codestream of frame 1 (of 1) holds 8,000 scans" in r.error, r.error
+        assert "guard.max_jpeg_scans=100" in r.error and "refused before decoding" in r.error
     else:
         assert f"header of frame 1 (of 1) declares {SIDE}x{SIDE}x1" in r.error and "guard.max_pixels" in r.error, r.error
     assert r.info.sop_instance_uid  # the UIDs read before it failed are kept
@@ -86,6 +90,38 @@ def test_a_frame_header_that_disagrees_with_the_dicom_is_refused(kind, frame, sy
     if bits == 16:
         r = PRE.try_slices(_dicom(frame.replace(b"\x00\x80\x00\x80", b"\x00\x40\x00\x40"), syntax, bits=8), guard=GUARD)
         assert f"declares 64x64x1 at {bits} bits" in r.error and "at 8 bits; refused before decoding" in r.error, r.error
+
+
+def test_a_progressive_jpeg_past_the_scan_limit_is_refused_before_decoding(monkeypatch):
+    """Issue 35: a plain progressive JPEG of 8000 scans of 8000 x 8000 (278 s and 1.36 GB to decode
+    before) is an error row naming guard.max_jpeg_scans; Pillow never decodes a pixel of it. A real
+    progressive JPEG (libjpeg's 6 scans) still decodes, and the limit is a setting."""
+    from PIL import ImageFile
+
+    bomb = progressive_jpeg(8000, 8000)
+    assert len(bomb) < 1_500_000 and Image.open(io.BytesIO(bomb)).size == (8000, 8000)
+    load = ImageFile.ImageFile.load
+
+    def refuse(self):
+        raise AssertionError("Pillow decoded the image")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+    before = _hwm_mb()
+    r = PRE.try_slices(bomb, name="bomb.jpg", guard=GUARD)
+    assert not r.slices and "a JPEG file holds 8,000 scans" in r.error, r.error
+    assert "guard.max_jpeg_scans=100" in r.error and "Pillow decoded" not in r.error
+    assert _hwm_mb() - before < 50
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64), dtype=np.uint8), "L").save(
+        buf, format="JPEG", progressive=True)
+    real = buf.getvalue()
+    assert real.count(b"\xff\xda") > 1  # progressive: several scans
+    (s,) = PRE.slices(real, name="real.jpg", guard=GUARD)
+    assert s.image.pixels.shape == (64, 64)
+    r = PRE.try_slices(real, name="real.jpg", guard=InputGuard(modalities=(), min_contrast=0.0, require_head=False,
+                                                               max_jpeg_scans=2))
+    assert not r.slices and "guard.max_jpeg_scans=2" in r.error, r.error
 
 
 def test_rle_segment_count_and_garbage_headers_are_refused(no_decoding):

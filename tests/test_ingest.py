@@ -45,6 +45,8 @@ def raw(tmp_path_factory):
     for name, data in bad_files(good).items():
         with open(f"{tr}/no_tumor/{name}", "wb") as f:
             f.write(data)
+    with open(os.path.join(os.fsencode(f"{tr}/no_tumor"), b"M\xfcller.jpg"), "wb") as f:  # a Latin-1 name (issue 35)
+        f.write(good)
     for i, name in enumerate(ODD):  # three training images replaced by awkward-format versions
         src = f"{tr}/pituitary_tumor/pituitary_{7 + i:03d}.jpg"
         data = odd_but_valid(np.asarray(Image.open(src).convert("L")))[name]
@@ -119,9 +121,11 @@ def test_bad_files_are_reported_and_do_not_stop_the_job(ingested):
     assert "unknown class folder 'astrocytoma'" in errors["a.jpg"]
     assert "too large" in errors["bomb.png"] and "empty" in errors["empty.jpg"]
     assert "not an image" in errors["notes.jpg"] and "truncated" in errors["truncated.jpg"]
+    # Issue 35: a name that is not UTF-8 failed the whole ingest; now it is its error row, escaped.
+    assert "not valid UTF-8" in errors["M\\xfcller.jpg"]
     table = pq.read_table(os.path.join(out, "errors.parquet")).to_pylist()
     assert {os.path.basename(r["path"]) for r in table} == set(errors)
-    assert len(errors) == len(BAD) + 1
+    assert len(errors) == len(BAD) + 2
     assert report["counts"]["ignored_files"] == 2  # README.txt and .DS_Store
 
 

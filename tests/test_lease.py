@@ -77,6 +77,32 @@ def test_second_acquire_is_refused_naming_the_holder(output):
         assert b.held() and current_lease(output)["owner"] == "run-b"
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_every_spelling_of_one_output_meets_the_same_lease(where, tmp_path, request):
+    """Issue 35: the lease was named after the output as typed: a symlinked spelling of the same
+    folder (or s3a://, a doubled or trailing slash) got a second lease, and both runs wrote. Now
+    every spelling meets the one lease, beside the output's real path (bucket and key on S3)."""
+    if where == "local":
+        real = tmp_path / "real"
+        real.mkdir()
+        os.symlink(real, tmp_path / "alias")
+        first = resolve(str(real / "preds"))
+        others = [resolve(str(tmp_path / "alias" / "preds")), resolve(f"file://{tmp_path}/alias/./preds/")]
+    else:
+        endpoint, bucket = request.getfixturevalue("s3_endpoint"), request.getfixturevalue("s3_bucket")
+        first = resolve(f"s3://{bucket}/runs/preds", s3_endpoint_url=endpoint)
+        others = [resolve(f"s3a://{bucket}/runs//preds/", s3_endpoint_url=endpoint),
+                  resolve(f"s3://{bucket}//runs/preds", s3_endpoint_url=endpoint)]
+    with Lease(first, owner="run-a", ttl_s=30, what="score"):
+        for other in others:
+            assert lease_location(other).uri == lease_location(first).uri == first.uri + "._lease.json"
+            with pytest.raises(LeaseError, match="run-a"):
+                Lease(other, owner="run-b", ttl_s=30, what="score").acquire()
+            assert current_lease(other)["owner"] == "run-a"
+    with Lease(others[0], owner="run-c", ttl_s=30) as c:  # released: free for any spelling
+        assert c.held() and current_lease(first)["owner"] == "run-c"
+
+
 def test_heartbeat_renews_expires(output):
     # A 2 s TTL (1 s failed once on a loaded machine: a renewal, due every third of it, came late).
     with Lease(output, owner="run-a", ttl_s=2.0) as a:

@@ -340,3 +340,24 @@ def test_unknown_preprocessing_keys_in_a_package_are_an_error(tmp_path, archive,
     with pytest.raises(BraintumorError, match=r"preprocess\.gamma"):
         run_scoring(ScoreConfig(model=pkg, input=archive, output=str(tmp_path / "preds")))
     assert not os.path.exists(tmp_path / "preds")
+
+
+def test_calibration_out_of_range_is_refused_even_under_a_recomputed_id(trusted_package, tmp_path):
+    """Issue 35: the model id covers the calibration, but an id can be recomputed after an edit:
+    a negative temperature is still refused when the package is verified, one line naming the key."""
+    from braintumor_ray.models._package import _identity
+
+    edited = str(tmp_path / "edited")
+    shutil.copytree(trusted_package, edited)
+    meta = json.load(open(os.path.join(edited, PACKAGE_JSON)))
+    assert verify_package(edited)["model_id"] == meta["model_id"]
+    meta["trust"]["temperature"] = -meta["trust"]["temperature"]
+    meta["model_id"] = _identity(meta)
+    with open(os.path.join(edited, PACKAGE_JSON), "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ConfigError) as e:
+        verify_package(edited)
+    msg = str(e.value)
+    assert "edited/model.json: trust.temperature = -" in msg and "export the package again" in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match="trust.temperature"):
+        load_model_package(edited)

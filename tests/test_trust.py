@@ -149,3 +149,33 @@ def test_unsure_series_is_flagged_for_review():
     p = _slices(6, tumour_at=[2, 3], p_tumour=0.8)
     v = series_verdict(p, no_tumor=NO_TUMOR, review_threshold=0.9)
     assert v.review_reason == "low_confidence"
+
+
+@pytest.mark.parametrize("edit, key", [
+    ({"temperature": -1.0}, "trust.temperature = -1.0"),
+    ({"temperature": 0}, "trust.temperature = 0"),
+    ({"temperature": float("nan")}, "trust.temperature = nan"),
+    ({"temperature": float("inf")}, "trust.temperature = inf"),
+    ({"temperature": "2"}, "trust.temperature = '2'"),
+    ({"review_threshold": 1.5}, "trust.review_threshold = 1.5"),
+    ({"review_threshold": float("nan")}, "trust.review_threshold = nan"),
+    ({"ood_threshold": float("nan")}, "trust.ood_threshold = nan"),
+    ({"conformal": {"alpha": 0.1, "score": "lac", "thresholds": [0.5, float("nan"), 0.5, None]}},
+     "trust.conformal.thresholds[1] = nan"),
+    ({"conformal": {"alpha": 0.1, "score": "lac", "thresholds": [0.5, -0.1, 0.5, None]}},
+     "trust.conformal.thresholds[1] = -0.1"),
+    ({"conformal": {"alpha": 0.1, "score": "lac", "thresholds": [0.5, 0.5, 0.5]}},
+     "trust.conformal.thresholds = [0.5, 0.5, 0.5] is out of range (one per class: 4, not 3)"),
+])
+def test_stored_calibration_values_out_of_range_are_refused_naming_the_key(edit, key):
+    """Issue 35: a negative temperature, NaN or out-of-range thresholds, the wrong number of them:
+    refused in one line naming the key (they were taken, and every label could change)."""
+    good = {"temperature": 1.3, "detector": "energy", "ood_threshold": -2.0, "review_threshold": 0.4,
+            "conformal": {"alpha": 0.1, "score": "lac", "thresholds": [0.5, 0.9, 0.2, None]}}
+    assert Trust.from_meta(good, {}, num_classes=4).temperature == 1.3
+    with pytest.raises(ConfigError) as e:
+        Trust.from_meta({**good, **edit}, {}, num_classes=4)
+    assert str(e.value).startswith(key) and "\n" not in str(e.value), str(e.value)
+    with pytest.raises(ConfigError, match="OOD reference array 'means' in the package's trust file holds NaN"):
+        Trust.from_meta({**good, "detector": "mahalanobis"},
+                        {"means": np.array([[0.0, np.nan]]), "precision": np.eye(2)}, num_classes=4)

@@ -42,7 +42,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
 from ._errors import ConfigError, StorageError
-from ._storage import Location, no_space_message
+from ._storage import Location, canonical_location, no_space_message
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,12 @@ class LeaseError(StorageError):
 
 
 def lease_location(output: Location) -> Location:
-    """Where the lease of ``output`` lives: ``OUTPUT._lease.json``, beside the output."""
-    return Location(uri=output.uri.rstrip("/") + LEASE_SUFFIX, path=output.path.rstrip("/") + LEASE_SUFFIX,
+    """Where the lease of ``output`` lives: ``OUTPUT._lease.json``, beside the output's canonical
+    form (:func:`canonical_location`: its real path; bucket and key). Named after the output as
+    typed, a symlinked spelling of the same folder (or ``s3a://``, a doubled slash) had a lease
+    of its own: two runs wrote the output at once, and one run's commits dropped out."""
+    real = canonical_location(output)
+    return Location(uri=real.uri.rstrip("/") + LEASE_SUFFIX, path=real.path.rstrip("/") + LEASE_SUFFIX,
                     fs=output.fs, is_s3=output.is_s3)
 
 

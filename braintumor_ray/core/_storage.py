@@ -34,6 +34,28 @@ LINK_OUTSIDE = "refused: links outside --input"
 # An S3 ETag as listings give it (quotes stripped): an MD5, or MD5-parts for a multipart upload.
 # A version of another shape (a store without ETags falls back to the mtime) is not held to.
 _ETAG = re.compile(r"[0-9a-fA-F]{32}(-[0-9]+)?")
+# Control characters (C0 and DEL) in a name: an S3 listing's XML cannot carry most of them and
+# normalises CR to LF (AWS's own docs), so such a key cannot be read back by the name listed; on
+# disk they break every line-based log and tool that shows the name.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+BAD_NAME = ("refused: its name is not valid UTF-8 or holds control characters (shown here with those bytes "
+            "escaped as \\xNN): not read; rename the file to a UTF-8 name without control characters (e.g. "
+            "`convmv -f latin1 -t utf-8`), and the next run scores it")
+
+
+def escaped_name(path: str) -> str | None:
+    """``path`` with the bytes that are not UTF-8 (a Latin-1 name on an SMB or NFS share: Python
+    lists them as surrogates, and any UTF-8 encoding of the name raised) and the control
+    characters written as ``\\xNN``; None when the name is fine. The same bytes give the same
+    escaped name on every run, so the file's error row is found again, not written twice."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = path.encode("utf-8", "surrogateescape")
+        return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", raw.decode("utf-8", "backslashreplace"))
+    if _CONTROL.search(path):
+        return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", path)
+    return None
 
 
 # How many folders deep a listing descends below the input. A PACS export is
@@ -185,8 +207,9 @@ class Location:
         check_folder_depth(max_depth)
         if not self.exists():
             raise StorageError(f"{self.uri} does not exist. {_CRED_HINT if self.is_s3 else ''}".strip())
-        if self.is_s3:
-            return self._s3_listing(max_depth)
+        return _refuse_bad_names(self._s3_listing(max_depth) if self.is_s3 else self._local_listing(follow_links_outside, max_depth))
+
+    def _local_listing(self, follow_links_outside: bool, max_depth: int) -> Listing:
         root = os.path.realpath(self.path)
         files: dict[str, tuple[int, str]] = {}
         refused: dict[str, str] = {}
@@ -344,6 +367,24 @@ class Location:
         return not self.exists() or not _guard(self, "list", self.fs.ls, self.path, detail=False)
 
 
+def _refuse_bad_names(listed: Listing) -> Listing:
+    """Each entry whose name :func:`escaped_name` escapes becomes a refused entry under the escaped
+    name (never read: nothing downstream holds the raw name); an entry already refused keeps its
+    own reason."""
+    if not any(escaped_name(p) for p in listed.files):
+        return listed
+    files: dict[str, tuple[int, str]] = {}
+    refused: dict[str, str] = {}
+    for path, version in listed.files.items():
+        shown = escaped_name(path)
+        files[shown or path] = version
+        if path in listed.refused:
+            refused[shown or path] = listed.refused[path]
+        elif shown is not None:
+            refused[shown] = BAD_NAME
+    return Listing(dict(sorted(files.items())), refused)
+
+
 class _quiet:
     """``with _quiet():`` ignores OSError (cleaning up after a failed write)."""
 
@@ -459,26 +500,41 @@ def _guard(loc: Location, verb: str, fn, *args, **kwargs):
 _S3_SCHEMES = ("s3://", "s3a://", "s3n://")
 
 
-def _forms(x: "Location | str") -> list[tuple[str, tuple[str, ...]]]:
-    """The places a URI can name, as (filesystem, path components), for :func:`check_disjoint`.
+def canonical(x: "Location | str") -> tuple[str, tuple[str, ...]]:
+    """The one form of the place a URI names, as (filesystem, path components): what the lease
+    and :func:`check_disjoint` compare, so that two spellings of one folder are one place.
 
     Local: ``file://`` and ``~`` expanded, made absolute, every link resolved by
-    ``os.path.realpath`` (which also resolves the nearest existing parent of a path that does
-    not exist yet). S3: ``s3a://``/``s3n://`` read as ``s3://``, slashes collapsed, and two forms,
-    ``..`` resolved (what a person means) and taken literally (an S3 key may hold ``..`` as
-    plain characters): a refusal needs only one of them to overlap.
+    ``os.path.realpath`` (which also resolves the nearest existing parent of a path that does not
+    exist yet). S3: the bucket and the key as written (``s3a://``/``s3n://`` read as ``s3://``,
+    slashes collapsed, trailing ones dropped); an S3 key may hold ``..`` as plain characters.
     """
     uri = (x.uri if isinstance(x, Location) else str(x)).strip()
     low = uri.lower()
     for scheme in _S3_SCHEMES:
         if low.startswith(scheme):
-            key = uri[len(scheme):]
-            literal = tuple(p for p in key.split("/") if p)
-            resolved = tuple(p for p in posixpath.normpath("/" + key).split("/") if p)
-            return [("s3", resolved), ("s3", literal)]  # the message names the first that overlaps
+            return "s3", tuple(p for p in uri[len(scheme):].split("/") if p)
     path = uri[len("file://"):] if low.startswith("file://") else uri
     real = os.path.realpath(os.path.abspath(os.path.expanduser(path)))
-    return [("file", tuple(p for p in real.split(os.sep) if p))]
+    return "file", tuple(p for p in real.split(os.sep) if p)
+
+
+def canonical_location(loc: Location) -> Location:
+    """``loc`` under its :func:`canonical` form (its real path; bucket and key), same filesystem."""
+    kind, parts = canonical(loc)
+    path = "/".join(parts) if kind == "s3" else os.sep + os.sep.join(parts)
+    return Location(uri=loc.uri_of(path), path=path, fs=loc.fs, is_s3=loc.is_s3)
+
+
+def _forms(x: "Location | str") -> list[tuple[str, tuple[str, ...]]]:
+    """The places a URI can name, for :func:`check_disjoint`: its :func:`canonical` form and, on
+    S3, the key with ``..`` resolved too (what a person means): a refusal needs only one of them
+    to overlap."""
+    kind, parts = canonical(x)
+    if kind == "s3":
+        resolved = tuple(p for p in posixpath.normpath("/" + "/".join(parts)).split("/") if p)
+        return [("s3", resolved), ("s3", parts)]  # the message names the first that overlaps
+    return [(kind, parts)]
 
 
 def _overlap(a: "Location | str", b: "Location | str") -> str | None:

@@ -175,6 +175,8 @@ def check_frames(frames, ts: str, *, rows: int, cols: int, samples: int, allocat
         except _Bad as e:
             raise MedicalDecodeError(f"corrupt DICOM pixel data: {where} cannot be checked before decoding: {e} "
                                      "(re-export the file)", info) from None
+        if read is jpeg_header and (err := guard.too_many_jpeg_scans(f"the {h.codec} codestream of {where}", frame)):
+            raise MedicalDecodeError(err, info)
         got = f"{h.cols}x{h.rows}x{h.samples} at {h.bits} bits"
         if err := guard.too_many_pixels(f"the {h.codec} header of {where} declares {h.cols}x{h.rows}x{h.samples}",
                                         h.rows * h.cols * h.samples):

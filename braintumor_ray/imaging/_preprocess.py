@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import math
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ _MASK_SIDE = 128
 # Large images go to grey in bands of rows of about this many pixels: the float arrays of the
 # conversion (8 bytes a pixel) stay small whatever the image's size.
 _BAND_PIXELS = 4_000_000
+_SPREAD_BLOCK = 2**20
 
 
 @dataclass(frozen=True)
@@ -199,9 +201,9 @@ class MRIPreprocess(Config):
 
     def _finish(self, gray: np.ndarray, mode: str, guard: InputGuard = NO_GUARD) -> PreprocessedImage:
         """The part every source shares: crop to the head, pad to a square of ``image_size``."""
-        if guard.min_contrast and float(gray.std()) < guard.min_contrast:
-            raise NoContent(f"no content: the image is near-constant (grey-level spread {gray.std():.1f} < "
-                                   f"{guard.min_contrast:g})")
+        if guard.min_contrast and (spread := grey_spread(gray)) < guard.min_contrast:
+            raise NoContent(f"no content: the image is near-constant (grey-level spread {spread:.1f} < "
+                            f"{guard.min_contrast:g})")
         box, fraction = find_head(gray, threshold=self.threshold, margin=self.margin)
         if box is None and guard.require_head:
             raise NoContent(f"no head found: nothing in the image is brighter than the crop threshold "
@@ -276,6 +278,7 @@ def decode_image(
     max_pixels = guard.max_pixels if max_pixels is None else max_pixels
     image = _open_image(data)
     mode = image.mode  # what the file holds (the check may ask libjpeg for luma only)
+    _check_scans(image, data, guard)
     _check_page(image, max_pixels, guard)
     return _load_page(image), mode
 
@@ -289,6 +292,7 @@ def image_pages(data: bytes, *, guard: InputGuard | None = None, multi_page: boo
     ``multi_page=False``: a file of more than one page is an error, before any is decoded."""
     guard = guard or NO_GUARD
     image = _open_image(data)
+    _check_scans(image, data, guard)
     if not multi_page and getattr(image, "is_animated", False):
         raise ImageDecodeError(f"a multi-page {image.format}: only single-page images are taken here (reading page one "
                                "alone would drop the others silently); split it into one file per page")
@@ -334,6 +338,13 @@ def _open_image(data: bytes) -> Image.Image:
         raise ImageDecodeError(f"image too large (decompression bomb guard): {e}") from None
     except Exception as e:
         raise ImageDecodeError(f"corrupt or truncated image header: {type(e).__name__}: {e}") from None
+
+
+def _check_scans(image: Image.Image, data: bytes, guard: InputGuard) -> None:
+    """A JPEG's scan count against guard.max_jpeg_scans, before any scan is decoded (an MPO's
+    later images count too: Pillow decodes the first alone, but the file is refused whole)."""
+    if image.format in ("JPEG", "MPO") and (err := guard.too_many_jpeg_scans(f"a {image.format} file", data)):
+        raise ImageDecodeError(err)
 
 
 def _check_page(image: Image.Image, max_pixels: int, guard: InputGuard, *, pixels: int | None = None,
@@ -421,6 +432,24 @@ def _gray_band(image: Image.Image) -> np.ndarray:
     if image.mode != "L":
         image = image.convert("RGB").convert("L") if image.mode not in ("RGB", "1") else image.convert("L")
     return np.asarray(image, dtype=np.uint8)
+
+
+def grey_spread(gray: np.ndarray) -> float:
+    """The standard deviation of an 8-bit image's grey levels, from its histogram: an integer
+    pass over blocks of _SPREAD_BLOCK pixels (np.bincount widens each block to 8 bytes a pixel:
+    8 MB, one block at a time). ``gray.std()`` made a float64 copy of the whole image:
+    +1.07 GB for a flat PNG of 134 M pixels (guard.max_pixels), refused after all that."""
+    if gray.dtype != np.uint8:
+        raise TypeError(f"grey_spread takes 8-bit grey pixels, not {gray.dtype}")
+    flat = gray.reshape(-1)  # a view of a contiguous image; a strided one is copied at 1 byte a pixel
+    if not flat.size:
+        return 0.0
+    hist = np.zeros(256, dtype=np.int64)
+    for start in range(0, flat.size, _SPREAD_BLOCK):
+        hist += np.bincount(flat[start : start + _SPREAD_BLOCK], minlength=256)
+    levels = np.arange(256, dtype=np.float64)
+    mean = float(hist @ levels) / flat.size
+    return math.sqrt(max(0.0, float(hist @ (levels - mean) ** 2) / flat.size))
 
 
 def find_head_box(

@@ -416,7 +416,7 @@ def read_trust(loc: Location, meta: Mapping[str, Any], *, pin: PackagePin | None
     from safetensors.numpy import load as load_np
 
     try:
-        return Trust.from_meta(meta["trust"], load_np(blob) if blob else {})
+        return Trust.from_meta(meta["trust"], load_np(blob) if blob else {}, num_classes=len(meta["class_names"]))
     except ConfigError as e:
         raise ConfigError(f"{loc.uri}/{PACKAGE_JSON}: {e}") from e
 

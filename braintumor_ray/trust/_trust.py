@@ -135,18 +135,66 @@ class Trust:
         return {k: np.ascontiguousarray(v) for k, v in (self._det.state() if self._det else {}).items()}
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> "Trust":
+    def from_meta(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], *, num_classes: int | None = None) -> "Trust":
+        """The package form back, each stored value range-checked (:func:`check_stored`):
+        ``num_classes`` is the package's number of classes, the count of conformal thresholds."""
         known = {"temperature", "detector", "ood_threshold", "review_threshold", "report", "conformal"}
         unknown = sorted(set(meta) - known)
         if unknown:
             raise ConfigError(f"unknown trust settings {', '.join(unknown)} in the model package: known are "
                               f"{', '.join(sorted(known))}; this package needs a newer braintumor-ray")
+        check_stored(meta, arrays, num_classes=num_classes)
         conformal = Conformal.from_meta(meta["conformal"]) if meta.get("conformal") is not None else None
         t = cls(**{**meta, "conformal": conformal})
         t._det = make_detector(t.detector).load(arrays) if arrays or t.detector == "energy" else None
         if t._det is None:
             raise ConfigError(f"the model package's {t.detector} OOD reference has no arrays: export it again")
         return t
+
+
+# An APS score is a sum of probabilities: it may pass 1 by a rounding error in a valid package.
+_ROUNDING = 1e-6
+
+
+def _number(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def check_stored(meta: dict[str, Any], arrays: dict[str, np.ndarray], *, num_classes: int | None = None) -> None:
+    """Refuse a stored calibration value out of its range, in one line naming its key. The model
+    id covers these values, but an id can be recomputed after an edit: a negative temperature
+    turns every softmax around and NaN thresholds flag nothing, so that every label and review
+    flag could differ from what the network says, silently."""
+
+    def bad(key: str, value: Any, rule: str) -> ConfigError:
+        return ConfigError(f"{key} = {value!r} is out of range ({rule}): the package's calibration was edited or "
+                           "corrupted; export the package again")
+
+    if "temperature" in meta:
+        t = _number(meta["temperature"])
+        if t is None or not np.isfinite(t) or t <= 0:
+            raise bad("trust.temperature", meta["temperature"], "a finite number > 0")
+    if "review_threshold" in meta:
+        r = _number(meta["review_threshold"])
+        if r is None or not -_ROUNDING <= r <= 1.0 + _ROUNDING:
+            raise bad("trust.review_threshold", meta["review_threshold"], "a confidence in [0, 1]")
+    if "ood_threshold" in meta:
+        o = _number(meta["ood_threshold"])
+        if o is None or not np.isfinite(o):
+            raise bad("trust.ood_threshold", meta["ood_threshold"], "a finite number")
+    conformal = meta.get("conformal")
+    if isinstance(conformal, dict) and isinstance(conformal.get("thresholds"), list):
+        ts = conformal["thresholds"]
+        if num_classes is not None and len(ts) != num_classes:
+            raise bad("trust.conformal.thresholds", ts, f"one per class: {num_classes}, not {len(ts)}")
+        for k, t in enumerate(ts):  # null: the class is always in the set
+            if t is not None and ((v := _number(t)) is None or not -_ROUNDING <= v <= 1.0 + _ROUNDING):
+                raise bad(f"trust.conformal.thresholds[{k}]", t, "a nonconformity score in [0, 1], or null")
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        if not np.issubdtype(a.dtype, np.number) or not np.isfinite(a).all():
+            raise ConfigError(f"the OOD reference array {name!r} in the package's trust file holds NaN or infinite "
+                              "values (or is not numeric): the package was corrupted; export it again")
 
 
 def choose_review_threshold(confidence: np.ndarray, correct: np.ndarray, *, target_accuracy: float,
