@@ -48,7 +48,7 @@ def test_config_takes_and_refuses_dicom_options():
                        ({"dicom_send": "pacs:104"}, "not a destination"),
                        ({"dicom_send": "dicom://A_TITLE_LONGER_THAN_16@h:104"}, "not an AE title"),
                        ({"dicom_send": "dicom://PACS@h:70000"}, "out of range"),
-                       ({"dicom_send": "https://u:secret@pacs/dicom-web"}, "credentials in the URL"),
+                       ({"dicom_send": "https://u:secret@pacs/dicom-web"}, "credentials there would be written"),
                        ({"dicom_ae_title": "BAD\\AET"}, "not an AE title"),
                        ({"dicom_send_retries": 11}, "out of range"),
                        ({"dicom_banner": "two\nlines"}, "one printable line")]:
@@ -244,3 +244,167 @@ def test_an_sc_without_a_heat_map_shows_the_grey_slice_and_a_gone_source_is_refu
     assert (image[..., 0] == image[..., 1]).all() and image.std() > 10  # grey, and the slice, not a blank
     with pytest.raises(FileNotFoundError, match="not in the input any more"):
         _object_bytes(DicomObject("sr", f), cfg, src, Identifiers(), {}, ALGO)
+
+
+def _objects(n_sc: int = 2):
+    """[SC, SR, SC, ...] of distinct series, as _send reads them back from OUTPUT_dicom/."""
+    from braintumor_ray.score._dicom_send import read_dataset
+
+    view = source_view(source(), Identifiers(), keep_identifiers=False)
+    px = sc_pixels(np.zeros((8, 8), np.uint8), ["x"])
+    scs = [read_dataset(to_bytes(build_sc(view, px, finding(series=f"1.9.{k}"), notice=""))) for k in range(n_sc)]
+    sr = read_dataset(to_bytes(build_sr(view, finding(series="1.9.99"), ALGO, notice="")))
+    return [scs[0], sr, *scs[1:]]
+
+
+def test_a_refused_sop_class_fails_that_object_only_and_the_others_go_once():
+    """A PACS (pynetdicom's storage SCP on loopback) that takes Secondary Captures but refuses the
+    SR's SOP class: the SR is that object's failure; both SCs are stored, each once, on every try."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+    from pynetdicom.sop_class import SecondaryCaptureImageStorage
+
+    from _net import free_port
+
+    got: list[str] = []
+
+    def store(event):
+        got.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    scp = AE(ae_title="SCONLY")
+    scp.add_supported_context(SecondaryCaptureImageStorage, ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    try:
+        objs = _objects()
+        dest = parse_destinations(f"dicom://SCONLY@127.0.0.1:{port}")[0]
+        result = send_with_retries(dest, objs, calling_aet="BRAINTUMOR", retries=2, backoff_s=0, timeout_s=10)
+    finally:
+        server.shutdown()
+    sc1, sr, sc2 = (str(o.SOPInstanceUID) for o in objs)
+    assert sorted(got) == sorted([sc1, sc2])  # each SC once, the one after the SR too
+    assert result[sc1] is None and result[sc2] is None
+    assert "refused SOP class 1.2.840.10008.5.1.4.1.1.88.34" in result[sr]
+
+
+class _StowStub:
+    """A loopback DICOMweb endpoint that answers every STOW-RS with one canned reply."""
+
+    def __init__(self, status: int, content_type: str, body: bytes) -> None:
+        import http.server
+        import threading
+
+        stub = self
+        self.requests: list[dict] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                stub.requests.append(dict(self.headers))
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _stored_reply(*uids: str) -> bytes:
+    import json
+
+    seq = [{"00081155": {"vr": "UI", "Value": [u]}, "00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.7"]}}
+           for u in uids]
+    return json.dumps({"00081199": {"vr": "SQ", "Value": seq}}).encode()
+
+
+@pytest.mark.parametrize("reply", ["login page", "empty json", "one of two"])
+def test_stow_success_means_listed_in_the_replys_referenced_sop_sequence(reply, monkeypatch):
+    objs = _objects(2)
+    uids = [str(o.SOPInstanceUID) for o in objs]
+    status, ctype, body = {
+        "login page": (200, "text/html", b"<html><form action='/login'>Sign in</form></html>"),
+        "empty json": (200, "application/dicom+json", b"{}"),
+        "one of two": (200, "application/dicom+json; charset=utf-8", _stored_reply(uids[0])),
+    }[reply]
+    stub = _StowStub(status, ctype, body)
+    monkeypatch.setenv("BRAINTUMOR_DICOMWEB_AUTHORIZATION", "Bearer s3cr3t-token")
+    try:
+        dest = parse_destinations(stub.url)[0]
+        result = send_with_retries(dest, objs, calling_aet="BRAINTUMOR", retries=1, backoff_s=0, timeout_s=10)
+    finally:
+        stub.close()
+    assert stub.requests and all(r.get("Authorization") == "Bearer s3cr3t-token" for r in stub.requests)
+    stored = [u for u in uids if result[u] is None]
+    assert stored == ([uids[0]] if reply == "one of two" else [])
+    assert all("not in the STOW-RS reply's stored instances" in result[u] for u in uids if u not in stored)
+    assert len(stub.requests) == 2  # the failed ones were tried again
+
+
+def test_credentials_are_refused_in_any_part_of_a_destination_and_never_quoted(tmp_path):
+    from braintumor_ray.score._dicom_send import dicomweb_authorization
+
+    base = dict(model="m", input="/in", output="/out")
+    for bad in ["http://:TOKEN123@pacs/dicom-web", "https://u:TOKEN123@pacs/dicom-web",
+                "https://pacs/dicom-web?apikey=TOKEN123", "https://pacs/dicom-web?token=TOKEN123",
+                "https://pacs/dicom-web#TOKEN123", "dicom://PACS:TOKEN123@pacs:104", "dicom://PACS@pacs:104?k=TOKEN123"]:
+        with pytest.raises(ConfigError) as e:
+            ScoreConfig(**base, dicom_send=bad)
+        assert "TOKEN123" not in str(e.value), bad
+        if bad.startswith("http"):
+            assert "BRAINTUMOR_DICOMWEB_AUTHORIZATION" in str(e.value), bad
+    (tmp_path / "auth").write_text("Basic dXNlcjpwYXNz\n")
+    assert dicomweb_authorization({"BRAINTUMOR_DICOMWEB_AUTHORIZATION_FILE": str(tmp_path / "auth")}) == "Basic dXNlcjpwYXNz"
+    assert dicomweb_authorization({}) is None
+
+
+def _nonconformant_source(tmp_path) -> str:
+    """A source whose header a common scanner writes: PatientSex U, dates with dashes, a time with colons."""
+    from pydicom import config
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(head12(3), window=(1500, 3000))))
+    mode = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE
+    try:
+        ds.PatientSex, ds.PatientBirthDate, ds.StudyDate, ds.StudyTime = "U", "1941-02-03", "2019-13-45", "12:30:45"
+        ds.save_as(str(tmp_path / "IM1"), enforce_file_format=True)
+    finally:
+        config.settings.writing_validation_mode = mode
+    return str(tmp_path / "IM1")
+
+
+def test_nonconformant_tags_are_normalised_or_dropped_named_and_never_quoted(tmp_path, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from braintumor_ray.imaging import InputGuard
+    from braintumor_ray.score._dicom import _object_bytes
+    from braintumor_ray.score._dicom_out import DicomObject
+
+    path = _nonconformant_source(tmp_path)
+    cfg = SimpleNamespace(guard=InputGuard(), dicom_identifiers=False, dicom_banner="", s3_endpoint_url=None)
+    f = SeriesFinding(**{**finding("glioma").__dict__, "source_path": "shown/IM1"})
+    caplog.set_level(logging.DEBUG)
+    logging.captureWarnings(True)
+    try:
+        sr, sc = (pydicom.dcmread(io.BytesIO(_object_bytes(DicomObject(k, f), cfg, resolve(str(tmp_path)), Identifiers(),
+                                                          {"shown/IM1": path}, ALGO))) for k in ("sr", "sc"))
+    finally:
+        logging.captureWarnings(False)
+    for ds in (sr, sc):
+        # normalised: the intent is plain; dropped: U is no PatientSex, month 13 is no date.
+        assert ds.PatientBirthDate == "19410203" and ds.StudyTime == "123045"
+        assert ds.PatientSex == "" and ds.StudyDate == ""
+    note = "Source attributes not copied (values not conformant): PatientSex, StudyDate"
+    assert ("Comment", note) in _content(sr) and note in sc.ImageComments
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert not [v for v in ("1941-02-03", "2019-13-45", "12:30:45") if v in logged], logged

@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core import Identifiers, Lease, Location, Manifest, StagedWriter, resolve
+from ..core import BraintumorError, Identifiers, Lease, Location, Manifest, StagedWriter, resolve
 from ._dicom_out import (Algorithm, DicomObject, SeriesFinding, banner_lines, build_sc, build_sr, dicom_location,
                          plan_objects, sc_pixels, source_view, to_bytes)
 from ._dicom_send import SentLedger, parse_destinations, read_dataset, send_with_retries
@@ -88,8 +88,8 @@ def run_dicom_step(config, *, dst: Location, src: Location, ids: Identifiers, so
             try:
                 data = _object_bytes(obj, config, src, ids, sources, algo)
             except Exception as e:  # one series' source gone or unreadable: the others still get theirs
-                logger.warning("score: no DICOM %s for a series (its source file %s: %s: %s)", obj.kind.upper(),
-                               obj.finding.source_path, type(e).__name__, e)
+                logger.warning("score: no DICOM %s for a series (its source file %s: %s)", obj.kind.upper(),
+                               obj.finding.source_path, _cause(e))
                 out["skipped"] += 1
                 continue
             stage.join(obj.name).write_bytes(data)
@@ -136,16 +136,25 @@ def _send(root: Location, dests, config, lease: Lease) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"destination": dest.key, "sent": 0, "already": len(committed) - len(names), "failed": 0}
         if names:
             datasets = {n: read_dataset(committed[n]) for n in names}
+            by_uid = {str(ds.SOPInstanceUID): n for n, ds in datasets.items()}
+
+            def record(got: dict[str, str | None], dest=dest) -> None:
+                stored = [u for u, error in got.items() if error is None and u in by_uid]
+                for uid in stored:
+                    ledger.record(dest, by_uid[uid], uid)
+                if stored:
+                    lease.check()
+                    ledger.save()
+
             result = send_with_retries(dest, list(datasets.values()), calling_aet=config.dicom_ae_title,
-                                       retries=config.dicom_send_retries)
+                                       retries=config.dicom_send_retries, on_try=record)
             for n, ds in datasets.items():
                 error = result.get(str(ds.SOPInstanceUID))
                 if error is None:
-                    ledger.record(dest, n, str(ds.SOPInstanceUID))
                     entry["sent"] += 1
                 else:
                     entry["failed"] += 1
-                    entry["error"] = error
+                    entry["error"] = str(error)
             lease.check()
             ledger.save()
         if entry["failed"]:
@@ -153,6 +162,14 @@ def _send(root: Location, dests, config, lease: Lease) -> list[dict[str, Any]]:
                            entry["failed"], dest.key, entry.get("error"))
         report.append(entry)
     return report
+
+
+def _cause(e: Exception) -> str:
+    """An error as a log line may give it: our own messages (cause and fix, no header values); of any
+    other (pydicom's, highdicom's: they quote the value they reject) its type only."""
+    if isinstance(e, (BraintumorError, FileNotFoundError)):
+        return f"{type(e).__name__}: {e}"
+    return f"{type(e).__name__} (its message is not logged: it may quote a patient attribute)"
 
 
 def _none(v):

@@ -176,22 +176,106 @@ def sc_pixels(image: np.ndarray, lines: Sequence[str], *, width: int = SC_WIDTH,
 def source_view(ds, ids: Identifiers, *, keep_identifiers: bool):
     """The source file's header as the objects may show it: the patient and study modules and the
     top slice's identity; with a hashing mode (and not ``keep_identifiers``) the UIDs hashed as the
-    rows hash them and the patient module empty."""
+    rows hash them and the patient module empty.
+
+    A value that does not conform to its VR is normalised where the intent is plain (dates with
+    dashes or dots, times with colons) or dropped (left empty: these attributes are type 2), so the
+    SR/SC is still made; :func:`dropped_attributes` names what was dropped, and the objects say so.
+    No value is read through pydicom's validation, which logs the value it rejects."""
     from pydicom.dataset import Dataset
 
     view = Dataset()
     full = not ids.hashes or keep_identifiers
-    for tag in PATIENT_STUDY_TAGS:
-        value = ds.get(tag, "") if full else ""
-        setattr(view, tag, value if value is not None else "")
-    # path_mode hashed alone hashes the UIDs in the objects too: a study's UID names a patient's visit.
-    uid = (lambda u: u) if full else ids.uid if ids.uid_mode == "hashed" else _hash_uid(ids)
-    view.StudyInstanceUID = uid(str(ds.StudyInstanceUID))
-    view.SeriesInstanceUID = uid(str(ds.SeriesInstanceUID))
-    view.SOPInstanceUID = uid(str(ds.SOPInstanceUID))
-    view.SOPClassUID = ds.SOPClassUID
-    view.Modality = ds.get("Modality", "MR")
+    dropped = []
+    with _no_value_warnings():
+        for tag in PATIENT_STUDY_TAGS:
+            if tag == "StudyInstanceUID":
+                continue
+            value, ok = conform(tag, ds.get(tag, "") if full else "")
+            if not ok:
+                dropped.append(tag)
+            setattr(view, tag, value)
+        # path_mode hashed alone hashes the UIDs in the objects too: a study's UID names a patient's visit.
+        uid = (lambda u: u) if full else ids.uid if ids.uid_mode == "hashed" else _hash_uid(ids)
+        view.StudyInstanceUID = uid(str(ds.StudyInstanceUID))
+        view.SeriesInstanceUID = uid(str(ds.SeriesInstanceUID))
+        view.SOPInstanceUID = uid(str(ds.SOPInstanceUID))
+        view.SOPClassUID = ds.SOPClassUID
+        modality, ok = conform("Modality", ds.get("Modality", "MR"))
+        view.Modality = modality if ok and modality else "MR"
+    view.btray_dropped = tuple(dropped)  # a Python attribute, not a data element: never written out
     return view
+
+
+def dropped_attributes(view) -> tuple[str, ...]:
+    """The source attributes :func:`source_view` left empty because their values did not conform."""
+    return tuple(getattr(view, "btray_dropped", ()))
+
+
+def dropped_note(view) -> str | None:
+    """What the objects say of the dropped attributes (their names, never their values)."""
+    names = dropped_attributes(view)
+    return f"Source attributes not copied (values not conformant): {', '.join(names)}" if names else None
+
+
+_SEX = {"M", "F", "O"}  # PS3.3 C.7.1.1: PatientSex's enumerated values ("U" and others are not among them)
+
+
+def conform(keyword: str, value) -> tuple[str, bool]:
+    """``value`` of attribute ``keyword`` as a conformant string, and whether it was kept: (value, True),
+    normalised where the intent is plain, or ("", False) when dropped. Pure; never quotes the value."""
+    import re
+
+    from pydicom import config
+    from pydicom.datadict import dictionary_VR
+    from pydicom.valuerep import validate_value
+
+    text = "" if value is None else str(value).strip()
+    if not text:
+        return "", True
+    vr = dictionary_VR(keyword)
+    if vr == "DA":
+        m = re.fullmatch(r"(\d{4})[-./]?(\d{2})[-./]?(\d{2})", text)
+        text = "".join(m.groups()) if m else text
+    elif vr == "TM":
+        m = re.fullmatch(r"(\d{2})(?::?(\d{2})(?::?(\d{2})(\.\d{1,6})?)?)?", text)
+        text = "".join(g or "" for g in m.groups()) if m else text
+    elif keyword == "PatientSex":
+        text = text.upper()
+        if text not in _SEX:
+            return "", False
+    try:
+        validate_value(vr, text, config.RAISE)
+        if vr == "DA":
+            from datetime import date
+
+            date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except Exception:  # pydicom's message quotes the value: not passed on
+        return "", False
+    return text, True
+
+
+class _no_value_warnings:
+    """pydicom's reading validation off while a source's header is copied: it logs rejected values."""
+
+    def __enter__(self):
+        import warnings
+
+        from pydicom import config
+
+        self._mode = config.settings.reading_validation_mode
+        config.settings.reading_validation_mode = config.IGNORE
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+        return self
+
+    def __exit__(self, *exc):
+        from pydicom import config
+
+        self._warnings.__exit__(*exc)
+        config.settings.reading_validation_mode = self._mode
+        return False
 
 
 def _hash_uid(ids: Identifiers):
@@ -235,6 +319,10 @@ def build_sr(view, f: SeriesFinding, algo: Algorithm, *, notice: str):
             model_name=algo.model_id))
     report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=observer),
                                      procedure_reported=codes.SCT.ImagingProcedure, imaging_measurements=[group])
+    note = dropped_note(view)
+    if note:  # the reader learns why, e.g., the patient's sex is empty (a TEXT "Comment", DCM 121106)
+        report[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=codes.DCM.Comment, value=note, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     sr = hd.sr.Comprehensive3DSR(evidence=[view], content=report[0], series_instance_uid=series_uid,
                                  series_number=SR_SERIES_NUMBER, sop_instance_uid=sop_uid, instance_number=1,
                                  manufacturer=MANUFACTURER, is_complete=True)
@@ -253,7 +341,7 @@ def build_sc(view, pixels: np.ndarray, f: SeriesFinding, *, notice: str):
     sc.PatientOrientation = None
     sc.SeriesDescription = _description("AI heat map", notice)
     sc.BurnedInAnnotation = "YES"
-    sc.ImageComments = " / ".join(banner_lines(f, notice))[:10240]
+    sc.ImageComments = " / ".join([*banner_lines(f, notice), *filter(None, [dropped_note(view)])])[:10240]
     return sc
 
 
