@@ -498,11 +498,11 @@ def _step_world(tmp_path):
     uids = {"sop": str(ds.SOPInstanceUID), "series": str(ds.SeriesInstanceUID), "study": str(ds.StudyInstanceUID)}
     shown = str(tmp_path / "in" / "IM1")
 
-    def run(label="glioma", conf=0.83, model=ALGO.model_id, dest=None, run_id="run-1", version=None):
+    def run(label="glioma", conf=0.83, model=ALGO.model_id, dest=None, run_id="run-1", version=None, heat=None):
         t = pd.Timestamp.now(tz="UTC")
         rows = pa.Table.from_pylist([{"path": shown, "model_id": model, "status": "ok", "scored_at": t,
                                       "sop_instance_uid": uids["sop"], "series_instance_uid": uids["series"],
-                                      "slice_index": None, "heatmap_path": None, "version": version}],
+                                      "slice_index": None, "heatmap_path": heat, "version": version}],
                                     schema=pa.schema(SLICE_COLUMNS))
         folder = series_location(dst)
         folder.join(SERIES_FILE).fs.makedirs(folder.path, exist_ok=True)
@@ -649,3 +649,24 @@ def test_the_source_is_read_at_its_rows_version_and_its_uids_checked(tmp_path, c
     assert "its SOPInstanceUID is not the one its row holds" in caplog.text
     other = str(pydicom.dcmread(str(path)).StudyInstanceUID)
     assert all(str(pydicom.dcmread(str(folder / n)).StudyInstanceUID) != other for n in _manifest(folder))
+
+
+def test_an_sc_takes_its_map_only_from_the_outputs_explain_folder(tmp_path, caplog):
+    """A row's heatmap_path naming a file elsewhere (planted, or ``OUTPUT_explain/../x.png``) makes
+    no SC; a map of OUTPUT_explain/ does."""
+    from braintumor_ray.imaging import encode_png
+
+    run, folder = _step_world(tmp_path)
+    png = encode_png(np.full((64, 64, 3), 77, np.uint8))
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.png").write_bytes(png)
+    (tmp_path / "out_explain").mkdir()
+    (tmp_path / "out_explain" / "m.png").write_bytes(png)
+    for planted in (str(tmp_path / "elsewhere" / "x.png"), f"{tmp_path}/out_explain/../elsewhere/x.png"):
+        got = run(heat=planted)
+        assert (got["sc"], got["skipped"]) == (0, 1), planted  # (the SR is made: it shows no map)
+    assert "heatmap_path is not a file of this output's OUTPUT_explain/" in caplog.text
+    ok = run(heat=f"{tmp_path}/out_explain/m.png", run_id="run-2")
+    assert ok["sc"] == 1
+    sc = [pydicom.dcmread(str(folder / n)) for n in _manifest(folder) if "-sc-" in n][0]
+    assert (sc.pixel_array[-512:] == 77).mean() > 0.9

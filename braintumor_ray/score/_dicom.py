@@ -23,6 +23,7 @@ from ..core import BraintumorError, Identifiers, Lease, Location, Manifest, Stag
 from ._dicom_out import (Algorithm, DicomObject, SeriesFinding, banner_lines, build_sc, build_sr, dicom_location,
                          parse_object_name, plan_dicom, sc_pixels, source_view, to_bytes)
 from ._dicom_send import SentLedger, parse_destinations, read_dataset, send_with_retries
+from ._explain import explain_location
 from ._series import SERIES_FILE, series_location
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ def run_dicom_step(config, *, dst: Location, src: Location, ids: Identifiers, so
             try:
                 previous = (_committed_dataset(root, obj.predecessor, manifest)
                             if obj.kind == "sr" and obj.predecessor else None)
-                data = _object_bytes(obj, config, src, ids, sources, algo, key=key, previous=previous)
+                data = _object_bytes(obj, config, src, ids, sources, algo, key=key, previous=previous,
+                                     explain_root=explain_location(dst))
             except Exception as e:  # one series' source gone or unreadable: the others still get theirs
                 logger.warning("score: no DICOM %s for a series (its source file %s: %s)", obj.kind.upper(),
                                obj.finding.source_path, _cause(e))
@@ -189,7 +191,7 @@ class SourceChanged(BraintumorError):
 
 
 def _object_bytes(obj: DicomObject, config, src: Location, ids: Identifiers, sources: dict[str, str],
-                  algo: Algorithm, *, key: bytes = b"", previous=None) -> bytes:
+                  algo: Algorithm, *, key: bytes = b"", previous=None, explain_root: Location | None = None) -> bytes:
     f = obj.finding
     listed = sources.get(f.source_path)
     if listed is None:
@@ -207,7 +209,14 @@ def _object_bytes(obj: DicomObject, config, src: Location, ids: Identifiers, sou
     if f.heatmap_path:
         from ..imaging import decode_png
 
-        image = decode_png(resolve(f.heatmap_path, s3_endpoint_url=config.s3_endpoint_url).read_bytes())
+        if explain_root is not None:  # a map of this output's OUTPUT_explain/, by its plain name, or none
+            name = posix_basename(f.heatmap_path)
+            if f.heatmap_path != f"{explain_root.uri.rstrip('/')}/{name}" or name in ("", ".", ".."):
+                raise SourceChanged("its row's heatmap_path is not a file of this output's OUTPUT_explain/: no SC "
+                                    "is made from it (score the file again with --explain for a map)")
+            image = decode_png(explain_root.join(name).read_bytes())
+        else:
+            image = decode_png(resolve(f.heatmap_path, s3_endpoint_url=config.s3_endpoint_url).read_bytes())
     else:  # no map (--explain none, or a row scored before it): the slice as the model saw it, grey
         slices = read_medical(data, "dicom", guard=config.guard)
         image = slices[f.slice_index or 0].gray

@@ -226,6 +226,9 @@ def _c_store(dest: Destination, datasets: list, calling_aet: str, timeout_s: flo
             except ValueError as e:  # no accepted context for its transfer syntax (pynetdicom names the syntax)
                 out[uid] = f"not sent: {e}"
                 continue
+            except Exception as e:  # the connection broke: the objects answered before keep their answers
+                out[uid] = f"{type(e).__name__}: {e}"
+                continue
             code = getattr(status, "Status", None)
             out[uid] = None if code in _STORED else (
                 "no C-STORE response (association lost)" if code is None else f"C-STORE status 0x{code:04X}")
