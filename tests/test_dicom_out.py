@@ -34,6 +34,14 @@ def finding(label="glioma", reason=None, conf=0.83, series="1.2.3.4", heat=None)
                          slice_index=None, heatmap_path=heat)
 
 
+def finding_of(path, ids=None, label="glioma") -> SeriesFinding:
+    """The finding of the source file at ``path``: its UIDs as an output with ``ids`` shows them."""
+    ds = pydicom.dcmread(str(path))
+    ids = ids or Identifiers()
+    return SeriesFinding(**{**finding(label).__dict__, "source_path": "shown/IM1", "series_uid": ids.uid(str(ds.SeriesInstanceUID)),
+                            "study_uid": ids.uid(str(ds.StudyInstanceUID)), "source_sop_uid": ids.uid(str(ds.SOPInstanceUID))})
+
+
 def source():
     return pydicom.dcmread(io.BytesIO(dicom_bytes(head12(0), study=generate_uid(), series=generate_uid())))
 
@@ -48,7 +56,7 @@ def test_config_takes_and_refuses_dicom_options():
                        ({"dicom_send": "pacs:104"}, "not a destination"),
                        ({"dicom_send": "dicom://A_TITLE_LONGER_THAN_16@h:104"}, "not an AE title"),
                        ({"dicom_send": "dicom://PACS@h:70000"}, "out of range"),
-                       ({"dicom_send": "https://u:secret@pacs/dicom-web"}, "credentials in the URL"),
+                       ({"dicom_send": "https://u:secret@pacs/dicom-web"}, "credentials there would be written"),
                        ({"dicom_ae_title": "BAD\\AET"}, "not an AE title"),
                        ({"dicom_send_retries": 11}, "out of range"),
                        ({"dicom_banner": "two\nlines"}, "one printable line")]:
@@ -236,7 +244,7 @@ def test_an_sc_without_a_heat_map_shows_the_grey_slice_and_a_gone_source_is_refu
     src = resolve(str(tmp_path))
     cfg = SimpleNamespace(guard=InputGuard(), dicom_identifiers=False, dicom_banner="NOT FOR DIAGNOSTIC USE",
                           s3_endpoint_url=None)
-    f = SeriesFinding(**{**finding("glioma").__dict__, "source_path": "shown/IM1"})
+    f = finding_of(tmp_path / "IM1")
     sc = pydicom.dcmread(io.BytesIO(_object_bytes(DicomObject("sc", f), cfg, src, Identifiers(),
                                                   {"shown/IM1": str(tmp_path / "IM1")}, ALGO)))
     px = sc.pixel_array
@@ -244,3 +252,421 @@ def test_an_sc_without_a_heat_map_shows_the_grey_slice_and_a_gone_source_is_refu
     assert (image[..., 0] == image[..., 1]).all() and image.std() > 10  # grey, and the slice, not a blank
     with pytest.raises(FileNotFoundError, match="not in the input any more"):
         _object_bytes(DicomObject("sr", f), cfg, src, Identifiers(), {}, ALGO)
+
+
+def _objects(n_sc: int = 2):
+    """[SC, SR, SC, ...] of distinct series, as _send reads them back from OUTPUT_dicom/."""
+    from braintumor_ray.score._dicom_send import read_dataset
+
+    view = source_view(source(), Identifiers(), keep_identifiers=False)
+    px = sc_pixels(np.zeros((8, 8), np.uint8), ["x"])
+    scs = [read_dataset(to_bytes(build_sc(view, px, finding(series=f"1.9.{k}"), notice=""))) for k in range(n_sc)]
+    sr = read_dataset(to_bytes(build_sr(view, finding(series="1.9.99"), ALGO, notice="")))
+    return [scs[0], sr, *scs[1:]]
+
+
+def test_a_refused_sop_class_fails_that_object_only_and_the_others_go_once():
+    """A PACS (pynetdicom's storage SCP on loopback) that takes Secondary Captures but refuses the
+    SR's SOP class: the SR is that object's failure; both SCs are stored, each once, on every try."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+    from pynetdicom.sop_class import SecondaryCaptureImageStorage
+
+    from _net import free_port
+
+    got: list[str] = []
+
+    def store(event):
+        got.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    scp = AE(ae_title="SCONLY")
+    scp.add_supported_context(SecondaryCaptureImageStorage, ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    try:
+        objs = _objects()
+        dest = parse_destinations(f"dicom://SCONLY@127.0.0.1:{port}")[0]
+        result = send_with_retries(dest, objs, calling_aet="BRAINTUMOR", retries=2, backoff_s=0, timeout_s=10)
+    finally:
+        server.shutdown()
+    sc1, sr, sc2 = (str(o.SOPInstanceUID) for o in objs)
+    assert sorted(got) == sorted([sc1, sc2])  # each SC once, the one after the SR too
+    assert result[sc1] is None and result[sc2] is None
+    assert "refused SOP class 1.2.840.10008.5.1.4.1.1.88.34" in result[sr]
+
+
+class _StowStub:
+    """A loopback DICOMweb endpoint that answers every STOW-RS with one canned reply."""
+
+    def __init__(self, status: int, content_type: str, body: bytes) -> None:
+        import http.server
+        import threading
+
+        stub = self
+        self.requests: list[dict] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                stub.requests.append(dict(self.headers))
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _stored_reply(*uids: str) -> bytes:
+    import json
+
+    seq = [{"00081155": {"vr": "UI", "Value": [u]}, "00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.7"]}}
+           for u in uids]
+    return json.dumps({"00081199": {"vr": "SQ", "Value": seq}}).encode()
+
+
+@pytest.mark.parametrize("reply", ["login page", "empty json", "one of two"])
+def test_stow_success_means_listed_in_the_replys_referenced_sop_sequence(reply, monkeypatch):
+    objs = _objects(2)
+    uids = [str(o.SOPInstanceUID) for o in objs]
+    status, ctype, body = {
+        "login page": (200, "text/html", b"<html><form action='/login'>Sign in</form></html>"),
+        "empty json": (200, "application/dicom+json", b"{}"),
+        "one of two": (200, "application/dicom+json; charset=utf-8", _stored_reply(uids[0])),
+    }[reply]
+    stub = _StowStub(status, ctype, body)
+    monkeypatch.setenv("BRAINTUMOR_DICOMWEB_AUTHORIZATION", "Bearer s3cr3t-token")
+    try:
+        dest = parse_destinations(stub.url)[0]
+        result = send_with_retries(dest, objs, calling_aet="BRAINTUMOR", retries=1, backoff_s=0, timeout_s=10)
+    finally:
+        stub.close()
+    assert stub.requests and all(r.get("Authorization") == "Bearer s3cr3t-token" for r in stub.requests)
+    stored = [u for u in uids if result[u] is None]
+    assert stored == ([uids[0]] if reply == "one of two" else [])
+    assert all("not in the STOW-RS reply's stored instances" in result[u] for u in uids if u not in stored)
+    assert len(stub.requests) == 2  # the failed ones were tried again
+
+
+def test_credentials_are_refused_in_any_part_of_a_destination_and_never_quoted(tmp_path, capsys):
+    from braintumor_ray.score._dicom_send import dicomweb_authorization
+
+    base = dict(model="m", input="/in", output="/out")
+    for bad in ["http://:TOKEN123@pacs/dicom-web", "https://u:TOKEN123@pacs/dicom-web",
+                "https://pacs/dicom-web?apikey=TOKEN123", "https://pacs/dicom-web?token=TOKEN123",
+                "https://pacs/dicom-web#TOKEN123", "dicom://PACS:TOKEN123@pacs:104", "dicom://PACS@pacs:104?k=TOKEN123"]:
+        with pytest.raises(ConfigError) as e:
+            ScoreConfig(**base, dicom_send=bad)
+        assert "TOKEN123" not in str(e.value), bad
+        if bad.startswith("http"):
+            assert "BRAINTUMOR_DICOMWEB_AUTHORIZATION" in str(e.value), bad
+    # Through the job: exit 2, one line naming the fix, nothing written, the secret nowhere.
+    from conftest import load_job
+
+    (tmp_path / "in").mkdir()
+    out = tmp_path / "out"
+    code = load_job("score").main(["--model", str(tmp_path / "m"), "--input", str(tmp_path / "in"), "--output", str(out),
+                                   "--dicom-send", "https://pacs/dicom-web?apikey=TOKEN123"])
+    said = capsys.readouterr()
+    assert code == 2 and "BRAINTUMOR_DICOMWEB_AUTHORIZATION" in said.err + said.out
+    assert "TOKEN123" not in said.err + said.out and not out.exists()
+    (tmp_path / "auth").write_text("Basic dXNlcjpwYXNz\n")
+    assert dicomweb_authorization({"BRAINTUMOR_DICOMWEB_AUTHORIZATION_FILE": str(tmp_path / "auth")}) == "Basic dXNlcjpwYXNz"
+    assert dicomweb_authorization({}) is None
+
+
+def _nonconformant_source(tmp_path) -> str:
+    """A source whose header a common scanner writes: PatientSex U, dates with dashes, a time with colons."""
+    from pydicom import config
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(head12(3), window=(1500, 3000))))
+    mode = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE
+    try:
+        ds.PatientSex, ds.PatientBirthDate, ds.StudyDate, ds.StudyTime = "U", "1941-02-03", "2019-13-45", "12:30:45"
+        ds.save_as(str(tmp_path / "IM1"), enforce_file_format=True)
+    finally:
+        config.settings.writing_validation_mode = mode
+    return str(tmp_path / "IM1")
+
+
+def test_nonconformant_tags_are_normalised_or_dropped_named_and_never_quoted(tmp_path, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from braintumor_ray.imaging import InputGuard
+    from braintumor_ray.score._dicom import _object_bytes
+    from braintumor_ray.score._dicom_out import DicomObject
+
+    path = _nonconformant_source(tmp_path)
+    cfg = SimpleNamespace(guard=InputGuard(), dicom_identifiers=False, dicom_banner="", s3_endpoint_url=None)
+    f = finding_of(path)
+    caplog.set_level(logging.DEBUG)
+    logging.captureWarnings(True)
+    try:
+        sr, sc = (pydicom.dcmread(io.BytesIO(_object_bytes(DicomObject(k, f), cfg, resolve(str(tmp_path)), Identifiers(),
+                                                          {"shown/IM1": path}, ALGO))) for k in ("sr", "sc"))
+    finally:
+        logging.captureWarnings(False)
+    for ds in (sr, sc):
+        # normalised: the intent is plain; dropped: U is no PatientSex, month 13 is no date.
+        assert ds.PatientBirthDate == "19410203" and ds.StudyTime == "123045"
+        assert ds.PatientSex == "" and ds.StudyDate == ""
+    note = "Source attributes not copied (values not conformant): PatientSex, StudyDate"
+    assert ("Comment", note) in _content(sr) and note in sc.ImageComments
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert not [v for v in ("1941-02-03", "2019-13-45", "12:30:45") if v in logged], logged
+
+
+def test_plan_follows_the_verdict_and_retires_what_it_replaced():
+    from braintumor_ray.score._dicom_out import plan_dicom
+
+    first = plan_dicom([finding("glioma", conf=0.61)], "sr+sc", [], model_id=ALGO.model_id, live_models=[ALGO.model_id])
+    names = [o.name for o in first.write]
+    assert [o.kind for o in first.write] == ["sr", "sc"] and first.retire == ()
+    # The same verdict again: nothing to do.
+    same = plan_dicom([finding("glioma", conf=0.61)], "sr+sc", names, model_id=ALGO.model_id, live_models=[ALGO.model_id])
+    assert same == type(same)(write=(), retire=())
+    # More slices, another confidence: new objects naming the ones they replace; those retire.
+    new = plan_dicom([finding("glioma", conf=0.74)], "sr+sc", names, model_id=ALGO.model_id, live_models=[ALGO.model_id])
+    assert [(o.kind, o.predecessor) for o in new.write] == [("sr", names[0]), ("sc", names[1])]
+    assert set(new.retire) == set(names) and not {o.name for o in new.write} & set(names)
+    # Not flagged any more: the SC retires, with nothing in its place; another model's objects stay
+    # while its rows do, and retire once they are gone (--rescore-all); names not ours are left alone.
+    other = object_name("fedcba9876543210", "1.2.3.4", "sr", "0" * 12)
+    calm = plan_dicom([finding("no_tumor", conf=0.9)], "sr", [*names, other, "notes.dcm"], model_id=ALGO.model_id,
+                      live_models=[ALGO.model_id, "fedcba9876543210"])
+    assert [o.kind for o in calm.write] == ["sr"] and set(calm.retire) == set(names)
+    gone = plan_dicom([finding("no_tumor", conf=0.9)], "sr", [other], model_id=ALGO.model_id, live_models=[ALGO.model_id])
+    assert gone.retire == (other,)
+    # Another content, another SOP Instance UID, in this output or any other; the series stays.
+    a, b = (object_uids(ALGO.model_id, "1.1", "sr", d) for d in ("a" * 12, "b" * 12))
+    assert a[0] == b[0] and a[1] != b[1]
+
+
+class _Scp:
+    """A storage SCP on loopback (pynetdicom) that takes SRs and SCs and keeps what it got."""
+
+    def __init__(self):
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+        from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
+
+        from _net import free_port
+
+        self.got: list = []
+        ae = AE(ae_title="STUBPACS")
+        for sop in (Comprehensive3DSRStorage, SecondaryCaptureImageStorage):
+            ae.add_supported_context(sop, ALL_TRANSFER_SYNTAXES)
+        self.port = free_port()
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self.dest = f"dicom://STUBPACS@127.0.0.1:{self.port}"
+
+    def _store(self, event):
+        self.got.append(event.dataset)
+        return 0x0000
+
+    def close(self):
+        self.server.shutdown()
+
+
+def _step_world(tmp_path):
+    """An output with one scored DICOM series (rows and series table), its source, and a runner of
+    the DICOM step under a lease, as scoring calls it."""
+    import pyarrow as pa
+    from types import SimpleNamespace
+
+    from braintumor_ray.core import Lease
+    from braintumor_ray.imaging import InputGuard
+    from braintumor_ray.score import SERIES_FILE, series_location
+    from braintumor_ray.score._dicom import SLICE_COLUMNS, run_dicom_step
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "IM1").write_bytes(dicom_bytes(head12(3), window=(1500, 3000)))
+    src, dst = resolve(str(tmp_path / "in")), resolve(str(tmp_path / "out"))
+    ds = pydicom.dcmread(str(tmp_path / "in" / "IM1"))
+    uids = {"sop": str(ds.SOPInstanceUID), "series": str(ds.SeriesInstanceUID), "study": str(ds.StudyInstanceUID)}
+    shown = str(tmp_path / "in" / "IM1")
+
+    def run(label="glioma", conf=0.83, model=ALGO.model_id, dest=None, run_id="run-1", version=None, heat=None):
+        t = pd.Timestamp.now(tz="UTC")
+        rows = pa.Table.from_pylist([{"path": shown, "model_id": model, "status": "ok", "scored_at": t,
+                                      "sop_instance_uid": uids["sop"], "series_instance_uid": uids["series"],
+                                      "slice_index": None, "heatmap_path": heat, "version": version}],
+                                    schema=pa.schema(SLICE_COLUMNS))
+        folder = series_location(dst)
+        folder.join(SERIES_FILE).fs.makedirs(folder.path, exist_ok=True)
+        pd.DataFrame([{"model_id": model, "series_instance_uid": uids["series"], "study_instance_uid": uids["study"],
+                       "predicted_label": label, "confidence": conf, "review_reason": None, "prediction_set": None,
+                       "top_slice_path": shown, "top_slice_sop_instance_uid": uids["sop"],
+                       "top_slice_index": None}]).to_parquet(folder.join(SERIES_FILE).path)
+        cfg = SimpleNamespace(dicom_out="sr+sc", dicom_send=dest, dicom_identifiers=False, dicom_banner="",
+                              guard=InputGuard(), s3_endpoint_url=None, dicom_ae_title="BRAINTUMOR",
+                              dicom_send_retries=0)
+        algo = Algorithm(ALGO.name, ALGO.version, model)
+        with Lease(dst, owner=run_id, ttl_s=60, what="score") as lease:
+            return run_dicom_step(cfg, dst=dst, src=src, ids=Identifiers(), sources={shown: shown}, lease=lease,
+                                  run_id=run_id, algo=algo, rows=rows)
+
+    return run, tmp_path / "out_dicom"
+
+
+def _manifest(folder) -> dict:
+    import json
+
+    return json.loads((folder / "_manifest.json").read_text())["files"]
+
+
+def test_objects_follow_the_verdict_and_only_the_manifests_are_sent(tmp_path):
+    import json
+    import shutil
+
+    run, folder = _step_world(tmp_path)
+    scp = _Scp()
+    try:
+        first = run(dest=scp.dest)
+        assert (first["sr"], first["sc"]) == (1, 1) and len(scp.got) == 2
+        old = {ds.SOPClassUID.name: ds for ds in scp.got}
+        old_names = sorted(_manifest(folder))
+        again = run(dest=scp.dest)
+        assert (again["sr"], again["sc"], len(scp.got)) == (0, 0, 2)  # the same verdict: nothing new
+
+        # More slices came: another confidence. A new SR and SC with new SOP Instance UIDs; the SR
+        # names the one it replaces; the replaced ones leave the manifest and the folder.
+        changed = run(conf=0.91, dest=scp.dest, run_id="run-2")
+        assert (changed["sr"], changed["sc"], changed["retired"]) == (1, 1, 2) and len(scp.got) == 4
+        new = {ds.SOPClassUID.name: ds for ds in scp.got[2:]}
+        sr_old, sr_new = old["Comprehensive 3D SR Storage"], new["Comprehensive 3D SR Storage"]
+        assert sr_new.SOPInstanceUID != sr_old.SOPInstanceUID
+        assert sr_new.SeriesInstanceUID == sr_old.SeriesInstanceUID and sr_new.StudyInstanceUID == sr_old.StudyInstanceUID
+        pred = sr_new.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert pred.ReferencedSOPInstanceUID == sr_old.SOPInstanceUID
+        names = sorted(_manifest(folder))
+        assert not set(names) & set(old_names) and sorted(p.name for p in folder.glob("*.dcm")) == names
+
+        # Planted: a .dcm in OUTPUT_dicom/ and a "complete" staged run with its own entry list; and
+        # the manifest's files are what a new destination gets, nothing else.
+        planted = folder / "0123456789abcdef0123-0123456789abcdef-sr-aaaaaaaaaaaa.dcm"
+        shutil.copy(folder / names[0], planted)
+        stage = tmp_path / "out_dicom._staging" / "planted-run"
+        stage.mkdir(parents=True)
+        shutil.copy(folder / names[1], stage / "ffffffffffffffffffff-0123456789abcdef-sc-bbbbbbbbbbbb.dcm")
+        (stage / "_SUCCESS").write_bytes(b"")
+        (stage / "_ENTRIES.json").write_text(json.dumps({"replace_all": True, "files": {}}))
+        second = _Scp()
+        try:
+            run(conf=0.91, dest=f"{scp.dest},{second.dest}", run_id="run-3")
+        finally:
+            second.close()
+        assert sorted(str(ds.SOPInstanceUID) for ds in second.got) == sorted(str(ds.SOPInstanceUID) for ds in scp.got[2:])
+        assert sorted(_manifest(folder)) == names and len(scp.got) == 4
+
+        # --rescore-all with another model: the first model's rows are gone, so are its objects.
+        other = run(conf=0.91, model="fedcba9876543210", run_id="run-4")
+        assert other["retired"] == 2 and all("-fedcba9876543210-" in n for n in _manifest(folder))
+    finally:
+        scp.close()
+
+
+@pytest.mark.parametrize("modes", [("hashed", "full"), ("full", "hashed")])
+def test_hashed_mode_sc_shows_the_head_only_and_uids_need_the_key(tmp_path, modes):
+    """A name burned into a corner of the scan stays out of a hashed-mode SC without a map; the
+    objects' own UIDs cannot be computed from the source or hashed UIDs and the model id without
+    the key (they can with it: the same on every run)."""
+    from types import SimpleNamespace
+
+    from braintumor_ray.imaging import InputGuard, find_head_box, read_medical
+    from braintumor_ray.score._dicom import _object_bytes, object_key
+    from braintumor_ray.score._dicom_out import DicomObject, content_digest
+
+    pixels = head12(5, size=128)
+    pixels[3:5, 3:30] = 4095  # a "name" (thin strokes, as text is) burned into the top left corner, far from the head
+    (tmp_path / "IM1").write_bytes(dicom_bytes(pixels, window=(2048, 4096)))
+    src = pydicom.dcmread(str(tmp_path / "IM1"))
+    ids = Identifiers.from_env(*modes, env=KEY)
+    f = finding_of(tmp_path / "IM1", ids)
+
+    def build(kind, keep=False):
+        cfg = SimpleNamespace(guard=InputGuard(), dicom_identifiers=keep, dicom_banner="", s3_endpoint_url=None)
+        key = object_key(ids, keep_identifiers=keep)
+        return pydicom.dcmread(io.BytesIO(_object_bytes(DicomObject(kind, f), cfg, resolve(str(tmp_path)), ids,
+                                                        {"shown/IM1": str(tmp_path / "IM1")}, ALGO, key=key)))
+
+    grey_slice = read_medical((tmp_path / "IM1").read_bytes(), "dicom", guard=InputGuard())[0].gray
+    assert (grey_slice[3:5, 3:30] > 200).all()  # the name is there in the source
+    x0, y0, x1, y1 = find_head_box(grey_slice)
+    assert y0 >= 5 or x0 >= 30  # and outside the head's box
+    hashed, kept = build("sc"), build("sc", keep=True)
+    # The SC's image is the banner's width (512) and as tall as what it shows: the head's box only,
+    # scaled, in a hashing mode; the whole slice with --dicom-identifiers.
+    banner = kept.Rows - 512
+    assert hashed.Rows - banner == round(512 * (y1 - y0) / (x1 - x0)) != 512
+    assert (kept.pixel_array[banner + 13:banner + 19, 13:119, 0] > 200).mean() > 0.9  # the name, scaled x4
+
+    sr = build("sr")
+    raw, shown_series = str(src.SeriesInstanceUID), f.series_uid
+    guesses = {u for series in (raw, shown_series) for kind in ("sr", "sc") for digest in ("", content_digest(f, kind))
+               for u in object_uids(ALGO.model_id, series, kind, digest)}
+    for ds in (sr, hashed):
+        assert not {str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)} & guesses
+    assert build("sr").SOPInstanceUID == sr.SOPInstanceUID  # with the key: the same UIDs every run
+    # The key is the output's identifier key, from the environment (never written to the output).
+    assert object_key(ids, keep_identifiers=False) == KEY["BRAINTUMOR_PATH_KEY"].encode()
+    assert object_key(ids, keep_identifiers=True) == b"" and object_key(Identifiers(), keep_identifiers=False) == b""
+    assert object_uids(ALGO.model_id, f.series_uid, "sr", content_digest(f, "sr"), key=b"z" * 40)[1] != sr.SOPInstanceUID
+
+
+
+def test_the_source_is_read_at_its_rows_version_and_its_uids_checked(tmp_path, caplog):
+    """A source rewritten after it was scored (here: another patient's image under its name) is left
+    out with a reason; its verdict is never filed in that patient's study."""
+    import os
+
+    from braintumor_ray.core import local_version
+
+    run, folder = _step_world(tmp_path)
+    path = tmp_path / "in" / "IM1"
+    scored = local_version(os.stat(path))
+    first = run(version=scored)
+    assert (first["sr"], first["sc"], first["skipped"]) == (1, 1, 0)
+    path.write_bytes(dicom_bytes(head12(4), window=(1500, 3000)))  # another study, series and instance
+    # The rows still say the version that was scored: the read is held to it.
+    held = run(conf=0.91, version=scored, run_id="run-2")
+    assert (held["sr"], held["sc"], held["skipped"]) == (0, 0, 2)
+    # A listing that saw the new version, rows that kept the old UIDs: the UIDs are checked.
+    checked = run(conf=0.92, version=local_version(os.stat(path)), run_id="run-3")
+    assert (checked["sr"], checked["sc"], checked["skipped"]) == (0, 0, 2)
+    assert "its SOPInstanceUID is not the one its row holds" in caplog.text
+    other = str(pydicom.dcmread(str(path)).StudyInstanceUID)
+    assert all(str(pydicom.dcmread(str(folder / n)).StudyInstanceUID) != other for n in _manifest(folder))
+
+
+def test_an_sc_takes_its_map_only_from_the_outputs_explain_folder(tmp_path, caplog):
+    """A row's heatmap_path naming a file elsewhere (planted, or ``OUTPUT_explain/../x.png``) makes
+    no SC; a map of OUTPUT_explain/ does."""
+    from braintumor_ray.imaging import encode_png
+
+    run, folder = _step_world(tmp_path)
+    png = encode_png(np.full((64, 64, 3), 77, np.uint8))
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.png").write_bytes(png)
+    (tmp_path / "out_explain").mkdir()
+    (tmp_path / "out_explain" / "m.png").write_bytes(png)
+    for planted in (str(tmp_path / "elsewhere" / "x.png"), f"{tmp_path}/out_explain/../elsewhere/x.png"):
+        got = run(heat=planted)
+        assert (got["sc"], got["skipped"]) == (0, 1), planted  # (the SR is made: it shows no map)
+    assert "heatmap_path is not a file of this output's OUTPUT_explain/" in caplog.text
+    ok = run(heat=f"{tmp_path}/out_explain/m.png", run_id="run-2")
+    assert ok["sc"] == 1
+    sc = [pydicom.dcmread(str(folder / n)) for n in _manifest(folder) if "-sc-" in n][0]
+    assert (sc.pixel_array[-512:] == 77).mean() > 0.9

@@ -21,8 +21,10 @@ Identifiers: with ``path_mode`` and ``uid_mode`` ``full`` the objects join the s
 Study Instance UID and patient module copied from the source file). When a mode hashes, the objects
 carry the hashed UIDs the rows carry and an empty patient module, so they form a study of their own
 in the PACS that no source identifier names, unless ``dicom_identifiers`` copies them anyway.
-New Series and SOP Instance UIDs are derived from the model id and the source series (a rerun, or
-a second run cut off and redone, makes the same UIDs: a PACS overwrites instead of doubling).
+An object's SOP Instance UID is derived from the model id, the source series and the object's
+content (:func:`content_digest`): a rerun, or a run cut off and redone, makes the same UID (a PACS
+overwrites instead of doubling); a changed verdict makes a new one, and the new SR names the one
+it replaces. In a hashing mode the derivation is keyed (:func:`object_uids`).
 
 Everything here is a pure function of its arguments; :mod:`._dicom` reads the sources and stages
 the files, :mod:`._dicom_send` sends them.
@@ -31,11 +33,14 @@ the files, :mod:`._dicom_send` sends them.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
+import json
 import logging
+import re
 import textwrap
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
@@ -92,6 +97,7 @@ class SeriesFinding:
     source_sop_uid: str | None
     slice_index: int | None
     heatmap_path: str | None
+    source_version: str | None = None  # the source file's version its row was made from (the listing's)
 
     @property
     def wants_sc(self) -> bool:
@@ -101,42 +107,125 @@ class SeriesFinding:
 
 @dataclass(frozen=True)
 class DicomObject:
-    """One object to write: which kind, for which series, under which file name."""
+    """One object to write: which kind, for which series (its verdict), under which file name;
+    ``predecessor``: the committed object of the same model, series and kind that it replaces."""
 
     kind: Literal["sr", "sc"]
     finding: SeriesFinding
+    predecessor: str | None = None
+
+    @property
+    def digest(self) -> str:
+        return content_digest(self.finding, self.kind)
 
     @property
     def name(self) -> str:
-        return object_name(self.finding.model_id, self.finding.series_uid, self.kind)
+        return object_name(self.finding.model_id, self.finding.series_uid, self.kind, self.digest)
 
 
-def object_name(model_id: str, series_uid: str, kind: str) -> str:
-    """The file name: from a digest of the series UID (no UID in a file name), the model id and kind."""
-    return f"{hashlib.sha256(series_uid.encode()).hexdigest()[:20]}-{model_id}-{kind}.dcm"
+@dataclass(frozen=True)
+class DicomPlan:
+    """What a run does in ``OUTPUT_dicom/``: objects to write, committed ones to retire (their verdict
+    is no longer the series' verdict, or their model's rows are gone): out of the manifest, never sent."""
+
+    write: tuple[DicomObject, ...]
+    retire: tuple[str, ...]
 
 
-def object_uids(model_id: str, series_uid: str, kind: str) -> tuple[str, str]:
-    """(Series Instance UID, SOP Instance UID) of an object, the same on every run."""
+def content_digest(f: SeriesFinding, kind: str) -> str:
+    """12 hex digits over what an object shows: the verdict (class, confidence to 4 places, review
+    reason, classes still possible), the source slice, and for an SC its map. Another verdict is
+    another object: another file name and other UIDs."""
+    doc = [kind, f.model_id, f.series_uid, f.study_uid, f.label,
+           None if f.confidence is None else round(float(f.confidence), 4), f.review_reason,
+           list(f.prediction_set or ()), f.source_sop_uid, f.slice_index, f.heatmap_path if kind == "sc" else None]
+    return hashlib.sha256(json.dumps(doc, default=str).encode()).hexdigest()[:12]
+
+
+def object_name(model_id: str, series_uid: str, kind: str, digest: str = "") -> str:
+    """The file name: from a digest of the series UID (no UID in a file name), the model id, kind and
+    the content digest."""
+    return f"{hashlib.sha256(series_uid.encode()).hexdigest()[:20]}-{model_id}-{kind}{'-' + digest if digest else ''}.dcm"
+
+
+_NAME = re.compile(r"([0-9a-f]{20})-([0-9A-Za-z_.]+?)-(sr|sc)(?:-([0-9a-f]{12}))?\.dcm")
+
+
+def parse_object_name(name: str) -> tuple[str, str, str] | None:
+    """(series digest, model id, kind) of one of our file names, None for any other name."""
+    m = _NAME.fullmatch(name)
+    return (m.group(1), m.group(2), m.group(3)) if m else None
+
+
+def object_uids(model_id: str, series_uid: str, kind: str, digest: str = "", *, key: bytes = b"") -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of an object. The series is one per model, source
+    series and kind (each new version of a verdict joins it); the instance is one per content, so
+    another verdict is another instance, in this output or any other. With ``key`` (a hashing mode)
+    both are keyed hashes (HMAC-SHA256 as ``2.25.<decimal>``): nobody without the key can compute them
+    from the source UIDs and the model id the SR shows."""
+    series = ["braintumor-ray", kind, "series", model_id, series_uid]
+    instance = ["braintumor-ray", kind, "instance", model_id, series_uid, *([digest] if digest else [])]
+    if key:
+        def keyed(parts: list[str]) -> str:
+            mac = hmac.new(key, "\x00".join(["object-uid", *parts]).encode(), hashlib.sha256).digest()
+            return f"2.25.{int.from_bytes(mac[:16], 'big')}"
+
+        return keyed(series), keyed(instance)
     from pydicom.uid import generate_uid
 
-    return (generate_uid(entropy_srcs=["braintumor-ray", kind, "series", model_id, series_uid]),
-            generate_uid(entropy_srcs=["braintumor-ray", kind, "instance", model_id, series_uid]))
+    return generate_uid(entropy_srcs=series), generate_uid(entropy_srcs=instance)
+
+
+def _kinds(mode: str) -> set[str]:
+    return set() if mode == "none" else set(mode.split("+"))
+
+
+def plan_dicom(findings: Sequence[SeriesFinding], mode: str, committed: Iterable[str], *, model_id: str,
+               live_models: Iterable[str]) -> DicomPlan:
+    """The objects ``mode`` asks for that are not committed yet, and the committed ones to retire. Pure.
+
+    An SR for every series; an SC for each flagged or positive one; each named after its content,
+    so a changed verdict (more slices, a rescore) is a new object that names the one it replaces.
+    A committed object stays only while it shows its series' current verdict (of this run's model),
+    or belongs to another model whose rows are still in the output; anything else is retired,
+    whatever ``mode`` asks now. Names that are not ours are left alone.
+    """
+    committed = sorted(committed)
+    live = set(live_models)
+    current = {}  # (series digest, kind) -> the object of the current verdict
+    for f in findings:
+        for kind in ("sr", "sc"):
+            if kind == "sr" or f.wants_sc:
+                obj = DicomObject(kind, f)
+                current[(obj.name.split("-", 1)[0], kind)] = obj
+    retire, before = [], {}
+    for name in committed:
+        parsed = parse_object_name(name)
+        if parsed is None:
+            continue
+        series, model, kind = parsed
+        if model != model_id:
+            if model not in live:
+                retire.append(name)
+            continue
+        obj = current.get((series, kind))
+        if obj is None or obj.name != name:
+            retire.append(name)
+            if obj is not None:
+                before[obj.name] = name
+    kinds = _kinds(mode)
+    done = set(committed)
+    write = tuple(DicomObject(o.kind, o.finding, before.get(o.name)) for o in current.values()
+                  if o.kind in kinds and o.name not in done)
+    return DicomPlan(write=write, retire=tuple(retire))
 
 
 def plan_objects(findings: Sequence[SeriesFinding], mode: str, done: set[str] | frozenset[str] = frozenset()) -> list[DicomObject]:
-    """The objects ``mode`` asks for that are not written yet (``done``: committed file names).
-
-    An SR for every series; an SC for each flagged or positive one. One object per model id, series
-    and kind, ever: a later run with more slices of a series does not write it again.
-    """
-    if mode == "none":
+    """The objects ``mode`` asks for that are not written yet (``done``: committed file names)."""
+    if not findings:
         return []
-    out = []
-    for f in findings:
-        kinds = [k for k in ("sr", "sc") if k in mode.split("+") and (k == "sr" or f.wants_sc)]
-        out.extend(o for o in (DicomObject(k, f) for k in kinds) if o.name not in done)
-    return out
+    plan = plan_dicom(findings, mode, done, model_id=findings[0].model_id, live_models=())
+    return list(plan.write)
 
 
 def banner_lines(f: SeriesFinding, notice: str) -> list[str]:
@@ -176,22 +265,106 @@ def sc_pixels(image: np.ndarray, lines: Sequence[str], *, width: int = SC_WIDTH,
 def source_view(ds, ids: Identifiers, *, keep_identifiers: bool):
     """The source file's header as the objects may show it: the patient and study modules and the
     top slice's identity; with a hashing mode (and not ``keep_identifiers``) the UIDs hashed as the
-    rows hash them and the patient module empty."""
+    rows hash them and the patient module empty.
+
+    A value that does not conform to its VR is normalised where the intent is plain (dates with
+    dashes or dots, times with colons) or dropped (left empty: these attributes are type 2), so the
+    SR/SC is still made; :func:`dropped_attributes` names what was dropped, and the objects say so.
+    No value is read through pydicom's validation, which logs the value it rejects."""
     from pydicom.dataset import Dataset
 
     view = Dataset()
     full = not ids.hashes or keep_identifiers
-    for tag in PATIENT_STUDY_TAGS:
-        value = ds.get(tag, "") if full else ""
-        setattr(view, tag, value if value is not None else "")
-    # path_mode hashed alone hashes the UIDs in the objects too: a study's UID names a patient's visit.
-    uid = (lambda u: u) if full else ids.uid if ids.uid_mode == "hashed" else _hash_uid(ids)
-    view.StudyInstanceUID = uid(str(ds.StudyInstanceUID))
-    view.SeriesInstanceUID = uid(str(ds.SeriesInstanceUID))
-    view.SOPInstanceUID = uid(str(ds.SOPInstanceUID))
-    view.SOPClassUID = ds.SOPClassUID
-    view.Modality = ds.get("Modality", "MR")
+    dropped = []
+    with _no_value_warnings():
+        for tag in PATIENT_STUDY_TAGS:
+            if tag == "StudyInstanceUID":
+                continue
+            value, ok = conform(tag, ds.get(tag, "") if full else "")
+            if not ok:
+                dropped.append(tag)
+            setattr(view, tag, value)
+        # path_mode hashed alone hashes the UIDs in the objects too: a study's UID names a patient's visit.
+        uid = (lambda u: u) if full else ids.uid if ids.uid_mode == "hashed" else _hash_uid(ids)
+        view.StudyInstanceUID = uid(str(ds.StudyInstanceUID))
+        view.SeriesInstanceUID = uid(str(ds.SeriesInstanceUID))
+        view.SOPInstanceUID = uid(str(ds.SOPInstanceUID))
+        view.SOPClassUID = ds.SOPClassUID
+        modality, ok = conform("Modality", ds.get("Modality", "MR"))
+        view.Modality = modality if ok and modality else "MR"
+    view.btray_dropped = tuple(dropped)  # a Python attribute, not a data element: never written out
     return view
+
+
+def dropped_attributes(view) -> tuple[str, ...]:
+    """The source attributes :func:`source_view` left empty because their values did not conform."""
+    return tuple(getattr(view, "btray_dropped", ()))
+
+
+def dropped_note(view) -> str | None:
+    """What the objects say of the dropped attributes (their names, never their values)."""
+    names = dropped_attributes(view)
+    return f"Source attributes not copied (values not conformant): {', '.join(names)}" if names else None
+
+
+_SEX = {"M", "F", "O"}  # PS3.3 C.7.1.1: PatientSex's enumerated values ("U" and others are not among them)
+
+
+def conform(keyword: str, value) -> tuple[str, bool]:
+    """``value`` of attribute ``keyword`` as a conformant string, and whether it was kept: (value, True),
+    normalised where the intent is plain, or ("", False) when dropped. Pure; never quotes the value."""
+    import re
+
+    from pydicom import config
+    from pydicom.datadict import dictionary_VR
+    from pydicom.valuerep import validate_value
+
+    text = "" if value is None else str(value).strip()
+    if not text:
+        return "", True
+    vr = dictionary_VR(keyword)
+    if vr == "DA":
+        m = re.fullmatch(r"(\d{4})[-./]?(\d{2})[-./]?(\d{2})", text)
+        text = "".join(m.groups()) if m else text
+    elif vr == "TM":
+        m = re.fullmatch(r"(\d{2})(?::?(\d{2})(?::?(\d{2})(\.\d{1,6})?)?)?", text)
+        text = "".join(g or "" for g in m.groups()) if m else text
+    elif keyword == "PatientSex":
+        text = text.upper()
+        if text not in _SEX:
+            return "", False
+    try:
+        validate_value(vr, text, config.RAISE)
+        if vr == "DA":
+            from datetime import date
+
+            date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except Exception:  # pydicom's message quotes the value: not passed on
+        return "", False
+    return text, True
+
+
+class _no_value_warnings:
+    """pydicom's reading validation off while a source's header is copied: it logs rejected values."""
+
+    def __enter__(self):
+        import warnings
+
+        from pydicom import config
+
+        self._mode = config.settings.reading_validation_mode
+        config.settings.reading_validation_mode = config.IGNORE
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+        return self
+
+    def __exit__(self, *exc):
+        from pydicom import config
+
+        self._warnings.__exit__(*exc)
+        config.settings.reading_validation_mode = self._mode
+        return False
 
 
 def _hash_uid(ids: Identifiers):
@@ -200,8 +373,9 @@ def _hash_uid(ids: Identifiers):
     return hashing.uid
 
 
-def build_sr(view, f: SeriesFinding, algo: Algorithm, *, notice: str):
-    """The Comprehensive 3D SR (TID 1500) of one series' verdict."""
+def build_sr(view, f: SeriesFinding, algo: Algorithm, *, notice: str, key: bytes = b"", previous=None):
+    """The Comprehensive 3D SR (TID 1500) of one series' verdict; ``previous``: the SR it replaces
+    (named in its Predecessor Documents Sequence); ``key``: the UIDs' key in a hashing mode."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.sr.coding import Code
@@ -219,9 +393,9 @@ def build_sr(view, f: SeriesFinding, algo: Algorithm, *, notice: str):
     if f.confidence is not None:
         measurements.append(hd.sr.Measurement(name=codes.DCM.Probability, value=round(float(f.confidence), 4),
                                               unit=Code("1", "UCUM", "no units"), algorithm_id=algo_id))
-    series_uid, sop_uid = object_uids(f.model_id, f.series_uid, "sr")
+    series_uid, sop_uid = object_uids(f.model_id, f.series_uid, "sr", content_digest(f, "sr"), key=key)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=object_uids(f.model_id, f.series_uid, "track")[1],
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=object_uids(f.model_id, f.series_uid, "track", key=key)[1],
                                                      identifier=f"series verdict of model {algo.model_id}"),
         finding_type=finding_type, algorithm_id=algo_id,
         finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Brain)],
@@ -235,25 +409,30 @@ def build_sr(view, f: SeriesFinding, algo: Algorithm, *, notice: str):
             model_name=algo.model_id))
     report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=observer),
                                      procedure_reported=codes.SCT.ImagingProcedure, imaging_measurements=[group])
+    note = dropped_note(view)
+    if note:  # the reader learns why, e.g., the patient's sex is empty (a TEXT "Comment", DCM 121106)
+        report[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=codes.DCM.Comment, value=note, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     sr = hd.sr.Comprehensive3DSR(evidence=[view], content=report[0], series_instance_uid=series_uid,
                                  series_number=SR_SERIES_NUMBER, sop_instance_uid=sop_uid, instance_number=1,
-                                 manufacturer=MANUFACTURER, is_complete=True)
+                                 manufacturer=MANUFACTURER, is_complete=True,
+                                 previous_versions=[previous] if previous is not None else None)
     sr.SeriesDescription = _description("AI result", notice)
     return sr
 
 
-def build_sc(view, pixels: np.ndarray, f: SeriesFinding, *, notice: str):
+def build_sc(view, pixels: np.ndarray, f: SeriesFinding, *, notice: str, key: bytes = b""):
     """The Secondary Capture of one series: ``pixels`` (from :func:`sc_pixels`) in its study."""
     import highdicom as hd
 
-    series_uid, sop_uid = object_uids(f.model_id, f.series_uid, "sc")
+    series_uid, sop_uid = object_uids(f.model_id, f.series_uid, "sc", content_digest(f, "sc"), key=key)
     sc = hd.sc.SCImage.from_ref_dataset(view, pixels, "RGB", 8, "PATIENT", series_uid, SC_SERIES_NUMBER, sop_uid, 1,
                                         MANUFACTURER, patient_orientation=("L", "P"))
     # The capture is a crop with a banner: no orientation is claimed (type 2, empty).
     sc.PatientOrientation = None
     sc.SeriesDescription = _description("AI heat map", notice)
     sc.BurnedInAnnotation = "YES"
-    sc.ImageComments = " / ".join(banner_lines(f, notice))[:10240]
+    sc.ImageComments = " / ".join([*banner_lines(f, notice), *filter(None, [dropped_note(view)])])[:10240]
     return sc
 
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from ..core import ConfigError, Location
@@ -31,6 +32,8 @@ logger = logging.getLogger(__name__)
 SENT_FILE = "_sent.json"
 SENT_FORMAT = 1
 DEFAULT_AE_TITLE = "BRAINTUMOR"
+# The STOW-RS Authorization header (e.g. "Bearer TOKEN"), or a file holding it: never in the destination.
+AUTH_ENV, AUTH_FILE_ENV = "BRAINTUMOR_DICOMWEB_AUTHORIZATION", "BRAINTUMOR_DICOMWEB_AUTHORIZATION_FILE"
 _AET = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # printable ASCII but backslash, 16 at most (PS3.5 AE)
 
 
@@ -57,28 +60,64 @@ class Destination:
 
 
 def parse_destinations(value: str | None) -> tuple[Destination, ...]:
-    """``dicom://AET@host:port`` and ``http(s)://.../dicom-web``, comma-separated; a ConfigError names a bad one."""
+    """``dicom://AET@host:port`` and ``http(s)://.../dicom-web``, comma-separated; a ConfigError names a bad
+    one by its scheme and host only: the value may hold a secret, and the error is logged."""
     out = []
     for raw in [v.strip() for v in (value or "").split(",") if v.strip()]:
-        if raw.startswith(("http://", "https://")):
-            if not urlsplit(raw).hostname:
-                raise ConfigError(f"dicom_send={raw!r} has no host: give http(s)://HOST:PORT/PATH of a DICOMweb service")
-            if urlsplit(raw).username:
-                raise ConfigError(f"dicom_send: {urlsplit(raw).hostname}: credentials in the URL would be written to "
-                                  "OUTPUT/_config.yaml: give the DICOMweb service's URL without them (a PACS on the "
-                                  "hospital network; or a proxy that adds them)")
+        shown = _redacted(raw)
+        if raw.lower().startswith(("http://", "https://")):
+            parts = urlsplit(raw)
+            if "@" in parts.netloc or parts.query or parts.fragment or ";" in parts.path:
+                # Any of them may hold a secret (http://:TOKEN@host, ?apikey=, ;jsessionid=), and the
+                # destination is written to OUTPUT/_config.yaml, the ledger and the logs.
+                raise ConfigError(f"dicom_send={shown}: the URL carries user info, parameters or a query string; "
+                                  "credentials there would be written to OUTPUT/_config.yaml and the logs: give the "
+                                  f"DICOMweb URL without them and the HTTP Authorization header in the environment "
+                                  f"variable {AUTH_ENV} (e.g. 'Bearer TOKEN') or in a file named by {AUTH_FILE_ENV}")
+            if not parts.hostname:
+                raise ConfigError(f"dicom_send={shown} has no host: give http(s)://HOST:PORT/PATH of a DICOMweb service")
             out.append(Destination("stow", url=raw.rstrip("/")))
             continue
-        m = re.fullmatch(r"dicom://([^@]+)@([^:/]+):(\d+)/?", raw)
+        m = re.fullmatch(r"dicom://([^@:/?#]+)@([^:/@?#]+):(\d+)/?", raw)
         if not m:
-            raise ConfigError(f"dicom_send={raw!r} is not a destination: give dicom://CALLED_AET@HOST:PORT (C-STORE) or "
-                              "http(s)://HOST:PORT/dicom-web (STOW-RS), comma-separated for several")
+            raise ConfigError(f"dicom_send={shown} is not a destination: give dicom://CALLED_AET@HOST:PORT (C-STORE, "
+                              "no password: DIMSE has none) or http(s)://HOST:PORT/dicom-web (STOW-RS), "
+                              "comma-separated for several")
         aet, host, port = m.group(1), m.group(2), int(m.group(3))
         check_ae_title(aet, "the called AE title of dicom_send")
         if not 1 <= port <= 65535:
-            raise ConfigError(f"dicom_send={raw!r}: port {port} is out of range: use 1..65535")
+            raise ConfigError(f"dicom_send={shown}: port {port} is out of range: use 1..65535")
         out.append(Destination("dimse", ae_title=aet, host=host, port=port))
     return tuple(out)
+
+
+def _redacted(raw: str) -> str:
+    """A destination as an error may quote it: scheme, host and port, nothing that could be a secret."""
+    try:
+        parts = urlsplit(raw)
+        host = parts.hostname or "?"
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(an unparsable destination)"
+    return f"{parts.scheme or '?'}://{'AET@' if parts.scheme == 'dicom' and '@' in parts.netloc else ''}{host}{port}"
+
+
+def dicomweb_authorization(env: Mapping[str, str] | None = None) -> str | None:
+    """The HTTP Authorization header for STOW-RS, from :data:`AUTH_ENV` or the file :data:`AUTH_FILE_ENV`
+    names; never part of the destination (which is written out), never logged."""
+    env = os.environ if env is None else env
+    value = env.get(AUTH_ENV, "").strip()
+    if not value and env.get(AUTH_FILE_ENV, "").strip():
+        path = env[AUTH_FILE_ENV].strip()
+        try:
+            with open(path, encoding="utf-8") as fh:
+                value = fh.read().strip()
+        except OSError as e:
+            raise ConfigError(f"{AUTH_FILE_ENV} names a file that cannot be read ({type(e).__name__}): give the path "
+                              "of a file holding the Authorization header's value") from None
+    if value and any(c in value for c in "\r\n"):
+        raise ConfigError(f"the DICOMweb Authorization value ({AUTH_ENV} or {AUTH_FILE_ENV}) must be one line")
+    return value or None
 
 
 def check_ae_title(aet: str, what: str) -> None:
@@ -113,12 +152,19 @@ class SentLedger:
         self.location.write_atomic(json.dumps(doc, indent=1).encode())
 
 
+class Refused(str):
+    """A failure that is the PACS's definitive answer (it refused the object's SOP class)."""
+
+
 Sender = Callable[[Destination, list], dict[str, str | None]]
 
 
 def send_with_retries(dest: Destination, datasets: list, *, calling_aet: str, retries: int, backoff_s: float = 0.5,
-                      timeout_s: float = 30.0, sender: Sender | None = None) -> dict[str, str | None]:
-    """SOP Instance UID -> None (stored) or the last error, after ``retries`` more tries of the failed ones."""
+                      timeout_s: float = 30.0, sender: Sender | None = None,
+                      on_try: Callable[[dict[str, str | None]], None] | None = None) -> dict[str, str | None]:
+    """SOP Instance UID -> None (stored) or the last error, after ``retries`` more tries of the failed ones.
+    ``on_try`` gets each try's answers as they come (the ledger records what was stored before the
+    next try: a run cut off during the backoff does not send those again)."""
     send = sender or (lambda d, ds: _c_store(d, ds, calling_aet, timeout_s) if d.kind == "dimse" else _stow(d, ds, timeout_s))
     result: dict[str, str | None] = {str(ds.SOPInstanceUID): "not tried" for ds in datasets}
     todo = list(datasets)
@@ -130,7 +176,12 @@ def send_with_retries(dest: Destination, datasets: list, *, calling_aet: str, re
         except Exception as e:  # the PACS down, a refused association, a timeout: every object failed
             got = {str(ds.SOPInstanceUID): f"{type(e).__name__}: {e}" for ds in todo}
         result.update(got)
-        todo = [ds for ds in todo if result[str(ds.SOPInstanceUID)] is not None]
+        if on_try is not None:
+            on_try(got)
+        # A refused SOP class is the PACS's answer for this association's terms: not tried again
+        # in this run (the association would only be aborted: no context left), the next run asks again.
+        todo = [ds for ds in todo if result[str(ds.SOPInstanceUID)] is not None
+                and not isinstance(result[str(ds.SOPInstanceUID)], Refused)]
         if not todo:
             break
         logger.warning("score: sending %d DICOM objects to %s failed (try %d of %d): %s", len(todo), dest.key,
@@ -157,12 +208,29 @@ def _c_store(dest: Destination, datasets: list, calling_aet: str, timeout_s: flo
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established (no answer?)"
         raise ConnectionError(f"association with {dest.key} {why}: check the PACS's AE title, host, port and that "
                               f"it accepts calling AE title {calling_aet}")
+    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
     out: dict[str, str | None] = {}
     try:
         for ds in datasets:
-            status = assoc.send_c_store(ds)
+            uid = str(ds.SOPInstanceUID)
+            if str(ds.SOPClassUID) not in accepted:
+                # The PACS refused this SOP class's presentation context: this object's failure;
+                # the others on the association still go.
+                out[uid] = Refused(f"the PACS refused SOP class {ds.SOPClassUID} (presentation context rejected)")
+                continue
+            if not assoc.is_established:  # lost mid-way: what is left was not tried
+                out[uid] = "not tried (association lost)"
+                continue
+            try:
+                status = assoc.send_c_store(ds)
+            except ValueError as e:  # no accepted context for its transfer syntax (pynetdicom names the syntax)
+                out[uid] = f"not sent: {e}"
+                continue
+            except Exception as e:  # the connection broke: the objects answered before keep their answers
+                out[uid] = f"{type(e).__name__}: {e}"
+                continue
             code = getattr(status, "Status", None)
-            out[str(ds.SOPInstanceUID)] = None if code in _STORED else (
+            out[uid] = None if code in _STORED else (
                 "no C-STORE response (association lost)" if code is None else f"C-STORE status 0x{code:04X}")
     finally:
         if assoc.is_established:
@@ -174,11 +242,40 @@ def _stow(dest: Destination, datasets: list, timeout_s: float) -> dict[str, str 
     import requests
     from dicomweb_client.api import DICOMwebClient
 
-    client = DICOMwebClient(url=dest.url, session=requests.Session(), timeout=timeout_s)
+    session = requests.Session()
+    auth = dicomweb_authorization()
+    if auth:
+        session.headers["Authorization"] = auth
+    replies: list = []
+    session.hooks["response"].append(lambda r, *a, **k: replies.append(r))
+    client = DICOMwebClient(url=dest.url, session=session, timeout=timeout_s)
     response = client.store_instances(datasets=datasets)
-    failed = {str(item.get("ReferencedSOPInstanceUID", "")): f"STOW-RS failure reason {item.get('FailureReason', '?')}"
-              for item in (response.get("FailedSOPSequence", []) if response is not None else [])}
-    return {str(ds.SOPInstanceUID): failed.get(str(ds.SOPInstanceUID)) for ds in datasets}
+    if replies and not len(response or ()):  # dicomweb-client reads only exact JSON/XML media types
+        try:
+            import pydicom
+
+            response = pydicom.Dataset.from_json(replies[-1].json())
+        except Exception:  # a login page, an empty body: nothing in it says an object was stored
+            response = None
+    return stow_outcome(response, [str(ds.SOPInstanceUID) for ds in datasets],
+                        replies[-1].status_code if replies else None)
+
+
+def stow_outcome(response, uids: Sequence[str], http_status: int | None = None) -> dict[str, str | None]:
+    """Each SOP Instance UID -> None where the STOW-RS reply lists it in its ReferencedSOPSequence
+    (PS3.18 10.5.3: the instances stored), else why not. A 200 without that list (an HTML login
+    page of a proxy, ``{}``) stored nothing that it says: a failure, tried again later."""
+    stored, failed = set(), {}
+    if response is not None:
+        for item in response.get("ReferencedSOPSequence", None) or []:
+            stored.add(str(item.get("ReferencedSOPInstanceUID", "")))
+        for item in response.get("FailedSOPSequence", None) or []:
+            failed[str(item.get("ReferencedSOPInstanceUID", ""))] = (
+                f"STOW-RS failure reason {item.get('FailureReason', '?')}")
+    status = f"HTTP {http_status}" if http_status is not None else "the reply"
+    return {u: None if u in stored else failed.get(u, f"not in the STOW-RS reply's stored instances ({status} "
+                                                       "listed no ReferencedSOPSequence item for it)")
+            for u in uids}
 
 
 def read_dataset(data: bytes):
