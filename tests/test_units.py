@@ -5,6 +5,7 @@ state's checkpoint form. No Ray: part of the fast subset (`pytest -m "not ray"`)
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 
@@ -302,9 +303,65 @@ def test_staged_writer_commits_whole_files_and_recovers(tmp_path):
     done.join("c.parquet").write_bytes(b"c")
     done.join(DONE_MARKER).write_bytes(b"")  # complete, cut off before its commit
     cut.join("d.parquet").write_bytes(b"d")  # cut off while writing: no marker
-    assert writer.recover() == {"committed_runs": 1, "dropped_runs": 1}
+    # Recovery finishes only the run cut off on the output: the one whose commit began, or whose
+    # (dead) lease it was; anything else in the staging is left alone.
+    assert writer.recover() == {"committed_runs": 0, "dropped_runs": 0}
+    writer.root.join("_committing.json").write_bytes(b'{"run": "run2"}')
+    assert writer.recover() == {"committed_runs": 1, "dropped_runs": 0}
+    _dead_lease(out, "run3")
+    assert writer.recover() == {"committed_runs": 0, "dropped_runs": 1}
     assert sorted(os.listdir(out.path)) == ["a.parquet", "b.parquet", "c.parquet"]
     assert not os.listdir(writer.root.path)
+
+
+def test_remove_child_deletes_only_plain_children_of_the_output_and_its_siblings(tmp_path, caplog):
+    from braintumor_ray.core import StorageError, remove_child
+
+    out = resolve(str(tmp_path / "preds"))
+    victim = tmp_path / "victim.parquet"
+    victim.write_bytes(b"theirs")
+    (tmp_path / "preds").mkdir()
+    (tmp_path / "preds" / "a.parquet").write_bytes(b"a")
+    os.symlink(victim, tmp_path / "preds" / "link.parquet")
+    # Refused, with a warning, nothing deleted: a way out of the folder, a link, an absolute name.
+    for name in ("../victim.parquet", "..", ".", str(victim), "sub/../../victim.parquet", "", "link.parquet"):
+        assert remove_child(out, out, name) is False, name
+    assert victim.read_bytes() == b"theirs" and os.path.islink(tmp_path / "preds" / "link.parquet")
+    # A folder that is neither the output nor one of its siblings: a bug, refused outright.
+    for folder in (resolve(str(tmp_path)), resolve(str(tmp_path / "other")), resolve(str(tmp_path / "preds2"))):
+        with pytest.raises(StorageError, match="neither"):
+            remove_child(out, folder, "victim.parquet")
+    # A sibling that is a link to elsewhere is not followed.
+    os.symlink(tmp_path, tmp_path / "preds_series")
+    assert remove_child(out, resolve(str(tmp_path / "preds_series")), "victim.parquet") is False
+    assert victim.exists()
+    # What it is for: a plain file of the output, a staged run's folder.
+    assert remove_child(out, out, "a.parquet") and not (tmp_path / "preds" / "a.parquet").exists()
+    run = StagedWriter(out).stage("run1")
+    run.join("x.parquet").write_bytes(b"x")
+    assert remove_child(out, StagedWriter(out).root, "run1", tree=True) and not run.exists()
+    assert remove_child(out, out, "gone.parquet")  # already gone: nothing to do
+
+
+def test_remove_child_keeps_to_the_outputs_bucket_and_prefix_on_s3():
+    from braintumor_ray.core import StorageError, remove_child
+
+    out = resolve("s3://bucket/preds", s3_endpoint_url="http://127.0.0.1:9")  # never reached: refused first
+    for other in ("s3://other/preds", "s3://bucket/elsewhere", "s3://bucket", "s3://bucket/preds/../x",
+                  "s3://bucket/predsX"):
+        with pytest.raises(StorageError, match="neither"):
+            remove_child(out, resolve(other, s3_endpoint_url="http://127.0.0.1:9"), "a.parquet")
+    for name in ("../x.parquet", "/bucket/x.parquet", "a/b.parquet", ".."):
+        assert remove_child(out, out, name) is False
+
+
+def _dead_lease(output, owner: str) -> None:
+    """The lease a killed run left behind: expired, its holder on no known machine."""
+    from braintumor_ray.core import lease_location
+
+    past = "2020-01-01T00:00:00+00:00"
+    lease_location(output).write_bytes(json.dumps({"owner": owner, "host": "node-gone", "pid": 4242, "started": past,
+                                                   "heartbeat": past, "expires": past, "ttl_s": 120.0}).encode())
 
 
 # --- the training state ------------------------------------------------------------------------------------

@@ -6,6 +6,14 @@ rename on disk, a copy then a delete on S3) and deletes the run's folder, marker
 of ``OUTPUT`` sees whole files only; a run cut off at any point is finished (marker present) or
 dropped (no marker) by :meth:`StagedWriter.recover`, which the next run calls first.
 
+Recovery finishes only the run that was committing or holding the output when it was cut off:
+the one ``OUTPUT._staging/_committing.json`` names (written under the lease just before the
+marker) or the one whose lease this run took over. Any other folder in the staging (planted,
+copied in, another tool's) is left alone and named in a warning, and a run's entry list is
+validated before anything moves: a staged folder is never a way to delete or overwrite files.
+
+:func:`remove_child` is the only code that deletes files of an output or its siblings.
+
 Runs on one output take turns through its :class:`~._lease.Lease`: given the lease, the writer
 checks it before each commit step, and :meth:`StagedWriter.recover` never touches the staging
 of a run that holds a live lease, whoever calls it.
@@ -19,13 +27,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
-from ._errors import StorageError
+from ._errors import ConfigError, StorageError
 from ._lease import current_lease
-from ._storage import Location
+from ._storage import Location, _guard
 
 if TYPE_CHECKING:
     from ._lease import Lease
@@ -39,6 +48,59 @@ DONE_MARKER = "_SUCCESS"
 MANIFEST_FILE = "_manifest.json"
 ENTRIES_FILE = "_ENTRIES.json"
 MANIFEST_FORMAT = 1
+# In OUTPUT._staging/: the run whose commit began (its marker may or may not be written yet).
+COMMITTING_FILE = "_committing.json"
+
+
+def _plain_name(name: Any) -> bool:
+    """A file or folder name of its own: no separator, not ``.``/``..``, not absolute, not empty."""
+    return (isinstance(name, str) and bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and not name.startswith("~"))
+
+
+def remove_child(output: Location, folder: Location, name: str, *, what: str = "run", tree: bool = False) -> bool:
+    """Delete ``folder/name``: the one place that deletes what a job wrote. True when it was deleted
+    (or was already gone); False, with a warning, when it is refused.
+
+    ``folder`` must be ``output`` itself or one of its own siblings (``OUTPUT<suffix>``, or a
+    folder right inside one, such as a run's folder in ``OUTPUT._staging``): same filesystem, on
+    S3 the same bucket and prefix. ``name`` must be a plain child name (no ``/``, no ``..``, not
+    absolute); on disk neither the folder nor the child may be a link (a link would take the
+    delete outside the output). ``tree``: the child is a folder, deleted with what it holds (a
+    staged run); otherwise it must be a plain file.
+    """
+    base = output.path.rstrip("/")
+    where = folder.path.rstrip("/")
+    # OUTPUT, a sibling OUTPUT_x / OUTPUT.x, or one folder inside a sibling (a staged run).
+    rest = where[len(base):].split("/") if where.startswith(base) else None
+    inside = where == base or (rest is not None and len(rest) <= 2 and rest[0][:1] in ("_", ".")
+                               and all(_plain_name(r) for r in rest))
+    if folder.is_s3 != output.is_s3 or type(folder.fs) is not type(output.fs) or not inside:
+        raise StorageError(f"{what}: refusing to delete under {folder.uri}: it is neither {output.uri} nor one of its "
+                           "sibling folders (a bug: report it)")
+    target = folder.join(name) if _plain_name(name) else None
+    if target is None:
+        logger.warning("%s: refusing to delete %r in %s: not a plain file name (a '..', an absolute path or a "
+                       "separator would reach outside it); left as it is", what, name, folder.uri)
+        return False
+    if not output.is_s3:
+        parts = [where] + ([base] if where != base else [])
+        if any(os.path.islink(p) for p in parts) or os.path.islink(target.path):
+            logger.warning("%s: refusing to delete %s: it, or the folder holding it, is a link (the delete would "
+                           "leave the output); left as it is", what, target.uri)
+            return False
+        if not os.path.lexists(target.path):
+            return True
+        if not tree and not os.path.isfile(target.path):
+            logger.warning("%s: refusing to delete %s: not a plain file; left as it is", what, target.uri)
+            return False
+    elif not tree:
+        if not target.exists():
+            return True
+        _guard(target, "delete", target.fs.rm, target.path)
+        return True
+    target.remove()
+    return True
 
 
 def posix_basename(path: str) -> str:
@@ -161,25 +223,54 @@ class StagedWriter:
 
         From the marker on, a run cut off mid-commit is finished by the next :meth:`recover`
         instead of redone. With a manifest, the run's entries are written before the marker and
-        added to the manifest after the move (``replace_all``: they replace every earlier file,
-        which is then deleted).
+        added to the manifest after the move (``replace_all``: they replace every earlier file the
+        job wrote, which is then deleted; the names to delete are fixed here, so that a commit cut
+        off mid-delete is finished by the next run).
         """
         self._check_lease()
+        name = posix_basename(run.path)
+        if run.path.rstrip("/") != self.root.join(name).path or not _plain_name(name) or name.startswith("_"):
+            raise StorageError(f"{self.what}: {run.uri} is not a run folder of {self.root.uri} (a bug: report it)")
         if self.manifest is not None:
             entries = {posix_basename(p): _entry(run.fs.cat_file(p), self.describe) for p in self._payload(run)}
-            run.join(ENTRIES_FILE).write_bytes(json.dumps({"replace_all": replace_all, "files": entries}).encode())
+            before = self.manifest.read() or {}
+            replaces = sorted(n for n, e in before.items() if n not in entries and not e.get("adopted")) \
+                if replace_all else []
+            kept = sorted(n for n, e in before.items() if e.get("adopted")) if replace_all else []
+            if kept:
+                logger.warning("%s: %d files of %s were adopted (found there before manifests, maybe not written by "
+                               "this job): they leave the manifest but are not deleted: %s", self.what, len(kept),
+                               self.output.uri, ", ".join(kept[:5]))
+            doc = {"replace_all": replace_all, "files": entries, "replaces": replaces}
+            run.join(ENTRIES_FILE).write_bytes(json.dumps(doc).encode())
+        self.root.join(COMMITTING_FILE).write_atomic(json.dumps({"run": name}).encode())
         run.join(DONE_MARKER).write_bytes(b"")
         return self._publish(run)
 
-    def adopt(self, suffix: str = ".parquet") -> int:
-        """Give an output written before manifests one: its ``suffix`` files as they are now (logged)."""
+    def adopt(self, suffix: str = ".parquet", *, foreign: Callable[[bytes], str | None] | None = None) -> int:
+        """Give an output written before manifests one: its ``suffix`` files as they are now (logged).
+
+        ``foreign``: the reason a file's bytes are not this job's (another tool's Parquet), or None;
+        any such file refuses the output (:class:`ConfigError` naming the files and the fix)
+        instead of being adopted, and so never deleted by a later ``--rescore-all``.
+        """
         if self.manifest is None or self.manifest.read() is not None or not self.output.exists():
             return 0
         names = [p for p in self.output.files() if p.endswith(suffix) and not posix_basename(p).startswith(("_", "."))]
         if not names:
             return 0
         self._check_lease()
-        files = {posix_basename(p): _entry(self.output.fs.cat_file(p), self.describe) | {"adopted": True} for p in names}
+        data = {p: self.output.fs.cat_file(p) for p in names}
+        if foreign is not None:
+            theirs = {posix_basename(p): why for p, b in data.items() if (why := foreign(b))}
+            if theirs:
+                first = sorted(theirs)[:3]
+                raise ConfigError(
+                    f"{self.what}: {self.output.uri} holds files this job did not write ({len(theirs)}, e.g. "
+                    + "; ".join(f"{n}: {theirs[n]}" for n in first)
+                    + f"), and no {MANIFEST_FILE}: it is not an output of this job. Choose a new or empty folder for "
+                    "--output (nothing there was changed)")
+        files = {posix_basename(p): _entry(b, self.describe) | {"adopted": True} for p, b in data.items()}
         self.manifest.write(files)
         logger.warning("%s: %s was written before manifests: its %d files are taken as committed as they are now, "
                        "and named in %s", self.what, self.output.uri, len(files), MANIFEST_FILE)
@@ -188,8 +279,37 @@ class StagedWriter:
     def _payload(self, run: Location) -> list[str]:
         return [p for p in run.files() if posix_basename(p) not in (DONE_MARKER, ENTRIES_FILE)]
 
+    def _remove_run(self, run: str) -> None:
+        remove_child(self.output, self.root, run, what=self.what, tree=True)
+
+    def _resumable(self) -> set[str]:
+        """The runs recovery may finish or drop: the one whose commit began (``_committing.json``)
+        and the one whose lease this run took over (or, without a lease, a dead holder's)."""
+        runs: set[str] = set()
+        pointer = self.root.join(COMMITTING_FILE)
+        if pointer.exists():
+            try:
+                run = json.loads(pointer.read_bytes())["run"]
+                if _plain_name(run) and not run.startswith("_"):
+                    runs.add(run)
+                else:
+                    raise ValueError(f"run {run!r}")
+            except (ValueError, KeyError, TypeError) as e:
+                logger.warning("%s: %s is not readable (%s): ignored", self.what, pointer.uri, e)
+        if self.lease is not None:
+            took = self.lease.took_over or {}
+            if isinstance(took.get("owner"), str):
+                runs.add(took["owner"])
+        else:
+            rec = current_lease(self.output)
+            if rec and not rec["live"] and isinstance(rec.get("owner"), str):
+                runs.add(rec["owner"])
+        return runs
+
     def recover(self) -> dict[str, int]:
-        """Finish what earlier runs left: commit staged runs that completed, drop those that did not."""
+        """Finish what the run cut off on this output left: commit its staged files if it completed
+        (marker and valid entries), drop them if it did not. Any other staged folder is left alone,
+        named in a warning (the lease makes it nobody's run: planted, copied, or a bug's)."""
         done = dropped = 0
         if not self.root.exists():
             return {"committed_runs": 0, "dropped_runs": 0}
@@ -197,6 +317,7 @@ class StagedWriter:
         # Holding the lease is the protection; a caller without it (score.recover) looks whose it is.
         live = current_lease(self.output) if self.lease is None else None
         live_owner = live["owner"] if live and live["live"] else None
+        resumable = self._resumable()
         for path in sorted(self.root.fs.ls(self.root.path, detail=False)):
             run = posix_basename(path)
             if run.startswith("_"):
@@ -206,25 +327,72 @@ class StagedWriter:
                 logger.warning("%s: leaving the staging of run %s alone: that run holds the lease on %s (live "
                                "until %s)", self.what, run, self.output.uri, live["expires"])
                 continue
+            if self.lease is not None and run == self.lease.owner:
+                continue
+            if run not in resumable:
+                logger.warning("%s: %s is not the staging of the run cut off on %s (neither its lease nor its "
+                               "commit record names it): left alone, and never published. Delete it if nobody needs "
+                               "it", self.what, run_loc.uri, self.output.uri)
+                continue
             if run_loc.join(DONE_MARKER).exists():
-                self._publish(run_loc)
-                done += 1
+                if self._publish(run_loc, recovering=True) is not None:
+                    done += 1
             else:
                 logger.warning("%s: dropping the unfinished run %s (cut off before its rows were complete)", self.what, run)
-                run_loc.remove()
+                self._remove_run(run)
                 dropped += 1
+        self._clear_pointer(resumable)
         return {"committed_runs": done, "dropped_runs": dropped}
 
-    def _publish(self, run: Location) -> int:
+    def _clear_pointer(self, runs: set[str]) -> None:
+        """The commit record, once the run it names is gone from the staging."""
+        pointer = self.root.join(COMMITTING_FILE)
+        if pointer.exists() and not any(self.root.join(r).exists() for r in runs):
+            remove_child(self.output, self.root, COMMITTING_FILE, what=self.what)
+
+    def _entries(self, run: Location) -> dict[str, Any] | None:
+        """The run's validated entry list, or None (with a warning naming the run and why)."""
+        payload = {posix_basename(p): p for p in self._payload(run)}
+        if self.manifest is None:
+            return {"replace_all": False, "files": {}, "replaces": []}
+        if not run.join(ENTRIES_FILE).exists():  # staged by a version before manifests
+            return {"replace_all": False, "files": {n: _entry(run.fs.cat_file(p), self.describe)
+                                                    for n, p in payload.items()}, "replaces": []}
+        try:
+            doc = json.loads(run.join(ENTRIES_FILE).read_bytes())
+            files, replace_all = doc["files"], doc.get("replace_all", False)
+            replaces = doc.get("replaces")
+            if not isinstance(files, dict) or not isinstance(replace_all, bool):
+                raise ValueError("'files' is not a table of names or 'replace_all' is not true/false")
+            bad = [n for n in files if not _plain_name(n) or n.startswith("_") or not isinstance(files[n], dict)
+                   or not isinstance(files[n].get("sha256"), str)]
+            if bad:
+                raise ValueError(f"entries that are not plain file names with a sha256: {bad[:3]!r}")
+            if replaces is not None and (not isinstance(replaces, list) or not all(isinstance(n, str) for n in replaces)):
+                raise ValueError("'replaces' is not a list of names")
+            extra = sorted(set(payload) - set(files))
+            if extra:
+                raise ValueError(f"staged files it does not list: {extra[:3]!r}")
+            for n, p in payload.items():
+                if not run.is_s3 and os.path.islink(p):
+                    raise ValueError(f"{n} is a link")
+                if hashlib.sha256(run.fs.cat_file(p)).hexdigest() != files[n]["sha256"]:
+                    raise ValueError(f"{n}'s bytes do not match its sha256")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            logger.warning("%s: the staged run %s has an entry list that cannot be trusted (%s): left alone, nothing "
+                           "published from it. Delete the folder once you have looked at it", self.what, run.uri, e)
+            return None
+        if replaces is None and replace_all:  # staged by a version before the names were fixed at commit
+            replaces = sorted(n for n, e in (self.manifest.read() or {}).items() if n not in files and not e.get("adopted"))
+        return {"replace_all": replace_all, "files": files, "replaces": replaces or []}
+
+    def _publish(self, run: Location, *, recovering: bool = False) -> int | None:
         """Move a complete run's files into the output, each file whole, then name them in the
-        manifest; safe to repeat after a kill."""
-        staged = None
-        if self.manifest is not None:
-            if run.join(ENTRIES_FILE).exists():
-                staged = json.loads(run.join(ENTRIES_FILE).read_bytes())
-            else:  # staged by a version before manifests
-                staged = {"replace_all": False, "files": {posix_basename(p): _entry(run.fs.cat_file(p), self.describe)
-                                                          for p in self._payload(run)}}
+        manifest and delete the files it replaces; safe to repeat after a kill. None when the
+        run's entries cannot be trusted (recovery only: nothing is moved)."""
+        staged = self._entries(run)
+        if staged is None:
+            return None
         moved = 0
         for path in self._payload(run):
             name = posix_basename(path)
@@ -232,14 +400,18 @@ class StagedWriter:
             src = Location(uri=run.uri_of(path), path=path, fs=run.fs, is_s3=run.is_s3)
             src.move_to(self.output.join(name))
             moved += 1
-        if staged is not None:
+        if self.manifest is not None:
             self._check_lease()
             before = self.manifest.read() or {}
-            files = {} if staged["replace_all"] else dict(before)
+            replaced = set(staged["replaces"])
+            files = {n: e for n, e in before.items() if not (staged["replace_all"] and (n in replaced or e.get("adopted")))}
             self.manifest.write(files | staged["files"])
-            for name in sorted(set(before) - set(staged["files"])) if staged["replace_all"] else ():
-                self.output.join(name).remove()  # replaced (--rescore-all): out of the manifest first
-        run.remove()  # the marker goes last: a cut-off commit is finished next time
+            for name in staged["replaces"]:  # out of the manifest first: a cut-off delete leaves no listed hole
+                if name not in staged["files"]:
+                    remove_child(self.output, self.output, name, what=self.what)
+        self._remove_run(posix_basename(run.path))  # the marker goes with it: a cut-off commit is finished next time
+        if not recovering:
+            self._clear_pointer({posix_basename(run.path)})
         return moved
 
     def _check_lease(self) -> None:

@@ -50,8 +50,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..core import (CommittedFile, ConfigError, Identifiers, InputError, Lease, Location, Manifest, StagedWriter, StorageError,
-                    check_disjoint, is_no_space, no_space_message, posix_basename, resolve, unreadable_reason)
+from ..core import (STAGING_SUFFIX, CommittedFile, ConfigError, Identifiers, InputError, Lease, Location, Manifest,
+                    StagedWriter, StorageError, check_disjoint, remove_child, is_no_space, no_space_message, posix_basename, resolve, unreadable_reason)
 from ..imaging import NO_GUARD, InputGuard, MRIPreprocess, SeriesSelector, SliceInfo, sha256_hex
 from ..trust import softmax
 from ..report import write_scoring_report
@@ -410,8 +410,10 @@ def recover(dst: Location) -> dict[str, int]:
 
 
 def _remove_fetched(loc: Location) -> None:
+    """Delete ``OUTPUT._staging/_models`` (the models:/ packages fetched for runs on the output)."""
+    out = _output_of(loc)
     try:
-        loc.remove()
+        remove_child(out, _writer(out).root, posix_basename(loc.path), what="score", tree=True)
     except StorageError as e:  # the next run's start removes it
         logger.warning("score: could not remove the fetched model package %s (%s)", loc.uri, e)
 
@@ -419,6 +421,23 @@ def _remove_fetched(loc: Location) -> None:
 def _writer(dst: Location, lease: Lease | None = None) -> StagedWriter:
     """The predictions' writer: its commits name their files in ``OUTPUT/_manifest.json``."""
     return StagedWriter(dst, what="score", lease=lease, describe=_describe_rows)
+
+
+def _output_of(staged: Location) -> Location:
+    """The output whose staging folder holds ``staged`` (``OUTPUT._staging/<x>`` -> OUTPUT)."""
+    root = staged.path.rstrip("/").rsplit("/", 1)[0]
+    base = root.removesuffix(STAGING_SUFFIX)
+    return Location(uri=staged.uri_of(base), path=base, fs=staged.fs, is_s3=staged.is_s3)
+
+
+def _foreign_rows(data: bytes) -> str | None:
+    """Why a Parquet file found in an output without a manifest is not this job's rows, or None."""
+    try:
+        names = set(pq.ParquetFile(pa.BufferReader(data)).schema_arrow.names)
+    except Exception as e:
+        return f"not a Parquet file ({type(e).__name__})"
+    missing = sorted({"path", "sha256", "model_id"} - names)
+    return f"no {', '.join(missing)} column" if missing else None
 
 
 def _describe_rows(data: bytes) -> dict[str, Any]:
@@ -516,7 +535,7 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     t0 = time.perf_counter()
     asked = config  # saved as given: a models:/ name stays a name, not the folder it resolved to
     fetched = _writer(resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)).root.join(FETCHED_MODELS_DIR)
-    fetched.remove()  # copies left by killed runs (this run holds the lease)
+    _remove_fetched(fetched)  # copies left by killed runs (this run holds the lease)
     # models:/NAME/VERSION -> its package folder (fetched under the output's staging when it must be)
     config, registered = resolve_registered_model(config, fetch_to=fetched.join(lease.owner))
     # model.json unedited, the pinned id (expect_model_id), weights and trust file matching the id's hashes.
@@ -538,7 +557,7 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     # Heat maps (--explain) stage and commit beside the predictions: same run id, same lease.
     explain_writer = StagedWriter(explain_location(dst), what="explain", lease=lease)
     explain_writer.recover()
-    writer.adopt()  # an output from before manifests: its files as they are now
+    writer.adopt(foreign=_foreign_rows)  # an output from before manifests: its files as they are now
     # Links leaving the input, dangling links, FIFOs: refused here, each an error row of its own.
     listed = src.listing(follow_links_outside=config.guard.follow_links_outside_input, max_depth=config.max_folder_depth)
     files = {p: v for p, v in listed.files.items() if not posix_basename(p).startswith(".")}
@@ -708,8 +727,9 @@ def _commit(plan: ScoringPlan, writer: StagedWriter, staging: Location, explain_
 def _clear_attempts(attempts: Location) -> None:
     """After a commit every listed file has its row: the decode-attempt markers have served (and
     the lease keeps other runs out, so none of them is another run's)."""
+    out = _output_of(attempts)
     try:
-        attempts.remove()
+        remove_child(out, _writer(out).root, posix_basename(attempts.path), what="score", tree=True)
     except Exception as e:
         logger.warning("score: could not delete the decode-attempt markers in %s (%s): harmless, they are only "
                        "read while a file is being scored", attempts.uri, e)
