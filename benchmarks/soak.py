@@ -12,7 +12,9 @@ What it does, in order:
    ``max_folder_depth``), plus files that vanish, turn into a directory or are swapped for a link
    to a file outside the archive after the last run listed them; and compressed-frame bombs (JPEG,
    JPEG lossless, JPEG-LS, JPEG 2000 frame headers declaring 30000 x 30000 in a 64 x 64 DICOM, a
-   64-fold RLE frame) and a GIF of 100,000 frames (``frame_and_page_bombs``).
+   64-fold RLE frame) and a GIF of 100,000 frames (``frame_and_page_bombs``); issue 35's: a file
+   name that is not UTF-8, progressive JPEGs of 8000 scans (plain and as a DICOM frame) and a
+   flat PNG just under ``guard.max_pixels`` (``round_three_bombs``).
 2. Runs ``jobs/score.py`` (its own local Ray, as cron would) and SIGKILLs the whole process tree at
    ``--kills`` random points (uniform in ``--kill-window`` seconds after the run's scoring
    started); each next run waits out the dead run's lease (``--wait``) and finishes or redoes
@@ -116,6 +118,19 @@ def frame_and_page_bombs() -> dict[str, tuple[bytes, str]]:
     return {**out, "gif_page_bomb": (many_page_gif(), ".gif")}
 
 
+def round_three_bombs() -> dict[str, tuple[bytes, str]]:
+    """Issue 35's decode cases: a plain progressive JPEG of 8000 scans of 8000 x 8000 (its DICOM
+    twin comes with frame_bombs) and a flat PNG of 121 M pixels, just under guard.max_pixels (the
+    contrast check's float64 copy cost +1.2 GB: an error row "no content", now a few bytes a pixel)."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from benchmarks.hostile_frames import progressive_jpeg
+
+    buf = io.BytesIO()
+    Image.new("L", (11000, 11000), 0).save(buf, format="PNG")
+    return {"progressive_jpeg_plain_bomb": (progressive_jpeg(8000, 8000), ".jpg"), "flat_png": (buf.getvalue(), ".png")}
+
+
 def build_archive(root: str, n: int, hostile: float, seed: int) -> dict[str, str]:
     """The archive; returns {path: expected status} for every file the last run will list
     (vanishing ones are added by the run that makes them vanish)."""
@@ -129,8 +144,8 @@ def build_archive(root: str, n: int, hostile: float, seed: int) -> dict[str, str
     os.makedirs(outside)
     open(os.path.join(outside, "secret.jpg"), "wb").write(jpeg(render_mri("glioma", rng, 256)[0]))
     kinds = ["nifti_bomb", "dicom_bomb", "truncated", "dangling", "dir_link", "outside_link", "vanish", "to_dir",
-             "swap_link", "deep_chain"]
-    decode_bombs = frame_and_page_bombs()
+             "swap_link", "deep_chain", "latin1_name"]
+    decode_bombs = {**frame_and_page_bombs(), **round_three_bombs()}
     kinds += list(decode_bombs)
     n_bad = max(len(kinds), int(round(n * hostile)))
     expected: dict[str, str] = {}
@@ -148,6 +163,10 @@ def build_archive(root: str, n: int, hostile: float, seed: int) -> dict[str, str
                 p += ".jpg"
                 data = jpeg(render_mri(CLASS_NAMES[i % 4], rng, 256)[0])
                 open(p, "wb").write(data[: len(data) * 2 // 5])
+            elif kind == "latin1_name":  # issue 35: a name that is not UTF-8; its row shows it escaped
+                name = f"{i:05d}_M".encode() + b"\xfcller.jpg"
+                open(os.path.join(os.fsencode(d), name), "wb").write(jpeg(render_mri("glioma", rng, 256)[0]))
+                p = os.path.join(d, f"{i:05d}_M\\xfcller.jpg")
             elif kind == "dangling":
                 os.symlink(os.path.join(d, "no-such-file.jpg"), p + ".jpg")
                 p += ".jpg"

@@ -207,7 +207,8 @@ class Location:
         check_folder_depth(max_depth)
         if not self.exists():
             raise StorageError(f"{self.uri} does not exist. {_CRED_HINT if self.is_s3 else ''}".strip())
-        return _refuse_bad_names(self._s3_listing(max_depth) if self.is_s3 else self._local_listing(follow_links_outside, max_depth))
+        listed = self._s3_listing(max_depth) if self.is_s3 else self._local_listing(follow_links_outside, max_depth)
+        return _refuse_bad_names(listed)
 
     def _local_listing(self, follow_links_outside: bool, max_depth: int) -> Listing:
         root = os.path.realpath(self.path)
