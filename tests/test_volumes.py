@@ -199,12 +199,13 @@ def test_plan_inputs_takes_masks_aside_and_finds_each_volumes_patient():
 
     files = ["/r/glioma/P1/p1_flair.nii.gz", "/r/glioma/P1/p1_t1ce.nii.gz", "/r/glioma/P1/p1_seg.nii.gz",
              "/r/glioma/P2/p2_flair.nii.gz", "/r/glioma/P2/a_seg.nii.gz", "/r/glioma/P2/b_SEG.nii.gz",
-             "/r/glioma/flat.nii.gz", "/r/no_tumor/x.jpg"]
+             "/r/glioma/flat.nii.gz", "/r/no_tumor/x.jpg", "/r/glioma/P1/IM0001"]
     plan = plan_inputs(files, "/r", mask_pattern="*_seg.nii.gz")
     got = {p.path: (p.mask, p.patient) for p in plan.images}
     assert got == {"/r/glioma/P1/p1_flair.nii.gz": ("/r/glioma/P1/p1_seg.nii.gz", "/r/glioma/P1"),
                    "/r/glioma/P1/p1_t1ce.nii.gz": ("/r/glioma/P1/p1_seg.nii.gz", "/r/glioma/P1"),
-                   "/r/glioma/flat.nii.gz": (None, None), "/r/no_tumor/x.jpg": (None, None)}
+                   "/r/glioma/flat.nii.gz": (None, None), "/r/no_tumor/x.jpg": (None, None),
+                   "/r/glioma/P1/IM0001": (None, "/r/glioma/P1")}  # a DICOM beside: its patient, not the mask
     assert [(e.path, "2 segmentation masks" in e.reason) for e in plan.errors] == [("/r/glioma/P2/p2_flair.nii.gz", True)]
     # Without the setting a mask is a volume like any other (and was ingested with the folder's label).
     assert len(plan_inputs(files, "/r").images) == len(files)

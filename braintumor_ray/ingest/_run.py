@@ -164,7 +164,8 @@ def plan_inputs(files: list[str], root: str, *, mask_pattern: str | None = None)
                 )
             )
             continue
-        beside = masks.get(path.rsplit("/", 1)[0], []) if kind != "image" else []
+        # A NIfTI mask labels NIfTI volumes only (a DICOM series beside it has another grid).
+        beside = masks.get(path.rsplit("/", 1)[0], []) if path.lower().endswith(NIFTI_SUFFIXES) else []
         if len(beside) > 1:
             errors.append(FileError(path, f"{len(beside)} segmentation masks match {mask_pattern!r} beside this volume: "
                                     "keep one per folder (one patient's volumes and their mask)", split, label))
