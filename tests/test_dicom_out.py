@@ -448,7 +448,7 @@ def test_plan_follows_the_verdict_and_retires_what_it_replaced():
                       live_models=[ALGO.model_id, "fedcba9876543210"])
     assert [o.kind for o in calm.write] == ["sr"] and set(calm.retire) == set(names)
     gone = plan_dicom([finding("no_tumor", conf=0.9)], "sr", [other], model_id=ALGO.model_id, live_models=[ALGO.model_id])
-    assert gone.retire == (other,)
+    assert gone.retire == (other,) and gone.write[0].predecessor == other  # the new model's SR names it
     # Another content, another SOP Instance UID, in this output or any other; the series stays.
     a, b = (object_uids(ALGO.model_id, "1.1", "sr", d) for d in ("a" * 12, "b" * 12))
     assert a[0] == b[0] and a[1] != b[1]

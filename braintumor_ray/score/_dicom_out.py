@@ -198,15 +198,16 @@ def plan_dicom(findings: Sequence[SeriesFinding], mode: str, committed: Iterable
             if kind == "sr" or f.wants_sc:
                 obj = DicomObject(kind, f)
                 current[(obj.name.split("-", 1)[0], kind)] = obj
-    retire, before = [], {}
+    retire, before, replaced_model = [], {}, {}
     for name in committed:
         parsed = parse_object_name(name)
         if parsed is None:
             continue
         series, model, kind = parsed
         if model != model_id:
-            if model not in live:
+            if model not in live:  # its rows are gone (--rescore-all): this model's verdict replaces it
                 retire.append(name)
+                replaced_model[(series, kind)] = name
             continue
         obj = current.get((series, kind))
         if obj is None or obj.name != name:
@@ -215,8 +216,8 @@ def plan_dicom(findings: Sequence[SeriesFinding], mode: str, committed: Iterable
                 before[obj.name] = name
     kinds = _kinds(mode)
     done = set(committed)
-    write = tuple(DicomObject(o.kind, o.finding, before.get(o.name)) for o in current.values()
-                  if o.kind in kinds and o.name not in done)
+    write = tuple(DicomObject(o.kind, o.finding, before.get(o.name, replaced_model.get(at)))
+                  for at, o in current.items() if o.kind in kinds and o.name not in done)
     return DicomPlan(write=write, retire=tuple(retire))
 
 
