@@ -681,3 +681,18 @@ def test_an_sc_takes_its_map_only_from_the_outputs_explain_folder(tmp_path, capl
     assert ok["sc"] == 1
     sc = [pydicom.dcmread(str(folder / n)) for n in _manifest(folder) if "-sc-" in n][0]
     assert (sc.pixel_array[-512:] == 77).mean() > 0.9
+
+
+def test_a_non_ascii_patient_name_is_declared_in_the_objects_character_set(tmp_path):
+    """A Latin-1 source (ISO_IR 100) with "Müller": the objects say UTF-8 (ISO_IR 192) and hold it so."""
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(head12(0))))
+    ds.SpecificCharacterSet, ds.PatientName = "ISO_IR 100", "Müller^Hans"
+    ds.save_as(str(tmp_path / "IM1"), enforce_file_format=True)
+    assert "Müller".encode("latin-1") in (tmp_path / "IM1").read_bytes()
+    view = source_view(pydicom.dcmread(str(tmp_path / "IM1")), Identifiers(), keep_identifiers=False)
+    f = finding_of(tmp_path / "IM1")
+    for blob in (to_bytes(build_sr(view, f, ALGO, notice="")),
+                 to_bytes(build_sc(view, sc_pixels(np.zeros((8, 8), np.uint8), ["x"]), f, notice=""))):
+        back = pydicom.dcmread(io.BytesIO(blob))
+        assert back.SpecificCharacterSet == "ISO_IR 192" and "Müller".encode() in blob
+        assert str(back.PatientName) == "Müller^Hans"
