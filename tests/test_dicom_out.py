@@ -448,7 +448,7 @@ def test_plan_follows_the_verdict_and_retires_what_it_replaced():
                       live_models=[ALGO.model_id, "fedcba9876543210"])
     assert [o.kind for o in calm.write] == ["sr"] and set(calm.retire) == set(names)
     gone = plan_dicom([finding("no_tumor", conf=0.9)], "sr", [other], model_id=ALGO.model_id, live_models=[ALGO.model_id])
-    assert gone.retire == (other,)
+    assert gone.retire == (other,) and gone.write[0].predecessor == other  # the new model's SR names it
     # Another content, another SOP Instance UID, in this output or any other; the series stays.
     a, b = (object_uids(ALGO.model_id, "1.1", "sr", d) for d in ("a" * 12, "b" * 12))
     assert a[0] == b[0] and a[1] != b[1]
@@ -480,9 +480,10 @@ class _Scp:
         self.server.shutdown()
 
 
-def _step_world(tmp_path):
-    """An output with one scored DICOM series (rows and series table), its source, and a runner of
-    the DICOM step under a lease, as scoring calls it."""
+def _step_world(tmp_path, s3=None):
+    """An output with one scored DICOM series (rows and series table), its source (on local disk, or
+    in ``s3`` = (endpoint, bucket)), and a runner of the DICOM step under a lease, as scoring calls it.
+    Returns (run, OUTPUT_dicom folder, put(bytes): rewrite the source, version(): its version now)."""
     import pyarrow as pa
     from types import SimpleNamespace
 
@@ -491,12 +492,18 @@ def _step_world(tmp_path):
     from braintumor_ray.score import SERIES_FILE, series_location
     from braintumor_ray.score._dicom import SLICE_COLUMNS, run_dicom_step
 
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "IM1").write_bytes(dicom_bytes(head12(3), window=(1500, 3000)))
-    src, dst = resolve(str(tmp_path / "in")), resolve(str(tmp_path / "out"))
-    ds = pydicom.dcmread(str(tmp_path / "in" / "IM1"))
+    data = dicom_bytes(head12(3), window=(1500, 3000))
+    if s3 is None:
+        (tmp_path / "in").mkdir()
+        src = resolve(str(tmp_path / "in"))
+    else:
+        src = resolve(f"s3://{s3[1]}/in", s3_endpoint_url=s3[0])
+    src.join("IM1").write_bytes(data)
+    dst = resolve(str(tmp_path / "out"))
+    ds = pydicom.dcmread(io.BytesIO(data))
     uids = {"sop": str(ds.SOPInstanceUID), "series": str(ds.SeriesInstanceUID), "study": str(ds.StudyInstanceUID)}
-    shown = str(tmp_path / "in" / "IM1")
+    listed = src.join("IM1").path  # the listing's path (in the filesystem), and as the rows show it:
+    shown = src.join("IM1").uri
 
     def run(label="glioma", conf=0.83, model=ALGO.model_id, dest=None, run_id="run-1", version=None, heat=None):
         t = pd.Timestamp.now(tz="UTC")
@@ -511,14 +518,20 @@ def _step_world(tmp_path):
                        "top_slice_path": shown, "top_slice_sop_instance_uid": uids["sop"],
                        "top_slice_index": None}]).to_parquet(folder.join(SERIES_FILE).path)
         cfg = SimpleNamespace(dicom_out="sr+sc", dicom_send=dest, dicom_identifiers=False, dicom_banner="",
-                              guard=InputGuard(), s3_endpoint_url=None, dicom_ae_title="BRAINTUMOR",
+                              guard=InputGuard(), s3_endpoint_url=s3 and s3[0], dicom_ae_title="BRAINTUMOR",
                               dicom_send_retries=0)
         algo = Algorithm(ALGO.name, ALGO.version, model)
         with Lease(dst, owner=run_id, ttl_s=60, what="score") as lease:
-            return run_dicom_step(cfg, dst=dst, src=src, ids=Identifiers(), sources={shown: shown}, lease=lease,
+            return run_dicom_step(cfg, dst=dst, src=src, ids=Identifiers(), sources={shown: listed}, lease=lease,
                                   run_id=run_id, algo=algo, rows=rows)
 
-    return run, tmp_path / "out_dicom"
+    def put(data: bytes) -> None:
+        src.join("IM1").write_bytes(data)
+
+    def version() -> str:
+        return src.files_with_versions()[listed][1]
+
+    return run, tmp_path / "out_dicom", put, version
 
 
 def _manifest(folder) -> dict:
@@ -531,7 +544,7 @@ def test_objects_follow_the_verdict_and_only_the_manifests_are_sent(tmp_path):
     import json
     import shutil
 
-    run, folder = _step_world(tmp_path)
+    run, folder, _, _ = _step_world(tmp_path)
     scp = _Scp()
     try:
         first = run(dest=scp.dest)
@@ -627,27 +640,25 @@ def test_hashed_mode_sc_shows_the_head_only_and_uids_need_the_key(tmp_path, mode
 
 
 
-def test_the_source_is_read_at_its_rows_version_and_its_uids_checked(tmp_path, caplog):
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_the_source_is_read_at_its_rows_version_and_its_uids_checked(tmp_path, caplog, storage, request):
     """A source rewritten after it was scored (here: another patient's image under its name) is left
-    out with a reason; its verdict is never filed in that patient's study."""
-    import os
-
-    from braintumor_ray.core import local_version
-
-    run, folder = _step_world(tmp_path)
-    path = tmp_path / "in" / "IM1"
-    scored = local_version(os.stat(path))
+    out with a reason; its verdict is never filed in that patient's study. Local disk and S3 (ETag)."""
+    s3 = (request.getfixturevalue("s3_endpoint"), request.getfixturevalue("s3_bucket")) if storage == "s3" else None
+    run, folder, put, version = _step_world(tmp_path, s3)
+    scored = version()
     first = run(version=scored)
     assert (first["sr"], first["sc"], first["skipped"]) == (1, 1, 0)
-    path.write_bytes(dicom_bytes(head12(4), window=(1500, 3000)))  # another study, series and instance
+    rewritten = dicom_bytes(head12(4), window=(1500, 3000))  # another study, series and instance
+    put(rewritten)
     # The rows still say the version that was scored: the read is held to it.
     held = run(conf=0.91, version=scored, run_id="run-2")
     assert (held["sr"], held["sc"], held["skipped"]) == (0, 0, 2)
     # A listing that saw the new version, rows that kept the old UIDs: the UIDs are checked.
-    checked = run(conf=0.92, version=local_version(os.stat(path)), run_id="run-3")
+    checked = run(conf=0.92, version=version(), run_id="run-3")
     assert (checked["sr"], checked["sc"], checked["skipped"]) == (0, 0, 2)
     assert "its SOPInstanceUID is not the one its row holds" in caplog.text
-    other = str(pydicom.dcmread(str(path)).StudyInstanceUID)
+    other = str(pydicom.dcmread(io.BytesIO(rewritten)).StudyInstanceUID)
     assert all(str(pydicom.dcmread(str(folder / n)).StudyInstanceUID) != other for n in _manifest(folder))
 
 
@@ -656,7 +667,7 @@ def test_an_sc_takes_its_map_only_from_the_outputs_explain_folder(tmp_path, capl
     no SC; a map of OUTPUT_explain/ does."""
     from braintumor_ray.imaging import encode_png
 
-    run, folder = _step_world(tmp_path)
+    run, folder, _, _ = _step_world(tmp_path)
     png = encode_png(np.full((64, 64, 3), 77, np.uint8))
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "x.png").write_bytes(png)
@@ -670,3 +681,18 @@ def test_an_sc_takes_its_map_only_from_the_outputs_explain_folder(tmp_path, capl
     assert ok["sc"] == 1
     sc = [pydicom.dcmread(str(folder / n)) for n in _manifest(folder) if "-sc-" in n][0]
     assert (sc.pixel_array[-512:] == 77).mean() > 0.9
+
+
+def test_a_non_ascii_patient_name_is_declared_in_the_objects_character_set(tmp_path):
+    """A Latin-1 source (ISO_IR 100) with "Müller": the objects say UTF-8 (ISO_IR 192) and hold it so."""
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(head12(0))))
+    ds.SpecificCharacterSet, ds.PatientName = "ISO_IR 100", "Müller^Hans"
+    ds.save_as(str(tmp_path / "IM1"), enforce_file_format=True)
+    assert "Müller".encode("latin-1") in (tmp_path / "IM1").read_bytes()
+    view = source_view(pydicom.dcmread(str(tmp_path / "IM1")), Identifiers(), keep_identifiers=False)
+    f = finding_of(tmp_path / "IM1")
+    for blob in (to_bytes(build_sr(view, f, ALGO, notice="")),
+                 to_bytes(build_sc(view, sc_pixels(np.zeros((8, 8), np.uint8), ["x"]), f, notice=""))):
+        back = pydicom.dcmread(io.BytesIO(blob))
+        assert back.SpecificCharacterSet == "ISO_IR 192" and "Müller".encode() in blob
+        assert str(back.PatientName) == "Müller^Hans"

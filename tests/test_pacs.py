@@ -46,7 +46,8 @@ def _instances(web: str, study_uid: str) -> dict[str, list[str]]:
 SR, SC, MR = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.4"
 
 
-def test_scoring_sends_sr_and_sc_into_the_source_study_once(ray_session, package, orthanc, tmp_path, capsys):
+def test_scoring_sends_sr_and_sc_into_the_source_study_once(ray_session, package, trusted_package, orthanc, tmp_path,
+                                                             capsys):
     web = orthanc["web"]
     archive, out = tmp_path / "archive", tmp_path / "predictions"
     pacs = make_pacs(str(archive))
@@ -113,3 +114,25 @@ def test_scoring_sends_sr_and_sc_into_the_source_study_once(ray_session, package
     assert len(_instances(web, pacs["study"])[SR]) == 3
     ledger = json.loads((tmp_path / "predictions_dicom" / "_sent.json").read_text())["sent"]
     assert sorted(ledger) == sorted([orthanc["dicom"], orthanc["stow"]]) and all(len(v) == n for v in ledger.values())
+
+    # Another model (--rescore-all with the calibrated package: another model id, other verdicts):
+    # new SRs with new SOP Instance UIDs, each naming the SR it replaces (Predecessor Documents
+    # Sequence); the first model's objects leave OUTPUT_dicom's manifest and folder, never sent again.
+    old_srs = {pydicom.dcmread(io.BytesIO(_get(web, f"/instances/{i}/file"))).SOPInstanceUID
+               for i in _instances(web, pacs["study"])[SR]}
+    new_model = json.loads(open(os.path.join(trusted_package, "model.json")).read())["model_id"]
+    assert score.main([args[0], trusted_package, *args[2:], "--rescore-all"]) == 0
+    fourth = capsys.readouterr().out
+    assert "DICOM objects: 3 SR" in fourth
+    manifest = json.loads((tmp_path / "predictions_dicom" / "_manifest.json").read_text())["files"]
+    assert manifest and all(f"-{new_model}-" in name for name in manifest)
+    assert sorted(manifest) == sorted(f for f in os.listdir(f"{out}_dicom") if f.endswith(".dcm"))
+    stored = _instances(web, pacs["study"])
+    assert len(stored[SR]) == 6  # the PACS keeps both versions, linked
+    named = set()
+    for name in (n for n in manifest if "-sr-" in n):
+        sr = pydicom.dcmread(os.path.join(f"{out}_dicom", name))
+        assert sr.SOPInstanceUID not in old_srs
+        named.add(sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+                  .ReferencedSOPInstanceUID)
+    assert named == old_srs

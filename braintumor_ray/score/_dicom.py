@@ -94,12 +94,17 @@ def run_dicom_step(config, *, dst: Location, src: Location, ids: Identifiers, so
     if plan.write:
         stage = writer.stage(run_id)
         for obj in plan.write:
+            previous = None
+            if obj.kind == "sr" and obj.predecessor:
+                try:
+                    previous = _committed_dataset(root, obj.predecessor, manifest)
+                except Exception as e:  # gone or rewritten: the new verdict still goes, naming no predecessor
+                    logger.warning("score: the SR that a new SR replaces (%s) cannot be read (%s): the new one names "
+                                   "no predecessor", obj.predecessor, _cause(e))
             try:
-                previous = (_committed_dataset(root, obj.predecessor, manifest)
-                            if obj.kind == "sr" and obj.predecessor else None)
                 data = _object_bytes(obj, config, src, ids, sources, algo, key=key, previous=previous,
                                      explain_root=explain_location(dst))
-            except Exception as e:  # one series' source gone or unreadable: the others still get theirs
+            except Exception as e:  # one series' source gone, changed or unreadable: the others still get theirs
                 logger.warning("score: no DICOM %s for a series (its source file %s: %s)", obj.kind.upper(),
                                obj.finding.source_path, _cause(e))
                 out["skipped"] += 1

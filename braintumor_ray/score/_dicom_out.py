@@ -198,15 +198,16 @@ def plan_dicom(findings: Sequence[SeriesFinding], mode: str, committed: Iterable
             if kind == "sr" or f.wants_sc:
                 obj = DicomObject(kind, f)
                 current[(obj.name.split("-", 1)[0], kind)] = obj
-    retire, before = [], {}
+    retire, before, replaced_model = [], {}, {}
     for name in committed:
         parsed = parse_object_name(name)
         if parsed is None:
             continue
         series, model, kind = parsed
         if model != model_id:
-            if model not in live:
+            if model not in live:  # its rows are gone (--rescore-all): this model's verdict replaces it
                 retire.append(name)
+                replaced_model[(series, kind)] = name
             continue
         obj = current.get((series, kind))
         if obj is None or obj.name != name:
@@ -215,8 +216,8 @@ def plan_dicom(findings: Sequence[SeriesFinding], mode: str, committed: Iterable
                 before[obj.name] = name
     kinds = _kinds(mode)
     done = set(committed)
-    write = tuple(DicomObject(o.kind, o.finding, before.get(o.name)) for o in current.values()
-                  if o.kind in kinds and o.name not in done)
+    write = tuple(DicomObject(o.kind, o.finding, before.get(o.name, replaced_model.get(at)))
+                  for at, o in current.items() if o.kind in kinds and o.name not in done)
     return DicomPlan(write=write, retire=tuple(retire))
 
 
@@ -292,6 +293,10 @@ def source_view(ds, ids: Identifiers, *, keep_identifiers: bool):
         view.SOPClassUID = ds.SOPClassUID
         modality, ok = conform("Modality", ds.get("Modality", "MR"))
         view.Modality = modality if ok and modality else "MR"
+    if any(not str(view.get(t, "")).isascii() for t in PATIENT_STUDY_TAGS):
+        # The values are decoded text now (from the source's own character set): declared as UTF-8,
+        # as the objects write them, instead of non-ASCII bytes under the default repertoire.
+        view.SpecificCharacterSet = "ISO_IR 192"
     view.btray_dropped = tuple(dropped)  # a Python attribute, not a data element: never written out
     return view
 
@@ -418,6 +423,8 @@ def build_sr(view, f: SeriesFinding, algo: Algorithm, *, notice: str, key: bytes
                                  manufacturer=MANUFACTURER, is_complete=True,
                                  previous_versions=[previous] if previous is not None else None)
     sr.SeriesDescription = _description("AI result", notice)
+    if "SpecificCharacterSet" in view:
+        sr.SpecificCharacterSet = view.SpecificCharacterSet
     return sr
 
 
@@ -431,6 +438,8 @@ def build_sc(view, pixels: np.ndarray, f: SeriesFinding, *, notice: str, key: by
     # The capture is a crop with a banner: no orientation is claimed (type 2, empty).
     sc.PatientOrientation = None
     sc.SeriesDescription = _description("AI heat map", notice)
+    if "SpecificCharacterSet" in view:
+        sc.SpecificCharacterSet = view.SpecificCharacterSet
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = " / ".join([*banner_lines(f, notice), *filter(None, [dropped_note(view)])])[:10240]
     return sc
