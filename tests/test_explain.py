@@ -8,6 +8,7 @@ generator's images, whose lesion boxes are known, must look at the lesion.
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import numpy as np
@@ -249,16 +250,19 @@ def test_scoring_writes_maps_for_the_chosen_rows_once(ray_session, lesion_model,
     assert len(tumour_ok) >= 9
     inside = [_in_box(r["heatmap_peak_x"], r["heatmap_peak_y"], boxes[r["path"]][1]) for r in tumour_ok]
     assert sum(inside) >= 0.9 * len(inside), inside
-    assert s["heatmaps"] == len(os.listdir(explain_dir)) == sum(r["heatmap_path"] is not None for r in rows)
+    pngs = [n for n in os.listdir(explain_dir) if n.endswith(".png")]
+    assert s["heatmaps"] == len(pngs) == sum(r["heatmap_path"] is not None for r in rows)
+    # Each map named with its sha256 in OUTPUT_explain/_manifest.json: the report embeds only those.
+    assert set(json.load(open(os.path.join(explain_dir, "_manifest.json")))["files"]) == set(pngs)
     assert not os.path.exists(explain_dir + "._staging") or not os.listdir(explain_dir + "._staging")
 
     # Incremental: two new files; the maps already there are not drawn again.
-    before = {n: os.stat(os.path.join(explain_dir, n)).st_mtime_ns for n in os.listdir(explain_dir)}
+    before = {n: os.stat(os.path.join(explain_dir, n)).st_mtime_ns for n in os.listdir(explain_dir) if n.endswith(".png")}
     for i, (pixels, c, box) in enumerate(_sample_images(1, seed=4)[:2]):
         (archive / f"new{i}-{CLASS_NAMES[c]}.png").write_bytes(encode_png(pixels))
     again = run_scoring(ScoreConfig(model=package, input=str(archive), output=str(out), engine="torch"))
     assert again["scored"] == 2
-    after = {n: os.stat(os.path.join(explain_dir, n)).st_mtime_ns for n in os.listdir(explain_dir)}
+    after = {n: os.stat(os.path.join(explain_dir, n)).st_mtime_ns for n in os.listdir(explain_dir) if n.endswith(".png")}
     assert {n: after[n] for n in before} == before and len(after) == len(before) + again["heatmaps"]
 
     none = run_scoring(ScoreConfig(model=package, input=str(archive), output=str(tmp_path / "plain"), engine="torch",

@@ -162,3 +162,53 @@ def test_rescore_all_cut_off_mid_delete_is_finished_by_the_next_run(ray_session,
     assert summary["committed_runs"] == 1 and summary["scored"] == 0
     now = set(_manifest(out))
     assert not now & old and _parquet_on_storage(out) == now
+
+
+def test_a_deleted_manifest_does_not_make_planted_rows_committed(ray_session, package, tmp_path):
+    """The manifest deleted and a Parquet file planted: the run refuses, naming the fix, and
+    adopts nothing. Before: every Parquet file there, the planted one included, was adopted."""
+    from braintumor_ray.core import StorageError
+
+    archive = str(tmp_path / "archive")
+    _archive(archive, 1)
+    out_path = str(tmp_path / "preds")
+    run_scoring(ScoreConfig(model=package, input=archive, output=out_path))
+    os.remove(os.path.join(out_path, "_manifest.json"))
+    rows = pq.read_table(out_path).to_pylist()
+    pq.write_table(pa.Table.from_pylist([dict(rows[0], predicted_label="glioma")]), os.path.join(out_path, "x.parquet"))
+    with pytest.raises(StorageError, match="_manifest.json is gone.*Restore _manifest.json"):
+        run_scoring(ScoreConfig(model=package, input=archive, output=out_path))
+    assert not os.path.exists(os.path.join(out_path, "_manifest.json"))
+
+
+def test_reruns_read_only_what_changed(ray_session, package, tmp_path, monkeypatch):
+    """Files touched with their bytes unchanged (a chmod, a restore) are read once, their new
+    version recorded without scoring them; a folder that cannot be listed is one error row, once.
+    The run after reads nothing and starts no Ray work. Before: both were read (and the folder
+    got a new error row) on every run."""
+    archive = tmp_path / "archive"
+    names = _archive(str(archive), 2)
+    locked = archive / "locked"
+    locked.mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if isinstance(path, str) and path == str(locked):
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)  # root reads any folder: refused as an unreadable one would be
+    out_path = str(tmp_path / "preds")
+    cfg = ScoreConfig(model=package, input=str(archive), output=out_path)
+    first = run_scoring(cfg)
+    assert first["scored"] == 2 and first["errors"] == 1
+    for n in names:
+        os.chmod(n, 0o600)  # a new version (the change time), the same bytes
+    second = run_scoring(cfg)
+    assert second["scored"] == 0 and second["errors"] == 0 and second["skipped_already_scored"] == 3
+    rows = pq.read_table(out_path).to_pylist()
+    latest = {r["path"]: r for r in sorted(rows, key=lambda r: r["scored_at"])}
+    assert all(latest[n]["status"] == "ok" and latest[n]["predicted_label"] for n in names)
+    third = run_scoring(cfg)
+    assert "run_id" not in third, "nothing to read, nothing to commit"
+    assert third["skipped_already_scored"] == 3 and third["errors"] == 0

@@ -234,6 +234,41 @@ def test_scoring_report_in_the_browser(browser, tmp_path):
     assert set(r.column("series", "series_instance_uid")) == {"1.2.9.0", "1.2.9.1", "1.2.9.2"}
 
 
+def test_only_committed_maps_inside_the_maps_folder_are_embedded(tmp_path):
+    """A row naming ``OUTPUT_explain/../elsewhere/x.png`` (absolute), a PNG planted in the maps
+    folder, or a committed map rewritten in place: none is embedded; committed maps are. Before,
+    the first was embedded (the path was never normalised) and the others were trusted."""
+    import base64
+
+    from braintumor_ray.report import scoring_report_html
+
+    out, series, made = fake_scoring_output(tmp_path)
+    explain = tmp_path / "predictions_explain"
+    maps = sorted(p for p in os.listdir(explain) if p.endswith(".png"))
+    listed = {n: {"sha256": hashlib.sha256((explain / n).read_bytes()).hexdigest()} for n in maps}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    secret = b"\x89PNG not the job's map"
+    (elsewhere / "x.png").write_bytes(secret)
+    planted, rewritten = maps[0], maps[1]
+    del listed[planted]  # on storage, not in the manifest
+    (explain / rewritten).write_bytes(secret + b"2")  # in the manifest, other bytes
+    outside = str(explain) + "/../elsewhere/x.png"
+    rows = made["rows"]
+    t = pq.read_table(out / "run1_0.parquet")
+    paths = t.column("heatmap_path").to_pylist()
+    hit = next(i for i, p in enumerate(paths) if p and p.endswith(maps[2]))
+    paths[hit] = outside
+    t = t.set_column(t.schema.get_field_index("heatmap_path"), "heatmap_path", pa.array(paths, pa.string()))
+    pq.write_table(t, out / "run1_0.parquet")
+    html = scoring_report_html(resolve(str(out)), maps=resolve(str(explain)), map_files=listed, max_cases=100)
+    for bad in (secret, secret + b"2", (explain / planted).read_bytes()):
+        assert base64.b64encode(bad).decode() not in html
+    kept = [n for n in maps[3:] if any(r["heatmap_path"] and r["heatmap_path"].endswith(n) for r in rows)]
+    shown = [n for n in kept if base64.b64encode((explain / n).read_bytes()).decode() in html]
+    assert len(shown) >= 10, shown  # committed maps of the cases on the page are embedded
+
+
 def test_scoring_report_caps_and_s3(browser, tmp_path, s3_endpoint, s3_bucket):
     """A large output keeps the page small: cases and table rows are capped, with a notice.
     On S3 the report is one object inside the output prefix, heat maps read from the bucket."""

@@ -115,9 +115,14 @@ def test_rerun_scores_only_new_files(scored, package):
     assert third["scored"] == len(new) + 1
     assert third["skipped_already_scored"] == first["files_seen"] - 1
     rows = _rows(out)
-    keys = [(r["path"], r["sha256"], r["model_id"]) for r in rows]
+    # The touched file: not scored again, its new version recorded in a copy of its row (the
+    # next run then reads it no more).
+    touched = [r for r in rows if r["path"] == good[1]]
+    assert len(touched) == 2 and len({r["version"] for r in touched}) == 2
+    assert len({(r["sha256"], r["predicted_label"], r["confidence"]) for r in touched}) == 1
+    keys = [(r["path"], r["sha256"], r["model_id"]) for r in rows if r["path"] != good[1]]
     assert len(keys) == len(set(keys)), "a file was scored twice"
-    assert len(rows) == first["files_seen"] + len(new) + 1  # the changed file has its old and new row
+    assert len(rows) == first["files_seen"] + len(new) + 2  # the changed file's old and new row, the touched one's
     assert len({r["path"] for r in rows}) == first["files_seen"] + len(new)
     # Each run leaves its settings in OUTPUT/_config.yaml; dataset readers and the reruns above skip it.
     import pandas as pd

@@ -222,7 +222,14 @@ class Location:
                     entries = list(it)
             except OSError as e:
                 where = e.filename or folder
-                files[where], refused[where] = (0, ""), f"unreadable folder: it cannot be listed ({type(e).__name__}), its files are not read"
+                # The folder's own version (a chmod changes it): recorded once, tried again only when
+                # it changes, not an error row and a Ray start on every run as with no version.
+                try:
+                    version = local_version(os.stat(where))
+                except OSError:
+                    version = "unlistable"
+                files[where], refused[where] = (0, version), (f"refused: a folder that cannot be listed "
+                                                              f"({type(e).__name__}), its files are not read")
                 continue
             for entry in entries:
                 path = entry.path

@@ -22,6 +22,7 @@ of rows is listed, and each case card names its model.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
@@ -153,16 +154,28 @@ def _counts(df: pd.DataFrame, column: str, order: list[str] | None = None, none_
     return [[k, int(vc[k]), f"{vc[k] / max(len(df), 1):.1%}"] for k in keys]
 
 
-def _read_map(dst: Location, value: str, maps: Location | None = None) -> bytes | None:
+def _read_map(dst: Location, value: str, maps: Location | None = None,
+              listed: dict[str, dict[str, Any]] | None = None) -> bytes | None:
+    """A heat map's bytes, or None (with a warning) unless it is a plain child of the job's maps
+    folder (no ``..``: ``OUTPUT_explain/../elsewhere/x.png`` was embedded once) and, when the
+    folder has a manifest (``listed``), named in it with these bytes' sha256."""
     loc = heatmap_location(dst, value)
-    if maps is not None and not loc.path.startswith(maps.path.rstrip("/") + "/"):
+    name = posixpath.basename(loc.path)
+    if maps is not None and (".." in value.split("/") or posixpath.dirname(loc.path) != maps.path.rstrip("/")):
         logger.warning("report: heat map %s not shown: it is not in the job's maps folder %s", value, maps.uri)
         return None
+    if listed is not None and name not in listed:
+        logger.warning("report: heat map %s not shown: the maps folder's manifest does not name it", value)
+        return None
     try:
-        return loc.read_bytes()
+        data = loc.read_bytes()
     except Exception as e:  # a removed or unreadable map costs its picture, not the report
         logger.warning("report: heat map %s not shown (%s)", value, e)
         return None
+    if listed is not None and hashlib.sha256(data).hexdigest() != listed[name].get("sha256"):
+        logger.warning("report: heat map %s not shown: its bytes are not the ones committed", value)
+        return None
+    return data
 
 
 def _card(row: pd.Series, maps: dict[str, bytes | None], probs: list[str], extra: list[str]) -> tuple[str, bool]:
@@ -201,9 +214,11 @@ def _card(row: pd.Series, maps: dict[str, bytes | None], probs: list[str], extra
 def scoring_report_html(
     dst: Location, *, series: Location | None = None, maps: Location | None = None, max_cases: int = MAX_CASES,
     max_rows: int = MAX_TABLE_ROWS, files: list[CommittedFile] | None = None,
+    map_files: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     """The page; ``maps``: the folder the job writes heat maps to (only maps in it are embedded);
-    ``files``: the output's committed files, when the caller has read them already."""
+    ``files``: the output's committed files, when the caller has read them already;
+    ``map_files``: the maps folder's manifest entries (only those maps, with those bytes, are embedded)."""
     df, total = read_predictions(dst, files)
     df = review_order(df) if len(df) else df
     probs = sorted(c for c in df.columns if c.startswith(PROB_PREFIX))
@@ -271,7 +286,7 @@ def scoring_report_html(
     wanted = sorted({v for v in shown.get("heatmap_path", pd.Series(dtype=object)) if isinstance(v, str) and v})
     # Side by side: on S3 each map is a GET of tens of ms, 300 of them one after the other ~10 s.
     with ThreadPoolExecutor(MAP_READERS) as pool:
-        read = dict(zip(wanted, pool.map(lambda v: _read_map(dst, v, maps), wanted)))
+        read = dict(zip(wanted, pool.map(lambda v: _read_map(dst, v, maps, map_files), wanted)))
     for _, row in shown.iterrows():
         html_card, has = _card(row, read, probs, extra)
         cards.append(html_card)

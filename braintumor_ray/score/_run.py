@@ -25,6 +25,7 @@ Output layout::
     OUTPUT/_identifiers.json      how the rows name files and UIDs (path_mode, uid_mode, key id)
     OUTPUT/_report.html           the review report: counts, series verdicts, cases with heat maps, every row
     OUTPUT_series/series.parquet  one row per DICOM series or NIfTI volume and model
+    OUTPUT_explain/*.png          --explain: heat-map overlays, named with their sha256 in its _manifest.json
     OUTPUT_dicom/*.dcm            --dicom-out: an SR (and SC) per DICOM series, named in its _manifest.json;
                                   _sent.json: what --dicom-send sent where
     OUTPUT._staging/<run>/        a run in progress or cut off (never read by users)
@@ -81,6 +82,10 @@ KILLED_TWICE = ("killed its decode task twice (out of memory? a crash in a decod
                 "run can finish; a changed file is tried again")
 # Tests only: a decode task that meets a file of this name dies as the OOM killer would kill it.
 KILL_DECODE_ENV = "BRAINTUMOR_TEST_KILL_DECODE"
+# A staged row's status for a file whose bytes are the committed ones under a new version (a
+# chmod, a restore, a touch): the commit turns it into copies of its latest rows with the new
+# version, so that the next run does not read it again. Never committed.
+UNCHANGED = "unchanged"
 
 
 def output_schema(class_names: list[str]) -> pa.Schema:
@@ -176,7 +181,8 @@ def decode_batch(
             continue
         data = data or b""
         digest = sha256_hex(data)
-        if (path, digest) in already:
+        if (path, digest) in already:  # its new version is recorded by the commit, nothing scored
+            add(path, digest, None, None, UNCHANGED, None, None, SliceInfo())
             continue
         res = preprocess.try_slices(data, name=path, select=select, guard=guard)
         for s in res.slices:
@@ -464,10 +470,43 @@ def _read_committed(files: list[CommittedFile], columns: dict[str, pa.DataType])
     return pa.concat_tables(tables)
 
 
+def _take_unchanged(staging: Location, committed: list[CommittedFile], schema: pa.Schema,
+                    scored_at: datetime) -> pa.Table | None:
+    """Take the :data:`UNCHANGED` rows out of the run's staged files; the copies of their files'
+    latest committed rows with the new size and version (None when there are none)."""
+    found: dict[str, tuple[int, str]] = {}
+    for path in (staging.files() if staging.exists() else []):
+        if not path.endswith(".parquet"):
+            continue
+        t = pq.read_table(path, filesystem=staging.pyarrow_fs)
+        same = pc.equal(t.column("status"), UNCHANGED)
+        if not pc.any(same).as_py():
+            continue
+        hit = t.filter(same)
+        found.update(zip(hit.column("path").to_pylist(), zip(hit.column("size").to_pylist(),
+                                                             hit.column("version").to_pylist())))
+        rest = t.filter(pc.invert(same))
+        name = posix_basename(path)
+        if rest.num_rows:
+            buf = pa.BufferOutputStream()
+            pq.write_table(rest, buf)
+            staging.join(name).write_bytes(buf.getvalue().to_pybytes())
+        else:
+            remove_child(_output_of(staging), staging, name, what="score")
+    if not found:
+        return None
+    rows = _withdrawal_rows(committed, tuple(found), schema, scored_at, status=None)
+    sizes = [found[p][0] for p in rows.column("path").to_pylist()]
+    versions = [found[p][1] for p in rows.column("path").to_pylist()]
+    rows = rows.set_column(schema.get_field_index("size"), "size", pa.array(sizes, pa.int64()))
+    return rows.set_column(schema.get_field_index("version"), "version", pa.array(versions, pa.string()))
+
+
 def _withdrawal_rows(files: list[CommittedFile], withdrawn: tuple[str, ...], schema: pa.Schema,
-                     scored_at: datetime) -> pa.Table:
+                     scored_at: datetime, *, status: str | None = WITHDRAWN) -> pa.Table:
     """A ``withdrawn`` row for each latest row of the files gone from the input: a copy of it
-    (what was said, by which model, from which bytes), marked, and the latest of its file."""
+    (what was said, by which model, from which bytes), marked, and the latest of its file.
+    ``status=None``: the copies keep their status and error (a file's rows under a new version)."""
     gone = pa.array(sorted(withdrawn), pa.string())
     parts = []
     for cf in files:
@@ -487,9 +526,9 @@ def _withdrawal_rows(files: list[CommittedFile], withdrawn: tuple[str, ...], sch
     rows = rows.take(pa.array(keep, pa.int64()))
     cols = {}
     for f in schema:
-        if f.name == "status":
-            cols[f.name] = pa.array([WITHDRAWN] * rows.num_rows, f.type)
-        elif f.name == "error":
+        if f.name == "status" and status is not None:
+            cols[f.name] = pa.array([status] * rows.num_rows, f.type)
+        elif f.name == "error" and status is not None:
             cols[f.name] = pa.array([WITHDRAWN_REASON] * rows.num_rows, f.type)
         elif f.name == "scored_at":
             cols[f.name] = pa.array([scored_at] * rows.num_rows, f.type)
@@ -555,8 +594,11 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     writer = _writer(dst, lease)  # commits only while the lease holds, and names its files in the manifest
     recovered = writer.recover()
     # Heat maps (--explain) stage and commit beside the predictions: same run id, same lease.
-    explain_writer = StagedWriter(explain_location(dst), what="explain", lease=lease)
+    # Named in OUTPUT_explain/_manifest.json like the rows: the report embeds only those maps.
+    explain_writer = StagedWriter(explain_location(dst), what="explain", lease=lease, manifest=True)
     explain_writer.recover()
+    explain_writer.adopt(".png")  # maps written before that manifest: as they are now
+    _check_manifest_kept(dst, writer.manifest)
     writer.adopt(foreign=_foreign_rows)  # an output from before manifests: its files as they are now
     # Links leaving the input, dangling links, FIFOs: refused here, each an error row of its own.
     listed = src.listing(follow_links_outside=config.guard.follow_links_outside_input, max_depth=config.max_folder_depth)
@@ -706,6 +748,7 @@ def _commit(plan: ScoringPlan, writer: StagedWriter, staging: Location, explain_
     them in the manifest. The maps first: a committed row never names a PNG that is not there
     yet (a run cut off between the two commits is redone, and rewrites the same file names).
     """
+    reversioned = _take_unchanged(staging, committed, output_schema(list(plan.class_names)), plan.scored_at)
     if plan.diff.withdrawn:
         rows = _withdrawal_rows(committed, plan.diff.withdrawn, output_schema(list(plan.class_names)), plan.scored_at)
         buf = pa.BufferOutputStream()
@@ -718,6 +761,13 @@ def _commit(plan: ScoringPlan, writer: StagedWriter, staging: Location, explain_
         [pq.read_table(p, columns=["path", "status"], filesystem=staging.pyarrow_fs) for p in staged]
     ) if staged else pa.table({"path": pa.array([], pa.string()), "status": pa.array([], pa.string())})
     heatmaps = explain_writer.commit(explain_stage) if explain_stage.exists() else 0
+    if reversioned is not None:  # after `written`: these files were not scored again
+        buf = pa.BufferOutputStream()
+        pq.write_table(reversioned, buf)
+        staging.join(f"versions-{plan.run_id}.parquet").write_bytes(buf.getvalue().to_pybytes())
+        staged.append(staging.join(f"versions-{plan.run_id}.parquet").path)
+        logger.info("score: %d files with unchanged bytes under a new version (touched, chmod, restored): their new "
+                    "version recorded, not scored again", len(set(reversioned.column("path").to_pylist())))
     if staged:
         writer.commit(staging, replace_all=plan.rescore_all)
     _clear_attempts(writer.root.join(ATTEMPTS_DIR))
@@ -766,8 +816,30 @@ def _claim_identifiers(dst: Location, ids: Identifiers) -> None:
             f"output {dst.uri}: {why}, and this run asks for path_mode={ids.path_mode}, uid_mode={ids.uid_mode}; every "
             f"file would be scored again under a second name. {fix}, or score into a new output"
         )
-    if theirs != mine or raw is None:
-        record.write_atomic(json.dumps(mine, indent=2).encode())
+    if theirs != mine | MANIFEST_ERA or raw is None:
+        record.write_atomic(json.dumps(mine | MANIFEST_ERA, indent=2).encode())
+
+
+# In _identifiers.json: the output's rows are named by _manifest.json. Without this, a deleted
+# manifest made every Parquet file there, planted ones included, "adopted" as committed rows.
+MANIFEST_ERA = {"manifest": 1}
+
+
+def _check_manifest_kept(dst: Location, manifest: Manifest) -> None:
+    """Refuse an output whose manifest is gone although its runs wrote one (``_identifiers.json``
+    says so): its Parquet files could no longer be told from planted ones."""
+    record = dst.join(OUTPUT_IDS_FILE)
+    if manifest.read() is not None or not record.exists():
+        return
+    try:
+        era = json.loads(record.read_bytes()).get("manifest")
+    except (ValueError, AttributeError):
+        return  # _claim_identifiers names the problem
+    if era and any(p.endswith(".parquet") for p in dst.files()):
+        raise StorageError(
+            f"{dst.join('_manifest.json').uri} is gone, but the runs on this output wrote one: its Parquet files "
+            "cannot be told from planted ones, so none is taken as committed. Restore _manifest.json from a backup, "
+            "or score into a new output")
 
 
 def _engine(config: ScoreConfig, meta: dict) -> tuple[str, tuple[str, ...]]:
@@ -794,8 +866,9 @@ def _series(dst: Location, class_names: list[str], review_threshold: float, file
 def _with_report(summary: dict, dst: Location, files: list[CommittedFile]) -> dict:
     """The review page, rebuilt from every committed row (this run's and earlier ones'), still
     under the lease: ``OUTPUT/_report.html`` (:mod:`braintumor_ray.report`)."""
-    return summary | {"report": write_scoring_report(dst, series=series_location(dst).join(SERIES_FILE),
-                                                     maps=explain_location(dst), files=files)}
+    maps = explain_location(dst)
+    return summary | {"report": write_scoring_report(dst, series=series_location(dst).join(SERIES_FILE), maps=maps,
+                                                     files=files, map_files=Manifest(maps, what="explain").read())}
 
 
 def format_summary(s: dict) -> str:

@@ -1,0 +1,150 @@
+"""Scheduled reruns at scale: what a run costs when little or nothing changed.
+
+    .venv/bin/python benchmarks/bench_rerun_scale.py [--n 10000] [--work /tmp/rerun-scale] [--model URI]
+
+A generated archive of ``--n`` small PNGs (64 px, 100 per folder) is scored once, then rerun
+four times: with nothing changed; after touching 1% of the files (new mtime, same bytes) and
+rewriting another 1% (new bytes); after deleting 1%. Each run is its own driver process (so
+that its peak RSS is its own, ``VmHWM``), joined to one Ray started here; beside each run's
+wall time is the time of the input's listing alone (``Location.listing``), the floor of any
+rerun. Scoring uses ``--explain none`` and ONNX Runtime (the default engine) on a small
+randomly initialised resnet10t package (the model's speed is not what is measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+def make_archive(root: str, n: int, seed: int = 0) -> list[str]:
+    """``n`` PNGs of a few hundred bytes each: noise over a disc, 100 files per folder."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:64, :64]
+    disc = ((yy - 32) ** 2 + (xx - 32) ** 2 < 26 ** 2).astype(np.uint8) * 120
+    paths = []
+    for i in range(n):
+        folder = os.path.join(root, f"study{i // 100:05d}")
+        os.makedirs(folder, exist_ok=True)
+        img = disc + rng.integers(0, 40, (64, 64), dtype=np.uint8)
+        p = os.path.join(folder, f"IMG_{i:06d}.png")
+        Image.fromarray(img).save(p)
+        paths.append(p)
+    return paths
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (``VmHWM``: per address space; ``ru_maxrss`` survives ``exec`` on
+    Linux and showed the parent's 1.3 GB in every child)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def one_run(args: argparse.Namespace) -> None:
+    """Child side: list once (timed), score once (timed), print a JSON line."""
+    import ray
+
+    from braintumor_ray.core import resolve
+    from braintumor_ray.score import ScoreConfig, run_scoring
+
+    ray.init(address=os.environ["BENCH_RAY_ADDRESS"], logging_level="ERROR")
+    t = time.perf_counter()
+    listed = resolve(args.input).listing()
+    listing_s = time.perf_counter() - t
+    t = time.perf_counter()
+    s = run_scoring(ScoreConfig(model=args.model, input=args.input, output=args.output, explain="none"))
+    wall = time.perf_counter() - t
+    rss_mb = peak_rss_mb()
+    print("RESULT " + json.dumps({"files": len(listed.files), "wall_s": round(wall, 2), "listing_s": round(listing_s, 2),
+                                  "peak_rss_mb": round(rss_mb), "scored": s["scored"], "errors": s["errors"],
+                                  "skipped": s["skipped_already_scored"], "withdrawn": s["withdrawn"]}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=10_000)
+    ap.add_argument("--work", default="/tmp/rerun-scale")
+    ap.add_argument("--model", default=None, help="a model package (default: a random resnet10t exported here)")
+    ap.add_argument("--code", default=REPO, help="the checkout whose braintumor_ray the runs import (a baseline)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--input", help=argparse.SUPPRESS)
+    ap.add_argument("--output", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return one_run(args)
+
+    import ray
+
+    shutil.rmtree(args.work, ignore_errors=True)
+    archive, out = os.path.join(args.work, "archive"), os.path.join(args.work, "preds")
+    model = args.model
+    if model is None:
+        import torch
+
+        from braintumor_ray import MRIPreprocess, create_model, export_model_package
+
+        torch.manual_seed(0)
+        model = os.path.join(args.work, "model")
+        export_model_package(create_model("resnet10t", pretrained=False, drop_rate=0.0), model,
+                             preprocess=MRIPreprocess(image_size=64))
+    t = time.perf_counter()
+    files = make_archive(archive, args.n)
+    print(f"archive: {len(files)} files in {time.perf_counter() - t:.1f} s", flush=True)
+    ctx = ray.init(include_dashboard=False, logging_level="ERROR")
+    env = dict(os.environ, BENCH_RAY_ADDRESS=ctx.address_info["address"], RAY_DATA_DISABLE_PROGRESS_BARS="1",
+               PYTHONPATH=os.path.abspath(args.code))
+    rng = random.Random(0)
+    k = max(1, len(files) // 100)
+
+    def run(name: str) -> dict:
+        proc = subprocess.run([sys.executable, __file__, "--child", "--model", model, "--input", archive,
+                               "--output", out], env=env, capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        res = {"run": name, **json.loads(line[len("RESULT "):])}
+        print(json.dumps(res), flush=True)
+        return res
+
+    results = [run("first run"), run("no change")]
+    picked = rng.sample(files, 3 * k)
+    touched, changed, deleted = picked[:k], picked[k:2 * k], picked[2 * k:]
+    now = time.time()
+    for p in touched:
+        os.utime(p, (now, now))
+    for p in changed:
+        with open(p, "ab") as f:
+            f.write(b"\0")  # bytes after the PNG's end: a new sha256, the same image
+    results.append(run("1% touched, 1% changed"))
+    for p in deleted:
+        os.remove(p)
+    results.append(run("1% deleted"))
+    results.append(run("no change (again)"))
+    ray.shutdown()
+    print(f"\ncode {args.code}; {len(files)} files; {platform.node()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+    print("| run | files listed | wall s | listing s | driver peak RSS MB | scored | skipped | withdrawn |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['run']} | {r['files']} | {r['wall_s']} | {r['listing_s']} | {r['peak_rss_mb']} | {r['scored']} | "
+              f"{r['skipped']} | {r['withdrawn']} |")
+
+
+if __name__ == "__main__":
+    main()
