@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core import BraintumorError, Identifiers, Lease, Location, Manifest, StagedWriter, posix_basename, resolve
+from ..core import BraintumorError, Identifiers, Lease, Location, Manifest, StagedWriter, posix_basename, remove_child, resolve
 from ._dicom_out import (Algorithm, DicomObject, SeriesFinding, banner_lines, build_sc, build_sr, dicom_location,
                          parse_object_name, plan_dicom, sc_pixels, source_view, to_bytes)
 from ._dicom_send import SentLedger, parse_destinations, read_dataset, send_with_retries
@@ -114,7 +114,7 @@ def run_dicom_step(config, *, dst: Location, src: Location, ids: Identifiers, so
         if stage.exists():
             writer.commit(stage)
     if plan.retire:
-        _retire(writer, plan.retire)
+        _retire(dst, writer, plan.retire)
         out["retired"] = len(plan.retire)
     if dests:
         out["sent"] = _send(root, dests, config, lease)
@@ -149,9 +149,10 @@ def _committed_dataset(root: Location, name: str, manifest: dict[str, dict]):
     return read_dataset(data)
 
 
-def _retire(writer: StagedWriter, names: tuple[str, ...]) -> None:
-    """Objects whose verdict was replaced: out of the manifest (never sent again), then deleted.
-    Only our own object names (plain children of OUTPUT_dicom/, :func:`parse_object_name`)."""
+def _retire(dst: Location, writer: StagedWriter, names: tuple[str, ...]) -> None:
+    """Objects whose verdict was replaced: out of the manifest (never sent again), then deleted
+    (by :func:`~braintumor_ray.core.remove_child`, as every deletion of an output's files). Only our
+    own object names (plain children of OUTPUT_dicom/, :func:`parse_object_name`)."""
     mine = [n for n in names if parse_object_name(n) is not None]
     if not mine or writer.manifest is None:
         return
@@ -160,7 +161,7 @@ def _retire(writer: StagedWriter, names: tuple[str, ...]) -> None:
     writer.manifest.write({k: v for k, v in files.items() if k not in set(mine)})
     for name in mine:
         writer.lease.check()
-        writer.output.join(name).remove()
+        remove_child(dst, writer.output, name, what="score")
 
 
 def check_source(ds, f: SeriesFinding, ids: Identifiers) -> None:
