@@ -330,8 +330,11 @@ def test_scoring_a_volume_skips_its_empty_slices_and_counts_them(scored_volumes)
 
     from braintumor_ray.score import SERIES_FILE
 
-    archive, out, _, kinds, _ = scored_volumes
+    archive, out, _, kinds, summary = scored_volumes
     rows = [r for r in pads.dataset(out, format="parquet").to_table().to_pylist() if r["path"].endswith("glioma.nii.gz")]
+    # Skipped slices are not files the series selector left out; the summary tells them apart.
+    all_skipped = sum(1 for r in pads.dataset(out, format="parquet").to_table().to_pylist() if r["status"] == "skipped")
+    assert summary["slices_skipped"] == all_skipped >= len(kinds) - kinds.count("head") and summary["not_selected"] == 0
     rows.sort(key=lambda r: r["slice_index"])
     assert [r["status"] for r in rows] == ["ok" if k == "head" else "skipped" for k in kinds]
     series = {r["volume_path"]: r for r in pq.read_table(os.path.join(out + "_series", SERIES_FILE)).to_pylist()}

@@ -53,7 +53,7 @@ import pyarrow.parquet as pq
 
 from ..core import (STAGING_SUFFIX, CommittedFile, ConfigError, Identifiers, InputError, Lease, Location, Manifest,
                     StagedWriter, StorageError, check_disjoint, remove_child, is_no_space, no_space_message, posix_basename, resolve, unreadable_reason)
-from ..imaging import NO_GUARD, InputGuard, MRIPreprocess, SeriesSelector, SliceInfo, sha256_hex
+from ..imaging import NO_GUARD, InputGuard, MRIPreprocess, SLICE_SKIP_REASONS, SeriesSelector, SliceInfo, sha256_hex
 from ..trust import softmax
 from ..report import write_scoring_report
 from ..tracking import log_scoring, resolve_registered_model
@@ -664,6 +664,10 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     elapsed = time.perf_counter() - t_run
     written, heatmaps = _commit(plan, writer, staging, explain_writer, explain_stage, committed)
     counts = {k: int(pc.sum(pc.equal(written.column("status"), k)).as_py() or 0) for k in ("ok", "error", "skipped")}
+    # A skipped row is a file the series selector left out, or a slice with no content or no head.
+    reasons = written.column("error").to_pylist()
+    slices_skipped = sum(1 for st, r in zip(written.column("status").to_pylist(), reasons)
+                         if st == "skipped" and (r or "").startswith(SLICE_SKIP_REASONS))
     files_written = len(set(written.filter(pc.not_equal(written.column("status"), WITHDRAWN)).column("path").to_pylist()))
     # Read (and sha256-checked) once after the commit, for the series table, the DICOM step and
     # the report: each used to read every committed file of the output again.
@@ -671,7 +675,8 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     summary.update(
         scored=counts["ok"],
         errors=counts["error"],
-        not_selected=counts["skipped"],
+        not_selected=counts["skipped"] - slices_skipped,
+        slices_skipped=slices_skipped,
         skipped_already_scored=summary["skipped_already_scored"] + len(diff.todo) - files_written,
         series=_series(dst, list(plan.class_names), plan.series_review_threshold, after),
         run_id=run_id,
@@ -758,8 +763,8 @@ def _commit(plan: ScoringPlan, writer: StagedWriter, staging: Location, explain_
                        rows.num_rows, len(plan.diff.withdrawn))
     staged = [p for p in (staging.files() if staging.exists() else []) if p.endswith(".parquet")]
     written = pa.concat_tables(
-        [pq.read_table(p, columns=["path", "status"], filesystem=staging.pyarrow_fs) for p in staged]
-    ) if staged else pa.table({"path": pa.array([], pa.string()), "status": pa.array([], pa.string())})
+        [pq.read_table(p, columns=["path", "status", "error"], filesystem=staging.pyarrow_fs) for p in staged]
+    ) if staged else pa.table({c: pa.array([], pa.string()) for c in ("path", "status", "error")})
     heatmaps = explain_writer.commit(explain_stage) if explain_stage.exists() else 0
     if reversioned is not None:  # after `written`: these files were not scored again
         buf = pa.BufferOutputStream()
@@ -875,7 +880,8 @@ def format_summary(s: dict) -> str:
     lines = [
         f"score {s['input']} -> {s['output']} (model {s['model_id']})",
         f"  files seen {s['files_seen']}, rows scored {s['scored']} (one per image or slice), skipped as already "
-        f"scored {s['skipped_already_scored']}, errors {s['errors']}, not selected {s.get('not_selected', 0)}",
+        f"scored {s['skipped_already_scored']}, errors {s['errors']}, not selected {s.get('not_selected', 0)}"
+        + (f", slices skipped (no content or no head) {s['slices_skipped']}" if s.get("slices_skipped") else ""),
     ]
     if s.get("withdrawn") or s.get("errors_retried") or s.get("errors_final"):
         lines.append(f"  withdrawn {s.get('withdrawn', 0)} (files gone from the input), error rows tried again "
