@@ -373,11 +373,20 @@ def run(args: argparse.Namespace) -> int:
                                                   use_gpu=gpu, batch_size=args.score_batch_size))
                 job = len(archive_files) / (time.perf_counter() - t)
             assert summary["scored"] + summary["errors"] == len(archive_files), summary
+            # The maps (--explain flagged, the default) come from the same forward pass (CAM, issue 37):
+            # the same job without maps says what they cost.
+            t = time.perf_counter()
+            plain_job = run_scoring(ScoreConfig(model=uri, input=archive, output=os.path.join(work, f"preds-none-{name}"),
+                                                use_gpu=gpu, batch_size=args.score_batch_size, explain="none"))
+            job_none = len(archive_files) / (time.perf_counter() - t)
+            assert plain_job["heatmaps"] == 0
             row = {"backbone": name, "files": len(archive_files), "batch_size": args.score_batch_size, "engine": summary["engine"],
                    "plain_img_s": round(plain, 1), "job_img_s": round(job, 1), "ratio": round(job / plain, 3),
                    "job_vs_decode_ceiling": round(job / ceiling, 3) if ceiling else None,
                    "plain_vs_decode_ceiling": round(plain / ceiling, 3) if ceiling else None,
                    "job_inner_img_s": summary["images_per_s"], "replicas": summary["replicas"],
+                   "maps": summary["heatmaps"], "job_explain_none_img_s": round(job_none, 1),
+                   "maps_cost": round(job_none / job, 3),
                    "plain": s_plain.summary(), "job": s_job.summary()}
             results["scoring"].append(row)
             print(json.dumps({"scoring": row}), flush=True)
@@ -427,13 +436,18 @@ def markdown(r: dict) -> str:
         f"ceiling: {d.get('per_core_img_s', '?')} images/s per core x {d.get('cores', '?')} cores = "
         f"**{d.get('ceiling_img_s', '?')}** images/s.",
         "",
-        "| backbone (random init) | engine | plain loop | job | job / plain | job / decode ceiling | GPU util, plain | GPU util, job |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "The job draws heat maps for its flagged and tumour rows (the default `--explain flagged`), from the same "
+        "forward pass (CAM); `--explain none` is the same job without them.",
+        "",
+        "| backbone (random init) | engine | plain loop | job | job / plain | job / decode ceiling | maps | job, --explain none "
+        "| none / default | GPU util, plain | GPU util, job |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in r["scoring"]:
         vs_ceiling = "-" if s["job_vs_decode_ceiling"] is None else f"**{s['job_vs_decode_ceiling']:.2f}**"
         lines.append(f"| {s['backbone']} | {s['engine']} | {s['plain_img_s']:.1f} | {s['job_img_s']:.1f} | **{s['ratio']:.2f}** "
-                     f"| {vs_ceiling} | {_util(s['plain'])} | {_util(s['job'])} |")
+                     f"| {vs_ceiling} | {s['maps']} | {s['job_explain_none_img_s']:.1f} | {s['maps_cost']:.2f} "
+                     f"| {_util(s['plain'])} | {_util(s['job'])} |")
     for k in ("skipped", "errors"):
         if r.get(k):
             lines += ["", f"{k.capitalize()}:", *[f"- {x}" for x in r[k]]]

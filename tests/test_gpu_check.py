@@ -32,4 +32,6 @@ def test_gpu_check_dry_run(tmp_path):
     (s,) = r["scoring"]
     assert t["plain_img_s"] > 0 and t["ray_img_s"] > 0 and len(t["ray_epochs"]) == 2
     assert s["job_img_s"] > 0 and s["plain_img_s"] > 0 and s["files"] > 0 and r["decode"]["ceiling_img_s"] > 0
+    # The maps' cost (issue 37): the same job with --explain none beside the default's, which drew maps.
+    assert s["maps"] >= 0 and s["job_explain_none_img_s"] > 0 and s["maps_cost"] > 0 and "none / default" in md
     assert s["job"]["gpu_util_mean"] is None  # no nvidia-smi here: said, not invented

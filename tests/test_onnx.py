@@ -160,6 +160,12 @@ def test_engines_agree_through_run_scoring(ray_session, package, archive, tmp_pa
     pa = np.array([[t[p][PROB_PREFIX + c] for c in CLASS_NAMES] for p in ok])
     pb = np.array([[o[p][PROB_PREFIX + c] for c in CLASS_NAMES] for p in ok])
     assert np.abs(pa - pb).max() <= ONNX_TOLERANCE
+    # The heat maps (--explain flagged) come from each engine's own forward pass: the same peaks.
+    mapped = [p for p in ok if t[p]["heatmap_path"] is not None]
+    assert mapped and [o[p]["heatmap_path"] is not None for p in mapped] == [True] * len(mapped)
+    for p in mapped:
+        assert abs(t[p]["heatmap_peak_x"] - o[p]["heatmap_peak_x"]) <= 1, p
+        assert abs(t[p]["heatmap_peak_y"] - o[p]["heatmap_peak_y"]) <= 1, p
     # Identical schema whichever engine ran.
     schemas = {e: pads.dataset(outs[e], format="parquet").schema for e in outs}
     assert schemas["torch"] == schemas["onnxruntime"] == schemas["auto"]
@@ -215,8 +221,9 @@ def test_model_actor_threads_follow_its_cpus(ray_session, package):
         ray_session.kill(a)
 
 
-def _plan_for(package: str, engine: str):
-    """A scoring plan for ``package`` on ``engine`` with nothing to score (a replica's own arguments)."""
+def _plan_for(package: str, engine: str, *, files: dict | None = None, explain: str = "none", explain_stage_uri: str = ""):
+    """A scoring plan for ``package`` on ``engine`` (a replica's own arguments): nothing to score,
+    or ``files`` (path -> (size, version)) with their maps (``explain``) staged at ``explain_stage_uri``."""
     from datetime import datetime, timezone
 
     from braintumor_ray.core import Identifiers, resolve
@@ -225,11 +232,12 @@ def _plan_for(package: str, engine: str):
 
     meta = verify_package(package)
     pin = pin_package(resolve(package), meta, with_onnx=engine == "onnxruntime")
-    cfg = ScoreConfig(model=package, input="/nonexistent/in", output="/nonexistent/out", explain="none")
-    diff = rerun_diff({}, {}, {}, model_id=meta["model_id"], selection="", retry_errors=0)
+    cfg = ScoreConfig(model=package, input="/nonexistent/in", output="/nonexistent/out", explain=explain)
+    files = files or {}
+    diff = rerun_diff(files, {p: p for p in files}, {}, model_id=meta["model_id"], selection="", retry_errors=0)
     return plan_scoring(config=cfg, run_id="r", input_uri=cfg.input, output_uri=cfg.output, uri_prefix="", pin=pin,
                         engine=engine, meta=meta, preprocess=package_preprocess(meta, package), identifiers=Identifiers(),
-                        diff=diff, refused={}, explain_stage_uri="", explain_final_uri="", cluster=None,
+                        diff=diff, refused={}, explain_stage_uri=explain_stage_uri, explain_final_uri="/final", cluster=None,
                         scored_at=datetime.now(timezone.utc))
 
 
@@ -254,3 +262,123 @@ def test_replica_layout_leaves_cpus_to_decode():
         plan(2, cpus_per_replica=2)
     with pytest.raises(ConfigError, match="would wait forever"):
         plan(4, concurrency=4, cpus_per_replica=1)
+
+
+def test_onnx_gives_the_class_maps_of_the_same_forward_pass(package):
+    """A global-pool + linear head (resnet10t here, Lite0 in production) exports its class-activation
+    maps as model.onnx's third output; both engines give the same maps, and they are the logits
+    spread over the final feature map (mean over positions + bias = the logit: nothing else)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(open(os.path.join(package, ONNX_FILE), "rb").read())
+    assert [o.name for o in session.get_outputs()] == ["logits", "features", "cam"]
+    px = _pixels(5)
+    onnx = load_inference_model(package, engine="onnxruntime", threads=1)
+    eager = load_inference_model(package, engine="torch", threads=1)
+    assert onnx.has_maps and eager.has_maps
+    lo, fo, co = onnx.forward(px)
+    lt, ft, ct = eager.forward(px)
+    assert co.shape == ct.shape == (5, len(CLASS_NAMES), 2, 2)  # 64 px at stride 32
+    assert np.abs(co - ct).max() <= ONNX_TOLERANCE * np.abs(ct).max()
+    bias = load_model_package(package).model.get_classifier().bias.detach().numpy()
+    assert np.abs(co.mean(axis=(2, 3)) + bias - lo).max() < 1e-4
+    # The two-output call is unchanged, and asking for no maps computes none.
+    assert np.abs(onnx.outputs(px)[0] - lo).max() == 0 and onnx.forward(px, maps=False)[2] is None
+
+
+def _package_without_maps(package: str, dst: str) -> str:
+    """The fixture package as exported before the maps: model.onnx with logits and features only."""
+    import onnx
+
+    from braintumor_ray.models._package import _identity
+
+    shutil.copytree(package, dst)
+    proto = onnx.load(os.path.join(dst, ONNX_FILE))
+    keep = [o for o in proto.graph.output if o.name != "cam"]
+    del proto.graph.output[:]
+    proto.graph.output.extend(keep)
+    blob = proto.SerializeToString()
+    open(os.path.join(dst, ONNX_FILE), "wb").write(blob)
+    meta = json.loads(open(os.path.join(dst, "model.json")).read())
+    import hashlib
+
+    meta["onnx_sha256"] = hashlib.sha256(blob).hexdigest()
+    meta["model_id"] = _identity(meta)
+    open(os.path.join(dst, "model.json"), "w").write(json.dumps(meta, indent=2, sort_keys=True))
+    return dst
+
+
+def test_a_package_without_maps_scores_and_draws_them_by_grad_cam(package, tmp_path):
+    """An ONNX file from before the maps: the same predictions on ONNX Runtime, no maps from the
+    forward pass, and the heat-map writer falls back to Grad-CAM on the PyTorch weights, which at
+    resnet's last stage (its final feature map) is the same map: the same PNGs and peaks."""
+    import pyarrow as pa
+
+    from braintumor_ray.imaging import encode_png
+    from braintumor_ray.score._explain import HeatmapWriter
+    from braintumor_ray.score import decode_batch
+    from conftest import mri_like
+
+    old = _package_without_maps(package, str(tmp_path / "old"))
+    model = load_inference_model(old, engine="onnxruntime", threads=1)
+    new = load_inference_model(package, engine="onnxruntime", threads=1)
+    assert not model.has_maps
+    images = mri_like(4, seed=5)
+    batch = decode_batch(pa.table({"path": [f"f{i}.png" for i in range(4)], "bytes": [encode_png(p) for p in images]}),
+                         preprocess=new.preprocess)
+    px = np.stack([np.frombuffer(b, np.uint8).reshape(64, 64) for b in batch.column("pixels").to_pylist()])
+    logits, _, cam = model.forward(px)
+    want, _, cam_new = new.forward(px)
+    assert cam is None and np.abs(logits - want).max() == 0
+    predicted = [CLASS_NAMES[int(i)] for i in want.argmax(1)]
+    out = {}
+    for name, maps in (("gradcam", None), ("cam", cam_new)):
+        stage = tmp_path / name
+        writer = HeatmapWriter("all", model_uri=old, s3_endpoint_url=None, use_gpu=False, stage_uri=str(stage),
+                               final_uri="/final", model_id="m")
+        paths, xs, ys = writer(batch, [0, 1, 2, 3], px, predicted, [None] * 4, CLASS_NAMES, maps)
+        assert writer._explainer is not None if maps is None else writer._explainer is None
+        out[name] = (paths, xs, ys, {p.name: p.read_bytes() for p in stage.iterdir()})
+    assert out["gradcam"][:3] == out["cam"][:3] and len(out["cam"][3]) == 4
+    from PIL import Image
+    import io
+
+    for n, png in out["cam"][3].items():
+        a = np.asarray(Image.open(io.BytesIO(png))).astype(int)
+        b = np.asarray(Image.open(io.BytesIO(out["gradcam"][3][n]))).astype(int)
+        assert np.abs(a - b).max() <= 1, n
+
+
+def test_an_onnx_replica_imports_no_pytorch(ray_session, package, tmp_path):
+    """Issue 37: a model replica on ONNX Runtime (a fresh Ray worker) scores and draws its heat
+    maps without PyTorch, timm, scikit-learn, matplotlib or grad-cam in its process."""
+    import pyarrow as pa
+
+    from braintumor_ray.imaging import encode_png
+    from braintumor_ray.score import decode_batch
+    from conftest import mri_like
+
+    names = [f"f{i}.png" for i in range(4)]
+    data = [encode_png(p) for p in mri_like(4, seed=6)]
+    stage = tmp_path / "stage"
+    plan = _plan_for(package, "onnxruntime", files={n: (len(d), "v1") for n, d in zip(names, data)}, explain="all",
+                     explain_stage_uri=str(stage))
+    batch = decode_batch(pa.table({"path": names, "bytes": data}), preprocess=plan.preprocess)
+
+    # Defined here (pickled by value): nothing of this test module's imports (torch) goes along.
+    class Replica:
+        def score(self, plan, batch):
+            import sys
+
+            from braintumor_ray.score import Predictor
+
+            rows = Predictor(plan)(batch)
+            heavy = ("torch", "timm", "sklearn", "matplotlib", "pytorch_grad_cam")
+            return rows.column("heatmap_path").to_pylist(), sorted(m for m in heavy if m in sys.modules)
+
+    # Its own runtime environment: a new worker process, not one that ran another test's tasks.
+    actor = ray_session.remote(Replica).options(num_cpus=1, runtime_env={"env_vars": {"BRAINTUMOR_FRESH_WORKER": "1"}}).remote()
+    paths, heavy = ray_session.get(actor.score.remote(plan, batch))
+    ray_session.kill(actor)
+    assert heavy == []
+    assert len(paths) == 4 and all(paths) and len(list(stage.iterdir())) == 4

@@ -1,4 +1,5 @@
-"""Grad-CAM on the last feature stage of a timm CNN, batched, and the PNG a person looks at.
+"""Grad-CAM on the last feature stage of a timm CNN, batched (the gradient-based maps: for heads
+other than global pooling + linear, or on request; :mod:`._maps` has the forward-pass CAM).
 
 The map is pytorch-grad-cam's ``GradCAM`` on the module that timm's ``feature_info`` names as
 the backbone's last feature stage (ResNet ``layer4``, EfficientNet ``blocks.6``, VGG
@@ -20,7 +21,6 @@ Two things differ from calling ``GradCAM`` on the model as it is:
 from __future__ import annotations
 
 import copy
-import io
 import logging
 from typing import Any, Sequence
 
@@ -88,11 +88,14 @@ class Explainer:
         device: str | torch.device | None = None,
         channels_last: bool | None = None,
         copy_model: bool = True,
+        layer: str | None = None,
     ) -> None:
         from pytorch_grad_cam import GradCAM
 
         net = _unwrap(model)
-        self.layer_name, _, self.channels = target_layer(net)
+        # ``layer``: another module than the last feature stage (e.g. the final feature map, where
+        # Grad-CAM is the forward pass's CAM; tests/test_explain.py).
+        self.layer_name, _, self.channels = target_layer(net) if layer is None else (layer, net.get_submodule(layer), 0)
         net = copy.deepcopy(net) if copy_model else net
         first = next(net.parameters(), None)
         self.device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
@@ -179,72 +182,3 @@ class Explainer:
                 tg = None if targets is None else [ClassifierOutputTarget(c) for c in targets[s : s + self.batch_size]]
                 out[s : s + len(chunk)] = self._cam(input_tensor=inp, targets=tg)
         return out
-
-
-def heatmap_peak(heatmap: np.ndarray) -> tuple[int, int]:
-    """(y, x) of the map's hot spot: the centre of the region where the map is at least half its
-    maximum, connected to the maximum, each pixel weighted by the map's value (or, when that
-    centre is outside the region, as for a ring, the region's pixel nearest to it).
-
-    Not the hottest pixel: the map is a 7 x 7 grid (at 224 px) upsampled bilinearly, so its
-    maximum always sits on a grid cell's centre, 32 px apart, and a lesion smaller than a cell
-    or between two cells is missed. On the sample generator's images (tests/test_explain.py,
-    Lite0 fine-tuned at 224 px, three seeds) the hottest pixel fell inside the lesion box for
-    25-34% of correctly classified tumour images, this centre for 98-100%.
-    """
-    from scipy import ndimage
-
-    h = np.nan_to_num(np.asarray(heatmap, dtype=np.float64))
-    if h.ndim != 2 or h.size == 0:
-        raise InputError(f"expected one 2-D heat map, got shape {h.shape}")
-    top = np.unravel_index(int(np.argmax(h)), h.shape)
-    if h[top] <= 0:
-        return int(top[0]), int(top[1])
-    regions, _ = ndimage.label(h >= 0.5 * h[top])
-    hot = regions == regions[top]
-    ys, xs = np.nonzero(hot)
-    w = h[ys, xs]
-    cy, cx = float(np.dot(w, ys) / w.sum()), float(np.dot(w, xs) / w.sum())
-    y, x = int(round(cy)), int(round(cx))
-    if not hot[y, x]:  # a ring or a crescent: its centre is cold; the nearest hot pixel instead
-        k = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))
-        y, x = int(ys[k]), int(xs[k])
-    return y, x
-
-
-def colorize(heatmap: np.ndarray) -> np.ndarray:
-    """A 0..1 map as RGB uint8 (the JET colour map that Grad-CAM figures use: blue cold, red hot)."""
-    import cv2
-
-    u8 = np.uint8(np.clip(np.nan_to_num(np.asarray(heatmap, np.float32)), 0, 1) * 255)
-    return cv2.cvtColor(cv2.applyColorMap(u8, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-
-
-def overlay(image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.5) -> np.ndarray:
-    """The scan in grey with the map blended on top: RGB uint8 (H, W, 3).
-
-    The map's weight grows with its value (``alpha`` at the peak, none where it is 0), so the
-    parts the model did not look at show the plain scan, not a blue wash.
-    """
-    import cv2
-
-    img = np.asarray(image)
-    if img.dtype != np.uint8 or img.ndim != 2:
-        raise InputError(f"expected one uint8 greyscale image (H, W), got {img.dtype} {img.shape}")
-    h = np.clip(np.nan_to_num(np.asarray(heatmap, np.float32)), 0, 1)
-    if h.ndim != 2:
-        raise InputError(f"expected one 2-D heat map, got shape {h.shape}")
-    if h.shape != img.shape:
-        h = cv2.resize(h, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR)
-    w = (alpha * h)[..., None]
-    grey = np.repeat(img[..., None], 3, axis=2).astype(np.float32)
-    return np.uint8(np.clip(grey * (1 - w) + colorize(h).astype(np.float32) * w + 0.5, 0, 255))
-
-
-def overlay_png(image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.5) -> bytes:
-    """:func:`overlay` as the bytes of a PNG."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(overlay(image, heatmap, alpha=alpha), "RGB").save(buf, format="PNG", compress_level=3)
-    return buf.getvalue()

@@ -7,19 +7,7 @@
     model = load_inference_model("s3://bucket/models/run1", engine="auto"); model.probabilities(pixels)
 """
 
-from ._factory import (
-    PRESETS,
-    Transfer,
-    apply_transfer,
-    backbone_stages,
-    count_parameters,
-    create_model,
-    data_config,
-    param_groups,
-    WithFeatures,
-)
-from ._lite import CACHE_ENV, LITE_CHECKPOINTS, convert_lukemelas_lite, lite_offline_weights
-from ._engine import ENGINES, Engine, InferenceModel, choose_engine, load_inference_model, package_has_onnx
+from ._engine import ENGINES, Engine, InferenceModel, choose_engine, load_inference_model, package_has_onnx, prepare_input_np
 from ._package import (
     ONNX_FILE,
     ONNX_OPSET,
@@ -40,7 +28,26 @@ from ._package import (
     verify_onnx,
     verify_package,
 )
-from ._weights import load_state_dict_into, read_weights
+
+# torch and timm take seconds and ~1 GB to import; a model replica that runs ONNX Runtime never
+# needs them (nor does anything that only reads a package): these load on first use.
+_LAZY = {
+    **{name: "._factory" for name in ("PRESETS", "Transfer", "apply_transfer", "backbone_stages", "count_parameters",
+                                      "create_model", "data_config", "linear_head", "param_groups", "WithFeatures")},
+    **{name: "._lite" for name in ("CACHE_ENV", "LITE_CHECKPOINTS", "convert_lukemelas_lite", "lite_offline_weights")},
+    **{name: "._weights" for name in ("load_state_dict_into", "read_weights")},
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "TRUST_FILE",
@@ -68,6 +75,7 @@ __all__ = [
     "data_config",
     "export_model_package",
     "export_onnx",
+    "linear_head",
     "lite_offline_weights",
     "LITE_CHECKPOINTS",
     "load_inference_model",
@@ -79,6 +87,7 @@ __all__ = [
     "package_preprocess",
     "param_groups",
     "prepare_input",
+    "prepare_input_np",
     "read_weights",
     "verify_onnx",
     "verify_package",

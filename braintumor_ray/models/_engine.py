@@ -8,20 +8,22 @@ PyTorch's images/s per thread, same labels), PyTorch otherwise and on GPU (this 
 onnxruntime has no CUDA provider, and nothing measured says ORT-CUDA would beat PyTorch with
 AMP there). Both engines take the same input (:func:`prepare_input`) and give float32
 probabilities from the same softmax, so callers see one output whichever engine runs.
+
+The ONNX Runtime path imports no PyTorch (nor timm): its input is prepared with numpy
+(:func:`prepare_input_np`, the same float32 operations as :func:`prepare_input`), so a model
+replica that runs it starts in a fraction of the time and memory (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
-import torch
 
-from ..core import ConfigError, resolve
+from ..core import ConfigError, InputError, resolve
 from ..imaging import MRIPreprocess
-from ..trust import Trust
-from ._factory import WithFeatures
+from ..trust import Trust, softmax
 from ._package import (
     PackagePin,
     load_model_package,
@@ -34,7 +36,15 @@ from ._package import (
     read_trust,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 Engine = Literal["auto", "onnxruntime", "torch"]
+#: Images per ONNX Runtime call: a scoring batch runs in chunks of this many. ORT holds a call's
+#: activations at once: Lite0 at 224 px peaked at 461 MB RSS for 32 images, 285-293 MB for 16
+#: (115-122 MB before the first call; 2 vCPUs, docs/benchmarks.md), and per-image time on the
+#: CPU does not improve past a few images a call.
+ORT_CHUNK = 16
 ENGINES: tuple[str, ...] = ("auto", "onnxruntime", "torch")
 
 
@@ -72,6 +82,9 @@ class InferenceModel:
     _run: Any = field(repr=False)  # the torch module (WithFeatures) or the ORT session
     _channels_last: bool = False
     trust: Trust | None = None  # calibration and review flags (None: a package from before them)
+    #: Whether :meth:`forward` gives the class-activation maps (a global-pool + linear head; for
+    #: ONNX, a ``model.onnx`` exported with its ``cam`` output).
+    has_maps: bool = False
 
     def prepare(self, pixels: "np.ndarray | torch.Tensor") -> torch.Tensor:
         cfg = self.data_config
@@ -80,22 +93,57 @@ class InferenceModel:
     def outputs(self, pixels: "np.ndarray | torch.Tensor") -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 greyscale (N, H, W) -> float32 logits (N, classes) and penultimate features (N, D),
         in one forward pass (features None for an ONNX file exported before they were)."""
+        logits, feats, _ = self.forward(pixels, maps=False)
+        return logits, feats
+
+    def forward(self, pixels: "np.ndarray | torch.Tensor", *, maps: bool = True
+                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """:meth:`outputs` and, with ``maps`` where the model has them (:attr:`has_maps`), the
+        class-activation maps (N, classes, h, w) float32 before ReLU, from the same forward pass
+        (else None)."""
         if self.engine == "onnxruntime":
-            out = self._run.run(None, {"input": self.prepare(pixels).numpy()})
-            return out[0].astype(np.float32), (out[1].astype(np.float32) if len(out) > 1 else None)
+            cfg = self.data_config
+            names = ["logits", "features", "cam"][: 3 if maps and self.has_maps else 2]
+            names = [n for n in names if n in self._outputs]
+            x = prepare_input_np(pixels, mean=cfg["mean"], std=cfg["std"])
+            parts = [self._run.run(names, {"input": x[s : s + ORT_CHUNK]}) for s in range(0, max(len(x), 1), ORT_CHUNK)]
+            out = [np.concatenate([p[k] for p in parts]).astype(np.float32, copy=False) for k in range(len(names))]
+            out += [None] * (3 - len(out))
+            return out[0], out[1], out[2]
+        import torch
+
         dev = torch.device(self.device)
         if dev.type == "cuda":  # uint8 over the bus (a quarter of float32's bytes), normalised on the GPU
             x = self.prepare(torch.as_tensor(pixels).pin_memory().to(dev, non_blocking=True))
         else:
             x = self.prepare(pixels)
+        self._run.maps = maps and self.has_maps
         with torch.inference_mode(), torch.autocast(dev.type, enabled=dev.type == "cuda"):
-            logits, feats = self._run(x)
-        return logits.float().cpu().numpy(), feats.float().cpu().numpy()
+            out = self._run(x)
+        cam = out[2].float().cpu().numpy() if len(out) > 2 else None
+        return out[0].float().cpu().numpy(), out[1].float().cpu().numpy(), cam
+
+    @property
+    def _outputs(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self._run.get_outputs())
 
     def probabilities(self, pixels: "np.ndarray | torch.Tensor") -> np.ndarray:
         """uint8 greyscale (N, H, W) -> float32 (N, classes) softmax probabilities (uncalibrated)."""
         logits, _ = self.outputs(pixels)
-        return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+        return softmax(logits).astype(np.float32)
+
+
+def prepare_input_np(pixels: np.ndarray, *, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """:func:`prepare_input` in numpy, for ONNX Runtime: uint8 (H, W) or (N, H, W) -> float32
+    (N, 3, H, W), the same float32 operations in the same order (bit-identical on the CPU)."""
+    x = np.asarray(pixels)
+    if x.dtype != np.uint8 or x.ndim not in (2, 3):
+        raise InputError(f"expected uint8 greyscale images shaped (H, W) or (N, H, W), got {x.dtype} {x.shape}: "
+                         "pass MRIPreprocess output")
+    x = (x[None] if x.ndim == 2 else x)[:, None].astype(np.float32) / np.float32(255.0)
+    m = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
+    s = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray((x - m) / s)
 
 
 def load_inference_model(
@@ -122,7 +170,6 @@ def load_inference_model(
     device = "cuda" if use_gpu else "cpu"
     if threads is not None:
         threads = max(1, int(threads))
-        torch.set_num_threads(threads)
     common = dict(
         model_id=meta["model_id"],
         class_names=tuple(meta["class_names"]),
@@ -134,9 +181,29 @@ def load_inference_model(
         trust=read_trust(loc, meta, pin=pin),
     )
     if chosen == "onnxruntime":
-        session = onnx_session(read_onnx(loc, meta, pin=pin), threads=threads or torch.get_num_threads(), use_gpu=use_gpu)
-        return InferenceModel(engine=chosen, _run=session, **common)
+        session = onnx_session(read_onnx(loc, meta, pin=pin), threads=threads or _default_threads(), use_gpu=use_gpu)
+        # A model.onnx exported before the maps has no cam output: scoring falls back to Grad-CAM.
+        has_maps = "cam" in {o.name for o in session.get_outputs()}
+        return InferenceModel(engine=chosen, _run=session, has_maps=has_maps, **common)
+    import torch
+
+    from ._factory import WithFeatures, linear_head
+
+    if threads is not None:
+        torch.set_num_threads(threads)
     # NHWC is what depthwise-conv backbones run fastest in on CPU.
     pkg = load_model_package(uri, s3_endpoint_url=s3_endpoint_url, channels_last=not use_gpu, pin=pin)
-    return InferenceModel(engine=chosen, _run=WithFeatures(pkg.model.to(device)).eval(), _channels_last=not use_gpu,
-                          **common)
+    net = pkg.model.to(device)
+    has_maps = linear_head(net) is not None
+    return InferenceModel(engine=chosen, _run=WithFeatures(net, maps=has_maps).eval(), _channels_last=not use_gpu,
+                          has_maps=has_maps, **common)
+
+
+def _default_threads() -> int:
+    """What PyTorch would take (OMP_NUM_THREADS, else the CPUs), without importing it."""
+    import os
+
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

@@ -26,17 +26,21 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-import timm
-import torch
-from torch import nn
 
 from ..core import CLASS_NAMES, ConfigError, InputError, Location, resolve
 from ..imaging import MRIPreprocess
 from ..trust import Trust
-from ._factory import WithFeatures, data_config
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch and timm are imported where a function needs them, not here: a model replica that runs
+# ONNX Runtime reads the package (JSON, ONNX file, trust arrays) without them (~1 GB of RSS and
+# seconds of start-up; docs/benchmarks.md).
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +77,11 @@ class ModelPackage:
         cfg = self.data_config
         return prepare_input(pixels, mean=cfg["mean"], std=cfg["std"], channels_last=self.channels_last)
 
-    @torch.inference_mode()
     def logits(self, pixels: "np.ndarray | torch.Tensor") -> torch.Tensor:
-        return self.model(self.prepare(pixels))
+        import torch
+
+        with torch.inference_mode():
+            return self.model(self.prepare(pixels))
 
 
 def prepare_input(
@@ -86,6 +92,8 @@ def prepare_input(
     The grey channel is repeated three times so that ImageNet weights apply unchanged.
     Training and scoring both call this, so the model never sees pixels prepared differently.
     """
+    import torch
+
     t = torch.as_tensor(pixels)
     if t.dtype != torch.uint8 or t.ndim not in (2, 3):
         raise InputError(
@@ -100,6 +108,8 @@ def prepare_input(
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
+    from torch import nn
+
     model = getattr(model, "_orig_mod", model)  # torch.compile
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
@@ -122,6 +132,8 @@ def _identity(meta: Mapping[str, Any]) -> str:
 
 
 def _jsonable(x: Any) -> Any:
+    import torch
+
     if isinstance(x, (np.generic, torch.Tensor)) and getattr(x, "ndim", 0) == 0:
         return x.item()
     raise TypeError(f"{type(x).__name__} is not JSON-serialisable")
@@ -165,6 +177,8 @@ def _probe_pixels(side: int) -> np.ndarray:
 def _probe_diff(m: nn.Module, session: Any, probe: torch.Tensor) -> float:
     """Max abs difference of ONNX Runtime's probabilities from PyTorch's (``m``: a WithFeatures
     model in eval mode) on the prepared probe batch."""
+    import torch
+
     with torch.inference_mode():
         ref = torch.softmax(m(probe)[0].float(), dim=1)
     got = torch.softmax(torch.from_numpy(session.run(None, {"input": probe.numpy()})[0]).float(), dim=1)
@@ -172,13 +186,22 @@ def _probe_diff(m: nn.Module, session: Any, probe: torch.Tensor) -> float:
 
 
 def export_onnx(model: nn.Module, *, side: int, mean: Sequence[float], std: Sequence[float], name: str = "model") -> tuple[bytes, float]:
-    """``model`` as ONNX bytes (outputs ``logits`` and the penultimate ``features``; dynamic batch, ``side`` x ``side`` input, opset
-    :data:`ONNX_OPSET`) and the max abs difference of ONNX Runtime's probabilities from
-    PyTorch's on a probe batch; a ConfigError if it exceeds :data:`ONNX_TOLERANCE`."""
+    """``model`` as ONNX bytes (outputs ``logits`` and the penultimate ``features``, and for a
+    global-pool + linear head ``cam``, the class-activation maps, see :class:`WithFeatures`;
+    dynamic batch, ``side`` x ``side`` input, opset :data:`ONNX_OPSET`) and the max abs
+    difference of ONNX Runtime's probabilities from PyTorch's on a probe batch; a ConfigError if
+    it exceeds :data:`ONNX_TOLERANCE` (or if the maps differ by more than that, relative to their
+    largest value)."""
     import copy
     import warnings
 
-    m = WithFeatures(copy.deepcopy(_unwrap(model)).to("cpu", torch.float32).to(memory_format=torch.contiguous_format).eval())
+    import torch
+
+    from ._factory import WithFeatures, linear_head
+
+    net = copy.deepcopy(_unwrap(model)).to("cpu", torch.float32).to(memory_format=torch.contiguous_format).eval()
+    maps = linear_head(net) is not None
+    m = WithFeatures(net, maps=maps)
     probe = prepare_input(_probe_pixels(side), mean=mean, std=std)
     # Traced at batch 2 and checked at batch 8: the batch axis must really be free.
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -186,7 +209,8 @@ def export_onnx(model: nn.Module, *, side: int, mean: Sequence[float], std: Sequ
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                m, (probe[:2],), None, input_names=["input"], output_names=["logits", "features"], opset_version=ONNX_OPSET,
+                m, (probe[:2],), None, input_names=["input"],
+                output_names=["logits", "features", *(["cam"] if maps else [])], opset_version=ONNX_OPSET,
                 dynamo=True, dynamic_shapes=({0: batch},), external_data=False, verbose=False,
             )
         blob = program.model_proto.SerializeToString()
@@ -195,10 +219,16 @@ def export_onnx(model: nn.Module, *, side: int, mean: Sequence[float], std: Sequ
             f"exporting {name} to ONNX failed ({type(e).__name__}: {str(e)[:500]}): export the package with "
             "onnx=False (scoring then runs it with PyTorch)"
         ) from e
-    diff = _probe_diff(m, onnx_session(blob, threads=torch.get_num_threads()), probe)
+    session = onnx_session(blob, threads=torch.get_num_threads())
+    diff = _probe_diff(m, session, probe)
+    if maps and diff <= ONNX_TOLERANCE:
+        with torch.inference_mode():
+            want = m(probe)[2].numpy()
+        got = session.run(["cam"], {"input": probe.numpy()})[0]
+        diff = max(diff, float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-12)))
     if not diff <= ONNX_TOLERANCE:  # NaN fails too
         raise ConfigError(
-            f"{ONNX_FILE} for {name} disagrees with PyTorch: max abs difference of probabilities {diff:.3g} on "
+            f"{ONNX_FILE} for {name} disagrees with PyTorch: max abs difference of probabilities (or maps) {diff:.3g} on "
             f"the probe batch, above {ONNX_TOLERANCE:g}; nothing was written. Export with onnx=False to score "
             "it with PyTorch."
         )
@@ -225,7 +255,11 @@ def export_model_package(
     ``onnx=False`` writes the PyTorch-only package of earlier versions. ``trust`` (fitted after
     training) adds the calibration, the OOD reference (``trust.safetensors``) and the thresholds.
     """
+    import timm
+    import torch
     from safetensors.torch import save
+
+    from ._factory import data_config
 
     model = _unwrap(model)
     build = getattr(model, "braintumor_build", None) or {
@@ -435,6 +469,10 @@ def verify_onnx(uri: str, *, s3_endpoint_url: str | None = None, against_weights
     blob = read_onnx(loc, meta)
     if not against_weights:
         return
+    import torch
+
+    from ._factory import WithFeatures
+
     pkg = load_model_package(uri, s3_endpoint_url=s3_endpoint_url)
     side = int(meta.get("onnx_input_side") or pkg.preprocess.image_size)
     probe = prepare_input(_probe_pixels(side), mean=pkg.data_config["mean"], std=pkg.data_config["std"])
@@ -480,6 +518,8 @@ def load_model_package(uri: str, *, s3_endpoint_url: str | None = None, channels
                        pin: PackagePin | None = None) -> ModelPackage:
     """Load a package written by :func:`export_model_package`; the weights' sha256 is checked
     (and every file against ``pin``, when given)."""
+    import timm
+    import torch
     from safetensors.torch import load
 
     loc = resolve(uri, s3_endpoint_url=s3_endpoint_url)

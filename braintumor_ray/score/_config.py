@@ -26,8 +26,10 @@ OUTPUT_IDS_FILE = "_identifiers.json"
 OUTPUT_SIBLINGS = (SERIES_SUFFIX, EXPLAIN_SUFFIX, DICOM_SUFFIX, STAGING_SUFFIX, LEASE_SUFFIX)
 # The scoring engines (braintumor_ray.models.ENGINES, kept light here: no torch import to parse options).
 Engine = Literal["auto", "onnxruntime", "torch"]
-# Which scored rows get a Grad-CAM heat map (score/_explain.py).
+# Which scored rows get a heat map (score/_explain.py).
 Explain = Literal["none", "flagged", "positive", "all"]
+# How a heat map is made (score/_explain.py): from the forward pass where the head allows, or by gradients.
+ExplainMethod = Literal["auto", "gradcam"]
 
 @dataclass(frozen=True, kw_only=True)
 class ScoreConfig(Config):
@@ -60,10 +62,16 @@ class ScoreConfig(Config):
     review_threshold: float | None = setting(None, help="flag ok rows whose calibrated confidence is below this "
                                              "for review (low_confidence) (none: the threshold the model package "
                                              "chose on its validation split)")
-    explain: Explain = setting("flagged", help="Grad-CAM heat maps (an overlay PNG in OUTPUT_explain/, its path and "
+    explain: Explain = setting("flagged", help="heat maps (an overlay PNG in OUTPUT_explain/, its path and "
                                "peak in the predictions) for: flagged = rows with a tumour class or a review_reason; "
                                "positive = a tumour class; all = every scored row; none. Rows scored by earlier runs "
                                "keep what they had")
+    explain_method: ExplainMethod = setting(
+        "auto", help="how a heat map is made: auto = the class-activation map from the same forward pass as the "
+        "prediction, where the model's head is global pooling + a linear layer (every backbone trained here) and its "
+        "package gives the maps (packages exported before them, and other heads: Grad-CAM); gradcam = gradient Grad-CAM "
+        "at the last feature stage: a PyTorch forward and backward pass per batch of maps, and PyTorch in every model "
+        "replica")
     dicom_out: DicomOut = setting("none", help="DICOM objects in OUTPUT_dicom/ for each scored DICOM series, in its "
                                   "study: sr = a Comprehensive 3D SR (TID 1500: finding, class, confidence, review "
                                   "reason, model); sc = a Secondary Capture of the top slice with its heat map and a "
@@ -111,6 +119,9 @@ class ScoreConfig(Config):
             raise ConfigError(f"concurrency={self.concurrency} must be at least 1")
         if self.explain not in get_args(Explain):
             raise ConfigError(f"explain={self.explain!r} is unknown: use one of {', '.join(get_args(Explain))}")
+        if self.explain_method not in get_args(ExplainMethod):
+            raise ConfigError(f"explain_method={self.explain_method!r} is unknown: use one of "
+                              f"{', '.join(get_args(ExplainMethod))}")
         if self.engine not in get_args(Engine):
             raise ConfigError(f"engine={self.engine!r} is unknown: use one of {', '.join(get_args(Engine))}")
         if self.cpus_per_replica is not None and not 0 < self.cpus_per_replica <= 1024:

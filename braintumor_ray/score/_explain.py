@@ -1,6 +1,6 @@
 """Heat maps in a scoring run (``--explain``): which rows get one, and the PNGs in ``OUTPUT_explain/``.
 
-Each chosen row gets the Grad-CAM overlay of the preprocessed scan the model saw
+Each chosen row gets the heat-map overlay of the preprocessed scan the model saw
 (:mod:`braintumor_ray.explain`), written by the model actor that scored it into the run's own
 staging folder, ``OUTPUT_explain._staging/<run>/``; the run commits that folder just before its
 predictions, so a row's ``heatmap_path`` never names a file that is not there. File names come
@@ -52,13 +52,18 @@ def heatmap_name(sha256: str, slice_index: int | None, model_id: str) -> str:
 class HeatmapWriter:
     """The model actor's side: maps for the chosen rows of a batch, in one batched call, as PNGs.
 
-    The network for Grad-CAM is the package's PyTorch model, loaded on first use (the actor may
-    score with ONNX Runtime, which has no gradients).
+    ``method`` ``auto`` (the default) takes the class-activation maps the model gave with its
+    predictions (``cam``: the same forward pass, numpy only; :func:`~braintumor_ray.explain.cam_heatmaps`).
+    Without them (a ``model.onnx`` exported before them, a head other than pooling + linear) and
+    with ``gradcam``, the maps are Grad-CAM on the package's PyTorch model, loaded on first use
+    (the actor may score with ONNX Runtime, which has no gradients): a forward and a backward
+    pass per batch, and PyTorch in the actor.
     """
 
     def __init__(self, mode: str, *, model_uri: str, s3_endpoint_url: str | None, use_gpu: bool, stage_uri: str,
-                 final_uri: str, model_id: str, pin: Any = None) -> None:
+                 final_uri: str, model_id: str, pin: Any = None, method: str = "auto") -> None:
         self.mode, self.model_uri, self.s3_endpoint_url, self.pin = mode, model_uri, s3_endpoint_url, pin
+        self.method = method
         self.device = "cuda" if use_gpu else "cpu"
         self.stage = resolve(stage_uri, s3_endpoint_url=s3_endpoint_url)
         self.final_uri, self.model_id = final_uri.rstrip("/"), model_id
@@ -66,11 +71,12 @@ class HeatmapWriter:
 
     def __call__(
         self, batch: pa.Table, ok: list[int], images: np.ndarray | None, predicted: list[str | None],
-        reasons: list[str | None], class_names: Sequence[str],
+        reasons: list[str | None], class_names: Sequence[str], cam: np.ndarray | None = None,
     ) -> tuple[list[str | None], list[int | None], list[int | None]]:
         """(heatmap_path, peak x, peak y) of every row of ``batch``; None where a row has no map.
-        ``images`` are the preprocessed images of the ``ok`` rows, in that order."""
-        from ..explain import Explainer, heatmap_peak, overlay_png
+        ``images`` are the preprocessed images of the ``ok`` rows, in that order; ``cam`` their
+        class-activation maps from the forward pass (None: the model gave none)."""
+        from ..explain import cam_heatmaps, heatmap_peak, overlay_png
 
         n = batch.num_rows
         paths: list[str | None] = [None] * n
@@ -79,11 +85,23 @@ class HeatmapWriter:
         rows = chosen_rows(self.mode, predicted, reasons)
         if not rows or images is None:
             return paths, xs, ys
-        if self._explainer is None:
-            self._explainer = Explainer.from_package(self.model_uri, self.s3_endpoint_url, device=self.device, pin=self.pin)
         at = {r: k for k, r in enumerate(ok)}
         pix = images[[at[r] for r in rows]]
-        maps = self._explainer.heatmaps(pix, classes=[list(class_names).index(predicted[r]) for r in rows])
+        classes = [list(class_names).index(predicted[r]) for r in rows]
+        if cam is not None and self.method == "auto":
+            maps = cam_heatmaps(cam[[at[r] for r in rows]], classes, size=pix.shape[1:])
+        else:
+            if self._explainer is None:
+                from ..explain import Explainer
+
+                if self.method == "auto":
+                    logger.warning("score: model %s gives no class-activation maps with its predictions (a model.onnx "
+                                   "exported before them, or a head other than pooling + linear): heat maps by "
+                                   "Grad-CAM, a PyTorch pass per map (export the package again for the fast maps)",
+                                   self.model_id)
+                self._explainer = Explainer.from_package(self.model_uri, self.s3_endpoint_url, device=self.device,
+                                                         pin=self.pin)
+            maps = self._explainer.heatmaps(pix, classes=classes)
         sha = batch.column("sha256").to_pylist()
         slices = batch.column("slice_index").to_pylist()
         boxes = batch.column("crop_box").to_pylist()

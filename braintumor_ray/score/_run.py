@@ -331,7 +331,7 @@ class Predictor:
         self.heatmaps = HeatmapWriter(
             plan.explain, model_uri=plan.pin.uri, s3_endpoint_url=plan.s3_endpoint_url, use_gpu=plan.use_gpu,
             stage_uri=plan.explain_stage_uri, final_uri=plan.explain_final_uri, model_id=self.model.model_id,
-            pin=plan.pin,
+            pin=plan.pin, method=plan.explain_method,
         ) if plan.explain != "none" else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -345,12 +345,14 @@ class Predictor:
         ood = np.full(n, np.nan, dtype=np.float32)
         reasons: list[str | None] = [None] * n
         sets: list[list[str] | None] = [None] * n
-        images = None
+        images = cam = None
         if ok:
             pix = batch.column("pixels").to_pylist()
             side = batch.column("side").to_pylist()
             images = np.stack([np.frombuffer(pix[i], np.uint8).reshape(side[i], side[i]) for i in ok])
-            logits, feats = self.model.outputs(images)
+            # The maps come from the same forward pass, when they will be drawn (see HeatmapWriter).
+            want_maps = self.heatmaps is not None and self.heatmaps.method == "auto"
+            logits, feats, cam = self.model.forward(images, maps=want_maps)
             trust = self.model.trust
             if trust is None:  # a package from before calibration: raw softmax, no flags
                 probs[ok] = softmax(logits)
@@ -363,7 +365,7 @@ class Predictor:
         paths = batch.column("path").to_pylist()
         names = list(self.model.class_names)
         predicted = [names[int(np.argmax(probs[i]))] if is_ok[i] else None for i in range(n)]
-        heat = self.heatmaps(batch, ok, images, predicted, reasons, names) if self.heatmaps else ([None] * n,) * 3
+        heat = self.heatmaps(batch, ok, images, predicted, reasons, names, cam) if self.heatmaps else ([None] * n,) * 3
         uris = [self.uri_prefix + p for p in paths]
         ids = self.ids
         if ids.path_mode != "full":  # decoders' messages may quote the path: shown as the path column shows it
