@@ -74,6 +74,24 @@ def job(model_uri: str, data: str, out: str, n_files: int, **kw) -> tuple[float,
     return rate, summary
 
 
+def start_warm_ray(model_uri: str, files: list[str], tmp: str, **kw) -> None:
+    """Ray on every core, then one small scoring run, so that the measured runs find the actor
+    processes started (as a scheduled job on a standing cluster would find them)."""
+    import ray
+
+    # Ray starts its workers at nice 15. On this shared machine that would make the job's
+    # workers yield to every other process while the plain loop runs at nice 0: measure speed,
+    # not priority (on a dedicated node the two are the same).
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    warm = os.path.join(tmp, "warm")
+    os.makedirs(warm)
+    for f in files[:8]:
+        os.link(f, os.path.join(warm, os.path.basename(f)))
+    run_scoring(ScoreConfig(model=model_uri, input=warm, output=os.path.join(tmp, "warm-out"), **kw))
+
+
 def compare(a_dir: str, b_dir: str) -> dict:
     """Labels and probabilities of two prediction folders, image by image."""
     cols = ["path", "status", "predicted_label", *[c for c in pads.dataset(a_dir).schema.names if c.startswith(PROB_PREFIX)]]
@@ -125,20 +143,7 @@ def main() -> None:
                           "cpus": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor(), "device": device,
                           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}), flush=True)
 
-        import ray
-
-        # Ray starts its workers at nice 15. On this shared machine that would make the job's
-        # workers yield to every other process while the plain loop runs at nice 0: measure speed,
-        # not priority (on a dedicated node the two are the same).
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        # Start the actor processes once (as a scheduled job on a standing cluster would find them).
-        warm = os.path.join(tmp, "warm")
-        os.makedirs(warm)
-        for f in files[:8]:
-            os.link(f, os.path.join(warm, os.path.basename(f)))
-        run_scoring(ScoreConfig(model=model_uri, input=warm, output=os.path.join(tmp, "warm-out"), use_gpu=args.use_gpu))
+        start_warm_ray(model_uri, files, tmp, use_gpu=args.use_gpu)
 
         common = dict(batch_size=args.batch_size, use_gpu=args.use_gpu)
         rounds, summary = [], {}

@@ -80,7 +80,7 @@ def main() -> None:
                    if os.path.isfile(f))
     files = files[:: max(1, len(files) // args.n)][: args.n]
 
-    from bench_score import compare
+    from bench_score import compare, start_warm_ray
 
     from braintumor_ray.score import ScoreConfig, run_scoring
 
@@ -92,16 +92,7 @@ def main() -> None:
         links = sorted(glob.glob(os.path.join(data, "*")))
         print(json.dumps({"images": len(files), "model": args.model, "cpus": os.cpu_count(), "load": os.getloadavg(),
                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}), flush=True)
-        import ray
-
-        os.environ.setdefault("RAY_worker_niceness", "0")  # as bench_score.py: speed, not priority
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        warm = os.path.join(tmp, "warm")
-        os.makedirs(warm)
-        for f in links[:8]:
-            os.link(f, os.path.join(warm, os.path.basename(f)))
-        run_scoring(ScoreConfig(model=args.model, input=warm, output=os.path.join(tmp, "warm-out")))
+        start_warm_ray(args.model, links, tmp)
 
         def job(name: str, r: int, **kw) -> tuple[float, dict]:
             t = time.perf_counter()
