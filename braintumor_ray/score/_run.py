@@ -52,7 +52,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..core import (STAGING_SUFFIX, CommittedFile, ConfigError, Identifiers, InputError, Lease, Location, Manifest,
-                    StagedWriter, StorageError, check_disjoint, remove_child, is_no_space, no_space_message, posix_basename, resolve, unreadable_reason)
+                    StagedWriter, StorageError, check_disjoint, is_no_space, no_space_message, posix_basename,
+                    remove_child, resolve, unreadable_reason)
 from ..imaging import NO_GUARD, InputGuard, MRIPreprocess, SLICE_SKIP_REASONS, SeriesSelector, SliceInfo, sha256_hex
 from ..trust import softmax
 from ..report import write_scoring_report
