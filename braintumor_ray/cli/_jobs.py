@@ -18,7 +18,7 @@ import logging
 import sys
 from typing import Any, Callable
 
-from ..core import BraintumorError, ConfigError, add_config_args, given_settings, read_yaml
+from ..core import BraintumorError, Config, ConfigError, add_config_args, given_settings, read_yaml
 
 # The few flags that are not settings of a stage, declared once for every job.
 JOB_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
@@ -54,7 +54,7 @@ def job_parser(cls: type, doc: str | None, *, flags: tuple[str, ...]) -> argpars
     return p
 
 
-def config_dict(cls: type, args: argparse.Namespace, *, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+def config_dict(cls: type[Config], args: argparse.Namespace, *, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """The settings as a mapping, in timm's order: job defaults < smoke preset < ``--config`` < options."""
     merged: dict[str, Any] = dict(defaults or {})
     if getattr(args, "smoke_test", False):
@@ -64,7 +64,7 @@ def config_dict(cls: type, args: argparse.Namespace, *, defaults: dict[str, Any]
     return cls.merge(merged, given_settings(args, cls))
 
 
-def build_config(cls: type, args: argparse.Namespace, *, defaults: dict[str, Any] | None = None) -> Any:
+def build_config(cls: type[Config], args: argparse.Namespace, *, defaults: dict[str, Any] | None = None) -> Any:
     """The stage's config object from ``--config`` and the options (see :func:`config_dict`)."""
     return cls.from_dict(config_dict(cls, args, defaults=defaults))
 

@@ -132,6 +132,7 @@ class Config:
             tp = _strip_optional(hints[k]) if k in hints else None
             nested = isinstance(tp, type) and issubclass(tp, Config)
             if nested and isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+                assert tp is not None  # nested implies a Config type
                 out[k] = tp.merge(out[k], v)
             else:
                 out[k] = v
@@ -335,9 +336,13 @@ def _show_default(opt: CliOption) -> str:
 
 
 # --- typing helpers -------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def _strip_optional(tp: Any) -> Any:
@@ -370,8 +375,8 @@ def _kind(tp: Any) -> tuple[str, tuple[Any, ...]]:
 def _field_default(f: dataclasses.Field) -> Any:
     if f.default is not _MISSING:
         return f.default
-    if f.default_factory is not _MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
+    if f.default_factory is not _MISSING:
+        return f.default_factory()
     return None
 
 

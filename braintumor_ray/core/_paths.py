@@ -25,7 +25,7 @@ import hmac
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, get_args
+from typing import Literal, Mapping, get_args, overload
 
 from ._errors import ConfigError
 
@@ -108,6 +108,10 @@ class Identifiers:
             return value
         return "2.25." + str(int(self._mac(b"uid\x00", value.encode())[:_TOKEN_HEX], 16))
 
+    @overload
+    def scrub(self, message: str, uri: str) -> str: ...
+    @overload
+    def scrub(self, message: None, uri: str) -> None: ...
     def scrub(self, message: str | None, uri: str) -> str | None:
         """A message about the file at ``uri`` with its path shown as :meth:`path` shows it; in
         hashed mode also every folder and file name below the root, and their parts (split at

@@ -52,7 +52,8 @@ def target_layer(model: nn.Module) -> tuple[str, nn.Module, int]:
     info = getattr(model, "feature_info", None)
     if info is not None and not isinstance(info, (list, tuple)):
         info = getattr(info, "info", None)  # timm's FeatureInfo (features_only models)
-    name = info[-1].get("module") if info else None
+    last = info[-1] if info else {}
+    name = last.get("module")
     if not name:
         raise ConfigError(
             f"{type(model).__name__} has no feature_info naming its last feature stage, so there is no layer to "
@@ -64,7 +65,7 @@ def target_layer(model: nn.Module) -> tuple[str, nn.Module, int]:
     except AttributeError as e:
         raise ConfigError(f"{type(model).__name__}: feature_info names {name!r}, which is not one of its modules ({e}); "
                           "score with --explain none") from e
-    return name, module, int(info[-1].get("num_chs") or 0)
+    return name, module, int(last.get("num_chs") or 0)
 
 
 class Explainer:
@@ -109,10 +110,10 @@ class Explainer:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} must be at least 1")
         self.batch_size = batch_size
-        layer = net.get_submodule(self.layer_name)
+        cut = net.get_submodule(self.layer_name)
         # Registered before GradCAM's own hooks, so theirs see (and hook the gradient of) the cut tensor.
-        layer.register_forward_hook(self._cut)
-        self._cam = GradCAM(model=net, target_layers=[layer], reshape_transform=self._to_nchw)
+        cut.register_forward_hook(self._cut)
+        self._cam = GradCAM(model=net, target_layers=[cut], reshape_transform=self._to_nchw)
 
     @classmethod
     def from_package(

@@ -72,9 +72,9 @@ def group_duplicates(sha256s: list[str], phashes: list[int], *, max_distance: in
             x = h[start : start + block, None] ^ h[None, :]
             dist = np.bitwise_count(x)
             ii, jj = np.nonzero(dist <= max_distance)
-            for i, j in zip(ii + start, jj):
-                if i < j:
-                    union(int(i), int(j))
+            for a, b in zip(ii + start, jj):
+                if a < b:
+                    union(int(a), int(b))
     roots = np.array([find(i) for i in range(n)])
     _, ids = np.unique(roots, return_inverse=True)
     return ids

@@ -50,7 +50,8 @@ def inflate(data: bytes | memoryview, limit: int, *, raw: bool = False) -> tuple
     wbits = -zlib.MAX_WBITS if raw else 16 + zlib.MAX_WBITS
     while True:  # one gzip member at a time
         d = zlib.decompressobj(wbits)
-        fed, tail = start, b""
+        fed = start
+        tail: bytes | memoryview = b""
         while not d.eof:
             if not tail:
                 if fed >= len(view):
@@ -137,6 +138,7 @@ def read_deflated(data: bytes, meta_start: int, meta_end: int, guard: InputGuard
     if pixel_at is None:
         budget = allowance
     else:
+        assert pixel_len is not None  # _skim_header gives the length with the offset
         if pixel_len != _UNDEFINED and pixel_len > max(declared + 1, allowance):
             raise MedicalDecodeError(
                 f"decompression bomb: the pixel data of this deflated DICOM declares {pixel_len:,} bytes, more than the "

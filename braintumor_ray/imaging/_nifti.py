@@ -130,8 +130,9 @@ def _nifti_scaling(slope: Any, inter: Any):
     with ``np.asarray(img.dataobj, dtype=np.float32)`` gives, one part at a time)."""
     from nibabel.volumeutils import apply_read_scaling
 
-    s = np.asanyarray(1.0 if slope is None else slope)
-    i = np.asanyarray(0.0 if inter is None else inter)
+    # Any: nibabel's stubs want a scalar, and a 0-d array is one to its code.
+    s: Any = np.asanyarray(1.0 if slope is None else slope)
+    i: Any = np.asanyarray(0.0 if inter is None else inter)
     if np.can_cast(s, np.float32):
         s = s.astype(np.float32)
     if np.can_cast(i, np.float32):

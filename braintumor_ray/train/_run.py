@@ -51,10 +51,8 @@ def build_trainer(cfg: TrainConfig, *, data: TrainData | None = None, callbacks:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if cfg.data is None and data is None:
-        raise ConfigError("no data: give --data (the output folder of jobs/preprocess.py)")
     if data is None:
-        data = load_train_data(cfg.data, s3_endpoint_url=cfg.s3_endpoint_url, seed=cfg.seed)
+        data = load_train_data(_data_uri(cfg), s3_endpoint_url=cfg.s3_endpoint_url, seed=cfg.seed)
     if data.counts["train"] < cfg.num_workers:
         raise InputError(f"{data.counts['train']} training images cannot be shared by {cfg.num_workers} workers")
     storage = resolve(cfg.storage, s3_endpoint_url=cfg.s3_endpoint_url)
@@ -123,7 +121,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     run = run_location(cfg)
     start_run(run, what="run", resume=resume, data=cfg.data, s3_endpoint_url=cfg.s3_endpoint_url)
     cfg.save_yaml(run.join(CONFIG_FILE))  # the effective settings: `jobs/train.py --config` takes them back
-    data = load_train_data(cfg.data, s3_endpoint_url=cfg.s3_endpoint_url, seed=cfg.seed)
+    data = load_train_data(_data_uri(cfg), s3_endpoint_url=cfg.s3_endpoint_url, seed=cfg.seed)
     trainer = build_trainer(cfg, data=data)
     # MLflow (with a tracking URI only): this run's MLflow run, the same one again on --resume.
     tracking = start_tracking(cfg.mlflow, run, stage="train", name=cfg.name, params=cfg.to_dict(), resume=resume)
@@ -254,3 +252,9 @@ def format_table(metrics: dict[str, Any]) -> str:
     if metrics.get("report"):
         lines.append(f"  report: {metrics['report']}")
     return "\n".join(lines)
+
+
+def _data_uri(cfg: TrainConfig) -> str:
+    if cfg.data is None:
+        raise ConfigError("no data: give --data (the output folder of jobs/preprocess.py)")
+    return cfg.data

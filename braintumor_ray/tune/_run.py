@@ -139,6 +139,8 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> dict[str, Any]:
 
     # Loaded once: every trial's Ray Train run reads the same materialised blocks.
     timing = {"prepare_s": time.time() - t0}
+    if cfg.data is None:
+        raise ConfigError("no data: give --data (the output folder of jobs/preprocess.py)")
     data = load_train_data(cfg.data, s3_endpoint_url=cfg.s3_endpoint_url, seed=cfg.seed)
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, data=data, search=cfg.to_dict()), driver_resources()
