@@ -346,6 +346,16 @@ def test_configuration_md_is_what_the_generator_writes():
     )
 
 
+def test_every_benchmark_script_has_a_row_in_the_benchmarks_readme():
+    with open(os.path.join(REPO, "benchmarks", "README.md"), encoding="utf-8") as f:
+        listed = set(re.findall(r"^\| `([\w.]+)`", f.read(), flags=re.M))
+    scripts = {f for f in os.listdir(os.path.join(REPO, "benchmarks"))
+               if f.endswith((".py", ".sh")) and not f.startswith("_")}
+    # gpu_check.py is gpu_check.sh's half, listed in its row.
+    missing = scripts - listed - {"gpu_check.py"}
+    assert not missing, f"benchmarks/README.md has no row for {sorted(missing)}: add what each measures and feeds"
+
+
 def test_the_docs_have_commands_to_check():
     # Guards the extractor: these must be found, or the checks below would pass on nothing.
     assert len(JOB_COMMANDS) >= 20 and len(RAY_COMMANDS) >= 15 and SCRIPT_COMMANDS, (
