@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from braintumor_ray.cli import build_config
-from braintumor_ray.core import CONFIG_FILE, ConfigError, cli_options, resolve
+from braintumor_ray.core import CONFIG_FILE, ConfigError, cli_options, load_config, resolve
 from braintumor_ray.imaging import InputGuard, MRIPreprocess, SeriesSelector, TrainAugment
 from braintumor_ray.ingest import IngestConfig
 from braintumor_ray.score import OUTPUT_CONFIG_FILE, ScoreConfig
@@ -78,7 +78,7 @@ def test_dict_and_yaml_round_trips(cfg, tmp_path):
     path = tmp_path / "config.yaml"
     cfg.save_yaml(resolve(str(path)))
     assert yaml.safe_load(path.read_text()) == cfg.to_dict()
-    assert cls.from_yaml(str(path)) == cfg
+    assert load_config(cls, str(path)) == cfg
 
 
 @pytest.mark.parametrize("job", list(JOBS))
@@ -320,4 +320,4 @@ def test_the_scoring_config_file_is_not_part_of_the_predictions_dataset(tmp_path
     ScoreConfig(model="m", input="i", output=str(out)).save_yaml(resolve(str(out / OUTPUT_CONFIG_FILE)))
     assert OUTPUT_CONFIG_FILE.startswith("_")
     assert len(pd.read_parquet(out)) == 2 and pads.dataset(out, format="parquet").count_rows() == 2
-    assert ScoreConfig.from_yaml(str(out / OUTPUT_CONFIG_FILE)).output == str(out)
+    assert load_config(ScoreConfig, str(out / OUTPUT_CONFIG_FILE)).output == str(out)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from braintumor_ray import MRIPreprocess
-from braintumor_ray.core import ConfigError, resolve
+from braintumor_ray.core import ConfigError, load_config, resolve
 from braintumor_ray.imaging import InputGuard, encode_png
 from braintumor_ray.score import decode_batch
 
@@ -160,11 +160,11 @@ def test_a_billion_laughs_config_is_refused_quickly_in_one_line(tmp_path, capsys
     ok.write_text("model: m\ninput: i\noutput: o\nselect: {modalities: &m [MR]}\nguard: {modalities: *m}\n")
     from braintumor_ray.score import ScoreConfig
 
-    assert ScoreConfig.from_yaml(str(ok)).guard.modalities == ("MR",)
+    assert load_config(ScoreConfig, str(ok)).guard.modalities == ("MR",)
     deep = tmp_path / "deep.yaml"
     deep.write_text("model: " + "[" * 200 + "]" * 200 + "\n")
     with pytest.raises(ConfigError, match="nests more than"):
-        ScoreConfig.from_yaml(str(deep))
+        load_config(ScoreConfig, str(deep))
 
 
 @pytest.mark.parametrize("yaml_text,message", [
@@ -182,7 +182,7 @@ def test_a_wrong_nested_type_in_a_config_is_one_line_naming_the_key(tmp_path, ya
     path = tmp_path / "c.yaml"
     path.write_text(f"model: m\ninput: i\noutput: o\n{yaml_text}\n")
     with pytest.raises(ConfigError) as e:
-        ScoreConfig.from_yaml(str(path))
+        load_config(ScoreConfig, str(path))
     assert message in str(e.value) and "\n" not in str(e.value)
 
 

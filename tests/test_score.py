@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from braintumor_ray import CLASS_NAMES, load_model_package, make_sample_dataset, prepare_input
+from braintumor_ray.core import load_config
 from braintumor_ray.score import OUTPUT_CONFIG_FILE, PROB_PREFIX, ScoreConfig, run_scoring
 
 from _images import bad_files, odd_but_valid
@@ -127,7 +128,7 @@ def test_rerun_scores_only_new_files(scored, package):
     # Each run leaves its settings in OUTPUT/_config.yaml; dataset readers and the reruns above skip it.
     import pandas as pd
 
-    assert ScoreConfig.from_yaml(os.path.join(out, OUTPUT_CONFIG_FILE)) == ScoreConfig(model=package, input=archive, output=out)
+    assert load_config(ScoreConfig, os.path.join(out, OUTPUT_CONFIG_FILE)) == ScoreConfig(model=package, input=archive, output=out)
     assert len(pd.read_parquet(out)) == len(rows)
 
 

@@ -150,9 +150,10 @@ def test_ray_job_submit_smoke_search(ray_head, train_data_dir, tmp_path):
     assert (storage / "e2e" / "best_model" / "model.json").exists()
     assert len(json.loads((storage / "e2e" / "best.json").read_text())["best_trial"]) > 3
     # The search's effective settings, as `jobs/tune.py --config` takes them back.
+    from braintumor_ray.core import load_config
     from braintumor_ray.tune import SearchConfig
 
-    saved = SearchConfig.from_yaml(str(storage / "e2e" / "config.yaml"))
+    saved = load_config(SearchConfig, str(storage / "e2e" / "config.yaml"))
     assert (saved.name, saved.models, saved.storage, saved.max_epochs) == ("e2e", ("resnet10t",), str(storage), 1)
     assert saved.space == SearchConfig.SMOKE["space"]  # the smoke preset under the options given
     assert saved.fixed["onnx"] is False and not (storage / "e2e" / "best_model" / "model.onnx").exists()

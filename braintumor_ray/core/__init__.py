@@ -4,7 +4,8 @@ Nothing here imports torch, timm or Ray: the ingest's Ray workers and the jobs' 
 parsing stay light.
 """
 
-from ._config import CONFIG_FILE, CliOption, Config, add_config_args, cli_options, deep_merge, given_settings, read_yaml, setting
+from ._config import CONFIG_FILE, CliOption, Config, add_config_args, cli_options, deep_merge, given_settings, parse_yaml, setting
+from ._config_io import load_config, read_yaml
 from ._errors import BraintumorError, ConfigError, ImageDecodeError, InputError, StorageError
 from ._paths import PATH_KEY_ENV, Identifiers, PathMode, UidMode, check_modes
 from ._labels import CLASS_NAMES, SPLIT_ALIASES, canonical_label, canonical_split
@@ -23,6 +24,8 @@ __all__ = [
     "cli_options",
     "deep_merge",
     "given_settings",
+    "load_config",
+    "parse_yaml",
     "read_yaml",
     "setting",
     "CLASS_NAMES",

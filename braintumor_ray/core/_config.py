@@ -5,7 +5,8 @@ declares each field once with :func:`setting` (default and help text together). 
 declaration come:
 
 - ``to_dict`` / ``from_dict`` (nested configs as mappings; an unknown key is an error that names
-  it and lists the known ones), ``to_yaml`` / ``from_yaml`` (local or ``s3://``);
+  it and lists the known ones), ``to_yaml``, and :func:`parse_yaml` for a ``--config`` file's text
+  (reading one from local disk or ``s3://`` is ``_config_io``'s: this module knows no storage);
 - the job's command line (:func:`add_config_args`): one option per field, nested configs as
   ``--augment.rotate``, the help showing the field's own default;
 - the generated reference in ``docs/configuration.md``.
@@ -114,10 +115,6 @@ class Config:
         loc.write_atomic(self.to_yaml().encode())
 
     @classmethod
-    def from_yaml(cls, uri: str, *, s3_endpoint_url: str | None = None) -> Any:
-        return cls.from_dict(read_yaml(uri, s3_endpoint_url=s3_endpoint_url), where="")
-
-    @classmethod
     def smoke_test(cls, **changes: Any) -> Any:
         """The class's smoke-test preset with ``changes`` on top (nested configs merge)."""
         return cls.from_dict(cls.merge(_plain(dict(cls.SMOKE)), _plain(changes)))
@@ -147,15 +144,11 @@ MAX_YAML_NODES = 100_000  # values and collections, every alias counted as what 
 MAX_YAML_DEPTH = 64
 
 
-def read_yaml(uri: str, *, s3_endpoint_url: str | None = None) -> dict[str, Any]:
-    """A YAML mapping from a local path or ``s3://`` URI, bounded before it is loaded
-    (:func:`check_yaml_size`)."""
+def parse_yaml(data: bytes, uri: str) -> dict[str, Any]:
+    """The YAML mapping in ``data`` (read from ``uri``, named in errors), bounded before it is
+    loaded (:func:`check_yaml_size`)."""
     import yaml
 
-    from ._storage import resolve
-
-    loc = resolve(uri, s3_endpoint_url=s3_endpoint_url)
-    data = loc.read_bytes()
     if len(data) > MAX_YAML_BYTES:
         raise ConfigError(f"{uri} holds {len(data):,} bytes, more than a --config file's {MAX_YAML_BYTES:,}: give a "
                           "file of setting: value lines")
