@@ -83,6 +83,8 @@ def test_two_workers_survive_a_failure_mid_epoch_2(train_data, failure_marker, t
     assert out["world_size"] == 2
     assert out["restores"] == [1], out["restores"]  # resumed from the epoch-1 checkpoint, not from zero
     assert [h["epoch"] for h in out["history"]] == [1, 2, 3, 4, 5]
+    # EMA's effect is measured paired: each epoch validates the raw weights too.
+    assert all(0 <= h["val_raw_macro_f1"] <= 1 and "val_raw_accuracy" in h for h in out["history"])
     _learned(out)
     # Every test image was scored once, although each worker only scored its own batches.
     assert out["test"]["n"] == train_data.counts["test"]
