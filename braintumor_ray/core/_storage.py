@@ -105,6 +105,34 @@ class Listing:
     refused: dict[str, str]
 
 
+def _local_file(path: str, root: str, follow_links_outside: bool) -> tuple[tuple[int, str], str | None] | None:
+    """One listed entry that is not a folder: ((size, version), why it is refused or None), or
+    None when it is not a file after all (gone, a folder now, a link to a folder)."""
+    try:
+        st = own = os.lstat(path)
+    except FileNotFoundError:
+        return None  # gone while listing
+    except OSError as e:
+        return (0, ""), f"unreadable: {type(e).__name__}"
+    if stat.S_ISDIR(own.st_mode):
+        return None  # a file swapped for a folder while listing: not a file
+    if stat.S_ISLNK(own.st_mode):
+        target = os.path.realpath(path)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return (own.st_size, str(own.st_mtime)), "refused: a dangling link (its target does not exist)"
+        if stat.S_ISDIR(st.st_mode):
+            return None  # a directory link
+        if not follow_links_outside and os.path.commonpath([root, target]) != root:
+            return (own.st_size, str(own.st_mtime)), (f"{LINK_OUTSIDE} (this link points to a file outside the input "
+                                                      "folder; set guard.follow_links_outside_input to read it)")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+        return (0, str(st.st_mtime)), f"refused: not a regular file ({kind})"
+    return (st.st_size, local_version(st)), None
+
+
 @dataclass(frozen=True)
 class Location:
     """A folder or file on local disk or S3: ``fs`` plus a path in ``fs``'s own terms."""
@@ -243,34 +271,11 @@ class Location:
                     else:
                         stack.append((path, depth + 1))
                     continue
-                try:
-                    st = own = os.lstat(path)
-                except FileNotFoundError:
-                    continue  # gone while listing
-                except OSError as e:
-                    files[path], refused[path] = (0, ""), f"unreadable: {type(e).__name__}"
-                    continue
-                if stat.S_ISDIR(own.st_mode):
-                    continue  # a file swapped for a folder while listing: not a file
-                if stat.S_ISLNK(own.st_mode):
-                    target = os.path.realpath(path)
-                    try:
-                        st = os.stat(path)
-                    except OSError:
-                        files[path], refused[path] = (own.st_size, str(own.st_mtime)), "refused: a dangling link (its target does not exist)"
-                        continue
-                    if stat.S_ISDIR(st.st_mode):
-                        continue  # a directory link
-                    if not follow_links_outside and os.path.commonpath([root, target]) != root:
-                        files[path] = (own.st_size, str(own.st_mtime))
-                        refused[path] = (f"{LINK_OUTSIDE} (this link points to a file outside the input folder; set "
-                                         "guard.follow_links_outside_input to read it)")
-                        continue
-                if not stat.S_ISREG(st.st_mode):
-                    kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
-                    files[path], refused[path] = (0, str(st.st_mtime)), f"refused: not a regular file ({kind})"
-                    continue
-                files[path] = (st.st_size, local_version(st))
+                found = _local_file(path, root, follow_links_outside)
+                if found is not None:
+                    files[path] = found[0]
+                    if found[1]:
+                        refused[path] = found[1]
         return Listing(dict(sorted(files.items())), refused)
 
     def _s3_listing(self, max_depth: int) -> Listing:

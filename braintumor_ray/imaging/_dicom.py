@@ -131,28 +131,10 @@ def _scrub(message: str, ds: Any) -> str:
 
 
 def read_dicom(data: bytes, *, select: SeriesSelector, guard: InputGuard) -> list[GreySlice]:
-    pydicom = _pydicom()
-    from pydicom.uid import UID
-
-    meta_start, meta_end, meta_ts = dicom_meta(data)
-    # pydicom inflates a deflated dataset whole, before anything can be checked: such files are
-    # inflated here, within the budget their header allows.
-    deflated = meta_ts == DEFLATED_TS or (meta_ts is None and DEFLATED_TS.encode() in bytes(data[:4096]))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if deflated:
-                ds = read_deflated(data, meta_start, meta_end, guard)
-            else:
-                ds = pydicom.dcmread(io.BytesIO(data), force=True)
-                ds.get("PixelData")  # pydicom reads lazily: a cut-off file fails here or below, not later
-    except MedicalDecodeError:
-        raise
-    except Exception as e:
-        # Only the exception's type: a parse error's text may quote the bytes it choked on.
-        what = "empty file (0 bytes)" if not data else "truncated or corrupt DICOM: its header cannot be parsed"
-        raise MedicalDecodeError(f"{what} ({type(e).__name__})") from None
-
+    """A DICOM file's frames as 8-bit greyscale slices: parsed within the guard's budgets, refused
+    (with its UIDs kept) when the guard or the selector leaves it out, when it holds no pixels or
+    its frames cannot be decoded here."""
+    ds = _parse(data, guard)
     info = SliceInfo(
         sop_instance_uid=_uid(ds, "SOPInstanceUID"),
         series_instance_uid=_uid(ds, "SeriesInstanceUID"),
@@ -167,6 +149,57 @@ def read_dicom(data: bytes, *, select: SeriesSelector, guard: InputGuard) -> lis
         modality = description = body_part = None
     guard.check_dicom(modality, body_part, info)
     select.check_dicom(modality, description, _dicom_orientation(ds), info)
+    ts, ts_name = _decodable(ds, info)
+
+    rows, cols, frames = _int(ds, "Rows") or 0, _int(ds, "Columns") or 0, _int(ds, "NumberOfFrames") or 1
+    samples, allocated = _int(ds, "SamplesPerPixel") or 1, _int(ds, "BitsAllocated") or 8
+    if err := dicom_size_error(rows, cols, frames, samples, allocated, guard):
+        raise MedicalDecodeError(err, info)
+    if ts.is_encapsulated and "PixelData" in ds:
+        _check_encapsulated(ds, str(ts), ts_name, rows, cols, frames, samples, allocated, guard, info)
+    photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip().upper()
+    bits = _int(ds, "BitsStored") or _int(ds, "BitsAllocated") or 0
+    try:
+        out = _frames_u8(ds, photometric, bits, frames, rows * cols)
+    except Exception as e:
+        raise MedicalDecodeError(
+            f"corrupt or truncated DICOM pixel data ({ts_name}): {type(e).__name__}: {_scrub(str(e), ds)}", info
+        ) from None
+    if not out:
+        raise MedicalDecodeError(f"corrupt or truncated DICOM pixel data ({ts_name}): no frames", info)
+    mode = f"DICOM {photometric} {bits}-bit"
+    if len(out) == 1:
+        return [GreySlice(out[0], mode, info)]
+    return [GreySlice(u8, mode, with_slice(info, k)) for k, u8 in enumerate(out)]
+
+
+def _parse(data: bytes, guard: InputGuard) -> Any:
+    """The dataset, its pixel data not yet decoded; a deflated one inflated within its budget."""
+    pydicom = _pydicom()
+    meta_start, meta_end, meta_ts = dicom_meta(data)
+    # pydicom inflates a deflated dataset whole, before anything can be checked: such files are
+    # inflated here, within the budget their header allows.
+    deflated = meta_ts == DEFLATED_TS or (meta_ts is None and DEFLATED_TS.encode() in bytes(data[:4096]))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if deflated:
+                return read_deflated(data, meta_start, meta_end, guard)
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            ds.get("PixelData")  # pydicom reads lazily: a cut-off file fails here or below, not later
+            return ds
+    except MedicalDecodeError:
+        raise
+    except Exception as e:
+        # Only the exception's type: a parse error's text may quote the bytes it choked on.
+        what = "empty file (0 bytes)" if not data else "truncated or corrupt DICOM: its header cannot be parsed"
+        raise MedicalDecodeError(f"{what} ({type(e).__name__})") from None
+
+
+def _decodable(ds: Any, info: SliceInfo) -> tuple[Any, str]:
+    """(transfer syntax, its name for messages) of a dataset that holds pixels this machine can
+    decode; otherwise why not, as an error."""
+    from pydicom.uid import UID
 
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         # pydicom stops quietly where a cut-off file ends, so a file cut before its pixels reads
@@ -190,15 +223,12 @@ def read_dicom(data: bytes, *, select: SeriesSelector, guard: InputGuard) -> lis
         if not decoder.is_available:
             needs = "; ".join(decoder.missing_dependencies) or "a decoder plugin"
             raise MedicalDecodeError(f"{ts_name} cannot be decoded here: install one of: {needs}", info)
+    return ts, ts_name
 
-    rows, cols, frames = _int(ds, "Rows") or 0, _int(ds, "Columns") or 0, _int(ds, "NumberOfFrames") or 1
-    samples, allocated = _int(ds, "SamplesPerPixel") or 1, _int(ds, "BitsAllocated") or 8
-    if err := dicom_size_error(rows, cols, frames, samples, allocated, guard):
-        raise MedicalDecodeError(err, info)
-    if ts.is_encapsulated and "PixelData" in ds:
-        _check_encapsulated(ds, str(ts), ts_name, rows, cols, frames, samples, allocated, guard, info)
-    photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip().upper()
-    bits = _int(ds, "BitsStored") or _int(ds, "BitsAllocated") or 0
+
+def _frames_u8(ds: Any, photometric: str, bits: int, frames: int, pixels: int) -> list[np.ndarray]:
+    """Each frame as 8-bit grey: the file's own VOI window, else a percentile window over all
+    frames; colour as luma."""
     grey = photometric.startswith("MONOCHROME") or (_int(ds, "SamplesPerPixel") or 1) == 1 and photometric != "PALETTE COLOR"
     window = _file_window(ds) if grey else None
     stretch = (grey and window is None) or (not grey and bits > 8)  # a percentile window over all frames
@@ -214,32 +244,22 @@ def read_dicom(data: bytes, *, select: SeriesSelector, guard: InputGuard) -> lis
                     arr = apply_color_lut(arr, ds)
                 yield np.asarray(apply_modality_lut(arr, ds), dtype=np.float64) if grey else _luma(np.asarray(arr))
 
-    try:
-        source = values()
-        levels = None
-        if stretch:
-            # Two passes, the first for the levels; small stacks are kept rather than decoded twice.
-            keep = frames * rows * cols * 8 <= _KEEP_FRAMES_BYTES
-            first = list(source) if keep else values()
-            levels = _percentile_levels(_frames_sample(first, frames, rows * cols))
-            source = iter(first) if keep else values()
-        out = []
-        for v in source:
-            if grey:
-                u8 = voi_window(v, *window) if window else _stretch(v, levels)
-                out.append(255 - u8 if photometric == "MONOCHROME1" else u8)
-            else:
-                out.append(_stretch(v, levels) if bits > 8 else _to_u8(v))
-    except Exception as e:
-        raise MedicalDecodeError(
-            f"corrupt or truncated DICOM pixel data ({ts_name}): {type(e).__name__}: {_scrub(str(e), ds)}", info
-        ) from None
-    if not out:
-        raise MedicalDecodeError(f"corrupt or truncated DICOM pixel data ({ts_name}): no frames", info)
-    mode = f"DICOM {photometric} {bits}-bit"
-    if len(out) == 1:
-        return [GreySlice(out[0], mode, info)]
-    return [GreySlice(u8, mode, with_slice(info, k)) for k, u8 in enumerate(out)]
+    source = values()
+    levels = None
+    if stretch:
+        # Two passes, the first for the levels; small stacks are kept rather than decoded twice.
+        keep = frames * pixels * 8 <= _KEEP_FRAMES_BYTES
+        first = list(source) if keep else values()
+        levels = _percentile_levels(_frames_sample(first, frames, pixels))
+        source = iter(first) if keep else values()
+    out = []
+    for v in source:
+        if grey:
+            u8 = voi_window(v, *window) if window else _stretch(v, levels)
+            out.append(255 - u8 if photometric == "MONOCHROME1" else u8)
+        else:
+            out.append(_stretch(v, levels) if bits > 8 else _to_u8(v))
+    return out
 
 
 

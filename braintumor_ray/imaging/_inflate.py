@@ -107,19 +107,7 @@ def read_deflated(data: bytes, meta_start: int, meta_end: int, guard: InputGuard
         raise MedicalDecodeError("truncated or corrupt DICOM: a deflated file whose file meta header cannot be read")
     body = memoryview(data)[meta_end:]
     allowance = guard.max_file_bytes // DICOM_HEADER_SHARE
-    want = 2**16
-    while True:
-        try:
-            head, complete = inflate(body, want, raw=True)
-        except zlib.error as e:
-            raise MedicalDecodeError(f"corrupt deflated DICOM: the deflate stream is damaged ({e})") from None
-        try:
-            pixel_at, pixel_len, found = _skim_header(head, allowance, at_end=complete and len(head) <= want)
-            break
-        except _NeedMore:
-            if want >= allowance + 2**16:
-                raise MedicalDecodeError(_over_allowance(allowance)) from None
-            want = min(want * 4, allowance + 2**16)
+    pixel_at, pixel_len, found = _inflated_header(body, allowance)
 
     def number(key: str, default: int) -> int:
         raw = found.get(key)
@@ -188,6 +176,23 @@ def _element(buf: bytes, pos: int, at_end: bool) -> tuple[int, int, int] | None:
     if not (vr.isalpha() and vr.isupper()):
         raise MedicalDecodeError("corrupt deflated DICOM: its dataset is not explicit VR little endian")
     return tag, struct.unpack_from("<H", buf, pos + 6)[0], 8
+
+
+def _inflated_header(body: memoryview, allowance: int) -> tuple[int | None, int | None, dict[str, bytes]]:
+    """:func:`_skim_header` of a deflated dataset, inflating more of it (4x a time, up to
+    ``allowance``) until its header is all there."""
+    want = 2**16
+    while True:
+        try:
+            head, complete = inflate(body, want, raw=True)
+        except zlib.error as e:
+            raise MedicalDecodeError(f"corrupt deflated DICOM: the deflate stream is damaged ({e})") from None
+        try:
+            return _skim_header(head, allowance, at_end=complete and len(head) <= want)
+        except _NeedMore:
+            if want >= allowance + 2**16:
+                raise MedicalDecodeError(_over_allowance(allowance)) from None
+            want = min(want * 4, allowance + 2**16)
 
 
 def _skim_header(buf: bytes, allowance: int, *, at_end: bool) -> tuple[int | None, int | None, dict[str, bytes]]:

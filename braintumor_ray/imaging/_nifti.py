@@ -44,7 +44,58 @@ def nifti_version(data: bytes) -> int | None:
     return None
 
 
+def _checked_dims(shape: tuple[int, ...], dtype: np.dtype, offset: int, guard: InputGuard) -> tuple[list[int], int]:
+    """The volume's 3 dimensions (trailing 1s dropped, a 2-D image one slice) and the bytes the
+    file must hold, refused when the guard's limits or the kind of volume say so."""
+    if dtype.kind not in "iuf":
+        raise MedicalDecodeError(f"unsupported NIfTI data type {dtype}: only grey-level volumes are read")
+    dims = list(shape)
+    while len(dims) > 3 and dims[-1] == 1:
+        dims.pop()
+    if len(dims) == 2:
+        dims.append(1)
+    if len(dims) != 3:
+        raise MedicalDecodeError(
+            f"a {len(dims)}-D NIfTI ({'x'.join(map(str, dims))}): only 2-D and 3-D volumes are read; "
+            "split a time series into 3-D volumes first"
+        )
+    voxels = int(np.prod(dims, dtype=np.int64))
+    expected = offset + voxels * dtype.itemsize
+    for err in (guard.too_many_slices(f"a {'x'.join(map(str, dims))} volume of {dims[2]:,} slices", dims[2]),
+                guard.too_many_pixels(f"a {'x'.join(map(str, dims))} volume", voxels),
+                guard.too_many_bytes(f"a {'x'.join(map(str, dims))} {dtype} volume takes", expected)):
+        if err:
+            raise MedicalDecodeError(err)
+    return dims, expected
+
+
+def _voxel_bytes(data: bytes, gz: bool, expected: int, dims: list[int], dtype: np.dtype) -> bytes:
+    """The file's bytes with the voxels at their offset: a gzipped file inflated within the size
+    its header declares (plus slack), a truncated one refused."""
+    if gz:
+        budget = expected + NIFTI_GZIP_SLACK
+        try:
+            raw, complete = inflate(data, budget)
+        except zlib.error as e:
+            raise MedicalDecodeError(f"corrupt NIfTI gzip stream ({e})") from None
+        if len(raw) > budget:
+            raise MedicalDecodeError(
+                f"decompression bomb: the gzip stream holds more than the {budget:,} bytes its NIfTI header declares "
+                f"({'x'.join(map(str, dims))} {dtype} and {NIFTI_GZIP_SLACK // 2**20} MiB of slack); refused without "
+                "inflating the rest"
+            )
+        if not complete:
+            raise MedicalDecodeError(f"truncated NIfTI: the gzip stream ends early ({len(raw):,} of {expected:,} bytes)")
+    else:
+        raw = data
+    if len(raw) < expected:
+        raise MedicalDecodeError(f"corrupt or truncated NIfTI data: {len(raw):,} of the {expected:,} bytes its header declares")
+    return raw
+
+
 def read_nifti(data: bytes, *, select: SeriesSelector, guard: InputGuard) -> list[GreySlice]:
+    """A single-file NIfTI-1/2 volume (gzipped or not) as 8-bit slices along its third axis,
+    every size its header declares checked against the guard before a voxel is inflated."""
     import nibabel as nib
 
     if not data:
@@ -70,47 +121,12 @@ def read_nifti(data: bytes, *, select: SeriesSelector, guard: InputGuard) -> lis
         raise MedicalDecodeError(f"corrupt NIfTI header ({type(e).__name__})") from None
 
     # Everything is checked against what the header declares before a byte is inflated.
-    if dtype.kind not in "iuf":
-        raise MedicalDecodeError(f"unsupported NIfTI data type {dtype}: only grey-level volumes are read")
-    dims = list(shape)
-    while len(dims) > 3 and dims[-1] == 1:
-        dims.pop()
-    if len(dims) == 2:
-        dims.append(1)
-    if len(dims) != 3:
-        raise MedicalDecodeError(
-            f"a {len(dims)}-D NIfTI ({'x'.join(map(str, dims))}): only 2-D and 3-D volumes are read; "
-            "split a time series into 3-D volumes first"
-        )
-    voxels = int(np.prod(dims, dtype=np.int64))
-    expected = offset + voxels * dtype.itemsize
-    for err in (guard.too_many_slices(f"a {'x'.join(map(str, dims))} volume of {dims[2]:,} slices", dims[2]),
-                guard.too_many_pixels(f"a {'x'.join(map(str, dims))} volume", voxels),
-                guard.too_many_bytes(f"a {'x'.join(map(str, dims))} {dtype} volume takes", expected)):
-        if err:
-            raise MedicalDecodeError(err)
+    dims, expected = _checked_dims(shape, dtype, offset, guard)
     codes = _axcodes(affine)
     plane = _PLANE_OF_AXIS.get(codes[2]) if codes else None
     select.check_nifti(plane, NO_INFO)
 
-    if gz:
-        budget = expected + NIFTI_GZIP_SLACK
-        try:
-            raw, complete = inflate(data, budget)
-        except zlib.error as e:
-            raise MedicalDecodeError(f"corrupt NIfTI gzip stream ({e})") from None
-        if len(raw) > budget:
-            raise MedicalDecodeError(
-                f"decompression bomb: the gzip stream holds more than the {budget:,} bytes its NIfTI header declares "
-                f"({'x'.join(map(str, dims))} {dtype} and {NIFTI_GZIP_SLACK // 2**20} MiB of slack); refused without "
-                "inflating the rest"
-            )
-        if not complete:
-            raise MedicalDecodeError(f"truncated NIfTI: the gzip stream ends early ({len(raw):,} of {expected:,} bytes)")
-    else:
-        raw = data
-    if len(raw) < expected:
-        raise MedicalDecodeError(f"corrupt or truncated NIfTI data: {len(raw):,} of the {expected:,} bytes its header declares")
+    raw = _voxel_bytes(data, gz, expected, dims, dtype)
     # A view of the bytes, not a copy: each slice is scaled and windowed on its own.
     voxels_of = np.ndarray(tuple(dims), dtype=dtype, buffer=raw, offset=offset, order="F")
     scale = _nifti_scaling(slope, inter)

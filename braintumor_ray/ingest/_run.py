@@ -19,6 +19,7 @@ Output layout under ``output``::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import json
@@ -27,7 +28,7 @@ import math
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -224,80 +225,94 @@ def preprocess_batch(
     paths = batch.column("path").to_pylist()
     given = batch.column("bytes").to_pylist() if "bytes" in batch.column_names else [None] * len(paths)
     masks = batch.column("mask").to_pylist() if "mask" in batch.column_names else [None] * len(paths)
-    limit = (guard or NO_GUARD).max_file_bytes
+    guard = guard or NO_GUARD
     for path, data, mask in zip(paths, given, masks):
         unread = None
         if "bytes" not in batch.column_names:
             assert source is not None, "a batch of paths is read from its source"
             try:
-                data = source.read_limited(path, limit,  # an oversized file is refused by try_slices
-                                           follow_links_outside=(guard or NO_GUARD).follow_links_outside_input)
+                data = source.read_limited(path, guard.max_file_bytes,  # an oversized file is refused by try_slices
+                                           follow_links_outside=guard.follow_links_outside_input)
             except Exception as e:
                 unread = unreadable_reason(e)
         data = data or b""
-        digest = sha256_hex(data) if unread is None else None
         # Training images are one page a file: a multi-page TIFF, GIF, WebP or APNG is an error row
         # (its label would be copied to every page, or page one taken silently).
         res = (preprocess.try_slices(data, name=path, select=select, guard=guard, pages=False) if unread is None
                else FileResult(error=unread))
-        labels: Sequence[str | None] = [None] * len(res.slices)
-        if mask and (res.slices or res.skipped_slices):
-            assert source is not None, "a mask is read from the batch's source"
-            try:
-                labels = mask_labels(res, source.read_limited(mask, limit), guard=guard or NO_GUARD,
-                                     min_lesion=mask_min_lesion)
-            except Exception as e:
-                name = mask.rsplit("/", 1)[-1]
-                res = FileResult(error=f"segmentation mask {name}: {e if isinstance(e, ImageDecodeError) else unreadable_reason(e)}",
-                                 info=res.slices[0].info if res.slices else res.info)
-        for sk in res.skipped_slices:  # a volume's empty or headless slice: left out on its own
-            row: dict[str, Any] = dict.fromkeys(_DECODED_SCHEMA.names)
-            row.update(path=path, key=f"{path}{_SLICE_SEP}{sk.info.slice_index}", outcome="skipped", error=sk.reason)
-            row.update({k: getattr(sk.info, k) for k in _SLICE_NAMES})
-            for k, v in row.items():
-                cols[k].append(v)
+        res, labels = _label_slices(res, mask, source, guard, mask_min_lesion)
+        digest = sha256_hex(data) if unread is None else None
+        rows = [_skipped_row(path, sk) for sk in res.skipped_slices]
         if not res.slices and not res.skipped_slices:
-            row = dict.fromkeys(_DECODED_SCHEMA.names)
-            row.update(path=path, key=path, sha256=digest, error=res.skipped or res.error)
-            row.update({k: getattr(res.info, k) for k in _SLICE_NAMES})
-            if res.skipped:
-                row["outcome"] = "not_selected"
-            elif unread is None and file_kind(path.rsplit("/", 1)[-1]) == "maybe" and sniff_kind(data, path) == "image":
-                row["outcome"] = "ignored"  # an extensionless file that is neither DICOM nor an image: a README
-            else:
-                row["outcome"] = "error"
-            for k, v in row.items():
-                cols[k].append(v)
-        for i, (s, label) in enumerate(zip(res.slices, labels)):
-            out = s.image
-            row = dict.fromkeys(_DECODED_SCHEMA.names)
-            many = len(res.slices) + len(res.skipped_slices) > 1
-            index = i if s.info.slice_index is None else s.info.slice_index
-            # The slices of one volume share a file: their hash is of their own pixels, so that
-            # exact-duplicate grouping sees slices (blank ones are all one), not the file.
-            row.update(path=path, key=f"{path}{_SLICE_SEP}{index}" if many else path)
-            row.update(outcome="unlabelled" if label == UNLABELLED else "ok", slice_label=None if label == UNLABELLED else label)
-            if label == UNLABELLED:
-                row["error"] = f"the segmentation mask marks some lesion on this slice, under {mask_min_lesion:g} of its head"
-            row["sha256"] = sha256_hex(out.pixels.tobytes()) if many else digest
-            row.update({k: getattr(s.info, k) for k in _SLICE_NAMES})
-            row.update(
-                phash=f"{phash(out.pixels):016x}",
-                image=out.pixels.tobytes(),
-                image_height=out.pixels.shape[0],
-                image_width=out.pixels.shape[1],
-                orig_width=out.orig_width,
-                orig_height=out.orig_height,
-                orig_mode=out.orig_mode,
-                crop_x0=out.crop_box[0],
-                crop_y0=out.crop_box[1],
-                crop_x1=out.crop_box[2],
-                crop_y1=out.crop_box[3],
-                cropped=out.cropped,
-            )
+            rows.append(_file_row(path, res, digest, data if unread is None else None))
+        many = len(res.slices) + len(res.skipped_slices) > 1
+        rows += [_slice_row(path, i, s, label, digest, many, mask_min_lesion)
+                 for i, (s, label) in enumerate(zip(res.slices, labels))]
+        for row in rows:
             for k, v in row.items():
                 cols[k].append(v)
     return pa.Table.from_pydict(cols, schema=_DECODED_SCHEMA)
+
+
+def _label_slices(res: FileResult, mask: str | None, source: Location | None, guard: InputGuard,
+                  min_lesion: float) -> tuple[FileResult, Sequence[str | None]]:
+    """Each slice's label from the volume's segmentation mask (None: the folder's), or the file
+    made an error row when the mask cannot be read."""
+    labels: Sequence[str | None] = [None] * len(res.slices)
+    if not mask or not (res.slices or res.skipped_slices):
+        return res, labels
+    assert source is not None, "a mask is read from the batch's source"
+    try:
+        return res, mask_labels(res, source.read_limited(mask, guard.max_file_bytes), guard=guard, min_lesion=min_lesion)
+    except Exception as e:
+        name = mask.rsplit("/", 1)[-1]
+        why = e if isinstance(e, ImageDecodeError) else unreadable_reason(e)
+        return FileResult(error=f"segmentation mask {name}: {why}",
+                          info=res.slices[0].info if res.slices else res.info), []
+
+
+def _skipped_row(path: str, sk: Any) -> dict[str, Any]:
+    """A volume's empty or headless slice: left out on its own."""
+    row: dict[str, Any] = dict.fromkeys(_DECODED_SCHEMA.names)
+    row.update(path=path, key=f"{path}{_SLICE_SEP}{sk.info.slice_index}", outcome="skipped", error=sk.reason)
+    row.update({k: getattr(sk.info, k) for k in _SLICE_NAMES})
+    return row
+
+
+def _file_row(path: str, res: FileResult, digest: str | None, data: bytes | None) -> dict[str, Any]:
+    """The one row of a file with no slice: left out by the selector, not an image, or an error
+    (``data``: its bytes when they were read)."""
+    row: dict[str, Any] = dict.fromkeys(_DECODED_SCHEMA.names)
+    row.update(path=path, key=path, sha256=digest, error=res.skipped or res.error)
+    row.update({k: getattr(res.info, k) for k in _SLICE_NAMES})
+    if res.skipped:
+        row["outcome"] = "not_selected"
+    elif data is not None and file_kind(path.rsplit("/", 1)[-1]) == "maybe" and sniff_kind(data, path) == "image":
+        row["outcome"] = "ignored"  # an extensionless file that is neither DICOM nor an image: a README
+    else:
+        row["outcome"] = "error"
+    return row
+
+
+def _slice_row(path: str, i: int, s: Any, label: str | None, digest: str | None, many: bool,
+               mask_min_lesion: float) -> dict[str, Any]:
+    """One preprocessed slice (or the file's one image)."""
+    out = s.image
+    row: dict[str, Any] = dict.fromkeys(_DECODED_SCHEMA.names)
+    index = i if s.info.slice_index is None else s.info.slice_index
+    # The slices of one volume share a file: their hash is of their own pixels, so that
+    # exact-duplicate grouping sees slices (blank ones are all one), not the file.
+    row.update(path=path, key=f"{path}{_SLICE_SEP}{index}" if many else path)
+    row.update(outcome="unlabelled" if label == UNLABELLED else "ok", slice_label=None if label == UNLABELLED else label)
+    if label == UNLABELLED:
+        row["error"] = f"the segmentation mask marks some lesion on this slice, under {mask_min_lesion:g} of its head"
+    row["sha256"] = sha256_hex(out.pixels.tobytes()) if many else digest
+    row.update({k: getattr(s.info, k) for k in _SLICE_NAMES})
+    x0, y0, x1, y1 = out.crop_box
+    row.update(phash=f"{phash(out.pixels):016x}", image=out.pixels.tobytes(), image_height=out.pixels.shape[0],
+               image_width=out.pixels.shape[1], orig_width=out.orig_width, orig_height=out.orig_height,
+               orig_mode=out.orig_mode, crop_x0=x0, crop_y0=y0, crop_x1=x1, crop_y1=y1, cropped=out.cropped)
+    return row
 
 
 def add_decisions(
@@ -355,31 +370,13 @@ def run_ingest(config: IngestConfig) -> dict:
             raise StorageError(f"output {dst.uri} is not empty: choose a new output, or pass --overwrite to replace it")
         _check_replaceable(dst)
         dst.remove()
-    listed = src.listing(follow_links_outside=config.guard.follow_links_outside_input, max_depth=config.max_folder_depth)
-    files = list(listed.files)
-    plan = plan_inputs(files, src.path, mask_pattern=config.mask_pattern)
-    if listed.refused:  # links leaving the input, dangling links, FIFOs: error rows, never read
-        refused = [p for p in plan.images if p.path in listed.refused]
-        plan = dataclasses.replace(
-            plan, images=[p for p in plan.images if p.path not in listed.refused],
-            errors=plan.errors + [FileError(p.path, listed.refused[p.path], p.split, p.label) for p in refused])
-    if not plan.images:
-        raise InputError(
-            f"no usable image files under {src.uri} ({len(files)} files found, {len(plan.errors)} in unexpected "
-            f"places, {len(plan.ignored)} not images). Expected {plan.layout} with class folders such as glioma_tumor, "
-            "no_tumor; image extensions " + ", ".join(IMAGE_EXTENSIONS + MEDICAL_EXTENSIONS) + " or DICOM files without one"
-        )
+    files, plan = _list_inputs(src, config)
     logger.info("ingest: %d images to read from %s (%s), %d listing errors", len(plan.images), src.uri, plan.layout, len(plan.errors))
 
     if not ray.is_initialized():
         ray.init()
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.op_resource_reservation_enabled
-    # Each stage here is a single fused read+map operator; Ray Data's per-operator reservation
-    # then holds back half the CPUs (on 2 CPUs only one task ran at a time, measured).
-    ctx.op_resource_reservation_enabled = False
     timing: dict[str, float] = {"list_s": time.perf_counter() - t0}
-    try:
+    with _no_reservation():
         decoded = _decode(config, src, plan.images)
         timing["decode_s"] = decoded.seconds
         errors = plan.errors + decoded.errors
@@ -399,15 +396,60 @@ def run_ingest(config: IngestConfig) -> dict:
         # --overwrite replaces (and nothing else).
         config.save_yaml(dst.join(CONFIG_FILE))
         _write_shards(decoded.dataset, src, dst, plan.images, splits.decisions, timing, ids)
-    finally:
-        ctx.op_resource_reservation_enabled = saved
 
     # Paths are renamed here, after grouping and splitting, which used the real ones.
     errors = [dataclasses.replace(e, path=ids.path(src.uri_of(e.path)), reason=ids.scrub(e.reason, src.uri_of(e.path))) for e in errors]
     _write_errors(dst.join(ERRORS_FILE), errors)
-    wall = time.perf_counter() - t0
+    report = _report(config, src, dst, ids, files, plan, decoded, splits, errors, timing, time.perf_counter() - t0)
+    if report.val_missing_classes:
+        logger.warning("ingest: no validation images for %s (one training group or series each)", ", ".join(report.val_missing_classes))
+    out = report.to_dict()
+    # report.json is written last: its presence says the shards beside it are complete.
+    dst.join(REPORT_FILE).write_bytes(json.dumps(out, indent=2).encode())
+    logger.info("ingest: wrote %s", dst.join(REPORT_FILE).uri)
+    return out
+
+
+@contextlib.contextmanager
+def _no_reservation() -> Iterator[None]:
+    """Ray Data's per-operator resource reservation off, for the ingest's stages only."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.op_resource_reservation_enabled
+    # Each stage here is a single fused read+map operator; Ray Data's per-operator reservation
+    # then holds back half the CPUs (on 2 CPUs only one task ran at a time, measured).
+    ctx.op_resource_reservation_enabled = False
+    try:
+        yield
+    finally:
+        ctx.op_resource_reservation_enabled = saved
+
+
+def _list_inputs(src: Location, config: IngestConfig) -> tuple[list, Any]:
+    """(every file listed, the plan: images with their split and class, errors, ignored files)."""
+    listed = src.listing(follow_links_outside=config.guard.follow_links_outside_input, max_depth=config.max_folder_depth)
+    files = list(listed.files)
+    plan = plan_inputs(files, src.path, mask_pattern=config.mask_pattern)
+    if listed.refused:  # links leaving the input, dangling links, FIFOs: error rows, never read
+        refused = [p for p in plan.images if p.path in listed.refused]
+        plan = dataclasses.replace(
+            plan, images=[p for p in plan.images if p.path not in listed.refused],
+            errors=plan.errors + [FileError(p.path, listed.refused[p.path], p.split, p.label) for p in refused])
+    if not plan.images:
+        raise InputError(
+            f"no usable image files under {src.uri} ({len(files)} files found, {len(plan.errors)} in unexpected "
+            f"places, {len(plan.ignored)} not images). Expected {plan.layout} with class folders such as glioma_tumor, "
+            "no_tumor; image extensions " + ", ".join(IMAGE_EXTENSIONS + MEDICAL_EXTENSIONS) + " or DICOM files without one"
+        )
+    return files, plan
+
+
+def _report(config: IngestConfig, src: Location, dst: Location, ids: Identifiers, files: list, plan: Any,
+            decoded: Any, splits: Any, errors: list, timing: dict[str, float], wall: float) -> IngestReport:
+    """``report.json``, every path in it shown as the identifier settings say."""
     name = lambda key: _uri_of_key(src, key, ids)  # noqa: E731
-    report = IngestReport(
+    return IngestReport(
         input=src.uri,
         output=dst.uri,
         images=dst.join(IMAGES_DIR).uri,
@@ -429,13 +471,6 @@ def run_ingest(config: IngestConfig) -> dict:
         timing={**{k: round(v, 3) for k, v in timing.items()}, "wall_s": round(wall, 3), "images_per_s": round(len(plan.images) / wall, 2)},
         identifiers=ids.describe(),
     )
-    if report.val_missing_classes:
-        logger.warning("ingest: no validation images for %s (one training group or series each)", ", ".join(report.val_missing_classes))
-    out = report.to_dict()
-    # report.json is written last: its presence says the shards beside it are complete.
-    dst.join(REPORT_FILE).write_bytes(json.dumps(out, indent=2).encode())
-    logger.info("ingest: wrote %s", dst.join(REPORT_FILE).uri)
-    return out
 
 
 def _check_replaceable(dst: Location) -> None:

@@ -135,6 +135,12 @@ def confusion_table(cm: Sequence[Sequence[int]], names: Sequence[str], title: st
             f'<tbody>{"".join(body)}</tbody></table><figcaption>{esc(title)}</figcaption></figure>')
 
 
+def _span(given: tuple[float, float] | None, values: Sequence[float]) -> tuple[float, float]:
+    """An axis' range: the one given, else the values' (0..1 without any), never empty."""
+    lo, hi = given or ((min(values), max(values)) if values else (0.0, 1.0))
+    return (lo - 0.5, hi + 0.5) if hi <= lo else (lo, hi)
+
+
 def line_chart(
     series: Sequence[tuple[str, Sequence[float], Sequence[float | None]]],
     *,
@@ -153,12 +159,8 @@ def line_chart(
     ml, mr, mt, mb = 52, 14, 28, 40
     xs = [x for _, sx, sy in series for x, y in zip(sx, sy) if y is not None] + [p[1] for p in points]
     ys = [y for _, _, sy in series for y in sy if y is not None] + [p[2] for p in points]
-    x0, x1 = xlim or ((min(xs), max(xs)) if xs else (0.0, 1.0))
-    y0, y1 = ylim or ((min(ys), max(ys)) if ys else (0.0, 1.0))
-    if x1 <= x0:
-        x0, x1 = x0 - 0.5, x1 + 0.5
-    if y1 <= y0:
-        y0, y1 = y0 - 0.5, y1 + 0.5
+    x0, x1 = _span(xlim, xs)
+    y0, y1 = _span(ylim, ys)
     pw, ph = width - ml - mr, height - mt - mb
 
     def px(x: float) -> float:

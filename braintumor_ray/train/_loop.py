@@ -83,6 +83,20 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def _backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, criterion: nn.Module, scaler: Any, amp: bool,
+              grad_accum_steps: int, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of one micro-batch, its gradient averaged over the accumulation;
+    DDP's all-reduce only on the last one (``sync``). Returns (loss, logits)."""
+    no_sync = contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
+    with no_sync:
+        with torch.autocast(x.device.type, enabled=amp):
+            logits = model(x)
+            loss = criterion(logits, y)
+        scaled = loss / grad_accum_steps
+        (scaler.scale(scaled) if scaler else scaled).backward()
+    return loss, logits
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -126,13 +140,8 @@ def train_one_epoch(
         y = batch["label"].to(device, non_blocking=True)
         micro += 1
         last_micro = micro == grad_accum_steps
-        sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with torch.autocast(device.type, enabled=amp):
-                logits = model(x)
-                loss = criterion(logits, y)
-            scaled = loss / grad_accum_steps
-            (scaler.scale(scaled) if scaler else scaled).backward()
+        loss, logits = _backward(model, x, y, criterion=criterion, scaler=scaler, amp=amp,
+                                 grad_accum_steps=grad_accum_steps, sync=last_micro)
         if last_micro:
             _step(optimizer, scheduler, scaler, on_update)
             micro, steps = 0, steps + 1
@@ -474,6 +483,46 @@ class _WorkerRunner:
 
     # --- the run ------------------------------------------------------------------------------------
 
+    def one_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train and validate one epoch; its row, appended to the history."""
+        cfg, s = self.cfg, self.state
+        tr = self.train_one_epoch(epoch)
+        val = self.validate()
+        improved = self._track_best(epoch, val)
+        row = {
+            "epoch": epoch,
+            "train_loss": tr["loss"],
+            "train_accuracy": tr["accuracy"],
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "val_macro_f1": val["macro_f1"],
+            "best_val_macro_f1": s.best_f1,
+            "lr": max(g["lr"] for g in self.optimizer.param_groups),
+            "epoch_s": tr["seconds"],
+            "train_images_per_s_per_worker": tr["images_per_s"],
+            "data_wait_s": tr["data_wait_s"],
+            "stopped_early": s.stopped,
+        }
+        if self.ema is not None:
+            # The raw weights too, on the same epoch and data order: EMA's effect is read off one
+            # run, paired, not off two runs whose spread (1.6 points of Testing accuracy between
+            # two identical runs) is as large as the effect.
+            raw = eval_metrics(self.evaluate("val", model=self.model))
+            row |= {"val_raw_accuracy": raw["accuracy"], "val_raw_macro_f1": raw["macro_f1"]}
+        s.history.append(row)
+        s.epoch = epoch
+        if self.rank == 0:
+            logger.info(
+                "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f macro-F1 %.3f%s | lr %.2e | %.0fs, %.1f img/s/worker%s",
+                epoch, cfg.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"],
+                row["val_macro_f1"], " *" if improved else "", row["lr"], tr["seconds"],
+                row["train_images_per_s_per_worker"], "  (early stop)" if s.stopped else "",
+            )
+            if "val_raw_macro_f1" in row:
+                logger.info("epoch %d/%d  raw weights (not averaged): val acc %.3f macro-F1 %.3f", epoch, cfg.epochs,
+                            row["val_raw_accuracy"], row["val_raw_macro_f1"])
+        return row
+
     def run(self) -> dict[str, Any]:
         import ray.train
         import ray.train.torch
@@ -500,43 +549,7 @@ class _WorkerRunner:
             # ended) needs its final result again, or the trial ends with no metrics at all.
             self.report(s.history[-1])
         while s.epoch < cfg.epochs and not s.stopped:
-            epoch = s.epoch + 1
-            tr = self.train_one_epoch(epoch)
-            val = self.validate()
-            improved = self._track_best(epoch, val)
-            row = {
-                "epoch": epoch,
-                "train_loss": tr["loss"],
-                "train_accuracy": tr["accuracy"],
-                "val_loss": val["loss"],
-                "val_accuracy": val["accuracy"],
-                "val_macro_f1": val["macro_f1"],
-                "best_val_macro_f1": s.best_f1,
-                "lr": max(g["lr"] for g in self.optimizer.param_groups),
-                "epoch_s": tr["seconds"],
-                "train_images_per_s_per_worker": tr["images_per_s"],
-                "data_wait_s": tr["data_wait_s"],
-                "stopped_early": s.stopped,
-            }
-            if self.ema is not None:
-                # The raw weights too, on the same epoch and data order: EMA's effect is read off one
-                # run, paired, not off two runs whose spread (1.6 points of Testing accuracy between
-                # two identical runs) is as large as the effect.
-                raw = eval_metrics(self.evaluate("val", model=self.model))
-                row |= {"val_raw_accuracy": raw["accuracy"], "val_raw_macro_f1": raw["macro_f1"]}
-            s.history.append(row)
-            s.epoch = epoch
-            if self.rank == 0:
-                logger.info(
-                    "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f macro-F1 %.3f%s | lr %.2e | %.0fs, %.1f img/s/worker%s",
-                    epoch, cfg.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"],
-                    row["val_macro_f1"], " *" if improved else "", row["lr"], tr["seconds"],
-                    row["train_images_per_s_per_worker"], "  (early stop)" if s.stopped else "",
-                )
-                if "val_raw_macro_f1" in row:
-                    logger.info("epoch %d/%d  raw weights (not averaged): val acc %.3f macro-F1 %.3f", epoch, cfg.epochs,
-                                row["val_raw_accuracy"], row["val_raw_macro_f1"])
-            self.report(row)
+            self.report(self.one_epoch(s.epoch + 1))
 
         # The best epoch's weights (averaged, with EMA), tested once on the test split.
         if s.best_model is not None:

@@ -114,9 +114,6 @@ def run_training(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     from its latest checkpoint (epoch, optimizer, schedule, early-stopping state) and a finished
     run is only evaluated and exported again. Returns the metrics written to ``metrics.json``.
     """
-    import ray
-    import ray.train
-
     t0 = time.time()
     run = run_location(cfg)
     start_run(run, what="run", resume=resume, data=cfg.data, s3_endpoint_url=cfg.s3_endpoint_url)
@@ -125,6 +122,29 @@ def run_training(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     trainer = build_trainer(cfg, data=data)
     # MLflow (with a tracking URI only): this run's MLflow run, the same one again on --resume.
     tracking = start_tracking(cfg.mlflow, run, stage="train", name=cfg.name, params=cfg.to_dict(), resume=resume)
+    out, checkpoint = _fit(trainer, cfg)
+    metrics = _run_metrics(cfg, run, data, out, resume=resume)
+    model = best_model(cfg, checkpoint)
+    trust, metrics["trust"] = fit_model_trust(model, data, cfg.trust, seed=cfg.seed, batch_size=cfg.eval_batch_size)
+    preprocess = MRIPreprocess.from_dict(data.report["preprocess"])
+    meta = export_package(model, run.join(MODEL_DIR).uri, preprocess=preprocess, trust=trust,
+                          metrics=package_metrics(out, best_epoch=out["best_epoch"]),
+                          s3_endpoint_url=cfg.s3_endpoint_url, onnx=cfg.onnx)
+    metrics["model"] = {"uri": run.join(MODEL_DIR).uri, "model_id": meta["model_id"]}
+    metrics["run"]["wall_s"] = round(time.time() - t0, 1)
+    write_plots(metrics, run)
+    write_reliability(metrics["trust"], run)
+    metrics["report"] = write_run_report(metrics, run, model=model, trust=trust, data=data)  # reads the plots
+    run.join(METRICS_FILE).write_bytes(json.dumps(metrics, indent=2, allow_nan=False).encode())
+    logger.info("wrote %s, plots and %s", run.join(METRICS_FILE).uri, run.join(MODEL_DIR).uri)
+    finish_training(tracking, metrics, run)
+    return metrics
+
+
+def _fit(trainer: Any, cfg: TrainConfig) -> tuple[dict[str, Any], Any]:
+    """(the workers' result, the checkpoint of the best epoch), or why there is none."""
+    import ray.train
+
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
@@ -134,6 +154,12 @@ def run_training(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     out = result.return_value
     if not out or result.checkpoint is None:
         raise TrainingError("training finished without a result or checkpoint (see the worker logs above)")
+    return out, result.checkpoint
+
+
+def _run_metrics(cfg: TrainConfig, run: Location, data: Any, out: dict[str, Any], *, resume: bool) -> dict[str, Any]:
+    """``metrics.json`` as training leaves it (trust, model and wall time are added after)."""
+    import ray
 
     metrics: dict[str, Any] = {
         "run": {
@@ -158,21 +184,6 @@ def run_training(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     for k in ("test", "test_clean"):
         if k in out:
             metrics[k] = out[k]
-
-    model = best_model(cfg, result.checkpoint)
-    trust, metrics["trust"] = fit_model_trust(model, data, cfg.trust, seed=cfg.seed, batch_size=cfg.eval_batch_size)
-    preprocess = MRIPreprocess.from_dict(data.report["preprocess"])
-    meta = export_package(model, run.join(MODEL_DIR).uri, preprocess=preprocess, trust=trust,
-                          metrics=package_metrics(out, best_epoch=out["best_epoch"]),
-                          s3_endpoint_url=cfg.s3_endpoint_url, onnx=cfg.onnx)
-    metrics["model"] = {"uri": run.join(MODEL_DIR).uri, "model_id": meta["model_id"]}
-    metrics["run"]["wall_s"] = round(time.time() - t0, 1)
-    write_plots(metrics, run)
-    write_reliability(metrics["trust"], run)
-    metrics["report"] = write_run_report(metrics, run, model=model, trust=trust, data=data)  # reads the plots
-    run.join(METRICS_FILE).write_bytes(json.dumps(metrics, indent=2, allow_nan=False).encode())
-    logger.info("wrote %s, plots and %s", run.join(METRICS_FILE).uri, run.join(MODEL_DIR).uri)
-    finish_training(tracking, metrics, run)
     return metrics
 
 
