@@ -393,3 +393,81 @@ def test_skull_strip_and_renormalise_augmentations():
     assert TrainAugment().skull_strip == TrainAugment().renormalise == 0
     assert torch.equal(TrainAugment()(x, generator=g()), TrainAugment()(x, generator=g()))
     assert not dataclasses.replace(off, skull_strip=0.5).is_identity and off.is_identity
+
+
+# --- 7. the archive-shift benchmark's variants (benchmarks/bench_archive_shift.py) ------------
+
+
+def test_the_archive_shift_variants_strip_the_skull_and_z_score_the_head(tmp_path):
+    from scipy import ndimage
+
+    from benchmarks.bench_archive_shift import (
+        build_archive,
+        head_mask,
+        nifti_slice,
+        skull_strip,
+        summarise,
+        z_score,
+    )
+    from braintumor_ray.imaging import encode_png
+
+    image, _ = render_mri("glioma", np.random.default_rng(5), 128)
+    kept = PRE(encode_png(image)).pixels  # what training's augmentation strips: the ingest's crop
+    head = ndimage.binary_fill_holes(kept > PRE.threshold)
+    stripped = skull_strip(image, depth=0.06, preprocess=PRE)
+    # Only the head's interior is left: nothing within the strip's depth (6% of 64 px = 4 px) of
+    # the head's edge, where the generated skull ring is; the centre is untouched.
+    depth_px = ndimage.distance_transform_edt(head)
+    assert stripped.shape == kept.shape and (stripped > 0).sum() > 0.4 * head.sum()
+    assert depth_px[stripped > 0].min() >= 4 and not (stripped[depth_px < 4]).any()
+    assert (kept[depth_px < 4] >= 150).sum() > 20, "the original had its bright skull ring there"
+    assert np.array_equal(stripped[24:40, 24:40], kept[24:40, 24:40])
+
+    # z-scored: the head (holes filled) has mean 0 and std 1, the background one value of its own.
+    mask = head_mask(image, PRE.threshold)
+    for background in ("min", "zero"):
+        z = z_score(image, mask, background=background)
+        assert z.dtype == np.float32 and abs(z[mask].mean()) < 1e-4 and abs(z[mask].std() - 1) < 1e-4
+        (bg,) = np.unique(z[~mask])
+        assert bg < z[mask].min() if background == "min" else bg == 0
+    # Written as a single-slice NIfTI, scoring's float path reads it the same way up and round.
+    z = z_score(image, mask)
+    r = PRE.try_slices(nifti_slice(z), name="z.nii", guard=GUARD)
+    assert r.error is None and len(r.slices) == 1
+    got, want = r.slices[0].image.pixels.astype(float).ravel(), PRE(encode_png(image)).pixels.astype(float)
+    assert np.corrcoef(got, want.ravel())[0, 1] > 0.95 > np.corrcoef(got, want[:, ::-1].ravel())[0, 1]
+
+    # The archive: every image of Testing/<class>/ once per variant, each kind in its format.
+    testing = tmp_path / "Testing"
+    for cls in ("glioma_tumor", "no_tumor"):
+        (testing / cls).mkdir(parents=True)
+        for k in range(2):
+            im, _ = render_mri(cls.removesuffix("_tumor"), np.random.default_rng(k), 96)
+            (testing / cls / f"{k}.jpg").write_bytes(_jpeg(im))
+    root = tmp_path / "archive"
+    variants = ("original", "stripped", "zscored", "stripped_zscored")
+    counts = build_archive(str(testing), str(root), variants=variants, depth=0.06, preprocess=PRE)
+    assert counts == {"glioma_tumor": 2, "no_tumor": 2}
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert files == sorted(f"{v}/{c}/{k}{s}" for v, s in zip(variants, (".jpg", ".png", ".nii.gz", ".nii.gz"))
+                           for c in counts for k in range(2))
+
+    # The figures: an image without an ok row counts as wrong and flagged; no_tumor without a
+    # review reason on tumour images is counted apart.
+    rows = [{"path": str(root / "zscored" / "glioma_tumor" / "0.nii.gz"), "status": "ok", "predicted_label": "no_tumor", "review_reason": None},
+            {"path": str(root / "zscored" / "glioma_tumor" / "1.nii.gz"), "status": "ok", "predicted_label": "glioma", "review_reason": "low_confidence"},
+            {"path": str(root / "zscored" / "no_tumor" / "0.nii.gz"), "status": "ok", "predicted_label": "no_tumor", "review_reason": None},
+            {"path": str(root / "zscored" / "no_tumor" / "1.nii.gz"), "status": "error", "predicted_label": None, "review_reason": None}]
+    (s,) = summarise(rows, str(root), counts, ["zscored"]).values()
+    assert (s["images"], s["not_scored"], s["accuracy"], s["flag_rate"], s["no_tumor_unflagged_on_tumour"]) == (4, 1, 0.5, 0.5, 0.5)
+    assert s["recall"] == {"glioma": 0.5, "no_tumor": 0.5}
+
+
+def _jpeg(a):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
