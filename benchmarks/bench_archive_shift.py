@@ -13,9 +13,10 @@ reason on tumour images (the worst answer: a confident "healthy" for a patient),
 
 Variants:
 - ``original``: the JPEG as it is.
-- ``stripped``: the same crude strip ``TrainAugment.skull_strip`` applies in training (imported,
-  not copied), 8-bit PNG. Its depth is ``strip_depth`` of the *head crop's* side, as in training
-  (the augmentation runs on the cropped, resized image), not of the whole JPEG.
+- ``stripped``: exactly the image training's augmentation makes: the package's crop and resize
+  (its ``image_size``), then ``TrainAugment.skull_strip`` at ``strip_depth`` (imported, not
+  copied), as an 8-bit PNG; scoring crops it again, to the stripped brain, as it would a
+  skull-stripped scan.
 - ``zscored``: the head (pixels above the crop threshold, holes filled) z-scored as float32 (mean
   0, std 1), the background at one value of its own just below the head's minimum, as z-scoring
   pipelines leave it; a single-slice NIfTI, so scoring's float path (the head window) reads it.
@@ -281,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             if not ray.is_initialized():
                 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
             name = package_name(pkg)
+            if name in results:  # two runs/NAME/model and runs/NAME/best_model, say
+                name = f"{name} ({len(results) + 1})"
             preds = os.path.join(work, f"predictions-{len(results)}")
             for old in (preds, preds + "_series"):  # scoring is incremental: a kept --work must not skip
                 shutil.rmtree(old, ignore_errors=True)
@@ -288,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = summarise(rows, pkg_root, counts[pkg_root], variants)
             timings[name] = {"seconds": round(took, 1), "rows": len(rows), "load": _load()}
             print(json.dumps({"package": name, **timings[name], "errors": summary.get("errors")}), flush=True)
-        header = (f"Archive shift, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: `{' '.join(sys.argv)}`; "
+        command = " ".join(["benchmarks/bench_archive_shift.py", *(sys.argv[1:] if argv is None else argv)])
+        header = (f"Archive shift, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: `{command}`; "
                   f"{os.cpu_count()} CPUs; scoring time per package (all variants, one run): "
                   + ", ".join(f"{k} {v['seconds']} s at load {v['load']}" for k, v in timings.items()))
         text = markdown(results, header)
@@ -301,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _key(pre: MRIPreprocess) -> str:
-    return f"t{pre.threshold}-m{pre.margin:g}"
+    """What the variants depend on: the crop (where the head is) and the size the strip runs at."""
+    return f"t{pre.threshold}-m{pre.margin:g}-s{pre.image_size}"
 
 
 def _limited(testing: str, dst: str, limit: int) -> str:
