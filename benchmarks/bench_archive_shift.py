@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"variants_made": pkg_root, "images": counts[pkg_root],
                                   "seconds": round(time.perf_counter() - t, 1)}), flush=True)
             if not ray.is_initialized():
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+                _start_ray(ray)
             name = package_name(pkg)
             if name in results:  # two runs/NAME/model and runs/NAME/best_model, say
                 name = f"{name} ({len(results) + 1})"
@@ -317,6 +317,20 @@ def _limited(testing: str, dst: str, limit: int) -> str:
             for n in names[:limit]:
                 shutil.copyfile(os.path.join(testing, cls, n), os.path.join(dst, cls, n))
     return dst
+
+
+def _start_ray(ray, tries: int = 3) -> None:
+    """``ray.init`` on every core, tried again: Ray gives its raylet 30 s (fixed) to register, and
+    on the shared 2-core machine at load average 40 that failed 2 starts in 3 on 2026-12-06."""
+    for k in range(tries):
+        try:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            return
+        except Exception as e:
+            if k == tries - 1:
+                raise
+            log.warning("Ray did not start (%s): trying again", e)
+            ray.shutdown()
 
 
 def _load() -> str:
