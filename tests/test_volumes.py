@@ -3,7 +3,8 @@ the volume), a series most of whose head-showing slices are out of distribution 
 float volumes are windowed on the head's voxels, and volumes train through the ingest.
 
 Every volume here is generated (tumour slices among empty and headless ones, skull-stripped and
-z-scored copies), except the healthy heads that ship inside installed packages (nibabel's)."""
+z-scored copies), except the healthy heads that ship inside installed packages (nibabel's,
+pydicom's, nilearn's MNI152 template) and one built from the template with generated heads."""
 
 from __future__ import annotations
 
@@ -286,8 +287,10 @@ def test_an_ingest_of_volumes_with_masks_labels_slices_and_trains_unchanged(ray_
 
 def healthy_volumes(folder) -> list[str]:
     """Real healthy heads shipped in installed packages, copied to ``folder``: nibabel's test data
-    (a T1 head, the same resampled to float, the first volume of a 4-D EPI series) and pydicom's
-    MR_small (one MR head slice). What else was looked for is in docs/scoring.md ("Volumes")."""
+    (a T1 head, the same resampled to float, the first volume of a 4-D EPI series), pydicom's
+    MR_small (one MR head slice) and nilearn's MNI152 template (a skull-stripped T1 brain,
+    197x233x189, the average of 152 healthy adults). What else was looked for is in
+    docs/scoring.md ("Volumes")."""
     import os
     import shutil
 
@@ -304,11 +307,87 @@ def healthy_volumes(folder) -> list[str]:
     out.append(str(folder / "example4d_vol0.nii.gz"))
     shutil.copy(pydicom.data.get_testdata_file("MR_small.dcm"), folder / "MR_small.dcm")
     out.append(str(folder / "MR_small.dcm"))
+    shutil.copy(mni152_path(), folder / "mni152_t1.nii.gz")
+    out.append(str(folder / "mni152_t1.nii.gz"))
     return out
 
 
+def mni152_path() -> str:
+    """The MNI152 T1 template in nilearn's package data: the file ``load_mni152_template`` reads
+    (it fetches nothing), found without importing nilearn (its datasets module costs ~10 s here)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("nilearn")
+    assert spec is not None, "nilearn is a dev dependency (pyproject.toml): pip install -e .[dev]"
+    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    assert os.path.isfile(path), f"nilearn no longer ships {os.path.basename(path)}"
+    return path
+
+
+GENERATED_IN_MNI = (6, 7, 8)
+
+
+def mni_with_generated_heads():
+    """A real healthy volume the test model has not seen (12 axial slices through the MNI152
+    brain) with 3 generated healthy heads (which it has) put among them at GENERATED_IN_MNI: a
+    volume most of whose slices are out of distribution, where a few escape the flag. Returns the
+    NIfTI bytes."""
+    import nibabel as nib
+
+    img = nib.load(mni152_path())
+    data = np.asanyarray(img.dataobj)
+    nx, ny, _ = data.shape  # 197 x 233: a generated head is rendered 233 high and cut to 197 wide
+    real = [data[:, :, k] for k in range(50, 146, 8)]
+    rng = np.random.default_rng(11)
+    gen = []
+    for _ in GENERATED_IN_MNI:
+        shown = render_mri("no_tumor", rng, ny)[0][:, (ny - nx) // 2: (ny - nx) // 2 + nx]
+        gen.append(shown[::-1, ::-1].T)  # displayed rows/columns -> the RAS voxel grid a viewer shows so
+    k0 = GENERATED_IN_MNI[0]
+    vol = np.stack(real[:k0] + gen + real[k0:], axis=-1).astype(np.uint8)
+    out = nib.Nifti1Image(vol, img.affine)
+    # A display window in the header (0..255, the template's own range): the generated heads keep
+    # their pixels, as in the package's OOD reference, instead of the volume's percentile window.
+    out.header["cal_min"], out.header["cal_max"] = 0, 255
+    return out.to_bytes()
+
+
 @pytest.fixture(scope="module")
-def scored_volumes(ray_session, trusted_package, tmp_path_factory):
+def volume_package(tmp_path_factory):
+    """The test model (resnet10t, random init, 64 px) with a trust that leaves the series rule the
+    only guard: raw softmax (no temperature), no prediction sets (as packages from before them),
+    and its OOD reference on generated heads rendered at the MNI volume's size, so that the
+    generated slices of :func:`mni_with_generated_heads` are in distribution."""
+    import torch
+
+    from braintumor_ray import create_model, export_model_package
+    from braintumor_ray.imaging import encode_png
+    from braintumor_ray.models import WithFeatures, data_config, prepare_input
+    from braintumor_ray.trust import TrustConfig, fit_trust
+    from conftest import mri_like
+
+    torch.manual_seed(0)
+    model = create_model("resnet10t", pretrained=False, drop_rate=0.0).eval()
+    dcfg = data_config(model)
+
+    def outputs(images):
+        px = np.stack([PRE(encode_png(im[:, 18:215])).pixels for im in images])  # cut as in the volume
+        with torch.inference_mode():
+            lo, fe = WithFeatures(model)(prepare_input(px, mean=dcfg["mean"], std=dcfg["std"]))
+        return lo.numpy(), fe.numpy()
+
+    _, tr_fe = outputs(mri_like(80, seed=1, size=233))
+    va_lo, va_fe = outputs(mri_like(40, seed=2, size=233))
+    trust = fit_trust(TrustConfig(ood_pass_rate=1.0, calibrate=False, conformal_fraction=0.0), train_features=tr_fe,
+                      train_labels=np.arange(80) % 4, val_logits=va_lo, val_features=va_fe, val_labels=np.arange(40) % 4)
+    uri = str(tmp_path_factory.mktemp("volume_pkg") / "model")
+    export_model_package(model, uri, preprocess=PRE, trust=trust)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def scored_volumes(ray_session, volume_package, tmp_path_factory):
     from braintumor_ray.score import ScoreConfig, run_scoring
 
     base = tmp_path_factory.mktemp("volumes")
@@ -316,9 +395,11 @@ def scored_volumes(ray_session, trusted_package, tmp_path_factory):
     (archive / "healthy").mkdir(parents=True)
     (archive / "generated").mkdir()
     healthy = healthy_volumes(archive / "healthy")
+    (archive / "healthy" / "mni_with_generated.nii").write_bytes(mni_with_generated_heads())
+    healthy.append(str(archive / "healthy" / "mni_with_generated.nii"))
     vol, kinds = head_volume(n_head=4, empty=3, headless=1, seed=7)
     (archive / "generated" / "glioma.nii.gz").write_bytes(nifti_bytes(vol, gz=True))
-    summary = run_scoring(ScoreConfig(model=trusted_package, input=str(archive), output=str(out), batch_size=16))
+    summary = run_scoring(ScoreConfig(model=volume_package, input=str(archive), output=str(out), batch_size=16))
     return str(archive), str(out), healthy, kinds, summary
 
 
@@ -364,6 +445,41 @@ def test_real_healthy_volumes_never_get_a_tumour_verdict_without_a_review_reason
         assert v["predicted_label"] in (None, "no_tumor") or v["review_reason"] is not None, v
 
 
+def test_a_healthy_volume_whose_few_unflagged_slices_say_tumour_gets_no_verdict(scored_volumes, volume_package,
+                                                                                  monkeypatch):
+    """The series rule is what keeps the MNI volume with a few generated heads from a tumour
+    verdict: without it (a share no volume reaches), the few slices that escaped the OOD flag
+    decide, and they call a healthy volume a tumour with no review reason."""
+    import json
+    import os
+
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    import braintumor_ray.score._series as series_module
+    from braintumor_ray.score import SERIES_FILE
+
+    _, out, healthy, _, _ = scored_volumes
+    (path,) = [p for p in healthy if p.endswith("mni_with_generated.nii")]
+    rows = pads.dataset(out, format="parquet").to_table()
+    rows = rows.filter(pads.field("path") == path)
+    slices = sorted(rows.to_pylist(), key=lambda r: r["slice_index"])
+    # The case as built: every real slice is out of distribution, the generated heads are not.
+    assert [r["status"] for r in slices] == ["ok"] * 15
+    flagged = [r["review_reason"] == "out_of_distribution" for r in slices]
+    assert all(f for k, f in enumerate(flagged) if k not in GENERATED_IN_MNI), flagged
+    assert not all(flagged[k] for k in GENERATED_IN_MNI), flagged
+    # With the rule (the job's own series table): no verdict, out of distribution.
+    (v,) = [r for r in pq.read_table(os.path.join(out + "_series", SERIES_FILE)).to_pylist() if r["volume_path"] == path]
+    assert v["predicted_label"] is None and v["review_reason"] == "out_of_distribution", v
+    # Without it, the same rows and the package's review threshold: a tumour, unflagged.
+    with open(os.path.join(volume_package, "model.json")) as f:
+        threshold = json.load(f)["trust"]["review_threshold"]
+    monkeypatch.setattr(series_module, "OOD_SHARE", 1.01)
+    (bad,) = series_table(rows, NAMES, review_threshold=threshold).to_pylist()
+    assert bad["predicted_label"] not in (None, "no_tumor") and bad["review_reason"] is None, bad
+
+
 # --- 6. archive-shift augmentation: skull strip and renormalisation ---------------------------
 
 
@@ -393,3 +509,81 @@ def test_skull_strip_and_renormalise_augmentations():
     assert TrainAugment().skull_strip == TrainAugment().renormalise == 0
     assert torch.equal(TrainAugment()(x, generator=g()), TrainAugment()(x, generator=g()))
     assert not dataclasses.replace(off, skull_strip=0.5).is_identity and off.is_identity
+
+
+# --- 7. the archive-shift benchmark's variants (benchmarks/bench_archive_shift.py) ------------
+
+
+def test_the_archive_shift_variants_strip_the_skull_and_z_score_the_head(tmp_path):
+    from scipy import ndimage
+
+    from benchmarks.bench_archive_shift import (
+        build_archive,
+        head_mask,
+        nifti_slice,
+        skull_strip,
+        summarise,
+        z_score,
+    )
+    from braintumor_ray.imaging import encode_png
+
+    image, _ = render_mri("glioma", np.random.default_rng(5), 128)
+    kept = PRE(encode_png(image)).pixels  # what training's augmentation strips: the ingest's crop
+    head = ndimage.binary_fill_holes(kept > PRE.threshold)
+    stripped = skull_strip(image, depth=0.06, preprocess=PRE)
+    # Only the head's interior is left: nothing within the strip's depth (6% of 64 px = 4 px) of
+    # the head's edge, where the generated skull ring is; the centre is untouched.
+    depth_px = ndimage.distance_transform_edt(head)
+    assert stripped.shape == kept.shape and (stripped > 0).sum() > 0.4 * head.sum()
+    assert depth_px[stripped > 0].min() >= 4 and not (stripped[depth_px < 4]).any()
+    assert (kept[depth_px < 4] >= 150).sum() > 20, "the original had its bright skull ring there"
+    assert np.array_equal(stripped[24:40, 24:40], kept[24:40, 24:40])
+
+    # z-scored: the head (holes filled) has mean 0 and std 1, the background one value of its own.
+    mask = head_mask(image, PRE.threshold)
+    for background in ("min", "zero"):
+        z = z_score(image, mask, background=background)
+        assert z.dtype == np.float32 and abs(z[mask].mean()) < 1e-4 and abs(z[mask].std() - 1) < 1e-4
+        (bg,) = np.unique(z[~mask])
+        assert bg < z[mask].min() if background == "min" else bg == 0
+    # Written as a single-slice NIfTI, scoring's float path reads it the same way up and round.
+    z = z_score(image, mask)
+    r = PRE.try_slices(nifti_slice(z), name="z.nii", guard=GUARD)
+    assert r.error is None and len(r.slices) == 1
+    got, want = r.slices[0].image.pixels.astype(float).ravel(), PRE(encode_png(image)).pixels.astype(float)
+    assert np.corrcoef(got, want.ravel())[0, 1] > 0.95 > np.corrcoef(got, want[:, ::-1].ravel())[0, 1]
+
+    # The archive: every image of Testing/<class>/ once per variant, each kind in its format.
+    testing = tmp_path / "Testing"
+    for cls in ("glioma_tumor", "no_tumor"):
+        (testing / cls).mkdir(parents=True)
+        for k in range(2):
+            im, _ = render_mri(cls.removesuffix("_tumor"), np.random.default_rng(k), 96)
+            (testing / cls / f"{k}.jpg").write_bytes(_jpeg(im))
+    root = tmp_path / "archive"
+    variants = ("original", "stripped", "zscored", "stripped_zscored")
+    counts = build_archive(str(testing), str(root), variants=variants, depth=0.06, preprocess=PRE)
+    assert counts == {"glioma_tumor": 2, "no_tumor": 2}
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert files == sorted(f"{v}/{c}/{k}{s}" for v, s in zip(variants, (".jpg", ".png", ".nii.gz", ".nii.gz"))
+                           for c in counts for k in range(2))
+
+    # The figures: an image without an ok row counts as wrong and flagged; no_tumor without a
+    # review reason on tumour images is counted apart.
+    rows = [{"path": str(root / "zscored" / "glioma_tumor" / "0.nii.gz"), "status": "ok", "predicted_label": "no_tumor", "review_reason": None},
+            {"path": str(root / "zscored" / "glioma_tumor" / "1.nii.gz"), "status": "ok", "predicted_label": "glioma", "review_reason": "low_confidence"},
+            {"path": str(root / "zscored" / "no_tumor" / "0.nii.gz"), "status": "ok", "predicted_label": "no_tumor", "review_reason": None},
+            {"path": str(root / "zscored" / "no_tumor" / "1.nii.gz"), "status": "error", "predicted_label": None, "review_reason": None}]
+    (s,) = summarise(rows, str(root), counts, ["zscored"]).values()
+    assert (s["images"], s["not_scored"], s["accuracy"], s["flag_rate"], s["no_tumor_unflagged_on_tumour"]) == (4, 1, 0.5, 0.5, 0.5)
+    assert s["recall"] == {"glioma": 0.5, "no_tumor": 0.5}
+
+
+def _jpeg(a):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
