@@ -144,18 +144,31 @@ _HEAD_LEVEL = 20.0
 def _skull_strip(x: torch.Tensor, which: torch.Tensor, depth: float) -> torch.Tensor:
     """``x`` (N, 1, H, W) float with the chosen images' heads eroded by ``depth`` of the side and
     the rest black: the bright skull ring at the head's edge goes, the brain stays (the head's
-    holes, dark ventricles and CSF, are filled first so the erosion only eats from outside)."""
+    holes, dark ventricles and CSF, are filled first so the erosion only eats from outside).
+
+    The stripped image is then cropped and resized again with the preprocessing's own crop, as
+    scoring crops a skull-stripped scan: the brain fills the frame. Without it training saw a
+    small brain in a black ring that no stripped scan shows (the skull-stripped Testing copies
+    scored 58% with a model trained without the strip; docs/benchmarks.md)."""
     if not bool(which.any()) or depth <= 0:
         return x
     from scipy import ndimage
 
+    from ._preprocess import find_head, resize_pad
+
     r = max(1, round(depth * x.shape[-1]))
     disk = np.hypot(*np.mgrid[-r:r + 1, -r:r + 1]) <= r
     out = x.clone()
+    side = x.shape[-1]
     for i in torch.nonzero(which).flatten().tolist():
         head = ndimage.binary_fill_holes(x[i, 0].numpy() > _HEAD_LEVEL)
         keep = ndimage.binary_erosion(head, structure=disk)
-        out[i, 0] = x[i, 0] * torch.from_numpy(keep.astype(np.float32))
+        stripped = (x[i, 0].numpy() * keep).clip(0, 255).astype(np.uint8)
+        box, _ = find_head(stripped, threshold=int(_HEAD_LEVEL))
+        if box is not None and x.shape[-2] == side:
+            x0, y0, x1, y1 = box
+            stripped = resize_pad(stripped[y0:y1, x0:x1], side)
+        out[i, 0] = torch.from_numpy(stripped.astype(np.float32))
     return out
 
 
