@@ -30,12 +30,13 @@ from braintumor_ray.cli import JOB_FLAGS  # noqa: E402
 from braintumor_ray.core import Config, cli_options  # noqa: E402
 from braintumor_ray.ingest import IngestConfig  # noqa: E402
 from braintumor_ray.score import ScoreConfig  # noqa: E402
-from braintumor_ray.train import TrainConfig  # noqa: E402
+from braintumor_ray.train import EnsembleConfig, TrainConfig  # noqa: E402
 from braintumor_ray.tune import RESERVED, SAMPLERS, SEARCHABLE, SearchConfig, default_space  # noqa: E402
 
 OUT = os.path.join(REPO, "docs", "configuration.md")
 TEMPLATE = os.path.join(REPO, "scripts", "configuration.md.in")
-JOBS = {"preprocess": IngestConfig, "train": TrainConfig, "tune": SearchConfig, "score": ScoreConfig}
+JOBS = {"preprocess": IngestConfig, "train": TrainConfig, "tune": SearchConfig, "ensemble": EnsembleConfig,
+        "score": ScoreConfig}
 SEARCH_EXAMPLE = "deploy/tune-search.yaml"
 KINDS = {"bool": "flag", "int": "INT", "float": "FLOAT", "str": "TEXT", "list": "LIST, comma-separated",
          "mapping": "YAML mapping"}

@@ -124,6 +124,7 @@ SAMPLES = {
     "storage": ([], "s3://b/runs"),
     "expect_model_id": ([], "0123456789abcdef"),  # a model id: 16 hex digits
     "dicom_send": ([], "dicom://PACS@127.0.0.1:104"),  # a DICOM node
+    "ensemble": ([], 3),  # 0 or 2 or more trials (1 is refused)
 }
 
 

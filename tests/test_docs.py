@@ -48,8 +48,9 @@ YAML_FILES = ["cluster.yaml"] + sorted(
 SHELL_LANGS = {"", "bash", "sh", "shell", "console", "cron", "zsh"}
 PROGRAMS = {"ray", "python", "python3", "bash", "sh", "kubectl"}
 OPERATORS = {"&&", "||", ";", "|", "&"}
-JOBS = ("preprocess", "train", "tune", "score")
-CONFIG_CLASS = {"preprocess": "IngestConfig", "train": "TrainConfig", "tune": "SearchConfig", "score": "ScoreConfig"}
+JOBS = ("preprocess", "train", "tune", "ensemble", "score")
+CONFIG_CLASS = {"preprocess": "IngestConfig", "train": "TrainConfig", "tune": "SearchConfig", "ensemble": "EnsembleConfig",
+                "score": "ScoreConfig"}
 PYTHON = os.path.join(REPO, ".venv", "bin", "python") if os.path.exists(os.path.join(REPO, ".venv", "bin", "python")) \
     else sys.executable
 
@@ -274,7 +275,8 @@ def build_job_config(job: str, args: list[str], monkeypatch):
 
     monkeypatch.setattr(mod, "join_ray", lambda address: None)
     monkeypatch.setattr(mod, "run_job", lambda work: work())
-    stage = {"preprocess": "run_ingest", "train": "run_training", "tune": "run_search", "score": "run_scoring"}[job]
+    stage = {"preprocess": "run_ingest", "train": "run_training", "tune": "run_search", "ensemble": "build_ensemble",
+             "score": "run_scoring"}[job]
     monkeypatch.setattr(mod, stage, stop)
     if job == "preprocess":
         monkeypatch.setattr(mod, "make_sample_dataset", lambda *a, **kw: None)

@@ -31,6 +31,7 @@ def test_search_on_s3_asha_leaderboard_and_best_model(train_data_dir, s3_endpoin
         space={"lr": {"grid": [3e-3, 1e-7]}, "batch_size": 8, "drop_rate": 0.0, "augment_strength": 0.5,
                "weight_decay": 0.01},
         fixed=dict(SearchConfig.SMOKE["fixed"], onnx=False),  # a fixed setting reaches the export: no model.onnx
+        ensemble=2,  # both trials in best_ensemble/ (issue 38)
         mlflow=MLflowConfig(tracking_uri=mlflow_server[0], experiment="bt-search", registered_model="bt-search-model"),
     )
     s = run_search(cfg)
@@ -64,6 +65,14 @@ def test_search_on_s3_asha_leaderboard_and_best_model(train_data_dir, s3_endpoin
     page = s3.get_object(Bucket=s3_bucket, Key="searches/s1/report.html")["Body"].read().decode()
     assert 'id="leaderboard"' in page and 'id="examples"' in page and good["trial"] in page
     assert best["model"]["model_id"] == s["model"]["model_id"]
+
+    # --ensemble 2: both trials, in leaderboard order, one package with trust fitted on the ensemble.
+    ens = load_model_package(f"s3://{s3_bucket}/searches/s1/best_ensemble", s3_endpoint_url=s3_endpoint)
+    members = json.loads(s3.get_object(Bucket=s3_bucket, Key="searches/s1/best_ensemble/model.json")["Body"].read())
+    assert [m["source"]["uri"].rsplit("/", 1)[1] for m in members["members"]] == [good["trial"], bad["trial"]]
+    assert ens.model_id == s["ensemble"]["model"]["model_id"] == best["ensemble"]["model"]["model_id"]
+    assert ens.trust is not None and ens.metrics["trials"] == [good["trial"], bad["trial"]]
+    assert s["ensemble"]["test"]["n"] == n_test and "searches/s1/best_ensemble/model.onnx" not in keys
 
     pkg = load_model_package(f"s3://{s3_bucket}/searches/s1/best_model", s3_endpoint_url=s3_endpoint)
     assert pkg.metrics["trial"] == good["trial"]

@@ -7,7 +7,8 @@
     model = load_inference_model("s3://bucket/models/run1", engine="auto"); model.probabilities(pixels)
 """
 
-from ._engine import ENGINES, Engine, InferenceModel, choose_engine, load_inference_model, package_has_onnx, prepare_input_np
+from ._engine import (ENGINES, TTA_MODES, Engine, InferenceModel, choose_engine, load_inference_model, package_has_onnx,
+                      prepare_input_np)
 from ._package import (
     ONNX_FILE,
     ONNX_OPSET,
@@ -20,6 +21,7 @@ from ._package import (
     export_model_package,
     export_onnx,
     load_model_package,
+    onnx_session,
     onnx_unbound_note,
     package_preprocess,
     pin_package,
@@ -33,7 +35,9 @@ from ._package import (
 # needs them (nor does anything that only reads a package): these load on first use.
 _LAZY = {
     **{name: "._factory" for name in ("PRESETS", "Transfer", "apply_transfer", "backbone_stages", "count_parameters",
-                                      "create_model", "data_config", "linear_head", "param_groups", "WithFeatures")},
+                                      "create_model", "data_config", "has_cam", "linear_head", "param_groups", "WithFeatures")},
+    **{name: "._ensemble" for name in ("EnsembleNet", "check_members", "ensemble_from_meta", "member_build",
+                                       "member_source")},
     **{name: "._lite" for name in ("CACHE_ENV", "LITE_CHECKPOINTS", "convert_lukemelas_lite", "lite_offline_weights")},
     **{name: "._weights" for name in ("load_state_dict_into", "read_weights")},
 }
@@ -54,6 +58,12 @@ __all__ = [
     "read_trust",
     "CACHE_ENV",
     "ENGINES",
+    "TTA_MODES",
+    "EnsembleNet",
+    "check_members",
+    "ensemble_from_meta",
+    "member_build",
+    "member_source",
     "Engine",
     "InferenceModel",
     "ONNX_FILE",
@@ -75,12 +85,14 @@ __all__ = [
     "data_config",
     "export_model_package",
     "export_onnx",
+    "has_cam",
     "linear_head",
     "lite_offline_weights",
     "LITE_CHECKPOINTS",
     "load_inference_model",
     "load_model_package",
     "load_state_dict_into",
+    "onnx_session",
     "onnx_unbound_note",
     "package_has_onnx",
     "pin_package",

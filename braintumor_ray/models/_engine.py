@@ -46,6 +46,9 @@ Engine = Literal["auto", "onnxruntime", "torch"]
 #: CPU does not improve past a few images a call.
 ORT_CHUNK = 16
 ENGINES: tuple[str, ...] = ("auto", "onnxruntime", "torch")
+#: Test-time augmentation: ``flip`` also runs each image's horizontal mirror and averages (see
+#: :meth:`InferenceModel.forward`).
+TTA_MODES: tuple[str, ...] = ("none", "flip")
 
 
 def choose_engine(engine: str, *, has_onnx: bool, use_gpu: bool) -> str:
@@ -85,6 +88,9 @@ class InferenceModel:
     #: Whether :meth:`forward` gives the class-activation maps (a global-pool + linear head; for
     #: ONNX, a ``model.onnx`` exported with its ``cam`` output).
     has_maps: bool = False
+    #: ``flip``: every image also runs mirrored left-right, in the same engine call (a batch of
+    #: 2N), and the outputs are the means of the two passes (maps: the mirror's map flipped back).
+    tta: str = "none"
 
     def prepare(self, pixels: "np.ndarray | torch.Tensor") -> torch.Tensor:
         cfg = self.data_config
@@ -100,7 +106,20 @@ class InferenceModel:
                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """:meth:`outputs` and, with ``maps`` where the model has them (:attr:`has_maps`), the
         class-activation maps (N, classes, h, w) float32 before ReLU, from the same forward pass
-        (else None)."""
+        (else None). With :attr:`tta` ``flip``, each the mean over the image and its mirror."""
+        if self.tta == "flip":
+            x = np.asarray(pixels.cpu() if hasattr(pixels, "cpu") else pixels)
+            x = x[None] if x.ndim == 2 else x
+            n = len(x)
+            logits, feats, cam = self._forward(np.concatenate([x, x[:, :, ::-1]]), maps=maps)
+            logits = (logits[:n] + logits[n:]) / 2
+            feats = None if feats is None else (feats[:n] + feats[n:]) / 2
+            cam = None if cam is None else (cam[:n] + cam[n:, :, :, ::-1]) / 2
+            return logits, feats, cam
+        return self._forward(pixels, maps=maps)
+
+    def _forward(self, pixels: "np.ndarray | torch.Tensor", *, maps: bool
+                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         if self.engine == "onnxruntime":
             cfg = self.data_config
             names = ["logits", "features", "cam"][: 3 if maps and self.has_maps else 2]
@@ -154,14 +173,18 @@ def load_inference_model(
     threads: int | None = None,
     s3_endpoint_url: str | None = None,
     pin: PackagePin | None = None,
+    tta: str = "none",
 ) -> InferenceModel:
     """Load a package for inference on ``engine`` (see :func:`choose_engine`).
 
     ``threads``: intra-op threads for the engine (``torch.set_num_threads`` for PyTorch, which
     is per process; ORT's ``intra_op_num_threads``); None leaves PyTorch's setting and gives
     ORT as many as PyTorch has. The ONNX file's sha256 is checked when it is used. ``pin``:
-    what the driver verified; every file loaded must hash to it (:class:`PackagePin`).
+    what the driver verified; every file loaded must hash to it (:class:`PackagePin`). ``tta``:
+    one of :data:`TTA_MODES` (see :attr:`InferenceModel.tta`).
     """
+    if tta not in TTA_MODES:
+        raise ConfigError(f"tta={tta!r} is unknown: use one of {', '.join(TTA_MODES)}")
     loc = resolve(uri, s3_endpoint_url=s3_endpoint_url)
     meta = read_package_meta(loc, pin=pin)
     if engine == "onnxruntime" and (note := onnx_unbound_note(meta)):
@@ -179,6 +202,7 @@ def load_inference_model(
         threads=threads,
         device=device,
         trust=read_trust(loc, meta, pin=pin),
+        tta=tta,
     )
     if chosen == "onnxruntime":
         session = onnx_session(read_onnx(loc, meta, pin=pin), threads=threads or _default_threads(), use_gpu=use_gpu)
@@ -187,14 +211,14 @@ def load_inference_model(
         return InferenceModel(engine=chosen, _run=session, has_maps=has_maps, **common)
     import torch
 
-    from ._factory import WithFeatures, linear_head
+    from ._factory import WithFeatures, has_cam
 
     if threads is not None:
         torch.set_num_threads(threads)
     # NHWC is what depthwise-conv backbones run fastest in on CPU.
     pkg = load_model_package(uri, s3_endpoint_url=s3_endpoint_url, channels_last=not use_gpu, pin=pin)
     net = pkg.model.to(device)
-    has_maps = linear_head(net) is not None
+    has_maps = has_cam(net)
     return InferenceModel(engine=chosen, _run=WithFeatures(net, maps=has_maps).eval(), _channels_last=not use_gpu,
                           has_maps=has_maps, **common)
 

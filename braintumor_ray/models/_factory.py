@@ -314,18 +314,36 @@ class WithFeatures(nn.Module):
     def __init__(self, model: nn.Module, *, maps: bool = False):
         super().__init__()
         self.model = getattr(model, "_orig_mod", model)
-        if not (hasattr(self.model, "forward_features") and hasattr(self.model, "forward_head")):
+        # An ensemble package's network (models/_ensemble.py) gives the same outputs, averaged.
+        self.ensemble = hasattr(self.model, "ensemble_outputs")
+        if not self.ensemble and not (hasattr(self.model, "forward_features") and hasattr(self.model, "forward_head")):
             raise ConfigError(f"{type(self.model).__name__} has no forward_features/forward_head: a timm model is needed")
         self.maps = maps
-        if maps and linear_head(self.model) is None:
+        if maps and not has_cam(self.model):
             raise ConfigError(f"{type(self.model).__name__}'s head is not global average pooling then a linear layer: "
                               "its class-activation maps need Grad-CAM (maps=False)")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        fmap = self.model.forward_features(x)
-        feats = self.model.forward_head(fmap, pre_logits=True)
-        clf = self.model.get_classifier()
-        logits = clf(feats)
-        if not self.maps:
-            return logits, feats
-        return logits, feats, torch.einsum("kc,nchw->nkhw", clf.weight.to(fmap.dtype), fmap)
+        if self.ensemble:
+            return self.model.ensemble_outputs(x, maps=self.maps)
+        return timm_outputs(self.model, x, maps=self.maps)
+
+
+def timm_outputs(model: nn.Module, x: torch.Tensor, *, maps: bool) -> tuple[torch.Tensor, ...]:
+    """(logits, penultimate features[, class-activation maps]) of a timm classifier, one forward pass."""
+    fmap = model.forward_features(x)
+    feats = model.forward_head(fmap, pre_logits=True)
+    clf = model.get_classifier()
+    logits = clf(feats)
+    if not maps:
+        return logits, feats
+    return logits, feats, torch.einsum("kc,nchw->nkhw", clf.weight.to(fmap.dtype), fmap)
+
+
+def has_cam(model: nn.Module) -> bool:
+    """Whether :class:`WithFeatures` can give ``model``'s class-activation maps: a
+    :func:`linear_head` model, or an ensemble whose members all are one."""
+    model = getattr(model, "_orig_mod", model)
+    if hasattr(model, "ensemble_outputs"):
+        return bool(model.has_maps)
+    return linear_head(model) is not None

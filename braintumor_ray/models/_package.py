@@ -124,6 +124,10 @@ def _identity(meta: Mapping[str, Any]) -> str:
     for k in ("trust", "trust_sha256"):
         if k in meta:
             ident[k] = meta[k]
+    # An ensemble's members (backbones, heads, normalisation; their weights are in weights_sha256),
+    # not where each came from: the same members copied elsewhere are the same model.
+    if "members" in meta:
+        ident["members"] = [{k: v for k, v in m.items() if k != "source"} for m in meta["members"]]
     # model.onnx bound to the id (issue 25); packages from before keep their id (the key is absent).
     if meta.get("onnx_in_id"):
         ident["onnx_in_id"], ident["onnx_sha256"] = True, meta.get("onnx_sha256")
@@ -197,10 +201,10 @@ def export_onnx(model: nn.Module, *, side: int, mean: Sequence[float], std: Sequ
 
     import torch
 
-    from ._factory import WithFeatures, linear_head
+    from ._factory import WithFeatures, has_cam
 
     net = copy.deepcopy(_unwrap(model)).to("cpu", torch.float32).to(memory_format=torch.contiguous_format).eval()
-    maps = linear_head(net) is not None
+    maps = has_cam(net)
     m = WithFeatures(net, maps=maps)
     probe = prepare_input(_probe_pixels(side), mean=mean, std=std)
     # Traced at batch 2 and checked at batch 8: the batch axis must really be free.
@@ -291,6 +295,8 @@ def export_model_package(
         "created_unix": round(time.time(), 3),
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
     }
+    if getattr(model, "braintumor_members", None):  # an ensemble (models/_ensemble.py)
+        meta["members"] = model.braintumor_members
     onnx_blob = None
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None] if onnx else []
     if missing:  # e.g. a GPU image with torch and timm only: the package is still whole, for PyTorch
@@ -526,7 +532,12 @@ def load_model_package(uri: str, *, s3_endpoint_url: str | None = None, channels
     meta = read_package_meta(loc, pin=pin)
     backbone, class_names = meta["backbone"], tuple(meta["class_names"])
     blob = _read_weights(loc, meta, pin)
-    model = timm.create_model(backbone, pretrained=False, num_classes=len(class_names), global_pool=meta["global_pool"])
+    if meta.get("members"):
+        from ._ensemble import ensemble_from_meta
+
+        model = ensemble_from_meta(meta)
+    else:
+        model = timm.create_model(backbone, pretrained=False, num_classes=len(class_names), global_pool=meta["global_pool"])
     model.load_state_dict(load(blob), strict=True)
     model.braintumor_build = {k: meta[k] for k in ("backbone", "num_classes", "global_pool")}
     model.eval()

@@ -30,6 +30,8 @@ Engine = Literal["auto", "onnxruntime", "torch"]
 Explain = Literal["none", "flagged", "positive", "all"]
 # How a heat map is made (score/_explain.py): from the forward pass where the head allows, or by gradients.
 ExplainMethod = Literal["auto", "gradcam"]
+# Test-time augmentation (braintumor_ray.models.TTA_MODES, kept light here).
+Tta = Literal["none", "flip"]
 
 @dataclass(frozen=True, kw_only=True)
 class ScoreConfig(Config):
@@ -47,6 +49,9 @@ class ScoreConfig(Config):
     engine: Engine = setting(
         "auto", help="inference engine: auto = onnxruntime on CPU when the package has model.onnx, else torch (and "
         "always torch with use_gpu); onnxruntime needs model.onnx; torch is eager PyTorch. Same labels either way")
+    tta: Tta = setting("none", help="test-time augmentation: flip = also score each image mirrored left-right and "
+                       "average the logits (maps: the mirror's flipped back), about 2x the model's time; none = one "
+                       "pass. Rows already scored are not redone for a change of it (use rescore_all)")
     cpus_per_replica: float | None = setting(None, help="CPUs of each model replica, which runs that many intra-op "
                                              "threads, rounded (none: 1 with use_gpu, else the model's 3/4 of the CPUs "
                                              "shared by the replicas); at least 0.5 CPU must be left to decode")
@@ -122,6 +127,8 @@ class ScoreConfig(Config):
         if self.explain_method not in get_args(ExplainMethod):
             raise ConfigError(f"explain_method={self.explain_method!r} is unknown: use one of "
                               f"{', '.join(get_args(ExplainMethod))}")
+        if self.tta not in get_args(Tta):
+            raise ConfigError(f"tta={self.tta!r} is unknown: use one of {', '.join(get_args(Tta))}")
         if self.engine not in get_args(Engine):
             raise ConfigError(f"engine={self.engine!r} is unknown: use one of {', '.join(get_args(Engine))}")
         if self.cpus_per_replica is not None and not 0 < self.cpus_per_replica <= 1024:

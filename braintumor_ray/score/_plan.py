@@ -235,6 +235,7 @@ class ScoringPlan:
     rescore_all: bool
     notes: tuple[str, ...] = ()
     explain_method: str = "auto"  # auto: maps from the forward pass where the model gives them; gradcam
+    tta: str = "none"  # flip: each image and its mirror, averaged (models.InferenceModel.tta)
 
 
 def plan_scoring(
@@ -274,7 +275,7 @@ def plan_scoring(
         explain_stage_uri=explain_stage_uri, explain_final_uri=explain_final_uri,
         review_threshold=config.review_threshold, series_review_threshold=review, use_gpu=config.use_gpu,
         batch_size=config.batch_size, replicas=replicas, replica_cpus=per, scored_at=scored_at,
-        rescore_all=config.rescore_all, notes=notes, explain_method=config.explain_method,
+        rescore_all=config.rescore_all, notes=notes, explain_method=config.explain_method, tta=config.tta,
     )
 
 

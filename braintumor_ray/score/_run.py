@@ -322,7 +322,7 @@ class Predictor:
         # without oversubscribing it.
         self.threads = threads or actor_threads()
         self.model = load_inference_model(plan.pin.uri, engine=plan.engine, use_gpu=plan.use_gpu, threads=self.threads,
-                                          s3_endpoint_url=plan.s3_endpoint_url, pin=plan.pin)
+                                          s3_endpoint_url=plan.s3_endpoint_url, pin=plan.pin, tta=plan.tta)
         self.schema = output_schema(list(self.model.class_names))
         self.files, self.uri_prefix, self.scored_at = plan.diff.todo, plan.uri_prefix, plan.scored_at
         self.selection, self.review_threshold, self.ids, self.explain = (plan.selection, plan.review_threshold,

@@ -10,6 +10,7 @@ trainer (Ray Tune launches it inside its trial function); ``run_training`` also 
 
 from ..imaging import TrainAugment
 from ._config import TrainConfig
+from ._ensemble import EnsembleConfig, Member, build_ensemble, export_ensemble, format_ensemble, load_members
 from ._data import TrainData, decode_batch, load_train_data
 from ._loop import (
     STATE_FILE,
@@ -42,6 +43,12 @@ from ._report import validation_examples, write_run_report
 from ._trust import RELIABILITY_PNG, fit_model_trust, model_outputs, split_report, write_reliability
 
 __all__ = [
+    "EnsembleConfig",
+    "Member",
+    "build_ensemble",
+    "export_ensemble",
+    "format_ensemble",
+    "load_members",
     "RELIABILITY_PNG",
     "STATE_FILE",
     "read_checkpoint_state",

@@ -11,6 +11,7 @@ macro-F1; the leaderboard, a plot and the best trial's model package land in ``s
 from ._config import DEFAULT_MODELS, RESERVED, SAMPLERS, SEARCHABLE, SearchConfig, default_space, parse_space, to_tune_space
 from ._run import (
     BEST_DIR,
+    ENSEMBLE_DIR,
     SEARCH_FILE,
     SearchError,
     format_leaderboard,
@@ -25,6 +26,7 @@ from ._summary import format_summary
 
 __all__ = [
     "BEST_DIR",
+    "ENSEMBLE_DIR",
     "DEFAULT_MODELS",
     "RESERVED",
     "SAMPLERS",

@@ -94,6 +94,10 @@ class SearchConfig(Config):
     max_failures: int = setting(2, help="times Tune restarts a failed trial (a lost node, a crashed worker) from its "
                                 "last checkpoint")
 
+    ensemble: int = setting(0, help="also write best_ensemble/: one package averaging the top this-many trials' best "
+                            "epochs (by validation macro-F1; trust refitted on the ensemble), beside best_model/; 0: "
+                            "none (docs/scoring.md#ensembles)")
+
     # Experiment tracking (the search's driver logs every trial; trials themselves log nothing)
     mlflow: MLflowConfig = setting(default_factory=MLflowConfig, help="MLflow parent run of the search, a child run "
                                    "per trial, and the best model's registered version (none without a tracking URI)")
@@ -128,6 +132,8 @@ class SearchConfig(Config):
             v = getattr(self, k)
             if int(v) != v or v < 1:
                 raise ConfigError(f"{k}={v} must be a whole number >= 1")
+        if int(self.ensemble) != self.ensemble or self.ensemble == 1 or self.ensemble < 0:
+            raise ConfigError(f"ensemble={self.ensemble}: give 0 (no ensemble) or 2 or more trials to average")
         if self.grace_period > self.max_epochs:
             raise ConfigError(f"grace_period={self.grace_period} is more than max_epochs={self.max_epochs}")
         if self.reduction_factor < 2:

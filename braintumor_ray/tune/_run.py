@@ -8,6 +8,7 @@
         leaderboard.csv, leaderboard.md, val_macro_f1.png, best.json
         report.html            the search in one page (leaderboard, curves, the best model's figures)
         best_model/            the best trial's model package
+        best_ensemble/         with --ensemble K: the top K trials' models as one package
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 SCORE = "val_macro_f1"
 SEARCH_FILE = "search.json"
 BEST_DIR = "best_model"
+ENSEMBLE_DIR = "best_ensemble"
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # what ray.tune.integration.ray_train.TuneReportCallback adds
 
 
@@ -196,6 +198,8 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> dict[str, Any]:
     write_leaderboard(rows, root)
     plot_trials(results, root, cfg)
     summary = export_best(rows, results, cfg, data, root)
+    if cfg.ensemble:
+        summary["ensemble"] = export_top_ensemble(rows, results, cfg, data, root)
     budget = len(rows) * cfg.max_epochs
     run_epochs = sum(r["epochs_run"] for r in rows)
     summary.update(
@@ -361,6 +365,41 @@ def export_best(rows: list[dict[str, Any]], results, cfg: SearchConfig, data: Tr
         **metrics,
         "trust": trust_report,
     }
+
+
+def export_top_ensemble(rows: list[dict[str, Any]], results, cfg: SearchConfig, data: TrainData,
+                        root: Location) -> dict[str, Any] | None:
+    """The top ``cfg.ensemble`` trials' best epochs (leaderboard order: validation macro-F1) as one
+    package in ``best_ensemble/``, through the builder ``jobs/ensemble.py`` uses (trust refitted
+    on the ensemble's outputs); None, with a warning, when fewer than 2 trials reported a score."""
+    from ..core import CLASS_NAMES
+    from ..imaging import MRIPreprocess
+    from ..models import data_config
+    from ..train import Member, best_model, export_ensemble
+
+    top = [r for r in rows if r["best_val_macro_f1"] is not None][: cfg.ensemble]
+    if len(top) < 2:
+        logger.warning("--ensemble %d: only %d trial(s) reported a validation score, so no %s/ was written",
+                       cfg.ensemble, len(top), ENSEMBLE_DIR)
+        return None
+    if len(top) < cfg.ensemble:
+        logger.warning("--ensemble %d: only %d trials reported a validation score: the ensemble has %d members",
+                       cfg.ensemble, len(top), len(top))
+    preprocess = MRIPreprocess.from_dict(data.report["preprocess"]).to_dict()
+    members, tcfgs = [], []
+    for row in top:
+        result = next(r for r in results if _trial_id(r) == row["trial"])
+        tcfg = cfg.trial_config(dict(result.config), trial_id=row["trial"])
+        model = best_model(tcfg, _best_checkpoint(result, cfg))
+        meta = {"class_names": list(CLASS_NAMES), "preprocess": preprocess, "data_config": dict(data_config(model)),
+                "model_id": None}
+        members.append(Member(name=f"{root.uri}/trials/{row['trial']}", model=model, meta=meta))
+        tcfgs.append(tcfg)
+    first = tcfgs[0]
+    out = export_ensemble(members, data, root.join(ENSEMBLE_DIR).uri, trust=first.trust, seed=first.seed,
+                          batch_size=first.eval_batch_size, s3_endpoint_url=cfg.s3_endpoint_url, onnx=first.onnx,
+                          extra_metrics={"trials": [r["trial"] for r in top]})
+    return out | {"trials": [r["trial"] for r in top]}
 
 
 def _best_checkpoint(result, cfg: SearchConfig):

@@ -1,0 +1,64 @@
+"""benchmarks/accuracy_report.py (issue 38): the bootstrap figures, fast and without a model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.accuracy_report import bootstrap, confusion_counts, markdown_table, metrics_of
+from braintumor_ray.train import classification_metrics
+
+
+def _preds(seed=0, n=300, k=4, right=0.8):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    p = np.where(rng.random(n) < right, y, rng.integers(0, k, n))
+    return y, p
+
+
+def test_point_figures_are_the_training_jobs():
+    y, p = _preds()
+    m = metrics_of(confusion_counts(y, p, 4))
+    ref = classification_metrics(y, np.eye(4)[p], ["a", "b", "c", "d"])
+    assert m["accuracy"] == pytest.approx(ref["accuracy"])
+    assert m["macro_f1"] == pytest.approx(ref["macro_f1"])
+    assert m["recall"].tolist() == pytest.approx([ref["per_class"][c]["recall"] for c in "abcd"])
+
+
+def test_batched_confusions_equal_one_at_a_time():
+    y, p = _preds(1, n=50)
+    idx = np.random.default_rng(2).integers(0, 50, (7, 50))
+    many = confusion_counts(y, p, 4, idx)
+    assert many.shape == (7, 4, 4)
+    for b in range(7):
+        np.testing.assert_array_equal(many[b], confusion_counts(y[idx[b]], p[idx[b]], 4))
+
+
+def test_bootstrap_interval_holds_the_value_is_seeded_and_narrows_with_n():
+    y, p = _preds(3, n=200)
+    a = bootstrap(y, p, 4, resamples=1000, seed=7)
+    assert a == bootstrap(y, p, 4, resamples=1000, seed=7)
+    assert a != bootstrap(y, p, 4, resamples=1000, seed=8)
+    for key in ("accuracy", "macro_f1"):
+        v, lo, hi = a[key]
+        assert lo < v < hi and 0 < hi - lo < 0.2
+    assert all(lo <= v <= hi for v, lo, hi in a["recall"])
+    # ~1.96 standard errors each side for a proportion: sqrt(0.8 * 0.2 / 200) = 0.028
+    v, lo, hi = a["accuracy"]
+    assert hi - lo == pytest.approx(2 * 1.96 * np.sqrt(v * (1 - v) / 200), rel=0.2)
+    y4, p4 = np.tile(y, 4), np.tile(p, 4)
+    b = bootstrap(y4, p4, 4, resamples=1000, seed=7)
+    assert b["accuracy"][2] - b["accuracy"][1] < 0.6 * (hi - lo)
+    with pytest.raises(ValueError, match="1000 or more"):
+        bootstrap(y, p, 4, resamples=100)
+
+
+def test_markdown_table_has_a_row_per_package_and_split():
+    y, p = _preds(4, n=100)
+    r = bootstrap(y, p, 4)
+    text = markdown_table([{"name": "lite0", "splits": {"val": r, "test": r}}], ["glioma", "meningioma", "no_tumor",
+                                                                                  "pituitary"])
+    lines = text.splitlines()
+    assert lines[0].startswith("| model | split | n | accuracy | macro-F1 | recall glioma")
+    assert len(lines) == 4 and lines[2].startswith("| lite0 | val | 100 | ")
+    assert f"{r['accuracy'][0]:.3f} [{r['accuracy'][1]:.3f}, {r['accuracy'][2]:.3f}]" in lines[2]
