@@ -209,3 +209,38 @@ def test_a_folder_refused_for_its_depth_gets_its_error_row_once(tmp_path):
     # Another limit is another listing: the folder is looked at again.
     deeper = resolve(str(base)).listing(max_depth=2)
     assert folder not in deeper.refused and str(base / "top.png") in deeper.files
+
+
+def test_latest_rows_is_one_rule_for_every_reader():
+    """The latest rows of a file: its latest scored_at (every slice of that run); rows without a
+    time are the oldest, and a file whose rows all lack one keeps them all. The plan, the
+    withdrawals, the series table, the DICOM step and the report all take this one function."""
+    from braintumor_ray.core import committed_table, latest_rows
+
+    t1 = T0 + timedelta(hours=1)
+    rows = _rows({"path": "a", "scored_at": None, "sha256": "old"}, {"path": "a", "sha256": "s0"},
+                 {"path": "a", "scored_at": t1, "sha256": "s1"}, {"path": "a", "scored_at": t1, "sha256": "s2"},
+                 {"path": "b", "scored_at": None, "sha256": "b1"}, {"path": "b", "scored_at": None, "sha256": "b2"},
+                 {"path": "c", "sha256": "c1", "model_id": "m1"}, {"path": "c", "scored_at": t1, "model_id": "m2"},
+                 {"path": "d", "scored_at": None, "sha256": "d1"})
+    assert latest_rows(rows).column("sha256").to_pylist() == ["s1", "s2", "b1", "b2", "s", "d1"]
+    by_model = latest_rows(rows, by=("model_id", "path"))
+    assert by_model.column("sha256").to_pylist() == ["s1", "s2", "b1", "b2", "c1", "s", "d1"]
+    assert latest_rows(rows.slice(8)).num_rows == 1  # one row a file: all of them, nothing grouped
+    state = prior_state(rows)
+    assert state["a"].sha256 == "s1" and state["b"].sha256 == "b1" and state["c"].model_ids == {"m2"}
+
+    # One table from committed files of two eras: a column a file predates is its fill value.
+    class F:
+        def __init__(self, t):
+            buf = pa.BufferOutputStream()
+            pq.write_table(t, buf)
+            self.data = buf.getvalue().to_pybytes()
+
+    old = pa.table({"path": ["x"], "sha256": ["h"]})
+    schema = pa.schema([("path", pa.string()), ("sha256", pa.string()), ("status", pa.string()),
+                        ("scored_at", pa.timestamp("us", tz="UTC"))])
+    both = committed_table([F(old), F(rows.select(["path", "sha256", "status", "scored_at"]))], schema,
+                           fill={"status": "ok"})
+    assert both.schema == schema and both.num_rows == 1 + rows.num_rows and both.slice(0, 1).to_pylist() == [
+        {"path": "x", "sha256": "h", "status": "ok", "scored_at": None}]

@@ -52,19 +52,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..core import (STAGING_SUFFIX, CommittedFile, ConfigError, Identifiers, InputError, Lease, Location, Manifest,
-                    StagedWriter, StorageError, check_disjoint, is_no_space, no_space_message, posix_basename,
-                    remove_child, resolve, unreadable_reason)
+                    StagedWriter, StorageError, check_disjoint, committed_table, is_no_space, latest_rows,
+                    no_space_message, posix_basename, remove_child, resolve, unreadable_reason)
 from ..imaging import NO_GUARD, InputGuard, MRIPreprocess, SLICE_SKIP_REASONS, SeriesSelector, SliceInfo, sha256_hex
 from ..trust import softmax
 from ..report import write_scoring_report
 from ..tracking import log_scoring, resolve_registered_model
 from ._config import OUTPUT_CONFIG_FILE, OUTPUT_IDS_FILE, OUTPUT_SIBLINGS, ScoreConfig
-from ._dicom import SLICE_COLUMNS, run_dicom_step
+from ._dicom import run_dicom_step
 from ._dicom_out import Algorithm
 from ._explain import HeatmapWriter, explain_location
-from ._plan import (DECODE_CPUS, PRIOR_COLUMNS, WITHDRAWN, WITHDRAWN_REASON, ClusterShape, ScoringPlan, guard_id,
+from ._plan import (DECODE_CPUS, WITHDRAWN, WITHDRAWN_REASON, ClusterShape, ScoringPlan, guard_id,
                     plan_replicas, plan_scoring, prior_state, rerun_diff)
-from ._series import SERIES_FILE, series_location, update_series_table
+from ._series import series_table, write_series_table
 
 logger = logging.getLogger(__name__)
 
@@ -286,9 +286,10 @@ class _Attempts:
             return None
 
     def unmark(self, marker: Location | None) -> None:
-        if marker is not None:
+        if marker is not None and self.loc is not None:
             try:
-                marker.fs.rm(marker.path)
+                # The one deleter (it checks the marker is a plain file of OUTPUT._staging/_attempts).
+                remove_child(_output_of(self.loc), self.loc, posix_basename(marker.path), what="score")
             except Exception as e:
                 self._off(e)
 
@@ -455,91 +456,73 @@ def _describe_rows(data: bytes) -> dict[str, Any]:
     return {"rows": t.num_rows, "model_ids": sorted({m for m in t.column("model_id").to_pylist() if m})}
 
 
-def _read_committed(files: list[CommittedFile], columns: dict[str, pa.DataType]) -> pa.Table:
-    """``columns`` of every committed row (columns a file predates: null, status ``ok``,
-    selection empty, as those files meant)."""
-    tables = []
-    for cf in files:
-        f = pq.ParquetFile(pa.BufferReader(cf.data))
-        have = [c for c in columns if c in f.schema_arrow.names]
-        t = f.read(columns=have)
-        for c in columns:
-            if c not in have:  # files from before DICOM support: every row ok, no selector
-                fill = "ok" if c == "status" else "" if c == "selection" else None
-                t = t.append_column(c, pa.array([fill] * t.num_rows, columns[c]))
-        tables.append(t.select(list(columns)).cast(pa.schema(columns)))
-    if not tables:
-        return pa.table({c: pa.array([], t) for c, t in columns.items()})
-    return pa.concat_tables(tables)
+def committed_rows(files: list[CommittedFile], class_names: list[str]) -> pa.Table:
+    """Every committed row, in the output schema: the run's one reading of the output's history
+    (columns a file predates: null, status ``ok`` and selection empty, as those files meant)."""
+    return committed_table(files, output_schema(class_names), fill={"status": "ok", "selection": ""})
 
 
-def _take_unchanged(staging: Location, committed: list[CommittedFile], schema: pa.Schema,
-                    scored_at: datetime) -> pa.Table | None:
-    """Take the :data:`UNCHANGED` rows out of the run's staged files; the copies of their files'
-    latest committed rows with the new size and version (None when there are none)."""
+def _read_staged(staging: Location) -> tuple[dict[str, pa.Table], dict[str, bytes]]:
+    """The run's staged Parquet files, by name, each read once: their tables and their bytes."""
+    tables, raw = {}, {}
+    for path in sorted(staging.files() if staging.exists() else []):
+        if path.endswith(".parquet"):
+            name = posix_basename(path)
+            raw[name] = staging.fs.cat_file(path)
+            tables[name] = pq.read_table(pa.BufferReader(raw[name]))
+    return tables, raw
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    return buf.getvalue().to_pybytes()
+
+
+def _take_unchanged(staged: dict[str, pa.Table]) -> tuple[dict[str, pa.Table], dict[str, tuple[int, str]]]:
+    """Split the :data:`UNCHANGED` rows off the staged tables: the tables without them (a table
+    left empty is dropped) and each such file's (size, version) as listed."""
     found: dict[str, tuple[int, str]] = {}
-    for path in (staging.files() if staging.exists() else []):
-        if not path.endswith(".parquet"):
-            continue
-        t = pq.read_table(path, filesystem=staging.pyarrow_fs)
+    kept: dict[str, pa.Table] = {}
+    for name, t in staged.items():
         same = pc.equal(t.column("status"), UNCHANGED)
         if not pc.any(same).as_py():
+            kept[name] = t
             continue
         hit = t.filter(same)
         found.update(zip(hit.column("path").to_pylist(), zip(hit.column("size").to_pylist(),
                                                              hit.column("version").to_pylist())))
         rest = t.filter(pc.invert(same))
-        name = posix_basename(path)
         if rest.num_rows:
-            buf = pa.BufferOutputStream()
-            pq.write_table(rest, buf)
-            staging.join(name).write_bytes(buf.getvalue().to_pybytes())
-        else:
-            remove_child(_output_of(staging), staging, name, what="score")
-    if not found:
-        return None
-    rows = _withdrawal_rows(committed, tuple(found), schema, scored_at, status=None)
-    sizes = [found[p][0] for p in rows.column("path").to_pylist()]
-    versions = [found[p][1] for p in rows.column("path").to_pylist()]
-    rows = rows.set_column(schema.get_field_index("size"), "size", pa.array(sizes, pa.int64()))
-    return rows.set_column(schema.get_field_index("version"), "version", pa.array(versions, pa.string()))
+            kept[name] = rest
+    return kept, found
 
 
-def _withdrawal_rows(files: list[CommittedFile], withdrawn: tuple[str, ...], schema: pa.Schema,
-                     scored_at: datetime, *, status: str | None = WITHDRAWN) -> pa.Table:
+def _reversioned_rows(committed: pa.Table, found: dict[str, tuple[int, str]], scored_at: datetime) -> pa.Table:
+    """Copies of the latest rows of files whose bytes are unchanged, with their new size and version."""
+    rows = _withdrawal_rows(committed, tuple(found), scored_at, status=None)
+    paths = rows.column("path").to_pylist()
+    schema = rows.schema
+    rows = rows.set_column(schema.get_field_index("size"), "size", pa.array([found[p][0] for p in paths], pa.int64()))
+    return rows.set_column(schema.get_field_index("version"), "version",
+                           pa.array([found[p][1] for p in paths], pa.string()))
+
+
+def _withdrawal_rows(committed: pa.Table, withdrawn: tuple[str, ...], scored_at: datetime, *,
+                     status: str | None = WITHDRAWN) -> pa.Table:
     """A ``withdrawn`` row for each latest row of the files gone from the input: a copy of it
     (what was said, by which model, from which bytes), marked, and the latest of its file.
-    ``status=None``: the copies keep their status and error (a file's rows under a new version)."""
+    ``status=None``: the copies keep their status and error (a file's rows under a new version).
+    ``committed``: the committed rows (:func:`committed_rows`), whose schema the rows take."""
     gone = pa.array(sorted(withdrawn), pa.string())
-    parts = []
-    for cf in files:
-        t = pq.read_table(pa.BufferReader(cf.data))
-        t = t.filter(pc.is_in(t.column("path"), value_set=gone))
-        if t.num_rows:
-            parts.append(t)
-    if not parts:
-        return schema.empty_table()
-    rows = pa.concat_tables(parts, promote_options="permissive")
-    paths, when = rows.column("path").to_pylist(), rows.column("scored_at").to_pylist()
-    last: dict[str, Any] = {}
-    for p, w in zip(paths, when):
-        if p not in last or (w is not None and (last[p] is None or w > last[p])):
-            last[p] = w
-    keep = [i for i, (p, w) in enumerate(zip(paths, when)) if w == last[p]]
-    rows = rows.take(pa.array(keep, pa.int64()))
-    cols = {}
-    for f in schema:
-        if f.name == "status" and status is not None:
-            cols[f.name] = pa.array([status] * rows.num_rows, f.type)
-        elif f.name == "error" and status is not None:
-            cols[f.name] = pa.array([WITHDRAWN_REASON] * rows.num_rows, f.type)
-        elif f.name == "scored_at":
-            cols[f.name] = pa.array([scored_at] * rows.num_rows, f.type)
-        elif f.name in rows.column_names:
-            cols[f.name] = rows.column(f.name).cast(f.type)
-        else:
-            cols[f.name] = pa.nulls(rows.num_rows, f.type)
-    return pa.table(cols, schema=schema)
+    rows = latest_rows(committed.filter(pc.is_in(committed.column("path"), value_set=gone)))
+    n = rows.num_rows
+    if status is not None:
+        rows = rows.set_column(rows.schema.get_field_index("status"), "status", pa.array([status] * n, pa.string()))
+        rows = rows.set_column(rows.schema.get_field_index("error"), "error",
+                               pa.array([WITHDRAWN_REASON] * n, pa.string()))
+    field = rows.schema.field("scored_at")
+    return rows.set_column(rows.schema.get_field_index("scored_at"), field, pa.array([scored_at] * n, field.type))
 
 
 def run_scoring(config: ScoreConfig) -> dict:
@@ -611,8 +594,10 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     _claim_identifiers(dst, ids)
     asked.save_yaml(dst.join(OUTPUT_CONFIG_FILE))  # `jobs/score.py --config` takes it back; readers skip it
 
-    committed = writer.manifest.committed()  # the files the job committed, their bytes checked
-    prior = prior_state(_read_committed(committed, PRIOR_COLUMNS))
+    # The files the job committed, their bytes checked, read once into one table: the plan, the
+    # commit and every derived output (series table, DICOM objects, report) take it from here.
+    committed = committed_rows(writer.manifest.committed(), list(meta["class_names"]))
+    prior = prior_state(committed)
     prefix = "s3://" if src.is_s3 else ""
     # The listing named as the output names it (path_mode), so both sides compare like for like.
     shown = {p: ids.path(prefix + p) for p in files}
@@ -643,54 +628,57 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
         **({"notes": list(notes)} if notes else {}),
         **recovered,
     }
-    def dicom(after: list[CommittedFile]) -> dict:
-        """--dicom-out/--dicom-send after the series table: the objects of every series (of the
-        output's committed files ``after``), sent."""
-        # The algorithm identification: the registered model's name and version when scored by name.
-        algo = Algorithm(name=registered["name"] if registered else f"braintumor-ray {meta.get('backbone', 'model')}",
-                         version=f"{registered['version']} (registered)" if registered
-                         else f"package format {meta.get('format_version')}", model_id=model_id)
-        step = run_dicom_step(config, dst=dst, src=src, ids=ids, sources={v: k for k, v in shown.items()}, lease=lease,
-                              run_id=run_id, algo=algo, rows=_read_committed(after, SLICE_COLUMNS))
-        return {"dicom": step} if step is not None else {}
-
-    if not diff.has_work:
-        after = committed  # nothing was committed since the plan read them
-        summary.update(series=_series(dst, list(plan.class_names), plan.series_review_threshold, after), **dicom(after),
-                       wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0)
-        return log_scoring(config, _with_report(summary, dst, after), registered)
+    algo = Algorithm(name=registered["name"] if registered else f"braintumor-ray {meta.get('backbone', 'model')}",
+                     version=f"{registered['version']} (registered)" if registered
+                     else f"package format {meta.get('format_version')}", model_id=model_id)
+    derived = dict(config=config, plan=plan, dst=dst, src=src, ids=ids, sources={v: k for k, v in shown.items()},
+                   lease=lease, algo=algo)
+    if not diff.has_work:  # nothing was committed since the plan read the rows
+        summary.update(wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0)
+        return log_scoring(config, _derived(summary, committed, **derived), registered)
 
     staging = writer.stage(run_id)
     t_run = time.perf_counter()
     if diff.todo:
         _execute(plan, staging, source=src, attempts=writer.root.join(ATTEMPTS_DIR))
     elapsed = time.perf_counter() - t_run
-    written, heatmaps = _commit(plan, writer, staging, explain_writer, explain_stage, committed)
+    written, after, heatmaps = _commit(plan, writer, staging, explain_writer, explain_stage, committed)
     counts = {k: int(pc.sum(pc.equal(written.column("status"), k)).as_py() or 0) for k in ("ok", "error", "skipped")}
     # A skipped row is a file the series selector left out, or a slice with no content or no head.
     reasons = written.column("error").to_pylist()
     slices_skipped = sum(1 for st, r in zip(written.column("status").to_pylist(), reasons)
                          if st == "skipped" and (r or "").startswith(SLICE_SKIP_REASONS))
     files_written = len(set(written.filter(pc.not_equal(written.column("status"), WITHDRAWN)).column("path").to_pylist()))
-    # Read (and sha256-checked) once after the commit, for the series table, the DICOM step and
-    # the report: each used to read every committed file of the output again.
-    after = writer.manifest.committed()
     summary.update(
         scored=counts["ok"],
         errors=counts["error"],
         not_selected=counts["skipped"] - slices_skipped,
         slices_skipped=slices_skipped,
         skipped_already_scored=summary["skipped_already_scored"] + len(diff.todo) - files_written,
-        series=_series(dst, list(plan.class_names), plan.series_review_threshold, after),
         run_id=run_id,
         **({"replicas": plan.replicas, "cpus_per_replica": plan.replica_cpus, "engine": engine} if diff.todo else {}),
         heatmaps=heatmaps,
-        wall_s=round(time.perf_counter() - t0, 3),
         images_per_s=round(len(diff.todo) / elapsed, 2) if diff.todo and elapsed > 0 else 0.0,
     )
-    summary.update(dicom(after))
-    summary["wall_s"] = round(time.perf_counter() - t0, 3)  # with the DICOM step
-    return log_scoring(config, _with_report(summary, dst, after), registered)
+    summary = _derived(summary, after, **derived)
+    summary["wall_s"] = round(time.perf_counter() - t0, 3)  # with the derived outputs
+    return log_scoring(config, summary, registered)
+
+
+def _derived(summary: dict, rows: pa.Table, *, config: ScoreConfig, plan: ScoringPlan, dst: Location, src: Location,
+             ids: Identifiers, sources: dict[str, str], lease: Lease, algo: Algorithm) -> dict:
+    """What is built from the committed rows ``rows`` (in memory, never read back from storage),
+    still under the lease: the per-series table, then the DICOM objects and their sending (from
+    that table, not from its file), then the review page."""
+    series = series_table(rows, list(plan.class_names), review_threshold=plan.series_review_threshold)
+    out = summary | {"series": write_series_table(dst, series)}
+    step = run_dicom_step(config, dst=dst, src=src, ids=ids, sources=sources, lease=lease, run_id=plan.run_id,
+                          algo=algo, rows=rows, series=series)
+    if step is not None:
+        out["dicom"] = step
+    maps = explain_location(dst)
+    return out | {"report": write_scoring_report(dst, series=series, maps=maps, rows=rows,
+                                                 map_files=Manifest(maps, what="explain").read())}
 
 
 def _cluster_shape() -> ClusterShape:
@@ -748,38 +736,50 @@ def _execute(plan: ScoringPlan, staging: Location, *, source: Location, attempts
 
 
 def _commit(plan: ScoringPlan, writer: StagedWriter, staging: Location, explain_writer: StagedWriter,
-            explain_stage: Location, committed: list[CommittedFile]) -> tuple[pa.Table, int]:
-    """Add the withdrawal rows to the run, then commit it: its (path, status) rows and the maps.
+            explain_stage: Location, committed: pa.Table) -> tuple[pa.Table, pa.Table, int]:
+    """Add the withdrawal rows to the run, then commit it: its rows and the maps. Returns this
+    run's rows (scored and withdrawn), the committed rows after the commit, and the maps committed.
 
     Every row of the run is on storage: the commit marks it so (from here a cut-off run is
     committed by the next one instead of redone), then moves the files in one by one and names
     them in the manifest. The maps first: a committed row never names a PNG that is not there
     yet (a run cut off between the two commits is redone, and rewrites the same file names).
+    Each staged file is read once; the committed table after the commit is built from those
+    tables and ``committed`` (the rows the plan read), not read back from storage.
     """
-    reversioned = _take_unchanged(staging, committed, output_schema(list(plan.class_names)), plan.scored_at)
+    schema = output_schema(list(plan.class_names))
+    out = _output_of(staging)
+    staged, data = _read_staged(staging)
+    kept, found = _take_unchanged(staged)
+    for name, t in staged.items():  # files that held UNCHANGED rows: rewritten without them, or gone
+        if name not in kept:
+            del data[name]
+            remove_child(out, staging, name, what="score")
+        elif kept[name] is not t:
+            data[name] = _parquet_bytes(kept[name])
+            staging.join(name).write_bytes(data[name])
     if plan.diff.withdrawn:
-        rows = _withdrawal_rows(committed, plan.diff.withdrawn, output_schema(list(plan.class_names)), plan.scored_at)
-        buf = pa.BufferOutputStream()
-        pq.write_table(rows, buf)
-        staging.join(f"withdrawn-{plan.run_id}.parquet").write_bytes(buf.getvalue().to_pybytes())
+        rows = _withdrawal_rows(committed, plan.diff.withdrawn, plan.scored_at)
+        name = f"withdrawn-{plan.run_id}.parquet"
+        kept[name], data[name] = rows, _parquet_bytes(rows)
+        staging.join(name).write_bytes(data[name])
         logger.warning("score: %d rows of %d files gone from the input marked withdrawn (their earlier rows stay)",
                        rows.num_rows, len(plan.diff.withdrawn))
-    staged = [p for p in (staging.files() if staging.exists() else []) if p.endswith(".parquet")]
-    written = pa.concat_tables(
-        [pq.read_table(p, columns=["path", "status", "error"], filesystem=staging.pyarrow_fs) for p in staged]
-    ) if staged else pa.table({c: pa.array([], pa.string()) for c in ("path", "status", "error")})
+    written = pa.concat_tables([t.cast(schema) for t in kept.values()]) if kept else schema.empty_table()
     heatmaps = explain_writer.commit(explain_stage) if explain_stage.exists() else 0
-    if reversioned is not None:  # after `written`: these files were not scored again
-        buf = pa.BufferOutputStream()
-        pq.write_table(reversioned, buf)
-        staging.join(f"versions-{plan.run_id}.parquet").write_bytes(buf.getvalue().to_pybytes())
-        staged.append(staging.join(f"versions-{plan.run_id}.parquet").path)
+    parts = [] if plan.rescore_all else [committed]
+    if found:  # after `written`: these files were not scored again
+        reversioned = _reversioned_rows(committed, found, plan.scored_at)
+        name = f"versions-{plan.run_id}.parquet"
+        kept[name], data[name] = reversioned, _parquet_bytes(reversioned)
+        staging.join(name).write_bytes(data[name])
+        parts.append(reversioned)
         logger.info("score: %d files with unchanged bytes under a new version (touched, chmod, restored): their new "
-                    "version recorded, not scored again", len(set(reversioned.column("path").to_pylist())))
-    if staged:
-        writer.commit(staging, replace_all=plan.rescore_all)
+                    "version recorded, not scored again", len(found))
+    if kept:
+        writer.commit(staging, replace_all=plan.rescore_all, data=data)
     _clear_attempts(writer.root.join(ATTEMPTS_DIR))
-    return written, heatmaps
+    return written, pa.concat_tables([*parts, written]), heatmaps
 
 
 def _clear_attempts(attempts: Location) -> None:
@@ -863,20 +863,6 @@ def _engine(config: ScoreConfig, meta: dict) -> tuple[str, tuple[str, ...]]:
     if note:
         logger.warning("score: %s", note)
     return engine, (note,) if note else ()
-
-
-def _series(dst: Location, class_names: list[str], review_threshold: float, files: list[CommittedFile]) -> int | None:
-    """Bring the per-series table up to date with every committed row; its row count, or None
-    when the output holds no DICOM series or NIfTI volume."""
-    return update_series_table(dst, class_names, review_threshold=review_threshold, files=files)
-
-
-def _with_report(summary: dict, dst: Location, files: list[CommittedFile]) -> dict:
-    """The review page, rebuilt from every committed row (this run's and earlier ones'), still
-    under the lease: ``OUTPUT/_report.html`` (:mod:`braintumor_ray.report`)."""
-    maps = explain_location(dst)
-    return summary | {"report": write_scoring_report(dst, series=series_location(dst).join(SERIES_FILE), maps=maps,
-                                                     files=files, map_files=Manifest(maps, what="explain").read())}
 
 
 def format_summary(s: dict) -> str:
