@@ -182,59 +182,65 @@ def series_table(rows: pa.Table, class_names: list[str], *, review_threshold: fl
     names = list(class_names)
     no_tumor = names.index(NO_TUMOR) if NO_TUMOR in names else None
     for (model_id, _), g in sorted(df.groupby(["model_id", "_key"]), key=lambda kv: kv[0]):
-        g = g.sort_values(["instance_number", "slice_index", "path"], na_position="last", kind="stable")
-        ok = g[g["status"] == "ok"]
-        is_volume = g["series_instance_uid"].isna().all()
-        out["model_id"].append(model_id)
-        out["series_instance_uid"].append(None if is_volume else _value(g["series_instance_uid"].iloc[0]))
-        studies = g["study_instance_uid"].dropna()
-        out["study_instance_uid"].append(_value(studies.iloc[0]) if len(studies) else None)
-        out["volume_path"].append(_value(g["path"].iloc[0]) if is_volume else None)
-        out["slices_scored"].append(len(ok))
-        out["slices_failed"].append(int((g["status"] == "error").sum()))
-        out["slices_skipped"].append(int((g["status"] == "skipped").sum()))
-        out["last_scored_at"].append(g["scored_at"].max())
-        if ok.empty:
-            for k in ("predicted_label", "top_probability", "confidence", "review_reason", "top_slice_path",
-                      "top_slice_sop_instance_uid", "top_slice_instance_number", "top_slice_index", "prediction_set",
-                      "set_size"):
-                out[k].append(None)
-            out["slices_voting"].append(0)
-            for c in names:
-                out["max_" + PROB_PREFIX + c].append(None)
-                out["mean_" + PROB_PREFIX + c].append(None)
-            continue
-        p = ok[[PROB_PREFIX + c for c in names]].to_numpy(dtype=np.float64)
-        head = ok["head_fraction"].to_numpy(dtype=np.float64, na_value=np.nan)
-        ood = (ok["review_reason"] == "out_of_distribution").to_numpy()
-        in_set = _set_mask(ok["prediction_set"].tolist(), names)
-        v = series_verdict(p, head_fraction=head, ood=ood, no_tumor=no_tumor, review_threshold=review_threshold,
-                           in_set=in_set)
-        out["slices_voting"].append(v.voting)
-        out["confidence"].append(v.confidence)
-        out["review_reason"].append(v.review_reason)
-        out["prediction_set"].append(None if v.in_set is None else [c for c, k in zip(names, v.in_set) if k])
-        out["set_size"].append(None if v.in_set is None else int(sum(v.in_set)))
-        if v.label is None:
-            for k in ("predicted_label", "top_probability", "top_slice_path", "top_slice_sop_instance_uid",
-                      "top_slice_instance_number", "top_slice_index"):
-                out[k].append(None)
-            for k, c in enumerate(names):
-                out["max_" + PROB_PREFIX + c].append(float(p[:, k].max()))
-                out["mean_" + PROB_PREFIX + c].append(float(p[:, k].mean()))
-            continue
-        row, cls = v.top_slice, v.label
-        top = ok.iloc[row]
-        out["predicted_label"].append(names[cls])
-        out["top_probability"].append(float(p[row, cls]))
-        out["top_slice_path"].append(_value(top["path"]))
-        out["top_slice_sop_instance_uid"].append(_value(top["sop_instance_uid"]))
-        out["top_slice_instance_number"].append(_value(top["instance_number"], int))
-        out["top_slice_index"].append(_value(top["slice_index"], int))
+        _add_series(out, model_id, g, names, no_tumor, review_threshold)
+    return pa.Table.from_pydict(out, schema=schema)
+
+
+def _add_series(out: dict[str, list], model_id: str, g: pd.DataFrame, names: list[str], no_tumor: int | None,
+                review_threshold: float) -> None:
+    """Append one series' (or volume's) row to ``out``: ``g`` its latest slice rows."""
+    g = g.sort_values(["instance_number", "slice_index", "path"], na_position="last", kind="stable")
+    ok = g[g["status"] == "ok"]
+    is_volume = g["series_instance_uid"].isna().all()
+    out["model_id"].append(model_id)
+    out["series_instance_uid"].append(None if is_volume else _value(g["series_instance_uid"].iloc[0]))
+    studies = g["study_instance_uid"].dropna()
+    out["study_instance_uid"].append(_value(studies.iloc[0]) if len(studies) else None)
+    out["volume_path"].append(_value(g["path"].iloc[0]) if is_volume else None)
+    out["slices_scored"].append(len(ok))
+    out["slices_failed"].append(int((g["status"] == "error").sum()))
+    out["slices_skipped"].append(int((g["status"] == "skipped").sum()))
+    out["last_scored_at"].append(g["scored_at"].max())
+    if ok.empty:
+        for k in ("predicted_label", "top_probability", "confidence", "review_reason", "top_slice_path",
+                  "top_slice_sop_instance_uid", "top_slice_instance_number", "top_slice_index", "prediction_set",
+                  "set_size"):
+            out[k].append(None)
+        out["slices_voting"].append(0)
+        for c in names:
+            out["max_" + PROB_PREFIX + c].append(None)
+            out["mean_" + PROB_PREFIX + c].append(None)
+        return
+    p = ok[[PROB_PREFIX + c for c in names]].to_numpy(dtype=np.float64)
+    head = ok["head_fraction"].to_numpy(dtype=np.float64, na_value=np.nan)
+    ood = (ok["review_reason"] == "out_of_distribution").to_numpy()
+    in_set = _set_mask(ok["prediction_set"].tolist(), names)
+    v = series_verdict(p, head_fraction=head, ood=ood, no_tumor=no_tumor, review_threshold=review_threshold,
+                       in_set=in_set)
+    out["slices_voting"].append(v.voting)
+    out["confidence"].append(v.confidence)
+    out["review_reason"].append(v.review_reason)
+    out["prediction_set"].append(None if v.in_set is None else [c for c, k in zip(names, v.in_set) if k])
+    out["set_size"].append(None if v.in_set is None else int(sum(v.in_set)))
+    if v.label is None:
+        for k in ("predicted_label", "top_probability", "top_slice_path", "top_slice_sop_instance_uid",
+                  "top_slice_instance_number", "top_slice_index"):
+            out[k].append(None)
         for k, c in enumerate(names):
             out["max_" + PROB_PREFIX + c].append(float(p[:, k].max()))
             out["mean_" + PROB_PREFIX + c].append(float(p[:, k].mean()))
-    return pa.Table.from_pydict(out, schema=schema)
+        return
+    row, cls = v.top_slice, v.label
+    top = ok.iloc[row]
+    out["predicted_label"].append(names[cls])
+    out["top_probability"].append(float(p[row, cls]))
+    out["top_slice_path"].append(_value(top["path"]))
+    out["top_slice_sop_instance_uid"].append(_value(top["sop_instance_uid"]))
+    out["top_slice_instance_number"].append(_value(top["instance_number"], int))
+    out["top_slice_index"].append(_value(top["slice_index"], int))
+    for k, c in enumerate(names):
+        out["max_" + PROB_PREFIX + c].append(float(p[:, k].max()))
+        out["mean_" + PROB_PREFIX + c].append(float(p[:, k].mean()))
 
 
 def _set_mask(sets: list, names: list[str]) -> np.ndarray | None:
