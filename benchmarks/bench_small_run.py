@@ -31,12 +31,12 @@ PARTS = {
     "verify_onnx": "verify_onnx",
     "pin_package": "pin_package",
     "listing": "listing",
-    "committed_rows": "committed",
+    "committed_rows": "committed_rows",
     "rerun_diff": "rerun_diff",
     "execute (Ray Data)": "_execute",
     "commit": "_commit",
-    "series_table": "_series",
-    "report": "_with_report",
+    "series_table": "series_table",
+    "report": "write_scoring_report",
     "dicom_step": "run_dicom_step",
 }
 

@@ -490,3 +490,29 @@ def test_ingest_reads_dicom_and_nifti_beside_jpeg(ray_session, tmp_path, caplog)
     assert report["counts"]["ignored_files"] == 1  # the README without an extension
     files = [p for p in glob.glob(f"{out}/**/*", recursive=True) if os.path.isfile(p)]
     assert_no_patient_data(files, caplog.text, json.dumps(report))
+
+
+def test_a_rewritten_series_table_never_reaches_an_sr(ray_session, package, tmp_path):
+    """OUTPUT_series/series.parquet is derived output: the DICOM step and the report take the table
+    built from the committed rows in memory. A rewritten file (its metadata kept, so that nothing
+    but its bytes tells it apart) makes no new SR, names no other verdict, and is written right again."""
+    import pyarrow as pa
+
+    archive, out = str(tmp_path / "pacs"), str(tmp_path / "predictions")
+    make_pacs(archive)
+    first = run_scoring(ScoreConfig(model=package, input=archive, output=out, batch_size=8, dicom_out="sr"))
+    assert first["dicom"]["sr"] == 3
+    manifest = json.loads(open(out + "_dicom/_manifest.json").read())["files"]
+    target = os.path.join(out + "_series", SERIES_FILE)
+    true_bytes = open(target, "rb").read()
+    table = pq.read_table(target)
+    labels = table.column("predicted_label").to_pylist()
+    forged = ["pituitary" if lb != "pituitary" else "glioma" for lb in labels]
+    table = table.set_column(table.schema.get_field_index("predicted_label"), "predicted_label",
+                             pa.array(forged, pa.string())).replace_schema_metadata(table.schema.metadata)
+    pq.write_table(table, target)
+
+    again = run_scoring(ScoreConfig(model=package, input=archive, output=out, batch_size=8, dicom_out="sr"))
+    assert again["dicom"]["sr"] == 0 and "retired" not in again["dicom"]
+    assert json.loads(open(out + "_dicom/_manifest.json").read())["files"] == manifest
+    assert open(target, "rb").read() == true_bytes  # the derived table, written again from the rows

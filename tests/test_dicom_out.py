@@ -489,7 +489,6 @@ def _step_world(tmp_path, s3=None):
 
     from braintumor_ray.core import Lease
     from braintumor_ray.imaging import InputGuard
-    from braintumor_ray.score import SERIES_FILE, series_location
     from braintumor_ray.score._dicom import SLICE_COLUMNS, run_dicom_step
 
     data = dicom_bytes(head12(3), window=(1500, 3000))
@@ -511,19 +510,17 @@ def _step_world(tmp_path, s3=None):
                                       "sop_instance_uid": uids["sop"], "series_instance_uid": uids["series"],
                                       "slice_index": None, "heatmap_path": heat, "version": version}],
                                     schema=pa.schema(SLICE_COLUMNS))
-        folder = series_location(dst)
-        folder.join(SERIES_FILE).fs.makedirs(folder.path, exist_ok=True)
-        pd.DataFrame([{"model_id": model, "series_instance_uid": uids["series"], "study_instance_uid": uids["study"],
-                       "predicted_label": label, "confidence": conf, "review_reason": None, "prediction_set": None,
-                       "top_slice_path": shown, "top_slice_sop_instance_uid": uids["sop"],
-                       "top_slice_index": None}]).to_parquet(folder.join(SERIES_FILE).path)
+        series = pa.Table.from_pandas(pd.DataFrame([{
+            "model_id": model, "series_instance_uid": uids["series"], "study_instance_uid": uids["study"],
+            "predicted_label": label, "confidence": conf, "review_reason": None, "prediction_set": None,
+            "top_slice_path": shown, "top_slice_sop_instance_uid": uids["sop"], "top_slice_index": None}]))
         cfg = SimpleNamespace(dicom_out="sr+sc", dicom_send=dest, dicom_identifiers=False, dicom_banner="",
                               guard=InputGuard(), s3_endpoint_url=s3 and s3[0], dicom_ae_title="BRAINTUMOR",
                               dicom_send_retries=0)
         algo = Algorithm(ALGO.name, ALGO.version, model)
         with Lease(dst, owner=run_id, ttl_s=60, what="score") as lease:
             return run_dicom_step(cfg, dst=dst, src=src, ids=Identifiers(), sources={shown: listed}, lease=lease,
-                                  run_id=run_id, algo=algo, rows=rows)
+                                  run_id=run_id, algo=algo, rows=rows, series=series)
 
     def put(data: bytes) -> None:
         src.join("IM1").write_bytes(data)

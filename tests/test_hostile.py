@@ -294,7 +294,7 @@ def test_a_file_that_kills_its_decode_task_twice_becomes_an_error_row(tmp_path, 
     src.mkdir()
     for i, name in enumerate(["a.png", "killer.png", "b.png", "c.png", "lone.png"]):
         (src / name).write_bytes(encode_png(mri_like(1, seed=i)[0]))
-    source, attempts = resolve(str(src)), resolve(str(tmp_path / "staging")).join(ATTEMPTS_DIR)
+    source, attempts = resolve(str(src)), resolve(str(tmp_path / "out._staging")).join(ATTEMPTS_DIR)
     listed = source.listing().files
 
     def batch(*names):

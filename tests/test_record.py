@@ -115,9 +115,9 @@ def test_freshness_withdrawn_rows_error_retries_and_a_planted_file(ray_session, 
     # The limit raised, retries off: the big file's error is final and stays recorded.
     with caplog.at_level("WARNING"):
         second = run_scoring(ScoreConfig(**cfg, retry_errors=0))
-    # Said twice: the plan reads the committed files before the run, and the series table, the
-    # DICOM step and the report share one read after its commit (each used to read them again).
-    assert caplog.text.count("part-planted.parquet is not in _manifest.json") == 2
+    # Said once: a run reads the committed files once, into the one table that its plan, its
+    # commit, the series table, the DICOM step and the report share (they were read twice a run).
+    assert caplog.text.count("part-planted.parquet is not in _manifest.json") == 1
     assert second["errors_final"] == 1 and second["withdrawn"] == 1
     assert second["scored"] == 2  # the rewritten file and the new scan (the planted row notwithstanding)
     rows = _committed(out)

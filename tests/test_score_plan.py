@@ -209,3 +209,69 @@ def test_a_folder_refused_for_its_depth_gets_its_error_row_once(tmp_path):
     # Another limit is another listing: the folder is looked at again.
     deeper = resolve(str(base)).listing(max_depth=2)
     assert folder not in deeper.refused and str(base / "top.png") in deeper.files
+
+
+def test_latest_rows_is_one_rule_for_every_reader():
+    """The latest rows of a file: its latest scored_at (every slice of that run); rows without a
+    time are the oldest, and a file whose rows all lack one keeps them all. The plan, the
+    withdrawals, the series table, the DICOM step and the report all take this one function."""
+    from braintumor_ray.core import committed_table, latest_rows
+
+    t1 = T0 + timedelta(hours=1)
+    rows = _rows({"path": "a", "scored_at": None, "sha256": "old"}, {"path": "a", "sha256": "s0"},
+                 {"path": "a", "scored_at": t1, "sha256": "s1"}, {"path": "a", "scored_at": t1, "sha256": "s2"},
+                 {"path": "b", "scored_at": None, "sha256": "b1"}, {"path": "b", "scored_at": None, "sha256": "b2"},
+                 {"path": "c", "sha256": "c1", "model_id": "m1"}, {"path": "c", "scored_at": t1, "model_id": "m2"},
+                 {"path": "d", "scored_at": None, "sha256": "d1"})
+    assert latest_rows(rows).column("sha256").to_pylist() == ["s1", "s2", "b1", "b2", "s", "d1"]
+    by_model = latest_rows(rows, by=("model_id", "path"))
+    assert by_model.column("sha256").to_pylist() == ["s1", "s2", "b1", "b2", "c1", "s", "d1"]
+    assert latest_rows(rows.slice(8)).num_rows == 1  # one row a file: all of them, nothing grouped
+    state = prior_state(rows)
+    assert state["a"].sha256 == "s1" and state["b"].sha256 == "b1" and state["c"].model_ids == {"m2"}
+
+    # One table from committed files of two eras: a column a file predates is its fill value.
+    class F:
+        def __init__(self, t):
+            buf = pa.BufferOutputStream()
+            pq.write_table(t, buf)
+            self.data = buf.getvalue().to_pybytes()
+
+    old = pa.table({"path": ["x"], "sha256": ["h"]})
+    schema = pa.schema([("path", pa.string()), ("sha256", pa.string()), ("status", pa.string()),
+                        ("scored_at", pa.timestamp("us", tz="UTC"))])
+    both = committed_table([F(old), F(rows.select(["path", "sha256", "status", "scored_at"]))], schema,
+                           fill={"status": "ok"})
+    assert both.schema == schema and both.num_rows == 1 + rows.num_rows and both.slice(0, 1).to_pylist() == [
+        {"path": "x", "sha256": "h", "status": "ok", "scored_at": None}]
+
+
+def test_the_commit_builds_withdrawals_and_new_versions_from_the_one_table():
+    """Pure on the committed table (no file read again): a withdrawal copies each latest row of a
+    gone file; an unchanged file's rows are copied with its new size and version; the staged
+    UNCHANGED rows are split off the scored ones."""
+    from braintumor_ray.score._commit import _reversioned_rows, _take_unchanged, _withdrawal_rows
+    from braintumor_ray.score._layout import UNCHANGED, committed_rows, output_schema
+
+    names = ["glioma", "meningioma", "no_tumor", "pituitary"]
+    t1, now = T0 + timedelta(hours=1), T0 + timedelta(days=1)
+    schema = output_schema(names)
+    base = {"sha256": "s", "size": 10, "version": "v1", "model_id": "m1", "status": "ok", "scored_at": T0}
+    rows = pa.Table.from_pylist([base | {"path": "a"}, base | {"path": "a", "scored_at": t1, "sha256": "s2"},
+                                 base | {"path": "b", "slice_index": 0}, base | {"path": "b", "slice_index": 1},
+                                 base | {"path": "c"}], schema=schema)
+    gone = _withdrawal_rows(rows, ("a", "b"), now)
+    assert gone.schema == schema and gone.column("path").to_pylist() == ["a", "b", "b"]
+    assert set(gone.column("status").to_pylist()) == {WITHDRAWN} and gone.column("sha256").to_pylist()[0] == "s2"
+    assert set(gone.column("scored_at").to_pylist()) == {now} and gone.column("slice_index").to_pylist() == [None, 0, 1]
+    moved = _reversioned_rows(rows, {"b": (11, "v2")}, now)
+    assert moved.column("status").to_pylist() == ["ok", "ok"] and set(moved.column("version").to_pylist()) == {"v2"}
+    assert set(moved.column("size").to_pylist()) == {11}
+
+    staged = {"x.parquet": pa.Table.from_pylist([base | {"path": "b", "status": UNCHANGED, "size": 11, "version": "v2"},
+                                                 base | {"path": "d"}], schema=schema),
+              "y.parquet": pa.Table.from_pylist([base | {"path": "c", "status": UNCHANGED}], schema=schema)}
+    kept, found = _take_unchanged(staged)
+    assert list(kept) == ["x.parquet"] and kept["x.parquet"].column("path").to_pylist() == ["d"]
+    assert found == {"b": (11, "v2"), "c": (10, "v1")}
+    assert committed_rows([], names).schema == schema

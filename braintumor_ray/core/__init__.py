@@ -10,8 +10,8 @@ from ._errors import BraintumorError, ConfigError, ImageDecodeError, InputError,
 from ._paths import PATH_KEY_ENV, Identifiers, PathMode, UidMode, check_modes
 from ._labels import CLASS_NAMES, SPLIT_ALIASES, canonical_label, canonical_split
 from ._lease import LEASE_SUFFIX, Lease, LeaseError, current_lease, lease_location
-from ._staging import (DONE_MARKER, MANIFEST_FILE, STAGING_SUFFIX, CommittedFile, Manifest, StagedWriter, posix_basename,
-                       remove_child)
+from ._staging import (DONE_MARKER, MANIFEST_FILE, STAGING_SUFFIX, CommittedFile, Manifest, StagedWriter, committed_table,
+                       latest_mask, latest_rows, posix_basename, remove_child)
 from ._storage import (LINK_OUTSIDE, MAX_FOLDER_DEPTH, Listing, Location, check_disjoint, check_folder_depth,
                        folder_depth_setting, is_no_space, local_version, no_space_message, resolve, s3_filesystem,
                        same_version, unreadable_reason)
@@ -69,4 +69,7 @@ __all__ = [
     "lease_location",
     "posix_basename",
     "remove_child",
+    "committed_table",
+    "latest_mask",
+    "latest_rows",
 ]

@@ -33,7 +33,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core import CommittedFile, Location, Manifest
+from ..core import Location, Manifest, committed_table, latest_rows
 from ._page import bar_chart, data_table, esc, fmt, img, is_png, page, section, static_table, write_html
 
 logger = logging.getLogger(__name__)
@@ -66,28 +66,23 @@ def scoring_report_location(dst: Location) -> Location:
     return dst.join(SCORING_REPORT)
 
 
-def read_predictions(dst: Location, files: list[CommittedFile] | None = None) -> tuple[pd.DataFrame, int]:
+def read_predictions(dst: Location, rows: pa.Table | None = None) -> tuple[pd.DataFrame, int]:
     """Every committed row of the output (the columns the report shows), less the rows a later
     scoring of the same file superseded; and how many rows the Parquet holds in all.
-    ``files``: the committed files, when the caller has read them already."""
-    frames = []
-    if files is None:
-        files = Manifest(dst, what="report").committed()  # committed files only, their bytes checked
-    for cf in files:
-        f = pq.ParquetFile(pa.BufferReader(cf.data))
-        names = f.schema_arrow.names
-        want = [c for c in names if c in _TABLE_COLUMNS + _OPTIONAL_COLUMNS + _TAIL_COLUMNS
-                or c.startswith(PROB_PREFIX) or c.startswith("heatmap_")]
-        frames.append(f.read(columns=want).to_pandas())
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    ``rows``: the output's committed rows, when the caller holds them (the scoring job does);
+    else read here from the files its manifest names."""
+    if rows is None:
+        rows = committed_table(Manifest(dst, what="report").committed())  # committed files only, bytes checked
+    total = rows.num_rows
+    if total and "scored_at" in rows.column_names and "model_id" in rows.column_names:
+        rows = latest_rows(rows, by=("model_id", "path"))
+    want = [c for c in rows.column_names if c in _TABLE_COLUMNS + _OPTIONAL_COLUMNS + _TAIL_COLUMNS
+            or c.startswith(PROB_PREFIX) or c.startswith("heatmap_")]
+    df = rows.select(want).to_pandas() if total else pd.DataFrame()
     for c in _TABLE_COLUMNS + _OPTIONAL_COLUMNS + _TAIL_COLUMNS:
         if c not in df:
             df[c] = None
     df["prediction_set"] = df["prediction_set"].map(set_text)
-    total = len(df)
-    if total and df["scored_at"].notna().any():
-        latest = df.groupby(["model_id", "path"], dropna=False)["scored_at"].transform("max")
-        df = df[(df["scored_at"] == latest) | latest.isna()]
     return df.reset_index(drop=True), total
 
 
@@ -212,14 +207,15 @@ def _card(row: pd.Series, maps: dict[str, bytes | None], probs: list[str], extra
 
 
 def scoring_report_html(
-    dst: Location, *, series: Location | None = None, maps: Location | None = None, max_cases: int = MAX_CASES,
-    max_rows: int = MAX_TABLE_ROWS, files: list[CommittedFile] | None = None,
+    dst: Location, *, series: Location | pa.Table | None = None, maps: Location | None = None,
+    max_cases: int = MAX_CASES, max_rows: int = MAX_TABLE_ROWS, rows: pa.Table | None = None,
     map_files: dict[str, dict[str, Any]] | None = None,
 ) -> str:
-    """The page; ``maps``: the folder the job writes heat maps to (only maps in it are embedded);
-    ``files``: the output's committed files, when the caller has read them already;
+    """The page; ``series``: the per-series table (the scoring job gives the one it built from its
+    committed rows; a location is read); ``maps``: the folder the job writes heat maps to (only
+    maps in it are embedded); ``rows``: the output's committed rows, when the caller holds them;
     ``map_files``: the maps folder's manifest entries (only those maps, with those bytes, are embedded)."""
-    df, total = read_predictions(dst, files)
+    df, total = read_predictions(dst, rows)
     df = review_order(df) if len(df) else df
     probs = sorted(c for c in df.columns if c.startswith(PROB_PREFIX))
     ok = df[df["status"] == "ok"] if len(df) else df
@@ -264,8 +260,10 @@ def scoring_report_html(
                              anchor="models", note="The model id of each group of rows (every case card names its own)."))
 
     # Series verdicts.
-    if series is not None and series.exists():
-        st = pq.read_table(series.path, filesystem=series.pyarrow_fs).to_pandas()
+    if isinstance(series, Location):
+        series = pq.read_table(series.path, filesystem=series.pyarrow_fs) if series.exists() else None
+    if series is not None and series.num_rows:  # none for an output of plain images
+        st = series.to_pandas()
         cols = [c for c in _SERIES_COLUMNS if c in st and st[c].notna().any()]
         if len(st):
             st = review_order(st.assign(path=st.get("top_slice_path"), status="ok"))
@@ -275,7 +273,7 @@ def scoring_report_html(
         verdicts = static_table(["verdict", "series or volumes", "share"], _counts(st, "predicted_label"))
         parts.append(section(
             "Series verdicts", verdicts + data_table("series", cols, rows, types=[_TYPES.get(c, "str") for c in cols]),
-            anchor="series-verdicts", note="One row per DICOM series or NIfTI volume (from " + esc(series.uri) + "); flagged "
+            anchor="series-verdicts", note="One row per DICOM series or NIfTI volume (" + esc(dst.uri.rstrip("/")) + "_series/); flagged "
             "verdicts first. A series' verdict is the mean tumour probability of its top 3 slices that show enough head."))
         nav.insert(1, '<a href="#series-verdicts">series</a>')
 

@@ -14,7 +14,7 @@ from ._run import (
     run_scoring,
 )
 from ._plan import ClusterShape, PriorFile, RerunDiff, ScoringPlan, plan_scoring, prior_state, rerun_diff
-from ._series import SERIES_FILE, Verdict, series_location, series_table, series_verdict, top_slice, update_series_table
+from ._series import SERIES_FILE, Verdict, series_location, series_table, series_verdict, top_slice, write_series_table
 
 __all__ = [
     "ClusterShape",
@@ -41,5 +41,5 @@ __all__ = [
     "series_verdict",
     "Verdict",
     "top_slice",
-    "update_series_table",
+    "write_series_table",
 ]

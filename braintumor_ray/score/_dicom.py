@@ -17,18 +17,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from ..core import BraintumorError, Identifiers, Lease, Location, Manifest, StagedWriter, posix_basename, remove_child, resolve
+from ..core import (BraintumorError, Identifiers, Lease, Location, Manifest, StagedWriter, latest_mask, posix_basename,
+                    remove_child, resolve)
 from ._dicom_out import (Algorithm, DicomObject, SeriesFinding, banner_lines, build_sc, build_sr, dicom_location,
                          parse_object_name, plan_dicom, sc_pixels, source_view, to_bytes)
 from ._dicom_send import SentLedger, parse_destinations, read_dataset, send_with_retries
 from ._explain import explain_location
-from ._series import SERIES_FILE, series_location
 
 logger = logging.getLogger(__name__)
 
-# The prediction columns the step reads (with _run._read_committed).
+# The prediction columns the step reads.
 SLICE_COLUMNS = {"path": pa.string(), "model_id": pa.string(), "status": pa.string(), "scored_at": pa.timestamp("us", tz="UTC"),
                  "sop_instance_uid": pa.string(), "series_instance_uid": pa.string(), "slice_index": pa.int32(),
                  "heatmap_path": pa.string(), "version": pa.string()}
@@ -39,8 +38,9 @@ def series_findings(series: pd.DataFrame, rows: pd.DataFrame, model_id: str) -> 
     (plain images, NIfTI volumes: no object is made for them). Pure."""
     mine = rows[(rows["model_id"] == model_id)] if len(rows) else rows
     if len(mine):
-        latest = mine.groupby("path")["scored_at"].transform("max")
-        mine = mine[(mine["scored_at"] == latest) & (mine["status"] == "ok")]
+        when = pa.Table.from_pandas(mine[["path", "scored_at"]], preserve_index=False)
+        latest = latest_mask(when).to_numpy(zero_copy_only=False)
+        mine = mine[latest & (mine["status"] == "ok").to_numpy()]
     not_dicom = int(mine[mine["sop_instance_uid"].isna()]["path"].nunique()) if len(mine) else 0
     out = []
     if series is None or not len(series):
@@ -73,18 +73,20 @@ def series_findings(series: pd.DataFrame, rows: pd.DataFrame, model_id: str) -> 
 
 
 def run_dicom_step(config, *, dst: Location, src: Location, ids: Identifiers, sources: dict[str, str], lease: Lease,
-                   run_id: str, algo: Algorithm, rows: pa.Table) -> dict[str, Any] | None:
-    """Write and send; the summary's ``dicom`` entry (None when neither is asked for)."""
+                   run_id: str, algo: Algorithm, rows: pa.Table, series: pa.Table | None) -> dict[str, Any] | None:
+    """Write and send; the summary's ``dicom`` entry (None when neither is asked for).
+
+    ``rows``: the output's committed rows; ``series``: the per-series table the job built from
+    them in memory. Neither is read from storage here: a rewritten ``OUTPUT_series/series.parquet``
+    never reaches an SR."""
     dests = parse_destinations(config.dicom_send)
     if config.dicom_out == "none" and not dests:
         return None
     root = dicom_location(dst)
     writer = StagedWriter(root, what="dicom", lease=lease, manifest=True)
     _leave_staged(writer, run_id)
-    target = series_location(dst).join(SERIES_FILE)
-    series = pq.read_table(target.path, filesystem=target.pyarrow_fs).to_pandas() if target.exists() else None
-    table = rows.to_pandas()
-    findings, not_dicom = series_findings(series, table, algo.model_id)
+    table = rows.select([c for c in SLICE_COLUMNS if c in rows.column_names]).to_pandas()
+    findings, not_dicom = series_findings(series.to_pandas() if series is not None else None, table, algo.model_id)
     manifest = writer.manifest.read() or {}
     live = set(table["model_id"].dropna().unique()) if len(table) else set()
     plan = plan_dicom(findings, config.dicom_out, manifest, model_id=algo.model_id, live_models=live)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import pyarrow as pa
 
-from ..core import ConfigError, Identifiers, same_version
+from ..core import ConfigError, Identifiers, latest_mask, same_version
 from ..imaging import InputGuard, MRIPreprocess, SeriesSelector
 
 if TYPE_CHECKING:  # models imports torch: the plan and the decode tasks do not need it
@@ -81,16 +81,14 @@ class PriorFile:
 
 def prior_state(rows: pa.Table) -> dict[str, PriorFile]:
     """Committed rows (:data:`PRIOR_COLUMNS`) -> the latest state of each file, by its output name."""
-    cols = {c: rows.column(c).to_pylist() for c in PRIOR_COLUMNS}
+    cols = {c: rows.column(c).to_pylist() for c in PRIOR_COLUMNS if c != "scored_at"}
+    latest = latest_mask(rows).to_pylist()
     by_path: dict[str, list[int]] = {}
     for i, p in enumerate(cols["path"]):
         by_path.setdefault(p, []).append(i)
     out = {}
     for p, idx in by_path.items():
-        # Rows without a time (written before it was a column) are the oldest.
-        when = [cols["scored_at"][i] for i in idx]
-        last = max((w for w in when if w is not None), default=None)
-        mine = [i for i, w in zip(idx, when) if w == last]
+        mine = [i for i in idx if latest[i]]
         statuses = {cols["status"][i] or "ok" for i in mine}
         status = "error" if "error" in statuses else WITHDRAWN if WITHDRAWN in statuses else (
             "skipped" if statuses == {"skipped"} else "ok")

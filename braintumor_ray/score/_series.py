@@ -2,6 +2,9 @@
 
 It is derived data, rebuilt from every committed prediction row (never patched run by run),
 so it stays right whatever the history of incremental runs, changed files and cut-off runs.
+The scoring job builds it in memory from the rows it committed (:func:`series_table`) and
+gives that table to the DICOM step and the report; the file is written for users only and is
+never read back by the job.
 It lives in a sibling folder, ``OUTPUT_series/series.parquet``, so that the predictions folder
 keeps one schema and reads as-is with pandas, pyarrow and DuckDB.
 
@@ -36,7 +39,6 @@ right.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -44,9 +46,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..core import CLASS_NAMES, CommittedFile, Location, Manifest
+from ..core import Location, latest_rows
 from ..imaging import SLICE_SKIP_REASONS
 
 logger = logging.getLogger(__name__)
@@ -55,10 +58,6 @@ SERIES_SUFFIX = "_series"
 SERIES_FILE = "series.parquet"
 NO_TUMOR = "no_tumor"
 PROB_PREFIX = "prob_"
-# Schema metadata key: a digest of the prediction files the table was built from. A table
-# whose digest differs from the folder's is stale (a run committed after it, or was cut off
-# between its commit and the rebuild) and is rebuilt.
-SOURCES_KEY = b"braintumor_ray.sources"
 TOP_K = 3
 # A slice votes when its head covers at least this share of the series' largest head section.
 HEAD_SHARE = 0.5
@@ -118,77 +117,56 @@ def series_schema(class_names: list[str]) -> pa.Schema:
     )
 
 
-def _fingerprint(files: list[CommittedFile]) -> str:
-    names = sorted(f"{f.name}:{f.entry.get('sha256', '')}" for f in files)
-    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+def series_rows(rows: pa.Table) -> pa.Table:
+    """The committed rows (the prediction schema) of DICOM series and NIfTI volumes: the rows the
+    table is built from. Pure."""
+    if rows.num_rows == 0:
+        return rows
+    return rows.filter(pc.or_(pc.is_valid(rows.column("series_instance_uid")), pc.is_valid(rows.column("slice_index"))))
 
 
-def update_series_table(
-    dst: Location, class_names: list[str] = list(CLASS_NAMES), *, review_threshold: float = 0.0,
-    files: list[CommittedFile] | None = None,
-) -> int | None:
-    """Rebuild ``OUTPUT_series/series.parquet`` if the predictions changed since it was built.
+def write_series_table(dst: Location, table: pa.Table) -> int | None:
+    """Write ``OUTPUT_series/series.parquet`` unless it holds these bytes already; its row count,
+    or None when no committed row belongs to a series or volume (then no table is written: an
+    archive of plain images gets no empty sibling folder).
 
-    ``files``: the output's committed files, when the caller has read them already (the scoring
-    job reads them once after its commit, for this table, the DICOM step and the report).
-    Returns its number of rows, or None when no committed row belongs to a series or volume
-    (then no table is written: an archive of plain images gets no empty sibling folder).
+    The table is derived output only: the scoring job builds it from its committed rows in
+    memory and hands that table to the DICOM step and the report, so a file rewritten here
+    reaches no SR and no report, and the next run writes it right again.
     """
-    if files is None:
-        files = Manifest(dst, what="score").committed()  # committed rows only: never a planted file
-    digest = _fingerprint(files)
     target = series_location(dst).join(SERIES_FILE)
-    if target.exists():
-        meta = pq.ParquetFile(target.path, filesystem=target.pyarrow_fs).metadata
-        if (meta.schema.to_arrow_schema().metadata or {}).get(SOURCES_KEY, b"").decode() == digest:
-            return meta.num_rows
-    rows = _read_slice_rows(dst, files, class_names)
-    table = series_table(rows, class_names, review_threshold=review_threshold)
     if table.num_rows == 0 and not target.exists():
         return None
-    table = table.replace_schema_metadata({SOURCES_KEY: digest.encode()})
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
+    data = buf.getvalue().to_pybytes()
+    if target.exists() and target.read_bytes() == data:
+        return table.num_rows
     # Written beside, then moved over the old table: a reader sees the old or the new file whole.
     # The leading dot keeps the half-written file out of readers' folder listings.
     tmp = series_location(dst).join(f".{uuid.uuid4().hex}.parquet.tmp")
-    tmp.write_bytes(buf.getvalue().to_pybytes())
+    tmp.write_bytes(data)
     tmp.move_to(target)
     logger.info("score: series table %s rebuilt (%d series or volumes)", target.uri, table.num_rows)
     return table.num_rows
 
 
-def _read_slice_rows(dst: Location, files: list[CommittedFile], class_names: list[str]) -> pa.Table:
-    """The columns the table needs, from every committed prediction file that has them."""
-    probs = [PROB_PREFIX + c for c in class_names]
-    want = _ROW_COLUMNS + probs
-    tables = []
-    for cf in files:
-        f = pq.ParquetFile(pa.BufferReader(cf.data))
-        if not set(want) <= set(f.schema_arrow.names):
-            continue  # written before DICOM support, or by a model with other classes
-        t = f.read(columns=want + [c for c in _OPTIONAL if c in f.schema_arrow.names])
-        for c, typ in _OPTIONAL.items():
-            if c not in t.column_names:
-                t = t.append_column(c, pa.nulls(t.num_rows, typ))
-        tables.append(t)
-    if not tables:
-        return pa.table({c: pa.array([], pa.string()) for c in want + list(_OPTIONAL)})
-    return pa.concat_tables(tables, promote_options="permissive")
-
-
 def series_table(rows: pa.Table, class_names: list[str], *, review_threshold: float = 0.0) -> pa.Table:
     """Aggregate slice rows (the prediction schema's columns) into one row per series and model."""
     schema = series_schema(class_names)
+    rows = series_rows(rows)
     if rows.num_rows == 0:
         return schema.empty_table()
-    df = rows.to_pandas()
-    df = df[df["series_instance_uid"].notna() | df["slice_index"].notna()]
     # The latest scoring of each file: a changed file's (or volume's) older rows drop out, and so
     # do the rows of a file withdrawn since (gone from the input: its latest rows say so).
-    if not df.empty:
-        latest = df.groupby(["model_id", "path"])["scored_at"].transform("max")
-        df = df[df["scored_at"] == latest]
+    rows = latest_rows(rows, by=("model_id", "path"))
+    probs = [PROB_PREFIX + c for c in class_names]
+    if not set(probs) <= set(rows.column_names):
+        return schema.empty_table()  # rows of a model with other classes
+    df = rows.select([c for c in _ROW_COLUMNS + probs + list(_OPTIONAL) if c in rows.column_names]).to_pandas()
+    for c in _OPTIONAL:
+        if c not in df:
+            df[c] = None
     reasons = df["error"].fillna("") if "error" in df else pd.Series("", index=df.index)
     skipped_slice = (df["status"] == "skipped") & reasons.astype(str).str.startswith(SLICE_SKIP_REASONS)
     df = df[df["status"].isin(["ok", "error"]) | skipped_slice]
@@ -204,59 +182,65 @@ def series_table(rows: pa.Table, class_names: list[str], *, review_threshold: fl
     names = list(class_names)
     no_tumor = names.index(NO_TUMOR) if NO_TUMOR in names else None
     for (model_id, _), g in sorted(df.groupby(["model_id", "_key"]), key=lambda kv: kv[0]):
-        g = g.sort_values(["instance_number", "slice_index", "path"], na_position="last", kind="stable")
-        ok = g[g["status"] == "ok"]
-        is_volume = g["series_instance_uid"].isna().all()
-        out["model_id"].append(model_id)
-        out["series_instance_uid"].append(None if is_volume else _value(g["series_instance_uid"].iloc[0]))
-        studies = g["study_instance_uid"].dropna()
-        out["study_instance_uid"].append(_value(studies.iloc[0]) if len(studies) else None)
-        out["volume_path"].append(_value(g["path"].iloc[0]) if is_volume else None)
-        out["slices_scored"].append(len(ok))
-        out["slices_failed"].append(int((g["status"] == "error").sum()))
-        out["slices_skipped"].append(int((g["status"] == "skipped").sum()))
-        out["last_scored_at"].append(g["scored_at"].max())
-        if ok.empty:
-            for k in ("predicted_label", "top_probability", "confidence", "review_reason", "top_slice_path",
-                      "top_slice_sop_instance_uid", "top_slice_instance_number", "top_slice_index", "prediction_set",
-                      "set_size"):
-                out[k].append(None)
-            out["slices_voting"].append(0)
-            for c in names:
-                out["max_" + PROB_PREFIX + c].append(None)
-                out["mean_" + PROB_PREFIX + c].append(None)
-            continue
-        p = ok[[PROB_PREFIX + c for c in names]].to_numpy(dtype=np.float64)
-        head = ok["head_fraction"].to_numpy(dtype=np.float64, na_value=np.nan)
-        ood = (ok["review_reason"] == "out_of_distribution").to_numpy()
-        in_set = _set_mask(ok["prediction_set"].tolist(), names)
-        v = series_verdict(p, head_fraction=head, ood=ood, no_tumor=no_tumor, review_threshold=review_threshold,
-                           in_set=in_set)
-        out["slices_voting"].append(v.voting)
-        out["confidence"].append(v.confidence)
-        out["review_reason"].append(v.review_reason)
-        out["prediction_set"].append(None if v.in_set is None else [c for c, k in zip(names, v.in_set) if k])
-        out["set_size"].append(None if v.in_set is None else int(sum(v.in_set)))
-        if v.label is None:
-            for k in ("predicted_label", "top_probability", "top_slice_path", "top_slice_sop_instance_uid",
-                      "top_slice_instance_number", "top_slice_index"):
-                out[k].append(None)
-            for k, c in enumerate(names):
-                out["max_" + PROB_PREFIX + c].append(float(p[:, k].max()))
-                out["mean_" + PROB_PREFIX + c].append(float(p[:, k].mean()))
-            continue
-        row, cls = v.top_slice, v.label
-        top = ok.iloc[row]
-        out["predicted_label"].append(names[cls])
-        out["top_probability"].append(float(p[row, cls]))
-        out["top_slice_path"].append(_value(top["path"]))
-        out["top_slice_sop_instance_uid"].append(_value(top["sop_instance_uid"]))
-        out["top_slice_instance_number"].append(_value(top["instance_number"], int))
-        out["top_slice_index"].append(_value(top["slice_index"], int))
+        _add_series(out, model_id, g, names, no_tumor, review_threshold)
+    return pa.Table.from_pydict(out, schema=schema)
+
+
+def _add_series(out: dict[str, list], model_id: str, g: pd.DataFrame, names: list[str], no_tumor: int | None,
+                review_threshold: float) -> None:
+    """Append one series' (or volume's) row to ``out``: ``g`` its latest slice rows."""
+    g = g.sort_values(["instance_number", "slice_index", "path"], na_position="last", kind="stable")
+    ok = g[g["status"] == "ok"]
+    is_volume = g["series_instance_uid"].isna().all()
+    out["model_id"].append(model_id)
+    out["series_instance_uid"].append(None if is_volume else _value(g["series_instance_uid"].iloc[0]))
+    studies = g["study_instance_uid"].dropna()
+    out["study_instance_uid"].append(_value(studies.iloc[0]) if len(studies) else None)
+    out["volume_path"].append(_value(g["path"].iloc[0]) if is_volume else None)
+    out["slices_scored"].append(len(ok))
+    out["slices_failed"].append(int((g["status"] == "error").sum()))
+    out["slices_skipped"].append(int((g["status"] == "skipped").sum()))
+    out["last_scored_at"].append(g["scored_at"].max())
+    if ok.empty:
+        for k in ("predicted_label", "top_probability", "confidence", "review_reason", "top_slice_path",
+                  "top_slice_sop_instance_uid", "top_slice_instance_number", "top_slice_index", "prediction_set",
+                  "set_size"):
+            out[k].append(None)
+        out["slices_voting"].append(0)
+        for c in names:
+            out["max_" + PROB_PREFIX + c].append(None)
+            out["mean_" + PROB_PREFIX + c].append(None)
+        return
+    p = ok[[PROB_PREFIX + c for c in names]].to_numpy(dtype=np.float64)
+    head = ok["head_fraction"].to_numpy(dtype=np.float64, na_value=np.nan)
+    ood = (ok["review_reason"] == "out_of_distribution").to_numpy()
+    in_set = _set_mask(ok["prediction_set"].tolist(), names)
+    v = series_verdict(p, head_fraction=head, ood=ood, no_tumor=no_tumor, review_threshold=review_threshold,
+                       in_set=in_set)
+    out["slices_voting"].append(v.voting)
+    out["confidence"].append(v.confidence)
+    out["review_reason"].append(v.review_reason)
+    out["prediction_set"].append(None if v.in_set is None else [c for c, k in zip(names, v.in_set) if k])
+    out["set_size"].append(None if v.in_set is None else int(sum(v.in_set)))
+    if v.label is None:
+        for k in ("predicted_label", "top_probability", "top_slice_path", "top_slice_sop_instance_uid",
+                  "top_slice_instance_number", "top_slice_index"):
+            out[k].append(None)
         for k, c in enumerate(names):
             out["max_" + PROB_PREFIX + c].append(float(p[:, k].max()))
             out["mean_" + PROB_PREFIX + c].append(float(p[:, k].mean()))
-    return pa.Table.from_pydict(out, schema=schema)
+        return
+    row, cls = v.top_slice, v.label
+    top = ok.iloc[row]
+    out["predicted_label"].append(names[cls])
+    out["top_probability"].append(float(p[row, cls]))
+    out["top_slice_path"].append(_value(top["path"]))
+    out["top_slice_sop_instance_uid"].append(_value(top["sop_instance_uid"]))
+    out["top_slice_instance_number"].append(_value(top["instance_number"], int))
+    out["top_slice_index"].append(_value(top["slice_index"], int))
+    for k, c in enumerate(names):
+        out["max_" + PROB_PREFIX + c].append(float(p[:, k].max()))
+        out["mean_" + PROB_PREFIX + c].append(float(p[:, k].mean()))
 
 
 def _set_mask(sets: list, names: list[str]) -> np.ndarray | None:

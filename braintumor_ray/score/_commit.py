@@ -1,0 +1,138 @@
+"""A scoring run's one commit: its staged rows (each file read once), the withdrawals and the new
+versions of unchanged files, the maps; and the committed table after it, built in memory."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..core import Location, StagedWriter, latest_rows, posix_basename, remove_child
+from ._layout import ATTEMPTS_DIR, UNCHANGED, _output_of, _writer, output_schema
+from ._plan import WITHDRAWN, WITHDRAWN_REASON, ScoringPlan
+
+logger = logging.getLogger(__name__)
+
+
+def _commit(plan: ScoringPlan, writer: StagedWriter, staging: Location, explain_writer: StagedWriter,
+            explain_stage: Location, committed: pa.Table) -> tuple[pa.Table, pa.Table, int]:
+    """Add the withdrawal rows to the run, then commit it: its rows and the maps. Returns this
+    run's rows (scored and withdrawn), the committed rows after the commit, and the maps committed.
+
+    Every row of the run is on storage: the commit marks it so (from here a cut-off run is
+    committed by the next one instead of redone), then moves the files in one by one and names
+    them in the manifest. The maps first: a committed row never names a PNG that is not there
+    yet (a run cut off between the two commits is redone, and rewrites the same file names).
+    Each staged file is read once; the committed table after the commit is built from those
+    tables and ``committed`` (the rows the plan read), not read back from storage.
+    """
+    schema = output_schema(list(plan.class_names))
+    out = _output_of(staging)
+    staged, data = _read_staged(staging)
+    kept, found = _take_unchanged(staged)
+    for name, t in staged.items():  # files that held UNCHANGED rows: rewritten without them, or gone
+        if name not in kept:
+            del data[name]
+            remove_child(out, staging, name, what="score")
+        elif kept[name] is not t:
+            data[name] = _parquet_bytes(kept[name])
+            staging.join(name).write_bytes(data[name])
+    if plan.diff.withdrawn:
+        rows = _withdrawal_rows(committed, plan.diff.withdrawn, plan.scored_at)
+        name = f"withdrawn-{plan.run_id}.parquet"
+        kept[name], data[name] = rows, _parquet_bytes(rows)
+        staging.join(name).write_bytes(data[name])
+        logger.warning("score: %d rows of %d files gone from the input marked withdrawn (their earlier rows stay)",
+                       rows.num_rows, len(plan.diff.withdrawn))
+    written = pa.concat_tables([t.cast(schema) for t in kept.values()]) if kept else schema.empty_table()
+    heatmaps = explain_writer.commit(explain_stage) if explain_stage.exists() else 0
+    parts = [] if plan.rescore_all else [committed]
+    if found:  # after `written`: these files were not scored again
+        reversioned = _reversioned_rows(committed, found, plan.scored_at)
+        name = f"versions-{plan.run_id}.parquet"
+        kept[name], data[name] = reversioned, _parquet_bytes(reversioned)
+        staging.join(name).write_bytes(data[name])
+        parts.append(reversioned)
+        logger.info("score: %d files with unchanged bytes under a new version (touched, chmod, restored): their new "
+                    "version recorded, not scored again", len(found))
+    if kept:
+        writer.commit(staging, replace_all=plan.rescore_all, data=data)
+    _clear_attempts(writer.root.join(ATTEMPTS_DIR))
+    return written, pa.concat_tables([*parts, written]), heatmaps
+
+
+def _read_staged(staging: Location) -> tuple[dict[str, pa.Table], dict[str, bytes]]:
+    """The run's staged Parquet files, by name, each read once: their tables and their bytes."""
+    tables, raw = {}, {}
+    for path in sorted(staging.files() if staging.exists() else []):
+        if path.endswith(".parquet"):
+            name = posix_basename(path)
+            raw[name] = staging.fs.cat_file(path)
+            tables[name] = pq.read_table(pa.BufferReader(raw[name]))
+    return tables, raw
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    return buf.getvalue().to_pybytes()
+
+
+def _take_unchanged(staged: dict[str, pa.Table]) -> tuple[dict[str, pa.Table], dict[str, tuple[int, str]]]:
+    """Split the :data:`UNCHANGED` rows off the staged tables: the tables without them (a table
+    left empty is dropped) and each such file's (size, version) as listed."""
+    found: dict[str, tuple[int, str]] = {}
+    kept: dict[str, pa.Table] = {}
+    for name, t in staged.items():
+        same = pc.equal(t.column("status"), UNCHANGED)
+        if not pc.any(same).as_py():
+            kept[name] = t
+            continue
+        hit = t.filter(same)
+        found.update(zip(hit.column("path").to_pylist(), zip(hit.column("size").to_pylist(),
+                                                             hit.column("version").to_pylist())))
+        rest = t.filter(pc.invert(same))
+        if rest.num_rows:
+            kept[name] = rest
+    return kept, found
+
+
+def _reversioned_rows(committed: pa.Table, found: dict[str, tuple[int, str]], scored_at: datetime) -> pa.Table:
+    """Copies of the latest rows of files whose bytes are unchanged, with their new size and version."""
+    rows = _withdrawal_rows(committed, tuple(found), scored_at, status=None)
+    paths = rows.column("path").to_pylist()
+    schema = rows.schema
+    rows = rows.set_column(schema.get_field_index("size"), "size", pa.array([found[p][0] for p in paths], pa.int64()))
+    return rows.set_column(schema.get_field_index("version"), "version",
+                           pa.array([found[p][1] for p in paths], pa.string()))
+
+
+def _withdrawal_rows(committed: pa.Table, withdrawn: tuple[str, ...], scored_at: datetime, *,
+                     status: str | None = WITHDRAWN) -> pa.Table:
+    """A ``withdrawn`` row for each latest row of the files gone from the input: a copy of it
+    (what was said, by which model, from which bytes), marked, and the latest of its file.
+    ``status=None``: the copies keep their status and error (a file's rows under a new version).
+    ``committed``: the committed rows (:func:`committed_rows`), whose schema the rows take."""
+    gone = pa.array(sorted(withdrawn), pa.string())
+    rows = latest_rows(committed.filter(pc.is_in(committed.column("path"), value_set=gone)))
+    n = rows.num_rows
+    if status is not None:
+        rows = rows.set_column(rows.schema.get_field_index("status"), "status", pa.array([status] * n, pa.string()))
+        rows = rows.set_column(rows.schema.get_field_index("error"), "error",
+                               pa.array([WITHDRAWN_REASON] * n, pa.string()))
+    field = rows.schema.field("scored_at")
+    return rows.set_column(rows.schema.get_field_index("scored_at"), field, pa.array([scored_at] * n, field.type))
+
+
+def _clear_attempts(attempts: Location) -> None:
+    """After a commit every listed file has its row: the decode-attempt markers have served (and
+    the lease keeps other runs out, so none of them is another run's)."""
+    out = _output_of(attempts)
+    try:
+        remove_child(out, _writer(out).root, posix_basename(attempts.path), what="score", tree=True)
+    except Exception as e:
+        logger.warning("score: could not delete the decode-attempt markers in %s (%s): harmless, they are only "
+                       "read while a file is being scored", attempts.uri, e)

@@ -1,0 +1,194 @@
+"""A scoring run's facts: everything it reads before its plan, once (the verified package, the
+listing, the committed rows as one table), and the output put in order under the lease
+(earlier runs recovered, the identifiers record checked). The plan takes these and nothing else."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..core import (ConfigError, Identifiers, InputError, Lease, Listing, Location, Manifest, StagedWriter,
+                    StorageError, posix_basename, resolve)
+from ..imaging import MRIPreprocess
+from ..tracking import resolve_registered_model
+from ._config import OUTPUT_CONFIG_FILE, OUTPUT_IDS_FILE, ScoreConfig
+from ._explain import explain_location
+from ._layout import FETCHED_MODELS_DIR, _remove_fetched, _writer, committed_rows
+
+if TYPE_CHECKING:  # models imports torch
+    from ..models import PackagePin
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoringFacts:
+    """What a run knows before its plan; read once, in :func:`gather_facts`."""
+
+    config: ScoreConfig  # a models:/ name resolved to the package folder it names
+    registered: dict[str, str] | None  # the registered model's name, version and URI, when scored by name
+    meta: dict[str, Any] = field(repr=False)  # the verified package's model.json
+    preprocess: MRIPreprocess = field(repr=False)
+    engine: str
+    notes: tuple[str, ...]
+    pin: PackagePin  # the bytes every replica must load
+    src: Location
+    dst: Location
+    ids: Identifiers = field(repr=False)
+    writer: StagedWriter = field(repr=False)  # the rows', under the lease
+    explain_writer: StagedWriter = field(repr=False)  # the maps', under the lease
+    recovered: dict[str, int]
+    listing: Listing = field(repr=False)
+    files: dict[str, tuple[int, str]] = field(repr=False)  # listing path -> (size, version), hidden files left out
+    shown: dict[str, str] = field(repr=False)  # listing path -> the path as the output names it (path_mode)
+    prefix: str  # "s3://" for S3 inputs: listing paths -> URIs
+    committed: pa.Table = field(repr=False)  # every committed row, read and sha256-checked once
+
+    @property
+    def model_id(self) -> str:
+        return self.meta["model_id"]
+
+
+def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
+    """Verify the package, put the output in order under the lease (earlier runs recovered or
+    dropped, an output from before manifests adopted, the identifiers record checked, the
+    config saved), list the input and read the committed rows once.
+
+    One function on purpose (about 50 lines): the order of these steps is the protocol (recover
+    before reading the manifest, check the package before touching the output, list before the
+    identifiers are claimed), and it reads best in one place.
+    """
+    from ..models import package_preprocess, pin_package, verify_package
+
+    asked = config  # saved as given: a models:/ name stays a name, not the folder it resolved to
+    fetched = _writer(resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)).root.join(FETCHED_MODELS_DIR)
+    _remove_fetched(fetched)  # copies left by killed runs (this run holds the lease)
+    # models:/NAME/VERSION -> its package folder (fetched under the output's staging when it must be)
+    config, registered = resolve_registered_model(config, fetch_to=fetched.join(lease.owner))
+    # model.json unedited, the pinned id (expect_model_id), weights and trust file matching the id's hashes.
+    meta = verify_package(config.model, s3_endpoint_url=config.s3_endpoint_url, expect_model_id=config.expect_model_id)
+    engine, notes = _engine(config, meta)  # before any work: an impossible choice fails here
+    # What every replica must load: these bytes (a folder rewritten from here on is refused).
+    pin = pin_package(resolve(config.model, s3_endpoint_url=config.s3_endpoint_url), meta,
+                      with_onnx=engine == "onnxruntime")
+    if "conformal" not in (meta.get("trust") or {}):
+        logger.warning("score: model %s was exported before prediction sets: its rows get null prediction_set and "
+                       "set_size and no 'ambiguous' flag (train it again, or run a search, to add them)",
+                       meta["model_id"])
+    src = resolve(config.input, s3_endpoint_url=config.s3_endpoint_url)
+    dst = resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)
+    ids = Identifiers.from_env(config.path_mode, config.uid_mode, root=src.uri)  # no key: fails before any work
+    writer = _writer(dst, lease)  # commits only while the lease holds, and names its files in the manifest
+    recovered = writer.recover()
+    # Heat maps (--explain) stage and commit beside the predictions: same run id, same lease.
+    # Named in OUTPUT_explain/_manifest.json like the rows: the report embeds only those maps.
+    explain_writer = StagedWriter(explain_location(dst), what="explain", lease=lease, manifest=True)
+    explain_writer.recover()
+    explain_writer.adopt(".png")  # maps written before that manifest: as they are now
+    _check_manifest_kept(dst, writer.manifest)
+    writer.adopt(foreign=_foreign_rows)  # an output from before manifests: its files as they are now
+    # Links leaving the input, dangling links, FIFOs: refused here, each an error row of its own.
+    listed = src.listing(follow_links_outside=config.guard.follow_links_outside_input, max_depth=config.max_folder_depth)
+    files = {p: v for p, v in listed.files.items() if not posix_basename(p).startswith(".")}
+    if not files:
+        raise InputError(f"no files under {config.input}: check the URI")
+    _claim_identifiers(dst, ids)
+    asked.save_yaml(dst.join(OUTPUT_CONFIG_FILE))  # `jobs/score.py --config` takes it back; readers skip it
+    prefix = "s3://" if src.is_s3 else ""
+    return ScoringFacts(
+        config=config, registered=registered, meta=meta, preprocess=package_preprocess(meta, config.model),
+        engine=engine, notes=notes, pin=pin, src=src, dst=dst, ids=ids, writer=writer, explain_writer=explain_writer,
+        recovered=recovered, listing=listed, files=files, prefix=prefix,
+        # The listing named as the output names it (path_mode), so both sides compare like for like.
+        shown={p: ids.path(prefix + p) for p in files},
+        # The files the job committed, their bytes checked, read once into one table: the plan, the
+        # commit and every derived output (series table, DICOM objects, report) take it from here.
+        committed=committed_rows(writer.manifest.committed(), list(meta["class_names"])),
+    )
+
+
+def _foreign_rows(data: bytes) -> str | None:
+    """Why a Parquet file found in an output without a manifest is not this job's rows, or None."""
+    try:
+        names = set(pq.ParquetFile(pa.BufferReader(data)).schema_arrow.names)
+    except Exception as e:
+        return f"not a Parquet file ({type(e).__name__})"
+    missing = sorted({"path", "sha256", "model_id"} - names)
+    return f"no {', '.join(missing)} column" if missing else None
+
+
+def _claim_identifiers(dst: Location, ids: Identifiers) -> None:
+    """Refuse to add rows named another way than the output's (another mode or key): they would
+    not match the rows there, and every file would be scored again under a second name. An
+    output with rows but no record was written before the modes existed: full names."""
+    record = dst.join(OUTPUT_IDS_FILE)
+    mine = ids.describe()
+    raw = record.read_bytes() if record.exists() else None
+    if raw is not None and not raw.strip():
+        # Left empty by a full disk before the record was written whole: no record at all.
+        logger.warning("score: %s is empty (a write cut off by a full disk?): written again", record.uri)
+        raw = None
+    if raw is not None:
+        try:
+            theirs = json.loads(raw)
+        except ValueError as e:
+            raise ConfigError(f"{record.uri} is not readable JSON ({e}): restore it, or score into a new output") from e
+    elif Manifest(dst, what="score").read():  # committed rows (a planted file is none), written before the record
+        theirs = {"path_mode": "full", "uid_mode": "full", "key_id": None}
+    else:
+        theirs = None
+    if theirs is not None and {k: theirs.get(k) for k in mine} != mine:
+        if theirs.get("key_id") != mine["key_id"] and theirs.get("path_mode") == mine["path_mode"] and theirs.get("uid_mode") == mine["uid_mode"]:
+            why = f"its rows were hashed with another key (key id {theirs.get('key_id')}, this run's {mine['key_id']})"
+            fix = "run with the key the output was written with"
+        else:
+            why = f"its rows name files with path_mode={theirs.get('path_mode')}, uid_mode={theirs.get('uid_mode')}"
+            fix = f"rerun with --path-mode {theirs.get('path_mode')} --uid-mode {theirs.get('uid_mode')}"
+        raise ConfigError(
+            f"output {dst.uri}: {why}, and this run asks for path_mode={ids.path_mode}, uid_mode={ids.uid_mode}; every "
+            f"file would be scored again under a second name. {fix}, or score into a new output"
+        )
+    if theirs != mine | MANIFEST_ERA or raw is None:
+        record.write_atomic(json.dumps(mine | MANIFEST_ERA, indent=2).encode())
+
+
+# In _identifiers.json: the output's rows are named by _manifest.json. Without this, a deleted
+# manifest made every Parquet file there, planted ones included, "adopted" as committed rows.
+MANIFEST_ERA = {"manifest": 1}
+
+
+def _check_manifest_kept(dst: Location, manifest: Manifest) -> None:
+    """Refuse an output whose manifest is gone although its runs wrote one (``_identifiers.json``
+    says so): its Parquet files could no longer be told from planted ones."""
+    record = dst.join(OUTPUT_IDS_FILE)
+    if manifest.read() is not None or not record.exists():
+        return
+    try:
+        era = json.loads(record.read_bytes()).get("manifest")
+    except (ValueError, AttributeError):
+        return  # _claim_identifiers names the problem
+    if era and any(p.endswith(".parquet") for p in dst.files()):
+        raise StorageError(
+            f"{dst.join('_manifest.json').uri} is gone, but the runs on this output wrote one: its Parquet files "
+            "cannot be told from planted ones, so none is taken as committed. Restore _manifest.json from a backup, "
+            "or score into a new output")
+
+
+def _engine(config: ScoreConfig, meta: dict) -> tuple[str, tuple[str, ...]]:
+    """The engine, and the notes for the summary (an old package's ONNX file left unused)."""
+    from ..models import choose_engine, onnx_unbound_note, package_has_onnx, verify_onnx
+
+    note = onnx_unbound_note(meta)
+    if note and config.engine == "onnxruntime":
+        raise ConfigError(f"{config.model}: {note}; or score with --engine auto or torch")
+    engine = choose_engine(config.engine, has_onnx=package_has_onnx(meta), use_gpu=config.use_gpu)
+    if engine == "onnxruntime":  # a changed or missing file is refused here, not in every actor
+        verify_onnx(config.model, s3_endpoint_url=config.s3_endpoint_url)
+    if note:
+        logger.warning("score: %s", note)
+    return engine, (note,) if note else ()
