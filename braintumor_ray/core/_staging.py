@@ -321,7 +321,9 @@ class StagedWriter:
             run.join(ENTRIES_FILE).write_bytes(json.dumps(doc).encode())
         self.root.join(COMMITTING_FILE).write_atomic(json.dumps({"run": name}).encode())
         run.join(DONE_MARKER).write_bytes(b"")
-        return self._publish(run)
+        published = self._publish(run)
+        assert published is not None, "only a recovery's publish is refused"
+        return published
 
     def adopt(self, suffix: str = ".parquet", *, foreign: Callable[[bytes], str | None] | None = None) -> int:
         """Give an output written before manifests one: its ``suffix`` files as they are now (logged).

@@ -127,8 +127,7 @@ class InferenceModel:
             x = prepare_input_np(pixels, mean=cfg["mean"], std=cfg["std"])
             parts = [self._run.run(names, {"input": x[s : s + ORT_CHUNK]}) for s in range(0, max(len(x), 1), ORT_CHUNK)]
             out = [np.concatenate([p[k] for p in parts]).astype(np.float32, copy=False) for k in range(len(names))]
-            out += [None] * (3 - len(out))
-            return out[0], out[1], out[2]
+            return out[0], out[1] if len(out) > 1 else None, out[2] if len(out) > 2 else None
         import torch
 
         dev = torch.device(self.device)

@@ -105,7 +105,7 @@ class EnsembleNet(nn.Module):
         self.braintumor_members = [
             {"backbone": b["backbone"], "num_classes": int(b["num_classes"]), "global_pool": b["global_pool"],
              "data_config": _plain_config(c), **({"source": dict(src)} if src else {})}
-            for b, c, src in zip(build, data_configs, sources or [None] * len(build))
+            for b, c, src in zip(build, data_configs, sources or [{}] * len(build))
         ]
 
     def _inputs(self, x: torch.Tensor, i: int) -> torch.Tensor:

@@ -239,6 +239,74 @@ def export_onnx(model: nn.Module, *, side: int, mean: Sequence[float], std: Sequ
     return blob, diff
 
 
+def _package_meta(model: nn.Module, build: Mapping[str, Any], class_names: Sequence[str], preprocess: MRIPreprocess,
+                  weights: bytes, metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``model.json`` before its ONNX, trust and id entries: what scoring needs to see pixels as
+    training did, and the weights' hash."""
+    import timm
+    import torch
+
+    from ._factory import data_config
+
+    cfg = data_config(model)
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        **build,
+        "class_names": list(class_names),
+        "data_config": {
+            "input_size": list(cfg["input_size"]),
+            "interpolation": cfg["interpolation"],
+            "mean": [float(v) for v in cfg["mean"]],
+            "std": [float(v) for v in cfg["std"]],
+            "crop_pct": cfg.get("crop_pct"),
+            "crop_mode": cfg.get("crop_mode"),
+        },
+        "preprocess": preprocess.to_dict(),
+        "weights_file": WEIGHTS_FILE,
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "metrics": dict(metrics or {}),
+        "created_unix": round(time.time(), 3),
+        "versions": {"torch": torch.__version__, "timm": timm.__version__},
+    }
+    return meta
+
+
+def _export_onnx_into(meta: dict[str, Any], model: nn.Module, preprocess: MRIPreprocess, *, name: str) -> bytes | None:
+    """``model.onnx`` checked against PyTorch, its facts added to ``meta``; None (a warning) where
+    the ONNX packages are not installed."""
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:  # e.g. a GPU image with torch and timm only: the package is still whole, for PyTorch
+        logger.warning("%s not written: %s not installed (pip install onnx onnxscript onnxruntime); scoring will "
+                       "run this package with PyTorch", ONNX_FILE, ", ".join(missing))
+        return None
+    onnx_blob, diff = export_onnx(model, side=preprocess.image_size, mean=meta["data_config"]["mean"],
+                                  std=meta["data_config"]["std"], name=name)
+    import onnxruntime
+
+    meta.update(
+        onnx_file=ONNX_FILE,
+        onnx_sha256=hashlib.sha256(onnx_blob).hexdigest(),
+        onnx_in_id=True,
+        onnx_opset=ONNX_OPSET,
+        onnx_input_side=preprocess.image_size,
+        onnx_probe_max_abs_diff=diff,
+    )
+    meta["versions"]["onnxruntime"] = onnxruntime.__version__
+    return onnx_blob
+
+
+def _write_package(loc: Location, text: str, weights: bytes, trust_blob: bytes | None, onnx_blob: bytes | None) -> None:
+    """Weights first, JSON last: a reader that finds the JSON finds the files it names."""
+    loc.join(WEIGHTS_FILE).write_bytes(weights)
+    if trust_blob is not None:
+        loc.join(TRUST_FILE).write_bytes(trust_blob)
+    if onnx_blob is not None:
+        loc.join(ONNX_FILE).write_bytes(onnx_blob)
+    elif loc.join(ONNX_FILE).exists():
+        loc.join(ONNX_FILE).remove()  # an older export's file, for other weights
+    loc.join(PACKAGE_JSON).write_bytes(text.encode())
+
+
 def export_model_package(
     model: nn.Module,
     uri: str,
@@ -259,11 +327,7 @@ def export_model_package(
     ``onnx=False`` writes the PyTorch-only package of earlier versions. ``trust`` (fitted after
     training) adds the calibration, the OOD reference (``trust.safetensors``) and the thresholds.
     """
-    import timm
-    import torch
     from safetensors.torch import save
-
-    from ._factory import data_config
 
     model = _unwrap(model)
     build = getattr(model, "braintumor_build", None) or {
@@ -273,49 +337,12 @@ def export_model_package(
     }
     if len(class_names) != build["num_classes"]:
         raise ConfigError(f"{len(class_names)} class names for a model with {build['num_classes']} outputs")
-    cfg = data_config(model)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     blob = save(tensors, metadata={"format": "pt"})
-    meta: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        **build,
-        "class_names": list(class_names),
-        "data_config": {
-            "input_size": list(cfg["input_size"]),
-            "interpolation": cfg["interpolation"],
-            "mean": [float(v) for v in cfg["mean"]],
-            "std": [float(v) for v in cfg["std"]],
-            "crop_pct": cfg.get("crop_pct"),
-            "crop_mode": cfg.get("crop_mode"),
-        },
-        "preprocess": preprocess.to_dict(),
-        "weights_file": WEIGHTS_FILE,
-        "weights_sha256": hashlib.sha256(blob).hexdigest(),
-        "metrics": dict(metrics or {}),
-        "created_unix": round(time.time(), 3),
-        "versions": {"torch": torch.__version__, "timm": timm.__version__},
-    }
+    meta = _package_meta(model, build, class_names, preprocess, blob, metrics)
     if getattr(model, "braintumor_members", None):  # an ensemble (models/_ensemble.py)
         meta["members"] = model.braintumor_members
-    onnx_blob = None
-    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None] if onnx else []
-    if missing:  # e.g. a GPU image with torch and timm only: the package is still whole, for PyTorch
-        logger.warning("%s not written: %s not installed (pip install onnx onnxscript onnxruntime); scoring will "
-                       "run this package with PyTorch", ONNX_FILE, ", ".join(missing))
-    elif onnx:
-        onnx_blob, diff = export_onnx(model, side=preprocess.image_size, mean=meta["data_config"]["mean"],
-                                      std=meta["data_config"]["std"], name=build["backbone"])
-        import onnxruntime
-
-        meta.update(
-            onnx_file=ONNX_FILE,
-            onnx_sha256=hashlib.sha256(onnx_blob).hexdigest(),
-            onnx_in_id=True,
-            onnx_opset=ONNX_OPSET,
-            onnx_input_side=preprocess.image_size,
-            onnx_probe_max_abs_diff=diff,
-        )
-        meta["versions"]["onnxruntime"] = onnxruntime.__version__
+    onnx_blob = _export_onnx_into(meta, model, preprocess, name=build["backbone"]) if onnx else None
     trust_blob = None
     if trust is not None:
         from safetensors.numpy import save as save_np
@@ -328,15 +355,7 @@ def export_model_package(
     except (TypeError, ValueError) as e:
         raise ConfigError(f"metrics cannot be written as JSON ({e}): give numbers and strings") from e
     loc = resolve(uri, s3_endpoint_url=s3_endpoint_url)
-    # Weights first, JSON last: a reader that finds the JSON finds the files it names.
-    loc.join(WEIGHTS_FILE).write_bytes(blob)
-    if trust_blob is not None:
-        loc.join(TRUST_FILE).write_bytes(trust_blob)
-    if onnx_blob is not None:
-        loc.join(ONNX_FILE).write_bytes(onnx_blob)
-    elif loc.join(ONNX_FILE).exists():
-        loc.join(ONNX_FILE).remove()  # an older export's file, for other weights
-    loc.join(PACKAGE_JSON).write_bytes(text.encode())
+    _write_package(loc, text, blob, trust_blob, onnx_blob)
     logger.info("exported model %s (%s) to %s", meta["model_id"], build["backbone"], loc.uri)
     return json.loads(text)
 

@@ -206,6 +206,99 @@ def _card(row: pd.Series, maps: dict[str, bytes | None], probs: list[str], extra
             f"<dl>{dl}</dl></div>"), embedded
 
 
+def _counts_section(df: pd.DataFrame, ok: pd.DataFrame, probs: list[str]) -> str:
+    """Rows by predicted class, status, review reason and prediction-set size."""
+    by_class = []
+    for k, n, share in _counts(ok, "predicted_label"):
+        sub = ok[ok["predicted_label"] == k]
+        by_class.append([k, n, share, int(sub["review_reason"].notna().sum())])
+    counts = ('<div class="tables">'
+              + "<div><h3>Predicted class (ok rows)</h3>" + static_table(["class", "rows", "share", "flagged for review"], by_class) + "</div>"
+              + "<div><h3>Status</h3>" + static_table(["status", "rows", "share"], _counts(df, "status", ["ok", "error", "skipped", "withdrawn"])) + "</div>"
+              + "<div><h3>Review reason (ok rows)</h3>" + static_table(
+                  ["review reason", "rows", "share"], _counts(ok, "review_reason", list(REASON_ORDER),
+                                                              none_label="none (the prediction stands)")) + "</div>")
+    hist = set_size_histogram([("ok rows", ok)], len(probs)) if len(ok) else ""
+    if hist:
+        sized = ok[pd.to_numeric(ok["set_size"], errors="coerce").notna()]
+        counts += ("<div><h3>Prediction-set size (ok rows)</h3>" + static_table(
+            ["classes in the set", "rows", "share"], _counts(sized.assign(set_size=sized["set_size"].astype(int).astype(str)),
+                                                             "set_size")) + hist + "</div>")
+    counts += "</div>"
+    return section("Counts", counts, anchor="counts")
+
+
+
+def _models_section(df: pd.DataFrame) -> str:
+    """Which model wrote which rows (one model per output unless an output predates that rule)."""
+    by_model = df.groupby(df["model_id"].fillna("(none)"))
+    model_rows = [[m, int(len(g)), int((g["status"] == "withdrawn").sum()), fmt(g["scored_at"].max())]
+                  for m, g in by_model]
+    return section("Models", static_table(["model id", "rows", "withdrawn", "last scored"], model_rows),
+                         anchor="models", note="The model id of each group of rows (every case card names its own).")
+
+
+def _series_section(series: Location | pa.Table | None, dst: Location) -> str | None:
+    """The per-series verdicts; None for an output of plain images."""
+    if isinstance(series, Location):
+        series = pq.read_table(series.path, filesystem=series.pyarrow_fs) if series.exists() else None
+    if series is not None and series.num_rows:  # none for an output of plain images
+        st = series.to_pandas()
+        cols = [c for c in _SERIES_COLUMNS if c in st and st[c].notna().any()]
+        if len(st):
+            st = review_order(st.assign(path=st.get("top_slice_path"), status="ok"))
+        if "prediction_set" in st:
+            st["prediction_set"] = st["prediction_set"].map(set_text)
+        rows = st[cols].astype(object).where(st[cols].notna(), None).values.tolist()
+        verdicts = static_table(["verdict", "series or volumes", "share"], _counts(st, "predicted_label"))
+        return section(
+            "Series verdicts", verdicts + data_table("series", cols, rows, types=[_TYPES.get(c, "str") for c in cols]),
+            anchor="series-verdicts", note="One row per DICOM series or NIfTI volume (" + esc(dst.uri.rstrip("/")) + "_series/); flagged "
+            "verdicts first. A series' verdict is the mean tumour probability of its top 3 slices that show enough head.")
+    return None
+
+
+
+def _predictions_section(df: pd.DataFrame, dst: Location, max_rows: int) -> str:
+    """Every prediction (the first ``max_rows``, flagged first) in a sortable, filterable table."""
+    cols = _TABLE_COLUMNS + [c for c in _OPTIONAL_COLUMNS if df[c].notna().any()] + _TAIL_COLUMNS
+    table = df.head(max_rows)
+    rows = table[cols].astype(object).where(table[cols].notna(), None).values.tolist()
+    note = ("Click a header to sort, click again to reverse; type in a column's box to filter (on numbers also "
+            "<code>&gt;0.9</code> or <code>&lt;=0.5</code>). Flagged rows first, then tumours, then errors.")
+    if len(df) > max_rows:
+        note += (f' <span class="notice">The table holds the first {max_rows} of {len(df)} rows (flagged, tumour and '
+                 f"failed rows first); every row is in the Parquet dataset {esc(dst.uri)}.</span>")
+    return section("Predictions", data_table("predictions", cols, rows, types=[_TYPES.get(c, "str") for c in cols]),
+                   anchor="all-predictions", note=note)
+
+
+def _cases_section(df: pd.DataFrame, cases: pd.DataFrame, dst: Location, probs: list[str], *, maps: Location | None,
+                   map_files: dict[str, dict[str, Any]] | None, max_cases: int) -> str:
+    """A card per row to review first, with its heat map when the maps' manifest lists it."""
+    shown = cases.head(max_cases)
+    cards, embedded = [], 0
+    extra = [c for c in df.columns if c.startswith("heatmap_") and c != "heatmap_path"]
+    wanted = sorted({v for v in shown.get("heatmap_path", pd.Series(dtype=object)) if isinstance(v, str) and v})
+    # Side by side: on S3 each map is a GET of tens of ms, 300 of them one after the other ~10 s.
+    with ThreadPoolExecutor(MAP_READERS) as pool:
+        read = dict(zip(wanted, pool.map(lambda v: _read_map(dst, v, maps, map_files), wanted)))
+    for _, row in shown.iterrows():
+        html_card, has = _card(row, read, probs, extra)
+        cards.append(html_card)
+        embedded += has
+    note = (f"{len(cases)} rows to review first: rows with a review reason (out of distribution, then low confidence, "
+            "then ambiguous: a prediction set of more than one class; least confident first), then tumour predictions "
+            "(most confident first). A row's prediction set holds the classes still in play: at the model's conformal "
+            "alpha it misses the true class of at most that share of each class's images like the calibration images.")
+    if len(cases) > max_cases:
+        note += f' <span class="notice">Showing the first {max_cases} of {len(cases)}; the rest are in the table below.</span>'
+    if len(shown) and not embedded:
+        note += " No heat maps: score with --explain to add them."
+    body = f'<div class="cards">{"".join(cards)}</div>' if cards else "<p>No row is flagged or predicted a tumour.</p>"
+    return section("Cases to review", body, anchor="cases", note=note)
+
+
 def scoring_report_html(
     dst: Location, *, series: Location | pa.Table | None = None, maps: Location | None = None,
     max_cases: int = MAX_CASES, max_rows: int = MAX_TABLE_ROWS, rows: pa.Table | None = None,
@@ -231,86 +324,19 @@ def scoring_report_html(
     cases = df[is_case(df)] if len(df) else df
     nav = ['<a href="#counts">counts</a>', '<a href="#cases">cases to review</a>', '<a href="#all-predictions">predictions</a>']
 
-    # Counts.
-    by_class = []
-    for k, n, share in _counts(ok, "predicted_label"):
-        sub = ok[ok["predicted_label"] == k]
-        by_class.append([k, n, share, int(sub["review_reason"].notna().sum())])
-    counts = ('<div class="tables">'
-              + "<div><h3>Predicted class (ok rows)</h3>" + static_table(["class", "rows", "share", "flagged for review"], by_class) + "</div>"
-              + "<div><h3>Status</h3>" + static_table(["status", "rows", "share"], _counts(df, "status", ["ok", "error", "skipped", "withdrawn"])) + "</div>"
-              + "<div><h3>Review reason (ok rows)</h3>" + static_table(
-                  ["review reason", "rows", "share"], _counts(ok, "review_reason", list(REASON_ORDER),
-                                                              none_label="none (the prediction stands)")) + "</div>")
-    hist = set_size_histogram([("ok rows", ok)], len(probs)) if len(ok) else ""
-    if hist:
-        sized = ok[pd.to_numeric(ok["set_size"], errors="coerce").notna()]
-        counts += ("<div><h3>Prediction-set size (ok rows)</h3>" + static_table(
-            ["classes in the set", "rows", "share"], _counts(sized.assign(set_size=sized["set_size"].astype(int).astype(str)),
-                                                             "set_size")) + hist + "</div>")
-    counts += "</div>"
-    parts.append(section("Counts", counts, anchor="counts"))
+    parts.append(_counts_section(df, ok, probs))
 
-    # Which model wrote which rows (one model per output unless an output predates that rule).
     if len(df):
-        by_model = df.groupby(df["model_id"].fillna("(none)"))
-        model_rows = [[m, int(len(g)), int((g["status"] == "withdrawn").sum()), fmt(g["scored_at"].max())]
-                      for m, g in by_model]
-        parts.append(section("Models", static_table(["model id", "rows", "withdrawn", "last scored"], model_rows),
-                             anchor="models", note="The model id of each group of rows (every case card names its own)."))
+        parts.append(_models_section(df))
 
-    # Series verdicts.
-    if isinstance(series, Location):
-        series = pq.read_table(series.path, filesystem=series.pyarrow_fs) if series.exists() else None
-    if series is not None and series.num_rows:  # none for an output of plain images
-        st = series.to_pandas()
-        cols = [c for c in _SERIES_COLUMNS if c in st and st[c].notna().any()]
-        if len(st):
-            st = review_order(st.assign(path=st.get("top_slice_path"), status="ok"))
-        if "prediction_set" in st:
-            st["prediction_set"] = st["prediction_set"].map(set_text)
-        rows = st[cols].astype(object).where(st[cols].notna(), None).values.tolist()
-        verdicts = static_table(["verdict", "series or volumes", "share"], _counts(st, "predicted_label"))
-        parts.append(section(
-            "Series verdicts", verdicts + data_table("series", cols, rows, types=[_TYPES.get(c, "str") for c in cols]),
-            anchor="series-verdicts", note="One row per DICOM series or NIfTI volume (" + esc(dst.uri.rstrip("/")) + "_series/); flagged "
-            "verdicts first. A series' verdict is the mean tumour probability of its top 3 slices that show enough head."))
+    verdicts = _series_section(series, dst)
+    if verdicts:
+        parts.append(verdicts)
         nav.insert(1, '<a href="#series-verdicts">series</a>')
 
-    # Cases to review.
-    shown = cases.head(max_cases)
-    cards, embedded = [], 0
-    extra = [c for c in df.columns if c.startswith("heatmap_") and c != "heatmap_path"]
-    wanted = sorted({v for v in shown.get("heatmap_path", pd.Series(dtype=object)) if isinstance(v, str) and v})
-    # Side by side: on S3 each map is a GET of tens of ms, 300 of them one after the other ~10 s.
-    with ThreadPoolExecutor(MAP_READERS) as pool:
-        read = dict(zip(wanted, pool.map(lambda v: _read_map(dst, v, maps, map_files), wanted)))
-    for _, row in shown.iterrows():
-        html_card, has = _card(row, read, probs, extra)
-        cards.append(html_card)
-        embedded += has
-    note = (f"{len(cases)} rows to review first: rows with a review reason (out of distribution, then low confidence, "
-            "then ambiguous: a prediction set of more than one class; least confident first), then tumour predictions "
-            "(most confident first). A row's prediction set holds the classes still in play: at the model's conformal "
-            "alpha it misses the true class of at most that share of each class's images like the calibration images.")
-    if len(cases) > max_cases:
-        note += f' <span class="notice">Showing the first {max_cases} of {len(cases)}; the rest are in the table below.</span>'
-    if len(shown) and not embedded:
-        note += " No heat maps: score with --explain to add them."
-    body = f'<div class="cards">{"".join(cards)}</div>' if cards else "<p>No row is flagged or predicted a tumour.</p>"
-    parts.append(section("Cases to review", body, anchor="cases", note=note))
+    parts.append(_cases_section(df, cases, dst, probs, maps=maps, map_files=map_files, max_cases=max_cases))
 
-    # Every prediction.
-    cols = _TABLE_COLUMNS + [c for c in _OPTIONAL_COLUMNS if df[c].notna().any()] + _TAIL_COLUMNS
-    table = df.head(max_rows)
-    rows = table[cols].astype(object).where(table[cols].notna(), None).values.tolist()
-    note = ("Click a header to sort, click again to reverse; type in a column's box to filter (on numbers also "
-            "<code>&gt;0.9</code> or <code>&lt;=0.5</code>). Flagged rows first, then tumours, then errors.")
-    if len(df) > max_rows:
-        note += (f' <span class="notice">The table holds the first {max_rows} of {len(df)} rows (flagged, tumour and '
-                 f"failed rows first); every row is in the Parquet dataset {esc(dst.uri)}.</span>")
-    parts.append(section("Predictions", data_table("predictions", cols, rows, types=[_TYPES.get(c, "str") for c in cols]),
-                         anchor="all-predictions", note=note))
+    parts.append(_predictions_section(df, dst, max_rows))
     toc = f'<nav class="toc">{"".join(nav)}</nav>'
     return page("Scoring review report", toc + "".join(parts), subtitle=subtitle)
 

@@ -80,8 +80,8 @@ def decode_batch(
             add(path, digest, s.image.pixels.tobytes(), s.image.pixels.shape[0], "ok", None, s.image.head_fraction, s.info,
                 s.image.crop_box)
         # A volume's empty or headless slices: a skipped row each, with the reason and where it is.
-        for s in res.skipped_slices:
-            add(path, digest, None, None, "skipped", s.reason, None, s.info)
+        for sk in res.skipped_slices:
+            add(path, digest, None, None, "skipped", sk.reason, None, sk.info)
         if not res.slices and not res.skipped_slices:
             add(path, digest, None, None, "skipped" if res.skipped else "error", res.skipped or res.error, None, res.info)
     return pa.Table.from_pydict(cols, schema=_DECODED)

@@ -42,7 +42,7 @@ def series_findings(series: pd.DataFrame, rows: pd.DataFrame, model_id: str) -> 
         latest = latest_mask(when).to_numpy(zero_copy_only=False)
         mine = mine[latest & (mine["status"] == "ok").to_numpy()]
     not_dicom = int(mine[mine["sop_instance_uid"].isna()]["path"].nunique()) if len(mine) else 0
-    out = []
+    out: list[Any] = []
     if series is None or not len(series):
         return out, not_dicom
     s = series[(series["model_id"] == model_id) & series["series_instance_uid"].notna()]
@@ -87,6 +87,7 @@ def run_dicom_step(config, *, dst: Location, src: Location, ids: Identifiers, so
     _leave_staged(writer, run_id)
     table = rows.select([c for c in SLICE_COLUMNS if c in rows.column_names]).to_pandas()
     findings, not_dicom = series_findings(series.to_pandas() if series is not None else None, table, algo.model_id)
+    assert writer.manifest is not None  # manifest=True
     manifest = writer.manifest.read() or {}
     live = set(table["model_id"].dropna().unique()) if len(table) else set()
     plan = plan_dicom(findings, config.dicom_out, manifest, model_id=algo.model_id, live_models=live)
@@ -158,11 +159,12 @@ def _retire(dst: Location, writer: StagedWriter, names: tuple[str, ...]) -> None
     mine = [n for n in names if parse_object_name(n) is not None]
     if not mine or writer.manifest is None:
         return
-    writer.lease.check()
+    check = writer.lease.check if writer.lease is not None else (lambda: None)
+    check()
     files = writer.manifest.read() or {}
     writer.manifest.write({k: v for k, v in files.items() if k not in set(mine)})
     for name in mine:
-        writer.lease.check()
+        check()
         remove_child(dst, writer.output, name, what="score")
 
 

@@ -209,11 +209,11 @@ def plan_dicom(findings: Sequence[SeriesFinding], mode: str, committed: Iterable
                 retire.append(name)
                 replaced_model[(series, kind)] = name
             continue
-        obj = current.get((series, kind))
-        if obj is None or obj.name != name:
+        now = current.get((series, kind))
+        if now is None or now.name != name:
             retire.append(name)
-            if obj is not None:
-                before[obj.name] = name
+            if now is not None:
+                before[now.name] = name
     kinds = _kinds(mode)
     done = set(committed)
     write = tuple(DicomObject(o.kind, o.finding, before.get(o.name, replaced_model.get(at)))
@@ -435,8 +435,9 @@ def build_sc(view, pixels: np.ndarray, f: SeriesFinding, *, notice: str, key: by
     series_uid, sop_uid = object_uids(f.model_id, f.series_uid, "sc", content_digest(f, "sc"), key=key)
     sc = hd.sc.SCImage.from_ref_dataset(view, pixels, "RGB", 8, "PATIENT", series_uid, SC_SERIES_NUMBER, sop_uid, 1,
                                         MANUFACTURER, patient_orientation=("L", "P"))
-    # The capture is a crop with a banner: no orientation is claimed (type 2, empty).
-    sc.PatientOrientation = None
+    # The capture is a crop with a banner: no orientation is claimed (type 2, empty; highdicom's
+    # stub types the attribute as a list only).
+    sc.PatientOrientation = None  # type: ignore[assignment]
     sc.SeriesDescription = _description("AI heat map", notice)
     if "SpecificCharacterSet" in view:
         sc.SpecificCharacterSet = view.SpecificCharacterSet

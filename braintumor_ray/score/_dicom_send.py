@@ -22,7 +22,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from ..core import ConfigError, Location
@@ -249,7 +249,7 @@ def _stow(dest: Destination, datasets: list, timeout_s: float) -> dict[str, str 
     replies: list = []
     session.hooks["response"].append(lambda r, *a, **k: replies.append(r))
     client = DICOMwebClient(url=dest.url, session=session, timeout=timeout_s)
-    response = client.store_instances(datasets=datasets)
+    response: Any = client.store_instances(datasets=datasets)
     if replies and not len(response or ()):  # dicomweb-client reads only exact JSON/XML media types
         try:
             import pydicom

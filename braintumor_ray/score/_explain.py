@@ -67,7 +67,7 @@ class HeatmapWriter:
         self.device = "cuda" if use_gpu else "cpu"
         self.stage = resolve(stage_uri, s3_endpoint_url=s3_endpoint_url)
         self.final_uri, self.model_id = final_uri.rstrip("/"), model_id
-        self._explainer = None
+        self._explainer: Any = None  # the Grad-CAM explainer, made on first need (it imports torch)
 
     def __call__(
         self, batch: pa.Table, ok: list[int], images: np.ndarray | None, predicted: list[str | None],
@@ -87,7 +87,7 @@ class HeatmapWriter:
             return paths, xs, ys
         at = {r: k for k, r in enumerate(ok)}
         pix = images[[at[r] for r in rows]]
-        classes = [list(class_names).index(predicted[r]) for r in rows]
+        classes = [list(class_names).index(str(predicted[r])) for r in rows]  # chosen rows have a label
         if cam is not None and self.method == "auto":
             maps = cam_heatmaps(cam[[at[r] for r in rows]], classes, size=pix.shape[1:])
         else:

@@ -84,6 +84,7 @@ def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
     dst = resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)
     ids = Identifiers.from_env(config.path_mode, config.uid_mode, root=src.uri)  # no key: fails before any work
     writer = _writer(dst, lease)  # commits only while the lease holds, and names its files in the manifest
+    assert writer.manifest is not None
     recovered = writer.recover()
     # Heat maps (--explain) stage and commit beside the predictions: same run id, same lease.
     # Named in OUTPUT_explain/_manifest.json like the rows: the report embeds only those maps.

@@ -37,6 +37,7 @@ from ..imaging import InputGuard, MRIPreprocess, SeriesSelector
 
 if TYPE_CHECKING:  # models imports torch: the plan and the decode tasks do not need it
     from ..models import PackagePin
+    from ._config import ScoreConfig
 
 # The columns of committed rows the plan reads.
 PRIOR_COLUMNS = {"path": pa.string(), "sha256": pa.string(), "size": pa.int64(), "version": pa.string(),

@@ -97,6 +97,20 @@ class Predictor:
             pin=plan.pin, method=plan.explain_method,
         ) if plan.explain != "none" else None
 
+    def _assess(self, logits: np.ndarray, feats: np.ndarray | None, ok: list[int], probs: np.ndarray, conf: np.ndarray,
+                ood: np.ndarray, reasons: list[str | None], sets: list[list[str] | None]) -> None:
+        """The package's trust on the scored rows ``ok``, written into the batch's columns."""
+        trust = self.model.trust
+        if trust is None:  # a package from before calibration: raw softmax, no flags
+            probs[ok] = softmax(logits)
+            conf[ok] = probs[ok].max(axis=1)
+            return
+        a = trust.assess(logits, feats, review_threshold=self.review_threshold)
+        probs[ok], conf[ok], ood[ok] = a.probs, a.confidence, a.ood_score
+        sets_of: list[Any] = a.prediction_sets(self.model.class_names) or [None] * len(ok)
+        for i, r, ps in zip(ok, a.review_reason, sets_of):
+            reasons[i], sets[i] = r, ps
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         errors = batch.column("error").to_pylist()
@@ -116,15 +130,7 @@ class Predictor:
             # The maps come from the same forward pass, when they will be drawn (see HeatmapWriter).
             want_maps = self.heatmaps is not None and self.heatmaps.method == "auto"
             logits, feats, cam = self.model.forward(images, maps=want_maps)
-            trust = self.model.trust
-            if trust is None:  # a package from before calibration: raw softmax, no flags
-                probs[ok] = softmax(logits)
-                conf[ok] = probs[ok].max(axis=1)
-            else:
-                a = trust.assess(logits, feats, review_threshold=self.review_threshold)
-                probs[ok], conf[ok], ood[ok] = a.probs, a.confidence, a.ood_score
-                for i, r, ps in zip(ok, a.review_reason, a.prediction_sets(self.model.class_names) or [None] * len(ok)):
-                    reasons[i], sets[i] = r, ps
+            self._assess(logits, feats, ok, probs, conf, ood, reasons, sets)
         paths = batch.column("path").to_pylist()
         names = list(self.model.class_names)
         predicted = [names[int(np.argmax(probs[i]))] if is_ok[i] else None for i in range(n)]
@@ -139,7 +145,7 @@ class Predictor:
             "size": [self.files[p][0] for p in paths],
             "version": [self.files[p][1] for p in paths],
             "predicted_label": predicted,
-            **{PROB_PREFIX + c: pa.array(np.where(is_ok, probs[:, k], None), pa.float32()) for k, c in enumerate(names)},
+            **{PROB_PREFIX + c: pa.array(probs[:, k], pa.float32(), mask=~np.asarray(is_ok, bool)) for k, c in enumerate(names)},
             "confidence": pa.array(conf, pa.float32(), mask=np.isnan(conf)),
             "ood_score": pa.array(ood, pa.float32(), mask=np.isnan(ood)),
             "review_reason": reasons,

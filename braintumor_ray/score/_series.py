@@ -226,9 +226,9 @@ def _add_series(out: dict[str, list], model_id: str, g: pd.DataFrame, names: lis
         for k in ("predicted_label", "top_probability", "top_slice_path", "top_slice_sop_instance_uid",
                   "top_slice_instance_number", "top_slice_index"):
             out[k].append(None)
-        for k, c in enumerate(names):
-            out["max_" + PROB_PREFIX + c].append(float(p[:, k].max()))
-            out["mean_" + PROB_PREFIX + c].append(float(p[:, k].mean()))
+        for i, c in enumerate(names):
+            out["max_" + PROB_PREFIX + c].append(float(p[:, i].max()))
+            out["mean_" + PROB_PREFIX + c].append(float(p[:, i].mean()))
         return
     row, cls = v.top_slice, v.label
     top = ok.iloc[row]
@@ -238,9 +238,9 @@ def _add_series(out: dict[str, list], model_id: str, g: pd.DataFrame, names: lis
     out["top_slice_sop_instance_uid"].append(_value(top["sop_instance_uid"]))
     out["top_slice_instance_number"].append(_value(top["instance_number"], int))
     out["top_slice_index"].append(_value(top["slice_index"], int))
-    for k, c in enumerate(names):
-        out["max_" + PROB_PREFIX + c].append(float(p[:, k].max()))
-        out["mean_" + PROB_PREFIX + c].append(float(p[:, k].mean()))
+    for i, c in enumerate(names):
+        out["max_" + PROB_PREFIX + c].append(float(p[:, i].max()))
+        out["mean_" + PROB_PREFIX + c].append(float(p[:, i].mean()))
 
 
 def _set_mask(sets: list, names: list[str]) -> np.ndarray | None:
@@ -311,7 +311,7 @@ def series_verdict(
             conf = 1.0 - score
     union = None
     if in_set is not None:
-        mask = np.asarray(in_set, bool)[deciding].any(axis=0)
+        mask = np.asarray(np.asarray(in_set, bool)[deciding].any(axis=0))
         mask[cls] = True
         union = tuple(bool(x) for x in mask)
     reason = "low_confidence" if conf < review_threshold else "ambiguous" if union and sum(union) > 1 else None

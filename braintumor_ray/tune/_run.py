@@ -125,8 +125,6 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> dict[str, Any]:
     Returns the summary written to ``best.json`` plus the leaderboard rows.
     """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     from ..train import load_train_data
     from ..train import start_run
@@ -147,44 +145,7 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> dict[str, Any]:
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, data=data, search=cfg.to_dict()), driver_resources()
     )
-    storage = resolve(cfg.storage, s3_endpoint_url=cfg.s3_endpoint_url)
-    fs = storage.pyarrow_fs if storage.is_s3 else None
-    concurrency = max_concurrent(cfg)
-    if resume:
-        path = root.path
-        if not tune.Tuner.can_restore(path, storage_filesystem=fs):
-            raise ConfigError(f"--resume: {root.uri} holds no Tune state to restore (was it started by jobs/tune.py?)")
-        logger.info("resuming search %s: finished trials are kept, unfinished ones continue", root.uri)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=fs)
-    else:
-        param_space = to_tune_space(cfg.search_space()) | {"model": tune.grid_search(list(cfg.models))}
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                num_samples=cfg.num_samples,
-                scheduler=ASHAScheduler(
-                    time_attr="epoch", metric=SCORE, mode="max", max_t=cfg.max_epochs,
-                    grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor,
-                    # A trial at its last epoch ends by itself: stopping it there would kill its Ray
-                    # Train run before the run shuts down its workers (left to Train's cleaner).
-                    stop_last_trials=False,
-                ),
-                # The generator itself caps the trials in flight (Tune ignores max_concurrent_trials with it).
-                search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrency),
-                trial_dirname_creator=_trial_dirname,
-            ),
-            run_config=tune.RunConfig(
-                name=cfg.name,
-                storage_path=storage.path,
-                storage_filesystem=fs,
-                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                verbose=1,
-            ),
-        )
-        logger.info("search %s: %d backbone(s) x %d sample(s), up to %d epochs, %d trial(s) at a time",
-                    root.uri, len(cfg.models), cfg.num_samples, cfg.max_epochs, concurrency)
+    tuner = _tuner(cfg, trainable, root, resume=resume)
     tracking = start_tracking(cfg.mlflow, root, stage="search", name=cfg.name, params=cfg.to_dict(), resume=resume)
     t_fit = time.time()
     timing["load_data_s"] = t_fit - t0 - timing["prepare_s"]
@@ -217,6 +178,54 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> dict[str, Any]:
     summary["leaderboard"] = rows
     finish_search(tracking, summary, {_trial_id(r): r for r in results}, root, s3_endpoint_url=cfg.s3_endpoint_url)
     return summary
+
+
+def _tuner(cfg: SearchConfig, trainable: Any, root: Location, *, resume: bool) -> Any:
+    """A new search's Tuner (the grid of backbones x samples, ASHA, concurrency cap), or the
+    saved one of ``root`` to continue."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    storage = resolve(cfg.storage, s3_endpoint_url=cfg.s3_endpoint_url)
+    fs = storage.pyarrow_fs if storage.is_s3 else None
+    concurrency = max_concurrent(cfg)
+    if resume:
+        path = root.path
+        if not tune.Tuner.can_restore(path, storage_filesystem=fs):
+            raise ConfigError(f"--resume: {root.uri} holds no Tune state to restore (was it started by jobs/tune.py?)")
+        logger.info("resuming search %s: finished trials are kept, unfinished ones continue", root.uri)
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=fs)
+    else:
+        param_space = to_tune_space(cfg.search_space()) | {"model": tune.grid_search(list(cfg.models))}
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                num_samples=cfg.num_samples,
+                scheduler=ASHAScheduler(
+                    time_attr="epoch", metric=SCORE, mode="max", max_t=cfg.max_epochs,
+                    grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor,
+                    # A trial at its last epoch ends by itself: stopping it there would kill its Ray
+                    # Train run before the run shuts down its workers (left to Train's cleaner).
+                    stop_last_trials=False,
+                ),
+                # The generator itself caps the trials in flight (Tune ignores max_concurrent_trials with it).
+                search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrency),
+                trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=cfg.name,
+                storage_path=storage.path,
+                storage_filesystem=fs,
+                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                verbose=1,
+            ),
+        )
+        logger.info("search %s: %d backbone(s) x %d sample(s), up to %d epochs, %d trial(s) at a time",
+                    root.uri, len(cfg.models), cfg.num_samples, cfg.max_epochs, concurrency)
+    return tuner
 
 
 def _trial_dirname(trial) -> str:
