@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..core import BraintumorError, Config, ConfigError, add_config_args, given_settings, read_yaml
 
@@ -24,9 +25,12 @@ from ..core import BraintumorError, Config, ConfigError, add_config_args, given_
 JOB_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "config": (
         ("--config",),
-        dict(metavar="FILE.yaml", default=None,
-             help="settings from a YAML file (local or s3://), e.g. the config.yaml a run saved; "
-             "command-line options override it"),
+        dict(
+            metavar="FILE.yaml",
+            default=None,
+            help="settings from a YAML file (local or s3://), e.g. the config.yaml a run saved; "
+            "command-line options override it",
+        ),
     ),
     "smoke_test": (
         ("--smoke-test",),
@@ -54,7 +58,9 @@ def job_parser(cls: type, doc: str | None, *, flags: tuple[str, ...]) -> argpars
     return p
 
 
-def config_dict(cls: type[Config], args: argparse.Namespace, *, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+def config_dict(
+    cls: type[Config], args: argparse.Namespace, *, defaults: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The settings as a mapping, in timm's order: job defaults < smoke preset < ``--config`` < options."""
     merged: dict[str, Any] = dict(defaults or {})
     if getattr(args, "smoke_test", False):
@@ -93,8 +99,11 @@ def demo_data(*, small: bool) -> str:
     sample = os.path.abspath(os.path.join(DEMO_DIR, "sample"))
     out = os.path.abspath(os.path.join(DEMO_DIR, "preprocessed"))
     make_sample_dataset(sample, per_class=24 if small else 60, test_per_class=6 if small else 15)
-    run_ingest(IngestConfig(input=sample, output=out, overwrite=True,
-                            preprocess=MRIPreprocess(image_size=64 if small else 128)))
+    run_ingest(
+        IngestConfig(
+            input=sample, output=out, overwrite=True, preprocess=MRIPreprocess(image_size=64 if small else 128)
+        )
+    )
     return out
 
 

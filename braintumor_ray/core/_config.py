@@ -22,7 +22,8 @@ import functools
 import os
 import types
 import typing
-from typing import Any, Literal, Mapping, get_args, get_origin
+from collections.abc import Mapping
+from typing import Any, Literal, get_args, get_origin
 
 from ._errors import ConfigError
 
@@ -86,12 +87,17 @@ class Config:
                 f"unknown {cls.__name__} setting{'s' if len(unknown) > 1 else ''} "
                 f"{', '.join(label + k for k in unknown)}: known settings are {', '.join(sorted(known))}"
             )
-        missing = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-                   if f.name not in d and f.default is _MISSING and f.default_factory is _MISSING]
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if f.name not in d and f.default is _MISSING and f.default_factory is _MISSING
+        ]
         if missing:
             names = ", ".join(f"{where}.{m}" if where else "--" + m.replace("_", "-") for m in missing)
-            raise ConfigError(f"{names} {'is' if len(missing) == 1 else 'are'} required (an option, or "
-                              f"{missing[0]}: in the --config file)")
+            raise ConfigError(
+                f"{names} {'is' if len(missing) == 1 else 'are'} required (an option, or "
+                f"{missing[0]}: in the --config file)"
+            )
         hints = _hints(cls)
         kwargs = {}
         for k, v in d.items():
@@ -150,8 +156,10 @@ def parse_yaml(data: bytes, uri: str) -> dict[str, Any]:
     import yaml
 
     if len(data) > MAX_YAML_BYTES:
-        raise ConfigError(f"{uri} holds {len(data):,} bytes, more than a --config file's {MAX_YAML_BYTES:,}: give a "
-                          "file of setting: value lines")
+        raise ConfigError(
+            f"{uri} holds {len(data):,} bytes, more than a --config file's {MAX_YAML_BYTES:,}: give a "
+            "file of setting: value lines"
+        )
     try:
         check_yaml_size(data, uri)
         d = yaml.safe_load(data) or {}
@@ -185,8 +193,10 @@ def check_yaml_size(data: bytes | str, uri: str) -> None:
             stack.append([ev.anchor, 1])
             total += 1
             if len(stack) - 1 > MAX_YAML_DEPTH:
-                raise ConfigError(f"{uri} nests more than {MAX_YAML_DEPTH} levels deep: a --config file is a mapping "
-                                  "of setting: value (nested settings a level or two down)")
+                raise ConfigError(
+                    f"{uri} nests more than {MAX_YAML_DEPTH} levels deep: a --config file is a mapping "
+                    "of setting: value (nested settings a level or two down)"
+                )
             continue
         elif isinstance(ev, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
             anchor, n = stack.pop()
@@ -199,8 +209,10 @@ def check_yaml_size(data: bytes | str, uri: str) -> None:
         stack[-1][1] += n
         total += n
         if total > MAX_YAML_NODES:
-            raise ConfigError(f"{uri} stands for more than {MAX_YAML_NODES:,} values once its aliases (*name) are "
-                              "expanded (nested aliases: a 'billion laughs'): refused unread; write the settings out")
+            raise ConfigError(
+                f"{uri} stands for more than {MAX_YAML_NODES:,} values once its aliases (*name) are "
+                "expanded (nested aliases: a 'billion laughs'): refused unread; write the settings out"
+            )
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -245,8 +257,17 @@ def cli_options(cls: type, prefix: str = "") -> list[CliOption]:
         flags = (flag, *meta.get("aliases", ()))
         default = _field_default(f)
         kind, choices = _kind(tp)
-        out.append(CliOption(key=key, flags=flags, help=meta.get("help", ""), default=_plain(default), kind=kind,
-                             choices=choices, env=meta.get("env")))
+        out.append(
+            CliOption(
+                key=key,
+                flags=flags,
+                help=meta.get("help", ""),
+                default=_plain(default),
+                kind=kind,
+                choices=choices,
+                env=meta.get("env"),
+            )
+        )
     return out
 
 
@@ -406,9 +427,15 @@ def _check_type(v: Any, tp: Any, where: str) -> None:
     """Whether ``v`` fits the field type ``tp`` (the kinds config fields use: str, int, float,
     bool, Literal, tuple[X, ...], dict); other types are left to the class's own checks."""
     if tp in _SCALARS:
-        ok = (isinstance(v, str) if tp is str else isinstance(v, bool) if tp is bool
-              else isinstance(v, int) and not isinstance(v, bool) if tp is int
-              else isinstance(v, (int, float)) and not isinstance(v, bool))
+        ok = (
+            isinstance(v, str)
+            if tp is str
+            else isinstance(v, bool)
+            if tp is bool
+            else isinstance(v, int) and not isinstance(v, bool)
+            if tp is int
+            else isinstance(v, (int, float)) and not isinstance(v, bool)
+        )
         if not ok:
             raise ConfigError(f"{where}: expected {_SCALARS[tp]}, found {_shown(v)}: fix the value of {where}")
         return
@@ -422,8 +449,9 @@ def _check_type(v: Any, tp: Any, where: str) -> None:
         if isinstance(v, str):
             return
         if not isinstance(v, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, found {_shown(v)}: write it as [a, b] (or a, b on the "
-                              "command line)")
+            raise ConfigError(
+                f"{where}: expected a list, found {_shown(v)}: write it as [a, b] (or a, b on the command line)"
+            )
         if len(args) == 1:
             for i, x in enumerate(v):
                 _check_type(x, args[0], f"{where}[{i}]")

@@ -38,8 +38,9 @@ import socket
 import threading
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from ._errors import ConfigError, StorageError
 from ._storage import Location, canonical_location, no_space_message
@@ -62,8 +63,12 @@ def lease_location(output: Location) -> Location:
     typed, a symlinked spelling of the same folder (or ``s3a://``, a doubled slash) had a lease
     of its own: two runs wrote the output at once, and one run's commits dropped out."""
     real = canonical_location(output)
-    return Location(uri=real.uri.rstrip("/") + LEASE_SUFFIX, path=real.path.rstrip("/") + LEASE_SUFFIX,
-                    fs=output.fs, is_s3=output.is_s3)
+    return Location(
+        uri=real.uri.rstrip("/") + LEASE_SUFFIX,
+        path=real.path.rstrip("/") + LEASE_SUFFIX,
+        fs=output.fs,
+        is_s3=output.is_s3,
+    )
 
 
 def current_lease(output: Location) -> dict[str, Any] | None:
@@ -87,8 +92,16 @@ class Lease:
     refusing (0: refuse at once).
     """
 
-    def __init__(self, output: Location, *, owner: str, ttl_s: float = 120.0, wait_s: float = 0.0, what: str = "run",
-                 poll_s: float | None = None) -> None:
+    def __init__(
+        self,
+        output: Location,
+        *,
+        owner: str,
+        ttl_s: float = 120.0,
+        wait_s: float = 0.0,
+        what: str = "run",
+        poll_s: float | None = None,
+    ) -> None:
         if not ttl_s > 0:
             raise ConfigError(f"lease ttl_s={ttl_s} must be > 0 seconds")
         self.output, self.owner, self.ttl_s, self.wait_s, self.what = output, owner, float(ttl_s), float(wait_s), what
@@ -107,13 +120,13 @@ class Lease:
         self.waited_s = 0.0
 
     # --- holding ---------------------------------------------------------------------------------
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
 
-    def acquire(self) -> "Lease":
+    def acquire(self) -> Lease:
         """Take the lease (waiting up to ``wait_s`` for a live holder) and start the heartbeat."""
         self._stop.clear()
         self._lost, self.took_over, self.waited_s = None, None, 0.0
@@ -123,8 +136,13 @@ class Lease:
             if waited >= self.wait_s:
                 raise LeaseError(self._held_message(holder, waited))
             if not self.waited_s:
-                logger.info("%s: %s is held by %s; waiting up to %.0f s for it to be released or to expire", self.what,
-                            self.output.uri, _describe(holder), self.wait_s)
+                logger.info(
+                    "%s: %s is held by %s; waiting up to %.0f s for it to be released or to expire",
+                    self.what,
+                    self.output.uri,
+                    _describe(holder),
+                    self.wait_s,
+                )
             self.waited_s = waited or 1e-6
             time.sleep(max(0.0, min(self.poll_s, self.wait_s - waited)))
         if self.waited_s:
@@ -150,7 +168,8 @@ class Lease:
         raise LeaseError(
             f"{self.what}: run {self.owner} no longer holds the lease on {self.output.uri} ({why}), so it commits "
             f"nothing; its staged files are dropped by the run that holds the output now. Run the job again once "
-            f"that run has finished")
+            f"that run has finished"
+        )
 
     def renew(self) -> bool:
         """One heartbeat: push ``expires`` forward if this run still owns the lease. False once lost."""
@@ -169,8 +188,9 @@ class Lease:
                     return True
                 holder = _describe(_parse_quietly(cur[0])) if cur is not None else "no run (the lease was deleted)"
                 self._lost = f"the lease now names {holder}"
-                logger.error("%s: lost the lease on %s: %s. This run will not commit", self.what, self.output.uri,
-                             self._lost)
+                logger.error(
+                    "%s: lost the lease on %s: %s. This run will not commit", self.what, self.output.uri, self._lost
+                )
                 return False
 
     def release(self) -> None:
@@ -185,11 +205,17 @@ class Lease:
             try:
                 self._store.delete(self._version)
             except _Conflict:
-                logger.warning("%s: the lease on %s is no longer run %s's; left as it is", self.what, self.output.uri,
-                               self.owner)
+                logger.warning(
+                    "%s: the lease on %s is no longer run %s's; left as it is", self.what, self.output.uri, self.owner
+                )
             except Exception as e:  # the run's own outcome matters more than the lease's tidy end
-                logger.warning("%s: could not release the lease %s (%s); it expires by itself within %g s", self.what,
-                               self.location.uri, e, self.ttl_s)
+                logger.warning(
+                    "%s: could not release the lease %s (%s); it expires by itself within %g s",
+                    self.what,
+                    self.location.uri,
+                    e,
+                    self.ttl_s,
+                )
             self._version = None
 
     def describe(self) -> dict[str, Any]:
@@ -230,10 +256,13 @@ class Lease:
             except _Conflict:  # another run took it over first
                 continue
             self.took_over = rec
-            logger.warning("%s: took over the stale lease on %s from %s: %s; its unfinished staging is dropped",
-                           self.what, self.output.uri, _describe(rec),
-                           "its process is gone from this machine" if gone
-                           else "it stopped renewing it (killed or stalled)")
+            logger.warning(
+                "%s: took over the stale lease on %s from %s: %s; its unfinished staging is dropped",
+                self.what,
+                self.output.uri,
+                _describe(rec),
+                "its process is gone from this machine" if gone else "it stopped renewing it (killed or stalled)",
+            )
             return None
         return rec
 
@@ -242,9 +271,17 @@ class Lease:
 
     def _record(self) -> bytes:
         now = _now()
-        rec = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "started": self._started,
-               "heartbeat": _iso(now), "expires": _iso(now + timedelta(seconds=self.ttl_s)), "ttl_s": self.ttl_s,
-               "output": self.output.uri, **_machine()}
+        rec = {
+            "owner": self.owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": self._started,
+            "heartbeat": _iso(now),
+            "expires": _iso(now + timedelta(seconds=self.ttl_s)),
+            "ttl_s": self.ttl_s,
+            "output": self.output.uri,
+            **_machine(),
+        }
         return json.dumps(rec, indent=1).encode()
 
     def _beat(self) -> None:
@@ -272,14 +309,17 @@ class Lease:
             f"this run stops here. Wait for it with --wait SECONDS (this run then starts once that lease is released or "
             f"expires), or run again later; if that run is dead, its lease expires by itself at "
             f"{_iso(_expiry(holder))} "
-            f"(lease: {self.location.uri})")
+            f"(lease: {self.location.uri})"
+        )
 
 
 def _describe(rec: dict[str, Any] | None) -> str:
     if not rec:
         return "an unreadable lease"
-    return (f"run {rec.get('owner')} (host {rec.get('host')}, pid {rec.get('pid')}, started {rec.get('started')}, "
-            f"last heartbeat {rec.get('heartbeat')}, expires {rec.get('expires')})")
+    return (
+        f"run {rec.get('owner')} (host {rec.get('host')}, pid {rec.get('pid')}, started {rec.get('started')}, "
+        f"last heartbeat {rec.get('heartbeat')}, expires {rec.get('expires')})"
+    )
 
 
 _MACHINE: dict[str, str] = {}
@@ -319,7 +359,7 @@ def _holder_gone(rec: dict[str, Any]) -> bool:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _iso(t: datetime) -> str:
@@ -334,7 +374,7 @@ def _when(text: Any) -> datetime:
     """A record's time. One without a time zone (a hand edit: runs always write +00:00) is read
     as UTC, the zone every run writes, rather than crash the comparison with an aware clock."""
     t = datetime.fromisoformat(text)
-    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 def _ttl(rec: dict[str, Any]) -> float:
@@ -366,7 +406,8 @@ def _parse(raw: bytes, where: Location) -> dict[str, Any]:
     if rec is None:
         raise LeaseError(
             f"the lease {where.uri} is not a lease record (owner, host, expires ...). Unless a run is writing the "
-            f"output right now, delete that file and run again")
+            f"output right now, delete that file and run again"
+        )
     return rec
 
 
@@ -385,7 +426,7 @@ class _Conflict(Exception):
     """The lease is not in the state the caller expected (another run created, changed or removed it)."""
 
 
-def _store(loc: Location) -> "_LocalStore | _S3Store":
+def _store(loc: Location) -> _LocalStore | _S3Store:
     return _S3Store(loc) if loc.is_s3 else _LocalStore(loc.path)
 
 
@@ -405,14 +446,17 @@ class _LocalStore:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise StorageError(f"cannot open {self.lock_path}, the lock of the output's lease: {e}. Check that the "
-                               f"folder exists and this user may write it") from e
+            raise StorageError(
+                f"cannot open {self.lock_path}, the lock of the output's lease: {e}. Check that the "
+                f"folder exists and this user may write it"
+            ) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # per open file: two Lease objects of one process exclude each other too
             yield
         except OSError as e:
-            raise StorageError(f"cannot write the lease {self.path}: {e}. Check the disk and the folder's "
-                               f"permissions") from e
+            raise StorageError(
+                f"cannot write the lease {self.path}: {e}. Check the disk and the folder's permissions"
+            ) from e
         finally:
             os.close(fd)  # releases the lock
 
@@ -513,8 +557,10 @@ class _S3Store:
         except Exception as e:
             if _precondition_failed(e):
                 raise _Conflict() from None
-            raise StorageError(f"cannot write the lease {self.loc.uri}: {type(e).__name__}: {e}. A store without "
-                               f"conditional writes (If-None-Match, If-Match) cannot hold a lease") from e
+            raise StorageError(
+                f"cannot write the lease {self.loc.uri}: {type(e).__name__}: {e}. A store without "
+                f"conditional writes (If-None-Match, If-Match) cannot hold a lease"
+            ) from e
         return (reply or {}).get("ETag") or self.fs.info(self.path)["ETag"]
 
     def delete(self, expected: str) -> None:

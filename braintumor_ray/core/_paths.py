@@ -24,8 +24,9 @@ import hashlib
 import hmac
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, get_args, overload
+from typing import Literal, get_args, overload
 
 from ._errors import ConfigError
 
@@ -63,7 +64,7 @@ class Identifiers:
     @classmethod
     def from_env(
         cls, path_mode: str = "full", uid_mode: str = "full", *, root: str = "", env: Mapping[str, str] | None = None
-    ) -> "Identifiers":
+    ) -> Identifiers:
         """The mapping for these modes; the key is read from :data:`PATH_KEY_ENV` only when a mode hashes."""
         check_modes(path_mode, uid_mode)
         key = b""
@@ -72,7 +73,9 @@ class Identifiers:
             if not value:
                 raise ConfigError(_key_message(f"{PATH_KEY_ENV} is not set"))
             if len(value) < MIN_KEY_CHARS:
-                raise ConfigError(_key_message(f"{PATH_KEY_ENV} has {len(value)} characters, fewer than {MIN_KEY_CHARS}"))
+                raise ConfigError(
+                    _key_message(f"{PATH_KEY_ENV} has {len(value)} characters, fewer than {MIN_KEY_CHARS}")
+                )
             key = value.encode()
         return cls(path_mode, uid_mode, root, key)  # type: ignore[arg-type]
 
@@ -141,7 +144,6 @@ class Identifiers:
     def _mac(self, domain: bytes, data: bytes) -> str:
         # A domain prefix per kind: a path and a UID with the same text get different tokens.
         return hmac.new(self.key, domain + data, hashlib.sha256).hexdigest()
-
 
 
 def check_modes(path_mode: str, uid_mode: str) -> None:

@@ -28,9 +28,10 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from ._errors import ConfigError, StorageError
 from ._lease import current_lease
@@ -54,8 +55,15 @@ COMMITTING_FILE = "_committing.json"
 
 def _plain_name(name: Any) -> bool:
     """A file or folder name of its own: no separator, not ``.``/``..``, not absolute, not empty."""
-    return (isinstance(name, str) and bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
-            and "\0" not in name and not name.startswith("~"))
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and not name.startswith("~")
+    )
 
 
 def remove_child(output: Location, folder: Location, name: str, *, what: str = "run", tree: bool = False) -> bool:
@@ -72,22 +80,34 @@ def remove_child(output: Location, folder: Location, name: str, *, what: str = "
     base = output.path.rstrip("/")
     where = folder.path.rstrip("/")
     # OUTPUT, a sibling OUTPUT_x / OUTPUT.x, or one folder inside a sibling (a staged run).
-    rest = where[len(base):].split("/") if where.startswith(base) else None
-    inside = where == base or (rest is not None and len(rest) <= 2 and rest[0][:1] in ("_", ".")
-                               and all(_plain_name(r) for r in rest))
+    rest = where[len(base) :].split("/") if where.startswith(base) else None
+    inside = where == base or (
+        rest is not None and len(rest) <= 2 and rest[0][:1] in ("_", ".") and all(_plain_name(r) for r in rest)
+    )
     if folder.is_s3 != output.is_s3 or type(folder.fs) is not type(output.fs) or not inside:
-        raise StorageError(f"{what}: refusing to delete under {folder.uri}: it is neither {output.uri} nor one of its "
-                           "sibling folders (a bug: report it)")
+        raise StorageError(
+            f"{what}: refusing to delete under {folder.uri}: it is neither {output.uri} nor one of its "
+            "sibling folders (a bug: report it)"
+        )
     target = folder.join(name) if _plain_name(name) else None
     if target is None:
-        logger.warning("%s: refusing to delete %r in %s: not a plain file name (a '..', an absolute path or a "
-                       "separator would reach outside it); left as it is", what, name, folder.uri)
+        logger.warning(
+            "%s: refusing to delete %r in %s: not a plain file name (a '..', an absolute path or a "
+            "separator would reach outside it); left as it is",
+            what,
+            name,
+            folder.uri,
+        )
         return False
     if not output.is_s3:
         parts = [where] + ([base] if where != base else [])
         if any(os.path.islink(p) for p in parts) or os.path.islink(target.path):
-            logger.warning("%s: refusing to delete %s: it, or the folder holding it, is a link (the delete would "
-                           "leave the output); left as it is", what, target.uri)
+            logger.warning(
+                "%s: refusing to delete %s: it, or the folder holding it, is a link (the delete would "
+                "leave the output); left as it is",
+                what,
+                target.uri,
+            )
             return False
         if not os.path.lexists(target.path):
             return True
@@ -140,8 +160,10 @@ class Manifest:
             if doc.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
                 raise ValueError(f"format {doc.get('format')!r}")
         except (ValueError, KeyError, TypeError) as e:
-            raise StorageError(f"{self.location.uri} is not a readable manifest ({e}): restore it from a backup, or "
-                               "score into a new output (its rows cannot be told from planted ones)") from e
+            raise StorageError(
+                f"{self.location.uri} is not a readable manifest ({e}): restore it from a backup, or "
+                "score into a new output (its rows cannot be told from planted ones)"
+            ) from e
         return files
 
     def write(self, files: dict[str, dict[str, Any]]) -> None:
@@ -156,28 +178,50 @@ class Manifest:
         such file, with a warning: the next scoring run adopts them.
         """
         listed = self.read()
-        present = {posix_basename(p): p for p in (self.output.files() if self.output.exists() else [])
-                   if p.endswith(suffix) and not posix_basename(p).startswith(("_", "."))}
+        present = {
+            posix_basename(p): p
+            for p in (self.output.files() if self.output.exists() else [])
+            if p.endswith(suffix) and not posix_basename(p).startswith(("_", "."))
+        }
         if listed is None:
             if present:
-                logger.warning("%s: %s has no %s (written before manifests): its %d %s files are read as they are",
-                               self.what, self.output.uri, MANIFEST_FILE, len(present), suffix)
+                logger.warning(
+                    "%s: %s has no %s (written before manifests): its %d %s files are read as they are",
+                    self.what,
+                    self.output.uri,
+                    MANIFEST_FILE,
+                    len(present),
+                    suffix,
+                )
             return [CommittedFile(n, p, self.output.join(n).read_bytes(), {}) for n, p in sorted(present.items())]
         out = []
         for name in sorted(set(present) - set(listed)):
-            logger.warning("%s: %s is not in %s: not a committed file of this output (planted, or copied in by "
-                           "hand), ignored", self.what, self.output.join(name).uri, MANIFEST_FILE)
+            logger.warning(
+                "%s: %s is not in %s: not a committed file of this output (planted, or copied in by hand), ignored",
+                self.what,
+                self.output.join(name).uri,
+                MANIFEST_FILE,
+            )
         for name, entry in sorted(listed.items()):
             if not name.endswith(suffix):
                 continue
             if name not in present:
-                logger.warning("%s: %s names %s, which is gone: its rows are missing from %s", self.what,
-                               MANIFEST_FILE, name, self.output.uri)
+                logger.warning(
+                    "%s: %s names %s, which is gone: its rows are missing from %s",
+                    self.what,
+                    MANIFEST_FILE,
+                    name,
+                    self.output.uri,
+                )
                 continue
             data = self.output.join(name).read_bytes()
             if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-                logger.warning("%s: %s is not the file that was committed (its sha256 differs from %s's): ignored",
-                               self.what, self.output.join(name).uri, MANIFEST_FILE)
+                logger.warning(
+                    "%s: %s is not the file that was committed (its sha256 differs from %s's): ignored",
+                    self.what,
+                    self.output.join(name).uri,
+                    MANIFEST_FILE,
+                )
                 continue
             out.append(CommittedFile(name, present[name], data, entry))
         return out
@@ -209,8 +253,12 @@ def committed_table(files: list[CommittedFile], schema: Any = None, fill: dict[s
     for group in by_schema.values():
         t = pa.concat_tables(group)
         if schema is not None:
-            cols = [t.column(f.name).cast(f.type) if f.name in t.column_names
-                    else pa.array([fill.get(f.name)] * t.num_rows, f.type) for f in schema]
+            cols = [
+                t.column(f.name).cast(f.type)
+                if f.name in t.column_names
+                else pa.array([fill.get(f.name)] * t.num_rows, f.type)
+                for f in schema
+            ]
             t = pa.Table.from_arrays(cols, schema=schema)
         tables.append(t)
     if not tables:
@@ -254,22 +302,32 @@ def latest_rows(rows: Any, by: tuple[str, ...] = ("path",)) -> Any:
 
 
 def _entry(data: bytes, describe: Callable[[bytes], dict[str, Any]] | None) -> dict[str, Any]:
-    return {"sha256": hashlib.sha256(data).hexdigest(), "committed_at": datetime.now(timezone.utc).isoformat(),
-            **(describe(data) if describe else {})}
+    return {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "committed_at": datetime.now(UTC).isoformat(),
+        **(describe(data) if describe else {}),
+    }
 
 
 class StagedWriter:
     """Stage, commit and recover runs of files for one output folder (local or ``s3://``).
 
-        writer = StagedWriter(dst, what="score")
-        writer.recover()                    # finish or drop what earlier runs left
-        run = writer.stage("20260101T000000-ab12cd34")
-        ...write files under run.path...
-        writer.commit(run)                  # marker, then the files into dst one by one
+    writer = StagedWriter(dst, what="score")
+    writer.recover()                    # finish or drop what earlier runs left
+    run = writer.stage("20260101T000000-ab12cd34")
+    ...write files under run.path...
+    writer.commit(run)                  # marker, then the files into dst one by one
     """
 
-    def __init__(self, output: Location, *, what: str = "run", lease: Lease | None = None,
-                 describe: Callable[[bytes], dict[str, Any]] | None = None, manifest: bool = False) -> None:
+    def __init__(
+        self,
+        output: Location,
+        *,
+        what: str = "run",
+        lease: Lease | None = None,
+        describe: Callable[[bytes], dict[str, Any]] | None = None,
+        manifest: bool = False,
+    ) -> None:
         self.output = output
         self.what = what  # a word for the log lines ("score")
         self.lease = lease  # checked before each commit step: a run that lost it stops
@@ -307,16 +365,24 @@ class StagedWriter:
             raise StorageError(f"{self.what}: {run.uri} is not a run folder of {self.root.uri} (a bug: report it)")
         if self.manifest is not None:
             held = data or {}
-            entries = {(n := posix_basename(p)): _entry(held[n] if n in held else run.fs.cat_file(p), self.describe)
-                       for p in self._payload(run)}
+            entries = {
+                (n := posix_basename(p)): _entry(held[n] if n in held else run.fs.cat_file(p), self.describe)
+                for p in self._payload(run)
+            }
             before = self.manifest.read() or {}
-            replaces = sorted(n for n, e in before.items() if n not in entries and not e.get("adopted")) \
-                if replace_all else []
+            replaces = (
+                sorted(n for n, e in before.items() if n not in entries and not e.get("adopted")) if replace_all else []
+            )
             kept = sorted(n for n, e in before.items() if e.get("adopted")) if replace_all else []
             if kept:
-                logger.warning("%s: %d files of %s were adopted (found there before manifests, maybe not written by "
-                               "this job): they leave the manifest but are not deleted: %s", self.what, len(kept),
-                               self.output.uri, ", ".join(kept[:5]))
+                logger.warning(
+                    "%s: %d files of %s were adopted (found there before manifests, maybe not written by "
+                    "this job): they leave the manifest but are not deleted: %s",
+                    self.what,
+                    len(kept),
+                    self.output.uri,
+                    ", ".join(kept[:5]),
+                )
             doc = {"replace_all": replace_all, "files": entries, "replaces": replaces}
             run.join(ENTRIES_FILE).write_bytes(json.dumps(doc).encode())
         self.root.join(COMMITTING_FILE).write_atomic(json.dumps({"run": name}).encode())
@@ -347,11 +413,17 @@ class StagedWriter:
                     f"{self.what}: {self.output.uri} holds files this job did not write ({len(theirs)}, e.g. "
                     + "; ".join(f"{n}: {theirs[n]}" for n in first)
                     + f"), and no {MANIFEST_FILE}: it is not an output of this job. Choose a new or empty folder for "
-                    "--output (nothing there was changed)")
+                    "--output (nothing there was changed)"
+                )
         files = {posix_basename(p): _entry(b, self.describe) | {"adopted": True} for p, b in data.items()}
         self.manifest.write(files)
-        logger.warning("%s: %s was written before manifests: its %d files are taken as committed as they are now, "
-                       "and named in %s", self.what, self.output.uri, len(files), MANIFEST_FILE)
+        logger.warning(
+            "%s: %s was written before manifests: its %d files are taken as committed as they are now, and named in %s",
+            self.what,
+            self.output.uri,
+            len(files),
+            MANIFEST_FILE,
+        )
         return len(files)
 
     def _payload(self, run: Location) -> list[str]:
@@ -402,21 +474,33 @@ class StagedWriter:
                 continue  # not a run: bookkeeping kept across runs (scoring's decode-attempt markers)
             run_loc = self.root.join(run)
             if live and run == live_owner:
-                logger.warning("%s: leaving the staging of run %s alone: that run holds the lease on %s (live "
-                               "until %s)", self.what, run, self.output.uri, live["expires"])
+                logger.warning(
+                    "%s: leaving the staging of run %s alone: that run holds the lease on %s (live until %s)",
+                    self.what,
+                    run,
+                    self.output.uri,
+                    live["expires"],
+                )
                 continue
             if self.lease is not None and run == self.lease.owner:
                 continue
             if run not in resumable:
-                logger.warning("%s: %s is not the staging of the run cut off on %s (neither its lease nor its "
-                               "commit record names it): left alone, and never published. Delete it if nobody needs "
-                               "it", self.what, run_loc.uri, self.output.uri)
+                logger.warning(
+                    "%s: %s is not the staging of the run cut off on %s (neither its lease nor its "
+                    "commit record names it): left alone, and never published. Delete it if nobody needs "
+                    "it",
+                    self.what,
+                    run_loc.uri,
+                    self.output.uri,
+                )
                 continue
             if run_loc.join(DONE_MARKER).exists():
                 if self._publish(run_loc, recovering=True) is not None:
                     done += 1
             else:
-                logger.warning("%s: dropping the unfinished run %s (cut off before its rows were complete)", self.what, run)
+                logger.warning(
+                    "%s: dropping the unfinished run %s (cut off before its rows were complete)", self.what, run
+                )
                 self._remove_run(run)
                 dropped += 1
         self._clear_pointer(resumable)
@@ -434,19 +518,30 @@ class StagedWriter:
         if self.manifest is None:
             return {"replace_all": False, "files": {}, "replaces": []}
         if not run.join(ENTRIES_FILE).exists():  # staged by a version before manifests
-            return {"replace_all": False, "files": {n: _entry(run.fs.cat_file(p), self.describe)
-                                                    for n, p in payload.items()}, "replaces": []}
+            return {
+                "replace_all": False,
+                "files": {n: _entry(run.fs.cat_file(p), self.describe) for n, p in payload.items()},
+                "replaces": [],
+            }
         try:
             doc = json.loads(run.join(ENTRIES_FILE).read_bytes())
             files, replace_all = doc["files"], doc.get("replace_all", False)
             replaces = doc.get("replaces")
             if not isinstance(files, dict) or not isinstance(replace_all, bool):
                 raise ValueError("'files' is not a table of names or 'replace_all' is not true/false")
-            bad = [n for n in files if not _plain_name(n) or n.startswith("_") or not isinstance(files[n], dict)
-                   or not isinstance(files[n].get("sha256"), str)]
+            bad = [
+                n
+                for n in files
+                if not _plain_name(n)
+                or n.startswith("_")
+                or not isinstance(files[n], dict)
+                or not isinstance(files[n].get("sha256"), str)
+            ]
             if bad:
                 raise ValueError(f"entries that are not plain file names with a sha256: {bad[:3]!r}")
-            if replaces is not None and (not isinstance(replaces, list) or not all(isinstance(n, str) for n in replaces)):
+            if replaces is not None and (
+                not isinstance(replaces, list) or not all(isinstance(n, str) for n in replaces)
+            ):
                 raise ValueError("'replaces' is not a list of names")
             extra = sorted(set(payload) - set(files))
             if extra:
@@ -457,11 +552,18 @@ class StagedWriter:
                 if hashlib.sha256(run.fs.cat_file(p)).hexdigest() != files[n]["sha256"]:
                     raise ValueError(f"{n}'s bytes do not match its sha256")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            logger.warning("%s: the staged run %s has an entry list that cannot be trusted (%s): left alone, nothing "
-                           "published from it. Delete the folder once you have looked at it", self.what, run.uri, e)
+            logger.warning(
+                "%s: the staged run %s has an entry list that cannot be trusted (%s): left alone, nothing "
+                "published from it. Delete the folder once you have looked at it",
+                self.what,
+                run.uri,
+                e,
+            )
             return None
         if replaces is None and replace_all:  # staged by a version before the names were fixed at commit
-            replaces = sorted(n for n, e in (self.manifest.read() or {}).items() if n not in files and not e.get("adopted"))
+            replaces = sorted(
+                n for n, e in (self.manifest.read() or {}).items() if n not in files and not e.get("adopted")
+            )
         return {"replace_all": replace_all, "files": files, "replaces": replaces or []}
 
     def _publish(self, run: Location, *, recovering: bool = False) -> int | None:
@@ -482,7 +584,9 @@ class StagedWriter:
             self._check_lease()
             before = self.manifest.read() or {}
             replaced = set(staged["replaces"])
-            files = {n: e for n, e in before.items() if not (staged["replace_all"] and (n in replaced or e.get("adopted")))}
+            files = {
+                n: e for n, e in before.items() if not (staged["replace_all"] and (n in replaced or e.get("adopted")))
+            }
             self.manifest.write(files | staged["files"])
             for name in staged["replaces"]:  # out of the manifest first: a cut-off delete leaves no listed hole
                 if name not in staged["files"]:

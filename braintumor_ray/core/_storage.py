@@ -13,8 +13,9 @@ import posixpath
 import re
 import stat
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import fsspec
 import fsspec.asyn
@@ -38,9 +39,11 @@ _ETAG = re.compile(r"[0-9a-fA-F]{32}(-[0-9]+)?")
 # normalises CR to LF (AWS's own docs), so such a key cannot be read back by the name listed; on
 # disk they break every line-based log and tool that shows the name.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-BAD_NAME = ("refused: its name is not valid UTF-8 or holds control characters (shown here with those bytes "
-            "escaped as \\xNN): not read; rename the file to a UTF-8 name without control characters (e.g. "
-            "`convmv -f latin1 -t utf-8`), and the next run scores it")
+BAD_NAME = (
+    "refused: its name is not valid UTF-8 or holds control characters (shown here with those bytes "
+    "escaped as \\xNN): not read; rename the file to a UTF-8 name without control characters (e.g. "
+    "`convmv -f latin1 -t utf-8`), and the next run scores it"
+)
 
 
 def escaped_name(path: str) -> str | None:
@@ -67,14 +70,18 @@ MAX_FOLDER_DEPTH_LIMIT = 1000
 
 def folder_depth_setting() -> Any:
     """The ``max_folder_depth`` setting of the jobs that list an input (declared here once)."""
-    return setting(MAX_FOLDER_DEPTH, help="folders a listing descends below the input; a folder deeper than this is "
-                   "an error row naming it, its files unread")
+    return setting(
+        MAX_FOLDER_DEPTH,
+        help="folders a listing descends below the input; a folder deeper than this is "
+        "an error row naming it, its files unread",
+    )
 
 
 def check_folder_depth(depth: int) -> None:
     if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= MAX_FOLDER_DEPTH_LIMIT:
-        raise ConfigError(f"max_folder_depth={depth!r} is out of range: use a whole number of folders, "
-                          f"1..{MAX_FOLDER_DEPTH_LIMIT}")
+        raise ConfigError(
+            f"max_folder_depth={depth!r} is out of range: use a whole number of folders, 1..{MAX_FOLDER_DEPTH_LIMIT}"
+        )
 
 
 def too_deep_version(limit: int) -> str:
@@ -84,8 +91,10 @@ def too_deep_version(limit: int) -> str:
 
 
 def too_deep_reason(level: int, limit: int) -> str:
-    return (f"refused: a folder {level} levels below the input, deeper than max_folder_depth={limit}: its files "
-            "are not read (move them up, or raise max_folder_depth)")
+    return (
+        f"refused: a folder {level} levels below the input, deeper than max_folder_depth={limit}: its files "
+        "are not read (move them up, or raise max_folder_depth)"
+    )
 
 
 class ChangedSinceListed(OSError):
@@ -125,8 +134,10 @@ def _local_file(path: str, root: str, follow_links_outside: bool) -> tuple[tuple
         if stat.S_ISDIR(st.st_mode):
             return None  # a directory link
         if not follow_links_outside and os.path.commonpath([root, target]) != root:
-            return (own.st_size, str(own.st_mtime)), (f"{LINK_OUTSIDE} (this link points to a file outside the input "
-                                                      "folder; set guard.follow_links_outside_input to read it)")
+            return (own.st_size, str(own.st_mtime)), (
+                f"{LINK_OUTSIDE} (this link points to a file outside the input "
+                "folder; set guard.follow_links_outside_input to read it)"
+            )
     if not stat.S_ISREG(st.st_mode):
         kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
         return (0, str(st.st_mtime)), f"refused: not a regular file ({kind})"
@@ -148,7 +159,7 @@ class Location:
             return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
         return pafs.LocalFileSystem()
 
-    def join(self, *parts: str) -> "Location":
+    def join(self, *parts: str) -> Location:
         path = posixpath.join(self.path, *parts)
         return Location(uri=self.uri_of(path), path=path, fs=self.fs, is_s3=self.is_s3)
 
@@ -189,8 +200,9 @@ class Location:
                 os.unlink(tmp)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageError(no_space_message(self.uri)) from e
-            raise StorageError(f"cannot write {self.uri}: {type(e).__name__}: {e}. Check the path and its "
-                               "permissions.") from e
+            raise StorageError(
+                f"cannot write {self.uri}: {type(e).__name__}: {e}. Check the path and its permissions."
+            ) from e
 
     def remove(self) -> None:
         """Delete this folder or file and everything under it."""
@@ -256,8 +268,10 @@ class Location:
                     version = local_version(os.stat(where))
                 except OSError:
                     version = "unlistable"
-                files[where], refused[where] = (0, version), (f"refused: a folder that cannot be listed "
-                                                              f"({type(e).__name__}), its files are not read")
+                files[where], refused[where] = (
+                    (0, version),
+                    (f"refused: a folder that cannot be listed ({type(e).__name__}), its files are not read"),
+                )
                 continue
             for entry in entries:
                 path = entry.path
@@ -267,7 +281,10 @@ class Location:
                     is_dir = False
                 if is_dir:
                     if depth + 1 > max_depth:
-                        files[path], refused[path] = (0, too_deep_version(max_depth)), too_deep_reason(depth + 1, max_depth)
+                        files[path], refused[path] = (
+                            (0, too_deep_version(max_depth)),
+                            too_deep_reason(depth + 1, max_depth),
+                        )
                     else:
                         stack.append((path, depth + 1))
                     continue
@@ -284,17 +301,21 @@ class Location:
         refused: dict[str, str] = {}
         base = self.path.rstrip("/") + "/"
         for path, d in info.items():
-            parts = path[len(base):].split("/") if path.startswith(base) else [path]
+            parts = path[len(base) :].split("/") if path.startswith(base) else [path]
             if len(parts) - 1 > max_depth:  # keys are flat: the cap is for the files' sake, as on disk
                 folder = base + "/".join(parts[: max_depth + 1])
-                out[folder], refused[folder] = (0, too_deep_version(max_depth)), too_deep_reason(max_depth + 1, max_depth)
+                out[folder], refused[folder] = (
+                    (0, too_deep_version(max_depth)),
+                    too_deep_reason(max_depth + 1, max_depth),
+                )
                 continue
             version = d.get("ETag") or d.get("etag") or d.get("mtime") or d.get("LastModified") or ""
             out[path] = (int(d.get("size") or 0), str(version).strip('"'))
         return Listing(dict(sorted(out.items())), refused)
 
-    def read_limited(self, path: str, limit: int, *, version: str | None = None,
-                     follow_links_outside: bool = False) -> bytes:
+    def read_limited(
+        self, path: str, limit: int, *, version: str | None = None, follow_links_outside: bool = False
+    ) -> bytes:
         """One file under this location, at most ``limit`` + 1 bytes of it (more than ``limit``
         says the file is larger: the caller refuses it). Raises OSError (FileNotFoundError when
         it vanished, IsADirectoryError...) as the filesystem reports it; on disk a file that is
@@ -320,7 +341,9 @@ class Location:
             target = os.path.realpath(path)
             root = os.path.realpath(self.path)
             if not follow_links_outside and os.path.commonpath([root, target]) != root:
-                raise ChangedSinceListed(f"{LINK_OUTSIDE} (a link to a file outside the input folder when it was read)") from None
+                raise ChangedSinceListed(
+                    f"{LINK_OUTSIDE} (a link to a file outside the input folder when it was read)"
+                ) from None
             fd = os.open(target, flags | nofollow)
         try:
             st = os.fstat(fd)
@@ -347,8 +370,9 @@ class Location:
         fs = self.fs
 
         async def get() -> tuple[bytes, str]:
-            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes=0-{limit}",
-                                     IfMatch=f'"{etag}"')
+            resp = await fs._call_s3(
+                "get_object", Bucket=bucket, Key=key, Range=f"bytes=0-{limit}", IfMatch=f'"{etag}"'
+            )
             try:
                 return await resp["Body"].read(), str(resp.get("ETag") or "").strip('"')
             finally:
@@ -364,7 +388,7 @@ class Location:
             raise ChangedSinceListed("its ETag differs from the listing's")
         return data
 
-    def move_to(self, other: "Location") -> None:
+    def move_to(self, other: Location) -> None:
         """Move one file. On disk a rename (atomic); on S3 a copy then a delete, so a reader
         sees either no object or the whole one."""
         if not self.is_s3:
@@ -430,9 +454,11 @@ def same_version(prior: str | None, now: str | None) -> bool:
 
 def no_space_message(uri: str) -> str:
     """The one line a job gives when storage is full (ENOSPC, a quota)."""
-    return (f"no space left on the device holding {uri}: nothing was half-written (every file beside the rows is "
-            "replaced whole, and rows commit only once complete); free some space and run again, the next run "
-            "continues from what is committed")
+    return (
+        f"no space left on the device holding {uri}: nothing was half-written (every file beside the rows is "
+        "replaced whole, and rows commit only once complete); free some space and run again, the next run "
+        "continues from what is committed"
+    )
 
 
 def is_no_space(e: BaseException | None) -> bool:
@@ -499,7 +525,9 @@ def _guard(loc: Location, verb: str, fn, *args, **kwargs):
     except StorageError:
         raise
     except FileNotFoundError as e:
-        raise StorageError(f"cannot {verb} {loc.uri}: it does not exist ({e}). {_CRED_HINT if loc.is_s3 else ''}".strip()) from e
+        raise StorageError(
+            f"cannot {verb} {loc.uri}: it does not exist ({e}). {_CRED_HINT if loc.is_s3 else ''}".strip()
+        ) from e
     except Exception as e:  # botocore/aiohttp raise many unrelated types
         name = type(e).__name__
         hint = _CRED_HINT if loc.is_s3 else "Check the path and its permissions."
@@ -513,7 +541,7 @@ def _guard(loc: Location, verb: str, fn, *args, **kwargs):
 _S3_SCHEMES = ("s3://", "s3a://", "s3n://")
 
 
-def canonical(x: "Location | str") -> tuple[str, tuple[str, ...]]:
+def canonical(x: Location | str) -> tuple[str, tuple[str, ...]]:
     """The one form of the place a URI names, as (filesystem, path components): what the lease
     and :func:`check_disjoint` compare, so that two spellings of one folder are one place.
 
@@ -526,8 +554,8 @@ def canonical(x: "Location | str") -> tuple[str, tuple[str, ...]]:
     low = uri.lower()
     for scheme in _S3_SCHEMES:
         if low.startswith(scheme):
-            return "s3", tuple(p for p in uri[len(scheme):].split("/") if p)
-    path = uri[len("file://"):] if low.startswith("file://") else uri
+            return "s3", tuple(p for p in uri[len(scheme) :].split("/") if p)
+    path = uri[len("file://") :] if low.startswith("file://") else uri
     real = os.path.realpath(os.path.abspath(os.path.expanduser(path)))
     return "file", tuple(p for p in real.split(os.sep) if p)
 
@@ -539,7 +567,7 @@ def canonical_location(loc: Location) -> Location:
     return Location(uri=loc.uri_of(path), path=path, fs=loc.fs, is_s3=loc.is_s3)
 
 
-def _forms(x: "Location | str") -> list[tuple[str, tuple[str, ...]]]:
+def _forms(x: Location | str) -> list[tuple[str, tuple[str, ...]]]:
     """The places a URI can name, for :func:`check_disjoint`: its :func:`canonical` form and, on
     S3, the key with ``..`` resolved too (what a person means): a refusal needs only one of them
     to overlap."""
@@ -550,7 +578,7 @@ def _forms(x: "Location | str") -> list[tuple[str, tuple[str, ...]]]:
     return [(kind, parts)]
 
 
-def _overlap(a: "Location | str", b: "Location | str") -> str | None:
+def _overlap(a: Location | str, b: Location | str) -> str | None:
     """How ``b`` relates to ``a`` when they overlap ("is", "lies inside", "contains"), else None."""
     for fa, pa_ in _forms(a):
         for fb, pb in _forms(b):
@@ -566,8 +594,8 @@ def _overlap(a: "Location | str", b: "Location | str") -> str | None:
 
 
 def check_disjoint(
-    input: "Location | str",
-    output: "Location | str",
+    input: Location | str,
+    output: Location | str,
     *,
     siblings: Sequence[str] = (),
     input_name: str = "input",
@@ -587,8 +615,11 @@ def check_disjoint(
         how = _overlap(in_uri, uri)
         if how is None:
             continue
-        what = f"{output_name} {out_uri}" if not suffix else (
-            f"the folder {uri} that the job writes beside {output_name} {out_uri}")
+        what = (
+            f"{output_name} {out_uri}"
+            if not suffix
+            else (f"the folder {uri} that the job writes beside {output_name} {out_uri}")
+        )
         relation = "is the same folder as" if how == "is" else how
         raise ConfigError(
             f"{what} {relation} the {input_name} {in_uri} (after resolving links, s3a://, '..' and trailing "

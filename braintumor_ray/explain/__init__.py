@@ -23,5 +23,13 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["DEFAULT_BATCH", "Explainer", "cam_heatmaps", "colorize", "heatmap_peak", "overlay", "overlay_png",
-           "target_layer"]
+__all__ = [
+    "DEFAULT_BATCH",
+    "Explainer",
+    "cam_heatmaps",
+    "colorize",
+    "heatmap_peak",
+    "overlay",
+    "overlay_png",
+    "target_layer",
+]

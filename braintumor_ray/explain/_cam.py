@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,8 +64,10 @@ def target_layer(model: nn.Module) -> tuple[str, nn.Module, int]:
     try:
         module = model.get_submodule(name)
     except AttributeError as e:
-        raise ConfigError(f"{type(model).__name__}: feature_info names {name!r}, which is not one of its modules ({e}); "
-                          "score with --explain none") from e
+        raise ConfigError(
+            f"{type(model).__name__}: feature_info names {name!r}, which is not one of its modules ({e}); "
+            "score with --explain none"
+        ) from e
     return name, module, int(last.get("num_chs") or 0)
 
 
@@ -99,7 +102,9 @@ class Explainer:
         self.layer_name, _, self.channels = target_layer(net) if layer is None else (layer, net.get_submodule(layer), 0)
         net = copy.deepcopy(net) if copy_model else net
         first = next(net.parameters(), None)
-        self.device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+        self.device = (
+            torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+        )
         # NHWC is what depthwise-conv backbones (Lite0, EfficientNet) run fastest in on CPU.
         self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -117,15 +122,27 @@ class Explainer:
 
     @classmethod
     def from_package(
-        cls, model_uri: str, s3_endpoint_url: str | None = None, *, device: str = "cpu", batch_size: int = DEFAULT_BATCH,
+        cls,
+        model_uri: str,
+        s3_endpoint_url: str | None = None,
+        *,
+        device: str = "cpu",
+        batch_size: int = DEFAULT_BATCH,
         pin: Any = None,
-    ) -> "Explainer":
+    ) -> Explainer:
         """The explainer of an exported model package (local or ``s3://``), with its normalisation
         (``pin``: the files the job verified, see :class:`~braintumor_ray.models.PackagePin`)."""
         pkg = load_model_package(model_uri, s3_endpoint_url=s3_endpoint_url, pin=pin)
         cfg = pkg.data_config
-        return cls(pkg.model, mean=cfg["mean"], std=cfg["std"], class_names=pkg.class_names, batch_size=batch_size,
-                   device=device, copy_model=False)
+        return cls(
+            pkg.model,
+            mean=cfg["mean"],
+            std=cfg["std"],
+            class_names=pkg.class_names,
+            batch_size=batch_size,
+            device=device,
+            copy_model=False,
+        )
 
     def _cut(self, module: nn.Module, args: Any, out: Any) -> torch.Tensor:
         if not isinstance(out, torch.Tensor) or out.ndim != 4:
@@ -152,7 +169,9 @@ class Explainer:
         for c in classes:
             if isinstance(c, str):
                 if self.class_names is None or c not in self.class_names:
-                    raise InputError(f"class {c!r} is not one of the model's classes {self.class_names}: give its index")
+                    raise InputError(
+                        f"class {c!r} is not one of the model's classes {self.class_names}: give its index"
+                    )
                 c = self.class_names.index(c)
             out.append(int(c))
         return out
@@ -171,8 +190,9 @@ class Explainer:
         if x.ndim == 2:
             x = x[None]
         if x.dtype != np.uint8 or x.ndim != 3:
-            raise InputError(f"expected uint8 greyscale images shaped (N, H, W), got {x.dtype} {x.shape}: "
-                             "pass MRIPreprocess output")
+            raise InputError(
+                f"expected uint8 greyscale images shaped (N, H, W), got {x.dtype} {x.shape}: pass MRIPreprocess output"
+            )
         n = len(x)
         targets = self._class_indices(classes, n) if classes is not None else None
         out = np.zeros(x.shape, dtype=np.float32)

@@ -13,7 +13,7 @@ so the two agree to float rounding (tests/test_explain.py).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -110,8 +110,9 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.5) -
 
     # zlib level 1: 3.4-3.8 ms CPU a 224 px overlay, 66 kB, against 5.7-6.0 ms and 64 kB at
     # Pillow's level 3 (16 Testing images); the PNG is most of a map's cost in a scoring replica.
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(overlay(image, heatmap, alpha=alpha), cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    ok, buf = cv2.imencode(
+        ".png", cv2.cvtColor(overlay(image, heatmap, alpha=alpha), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    )
     if not ok:
         raise InputError(f"OpenCV could not encode a {np.asarray(image).shape} overlay as PNG")
     return buf.tobytes()

@@ -6,12 +6,11 @@ slice by slice (``read_medical``); :class:`TrainAugment` is the training-time au
 ``make_sample_dataset`` generates an MRI-like sample for demos and tests.
 """
 
-from ._hashing import group_duplicates, phash, sha256_hex
 from ._dicom import DICOM_SUFFIXES
 from ._guard import HEAD_BODY_PARTS, NO_GUARD, ORIENTATIONS, InputGuard, SeriesSelector, SliceInfo
+from ._hashing import group_duplicates, phash, sha256_hex
 from ._medical import read_medical, sniff_kind
 from ._nifti import NIFTI_SUFFIXES, mask_slice_counts
-from ._window import percentile_window, voi_window
 from ._preprocess import (
     SLICE_SKIP_REASONS,
     FileResult,
@@ -28,6 +27,7 @@ from ._preprocess import (
     to_gray_u8,
 )
 from ._sample import SampleHead, make_sample_dataset, render_mri
+from ._window import percentile_window, voi_window
 
 # TrainAugment needs torch (seconds to import); the ingest's Ray workers never do.
 _LAZY = {"TrainAugment": "._augment"}

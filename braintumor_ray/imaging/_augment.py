@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any
 
 import numpy as np
 import torch
@@ -51,12 +50,21 @@ class TrainAugment(Config):
     flip: float = setting(0.5, help="probability of a left-right flip; brains are near-symmetric")
     brightness: float = setting(0.2, help="largest brightness factor change (x * (1 +- brightness))")
     contrast: float = setting(0.2, help="largest gamma change (gamma in 1 +- contrast)")
-    skull_strip: float = setting(0.0, help="probability of a crude skull strip (the head mask eroded by strip_depth, "
-                                 "outside set black), as skull-stripped research volumes look; 0: off")
-    strip_depth: float = setting(0.06, help="how deep the skull strip erodes the head, fraction of the side (the "
-                                 "generated heads' skull is about 3% of it; deeper also takes the brain's rim)")
-    renormalise: float = setting(0.0, help="probability of stretching the head's 0.5..99.5 percentiles to 0..255, as "
-                                 "z-scored volumes look after scoring's head window; 0: off")
+    skull_strip: float = setting(
+        0.0,
+        help="probability of a crude skull strip (the head mask eroded by strip_depth, "
+        "outside set black), as skull-stripped research volumes look; 0: off",
+    )
+    strip_depth: float = setting(
+        0.06,
+        help="how deep the skull strip erodes the head, fraction of the side (the "
+        "generated heads' skull is about 3% of it; deeper also takes the brain's rim)",
+    )
+    renormalise: float = setting(
+        0.0,
+        help="probability of stretching the head's 0.5..99.5 percentiles to 0..255, as "
+        "z-scored volumes look after scoring's head window; 0: off",
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -76,10 +84,12 @@ class TrainAugment(Config):
                 raise ConfigError(f"augmentation {name}={v} is out of range: use {lo}..{hi}")
 
     @classmethod
-    def none(cls) -> "TrainAugment":
-        return cls(rotate=0, shift=0, zoom=0, flip=0, brightness=0, contrast=0, skull_strip=0, strip_depth=0, renormalise=0)
+    def none(cls) -> TrainAugment:
+        return cls(
+            rotate=0, shift=0, zoom=0, flip=0, brightness=0, contrast=0, skull_strip=0, strip_depth=0, renormalise=0
+        )
 
-    def scaled(self, strength: float) -> "TrainAugment":
+    def scaled(self, strength: float) -> TrainAugment:
         """This preset with every magnitude times ``strength`` (0 = off); flip stays as is unless 0."""
         if strength < 0:
             raise ConfigError(f"augmentation strength={strength} must be >= 0")
@@ -122,9 +132,7 @@ class TrainAugment(Config):
         if self.rotate or self.zoom or self.shift or self.flip:
             # Output -> input sampling matrix: inverse zoom, rotation, flip, then shift.
             cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-            theta = torch.stack(
-                [torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1
-            )
+            theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
             grid = F.affine_grid(theta, list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if self.contrast:
@@ -157,7 +165,7 @@ def _skull_strip(x: torch.Tensor, which: torch.Tensor, depth: float) -> torch.Te
     from ._preprocess import find_head, resize_pad
 
     r = max(1, round(depth * x.shape[-1]))
-    disk = np.hypot(*np.mgrid[-r:r + 1, -r:r + 1]) <= r
+    disk = np.hypot(*np.mgrid[-r : r + 1, -r : r + 1]) <= r
     out = x.clone()
     side = x.shape[-1]
     for i in torch.nonzero(which).flatten().tolist():

@@ -21,16 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ._guard import (
-    GreySlice,
-    InputGuard,
-    MedicalDecodeError,
-    SeriesSelector,
-    SliceInfo,
-    dicom_size_error,
-    with_slice,
-)
 from ._frames import check_frames
+from ._guard import GreySlice, InputGuard, MedicalDecodeError, SeriesSelector, SliceInfo, dicom_size_error, with_slice
 from ._inflate import DEFLATED_TS, dicom_meta, read_deflated
 from ._window import _frames_sample, _luma, _percentile_levels, _stretch, _to_u8, voi_window
 
@@ -209,7 +201,9 @@ def _decodable(ds: Any, info: SliceInfo) -> tuple[Any, str]:
         sop_class = _uid(ds, "SOPClassUID") or _uid(ds.get("file_meta", {}), "MediaStorageSOPClassUID")
         name = UID(sop_class).name if sop_class else "unknown SOP class"
         if "Image Storage" in name or "Rows" in ds:
-            raise MedicalDecodeError(f"DICOM file has no pixel data: an image object ({name}) without any, truncated or corrupt", info)
+            raise MedicalDecodeError(
+                f"DICOM file has no pixel data: an image object ({name}) without any, truncated or corrupt", info
+            )
         raise MedicalDecodeError(f"DICOM file has no pixel data: not an image object ({name})", info)
     ts = UID(_uid(ds.get("file_meta", {}), "TransferSyntaxUID") or "1.2.840.10008.1.2")
     ts_name = f"transfer syntax {ts} ({ts.name})" if ts.name != str(ts) else f"transfer syntax {ts}"
@@ -229,7 +223,11 @@ def _decodable(ds: Any, info: SliceInfo) -> tuple[Any, str]:
 def _frames_u8(ds: Any, photometric: str, bits: int, frames: int, pixels: int) -> list[np.ndarray]:
     """Each frame as 8-bit grey: the file's own VOI window, else a percentile window over all
     frames; colour as luma."""
-    grey = photometric.startswith("MONOCHROME") or (_int(ds, "SamplesPerPixel") or 1) == 1 and photometric != "PALETTE COLOR"
+    grey = (
+        photometric.startswith("MONOCHROME")
+        or (_int(ds, "SamplesPerPixel") or 1) == 1
+        and photometric != "PALETTE COLOR"
+    )
     window = _file_window(ds) if grey else None
     stretch = (grey and window is None) or (not grey and bits > 8)  # a percentile window over all frames
 
@@ -262,9 +260,18 @@ def _frames_u8(ds: Any, photometric: str, bits: int, frames: int, pixels: int) -
     return out
 
 
-
-def _check_encapsulated(ds: Any, ts: str, ts_name: str, rows: int, cols: int, frames: int, samples: int,
-                        allocated: int, guard: InputGuard, info: SliceInfo) -> None:
+def _check_encapsulated(
+    ds: Any,
+    ts: str,
+    ts_name: str,
+    rows: int,
+    cols: int,
+    frames: int,
+    samples: int,
+    allocated: int,
+    guard: InputGuard,
+    info: SliceInfo,
+) -> None:
     """Each compressed frame's own header against the dataset and the guard, before decoding
     (``_frames``): the codec decodes what its codestream declares, not what Rows x Columns say."""
     from pydicom.encaps import generate_frames
@@ -277,13 +284,25 @@ def _check_encapsulated(ds: Any, ts: str, ts_name: str, rows: int, cols: int, fr
             warnings.simplefilter("ignore")
             # The same split into frames that pydicom's decoders make (iter_pixels).
             split = generate_frames(ds.PixelData, number_of_frames=frames, extended_offsets=ext)
-            check_frames(split, ts, rows=rows, cols=cols, samples=samples, allocated=allocated,
-                         number_of_frames=frames, guard=guard, info=info)
+            check_frames(
+                split,
+                ts,
+                rows=rows,
+                cols=cols,
+                samples=samples,
+                allocated=allocated,
+                number_of_frames=frames,
+                guard=guard,
+                info=info,
+            )
     except MedicalDecodeError:
         raise
     except Exception as e:
-        raise MedicalDecodeError(f"corrupt or truncated DICOM pixel data ({ts_name}): its encapsulated frames cannot "
-                                 f"be split ({type(e).__name__})", info) from None
+        raise MedicalDecodeError(
+            f"corrupt or truncated DICOM pixel data ({ts_name}): its encapsulated frames cannot "
+            f"be split ({type(e).__name__})",
+            info,
+        ) from None
 
 
 def _file_window(ds: Any) -> tuple[float, float, str] | None:
@@ -297,4 +316,3 @@ def _file_window(ds: Any) -> tuple[float, float, str] | None:
     if width < (1 if function == "LINEAR" else 1e-9):
         return None
     return center, width, function
-

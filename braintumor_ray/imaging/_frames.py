@@ -146,8 +146,18 @@ def rle_segment_length(segment: memoryview, limit: int) -> int:
     return n
 
 
-def check_frames(frames, ts: str, *, rows: int, cols: int, samples: int, allocated: int, number_of_frames: int,
-                 guard: InputGuard, info: SliceInfo) -> None:
+def check_frames(
+    frames,
+    ts: str,
+    *,
+    rows: int,
+    cols: int,
+    samples: int,
+    allocated: int,
+    number_of_frames: int,
+    guard: InputGuard,
+    info: SliceInfo,
+) -> None:
     """Every encapsulated frame's header against the dataset's Rows x Columns x SamplesPerPixel
     and BitsAllocated and the guard's limits; raises MedicalDecodeError naming the frame and the
     cause. ``frames`` yields each frame's bytes (pydicom's ``generate_frames``): nothing is decoded."""
@@ -164,8 +174,10 @@ def check_frames(frames, ts: str, *, rows: int, cols: int, samples: int, allocat
     declared = f"{cols}x{rows}x{samples} at {allocated} bits"
     for k, frame in enumerate(frames):
         where = f"frame {k + 1} (of {number_of_frames})"
-        if err := (guard.too_many_slices(f"{k + 1:,} frames in the pixel data", k + 1)
-                   or guard.too_many_pixels(f"{k + 1} frame(s) of {cols}x{rows}x{samples}", (k + 1) * rows * cols * samples)):
+        if err := (
+            guard.too_many_slices(f"{k + 1:,} frames in the pixel data", k + 1)
+            or guard.too_many_pixels(f"{k + 1} frame(s) of {cols}x{rows}x{samples}", (k + 1) * rows * cols * samples)
+        ):
             raise MedicalDecodeError(err + f" ({where}: the pixel data holds more frames than declared)", info)
         try:
             if read is None:
@@ -173,19 +185,22 @@ def check_frames(frames, ts: str, *, rows: int, cols: int, samples: int, allocat
                 continue
             h = read(frame)
         except _Bad as e:
-            raise MedicalDecodeError(f"corrupt DICOM pixel data: {where} cannot be checked before decoding: {e} "
-                                     "(re-export the file)", info) from None
+            raise MedicalDecodeError(
+                f"corrupt DICOM pixel data: {where} cannot be checked before decoding: {e} (re-export the file)", info
+            ) from None
         if read is jpeg_header and (err := guard.too_many_jpeg_scans(f"the {h.codec} codestream of {where}", frame)):
             raise MedicalDecodeError(err, info)
         got = f"{h.cols}x{h.rows}x{h.samples} at {h.bits} bits"
-        if err := guard.too_many_pixels(f"the {h.codec} header of {where} declares {h.cols}x{h.rows}x{h.samples}",
-                                        h.rows * h.cols * h.samples):
+        if err := guard.too_many_pixels(
+            f"the {h.codec} header of {where} declares {h.cols}x{h.rows}x{h.samples}", h.rows * h.cols * h.samples
+        ):
             raise MedicalDecodeError(err, info)
         if (h.rows, h.cols, h.samples) != (rows, cols, samples) or h.bits > allocated:
             raise MedicalDecodeError(
                 f"decompression bomb or corrupt file: the {h.codec} header of {where} declares {got}, but the DICOM header "
                 f"declares Columns x Rows x SamplesPerPixel {declared}; refused before decoding (re-export the file)",
-                info)
+                info,
+            )
 
 
 def _check_rle(frame: bytes, rows: int, cols: int, samples: int, allocated: int, where: str, info: SliceInfo) -> None:
@@ -194,11 +209,15 @@ def _check_rle(frame: bytes, rows: int, cols: int, samples: int, allocated: int,
     segments = rle_segments(frame)
     want = samples * allocated // 8
     if len(segments) != want:
-        raise _Bad(f"its RLE header declares {len(segments)} segments, but SamplesPerPixel {samples} x "
-                   f"BitsAllocated {allocated} / 8 need {want}")
+        raise _Bad(
+            f"its RLE header declares {len(segments)} segments, but SamplesPerPixel {samples} x "
+            f"BitsAllocated {allocated} / 8 need {want}"
+        )
     limit = rows * cols + _RLE_SLACK
     for s, seg in enumerate(segments):
         if rle_segment_length(seg, limit) > limit:
             raise MedicalDecodeError(
                 f"decompression bomb: RLE segment {s + 1} of {where} decodes to more than the {rows * cols:,} bytes "
-                f"its Columns x Rows ({cols}x{rows}) allow; refused before decoding (re-export the file)", info)
+                f"its Columns x Rows ({cols}x{rows}) allow; refused before decoding (re-export the file)",
+                info,
+            )

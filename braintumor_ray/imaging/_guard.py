@@ -91,13 +91,21 @@ class SeriesSelector(Config):
             for NIfTI the plane of the slice axis. Plain images are never filtered.
     """
 
-    modalities: tuple[str, ...] = setting((), help="keep DICOM files of these Modality codes, comma-separated "
-                                          "(e.g. MR); none keeps every modality", aliases=("--dicom-modality",))
-    series_description: str | None = setting(None, help="keep DICOM series whose Series Description matches this "
-                                             "regular expression (case-insensitive search)",
-                                             aliases=("--series-description",))
-    orientations: tuple[str, ...] = setting((), help="keep axial, coronal or sagittal DICOM series and NIfTI "
-                                            "volumes, comma-separated", aliases=("--orientation",))
+    modalities: tuple[str, ...] = setting(
+        (),
+        help="keep DICOM files of these Modality codes, comma-separated (e.g. MR); none keeps every modality",
+        aliases=("--dicom-modality",),
+    )
+    series_description: str | None = setting(
+        None,
+        help="keep DICOM series whose Series Description matches this regular expression (case-insensitive search)",
+        aliases=("--series-description",),
+    )
+    orientations: tuple[str, ...] = setting(
+        (),
+        help="keep axial, coronal or sagittal DICOM series and NIfTI volumes, comma-separated",
+        aliases=("--orientation",),
+    )
 
     def __post_init__(self) -> None:
         mods = tuple(m.strip().upper() for m in self.modalities)
@@ -116,7 +124,9 @@ class SeriesSelector(Config):
             try:
                 re.compile(self.series_description)
             except re.error as e:
-                raise ConfigError(f"series_description {self.series_description!r} is not a valid regular expression: {e}") from None
+                raise ConfigError(
+                    f"series_description {self.series_description!r} is not a valid regular expression: {e}"
+                ) from None
 
     @property
     def active(self) -> bool:
@@ -134,7 +144,9 @@ class SeriesSelector(Config):
             parts.append("orientation=" + ",".join(self.orientations))
         return ";".join(parts)
 
-    def check_dicom(self, modality: str | None, description: str | None, orientation: str | None, info: SliceInfo) -> None:
+    def check_dicom(
+        self, modality: str | None, description: str | None, orientation: str | None, info: SliceInfo
+    ) -> None:
         # The reasons name the rule and coded values only, never the (free-text) description.
         if self.modalities and (modality or "") not in self.modalities:
             shown = modality if modality and MODALITY_CODE.match(modality) else "none"
@@ -150,7 +162,9 @@ class SeriesSelector(Config):
 
     def _check_orientation(self, orientation: str | None, info: SliceInfo) -> None:
         if self.orientations and orientation not in self.orientations:
-            raise NotSelected(f"not selected: orientation {orientation or 'unknown'} is not in {','.join(self.orientations)}", info)
+            raise NotSelected(
+                f"not selected: orientation {orientation or 'unknown'} is not in {','.join(self.orientations)}", info
+            )
 
 
 ALL = SeriesSelector()
@@ -168,33 +182,56 @@ class InputGuard(Config):
     reason, and an image with no content is an error row that says so.
     """
 
-    modalities: tuple[str, ...] = setting(("MR",), help="DICOM Modality codes the model is for; other "
-                                          "modalities are skipped with the reason (empty: any)")
-    body_parts: tuple[str, ...] = setting(HEAD_BODY_PARTS, help="BodyPartExamined values that are a head; a DICOM "
-                                          "that names another part is skipped (a file without the tag passes; "
-                                          "empty: any)")
+    modalities: tuple[str, ...] = setting(
+        ("MR",), help="DICOM Modality codes the model is for; other modalities are skipped with the reason (empty: any)"
+    )
+    body_parts: tuple[str, ...] = setting(
+        HEAD_BODY_PARTS,
+        help="BodyPartExamined values that are a head; a DICOM "
+        "that names another part is skipped (a file without the tag passes; "
+        "empty: any)",
+    )
     # Blank black or white images have a spread of 0; the flattest of the 3264 real Sartaj scans
     # has 21.0 (and every one of them has a head the crop finds, covering at least 18% of the image).
-    min_contrast: float = setting(2.0, help="grey-level standard deviation below which an image is an error "
-                                  "(no content)")
-    require_head: bool = setting(True, help="an image where the crop finds no head (nothing above the crop "
-                                 "threshold) is an error")
-    max_pixels: int = setting(DEFAULT_MAX_PIXELS, help="most pixels one file may decode to, all its slices or "
-                              "frames together (512x512x512 by default); a file that declares more is an error "
-                              "row before anything is decoded (decompression bomb guard)", aliases=("--max-pixels",))
-    max_file_bytes: int = setting(DEFAULT_MAX_FILE_BYTES, help="most bytes one file may hold: as stored, "
-                                  "decompressed (.gz, deflated DICOM) or as decoded pixels; a larger file is an "
-                                  "error row and is not read", aliases=("--max-file-bytes",))
-    max_slices: int = setting(DEFAULT_MAX_SLICES, help="most images one file may become: pages of a multi-page TIFF, "
-                              "GIF, WebP or APNG, frames of a DICOM, slices of a NIfTI volume; a file with more is an "
-                              "error row (pages are counted as they are read: the rest are never decoded)",
-                              aliases=("--max-slices",))
-    max_jpeg_scans: int = setting(DEFAULT_MAX_JPEG_SCANS, help="most scans one JPEG (a file, or a frame of a DICOM) "
-                                  "may hold; each scan of a progressive JPEG is another pass over the whole image, "
-                                  "so a file with more is an error row before anything is decoded")
-    follow_links_outside_input: bool = setting(False, help="read files whose links point outside the input folder "
-                                               "(off: such links, and dangling ones, are error rows; directory "
-                                               "links are never followed)")
+    min_contrast: float = setting(
+        2.0, help="grey-level standard deviation below which an image is an error (no content)"
+    )
+    require_head: bool = setting(
+        True, help="an image where the crop finds no head (nothing above the crop threshold) is an error"
+    )
+    max_pixels: int = setting(
+        DEFAULT_MAX_PIXELS,
+        help="most pixels one file may decode to, all its slices or "
+        "frames together (512x512x512 by default); a file that declares more is an error "
+        "row before anything is decoded (decompression bomb guard)",
+        aliases=("--max-pixels",),
+    )
+    max_file_bytes: int = setting(
+        DEFAULT_MAX_FILE_BYTES,
+        help="most bytes one file may hold: as stored, "
+        "decompressed (.gz, deflated DICOM) or as decoded pixels; a larger file is an "
+        "error row and is not read",
+        aliases=("--max-file-bytes",),
+    )
+    max_slices: int = setting(
+        DEFAULT_MAX_SLICES,
+        help="most images one file may become: pages of a multi-page TIFF, "
+        "GIF, WebP or APNG, frames of a DICOM, slices of a NIfTI volume; a file with more is an "
+        "error row (pages are counted as they are read: the rest are never decoded)",
+        aliases=("--max-slices",),
+    )
+    max_jpeg_scans: int = setting(
+        DEFAULT_MAX_JPEG_SCANS,
+        help="most scans one JPEG (a file, or a frame of a DICOM) "
+        "may hold; each scan of a progressive JPEG is another pass over the whole image, "
+        "so a file with more is an error row before anything is decoded",
+    )
+    follow_links_outside_input: bool = setting(
+        False,
+        help="read files whose links point outside the input folder "
+        "(off: such links, and dangling ones, are error rows; directory "
+        "links are never followed)",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modalities", tuple(m.strip().upper() for m in self.modalities if m.strip()))
@@ -214,22 +251,28 @@ class InputGuard(Config):
         """The error for a file of ``pixels`` pixels (``what`` describes them), or None within the limit."""
         if pixels <= self.max_pixels:
             return None
-        return (f"too large: {what} = {pixels:,} pixels, over the limit guard.max_pixels={self.max_pixels:,} "
-                "(decompression bomb guard; raise guard.max_pixels if such scans are genuine)")
+        return (
+            f"too large: {what} = {pixels:,} pixels, over the limit guard.max_pixels={self.max_pixels:,} "
+            "(decompression bomb guard; raise guard.max_pixels if such scans are genuine)"
+        )
 
     def too_many_slices(self, what: str, n: int) -> str | None:
         """The error for a file of ``n`` images (``what`` says which: pages, frames, slices), or None."""
         if n <= self.max_slices:
             return None
-        return (f"too many images: {what}, over the limit guard.max_slices={self.max_slices:,} (raise "
-                "guard.max_slices if such files are genuine, or split the file)")
+        return (
+            f"too many images: {what}, over the limit guard.max_slices={self.max_slices:,} (raise "
+            "guard.max_slices if such files are genuine, or split the file)"
+        )
 
     def too_many_bytes(self, what: str, n: int) -> str | None:
         """The error for ``n`` bytes of a file (``what`` says which), or None within the limit."""
         if n <= self.max_file_bytes:
             return None
-        return (f"too large: {what} {n:,} bytes, over the limit guard.max_file_bytes={self.max_file_bytes:,} "
-                "(raise guard.max_file_bytes if such files are genuine)")
+        return (
+            f"too large: {what} {n:,} bytes, over the limit guard.max_file_bytes={self.max_file_bytes:,} "
+            "(raise guard.max_file_bytes if such files are genuine)"
+        )
 
     def too_many_jpeg_scans(self, what: str, data: bytes) -> str | None:
         """The error for a JPEG codestream ``data`` of more than ``max_jpeg_scans`` scans, or None.
@@ -240,15 +283,20 @@ class InputGuard(Config):
         scans = data.count(b"\xff\xda")
         if scans <= self.max_jpeg_scans:
             return None
-        return (f"decompression bomb: {what} holds {scans:,} scans, over the limit guard.max_jpeg_scans="
-                f"{self.max_jpeg_scans:,} (each scan of a progressive JPEG is another pass over the whole image); "
-                "refused before decoding (raise guard.max_jpeg_scans if such files are genuine)")
+        return (
+            f"decompression bomb: {what} holds {scans:,} scans, over the limit guard.max_jpeg_scans="
+            f"{self.max_jpeg_scans:,} (each scan of a progressive JPEG is another pass over the whole image); "
+            "refused before decoding (raise guard.max_jpeg_scans if such files are genuine)"
+        )
 
     def check_dicom(self, modality: str | None, body_part: str | None, info: SliceInfo) -> None:
         if self.modalities and modality and modality not in self.modalities:
             shown = modality if MODALITY_CODE.match(modality) else "unknown"
-            raise NotSelected(f"not brain MR: modality {shown} (the model is for {','.join(self.modalities)}; "
-                              "set guard.modalities to allow others)", info)
+            raise NotSelected(
+                f"not brain MR: modality {shown} (the model is for {','.join(self.modalities)}; "
+                "set guard.modalities to allow others)",
+                info,
+            )
         if self.body_parts and body_part and body_part not in self.body_parts:
             shown = body_part if MODALITY_CODE.match(body_part.replace(" ", "_")) else "unknown"
             raise NotSelected(f"not a head: BodyPartExamined {shown} (set guard.body_parts to allow it)", info)
@@ -265,5 +313,8 @@ def dicom_size_error(rows: int, cols: int, frames: int, samples: int, allocated:
     """The guard's verdict on what a DICOM header declares, before any pixel is decoded."""
     pixels = rows * cols * frames * samples
     what = f"{frames} frame(s) of {cols}x{rows}" + (f"x{samples} samples" if samples > 1 else "")
-    return guard.too_many_slices(f"{frames:,} frames declared", frames) or guard.too_many_pixels(what, pixels) or guard.too_many_bytes(
-        f"{what} at {allocated} bits decode to", (pixels * allocated + 7) // 8)
+    return (
+        guard.too_many_slices(f"{frames:,} frames declared", frames)
+        or guard.too_many_pixels(what, pixels)
+        or guard.too_many_bytes(f"{what} at {allocated} bits decode to", (pixels * allocated + 7) // 8)
+    )

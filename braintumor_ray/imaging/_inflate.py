@@ -26,8 +26,13 @@ _INFLATE_CHUNK = 2**20
 
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
-_HEADER_TAGS = {0x00280010: "rows", 0x00280011: "cols", 0x00280008: "frames", 0x00280002: "samples",
-                0x00280100: "allocated"}
+_HEADER_TAGS = {
+    0x00280010: "rows",
+    0x00280011: "cols",
+    0x00280008: "frames",
+    0x00280002: "samples",
+    0x00280100: "allocated",
+}
 _UNDEFINED = 0xFFFFFFFF
 
 
@@ -130,7 +135,8 @@ def read_deflated(data: bytes, meta_start: int, meta_end: int, guard: InputGuard
         if pixel_len != _UNDEFINED and pixel_len > max(declared + 1, allowance):
             raise MedicalDecodeError(
                 f"decompression bomb: the pixel data of this deflated DICOM declares {pixel_len:,} bytes, more than the "
-                f"{declared:,} its {frames} frame(s) of {cols}x{rows} declare; refused before it is inflated")
+                f"{declared:,} its {frames} frame(s) of {cols}x{rows} declare; refused before it is inflated"
+            )
         budget = pixel_at + 12 + (declared if pixel_len == _UNDEFINED else pixel_len) + allowance
     try:
         full, complete = inflate(body, budget, raw=True)
@@ -140,7 +146,8 @@ def read_deflated(data: bytes, meta_start: int, meta_end: int, guard: InputGuard
         raise MedicalDecodeError(
             f"decompression bomb: this deflated DICOM inflates past {budget:,} bytes (its header, the pixel data it "
             f"declares and {allowance:,} bytes more: guard.max_file_bytes / {DICOM_HEADER_SHARE}); refused without "
-            "inflating the rest")
+            "inflating the rest"
+        )
     if not complete:
         raise MedicalDecodeError("truncated or corrupt DICOM: the deflate stream ends early")
     ds = read_dataset(io.BytesIO(full), is_implicit_VR=False, is_little_endian=True)
@@ -150,9 +157,11 @@ def read_deflated(data: bytes, meta_start: int, meta_end: int, guard: InputGuard
 
 
 def _over_allowance(allowance: int) -> str:
-    return (f"decompression bomb: this deflated DICOM holds more than the {allowance:,} bytes it may hold outside its "
-            f"pixel data (guard.max_file_bytes / {DICOM_HEADER_SHARE}); refused before the rest is inflated (raise "
-            "guard.max_file_bytes if such files are genuine)")
+    return (
+        f"decompression bomb: this deflated DICOM holds more than the {allowance:,} bytes it may hold outside its "
+        f"pixel data (guard.max_file_bytes / {DICOM_HEADER_SHARE}); refused before the rest is inflated (raise "
+        "guard.max_file_bytes if such files are genuine)"
+    )
 
 
 def _element(buf: bytes, pos: int, at_end: bool) -> tuple[int, int, int] | None:
@@ -218,7 +227,8 @@ def _skim_header(buf: bytes, allowance: int, *, at_end: bool) -> tuple[int | Non
                     f"decompression bomb: element ({tag >> 16:04X},{tag & 0xFFFF:04X}) of this deflated DICOM declares "
                     f"{length:,} bytes, over the {allowance:,} it may hold outside its pixel data (guard.max_file_bytes "
                     f"/ {DICOM_HEADER_SHARE}); refused before it is inflated (raise guard.max_file_bytes if such files "
-                    "are genuine)")
+                    "are genuine)"
+                )
             end = pos + head + length
             if tag in _HEADER_TAGS:
                 if end > len(buf) and not at_end:
@@ -248,4 +258,3 @@ def _skip_undefined(buf: bytes, pos: int, allowance: int, at_end: bool) -> int:
             raise MedicalDecodeError(_over_allowance(allowance))
         else:
             pos += length
-

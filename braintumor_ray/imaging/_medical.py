@@ -35,7 +35,7 @@ does not reach the jobs' handlers, because pydicom quotes element values in both
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from ._dicom import DICOM_SUFFIXES, read_dicom
 from ._guard import ALL, NO_GUARD, GreySlice, InputGuard, MedicalDecodeError, NotSelected, SeriesSelector
@@ -89,5 +89,6 @@ def read_medical(
     except (MedicalDecodeError, NotSelected):
         raise
     except Exception as e:  # a library's surprise: its message may quote a value, so only its type
-        raise MedicalDecodeError(f"could not read this {'DICOM' if kind == 'dicom' else 'NIfTI'} file ({type(e).__name__})") from None
-
+        raise MedicalDecodeError(
+            f"could not read this {'DICOM' if kind == 'dicom' else 'NIfTI'} file ({type(e).__name__})"
+        ) from None

@@ -37,9 +37,17 @@ def nifti_version(data: bytes) -> int | None:
             head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data[:65536], 544)
         except zlib.error:
             return None
-    if len(head) >= 348 and head[344:348] == b"n+1\x00" and 348 in struct.unpack("<i", head[:4]) + struct.unpack(">i", head[:4]):
+    if (
+        len(head) >= 348
+        and head[344:348] == b"n+1\x00"
+        and 348 in struct.unpack("<i", head[:4]) + struct.unpack(">i", head[:4])
+    ):
         return 1
-    if len(head) >= 8 and head[4:8] == b"n+2\x00" and 540 in struct.unpack("<i", head[:4]) + struct.unpack(">i", head[:4]):
+    if (
+        len(head) >= 8
+        and head[4:8] == b"n+2\x00"
+        and 540 in struct.unpack("<i", head[:4]) + struct.unpack(">i", head[:4])
+    ):
         return 2
     return None
 
@@ -61,9 +69,11 @@ def _checked_dims(shape: tuple[int, ...], dtype: np.dtype, offset: int, guard: I
         )
     voxels = int(np.prod(dims, dtype=np.int64))
     expected = offset + voxels * dtype.itemsize
-    for err in (guard.too_many_slices(f"a {'x'.join(map(str, dims))} volume of {dims[2]:,} slices", dims[2]),
-                guard.too_many_pixels(f"a {'x'.join(map(str, dims))} volume", voxels),
-                guard.too_many_bytes(f"a {'x'.join(map(str, dims))} {dtype} volume takes", expected)):
+    for err in (
+        guard.too_many_slices(f"a {'x'.join(map(str, dims))} volume of {dims[2]:,} slices", dims[2]),
+        guard.too_many_pixels(f"a {'x'.join(map(str, dims))} volume", voxels),
+        guard.too_many_bytes(f"a {'x'.join(map(str, dims))} {dtype} volume takes", expected),
+    ):
         if err:
             raise MedicalDecodeError(err)
     return dims, expected
@@ -85,11 +95,15 @@ def _voxel_bytes(data: bytes, gz: bool, expected: int, dims: list[int], dtype: n
                 "inflating the rest"
             )
         if not complete:
-            raise MedicalDecodeError(f"truncated NIfTI: the gzip stream ends early ({len(raw):,} of {expected:,} bytes)")
+            raise MedicalDecodeError(
+                f"truncated NIfTI: the gzip stream ends early ({len(raw):,} of {expected:,} bytes)"
+            )
     else:
         raw = data
     if len(raw) < expected:
-        raise MedicalDecodeError(f"corrupt or truncated NIfTI data: {len(raw):,} of the {expected:,} bytes its header declares")
+        raise MedicalDecodeError(
+            f"corrupt or truncated NIfTI data: {len(raw):,} of the {expected:,} bytes its header declares"
+        )
     return raw
 
 
@@ -102,7 +116,9 @@ def read_nifti(data: bytes, *, select: SeriesSelector, guard: InputGuard) -> lis
         raise MedicalDecodeError("empty file (0 bytes)")
     version = nifti_version(data)
     if version is None:
-        raise MedicalDecodeError("corrupt NIfTI: no NIfTI-1 or NIfTI-2 single-file header (.hdr/.img pairs are not read)")
+        raise MedicalDecodeError(
+            "corrupt NIfTI: no NIfTI-1 or NIfTI-2 single-file header (.hdr/.img pairs are not read)"
+        )
     cls = nib.Nifti1Image if version == 1 else nib.Nifti2Image
     gz = data[:2] == GZIP_MAGIC
     size = cls.header_class.template_dtype.itemsize  # 348 or 540
@@ -137,8 +153,10 @@ def read_nifti(data: bytes, *, select: SeriesSelector, guard: InputGuard) -> lis
         levels = head_levels(_volume_sample(voxels_of, scale))
         to_u8 = lambda v: _stretch(v, levels)  # noqa: E731
     mode = f"NIfTI-{version} {hdr.get_data_dtype()}"
-    return [GreySlice(_display_slice(to_u8(scale(voxels_of[:, :, k])), codes, plane), mode, SliceInfo(slice_index=k))
-            for k in range(dims[2])]
+    return [
+        GreySlice(_display_slice(to_u8(scale(voxels_of[:, :, k])), codes, plane), mode, SliceInfo(slice_index=k))
+        for k in range(dims[2])
+    ]
 
 
 def _nifti_scaling(slope: Any, inter: Any):
@@ -207,8 +225,10 @@ def mask_slice_counts(data: bytes, *, guard: InputGuard) -> tuple[tuple[int, int
         except zlib.error as e:
             raise MedicalDecodeError(f"corrupt NIfTI mask gzip stream ({e})") from None
         if len(raw) > guard.max_file_bytes:
-            raise MedicalDecodeError(f"decompression bomb: the mask's gzip content is over guard.max_file_bytes="
-                                     f"{guard.max_file_bytes:,}; refused without inflating the rest")
+            raise MedicalDecodeError(
+                f"decompression bomb: the mask's gzip content is over guard.max_file_bytes="
+                f"{guard.max_file_bytes:,}; refused without inflating the rest"
+            )
         if not complete:
             raise MedicalDecodeError("truncated NIfTI mask: the gzip stream ends early")
     try:

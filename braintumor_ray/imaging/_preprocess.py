@@ -16,8 +16,9 @@ import logging
 import math
 import warnings
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -110,10 +111,12 @@ class MRIPreprocess(Config):
     """
 
     image_size: int = setting(224, help="side of the square output, pixels", aliases=("--image-size",))
-    threshold: int = setting(20, help="grey level (0-255) above which a blurred pixel counts as head",
-                             aliases=("--crop-threshold",))
-    margin: float = setting(0.02, help="border kept around the head, fraction of the box's longer side",
-                            aliases=("--crop-margin",))
+    threshold: int = setting(
+        20, help="grey level (0-255) above which a blurred pixel counts as head", aliases=("--crop-threshold",)
+    )
+    margin: float = setting(
+        0.02, help="border kept around the head, fraction of the box's longer side", aliases=("--crop-margin",)
+    )
 
     def __post_init__(self) -> None:
         if not 16 <= self.image_size <= 4096:
@@ -139,12 +142,20 @@ class MRIPreprocess(Config):
         """
         out = self.slices(data, name=name)
         if len(out) != 1:
-            raise ImageDecodeError(f"a volume of {len(out)} slices where one image was expected: use MRIPreprocess.slices")
+            raise ImageDecodeError(
+                f"a volume of {len(out)} slices where one image was expected: use MRIPreprocess.slices"
+            )
         return out[0].image
 
     def slices(
-        self, data: bytes, *, name: str = "", select: SeriesSelector | None = None, guard: InputGuard | None = None,
-        pages: bool = True, skipped: list[SkippedSlice] | None = None,
+        self,
+        data: bytes,
+        *,
+        name: str = "",
+        select: SeriesSelector | None = None,
+        guard: InputGuard | None = None,
+        pages: bool = True,
+        skipped: list[SkippedSlice] | None = None,
     ) -> list[PreprocessedSlice]:
         """Every image of one file, preprocessed: one for an image file, one per page of a
         multi-page TIFF, GIF, WebP or APNG (``pages=False``: such a file is an error instead), one
@@ -202,12 +213,14 @@ class MRIPreprocess(Config):
     def _finish(self, gray: np.ndarray, mode: str, guard: InputGuard = NO_GUARD) -> PreprocessedImage:
         """The part every source shares: crop to the head, pad to a square of ``image_size``."""
         if guard.min_contrast and (spread := grey_spread(gray)) < guard.min_contrast:
-            raise NoContent(f"no content: the image is near-constant (grey-level spread {spread:.1f} < "
-                            f"{guard.min_contrast:g})")
+            raise NoContent(
+                f"no content: the image is near-constant (grey-level spread {spread:.1f} < {guard.min_contrast:g})"
+            )
         box, fraction = find_head(gray, threshold=self.threshold, margin=self.margin)
         if box is None and guard.require_head:
-            raise NoContent(f"no head found: nothing in the image is brighter than the crop threshold "
-                                   f"({self.threshold})")
+            raise NoContent(
+                f"no head found: nothing in the image is brighter than the crop threshold ({self.threshold})"
+            )
         h, w = gray.shape
         cropped = box is not None
         x0, y0, x1, y1 = box if box is not None else (0, 0, w, h)
@@ -215,7 +228,12 @@ class MRIPreprocess(Config):
         return PreprocessedImage(pixels, w, h, mode, (x0, y0, x1, y1), cropped, fraction)
 
     def try_slices(
-        self, data: bytes, *, name: str = "", select: SeriesSelector | None = None, guard: InputGuard | None = None,
+        self,
+        data: bytes,
+        *,
+        name: str = "",
+        select: SeriesSelector | None = None,
+        guard: InputGuard | None = None,
         pages: bool = True,
     ) -> FileResult:
         """:meth:`slices` that never raises: what jobs use so one odd file never stops them."""
@@ -251,7 +269,8 @@ def _gunzip(data: bytes, guard: InputGuard) -> bytes:
     if len(out) > guard.max_file_bytes:
         raise ImageDecodeError(
             f"decompression bomb: the gzip content is over the limit guard.max_file_bytes={guard.max_file_bytes:,}; "
-            "refused without inflating the rest (raise guard.max_file_bytes if such files are genuine)")
+            "refused without inflating the rest (raise guard.max_file_bytes if such files are genuine)"
+        )
     if not complete:
         raise ImageDecodeError(f"truncated gzip: the stream ends early (after {len(out):,} bytes)")
     return out
@@ -294,8 +313,10 @@ def image_pages(data: bytes, *, guard: InputGuard | None = None, multi_page: boo
     image = _open_image(data)
     _check_scans(image, data, guard)
     if not multi_page and getattr(image, "is_animated", False):
-        raise ImageDecodeError(f"a multi-page {image.format}: only single-page images are taken here (reading page one "
-                               "alone would drop the others silently); split it into one file per page")
+        raise ImageDecodeError(
+            f"a multi-page {image.format}: only single-page images are taken here (reading page one "
+            "alone would drop the others silently); split it into one file per page"
+        )
     # APNG and animated WebP declare their frame count (acTL, the demuxer's count): checked at once.
     # GIF and TIFF do not (Pillow's n_frames walks the whole file: 2.5 s for 100,000 GIF frames).
     declared = getattr(image, "n_frames", 1) if image.format in ("PNG", "WEBP") else None
@@ -309,7 +330,9 @@ def image_pages(data: bytes, *, guard: InputGuard | None = None, multi_page: boo
             except EOFError:
                 return
             except Exception as e:
-                raise ImageDecodeError(f"corrupt or truncated {image.format or 'image'} data: page {k + 1}: {e}") from None
+                raise ImageDecodeError(
+                    f"corrupt or truncated {image.format or 'image'} data: page {k + 1}: {e}"
+                ) from None
             if err := guard.too_many_slices(f"a {image.format} of more than {k:,} pages", k + 1):
                 raise ImageDecodeError(err)
         pixels += image.width * image.height
@@ -333,7 +356,9 @@ def _open_image(data: bytes) -> Image.Image:
             raise ImageDecodeError(f"corrupt {kind}: its header cannot be parsed") from None
         # Never quote the bytes: a text file in a hospital export may begin with a name.
         looks = "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in data[:64]) else "binary data"
-        raise ImageDecodeError(f"not an image: unrecognised format ({looks}, not DICOM, NIfTI or an image format)") from None
+        raise ImageDecodeError(
+            f"not an image: unrecognised format ({looks}, not DICOM, NIfTI or an image format)"
+        ) from None
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"image too large (decompression bomb guard): {e}") from None
     except Exception as e:
@@ -347,8 +372,9 @@ def _check_scans(image: Image.Image, data: bytes, guard: InputGuard) -> None:
         raise ImageDecodeError(err)
 
 
-def _check_page(image: Image.Image, max_pixels: int, guard: InputGuard, *, pixels: int | None = None,
-                page: int = 0) -> None:
+def _check_page(
+    image: Image.Image, max_pixels: int, guard: InputGuard, *, pixels: int | None = None, page: int = 0
+) -> None:
     """The guard's limits on the page ``image`` is at (``pixels``: all pages so far together),
     from its header: nothing of it is decoded yet."""
     w, h = image.size
@@ -364,8 +390,9 @@ def _check_page(image: Image.Image, max_pixels: int, guard: InputGuard, *, pixel
         # decoding to RGB and converting to L (measured identical on the real dataset).
         image.draft("L", image.size)
     n = pixels * _bytes_per_pixel(image.mode)
-    if err := guard.too_many_bytes(f"a {w}x{h} {image.mode} image decodes to" if not page else
-                                   f"{page + 1} pages of {image.mode} decode to", n):
+    if err := guard.too_many_bytes(
+        f"a {w}x{h} {image.mode} image decodes to" if not page else f"{page + 1} pages of {image.mode} decode to", n
+    ):
         raise ImageDecodeError(err)
 
 
@@ -395,7 +422,9 @@ def to_gray_u8(image: Image.Image) -> np.ndarray:
         lo, hi = float(np.min([e[0] for e in ends])), float(np.max([e[1] for e in ends]))
         if hi <= lo:
             return np.zeros((image.height, image.width), dtype=np.uint8)
-        return _by_bands(image, lambda b: np.round((np.asarray(b, dtype=np.float64) - lo) * (255.0 / (hi - lo))).astype(np.uint8))
+        return _by_bands(
+            image, lambda b: np.round((np.asarray(b, dtype=np.float64) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+        )
     return _by_bands(image, _gray_band)
 
 

@@ -79,13 +79,7 @@ def render_mri(label: str, rng: np.random.Generator, size: int = 160) -> tuple[n
 
 
 def make_sample_dataset(
-    root: str,
-    *,
-    per_class: int = 12,
-    test_per_class: int = 4,
-    size: int = 160,
-    leaks: int = 2,
-    seed: int = 0,
+    root: str, *, per_class: int = 12, test_per_class: int = 4, size: int = 160, leaks: int = 2, seed: int = 0
 ) -> dict[str, SampleHead]:
     """Write ``root/{Training,Testing}/<class>/*.jpg``; return each file's head box.
 

@@ -37,7 +37,9 @@ def percentile_window(x: np.ndarray, percentiles: tuple[float, float] = PERCENTI
     return _stretch(x, _percentile_levels(flat, percentiles))
 
 
-def _percentile_levels(sample: np.ndarray, percentiles: tuple[float, float] = PERCENTILE_WINDOW) -> tuple[float, float] | None:
+def _percentile_levels(
+    sample: np.ndarray, percentiles: tuple[float, float] = PERCENTILE_WINDOW
+) -> tuple[float, float] | None:
     """The black and white levels of :func:`percentile_window`, from its sample of the values
     (None: no usable range, all black). Volumes take it once, then window slice by slice."""
     sample = np.asarray(sample, dtype=np.float64)

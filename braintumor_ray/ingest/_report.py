@@ -82,13 +82,15 @@ def format_summary(report: IngestReport | dict) -> str:
         + (f", left out by the series selector {c['not_selected']}" if c.get("not_selected") else ""),
     ]
     if c.get("slices_skipped") or c.get("slices_unlabelled"):
-        lines.append(f"  slices of volumes left out: {c.get('slices_skipped', 0)} with no content or no head, "
-                     f"{c.get('slices_unlabelled', 0)} whose mask marks too little lesion to label")
-    lines += [
-        f"  {'split':<6}" + "".join(f"{n:>12}" for n in CLASS_NAMES) + f"{'total':>8}",
-    ]
+        lines.append(
+            f"  slices of volumes left out: {c.get('slices_skipped', 0)} with no content or no head, "
+            f"{c.get('slices_unlabelled', 0)} whose mask marks too little lesion to label"
+        )
+    lines += [f"  {'split':<6}" + "".join(f"{n:>12}" for n in CLASS_NAMES) + f"{'total':>8}"]
     for split, labels in report["counts"]["output"].items():
-        lines.append(f"  {split:<6}" + "".join(f"{labels.get(n, 0):>12}" for n in CLASS_NAMES) + f"{sum(labels.values()):>8}")
+        lines.append(
+            f"  {split:<6}" + "".join(f"{labels.get(n, 0):>12}" for n in CLASS_NAMES) + f"{sum(labels.values()):>8}"
+        )
     missing = report.get("val_missing_classes") or []
     if missing:
         lines.append(
@@ -103,7 +105,9 @@ def format_summary(report: IngestReport | dict) -> str:
     )
     for split, lk in report["leakage"].items():
         per = ", ".join(f"{lab} {v.get('leaked', 0)}/{v.get('total', 0)}" for lab, v in lk["per_label"].items())
-        lines.append(f"  {split}: {lk['leaked']}/{lk['total']} have a twin in training (exact {lk['exact']}, near {lk['near']}): {per}")
+        lines.append(
+            f"  {split}: {lk['leaked']}/{lk['total']} have a twin in training (exact {lk['exact']}, near {lk['near']}): {per}"
+        )
     if report["errors"]:
         lines.append(f"  errors ({len(report['errors'])}, all in errors.parquet and report.json):")
         for e in report["errors"][:8]:

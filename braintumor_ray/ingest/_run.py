@@ -27,19 +27,43 @@ import logging
 import math
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..core import (
+    CLASS_NAMES,
+    CONFIG_FILE,
+    Identifiers,
+    ImageDecodeError,
+    InputError,
+    Location,
+    StorageError,
+    canonical_label,
+    canonical_split,
+    check_disjoint,
+    resolve,
+    unreadable_reason,
+)
+from ..imaging import (
+    DICOM_SUFFIXES,
+    NIFTI_SUFFIXES,
+    NO_GUARD,
+    FileResult,
+    InputGuard,
+    MRIPreprocess,
+    SeriesSelector,
+    mask_slice_counts,
+    phash,
+    sha256_hex,
+    sniff_kind,
+)
 from ._config import IngestConfig
 from ._report import REPORT_FILE, FileError, IngestCounts, IngestReport
 from ._splits import ImageFacts, SplitDecision, assign_splits
-from ..core import (CLASS_NAMES, CONFIG_FILE, Identifiers, ImageDecodeError, InputError, Location, StorageError, canonical_label,
-                    canonical_split, check_disjoint, resolve, unreadable_reason)
-from ..imaging import (DICOM_SUFFIXES, NIFTI_SUFFIXES, NO_GUARD, FileResult, InputGuard, MRIPreprocess, SeriesSelector,
-                       mask_slice_counts, phash, sha256_hex, sniff_kind)
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +176,9 @@ def plan_inputs(files: list[str], root: str, *, mask_pattern: str | None = None)
             continue
         split = canonical_split(parts[0]) if has_splits else "train"
         if split is None:
-            errors.append(FileError(path, f"unknown split folder {parts[0]!r}: expected Training, Testing or Validation"))
+            errors.append(
+                FileError(path, f"unknown split folder {parts[0]!r}: expected Training, Testing or Validation")
+            )
             continue
         label = canonical_label(parts[depth - 2])
         if label is None:
@@ -168,11 +194,20 @@ def plan_inputs(files: list[str], root: str, *, mask_pattern: str | None = None)
         # A NIfTI mask labels NIfTI volumes only (a DICOM series beside it has another grid).
         beside = masks.get(path.rsplit("/", 1)[0], []) if path.lower().endswith(NIFTI_SUFFIXES) else []
         if len(beside) > 1:
-            errors.append(FileError(path, f"{len(beside)} segmentation masks match {mask_pattern!r} beside this volume: "
-                                    "keep one per folder (one patient's volumes and their mask)", split, label))
+            errors.append(
+                FileError(
+                    path,
+                    f"{len(beside)} segmentation masks match {mask_pattern!r} beside this volume: "
+                    "keep one per folder (one patient's volumes and their mask)",
+                    split,
+                    label,
+                )
+            )
             continue
         patient = root.rstrip("/") + "/" + "/".join(parts[:depth]) if len(parts) > depth else None
-        planned.append(_Planned(path, label, split, parts[0] if has_splits else "", beside[0] if beside else None, patient))
+        planned.append(
+            _Planned(path, label, split, parts[0] if has_splits else "", beside[0] if beside else None, patient)
+        )
     return InputPlan(planned, errors, ignored, layout)
 
 
@@ -191,9 +226,12 @@ def mask_labels(res: FileResult, mask: bytes, *, guard: InputGuard, min_lesion: 
     n = len(res.slices) + len(res.skipped_slices)
     first = res.slices[0].image if res.slices else None
     if shape[2] != n or (first is not None and shape[0] * shape[1] != first.orig_width * first.orig_height):
-        raise ImageDecodeError(f"its grid {'x'.join(map(str, shape))} is not the volume's ({n} slices"
-                               + (f" of {first.orig_width}x{first.orig_height}" if first else "") + "): "
-                               "give the mask of this volume, resampled to its grid")
+        raise ImageDecodeError(
+            f"its grid {'x'.join(map(str, shape))} is not the volume's ({n} slices"
+            + (f" of {first.orig_width}x{first.orig_height}" if first else "")
+            + "): "
+            "give the mask of this volume, resampled to its grid"
+        )
     out = []
     for s in res.slices:
         k = s.info.slice_index or 0
@@ -231,31 +269,40 @@ def preprocess_batch(
         if "bytes" not in batch.column_names:
             assert source is not None, "a batch of paths is read from its source"
             try:
-                data = source.read_limited(path, guard.max_file_bytes,  # an oversized file is refused by try_slices
-                                           follow_links_outside=guard.follow_links_outside_input)
+                data = source.read_limited(
+                    path,
+                    guard.max_file_bytes,  # an oversized file is refused by try_slices
+                    follow_links_outside=guard.follow_links_outside_input,
+                )
             except Exception as e:
                 unread = unreadable_reason(e)
         data = data or b""
         # Training images are one page a file: a multi-page TIFF, GIF, WebP or APNG is an error row
         # (its label would be copied to every page, or page one taken silently).
-        res = (preprocess.try_slices(data, name=path, select=select, guard=guard, pages=False) if unread is None
-               else FileResult(error=unread))
+        res = (
+            preprocess.try_slices(data, name=path, select=select, guard=guard, pages=False)
+            if unread is None
+            else FileResult(error=unread)
+        )
         res, labels = _label_slices(res, mask, source, guard, mask_min_lesion)
         digest = sha256_hex(data) if unread is None else None
         rows = [_skipped_row(path, sk) for sk in res.skipped_slices]
         if not res.slices and not res.skipped_slices:
             rows.append(_file_row(path, res, digest, data if unread is None else None))
         many = len(res.slices) + len(res.skipped_slices) > 1
-        rows += [_slice_row(path, i, s, label, digest, many, mask_min_lesion)
-                 for i, (s, label) in enumerate(zip(res.slices, labels))]
+        rows += [
+            _slice_row(path, i, s, label, digest, many, mask_min_lesion)
+            for i, (s, label) in enumerate(zip(res.slices, labels))
+        ]
         for row in rows:
             for k, v in row.items():
                 cols[k].append(v)
     return pa.Table.from_pydict(cols, schema=_DECODED_SCHEMA)
 
 
-def _label_slices(res: FileResult, mask: str | None, source: Location | None, guard: InputGuard,
-                  min_lesion: float) -> tuple[FileResult, Sequence[str | None]]:
+def _label_slices(
+    res: FileResult, mask: str | None, source: Location | None, guard: InputGuard, min_lesion: float
+) -> tuple[FileResult, Sequence[str | None]]:
     """Each slice's label from the volume's segmentation mask (None: the folder's), or the file
     made an error row when the mask cannot be read."""
     labels: Sequence[str | None] = [None] * len(res.slices)
@@ -263,12 +310,15 @@ def _label_slices(res: FileResult, mask: str | None, source: Location | None, gu
         return res, labels
     assert source is not None, "a mask is read from the batch's source"
     try:
-        return res, mask_labels(res, source.read_limited(mask, guard.max_file_bytes), guard=guard, min_lesion=min_lesion)
+        return res, mask_labels(
+            res, source.read_limited(mask, guard.max_file_bytes), guard=guard, min_lesion=min_lesion
+        )
     except Exception as e:
         name = mask.rsplit("/", 1)[-1]
         why = e if isinstance(e, ImageDecodeError) else unreadable_reason(e)
-        return FileResult(error=f"segmentation mask {name}: {why}",
-                          info=res.slices[0].info if res.slices else res.info), []
+        return FileResult(
+            error=f"segmentation mask {name}: {why}", info=res.slices[0].info if res.slices else res.info
+        ), []
 
 
 def _skipped_row(path: str, sk: Any) -> dict[str, Any]:
@@ -294,8 +344,9 @@ def _file_row(path: str, res: FileResult, digest: str | None, data: bytes | None
     return row
 
 
-def _slice_row(path: str, i: int, s: Any, label: str | None, digest: str | None, many: bool,
-               mask_min_lesion: float) -> dict[str, Any]:
+def _slice_row(
+    path: str, i: int, s: Any, label: str | None, digest: str | None, many: bool, mask_min_lesion: float
+) -> dict[str, Any]:
     """One preprocessed slice (or the file's one image)."""
     out = s.image
     row: dict[str, Any] = dict.fromkeys(_DECODED_SCHEMA.names)
@@ -303,15 +354,28 @@ def _slice_row(path: str, i: int, s: Any, label: str | None, digest: str | None,
     # The slices of one volume share a file: their hash is of their own pixels, so that
     # exact-duplicate grouping sees slices (blank ones are all one), not the file.
     row.update(path=path, key=f"{path}{_SLICE_SEP}{index}" if many else path)
-    row.update(outcome="unlabelled" if label == UNLABELLED else "ok", slice_label=None if label == UNLABELLED else label)
+    row.update(
+        outcome="unlabelled" if label == UNLABELLED else "ok", slice_label=None if label == UNLABELLED else label
+    )
     if label == UNLABELLED:
         row["error"] = f"the segmentation mask marks some lesion on this slice, under {mask_min_lesion:g} of its head"
     row["sha256"] = sha256_hex(out.pixels.tobytes()) if many else digest
     row.update({k: getattr(s.info, k) for k in _SLICE_NAMES})
     x0, y0, x1, y1 = out.crop_box
-    row.update(phash=f"{phash(out.pixels):016x}", image=out.pixels.tobytes(), image_height=out.pixels.shape[0],
-               image_width=out.pixels.shape[1], orig_width=out.orig_width, orig_height=out.orig_height,
-               orig_mode=out.orig_mode, crop_x0=x0, crop_y0=y0, crop_x1=x1, crop_y1=y1, cropped=out.cropped)
+    row.update(
+        phash=f"{phash(out.pixels):016x}",
+        image=out.pixels.tobytes(),
+        image_height=out.pixels.shape[0],
+        image_width=out.pixels.shape[1],
+        orig_width=out.orig_width,
+        orig_height=out.orig_height,
+        orig_mode=out.orig_mode,
+        crop_x0=x0,
+        crop_y0=y0,
+        crop_x1=x1,
+        crop_y1=y1,
+        cropped=out.cropped,
+    )
     return row
 
 
@@ -371,7 +435,13 @@ def run_ingest(config: IngestConfig) -> dict:
         _check_replaceable(dst)
         dst.remove()
     files, plan = _list_inputs(src, config)
-    logger.info("ingest: %d images to read from %s (%s), %d listing errors", len(plan.images), src.uri, plan.layout, len(plan.errors))
+    logger.info(
+        "ingest: %d images to read from %s (%s), %d listing errors",
+        len(plan.images),
+        src.uri,
+        plan.layout,
+        len(plan.errors),
+    )
 
     if not ray.is_initialized():
         ray.init()
@@ -384,11 +454,16 @@ def run_ingest(config: IngestConfig) -> dict:
             raise InputError(
                 f"none of the {len(plan.images)} image files under {src.uri} could be used ({len(errors)} errors, "
                 f"{len(decoded.not_selected)} left out by the series selector): "
-                + "; ".join(f"{ids.path(src.uri_of(e.path))}: {ids.scrub(e.reason, src.uri_of(e.path))}" for e in errors[:5])
+                + "; ".join(
+                    f"{ids.path(src.uri_of(e.path))}: {ids.scrub(e.reason, src.uri_of(e.path))}" for e in errors[:5]
+                )
             )
         t = time.perf_counter()
         splits = assign_splits(
-            decoded.images, val_fraction=config.val_fraction, seed=config.seed, near_dup_distance=config.near_dup_distance
+            decoded.images,
+            val_fraction=config.val_fraction,
+            seed=config.seed,
+            near_dup_distance=config.near_dup_distance,
         )
         timing["dedup_s"] = time.perf_counter() - t
         # The effective settings (`jobs/preprocess.py --config` takes them back), before the first
@@ -398,11 +473,17 @@ def run_ingest(config: IngestConfig) -> dict:
         _write_shards(decoded.dataset, src, dst, plan.images, splits.decisions, timing, ids)
 
     # Paths are renamed here, after grouping and splitting, which used the real ones.
-    errors = [dataclasses.replace(e, path=ids.path(src.uri_of(e.path)), reason=ids.scrub(e.reason, src.uri_of(e.path))) for e in errors]
+    errors = [
+        dataclasses.replace(e, path=ids.path(src.uri_of(e.path)), reason=ids.scrub(e.reason, src.uri_of(e.path)))
+        for e in errors
+    ]
     _write_errors(dst.join(ERRORS_FILE), errors)
     report = _report(config, src, dst, ids, files, plan, decoded, splits, errors, timing, time.perf_counter() - t0)
     if report.val_missing_classes:
-        logger.warning("ingest: no validation images for %s (one training group or series each)", ", ".join(report.val_missing_classes))
+        logger.warning(
+            "ingest: no validation images for %s (one training group or series each)",
+            ", ".join(report.val_missing_classes),
+        )
     out = report.to_dict()
     # report.json is written last: its presence says the shards beside it are complete.
     dst.join(REPORT_FILE).write_bytes(json.dumps(out, indent=2).encode())
@@ -428,25 +509,42 @@ def _no_reservation() -> Iterator[None]:
 
 def _list_inputs(src: Location, config: IngestConfig) -> tuple[list, Any]:
     """(every file listed, the plan: images with their split and class, errors, ignored files)."""
-    listed = src.listing(follow_links_outside=config.guard.follow_links_outside_input, max_depth=config.max_folder_depth)
+    listed = src.listing(
+        follow_links_outside=config.guard.follow_links_outside_input, max_depth=config.max_folder_depth
+    )
     files = list(listed.files)
     plan = plan_inputs(files, src.path, mask_pattern=config.mask_pattern)
     if listed.refused:  # links leaving the input, dangling links, FIFOs: error rows, never read
         refused = [p for p in plan.images if p.path in listed.refused]
         plan = dataclasses.replace(
-            plan, images=[p for p in plan.images if p.path not in listed.refused],
-            errors=plan.errors + [FileError(p.path, listed.refused[p.path], p.split, p.label) for p in refused])
+            plan,
+            images=[p for p in plan.images if p.path not in listed.refused],
+            errors=plan.errors + [FileError(p.path, listed.refused[p.path], p.split, p.label) for p in refused],
+        )
     if not plan.images:
         raise InputError(
             f"no usable image files under {src.uri} ({len(files)} files found, {len(plan.errors)} in unexpected "
             f"places, {len(plan.ignored)} not images). Expected {plan.layout} with class folders such as glioma_tumor, "
-            "no_tumor; image extensions " + ", ".join(IMAGE_EXTENSIONS + MEDICAL_EXTENSIONS) + " or DICOM files without one"
+            "no_tumor; image extensions "
+            + ", ".join(IMAGE_EXTENSIONS + MEDICAL_EXTENSIONS)
+            + " or DICOM files without one"
         )
     return files, plan
 
 
-def _report(config: IngestConfig, src: Location, dst: Location, ids: Identifiers, files: list, plan: Any,
-            decoded: Any, splits: Any, errors: list, timing: dict[str, float], wall: float) -> IngestReport:
+def _report(
+    config: IngestConfig,
+    src: Location,
+    dst: Location,
+    ids: Identifiers,
+    files: list,
+    plan: Any,
+    decoded: Any,
+    splits: Any,
+    errors: list,
+    timing: dict[str, float],
+    wall: float,
+) -> IngestReport:
     """``report.json``, every path in it shown as the identifier settings say."""
     name = lambda key: _uri_of_key(src, key, ids)  # noqa: E731
     return IngestReport(
@@ -465,10 +563,16 @@ def _report(config: IngestConfig, src: Location, dst: Location, ids: Identifiers
         leakage={split: lk.with_paths(name) for split, lk in splits.leakage.items()},
         errors=sorted(errors, key=lambda e: e.path),
         selection=config.select.describe(),
-        not_selected=sorted(({"path": ids.path(src.uri_of(p)), "reason": ids.scrub(r, src.uri_of(p))} for p, r in decoded.not_selected),
-                            key=lambda e: e["path"])[:1000],
+        not_selected=sorted(
+            ({"path": ids.path(src.uri_of(p)), "reason": ids.scrub(r, src.uri_of(p))} for p, r in decoded.not_selected),
+            key=lambda e: e["path"],
+        )[:1000],
         ignored=[ids.path(src.uri_of(p)) for p in (plan.ignored + decoded.ignored)[:100]],
-        timing={**{k: round(v, 3) for k, v in timing.items()}, "wall_s": round(wall, 3), "images_per_s": round(len(plan.images) / wall, 2)},
+        timing={
+            **{k: round(v, 3) for k, v in timing.items()},
+            "wall_s": round(wall, 3),
+            "images_per_s": round(len(plan.images) / wall, 2),
+        },
         identifiers=ids.describe(),
     )
 
@@ -478,7 +582,7 @@ def _check_replaceable(dst: Location) -> None:
     must be one the ingest writes, and its config.yaml or report.json must be there. Anything
     else is refused, naming the first file not recognised."""
     files = dst.files()
-    rel = [f[len(dst.path):].lstrip("/") for f in files]
+    rel = [f[len(dst.path) :].lstrip("/") for f in files]
     for f, r in zip(files, rel):
         top = r.split("/", 1)[0]
         if not (r in (ERRORS_FILE, CONFIG_FILE, REPORT_FILE) or (top == IMAGES_DIR and r.endswith(".parquet"))):
@@ -493,7 +597,7 @@ def _check_replaceable(dst: Location) -> None:
         )
 
 
-def _counts(files: list[str], plan: InputPlan, decoded: "_Decoded", decisions: dict[str, SplitDecision]) -> IngestCounts:
+def _counts(files: list[str], plan: InputPlan, decoded: _Decoded, decisions: dict[str, SplitDecision]) -> IngestCounts:
     counts_in: dict[str, Counter] = defaultdict(Counter)
     for p in plan.images:
         counts_in[p.split][p.label] += 1
@@ -537,11 +641,19 @@ def _decode(config: IngestConfig, src: Location, planned: list[_Planned]) -> _De
     n_blocks = max(2 * n_cpus, math.ceil(len(planned) / config.images_per_block))
     dataset = (
         # The tasks read the files themselves: one that vanished or cannot be read is an error row.
-        ray.data.from_items([{"path": p.path, "mask": p.mask or ""} for p in planned], override_num_blocks=min(n_blocks, len(planned)))
+        ray.data.from_items(
+            [{"path": p.path, "mask": p.mask or ""} for p in planned], override_num_blocks=min(n_blocks, len(planned))
+        )
         .map_batches(
-            preprocess_batch, batch_format="pyarrow",
-            fn_kwargs={"preprocess": config.preprocess, "select": config.select, "guard": config.guard, "source": src,
-                       "mask_min_lesion": config.mask_min_lesion}
+            preprocess_batch,
+            batch_format="pyarrow",
+            fn_kwargs={
+                "preprocess": config.preprocess,
+                "select": config.select,
+                "guard": config.guard,
+                "source": src,
+                "mask_min_lesion": config.mask_min_lesion,
+            },
         )
         .materialize()
     )
@@ -572,11 +684,18 @@ def _decode(config: IngestConfig, src: Location, planned: list[_Planned]) -> _De
 
 
 def _write_shards(
-    decoded, src: Location, dst: Location, planned: list[_Planned], decisions: dict[str, SplitDecision], timing: dict,
+    decoded,
+    src: Location,
+    dst: Location,
+    planned: list[_Planned],
+    decisions: dict[str, SplitDecision],
+    timing: dict,
     ids: Identifiers,
 ) -> None:
     t = time.perf_counter()
-    extra = {p.path: {"label": p.label, "source_split": p.source_split, "uri": ids.path(src.uri_of(p.path))} for p in planned}
+    extra = {
+        p.path: {"label": p.label, "source_split": p.source_split, "uri": ids.path(src.uri_of(p.path))} for p in planned
+    }
     # One pass: join the decisions, write one folder per split (hive style: images/split=train/).
     decoded.map_batches(
         add_decisions, batch_format="pyarrow", fn_kwargs={"decisions": decisions, "planned": extra, "ids": ids}

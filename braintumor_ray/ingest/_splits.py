@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -100,7 +100,7 @@ class DuplicateReport:
     label_conflicts: list[LabelConflict]
     group_list: list[DuplicateGroup]
 
-    def with_paths(self, name: Callable[[str], str]) -> "DuplicateReport":
+    def with_paths(self, name: Callable[[str], str]) -> DuplicateReport:
         """The same report with every path (a key) renamed, e.g. to the URI a person reads."""
         rename = lambda ms: [dataclasses.replace(m, path=name(m.path)) for m in ms]  # noqa: E731
         return dataclasses.replace(
@@ -122,7 +122,7 @@ class LeakageReport:
     per_label: dict[str, dict[str, int]]  # label -> total, leaked, exact, near (those present)
     files: list[str]
 
-    def with_paths(self, name: Callable[[str], str]) -> "LeakageReport":
+    def with_paths(self, name: Callable[[str], str]) -> LeakageReport:
         return dataclasses.replace(self, files=[name(p) for p in self.files])
 
 
@@ -146,7 +146,9 @@ def assign_splits(images: list[ImageFacts], *, val_fraction: float, seed: int, n
     eval_decisions = flag_leaks(images, grouping)
     return SplitResult(
         decisions=decisions | eval_decisions,
-        duplicates=duplicate_report(images, grouping, dropped=dropped, conflicts=conflicts, near_dup_distance=near_dup_distance),
+        duplicates=duplicate_report(
+            images, grouping, dropped=dropped, conflicts=conflicts, near_dup_distance=near_dup_distance
+        ),
         leakage=leakage_report(images, eval_decisions),
         val_missing_classes=missing,
     )
@@ -155,7 +157,9 @@ def assign_splits(images: list[ImageFacts], *, val_fraction: float, seed: int, n
 def group_images(images: list[ImageFacts], *, near_dup_distance: int) -> Grouping:
     """Exact duplicates (sha256) and near duplicates (pHash Hamming distance <= the given bits;
     -1: none) in one group each; every other image is a group of one."""
-    groups = group_duplicates([m.sha256 for m in images], [int(m.phash, 16) for m in images], max_distance=near_dup_distance)
+    groups = group_duplicates(
+        [m.sha256 for m in images], [int(m.phash, 16) for m in images], max_distance=near_dup_distance
+    )
     members: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         members[int(g)].append(i)
@@ -249,7 +253,12 @@ def flag_leaks(images: list[ImageFacts], grouping: Grouping) -> dict[str, SplitD
 
 
 def duplicate_report(
-    images: list[ImageFacts], grouping: Grouping, *, dropped: list[str], conflicts: list[LabelConflict], near_dup_distance: int
+    images: list[ImageFacts],
+    grouping: Grouping,
+    *,
+    dropped: list[str],
+    conflicts: list[LabelConflict],
+    near_dup_distance: int,
 ) -> DuplicateReport:
     gid = grouping.group_id
     groups = [
@@ -297,4 +306,6 @@ def leakage_report(images: list[ImageFacts], eval_decisions: dict[str, SplitDeci
 
 
 def _members(images: list[ImageFacts], idx: list[int]) -> list[GroupMember]:
-    return [GroupMember(images[i].key, images[i].split, images[i].label) for i in sorted(idx, key=lambda i: images[i].key)]
+    return [
+        GroupMember(images[i].key, images[i].split, images[i].label) for i in sorted(idx, key=lambda i: images[i].key)
+    ]

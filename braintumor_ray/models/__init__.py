@@ -1,14 +1,22 @@
 """Model factory: timm backbones with a head for our classes, weights that load offline, packages.
 
-    model = create_model("tf_efficientnet_lite0", transfer="last-2")   # offline ImageNet weights
-    opt = torch.optim.AdamW(param_groups(model, lr=1e-3, backbone_lr_scale=0.1))
-    export_model_package(model, "s3://bucket/models/run1", preprocess=MRIPreprocess())
-    pkg = load_model_package("s3://bucket/models/run1"); pkg.logits(pixels)
-    model = load_inference_model("s3://bucket/models/run1", engine="auto"); model.probabilities(pixels)
+model = create_model("tf_efficientnet_lite0", transfer="last-2")   # offline ImageNet weights
+opt = torch.optim.AdamW(param_groups(model, lr=1e-3, backbone_lr_scale=0.1))
+export_model_package(model, "s3://bucket/models/run1", preprocess=MRIPreprocess())
+pkg = load_model_package("s3://bucket/models/run1"); pkg.logits(pixels)
+model = load_inference_model("s3://bucket/models/run1", engine="auto"); model.probabilities(pixels)
 """
 
-from ._engine import (ENGINES, TTA_MODES, Engine, InferenceModel, choose_engine, load_inference_model, package_has_onnx,
-                      prepare_input_np)
+from ._engine import (
+    ENGINES,
+    TTA_MODES,
+    Engine,
+    InferenceModel,
+    choose_engine,
+    load_inference_model,
+    package_has_onnx,
+    prepare_input_np,
+)
 from ._package import (
     ONNX_FILE,
     ONNX_OPSET,
@@ -34,10 +42,26 @@ from ._package import (
 # torch and timm take seconds and ~1 GB to import; a model replica that runs ONNX Runtime never
 # needs them (nor does anything that only reads a package): these load on first use.
 _LAZY = {
-    **{name: "._factory" for name in ("PRESETS", "Transfer", "apply_transfer", "backbone_stages", "count_parameters",
-                                      "create_model", "data_config", "has_cam", "linear_head", "param_groups", "WithFeatures")},
-    **{name: "._ensemble" for name in ("EnsembleNet", "check_members", "ensemble_from_meta", "member_build",
-                                       "member_source")},
+    **{
+        name: "._factory"
+        for name in (
+            "PRESETS",
+            "Transfer",
+            "apply_transfer",
+            "backbone_stages",
+            "count_parameters",
+            "create_model",
+            "data_config",
+            "has_cam",
+            "linear_head",
+            "param_groups",
+            "WithFeatures",
+        )
+    },
+    **{
+        name: "._ensemble"
+        for name in ("EnsembleNet", "check_members", "ensemble_from_meta", "member_build", "member_source")
+    },
     **{name: "._lite" for name in ("CACHE_ENV", "LITE_CHECKPOINTS", "convert_lukemelas_lite", "lite_offline_weights")},
     **{name: "._weights" for name in ("load_state_dict_into", "read_weights")},
 }

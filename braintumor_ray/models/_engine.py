@@ -16,8 +16,9 @@ replica that runs it starts in a fraction of the time and memory (docs/benchmark
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -92,18 +93,19 @@ class InferenceModel:
     #: 2N), and the outputs are the means of the two passes (maps: the mirror's map flipped back).
     tta: str = "none"
 
-    def prepare(self, pixels: "np.ndarray | torch.Tensor") -> torch.Tensor:
+    def prepare(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         cfg = self.data_config
         return prepare_input(pixels, mean=cfg["mean"], std=cfg["std"], channels_last=self._channels_last)
 
-    def outputs(self, pixels: "np.ndarray | torch.Tensor") -> tuple[np.ndarray, np.ndarray | None]:
+    def outputs(self, pixels: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 greyscale (N, H, W) -> float32 logits (N, classes) and penultimate features (N, D),
         in one forward pass (features None for an ONNX file exported before they were)."""
         logits, feats, _ = self.forward(pixels, maps=False)
         return logits, feats
 
-    def forward(self, pixels: "np.ndarray | torch.Tensor", *, maps: bool = True
-                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    def forward(
+        self, pixels: np.ndarray | torch.Tensor, *, maps: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """:meth:`outputs` and, with ``maps`` where the model has them (:attr:`has_maps`), the
         class-activation maps (N, classes, h, w) float32 before ReLU, from the same forward pass
         (else None). With :attr:`tta` ``flip``, each the mean over the image and its mirror."""
@@ -118,8 +120,9 @@ class InferenceModel:
             return logits, feats, cam
         return self._forward(pixels, maps=maps)
 
-    def _forward(self, pixels: "np.ndarray | torch.Tensor", *, maps: bool
-                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    def _forward(
+        self, pixels: np.ndarray | torch.Tensor, *, maps: bool
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         if self.engine == "onnxruntime":
             cfg = self.data_config
             names = ["logits", "features", "cam"][: 3 if maps and self.has_maps else 2]
@@ -145,7 +148,7 @@ class InferenceModel:
     def _outputs(self) -> tuple[str, ...]:
         return tuple(o.name for o in self._run.get_outputs())
 
-    def probabilities(self, pixels: "np.ndarray | torch.Tensor") -> np.ndarray:
+    def probabilities(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 greyscale (N, H, W) -> float32 (N, classes) softmax probabilities (uncalibrated)."""
         logits, _ = self.outputs(pixels)
         return softmax(logits).astype(np.float32)
@@ -156,8 +159,10 @@ def prepare_input_np(pixels: np.ndarray, *, mean: Sequence[float], std: Sequence
     (N, 3, H, W), the same float32 operations in the same order (bit-identical on the CPU)."""
     x = np.asarray(pixels)
     if x.dtype != np.uint8 or x.ndim not in (2, 3):
-        raise InputError(f"expected uint8 greyscale images shaped (H, W) or (N, H, W), got {x.dtype} {x.shape}: "
-                         "pass MRIPreprocess output")
+        raise InputError(
+            f"expected uint8 greyscale images shaped (H, W) or (N, H, W), got {x.dtype} {x.shape}: "
+            "pass MRIPreprocess output"
+        )
     x = (x[None] if x.ndim == 2 else x)[:, None].astype(np.float32) / np.float32(255.0)
     m = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
     s = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
@@ -218,8 +223,13 @@ def load_inference_model(
     pkg = load_model_package(uri, s3_endpoint_url=s3_endpoint_url, channels_last=not use_gpu, pin=pin)
     net = pkg.model.to(device)
     has_maps = has_cam(net)
-    return InferenceModel(engine=chosen, _run=WithFeatures(net, maps=has_maps).eval(), _channels_last=not use_gpu,
-                          has_maps=has_maps, **common)
+    return InferenceModel(
+        engine=chosen,
+        _run=WithFeatures(net, maps=has_maps).eval(),
+        _channels_last=not use_gpu,
+        has_maps=has_maps,
+        **common,
+    )
 
 
 def _default_threads() -> int:

@@ -22,7 +22,8 @@ naming the member and the field.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,7 +47,8 @@ def check_members(members: Sequence[Mapping[str, Any]], names: Sequence[str]) ->
                 raise ConfigError(
                     f"member {name} has {key} {_short(meta.get(key))}, but {names[0]} has {_short(first.get(key))}: "
                     "the members of an ensemble must see the same images and name the same classes. Leave it out, "
-                    "or train it again on the same preprocessed data")
+                    "or train it again on the same preprocessed data"
+                )
         if meta.get("members"):
             raise ConfigError(f"member {name} is itself an ensemble: give its members' packages instead")
     if first.get("members"):
@@ -68,9 +70,15 @@ class EnsembleNet(nn.Module):
     where each came from (recorded, not part of the id).
     """
 
-    def __init__(self, members: Sequence[nn.Module], *, data_configs: Sequence[Mapping[str, Any]],
-                 build: Sequence[Mapping[str, Any]], sources: Sequence[Mapping[str, Any]] | None = None,
-                 input_size: int | None = None) -> None:
+    def __init__(
+        self,
+        members: Sequence[nn.Module],
+        *,
+        data_configs: Sequence[Mapping[str, Any]],
+        build: Sequence[Mapping[str, Any]],
+        sources: Sequence[Mapping[str, Any]] | None = None,
+        input_size: int | None = None,
+    ) -> None:
         super().__init__()
         if len(members) < 2:
             raise ConfigError(f"an ensemble needs at least 2 members, got {len(members)}")
@@ -94,8 +102,12 @@ class EnsembleNet(nn.Module):
         first = dict(data_configs[0])
         side = int(input_size or first["input_size"][-1])
         self.pretrained_cfg = {  # what timm's resolve_model_data_config (models.data_config) reads
-            "input_size": (3, side, side), "interpolation": first.get("interpolation", "bilinear"),
-            "mean": self.mean, "std": self.std, "crop_pct": first.get("crop_pct"), "crop_mode": first.get("crop_mode"),
+            "input_size": (3, side, side),
+            "interpolation": first.get("interpolation", "bilinear"),
+            "mean": self.mean,
+            "std": self.std,
+            "crop_pct": first.get("crop_pct"),
+            "crop_mode": first.get("crop_mode"),
         }
         name = "ensemble(" + "+".join(b["backbone"] for b in build) + ")"
         # The name reaches DICOM SR's Algorithm Name (LO: 64 characters) after "braintumor-ray ":
@@ -103,8 +115,13 @@ class EnsembleNet(nn.Module):
         name = name if len(name) <= 48 else f"ensemble of {len(build)}"
         self.braintumor_build = {"backbone": name, "num_classes": self.num_classes, "global_pool": "ensemble"}
         self.braintumor_members = [
-            {"backbone": b["backbone"], "num_classes": int(b["num_classes"]), "global_pool": b["global_pool"],
-             "data_config": _plain_config(c), **({"source": dict(src)} if src else {})}
+            {
+                "backbone": b["backbone"],
+                "num_classes": int(b["num_classes"]),
+                "global_pool": b["global_pool"],
+                "data_config": _plain_config(c),
+                **({"source": dict(src)} if src else {}),
+            }
             for b, c, src in zip(build, data_configs, sources or [{}] * len(build))
         ]
 
@@ -126,19 +143,29 @@ class EnsembleNet(nn.Module):
         cams = [o[2] for o in outs]
         h = max(int(c.shape[2]) for c in cams)
         w = max(int(c.shape[3]) for c in cams)
-        cams = [c if tuple(c.shape[2:]) == (h, w) else
-                nn.functional.interpolate(c, size=(h, w), mode="bilinear", align_corners=False) for c in cams]
+        cams = [
+            c
+            if tuple(c.shape[2:]) == (h, w)
+            else nn.functional.interpolate(c, size=(h, w), mode="bilinear", align_corners=False)
+            for c in cams
+        ]
         return logits, feats, torch.stack(cams).mean(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([timm_outputs(m, self._inputs(x, i), maps=False)[0]
-                            for i, m in enumerate(self.members)]).mean(0)
+        return torch.stack(
+            [timm_outputs(m, self._inputs(x, i), maps=False)[0] for i, m in enumerate(self.members)]
+        ).mean(0)
 
 
 def _plain_config(c: Mapping[str, Any]) -> dict[str, Any]:
-    return {"input_size": [int(v) for v in c["input_size"]], "interpolation": c.get("interpolation"),
-            "mean": [float(v) for v in c["mean"]], "std": [float(v) for v in c["std"]],
-            "crop_pct": c.get("crop_pct"), "crop_mode": c.get("crop_mode")}
+    return {
+        "input_size": [int(v) for v in c["input_size"]],
+        "interpolation": c.get("interpolation"),
+        "mean": [float(v) for v in c["mean"]],
+        "std": [float(v) for v in c["std"]],
+        "crop_pct": c.get("crop_pct"),
+        "crop_mode": c.get("crop_mode"),
+    }
 
 
 def ensemble_from_meta(meta: Mapping[str, Any]) -> EnsembleNet:
@@ -146,14 +173,23 @@ def ensemble_from_meta(meta: Mapping[str, Any]) -> EnsembleNet:
     import timm
 
     try:
-        members = [timm.create_model(m["backbone"], pretrained=False, num_classes=int(m["num_classes"]),
-                                     global_pool=m["global_pool"]) for m in meta["members"]]
-        return EnsembleNet(members, data_configs=[m["data_config"] for m in meta["members"]],
-                           build=meta["members"], sources=[m.get("source") for m in meta["members"]],
-                           input_size=int(meta["data_config"]["input_size"][-1]))
+        members = [
+            timm.create_model(
+                m["backbone"], pretrained=False, num_classes=int(m["num_classes"]), global_pool=m["global_pool"]
+            )
+            for m in meta["members"]
+        ]
+        return EnsembleNet(
+            members,
+            data_configs=[m["data_config"] for m in meta["members"]],
+            build=meta["members"],
+            sources=[m.get("source") for m in meta["members"]],
+            input_size=int(meta["data_config"]["input_size"][-1]),
+        )
     except (KeyError, TypeError) as e:
-        raise ConfigError(f"model.json's members list is not an ensemble's ({type(e).__name__}: {e}): export the "
-                          "ensemble again") from e
+        raise ConfigError(
+            f"model.json's members list is not an ensemble's ({type(e).__name__}: {e}): export the ensemble again"
+        ) from e
 
 
 def member_source(meta: Mapping[str, Any], uri: str) -> dict[str, Any]:
@@ -164,5 +200,7 @@ def member_source(meta: Mapping[str, Any], uri: str) -> dict[str, Any]:
 def member_build(model: nn.Module) -> dict[str, Any]:
     """A member's backbone, outputs and pooling, as its package records them."""
     model = getattr(model, "_orig_mod", model)
-    return dict(getattr(model, "braintumor_build", None) or {
-        "backbone": model.pretrained_cfg["architecture"], "num_classes": model.num_classes, "global_pool": "avg"})
+    return dict(
+        getattr(model, "braintumor_build", None)
+        or {"backbone": model.pretrained_cfg["architecture"], "num_classes": model.num_classes, "global_pool": "avg"}
+    )

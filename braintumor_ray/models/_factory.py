@@ -50,7 +50,7 @@ class Transfer:
             raise ConfigError(f"transfer {self.mode!r} with stages={self.stages}: only last-N takes N >= 1")
 
     @classmethod
-    def parse(cls, spec: "str | Transfer") -> "Transfer":
+    def parse(cls, spec: str | Transfer) -> Transfer:
         if isinstance(spec, Transfer):
             return spec
         s = str(spec).strip().lower().replace("_", "-")
@@ -75,7 +75,7 @@ def create_model(
     weights_sha256: str | None = None,
     drop_rate: float = 0.5,
     global_pool: str = "avg",
-    transfer: "str | Transfer" = "full",
+    transfer: str | Transfer = "full",
     channels_last: bool = False,
     s3_endpoint_url: str | None = None,
 ) -> nn.Module:
@@ -91,7 +91,9 @@ def create_model(
     if not timm.is_model(arch):
         near = timm.list_models(f"*{name}*")[:8]
         hint = f" Close timm names: {', '.join(near)}." if near else ""
-        raise ConfigError(f"unknown backbone {name!r}: give a timm model name or a preset ({', '.join(PRESETS)}).{hint}")
+        raise ConfigError(
+            f"unknown backbone {name!r}: give a timm model name or a preset ({', '.join(PRESETS)}).{hint}"
+        )
     if num_classes < 2:
         raise ConfigError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
     if not 0.0 <= drop_rate < 1.0:
@@ -188,7 +190,7 @@ def backbone_stages(model: nn.Module) -> list[list[str]]:
     return [s for s in stages if s]
 
 
-def apply_transfer(model: nn.Module, transfer: "str | Transfer") -> nn.Module:
+def apply_transfer(model: nn.Module, transfer: str | Transfer) -> nn.Module:
     """Set ``requires_grad`` for a transfer mode; may be called again to change mode mid-training.
 
     BatchNorm layers whose parameters are frozen also keep their running statistics (they run in
@@ -295,8 +297,12 @@ def linear_head(model: nn.Module) -> nn.Linear | None:
             pooled = model.forward_head(fmap, pre_logits=True)
     except Exception:  # a head this test cannot drive is not a linear one
         return None
-    ok = (fmap.ndim == 4 and pooled.ndim == 2 and fmap.shape[1] == clf.in_features == pooled.shape[1]
-          and torch.allclose(pooled.float(), fmap.float().mean((2, 3)), rtol=1e-4, atol=1e-5))
+    ok = (
+        fmap.ndim == 4
+        and pooled.ndim == 2
+        and fmap.shape[1] == clf.in_features == pooled.shape[1]
+        and torch.allclose(pooled.float(), fmap.float().mean((2, 3)), rtol=1e-4, atol=1e-5)
+    )
     return clf if ok else None
 
 
@@ -317,11 +323,15 @@ class WithFeatures(nn.Module):
         # An ensemble package's network (models/_ensemble.py) gives the same outputs, averaged.
         self.ensemble = hasattr(self.model, "ensemble_outputs")
         if not self.ensemble and not (hasattr(self.model, "forward_features") and hasattr(self.model, "forward_head")):
-            raise ConfigError(f"{type(self.model).__name__} has no forward_features/forward_head: a timm model is needed")
+            raise ConfigError(
+                f"{type(self.model).__name__} has no forward_features/forward_head: a timm model is needed"
+            )
         self.maps = maps
         if maps and not has_cam(self.model):
-            raise ConfigError(f"{type(self.model).__name__}'s head is not global average pooling then a linear layer: "
-                              "its class-activation maps need Grad-CAM (maps=False)")
+            raise ConfigError(
+                f"{type(self.model).__name__}'s head is not global average pooling then a linear layer: "
+                "its class-activation maps need Grad-CAM (maps=False)"
+            )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.ensemble:

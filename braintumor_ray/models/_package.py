@@ -25,8 +25,9 @@ import importlib.util
 import json
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -72,12 +73,12 @@ class ModelPackage:
     channels_last: bool = False
     trust: Trust | None = None  # calibration and review flags (None: a package from before them)
 
-    def prepare(self, pixels: "np.ndarray | torch.Tensor") -> torch.Tensor:
+    def prepare(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Preprocessed greyscale uint8 images -> the model's normalised 3-channel input."""
         cfg = self.data_config
         return prepare_input(pixels, mean=cfg["mean"], std=cfg["std"], channels_last=self.channels_last)
 
-    def logits(self, pixels: "np.ndarray | torch.Tensor") -> torch.Tensor:
+    def logits(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         import torch
 
         with torch.inference_mode():
@@ -85,7 +86,7 @@ class ModelPackage:
 
 
 def prepare_input(
-    pixels: "np.ndarray | torch.Tensor", *, mean: Sequence[float], std: Sequence[float], channels_last: bool = False
+    pixels: np.ndarray | torch.Tensor, *, mean: Sequence[float], std: Sequence[float], channels_last: bool = False
 ) -> torch.Tensor:
     """uint8 greyscale, (H, W) or (N, H, W), to float32 (N, 3, H, W) normalised with ``mean``/``std``.
 
@@ -189,7 +190,9 @@ def _probe_diff(m: nn.Module, session: Any, probe: torch.Tensor) -> float:
     return float((got - ref).abs().max())
 
 
-def export_onnx(model: nn.Module, *, side: int, mean: Sequence[float], std: Sequence[float], name: str = "model") -> tuple[bytes, float]:
+def export_onnx(
+    model: nn.Module, *, side: int, mean: Sequence[float], std: Sequence[float], name: str = "model"
+) -> tuple[bytes, float]:
     """``model`` as ONNX bytes (outputs ``logits`` and the penultimate ``features``, and for a
     global-pool + linear head ``cam``, the class-activation maps, see :class:`WithFeatures`;
     dynamic batch, ``side`` x ``side`` input, opset :data:`ONNX_OPSET`) and the max abs
@@ -213,9 +216,16 @@ def export_onnx(model: nn.Module, *, side: int, mean: Sequence[float], std: Sequ
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                m, (probe[:2],), None, input_names=["input"],
-                output_names=["logits", "features", *(["cam"] if maps else [])], opset_version=ONNX_OPSET,
-                dynamo=True, dynamic_shapes=({0: batch},), external_data=False, verbose=False,
+                m,
+                (probe[:2],),
+                None,
+                input_names=["input"],
+                output_names=["logits", "features", *(["cam"] if maps else [])],
+                opset_version=ONNX_OPSET,
+                dynamo=True,
+                dynamic_shapes=({0: batch},),
+                external_data=False,
+                verbose=False,
             )
         blob = program.model_proto.SerializeToString()
     except Exception as e:  # the exporter raises many types
@@ -239,8 +249,14 @@ def export_onnx(model: nn.Module, *, side: int, mean: Sequence[float], std: Sequ
     return blob, diff
 
 
-def _package_meta(model: nn.Module, build: Mapping[str, Any], class_names: Sequence[str], preprocess: MRIPreprocess,
-                  weights: bytes, metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+def _package_meta(
+    model: nn.Module,
+    build: Mapping[str, Any],
+    class_names: Sequence[str],
+    preprocess: MRIPreprocess,
+    weights: bytes,
+    metrics: Mapping[str, Any] | None,
+) -> dict[str, Any]:
     """``model.json`` before its ONNX, trust and id entries: what scoring needs to see pixels as
     training did, and the weights' hash."""
     import timm
@@ -276,11 +292,16 @@ def _export_onnx_into(meta: dict[str, Any], model: nn.Module, preprocess: MRIPre
     the ONNX packages are not installed."""
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:  # e.g. a GPU image with torch and timm only: the package is still whole, for PyTorch
-        logger.warning("%s not written: %s not installed (pip install onnx onnxscript onnxruntime); scoring will "
-                       "run this package with PyTorch", ONNX_FILE, ", ".join(missing))
+        logger.warning(
+            "%s not written: %s not installed (pip install onnx onnxscript onnxruntime); scoring will "
+            "run this package with PyTorch",
+            ONNX_FILE,
+            ", ".join(missing),
+        )
         return None
-    onnx_blob, diff = export_onnx(model, side=preprocess.image_size, mean=meta["data_config"]["mean"],
-                                  std=meta["data_config"]["std"], name=name)
+    onnx_blob, diff = export_onnx(
+        model, side=preprocess.image_size, mean=meta["data_config"]["mean"], std=meta["data_config"]["std"], name=name
+    )
     import onnxruntime
 
     meta.update(
@@ -392,8 +413,10 @@ def _read_file(loc: Location, name: str, pin: PackagePin | None) -> bytes:
 
 def pin_package(loc: Location, meta: Mapping[str, Any], *, with_onnx: bool) -> PackagePin:
     """The pin of a package whose ``model.json`` (``meta``) and files were just verified."""
-    files = {PACKAGE_JSON: hashlib.sha256(loc.join(PACKAGE_JSON).read_bytes()).hexdigest(),
-             meta["weights_file"]: meta["weights_sha256"]}
+    files = {
+        PACKAGE_JSON: hashlib.sha256(loc.join(PACKAGE_JSON).read_bytes()).hexdigest(),
+        meta["weights_file"]: meta["weights_sha256"],
+    }
     if "trust" in meta:
         files[meta.get("trust_file", TRUST_FILE)] = meta["trust_sha256"]
     if with_onnx:
@@ -401,8 +424,9 @@ def pin_package(loc: Location, meta: Mapping[str, Any], *, with_onnx: bool) -> P
     pin = PackagePin(uri=loc.uri, model_id=meta["model_id"], files=tuple(sorted(files.items())))
     # The JSON read for the hash must be the one verified: a rewrite in between is caught here.
     if read_package_meta(loc, pin=pin) != dict(meta):
-        raise ConfigError(f"{loc.uri}/{PACKAGE_JSON} changed while the job checked it: rerun once the package is "
-                          "unchanged")
+        raise ConfigError(
+            f"{loc.uri}/{PACKAGE_JSON} changed while the job checked it: rerun once the package is unchanged"
+        )
     return pin
 
 
@@ -414,11 +438,15 @@ def read_package_meta(loc: Location, *, pin: PackagePin | None = None) -> dict[s
         version = meta["format_version"]
         meta["backbone"], meta["class_names"], meta["weights_file"]  # noqa: B018 (must be there)
     except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{loc.uri}/{PACKAGE_JSON} is not a model package description ({e}): re-export the model") from e
+        raise ConfigError(
+            f"{loc.uri}/{PACKAGE_JSON} is not a model package description ({e}): re-export the model"
+        ) from e
     if version != FORMAT_VERSION:
         raise ConfigError(f"model package {loc.uri} has format {version}; this version reads {FORMAT_VERSION}")
     if _identity(meta) != meta.get("model_id"):
-        raise ConfigError(f"{loc.uri}/{PACKAGE_JSON} was edited after export (its model_id no longer matches): export again")
+        raise ConfigError(
+            f"{loc.uri}/{PACKAGE_JSON} was edited after export (its model_id no longer matches): export again"
+        )
     return meta
 
 
@@ -426,9 +454,11 @@ def onnx_unbound_note(meta: Mapping[str, Any]) -> str | None:
     """The note for a package whose ``model.onnx`` its id does not cover (exported before
     issue 25): the file could be any network, so it is never run."""
     if meta.get("onnx_file") and not meta.get("onnx_in_id"):
-        return (f"model {meta['model_id']}: its {meta['onnx_file']} is not covered by its model id (exported before "
-                "the id named the ONNX file), so it is not used: scored with PyTorch. Export the package again to "
-                "score with ONNX Runtime")
+        return (
+            f"model {meta['model_id']}: its {meta['onnx_file']} is not covered by its model id (exported before "
+            "the id named the ONNX file), so it is not used: scored with PyTorch. Export the package again to "
+            "score with ONNX Runtime"
+        )
     return None
 
 
@@ -437,8 +467,10 @@ def package_preprocess(meta: Mapping[str, Any], uri: str) -> MRIPreprocess:
     try:
         return MRIPreprocess.from_dict(meta["preprocess"], where="preprocess")
     except ConfigError as e:
-        raise ConfigError(f"{uri.rstrip('/')}/{PACKAGE_JSON}: {e}. Was the package exported by another version "
-                          "of braintumor_ray? Export it again with this one.") from e
+        raise ConfigError(
+            f"{uri.rstrip('/')}/{PACKAGE_JSON}: {e}. Was the package exported by another version "
+            "of braintumor_ray? Export it again with this one."
+        ) from e
 
 
 def read_onnx(loc: Location, meta: Mapping[str, Any], *, pin: PackagePin | None = None) -> bytes:
@@ -446,13 +478,17 @@ def read_onnx(loc: Location, meta: Mapping[str, Any], *, pin: PackagePin | None 
     only a file the model id covers (``onnx_in_id``)."""
     name = meta.get("onnx_file")
     if not name:
-        raise ConfigError(f"model package {loc.uri} has no {ONNX_FILE} (exported before ONNX support, or with "
-                          "onnx=False): score it with the torch engine, or export it again")
+        raise ConfigError(
+            f"model package {loc.uri} has no {ONNX_FILE} (exported before ONNX support, or with "
+            "onnx=False): score it with the torch engine, or export it again"
+        )
     if not meta.get("onnx_in_id"):
         raise ConfigError(f"{loc.uri}/{name}: {onnx_unbound_note(meta)} (or use --engine torch or auto)")
     if not loc.join(name).exists():
-        raise ConfigError(f"{loc.uri}/{name} is missing though {PACKAGE_JSON} names it: the package is "
-                          "half-copied. Copy or export it again (or score with --engine torch).")
+        raise ConfigError(
+            f"{loc.uri}/{name} is missing though {PACKAGE_JSON} names it: the package is "
+            "half-copied. Copy or export it again (or score with --engine torch)."
+        )
     blob = _read_file(loc, name, pin)
     if hashlib.sha256(blob).hexdigest() != meta.get("onnx_sha256"):
         raise ConfigError(
@@ -470,8 +506,10 @@ def read_trust(loc: Location, meta: Mapping[str, Any], *, pin: PackagePin | None
     name = meta.get("trust_file", TRUST_FILE)
     blob = _read_file(loc, name, pin) if loc.join(name).exists() else None
     if blob is None or hashlib.sha256(blob).hexdigest() != meta.get("trust_sha256"):
-        raise ConfigError(f"{loc.uri}/{name} is missing or does not match the sha256 in {PACKAGE_JSON}: the package "
-                          "was changed or is half-copied. Export it again.")
+        raise ConfigError(
+            f"{loc.uri}/{name} is missing or does not match the sha256 in {PACKAGE_JSON}: the package "
+            "was changed or is half-copied. Export it again."
+        )
     from safetensors.numpy import load as load_np
 
     try:
@@ -521,7 +559,9 @@ def _read_weights(loc: Location, meta: Mapping[str, Any], pin: PackagePin | None
     return blob
 
 
-def verify_package(uri: str, *, s3_endpoint_url: str | None = None, expect_model_id: str | None = None) -> dict[str, Any]:
+def verify_package(
+    uri: str, *, s3_endpoint_url: str | None = None, expect_model_id: str | None = None
+) -> dict[str, Any]:
     """Check a package before any work and return its ``model.json``: the JSON unedited (the id
     recomputed from it), the id the one expected (``expect_model_id``), the weights and the
     trust file matching the sha256s the id is made of. ``model.onnx`` is checked by
@@ -539,8 +579,9 @@ def verify_package(uri: str, *, s3_endpoint_url: str | None = None, expect_model
     return meta
 
 
-def load_model_package(uri: str, *, s3_endpoint_url: str | None = None, channels_last: bool = False,
-                       pin: PackagePin | None = None) -> ModelPackage:
+def load_model_package(
+    uri: str, *, s3_endpoint_url: str | None = None, channels_last: bool = False, pin: PackagePin | None = None
+) -> ModelPackage:
     """Load a package written by :func:`export_model_package`; the weights' sha256 is checked
     (and every file against ``pin``, when given)."""
     import timm
@@ -556,7 +597,9 @@ def load_model_package(uri: str, *, s3_endpoint_url: str | None = None, channels
 
         model = ensemble_from_meta(meta)
     else:
-        model = timm.create_model(backbone, pretrained=False, num_classes=len(class_names), global_pool=meta["global_pool"])
+        model = timm.create_model(
+            backbone, pretrained=False, num_classes=len(class_names), global_pool=meta["global_pool"]
+        )
     model.load_state_dict(load(blob), strict=True)
     model.braintumor_build = {k: meta[k] for k in ("backbone", "num_classes", "global_pool")}
     model.eval()

@@ -11,7 +11,16 @@ call this, never the reverse.
 """
 
 from ._page import REPORT_FILE, data_table, line_chart, page, risk_coverage, write_html
-from ._scoring import MAX_CASES, MAX_TABLE_ROWS, SCORING_REPORT, read_predictions, review_order, scoring_report_html, scoring_report_location, write_scoring_report
+from ._scoring import (
+    MAX_CASES,
+    MAX_TABLE_ROWS,
+    SCORING_REPORT,
+    read_predictions,
+    review_order,
+    scoring_report_html,
+    scoring_report_location,
+    write_scoring_report,
+)
 from ._training import Example, search_report_html, training_report_html, write_search_report, write_training_report
 
 __all__ = [

@@ -12,8 +12,9 @@ import html
 import json
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from datetime import date, datetime
-from typing import Any, Iterable, Sequence, TypeGuard
+from typing import Any, TypeGuard
 
 from ..core import Location
 
@@ -92,11 +93,19 @@ def data_table(
     rows = [[_json_cell(v) for v in r] for r in rows]
     if types is None:
         types = [_guess_type([r[i] for r in rows]) for i in range(len(columns))]
-    spec = {"columns": list(columns), "types": list(types), "rows": rows, "pageSize": page_size,
-            "filters": filters, "selectMax": SELECT_MAX}
-    cap = f"<p class=\"caption\">{caption}</p>" if caption else ""
-    return (f'{cap}<div class="bt-table" id="{esc(table_id)}" data-total="{len(rows)}">'
-            f'<script type="application/json">{_script_json(spec)}</script></div>')
+    spec = {
+        "columns": list(columns),
+        "types": list(types),
+        "rows": rows,
+        "pageSize": page_size,
+        "filters": filters,
+        "selectMax": SELECT_MAX,
+    }
+    cap = f'<p class="caption">{caption}</p>' if caption else ""
+    return (
+        f'{cap}<div class="bt-table" id="{esc(table_id)}" data-total="{len(rows)}">'
+        f'<script type="application/json">{_script_json(spec)}</script></div>'
+    )
 
 
 def _guess_type(values: list[Any]) -> str:
@@ -129,10 +138,14 @@ def confusion_table(cm: Sequence[Sequence[int]], names: Sequence[str], title: st
         total = sum(row) or 1
         cells = "".join(
             f'<td style="background:rgba(31,119,180,{0.08 + 0.8 * v / total:.2f});'
-            f'color:{"#fff" if v / total > 0.55 else "#111"}">{int(v)}</td>' for v in row)
+            f'color:{"#fff" if v / total > 0.55 else "#111"}">{int(v)}</td>'
+            for v in row
+        )
         body.append(f"<tr><th>{esc(name)}</th>{cells}</tr>")
-    return (f'<figure class="cm"><table class="confusion"><thead><tr><th>true \\ predicted</th>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table><figcaption>{esc(title)}</figcaption></figure>')
+    return (
+        f'<figure class="cm"><table class="confusion"><thead><tr><th>true \\ predicted</th>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table><figcaption>{esc(title)}</figcaption></figure>"
+    )
 
 
 def _span(given: tuple[float, float] | None, values: Sequence[float]) -> tuple[float, float]:
@@ -169,19 +182,27 @@ def line_chart(
     def py(y: float) -> float:
         return mt + ph - (y - y0) / (y1 - y0) * ph
 
-    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-           f'aria-label="{esc(title)}" xmlns="http://www.w3.org/2000/svg">',
-           f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" class="title">{esc(title)}</text>',
-           f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" class="frame"/>']
+    out = [
+        f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+        f'aria-label="{esc(title)}" xmlns="http://www.w3.org/2000/svg">',
+        f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" class="title">{esc(title)}</text>',
+        f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" class="frame"/>',
+    ]
     for k in range(5):
         gx, gy = x0 + (x1 - x0) * k / 4, y0 + (y1 - y0) * k / 4
-        out.append(f'<line x1="{px(gx):.1f}" y1="{mt}" x2="{px(gx):.1f}" y2="{mt + ph}" class="grid"/>'
-                   f'<text x="{px(gx):.1f}" y="{mt + ph + 14}" text-anchor="middle">{_tick(gx)}</text>')
-        out.append(f'<line x1="{ml}" y1="{py(gy):.1f}" x2="{ml + pw}" y2="{py(gy):.1f}" class="grid"/>'
-                   f'<text x="{ml - 5}" y="{py(gy) + 4:.1f}" text-anchor="end">{_tick(gy)}</text>')
-    out.append(f'<text x="{ml + pw / 2:.0f}" y="{height - 6}" text-anchor="middle">{esc(xlabel)}</text>'
-               f'<text x="12" y="{mt + ph / 2:.0f}" text-anchor="middle" transform="rotate(-90 12 {mt + ph / 2:.0f})">'
-               f'{esc(ylabel)}</text>')
+        out.append(
+            f'<line x1="{px(gx):.1f}" y1="{mt}" x2="{px(gx):.1f}" y2="{mt + ph}" class="grid"/>'
+            f'<text x="{px(gx):.1f}" y="{mt + ph + 14}" text-anchor="middle">{_tick(gx)}</text>'
+        )
+        out.append(
+            f'<line x1="{ml}" y1="{py(gy):.1f}" x2="{ml + pw}" y2="{py(gy):.1f}" class="grid"/>'
+            f'<text x="{ml - 5}" y="{py(gy) + 4:.1f}" text-anchor="end">{_tick(gy)}</text>'
+        )
+    out.append(
+        f'<text x="{ml + pw / 2:.0f}" y="{height - 6}" text-anchor="middle">{esc(xlabel)}</text>'
+        f'<text x="12" y="{mt + ph / 2:.0f}" text-anchor="middle" transform="rotate(-90 12 {mt + ph / 2:.0f})">'
+        f"{esc(ylabel)}</text>"
+    )
     if diagonal:
         out.append(f'<line x1="{px(x0):.1f}" y1="{py(y0):.1f}" x2="{px(x1):.1f}" y2="{py(y1):.1f}" class="diag"/>')
     legend = []
@@ -200,8 +221,15 @@ def line_chart(
     return f'<figure class="chart">{"".join(out)}<figcaption class="legend">{"".join(legend)}</figcaption></figure>'
 
 
-def bar_chart(bars: Sequence[tuple[str, Sequence[int]]], labels: Sequence[str], *, title: str, xlabel: str,
-              width: int = 440, height: int = 240) -> str:
+def bar_chart(
+    bars: Sequence[tuple[str, Sequence[int]]],
+    labels: Sequence[str],
+    *,
+    title: str,
+    xlabel: str,
+    width: int = 440,
+    height: int = 240,
+) -> str:
     """An inline SVG bar chart of counts (a histogram): ``bars`` of (series label, count per
     ``labels`` entry), series side by side within each label's slot; the legend below."""
     ml, mr, mt, mb = 44, 14, 28, 40
@@ -209,24 +237,30 @@ def bar_chart(bars: Sequence[tuple[str, Sequence[int]]], labels: Sequence[str], 
     top = max([1] + [v for _, vs in bars for v in vs])
     slot = pw / max(1, len(labels))
     bw = slot * 0.8 / max(1, len(bars))
-    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-           f'aria-label="{esc(title)}" xmlns="http://www.w3.org/2000/svg">',
-           f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" class="title">{esc(title)}</text>',
-           f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" class="frame"/>',
-           f'<text x="{ml - 5}" y="{mt + 4}" text-anchor="end">{top}</text>',
-           f'<text x="{ml - 5}" y="{mt + ph + 4}" text-anchor="end">0</text>',
-           f'<text x="{ml + pw / 2:.0f}" y="{height - 6}" text-anchor="middle">{esc(xlabel)}</text>']
+    out = [
+        f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+        f'aria-label="{esc(title)}" xmlns="http://www.w3.org/2000/svg">',
+        f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" class="title">{esc(title)}</text>',
+        f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" class="frame"/>',
+        f'<text x="{ml - 5}" y="{mt + 4}" text-anchor="end">{top}</text>',
+        f'<text x="{ml - 5}" y="{mt + ph + 4}" text-anchor="end">0</text>',
+        f'<text x="{ml + pw / 2:.0f}" y="{height - 6}" text-anchor="middle">{esc(xlabel)}</text>',
+    ]
     legend = []
     for j, (series, values) in enumerate(bars):
         colour = PALETTE[j % len(PALETTE)]
         for i, v in enumerate(values):
             h = ph * v / top
             x = ml + slot * i + slot * 0.1 + bw * j
-            out.append(f'<rect x="{x:.1f}" y="{mt + ph - h:.1f}" width="{bw:.1f}" height="{h:.1f}" fill="{colour}">'
-                       f"<title>{esc(series)}: {esc(str(labels[i]))}: {int(v)}</title></rect>")
+            out.append(
+                f'<rect x="{x:.1f}" y="{mt + ph - h:.1f}" width="{bw:.1f}" height="{h:.1f}" fill="{colour}">'
+                f"<title>{esc(series)}: {esc(str(labels[i]))}: {int(v)}</title></rect>"
+            )
         legend.append(f'<span><i style="background:{colour}"></i>{esc(series)}</span>')
     for i, lab in enumerate(labels):
-        out.append(f'<text x="{ml + slot * (i + 0.5):.1f}" y="{mt + ph + 14}" text-anchor="middle">{esc(str(lab))}</text>')
+        out.append(
+            f'<text x="{ml + slot * (i + 0.5):.1f}" y="{mt + ph + 14}" text-anchor="middle">{esc(str(lab))}</text>'
+        )
     out.append("</svg>")
     return f'<figure class="chart">{"".join(out)}<figcaption class="legend">{"".join(legend)}</figcaption></figure>'
 
@@ -252,11 +286,13 @@ def risk_coverage(bins: Sequence[dict]) -> tuple[list[float], list[float]]:
 
 def page(title: str, body: str, *, subtitle: str = "") -> str:
     sub = f'<p class="sub">{subtitle}</p>' if subtitle else ""
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<title>{esc(title)}</title><style>{CSS}</style></head>'
-            f'<body><header><h1>{esc(title)}</h1>{sub}</header><main>{body}</main>'
-            f'<script>{JS}</script></body></html>')
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)}</title><style>{CSS}</style></head>"
+        f"<body><header><h1>{esc(title)}</h1>{sub}</header><main>{body}</main>"
+        f"<script>{JS}</script></body></html>"
+    )
 
 
 def section(title: str, body: str, *, anchor: str, note: str = "") -> str:

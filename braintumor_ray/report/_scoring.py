@@ -26,7 +26,7 @@ import hashlib
 import logging
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
@@ -50,16 +50,50 @@ MAX_TABLE_ROWS = 20_000
 MAP_READERS = 16
 REASON_ORDER = {"out_of_distribution": 0, "low_confidence": 1, "ambiguous": 2}
 
-_TABLE_COLUMNS = ["path", "predicted_label", "confidence", "ood_score", "review_reason", "prediction_set", "set_size",
-                  "status", "error"]
+_TABLE_COLUMNS = [
+    "path",
+    "predicted_label",
+    "confidence",
+    "ood_score",
+    "review_reason",
+    "prediction_set",
+    "set_size",
+    "status",
+    "error",
+]
 _OPTIONAL_COLUMNS = ["study_instance_uid", "series_instance_uid", "sop_instance_uid", "instance_number", "slice_index"]
 _TAIL_COLUMNS = ["model_id", "scored_at"]
-_SERIES_COLUMNS = ["predicted_label", "confidence", "review_reason", "prediction_set", "set_size", "slices_scored", "slices_failed", "slices_voting",
-                   "study_instance_uid", "series_instance_uid", "volume_path", "top_slice_path",
-                   "top_slice_instance_number", "top_slice_index", "model_id"]
-_TYPES = {"error": "long", "confidence": "num", "ood_score": "num", "top_probability": "num", "instance_number": "int",
-          "slice_index": "int", "set_size": "int", "slices_scored": "int", "slices_failed": "int", "slices_voting": "int",
-          "top_slice_instance_number": "int", "top_slice_index": "int"}
+_SERIES_COLUMNS = [
+    "predicted_label",
+    "confidence",
+    "review_reason",
+    "prediction_set",
+    "set_size",
+    "slices_scored",
+    "slices_failed",
+    "slices_voting",
+    "study_instance_uid",
+    "series_instance_uid",
+    "volume_path",
+    "top_slice_path",
+    "top_slice_instance_number",
+    "top_slice_index",
+    "model_id",
+]
+_TYPES = {
+    "error": "long",
+    "confidence": "num",
+    "ood_score": "num",
+    "top_probability": "num",
+    "instance_number": "int",
+    "slice_index": "int",
+    "set_size": "int",
+    "slices_scored": "int",
+    "slices_failed": "int",
+    "slices_voting": "int",
+    "top_slice_instance_number": "int",
+    "top_slice_index": "int",
+}
 
 
 def scoring_report_location(dst: Location) -> Location:
@@ -76,8 +110,13 @@ def read_predictions(dst: Location, rows: pa.Table | None = None) -> tuple[pd.Da
     total = rows.num_rows
     if total and "scored_at" in rows.column_names and "model_id" in rows.column_names:
         rows = latest_rows(rows, by=("model_id", "path"))
-    want = [c for c in rows.column_names if c in _TABLE_COLUMNS + _OPTIONAL_COLUMNS + _TAIL_COLUMNS
-            or c.startswith(PROB_PREFIX) or c.startswith("heatmap_")]
+    want = [
+        c
+        for c in rows.column_names
+        if c in _TABLE_COLUMNS + _OPTIONAL_COLUMNS + _TAIL_COLUMNS
+        or c.startswith(PROB_PREFIX)
+        or c.startswith("heatmap_")
+    ]
     df = rows.select(want).to_pandas() if total else pd.DataFrame()
     for c in _TABLE_COLUMNS + _OPTIONAL_COLUMNS + _TAIL_COLUMNS:
         if c not in df:
@@ -98,7 +137,11 @@ def set_size_histogram(frames: list[tuple[str, pd.DataFrame]], classes: int) -> 
     sizes = [str(k) for k in range(1, max(2, classes) + 1)]
     bars = []
     for label, f in frames:
-        n = pd.to_numeric(f["set_size"], errors="coerce").dropna().astype(int).value_counts() if len(f) else pd.Series(dtype=int)
+        n = (
+            pd.to_numeric(f["set_size"], errors="coerce").dropna().astype(int).value_counts()
+            if len(f)
+            else pd.Series(dtype=int)
+        )
         bars.append((label, [int(n.get(int(k), 0)) for k in sizes]))
     if not any(sum(v) for _, v in bars):
         return ""
@@ -115,27 +158,30 @@ def review_order(df: pd.DataFrame) -> pd.DataFrame:
     group[df["status"] == "error"] = 3
     group[tumour & reason.isna()] = 2
     group[reason.notna()] = 1
-    key = pd.DataFrame({
-        "g": group,
-        "r": reason.fillna(9),
-        # least confident first among the flagged, most confident first among tumours
-        "c": conf.where(group != 2, -conf).fillna(9.0),
-        "p": df["path"].astype(str),
-    })
+    key = pd.DataFrame(
+        {
+            "g": group,
+            "r": reason.fillna(9),
+            # least confident first among the flagged, most confident first among tumours
+            "c": conf.where(group != 2, -conf).fillna(9.0),
+            "p": df["path"].astype(str),
+        }
+    )
     return df.loc[key.sort_values(["g", "r", "c", "p"], kind="stable").index].reset_index(drop=True)
 
 
 def is_case(df: pd.DataFrame) -> pd.Series:
     """The rows to look at first: a review reason, or a tumour class (not withdrawn: the file is gone)."""
     return (df["status"] != "withdrawn") & (
-        df["review_reason"].notna() | (df["predicted_label"].notna() & (df["predicted_label"] != NO_TUMOR)))
+        df["review_reason"].notna() | (df["predicted_label"].notna() & (df["predicted_label"] != NO_TUMOR))
+    )
 
 
 def heatmap_location(dst: Location, value: str) -> Location:
     """A ``heatmap_path`` as the predictions hold it (a URI, or relative to the folder that
     holds the output) on the output's own filesystem (its S3 endpoint and credentials)."""
     if value.startswith("s3://"):
-        return Location(uri=value, path=value[len("s3://"):], fs=dst.fs, is_s3=True)
+        return Location(uri=value, path=value[len("s3://") :], fs=dst.fs, is_s3=True)
     if value.startswith("/"):
         return Location(uri=value, path=value, fs=dst.fs, is_s3=dst.is_s3)
     parent = posixpath.dirname(dst.path.rstrip("/"))
@@ -149,8 +195,9 @@ def _counts(df: pd.DataFrame, column: str, order: list[str] | None = None, none_
     return [[k, int(vc[k]), f"{vc[k] / max(len(df), 1):.1%}"] for k in keys]
 
 
-def _read_map(dst: Location, value: str, maps: Location | None = None,
-              listed: dict[str, dict[str, Any]] | None = None) -> bytes | None:
+def _read_map(
+    dst: Location, value: str, maps: Location | None = None, listed: dict[str, dict[str, Any]] | None = None
+) -> bytes | None:
     """A heat map's bytes, or None (with a warning) unless it is a plain child of the job's maps
     folder (no ``..``: ``OUTPUT_explain/../elsewhere/x.png`` was embedded once) and, when the
     folder has a manifest (``listed``), named in it with these bytes' sha256."""
@@ -186,12 +233,18 @@ def _card(row: pd.Series, maps: dict[str, bytes | None], probs: list[str], extra
     reason = row.get("review_reason")
     label = row.get("predicted_label")
     tag = (f'<span class="tag flag">{esc(reason)}</span>' if isinstance(reason, str) else "") + (
-        f'<span class="tag {"tumour" if label != NO_TUMOR else "ok"}">{esc(label)}</span>' if isinstance(label, str) else "")
-    facts = [("model", fmt(row.get("model_id"))), ("confidence", fmt(row.get("confidence"))),
-             ("ood score", fmt(row.get("ood_score")))]
+        f'<span class="tag {"tumour" if label != NO_TUMOR else "ok"}">{esc(label)}</span>'
+        if isinstance(label, str)
+        else ""
+    )
+    facts = [
+        ("model", fmt(row.get("model_id"))),
+        ("confidence", fmt(row.get("confidence"))),
+        ("ood score", fmt(row.get("ood_score"))),
+    ]
     if isinstance(row.get("prediction_set"), str):
         facts.insert(1, ("prediction set", row["prediction_set"]))
-    facts += [(c[len(PROB_PREFIX):], fmt(row.get(c))) for c in probs]
+    facts += [(c[len(PROB_PREFIX) :], fmt(row.get(c))) for c in probs]
     for c in ("instance_number", "slice_index"):
         v = row.get(c)
         if v is not None and not pd.isna(v):
@@ -202,8 +255,9 @@ def _card(row: pd.Series, maps: dict[str, bytes | None], probs: list[str], extra
         if fmt(v):
             facts.append((c.replace("_", " "), fmt(v)))
     dl = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in facts)
-    return (f'<div class="card">{image}<div>{tag}</div><div class="path">{esc(str(row["path"]))}</div>'
-            f"<dl>{dl}</dl></div>"), embedded
+    return (
+        f'<div class="card">{image}<div>{tag}</div><div class="path">{esc(str(row["path"]))}</div><dl>{dl}</dl></div>'
+    ), embedded
 
 
 def _counts_section(df: pd.DataFrame, ok: pd.DataFrame, probs: list[str]) -> str:
@@ -212,30 +266,49 @@ def _counts_section(df: pd.DataFrame, ok: pd.DataFrame, probs: list[str]) -> str
     for k, n, share in _counts(ok, "predicted_label"):
         sub = ok[ok["predicted_label"] == k]
         by_class.append([k, n, share, int(sub["review_reason"].notna().sum())])
-    counts = ('<div class="tables">'
-              + "<div><h3>Predicted class (ok rows)</h3>" + static_table(["class", "rows", "share", "flagged for review"], by_class) + "</div>"
-              + "<div><h3>Status</h3>" + static_table(["status", "rows", "share"], _counts(df, "status", ["ok", "error", "skipped", "withdrawn"])) + "</div>"
-              + "<div><h3>Review reason (ok rows)</h3>" + static_table(
-                  ["review reason", "rows", "share"], _counts(ok, "review_reason", list(REASON_ORDER),
-                                                              none_label="none (the prediction stands)")) + "</div>")
+    counts = (
+        '<div class="tables">'
+        + "<div><h3>Predicted class (ok rows)</h3>"
+        + static_table(["class", "rows", "share", "flagged for review"], by_class)
+        + "</div>"
+        + "<div><h3>Status</h3>"
+        + static_table(["status", "rows", "share"], _counts(df, "status", ["ok", "error", "skipped", "withdrawn"]))
+        + "</div>"
+        + "<div><h3>Review reason (ok rows)</h3>"
+        + static_table(
+            ["review reason", "rows", "share"],
+            _counts(ok, "review_reason", list(REASON_ORDER), none_label="none (the prediction stands)"),
+        )
+        + "</div>"
+    )
     hist = set_size_histogram([("ok rows", ok)], len(probs)) if len(ok) else ""
     if hist:
         sized = ok[pd.to_numeric(ok["set_size"], errors="coerce").notna()]
-        counts += ("<div><h3>Prediction-set size (ok rows)</h3>" + static_table(
-            ["classes in the set", "rows", "share"], _counts(sized.assign(set_size=sized["set_size"].astype(int).astype(str)),
-                                                             "set_size")) + hist + "</div>")
+        counts += (
+            "<div><h3>Prediction-set size (ok rows)</h3>"
+            + static_table(
+                ["classes in the set", "rows", "share"],
+                _counts(sized.assign(set_size=sized["set_size"].astype(int).astype(str)), "set_size"),
+            )
+            + hist
+            + "</div>"
+        )
     counts += "</div>"
     return section("Counts", counts, anchor="counts")
-
 
 
 def _models_section(df: pd.DataFrame) -> str:
     """Which model wrote which rows (one model per output unless an output predates that rule)."""
     by_model = df.groupby(df["model_id"].fillna("(none)"))
-    model_rows = [[m, int(len(g)), int((g["status"] == "withdrawn").sum()), fmt(g["scored_at"].max())]
-                  for m, g in by_model]
-    return section("Models", static_table(["model id", "rows", "withdrawn", "last scored"], model_rows),
-                         anchor="models", note="The model id of each group of rows (every case card names its own).")
+    model_rows = [
+        [m, int(len(g)), int((g["status"] == "withdrawn").sum()), fmt(g["scored_at"].max())] for m, g in by_model
+    ]
+    return section(
+        "Models",
+        static_table(["model id", "rows", "withdrawn", "last scored"], model_rows),
+        anchor="models",
+        note="The model id of each group of rows (every case card names its own).",
+    )
 
 
 def _series_section(series: Location | pa.Table | None, dst: Location) -> str | None:
@@ -252,11 +325,13 @@ def _series_section(series: Location | pa.Table | None, dst: Location) -> str | 
         rows = st[cols].astype(object).where(st[cols].notna(), None).values.tolist()
         verdicts = static_table(["verdict", "series or volumes", "share"], _counts(st, "predicted_label"))
         return section(
-            "Series verdicts", verdicts + data_table("series", cols, rows, types=[_TYPES.get(c, "str") for c in cols]),
-            anchor="series-verdicts", note="One row per DICOM series or NIfTI volume (" + esc(dst.uri.rstrip("/")) + "_series/); flagged "
-            "verdicts first. A series' verdict is the mean tumour probability of its top 3 slices that show enough head.")
+            "Series verdicts",
+            verdicts + data_table("series", cols, rows, types=[_TYPES.get(c, "str") for c in cols]),
+            anchor="series-verdicts",
+            note="One row per DICOM series or NIfTI volume (" + esc(dst.uri.rstrip("/")) + "_series/); flagged "
+            "verdicts first. A series' verdict is the mean tumour probability of its top 3 slices that show enough head.",
+        )
     return None
-
 
 
 def _predictions_section(df: pd.DataFrame, dst: Location, max_rows: int) -> str:
@@ -264,17 +339,33 @@ def _predictions_section(df: pd.DataFrame, dst: Location, max_rows: int) -> str:
     cols = _TABLE_COLUMNS + [c for c in _OPTIONAL_COLUMNS if df[c].notna().any()] + _TAIL_COLUMNS
     table = df.head(max_rows)
     rows = table[cols].astype(object).where(table[cols].notna(), None).values.tolist()
-    note = ("Click a header to sort, click again to reverse; type in a column's box to filter (on numbers also "
-            "<code>&gt;0.9</code> or <code>&lt;=0.5</code>). Flagged rows first, then tumours, then errors.")
+    note = (
+        "Click a header to sort, click again to reverse; type in a column's box to filter (on numbers also "
+        "<code>&gt;0.9</code> or <code>&lt;=0.5</code>). Flagged rows first, then tumours, then errors."
+    )
     if len(df) > max_rows:
-        note += (f' <span class="notice">The table holds the first {max_rows} of {len(df)} rows (flagged, tumour and '
-                 f"failed rows first); every row is in the Parquet dataset {esc(dst.uri)}.</span>")
-    return section("Predictions", data_table("predictions", cols, rows, types=[_TYPES.get(c, "str") for c in cols]),
-                   anchor="all-predictions", note=note)
+        note += (
+            f' <span class="notice">The table holds the first {max_rows} of {len(df)} rows (flagged, tumour and '
+            f"failed rows first); every row is in the Parquet dataset {esc(dst.uri)}.</span>"
+        )
+    return section(
+        "Predictions",
+        data_table("predictions", cols, rows, types=[_TYPES.get(c, "str") for c in cols]),
+        anchor="all-predictions",
+        note=note,
+    )
 
 
-def _cases_section(df: pd.DataFrame, cases: pd.DataFrame, dst: Location, probs: list[str], *, maps: Location | None,
-                   map_files: dict[str, dict[str, Any]] | None, max_cases: int) -> str:
+def _cases_section(
+    df: pd.DataFrame,
+    cases: pd.DataFrame,
+    dst: Location,
+    probs: list[str],
+    *,
+    maps: Location | None,
+    map_files: dict[str, dict[str, Any]] | None,
+    max_cases: int,
+) -> str:
     """A card per row to review first, with its heat map when the maps' manifest lists it."""
     shown = cases.head(max_cases)
     cards, embedded = [], 0
@@ -287,10 +378,12 @@ def _cases_section(df: pd.DataFrame, cases: pd.DataFrame, dst: Location, probs: 
         html_card, has = _card(row, read, probs, extra)
         cards.append(html_card)
         embedded += has
-    note = (f"{len(cases)} rows to review first: rows with a review reason (out of distribution, then low confidence, "
-            "then ambiguous: a prediction set of more than one class; least confident first), then tumour predictions "
-            "(most confident first). A row's prediction set holds the classes still in play: at the model's conformal "
-            "alpha it misses the true class of at most that share of each class's images like the calibration images.")
+    note = (
+        f"{len(cases)} rows to review first: rows with a review reason (out of distribution, then low confidence, "
+        "then ambiguous: a prediction set of more than one class; least confident first), then tumour predictions "
+        "(most confident first). A row's prediction set holds the classes still in play: at the model's conformal "
+        "alpha it misses the true class of at most that share of each class's images like the calibration images."
+    )
     if len(cases) > max_cases:
         note += f' <span class="notice">Showing the first {max_cases} of {len(cases)}; the rest are in the table below.</span>'
     if len(shown) and not embedded:
@@ -300,8 +393,13 @@ def _cases_section(df: pd.DataFrame, cases: pd.DataFrame, dst: Location, probs: 
 
 
 def scoring_report_html(
-    dst: Location, *, series: Location | pa.Table | None = None, maps: Location | None = None,
-    max_cases: int = MAX_CASES, max_rows: int = MAX_TABLE_ROWS, rows: pa.Table | None = None,
+    dst: Location,
+    *,
+    series: Location | pa.Table | None = None,
+    maps: Location | None = None,
+    max_cases: int = MAX_CASES,
+    max_rows: int = MAX_TABLE_ROWS,
+    rows: pa.Table | None = None,
     map_files: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     """The page; ``series``: the per-series table (the scoring job gives the one it built from its
@@ -316,13 +414,19 @@ def scoring_report_html(
     superseded = total - len(df)
     models = sorted(str(m) for m in df["model_id"].dropna().unique()) if len(df) else []
     last = df["scored_at"].max() if len(df) and df["scored_at"].notna().any() else None
-    subtitle = (f"{esc(dst.uri)} &middot; {len(df)} rows"
-                + (f" ({superseded} older row{'s' if superseded > 1 else ''} of rescored files left out)" if superseded else "")
-                + f" &middot; model {', '.join(esc(m) for m in models) or '-'}"
-                + f" &middot; last scored {esc(fmt(last))} &middot; report written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    subtitle = (
+        f"{esc(dst.uri)} &middot; {len(df)} rows"
+        + (f" ({superseded} older row{'s' if superseded > 1 else ''} of rescored files left out)" if superseded else "")
+        + f" &middot; model {', '.join(esc(m) for m in models) or '-'}"
+        + f" &middot; last scored {esc(fmt(last))} &middot; report written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+    )
 
     cases = df[is_case(df)] if len(df) else df
-    nav = ['<a href="#counts">counts</a>', '<a href="#cases">cases to review</a>', '<a href="#all-predictions">predictions</a>']
+    nav = [
+        '<a href="#counts">counts</a>',
+        '<a href="#cases">cases to review</a>',
+        '<a href="#all-predictions">predictions</a>',
+    ]
 
     parts.append(_counts_section(df, ok, probs))
 

@@ -1,6 +1,7 @@
 """The scoring stage (``jobs/score.py``): an MRI archive -> one Parquet row per file or slice, incrementally."""
 
 from ._config import OUTPUT_CONFIG_FILE
+from ._plan import ClusterShape, PriorFile, RerunDiff, ScoringPlan, plan_scoring, prior_state, rerun_diff
 from ._run import (
     PROB_PREFIX,
     Predictor,
@@ -13,7 +14,6 @@ from ._run import (
     recover,
     run_scoring,
 )
-from ._plan import ClusterShape, PriorFile, RerunDiff, ScoringPlan, plan_scoring, prior_state, rerun_diff
 from ._series import SERIES_FILE, Verdict, series_location, series_table, series_verdict, top_slice, write_series_table
 
 __all__ = [

@@ -17,8 +17,14 @@ from ._plan import WITHDRAWN, WITHDRAWN_REASON, ScoringPlan
 logger = logging.getLogger(__name__)
 
 
-def _commit(plan: ScoringPlan, writer: StagedWriter, staging: Location, explain_writer: StagedWriter,
-            explain_stage: Location, committed: pa.Table) -> tuple[pa.Table, pa.Table, int]:
+def _commit(
+    plan: ScoringPlan,
+    writer: StagedWriter,
+    staging: Location,
+    explain_writer: StagedWriter,
+    explain_stage: Location,
+    committed: pa.Table,
+) -> tuple[pa.Table, pa.Table, int]:
     """Add the withdrawal rows to the run, then commit it: its rows and the maps. Returns this
     run's rows (scored and withdrawn), the committed rows after the commit, and the maps committed.
 
@@ -45,8 +51,11 @@ def _commit(plan: ScoringPlan, writer: StagedWriter, staging: Location, explain_
         name = f"withdrawn-{plan.run_id}.parquet"
         kept[name], data[name] = rows, _parquet_bytes(rows)
         staging.join(name).write_bytes(data[name])
-        logger.warning("score: %d rows of %d files gone from the input marked withdrawn (their earlier rows stay)",
-                       rows.num_rows, len(plan.diff.withdrawn))
+        logger.warning(
+            "score: %d rows of %d files gone from the input marked withdrawn (their earlier rows stay)",
+            rows.num_rows,
+            len(plan.diff.withdrawn),
+        )
     written = pa.concat_tables([t.cast(schema) for t in kept.values()]) if kept else schema.empty_table()
     heatmaps = explain_writer.commit(explain_stage) if explain_stage.exists() else 0
     parts = [] if plan.rescore_all else [committed]
@@ -56,8 +65,11 @@ def _commit(plan: ScoringPlan, writer: StagedWriter, staging: Location, explain_
         kept[name], data[name] = reversioned, _parquet_bytes(reversioned)
         staging.join(name).write_bytes(data[name])
         parts.append(reversioned)
-        logger.info("score: %d files with unchanged bytes under a new version (touched, chmod, restored): their new "
-                    "version recorded, not scored again", len(found))
+        logger.info(
+            "score: %d files with unchanged bytes under a new version (touched, chmod, restored): their new "
+            "version recorded, not scored again",
+            len(found),
+        )
     if kept:
         writer.commit(staging, replace_all=plan.rescore_all, data=data)
     _clear_attempts(writer.root.join(ATTEMPTS_DIR))
@@ -92,8 +104,9 @@ def _take_unchanged(staged: dict[str, pa.Table]) -> tuple[dict[str, pa.Table], d
             kept[name] = t
             continue
         hit = t.filter(same)
-        found.update(zip(hit.column("path").to_pylist(), zip(hit.column("size").to_pylist(),
-                                                             hit.column("version").to_pylist())))
+        found.update(
+            zip(hit.column("path").to_pylist(), zip(hit.column("size").to_pylist(), hit.column("version").to_pylist()))
+        )
         rest = t.filter(pc.invert(same))
         if rest.num_rows:
             kept[name] = rest
@@ -106,12 +119,14 @@ def _reversioned_rows(committed: pa.Table, found: dict[str, tuple[int, str]], sc
     paths = rows.column("path").to_pylist()
     schema = rows.schema
     rows = rows.set_column(schema.get_field_index("size"), "size", pa.array([found[p][0] for p in paths], pa.int64()))
-    return rows.set_column(schema.get_field_index("version"), "version",
-                           pa.array([found[p][1] for p in paths], pa.string()))
+    return rows.set_column(
+        schema.get_field_index("version"), "version", pa.array([found[p][1] for p in paths], pa.string())
+    )
 
 
-def _withdrawal_rows(committed: pa.Table, withdrawn: tuple[str, ...], scored_at: datetime, *,
-                     status: str | None = WITHDRAWN) -> pa.Table:
+def _withdrawal_rows(
+    committed: pa.Table, withdrawn: tuple[str, ...], scored_at: datetime, *, status: str | None = WITHDRAWN
+) -> pa.Table:
     """A ``withdrawn`` row for each latest row of the files gone from the input: a copy of it
     (what was said, by which model, from which bytes), marked, and the latest of its file.
     ``status=None``: the copies keep their status and error (a file's rows under a new version).
@@ -121,8 +136,9 @@ def _withdrawal_rows(committed: pa.Table, withdrawn: tuple[str, ...], scored_at:
     n = rows.num_rows
     if status is not None:
         rows = rows.set_column(rows.schema.get_field_index("status"), "status", pa.array([status] * n, pa.string()))
-        rows = rows.set_column(rows.schema.get_field_index("error"), "error",
-                               pa.array([WITHDRAWN_REASON] * n, pa.string()))
+        rows = rows.set_column(
+            rows.schema.get_field_index("error"), "error", pa.array([WITHDRAWN_REASON] * n, pa.string())
+        )
     field = rows.schema.field("scored_at")
     return rows.set_column(rows.schema.get_field_index("scored_at"), field, pa.array([scored_at] * n, field.type))
 
@@ -134,5 +150,9 @@ def _clear_attempts(attempts: Location) -> None:
     try:
         remove_child(out, _writer(out).root, posix_basename(attempts.path), what="score", tree=True)
     except Exception as e:
-        logger.warning("score: could not delete the decode-attempt markers in %s (%s): harmless, they are only "
-                       "read while a file is being scored", attempts.uri, e)
+        logger.warning(
+            "score: could not delete the decode-attempt markers in %s (%s): harmless, they are only "
+            "read while a file is being scored",
+            attempts.uri,
+            e,
+        )

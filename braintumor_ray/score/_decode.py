@@ -20,17 +20,27 @@ from ._layout import _SLICE_NAMES, SLICE_FIELDS, UNCHANGED, _output_of
 
 logger = logging.getLogger(__name__)
 
-KILLED_TWICE = ("killed its decode task twice (out of memory? a crash in a decoder?): not decoded again so that the "
-                "run can finish; a changed file is tried again")
+KILLED_TWICE = (
+    "killed its decode task twice (out of memory? a crash in a decoder?): not decoded again so that the "
+    "run can finish; a changed file is tried again"
+)
 
 # Tests only: a decode task that meets a file of this name dies as the OOM killer would kill it.
 KILL_DECODE_ENV = "BRAINTUMOR_TEST_KILL_DECODE"
 
 
 _DECODED = pa.schema(
-    [("path", pa.string()), ("sha256", pa.string()), ("pixels", pa.binary()), ("side", pa.int32()), ("status", pa.string()),
-     ("error", pa.string()), ("head_fraction", pa.float32()), *SLICE_FIELDS,
-     ("crop_box", pa.list_(pa.int32()))]  # x0, y0, x1, y1 in the original: heat-map peaks map back through it
+    [
+        ("path", pa.string()),
+        ("sha256", pa.string()),
+        ("pixels", pa.binary()),
+        ("side", pa.int32()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("head_fraction", pa.float32()),
+        *SLICE_FIELDS,
+        ("crop_box", pa.list_(pa.int32())),
+    ]  # x0, y0, x1, y1 in the original: heat-map peaks map back through it
 )
 
 
@@ -77,13 +87,31 @@ def decode_batch(
             continue
         res = preprocess.try_slices(data, name=path, select=select, guard=guard)
         for s in res.slices:
-            add(path, digest, s.image.pixels.tobytes(), s.image.pixels.shape[0], "ok", None, s.image.head_fraction, s.info,
-                s.image.crop_box)
+            add(
+                path,
+                digest,
+                s.image.pixels.tobytes(),
+                s.image.pixels.shape[0],
+                "ok",
+                None,
+                s.image.head_fraction,
+                s.info,
+                s.image.crop_box,
+            )
         # A volume's empty or headless slices: a skipped row each, with the reason and where it is.
         for sk in res.skipped_slices:
             add(path, digest, None, None, "skipped", sk.reason, None, sk.info)
         if not res.slices and not res.skipped_slices:
-            add(path, digest, None, None, "skipped" if res.skipped else "error", res.skipped or res.error, None, res.info)
+            add(
+                path,
+                digest,
+                None,
+                None,
+                "skipped" if res.skipped else "error",
+                res.skipped or res.error,
+                None,
+                res.info,
+            )
     return pa.Table.from_pydict(cols, schema=_DECODED)
 
 
@@ -113,15 +141,18 @@ def _read_files(batch: pa.Table, source: Location | None, guard: InputGuard, att
             yield path, None, refused[i] or f"{too_big[i]}; not read (its listed size)"
             continue
         if att.killed_twice(keys[i]):
-            logger.warning("score: a file killed its decode task twice: an error row (see the output), not decoded again")
+            logger.warning(
+                "score: a file killed its decode task twice: an error row (see the output), not decoded again"
+            )
             yield path, None, KILLED_TWICE
             continue
         alone = att.mark("f", keys[i]) if att.suspect(keys[i]) else None
         data, error = None, None
         try:
             # Held to the listed version: a file swapped for a link or another file since is an error row.
-            data = source.read_limited(path, guard.max_file_bytes, version=versions[i],
-                                       follow_links_outside=guard.follow_links_outside_input)
+            data = source.read_limited(
+                path, guard.max_file_bytes, version=versions[i], follow_links_outside=guard.follow_links_outside_input
+            )
         except Exception as e:
             error = unreadable_reason(e)
         if data is not None and (err := guard.too_many_bytes("the file holds at least", len(data))):
@@ -195,6 +226,11 @@ class _Attempts:
             return []
 
     def _off(self, e: Exception) -> None:
-        logger.warning("score: decode-attempt markers in %s do not work (%s: %s): a file that kills its decode task "
-                       "would be retried without end", self.loc.uri if self.loc else "?", type(e).__name__, e)
+        logger.warning(
+            "score: decode-attempt markers in %s do not work (%s: %s): a file that kills its decode task "
+            "would be retried without end",
+            self.loc.uri if self.loc else "?",
+            type(e).__name__,
+            e,
+        )
         self.loc = None

@@ -18,19 +18,49 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ..core import (BraintumorError, Identifiers, Lease, Location, Manifest, StagedWriter, latest_mask, posix_basename,
-                    remove_child, resolve)
-from ._dicom_out import (Algorithm, DicomObject, SeriesFinding, banner_lines, build_sc, build_sr, dicom_location,
-                         parse_object_name, plan_dicom, sc_pixels, source_view, to_bytes)
+from ..core import (
+    BraintumorError,
+    Identifiers,
+    Lease,
+    Location,
+    Manifest,
+    StagedWriter,
+    latest_mask,
+    posix_basename,
+    remove_child,
+    resolve,
+)
+from ._dicom_out import (
+    Algorithm,
+    DicomObject,
+    SeriesFinding,
+    banner_lines,
+    build_sc,
+    build_sr,
+    dicom_location,
+    parse_object_name,
+    plan_dicom,
+    sc_pixels,
+    source_view,
+    to_bytes,
+)
 from ._dicom_send import SentLedger, parse_destinations, read_dataset, send_with_retries
 from ._explain import explain_location
 
 logger = logging.getLogger(__name__)
 
 # The prediction columns the step reads.
-SLICE_COLUMNS = {"path": pa.string(), "model_id": pa.string(), "status": pa.string(), "scored_at": pa.timestamp("us", tz="UTC"),
-                 "sop_instance_uid": pa.string(), "series_instance_uid": pa.string(), "slice_index": pa.int32(),
-                 "heatmap_path": pa.string(), "version": pa.string()}
+SLICE_COLUMNS = {
+    "path": pa.string(),
+    "model_id": pa.string(),
+    "status": pa.string(),
+    "scored_at": pa.timestamp("us", tz="UTC"),
+    "sop_instance_uid": pa.string(),
+    "series_instance_uid": pa.string(),
+    "slice_index": pa.int32(),
+    "heatmap_path": pa.string(),
+    "version": pa.string(),
+}
 
 
 def series_findings(series: pd.DataFrame, rows: pd.DataFrame, model_id: str) -> tuple[list[SeriesFinding], int]:
@@ -49,7 +79,12 @@ def series_findings(series: pd.DataFrame, rows: pd.DataFrame, model_id: str) -> 
     for r in s.itertuples(index=False):
         uid = str(r.series_instance_uid)
         members = mine[mine["series_instance_uid"] == uid]
-        path, sop, index, heat = _none(r.top_slice_path), _none(r.top_slice_sop_instance_uid), _none(r.top_slice_index), None
+        path, sop, index, heat = (
+            _none(r.top_slice_path),
+            _none(r.top_slice_sop_instance_uid),
+            _none(r.top_slice_index),
+            None,
+        )
         version = None
         if path is not None:
             at = members[(members["path"] == path) & (members["sop_instance_uid"] == sop)]
@@ -63,17 +98,38 @@ def series_findings(series: pd.DataFrame, rows: pd.DataFrame, model_id: str) -> 
         else:
             continue
         pset = r.prediction_set
-        out.append(SeriesFinding(
-            model_id=model_id, series_uid=uid, study_uid=_none(r.study_instance_uid), label=_none(r.predicted_label),
-            confidence=None if _none(r.confidence) is None else float(r.confidence), review_reason=_none(r.review_reason),
-            prediction_set=None if pset is None or (isinstance(pset, float)) else tuple(pset), source_path=path,
-            source_sop_uid=sop, slice_index=None if index is None else int(index), heatmap_path=heat,
-            source_version=version))
+        out.append(
+            SeriesFinding(
+                model_id=model_id,
+                series_uid=uid,
+                study_uid=_none(r.study_instance_uid),
+                label=_none(r.predicted_label),
+                confidence=None if _none(r.confidence) is None else float(r.confidence),
+                review_reason=_none(r.review_reason),
+                prediction_set=None if pset is None or (isinstance(pset, float)) else tuple(pset),
+                source_path=path,
+                source_sop_uid=sop,
+                slice_index=None if index is None else int(index),
+                heatmap_path=heat,
+                source_version=version,
+            )
+        )
     return out, not_dicom
 
 
-def run_dicom_step(config, *, dst: Location, src: Location, ids: Identifiers, sources: dict[str, str], lease: Lease,
-                   run_id: str, algo: Algorithm, rows: pa.Table, series: pa.Table | None) -> dict[str, Any] | None:
+def run_dicom_step(
+    config,
+    *,
+    dst: Location,
+    src: Location,
+    ids: Identifiers,
+    sources: dict[str, str],
+    lease: Lease,
+    run_id: str,
+    algo: Algorithm,
+    rows: pa.Table,
+    series: pa.Table | None,
+) -> dict[str, Any] | None:
     """Write and send; the summary's ``dicom`` entry (None when neither is asked for).
 
     ``rows``: the output's committed rows; ``series``: the per-series table the job built from
@@ -92,8 +148,14 @@ def run_dicom_step(config, *, dst: Location, src: Location, ids: Identifiers, so
     live = set(table["model_id"].dropna().unique()) if len(table) else set()
     plan = plan_dicom(findings, config.dicom_out, manifest, model_id=algo.model_id, live_models=live)
     key = object_key(ids, keep_identifiers=config.dicom_identifiers)
-    out: dict[str, Any] = {"mode": config.dicom_out, "series": len(findings), "not_dicom_files": not_dicom,
-                           "sr": 0, "sc": 0, "skipped": 0}
+    out: dict[str, Any] = {
+        "mode": config.dicom_out,
+        "series": len(findings),
+        "not_dicom_files": not_dicom,
+        "sr": 0,
+        "sc": 0,
+        "skipped": 0,
+    }
     if plan.write:
         stage = writer.stage(run_id)
         for obj in plan.write:
@@ -102,14 +164,23 @@ def run_dicom_step(config, *, dst: Location, src: Location, ids: Identifiers, so
                 try:
                     previous = _committed_dataset(root, obj.predecessor, manifest)
                 except Exception as e:  # gone or rewritten: the new verdict still goes, naming no predecessor
-                    logger.warning("score: the SR that a new SR replaces (%s) cannot be read (%s): the new one names "
-                                   "no predecessor", obj.predecessor, _cause(e))
+                    logger.warning(
+                        "score: the SR that a new SR replaces (%s) cannot be read (%s): the new one names "
+                        "no predecessor",
+                        obj.predecessor,
+                        _cause(e),
+                    )
             try:
-                data = _object_bytes(obj, config, src, ids, sources, algo, key=key, previous=previous,
-                                     explain_root=explain_location(dst))
+                data = _object_bytes(
+                    obj, config, src, ids, sources, algo, key=key, previous=previous, explain_root=explain_location(dst)
+                )
             except Exception as e:  # one series' source gone, changed or unreadable: the others still get theirs
-                logger.warning("score: no DICOM %s for a series (its source file %s: %s)", obj.kind.upper(),
-                               obj.finding.source_path, _cause(e))
+                logger.warning(
+                    "score: no DICOM %s for a series (its source file %s: %s)",
+                    obj.kind.upper(),
+                    obj.finding.source_path,
+                    _cause(e),
+                )
                 out["skipped"] += 1
                 continue
             stage.join(obj.name).write_bytes(data)
@@ -136,12 +207,17 @@ def _leave_staged(writer: StagedWriter, run_id: str) -> None:
     success marker and its own entry list) never reaches the manifest or a PACS."""
     if not writer.root.exists():
         return
-    others = [posix_basename(p) for p in writer.root.fs.ls(writer.root.path, detail=False)
-              if posix_basename(p) != run_id]
+    others = [
+        posix_basename(p) for p in writer.root.fs.ls(writer.root.path, detail=False) if posix_basename(p) != run_id
+    ]
     if others:
-        logger.warning("score: left alone, never committed or sent: %d staged DICOM folder(s) of other runs in %s "
-                       "(%s); the objects are rebuilt from the committed rows: delete them when no run is going",
-                       len(others), writer.root.uri, ", ".join(sorted(others)[:5]))
+        logger.warning(
+            "score: left alone, never committed or sent: %d staged DICOM folder(s) of other runs in %s "
+            "(%s); the objects are rebuilt from the committed rows: delete them when no run is going",
+            len(others),
+            writer.root.uri,
+            ", ".join(sorted(others)[:5]),
+        )
 
 
 def _committed_dataset(root: Location, name: str, manifest: dict[str, dict]):
@@ -170,12 +246,18 @@ def _retire(dst: Location, writer: StagedWriter, names: tuple[str, ...]) -> None
 
 def check_source(ds, f: SeriesFinding, ids: Identifiers) -> None:
     """The source's SOP Instance, Series and Study UIDs (as the output shows them) must be its row's."""
-    pairs = [("SOPInstanceUID", f.source_sop_uid), ("SeriesInstanceUID", f.series_uid), ("StudyInstanceUID", f.study_uid)]
+    pairs = [
+        ("SOPInstanceUID", f.source_sop_uid),
+        ("SeriesInstanceUID", f.series_uid),
+        ("StudyInstanceUID", f.study_uid),
+    ]
     for keyword, expected in pairs:
         value = ds.get(keyword)
         if expected is not None and ids.uid(None if value is None else str(value)) != expected:
-            raise SourceChanged(f"its {keyword} is not the one its row holds (the file was rewritten after it was "
-                                "scored): left out; the next run scores it again and makes its objects")
+            raise SourceChanged(
+                f"its {keyword} is not the one its row holds (the file was rewritten after it was "
+                "scored): left out; the next run scores it again and makes its objects"
+            )
 
 
 def head_region(gray: np.ndarray) -> np.ndarray:
@@ -186,8 +268,10 @@ def head_region(gray: np.ndarray) -> np.ndarray:
 
     box = find_head_box(gray)
     if box is None:
-        raise NoHeadRegion("no head region in the slice: in a hashed mode an SC shows only the head's region, so "
-                           "none is made for it (its SR is)")
+        raise NoHeadRegion(
+            "no head region in the slice: in a hashed mode an SC shows only the head's region, so "
+            "none is made for it (its SR is)"
+        )
     x0, y0, x1, y1 = box
     return gray[y0:y1, x0:x1]
 
@@ -200,8 +284,18 @@ class SourceChanged(BraintumorError):
     """A file the DICOM step reads is not the one the rows were made from."""
 
 
-def _object_bytes(obj: DicomObject, config, src: Location, ids: Identifiers, sources: dict[str, str],
-                  algo: Algorithm, *, key: bytes = b"", previous=None, explain_root: Location | None = None) -> bytes:
+def _object_bytes(
+    obj: DicomObject,
+    config,
+    src: Location,
+    ids: Identifiers,
+    sources: dict[str, str],
+    algo: Algorithm,
+    *,
+    key: bytes = b"",
+    previous=None,
+    explain_root: Location | None = None,
+) -> bytes:
     f = obj.finding
     listed = sources.get(f.source_path)
     if listed is None:
@@ -222,8 +316,10 @@ def _object_bytes(obj: DicomObject, config, src: Location, ids: Identifiers, sou
         if explain_root is not None:  # a map of this output's OUTPUT_explain/, by its plain name, or none
             name = posix_basename(f.heatmap_path)
             if f.heatmap_path != f"{explain_root.uri.rstrip('/')}/{name}" or name in ("", ".", ".."):
-                raise SourceChanged("its row's heatmap_path is not a file of this output's OUTPUT_explain/: no SC "
-                                    "is made from it (score the file again with --explain for a map)")
+                raise SourceChanged(
+                    "its row's heatmap_path is not a file of this output's OUTPUT_explain/: no SC "
+                    "is made from it (score the file again with --explain for a map)"
+                )
             image = decode_png(explain_root.join(name).read_bytes())
         else:
             image = decode_png(resolve(f.heatmap_path, s3_endpoint_url=config.s3_endpoint_url).read_bytes())
@@ -247,12 +343,17 @@ def _send(root: Location, dests, config, lease: Lease) -> list[dict[str, Any]]:
     report: list[dict[str, Any]] = []
     for dest in dests:
         names = ledger.pending(dest, sorted(committed))
-        entry: dict[str, Any] = {"destination": dest.key, "sent": 0, "already": len(committed) - len(names), "failed": 0}
+        entry: dict[str, Any] = {
+            "destination": dest.key,
+            "sent": 0,
+            "already": len(committed) - len(names),
+            "failed": 0,
+        }
         if names:
             datasets = {n: read_dataset(committed[n]) for n in names}
             by_uid = {str(ds.SOPInstanceUID): n for n, ds in datasets.items()}
 
-            def record(got: dict[str, str | None], dest=dest) -> None:
+            def record(got: dict[str, str | None], dest=dest, by_uid=by_uid) -> None:
                 stored = [u for u, error in got.items() if error is None and u in by_uid]
                 for uid in stored:
                     ledger.record(dest, by_uid[uid], uid)
@@ -260,9 +361,14 @@ def _send(root: Location, dests, config, lease: Lease) -> list[dict[str, Any]]:
                     lease.check()
                     ledger.save()
 
-            result = send_with_retries(dest, list(datasets.values()), calling_aet=config.dicom_ae_title,
-                                       retries=config.dicom_send_retries, on_try=record)
-            for n, ds in datasets.items():
+            result = send_with_retries(
+                dest,
+                list(datasets.values()),
+                calling_aet=config.dicom_ae_title,
+                retries=config.dicom_send_retries,
+                on_try=record,
+            )
+            for ds in datasets.values():
                 error = result.get(str(ds.SOPInstanceUID))
                 if error is None:
                     entry["sent"] += 1
@@ -272,8 +378,12 @@ def _send(root: Location, dests, config, lease: Lease) -> list[dict[str, Any]]:
             lease.check()
             ledger.save()
         if entry["failed"]:
-            logger.warning("score: %d DICOM objects not sent to %s (%s): the run stands; the next run sends them",
-                           entry["failed"], dest.key, entry.get("error"))
+            logger.warning(
+                "score: %d DICOM objects not sent to %s (%s): the run stands; the next run sends them",
+                entry["failed"],
+                dest.key,
+                entry.get("error"),
+            )
         report.append(entry)
     return report
 
@@ -296,5 +406,3 @@ def _none(v):
     if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
         return None
     return v
-
-

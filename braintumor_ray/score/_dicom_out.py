@@ -39,8 +39,9 @@ import json
 import logging
 import re
 import textwrap
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -57,20 +58,40 @@ MANUFACTURER = "braintumor-ray"
 # Series numbers of the objects in the study (high: out of the way of the scanner's series).
 SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
 NO_TUMOR = "no_tumor"
-_CLASS_MEANING = {"glioma": "Glioma", "meningioma": "Meningioma", "pituitary": "Pituitary tumour", NO_TUMOR: "No tumour"}
-_REASON = {"low_confidence": ("LOWCONF", "Low confidence"), "ambiguous": ("AMBIGUOUS", "Ambiguous: several classes"),
-           "out_of_distribution": ("OOD", "Out of distribution"), "no_head_content": ("NOHEAD", "No head content")}
+_CLASS_MEANING = {
+    "glioma": "Glioma",
+    "meningioma": "Meningioma",
+    "pituitary": "Pituitary tumour",
+    NO_TUMOR: "No tumour",
+}
+_REASON = {
+    "low_confidence": ("LOWCONF", "Low confidence"),
+    "ambiguous": ("AMBIGUOUS", "Ambiguous: several classes"),
+    "out_of_distribution": ("OOD", "Out of distribution"),
+    "no_head_content": ("NOHEAD", "No head content"),
+}
 # What the SR copies from the source file: the patient and study modules, nothing else.
-PATIENT_STUDY_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
-                      "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID")
+PATIENT_STUDY_TAGS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyID",
+)
 # The SC's width on screen: the model's input (64-384 px) upscaled so the banner text reads.
 SC_WIDTH = 512
 
 
 def dicom_location(dst: Location) -> Location:
     """``OUTPUT_dicom`` beside ``OUTPUT`` (outside any glob over the predictions)."""
-    return Location(uri=dst.uri.rstrip("/") + DICOM_SUFFIX, path=dst.path.rstrip("/") + DICOM_SUFFIX, fs=dst.fs,
-                    is_s3=dst.is_s3)
+    return Location(
+        uri=dst.uri.rstrip("/") + DICOM_SUFFIX, path=dst.path.rstrip("/") + DICOM_SUFFIX, fs=dst.fs, is_s3=dst.is_s3
+    )
 
 
 @dataclass(frozen=True)
@@ -136,16 +157,28 @@ def content_digest(f: SeriesFinding, kind: str) -> str:
     """12 hex digits over what an object shows: the verdict (class, confidence to 4 places, review
     reason, classes still possible), the source slice, and for an SC its map. Another verdict is
     another object: another file name and other UIDs."""
-    doc = [kind, f.model_id, f.series_uid, f.study_uid, f.label,
-           None if f.confidence is None else round(float(f.confidence), 4), f.review_reason,
-           list(f.prediction_set or ()), f.source_sop_uid, f.slice_index, f.heatmap_path if kind == "sc" else None]
+    doc = [
+        kind,
+        f.model_id,
+        f.series_uid,
+        f.study_uid,
+        f.label,
+        None if f.confidence is None else round(float(f.confidence), 4),
+        f.review_reason,
+        list(f.prediction_set or ()),
+        f.source_sop_uid,
+        f.slice_index,
+        f.heatmap_path if kind == "sc" else None,
+    ]
     return hashlib.sha256(json.dumps(doc, default=str).encode()).hexdigest()[:12]
 
 
 def object_name(model_id: str, series_uid: str, kind: str, digest: str = "") -> str:
     """The file name: from a digest of the series UID (no UID in a file name), the model id, kind and
     the content digest."""
-    return f"{hashlib.sha256(series_uid.encode()).hexdigest()[:20]}-{model_id}-{kind}{'-' + digest if digest else ''}.dcm"
+    return (
+        f"{hashlib.sha256(series_uid.encode()).hexdigest()[:20]}-{model_id}-{kind}{'-' + digest if digest else ''}.dcm"
+    )
 
 
 _NAME = re.compile(r"([0-9a-f]{20})-([0-9A-Za-z_.]+?)-(sr|sc)(?:-([0-9a-f]{12}))?\.dcm")
@@ -166,6 +199,7 @@ def object_uids(model_id: str, series_uid: str, kind: str, digest: str = "", *, 
     series = ["braintumor-ray", kind, "series", model_id, series_uid]
     instance = ["braintumor-ray", kind, "instance", model_id, series_uid, *([digest] if digest else [])]
     if key:
+
         def keyed(parts: list[str]) -> str:
             mac = hmac.new(key, "\x00".join(["object-uid", *parts]).encode(), hashlib.sha256).digest()
             return f"2.25.{int.from_bytes(mac[:16], 'big')}"
@@ -180,8 +214,9 @@ def _kinds(mode: str) -> set[str]:
     return set() if mode == "none" else set(mode.split("+"))
 
 
-def plan_dicom(findings: Sequence[SeriesFinding], mode: str, committed: Iterable[str], *, model_id: str,
-               live_models: Iterable[str]) -> DicomPlan:
+def plan_dicom(
+    findings: Sequence[SeriesFinding], mode: str, committed: Iterable[str], *, model_id: str, live_models: Iterable[str]
+) -> DicomPlan:
     """The objects ``mode`` asks for that are not committed yet, and the committed ones to retire. Pure.
 
     An SR for every series; an SC for each flagged or positive one; each named after its content,
@@ -216,12 +251,17 @@ def plan_dicom(findings: Sequence[SeriesFinding], mode: str, committed: Iterable
                 before[now.name] = name
     kinds = _kinds(mode)
     done = set(committed)
-    write = tuple(DicomObject(o.kind, o.finding, before.get(o.name, replaced_model.get(at)))
-                  for at, o in current.items() if o.kind in kinds and o.name not in done)
+    write = tuple(
+        DicomObject(o.kind, o.finding, before.get(o.name, replaced_model.get(at)))
+        for at, o in current.items()
+        if o.kind in kinds and o.name not in done
+    )
     return DicomPlan(write=write, retire=tuple(retire))
 
 
-def plan_objects(findings: Sequence[SeriesFinding], mode: str, done: set[str] | frozenset[str] = frozenset()) -> list[DicomObject]:
+def plan_objects(
+    findings: Sequence[SeriesFinding], mode: str, done: set[str] | frozenset[str] = frozenset()
+) -> list[DicomObject]:
     """The objects ``mode`` asks for that are not written yet (``done``: committed file names)."""
     if not findings:
         return []
@@ -233,8 +273,11 @@ def banner_lines(f: SeriesFinding, notice: str) -> list[str]:
     """The SC's burned-in text: verdict, confidence, review reason, the notice."""
     label = _CLASS_MEANING.get(f.label or "", f.label or "no verdict")
     lines = [f"AI verdict: {label}" + (f"  confidence {f.confidence:.0%}" if f.confidence is not None else "")]
-    lines.append(f"Review: {_REASON.get(f.review_reason, (None, f.review_reason))[1]}" if f.review_reason
-                 else "Review: not flagged")
+    lines.append(
+        f"Review: {_REASON.get(f.review_reason, (None, f.review_reason))[1]}"
+        if f.review_reason
+        else "Review: not flagged"
+    )
     if f.prediction_set and len(f.prediction_set) > 1:
         lines.append("Still possible: " + ", ".join(_CLASS_MEANING.get(c, c) for c in f.prediction_set))
     if notice:
@@ -242,7 +285,9 @@ def banner_lines(f: SeriesFinding, notice: str) -> list[str]:
     return lines
 
 
-def sc_pixels(image: np.ndarray, lines: Sequence[str], *, width: int = SC_WIDTH, highlight_last: bool = True) -> np.ndarray:
+def sc_pixels(
+    image: np.ndarray, lines: Sequence[str], *, width: int = SC_WIDTH, highlight_last: bool = True
+) -> np.ndarray:
     """(H, W, 3) uint8: ``image`` (grey or RGB) scaled to ``width``, under a banner of ``lines``
     in white on black (burned in: every viewer shows it, none can hide it)."""
     from PIL import Image, ImageDraw, ImageFont
@@ -385,43 +430,74 @@ def build_sr(view, f: SeriesFinding, algo: Algorithm, *, notice: str, key: bytes
     from pydicom.sr.codedict import codes
     from pydicom.sr.coding import Code
 
-    algo_id = hd.sr.AlgorithmIdentification(name=algo.name, version=algo.version,
-                                            parameters=[f"model_id={algo.model_id}"], manufacturer=MANUFACTURER)
+    algo_id = hd.sr.AlgorithmIdentification(
+        name=algo.name, version=algo.version, parameters=[f"model_id={algo.model_id}"], manufacturer=MANUFACTURER
+    )
     qualitative, measurements = [], []
     finding_type = None
     if f.label is not None:
         finding_type = codes.SCT.Normal if f.label == NO_TUMOR else codes.SCT.Neoplasm
         qualitative.append(hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=class_code(f.label)))
     if f.review_reason is not None:
-        qualitative.append(hd.sr.QualitativeEvaluation(name=Code("REVIEW", CODING_SCHEME, "Review reason"),
-                                                       value=reason_code(f.review_reason)))
+        qualitative.append(
+            hd.sr.QualitativeEvaluation(
+                name=Code("REVIEW", CODING_SCHEME, "Review reason"), value=reason_code(f.review_reason)
+            )
+        )
     if f.confidence is not None:
-        measurements.append(hd.sr.Measurement(name=codes.DCM.Probability, value=round(float(f.confidence), 4),
-                                              unit=Code("1", "UCUM", "no units"), algorithm_id=algo_id))
+        measurements.append(
+            hd.sr.Measurement(
+                name=codes.DCM.Probability,
+                value=round(float(f.confidence), 4),
+                unit=Code("1", "UCUM", "no units"),
+                algorithm_id=algo_id,
+            )
+        )
     series_uid, sop_uid = object_uids(f.model_id, f.series_uid, "sr", content_digest(f, "sr"), key=key)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=object_uids(f.model_id, f.series_uid, "track", key=key)[1],
-                                                     identifier=f"series verdict of model {algo.model_id}"),
-        finding_type=finding_type, algorithm_id=algo_id,
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=object_uids(f.model_id, f.series_uid, "track", key=key)[1],
+            identifier=f"series verdict of model {algo.model_id}",
+        ),
+        finding_type=finding_type,
+        algorithm_id=algo_id,
         finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Brain)],
-        measurements=measurements or None, qualitative_evaluations=qualitative or None,
+        measurements=measurements or None,
+        qualitative_evaluations=qualitative or None,
         source_images=[hd.sr.SourceImageForMeasurementGroup(view.SOPClassUID, view.SOPInstanceUID)],
     )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=object_uids(algo.model_id, "device", "device")[1], name=algo.name, manufacturer_name=MANUFACTURER,
-            model_name=algo.model_id))
-    report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-                                     procedure_reported=codes.SCT.ImagingProcedure, imaging_measurements=[group])
+            uid=object_uids(algo.model_id, "device", "device")[1],
+            name=algo.name,
+            manufacturer_name=MANUFACTURER,
+            model_name=algo.model_id,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.SCT.ImagingProcedure,
+        imaging_measurements=[group],
+    )
     note = dropped_note(view)
     if note:  # the reader learns why, e.g., the patient's sex is empty (a TEXT "Comment", DCM 121106)
-        report[0].ContentSequence.append(hd.sr.TextContentItem(
-            name=codes.DCM.Comment, value=note, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
-    sr = hd.sr.Comprehensive3DSR(evidence=[view], content=report[0], series_instance_uid=series_uid,
-                                 series_number=SR_SERIES_NUMBER, sop_instance_uid=sop_uid, instance_number=1,
-                                 manufacturer=MANUFACTURER, is_complete=True,
-                                 previous_versions=[previous] if previous is not None else None)
+        report[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment, value=note, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+            )
+        )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[view],
+        content=report[0],
+        series_instance_uid=series_uid,
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        previous_versions=[previous] if previous is not None else None,
+    )
     sr.SeriesDescription = _description("AI result", notice)
     if "SpecificCharacterSet" in view:
         sr.SpecificCharacterSet = view.SpecificCharacterSet
@@ -433,8 +509,19 @@ def build_sc(view, pixels: np.ndarray, f: SeriesFinding, *, notice: str, key: by
     import highdicom as hd
 
     series_uid, sop_uid = object_uids(f.model_id, f.series_uid, "sc", content_digest(f, "sc"), key=key)
-    sc = hd.sc.SCImage.from_ref_dataset(view, pixels, "RGB", 8, "PATIENT", series_uid, SC_SERIES_NUMBER, sop_uid, 1,
-                                        MANUFACTURER, patient_orientation=("L", "P"))
+    sc = hd.sc.SCImage.from_ref_dataset(
+        view,
+        pixels,
+        "RGB",
+        8,
+        "PATIENT",
+        series_uid,
+        SC_SERIES_NUMBER,
+        sop_uid,
+        1,
+        MANUFACTURER,
+        patient_orientation=("L", "P"),
+    )
     # The capture is a crop with a banner: no orientation is claimed (type 2, empty; highdicom's
     # stub types the attribute as a list only).
     sc.PatientOrientation = None  # type: ignore[assignment]

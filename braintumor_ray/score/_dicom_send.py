@@ -20,9 +20,10 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, Literal, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from ..core import ConfigError, Location
@@ -70,19 +71,25 @@ def parse_destinations(value: str | None) -> tuple[Destination, ...]:
             if "@" in parts.netloc or parts.query or parts.fragment or ";" in parts.path:
                 # Any of them may hold a secret (http://:TOKEN@host, ?apikey=, ;jsessionid=), and the
                 # destination is written to OUTPUT/_config.yaml, the ledger and the logs.
-                raise ConfigError(f"dicom_send={shown}: the URL carries user info, parameters or a query string; "
-                                  "credentials there would be written to OUTPUT/_config.yaml and the logs: give the "
-                                  f"DICOMweb URL without them and the HTTP Authorization header in the environment "
-                                  f"variable {AUTH_ENV} (e.g. 'Bearer TOKEN') or in a file named by {AUTH_FILE_ENV}")
+                raise ConfigError(
+                    f"dicom_send={shown}: the URL carries user info, parameters or a query string; "
+                    "credentials there would be written to OUTPUT/_config.yaml and the logs: give the "
+                    f"DICOMweb URL without them and the HTTP Authorization header in the environment "
+                    f"variable {AUTH_ENV} (e.g. 'Bearer TOKEN') or in a file named by {AUTH_FILE_ENV}"
+                )
             if not parts.hostname:
-                raise ConfigError(f"dicom_send={shown} has no host: give http(s)://HOST:PORT/PATH of a DICOMweb service")
+                raise ConfigError(
+                    f"dicom_send={shown} has no host: give http(s)://HOST:PORT/PATH of a DICOMweb service"
+                )
             out.append(Destination("stow", url=raw.rstrip("/")))
             continue
         m = re.fullmatch(r"dicom://([^@:/?#]+)@([^:/@?#]+):(\d+)/?", raw)
         if not m:
-            raise ConfigError(f"dicom_send={shown} is not a destination: give dicom://CALLED_AET@HOST:PORT (C-STORE, "
-                              "no password: DIMSE has none) or http(s)://HOST:PORT/dicom-web (STOW-RS), "
-                              "comma-separated for several")
+            raise ConfigError(
+                f"dicom_send={shown} is not a destination: give dicom://CALLED_AET@HOST:PORT (C-STORE, "
+                "no password: DIMSE has none) or http(s)://HOST:PORT/dicom-web (STOW-RS), "
+                "comma-separated for several"
+            )
         aet, host, port = m.group(1), m.group(2), int(m.group(3))
         check_ae_title(aet, "the called AE title of dicom_send")
         if not 1 <= port <= 65535:
@@ -113,8 +120,10 @@ def dicomweb_authorization(env: Mapping[str, str] | None = None) -> str | None:
             with open(path, encoding="utf-8") as fh:
                 value = fh.read().strip()
         except OSError as e:
-            raise ConfigError(f"{AUTH_FILE_ENV} names a file that cannot be read ({type(e).__name__}): give the path "
-                              "of a file holding the Authorization header's value") from None
+            raise ConfigError(
+                f"{AUTH_FILE_ENV} names a file that cannot be read ({type(e).__name__}): give the path "
+                "of a file holding the Authorization header's value"
+            ) from None
     if value and any(c in value for c in "\r\n"):
         raise ConfigError(f"the DICOMweb Authorization value ({AUTH_ENV} or {AUTH_FILE_ENV}) must be one line")
     return value or None
@@ -136,16 +145,21 @@ class SentLedger:
             try:
                 self.sent = json.loads(raw)["sent"] if raw.strip() else {}
             except (ValueError, KeyError, TypeError):
-                logger.warning("score: %s is not readable: every object is sent again (a PACS overwrites an object it "
-                               "has: same SOP Instance UID)", self.location.uri)
+                logger.warning(
+                    "score: %s is not readable: every object is sent again (a PACS overwrites an object it "
+                    "has: same SOP Instance UID)",
+                    self.location.uri,
+                )
 
     def pending(self, dest: Destination, names: Sequence[str]) -> list[str]:
         done = self.sent.get(dest.key, {})
         return [n for n in names if n not in done]
 
     def record(self, dest: Destination, name: str, sop_instance_uid: str) -> None:
-        self.sent.setdefault(dest.key, {})[name] = {"sop_instance_uid": sop_instance_uid,
-                                                    "sent_at": datetime.now(timezone.utc).isoformat()}
+        self.sent.setdefault(dest.key, {})[name] = {
+            "sop_instance_uid": sop_instance_uid,
+            "sent_at": datetime.now(UTC).isoformat(),
+        }
 
     def save(self) -> None:
         doc = {"format": SENT_FORMAT, "sent": {k: dict(sorted(v.items())) for k, v in sorted(self.sent.items())}}
@@ -159,13 +173,23 @@ class Refused(str):
 Sender = Callable[[Destination, list], dict[str, str | None]]
 
 
-def send_with_retries(dest: Destination, datasets: list, *, calling_aet: str, retries: int, backoff_s: float = 0.5,
-                      timeout_s: float = 30.0, sender: Sender | None = None,
-                      on_try: Callable[[dict[str, str | None]], None] | None = None) -> dict[str, str | None]:
+def send_with_retries(
+    dest: Destination,
+    datasets: list,
+    *,
+    calling_aet: str,
+    retries: int,
+    backoff_s: float = 0.5,
+    timeout_s: float = 30.0,
+    sender: Sender | None = None,
+    on_try: Callable[[dict[str, str | None]], None] | None = None,
+) -> dict[str, str | None]:
     """SOP Instance UID -> None (stored) or the last error, after ``retries`` more tries of the failed ones.
     ``on_try`` gets each try's answers as they come (the ledger records what was stored before the
     next try: a run cut off during the backoff does not send those again)."""
-    send = sender or (lambda d, ds: _c_store(d, ds, calling_aet, timeout_s) if d.kind == "dimse" else _stow(d, ds, timeout_s))
+    send = sender or (
+        lambda d, ds: _c_store(d, ds, calling_aet, timeout_s) if d.kind == "dimse" else _stow(d, ds, timeout_s)
+    )
     result: dict[str, str | None] = {str(ds.SOPInstanceUID): "not tried" for ds in datasets}
     todo = list(datasets)
     for attempt in range(retries + 1):
@@ -180,12 +204,21 @@ def send_with_retries(dest: Destination, datasets: list, *, calling_aet: str, re
             on_try(got)
         # A refused SOP class is the PACS's answer for this association's terms: not tried again
         # in this run (the association would only be aborted: no context left), the next run asks again.
-        todo = [ds for ds in todo if result[str(ds.SOPInstanceUID)] is not None
-                and not isinstance(result[str(ds.SOPInstanceUID)], Refused)]
+        todo = [
+            ds
+            for ds in todo
+            if result[str(ds.SOPInstanceUID)] is not None and not isinstance(result[str(ds.SOPInstanceUID)], Refused)
+        ]
         if not todo:
             break
-        logger.warning("score: sending %d DICOM objects to %s failed (try %d of %d): %s", len(todo), dest.key,
-                       attempt + 1, retries + 1, result[str(todo[0].SOPInstanceUID)])
+        logger.warning(
+            "score: sending %d DICOM objects to %s failed (try %d of %d): %s",
+            len(todo),
+            dest.key,
+            attempt + 1,
+            retries + 1,
+            result[str(todo[0].SOPInstanceUID)],
+        )
     return result
 
 
@@ -206,8 +239,10 @@ def _c_store(dest: Destination, datasets: list, calling_aet: str, timeout_s: flo
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established (no answer?)"
-        raise ConnectionError(f"association with {dest.key} {why}: check the PACS's AE title, host, port and that "
-                              f"it accepts calling AE title {calling_aet}")
+        raise ConnectionError(
+            f"association with {dest.key} {why}: check the PACS's AE title, host, port and that "
+            f"it accepts calling AE title {calling_aet}"
+        )
     accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
     out: dict[str, str | None] = {}
     try:
@@ -230,8 +265,11 @@ def _c_store(dest: Destination, datasets: list, calling_aet: str, timeout_s: flo
                 out[uid] = f"{type(e).__name__}: {e}"
                 continue
             code = getattr(status, "Status", None)
-            out[uid] = None if code in _STORED else (
-                "no C-STORE response (association lost)" if code is None else f"C-STORE status 0x{code:04X}")
+            out[uid] = (
+                None
+                if code in _STORED
+                else ("no C-STORE response (association lost)" if code is None else f"C-STORE status 0x{code:04X}")
+            )
     finally:
         if assoc.is_established:
             assoc.release()
@@ -257,8 +295,9 @@ def _stow(dest: Destination, datasets: list, timeout_s: float) -> dict[str, str 
             response = pydicom.Dataset.from_json(replies[-1].json())
         except Exception:  # a login page, an empty body: nothing in it says an object was stored
             response = None
-    return stow_outcome(response, [str(ds.SOPInstanceUID) for ds in datasets],
-                        replies[-1].status_code if replies else None)
+    return stow_outcome(
+        response, [str(ds.SOPInstanceUID) for ds in datasets], replies[-1].status_code if replies else None
+    )
 
 
 def stow_outcome(response, uids: Sequence[str], http_status: int | None = None) -> dict[str, str | None]:
@@ -271,11 +310,17 @@ def stow_outcome(response, uids: Sequence[str], http_status: int | None = None) 
             stored.add(str(item.get("ReferencedSOPInstanceUID", "")))
         for item in response.get("FailedSOPSequence", None) or []:
             failed[str(item.get("ReferencedSOPInstanceUID", ""))] = (
-                f"STOW-RS failure reason {item.get('FailureReason', '?')}")
+                f"STOW-RS failure reason {item.get('FailureReason', '?')}"
+            )
     status = f"HTTP {http_status}" if http_status is not None else "the reply"
-    return {u: None if u in stored else failed.get(u, f"not in the STOW-RS reply's stored instances ({status} "
-                                                       "listed no ReferencedSOPSequence item for it)")
-            for u in uids}
+    return {
+        u: None
+        if u in stored
+        else failed.get(
+            u, f"not in the STOW-RS reply's stored instances ({status} listed no ReferencedSOPSequence item for it)"
+        )
+        for u in uids
+    }
 
 
 def read_dataset(data: bytes):

@@ -19,8 +19,11 @@ def _cluster_shape() -> ClusterShape:
     if not ray.is_initialized():
         ray.init()
     resources = ray.cluster_resources()
-    return ClusterShape(cpus=int(resources.get("CPU", 1)), gpus=int(resources.get("GPU", 0)),
-                        node_cpus=tuple(n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")))
+    return ClusterShape(
+        cpus=int(resources.get("CPU", 1)),
+        gpus=int(resources.get("GPU", 0)),
+        node_cpus=tuple(n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")),
+    )
 
 
 def _execute(plan: ScoringPlan, staging: Location, *, source: Location, attempts: Location, predictor: type) -> None:
@@ -47,8 +50,14 @@ def _execute(plan: ScoringPlan, staging: Location, *, source: Location, attempts
             .map_batches(
                 decode_batch,
                 batch_format="pyarrow",
-                fn_kwargs={"preprocess": plan.preprocess, "already": plan.diff.already, "select": plan.select,
-                           "guard": plan.guard, "source": source, "attempts": attempts},
+                fn_kwargs={
+                    "preprocess": plan.preprocess,
+                    "already": plan.diff.already,
+                    "select": plan.select,
+                    "guard": plan.guard,
+                    "source": source,
+                    "attempts": attempts,
+                },
                 # Remote args unlike the model's keep Ray Data from fusing the decode into the
                 # model actor, where it would run in turn with inference instead of beside it.
                 num_cpus=DECODE_CPUS,

@@ -11,7 +11,8 @@ maps instead of adding copies, and no patient name reaches a file name.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -27,8 +28,9 @@ EXPLAIN_SUFFIX = "_explain"
 
 def explain_location(dst: Location) -> Location:
     """``OUTPUT_explain`` beside ``OUTPUT`` (outside any glob over the predictions)."""
-    return Location(uri=dst.uri.rstrip("/") + EXPLAIN_SUFFIX, path=dst.path.rstrip("/") + EXPLAIN_SUFFIX, fs=dst.fs,
-                    is_s3=dst.is_s3)
+    return Location(
+        uri=dst.uri.rstrip("/") + EXPLAIN_SUFFIX, path=dst.path.rstrip("/") + EXPLAIN_SUFFIX, fs=dst.fs, is_s3=dst.is_s3
+    )
 
 
 def chosen_rows(mode: str, predicted: Sequence[str | None], reasons: Sequence[str | None]) -> list[int]:
@@ -60,8 +62,19 @@ class HeatmapWriter:
     pass per batch, and PyTorch in the actor.
     """
 
-    def __init__(self, mode: str, *, model_uri: str, s3_endpoint_url: str | None, use_gpu: bool, stage_uri: str,
-                 final_uri: str, model_id: str, pin: Any = None, method: str = "auto") -> None:
+    def __init__(
+        self,
+        mode: str,
+        *,
+        model_uri: str,
+        s3_endpoint_url: str | None,
+        use_gpu: bool,
+        stage_uri: str,
+        final_uri: str,
+        model_id: str,
+        pin: Any = None,
+        method: str = "auto",
+    ) -> None:
         self.mode, self.model_uri, self.s3_endpoint_url, self.pin = mode, model_uri, s3_endpoint_url, pin
         self.method = method
         self.device = "cuda" if use_gpu else "cpu"
@@ -70,8 +83,14 @@ class HeatmapWriter:
         self._explainer: Any = None  # the Grad-CAM explainer, made on first need (it imports torch)
 
     def __call__(
-        self, batch: pa.Table, ok: list[int], images: np.ndarray | None, predicted: list[str | None],
-        reasons: list[str | None], class_names: Sequence[str], cam: np.ndarray | None = None,
+        self,
+        batch: pa.Table,
+        ok: list[int],
+        images: np.ndarray | None,
+        predicted: list[str | None],
+        reasons: list[str | None],
+        class_names: Sequence[str],
+        cam: np.ndarray | None = None,
     ) -> tuple[list[str | None], list[int | None], list[int | None]]:
         """(heatmap_path, peak x, peak y) of every row of ``batch``; None where a row has no map.
         ``images`` are the preprocessed images of the ``ok`` rows, in that order; ``cam`` their
@@ -95,12 +114,15 @@ class HeatmapWriter:
                 from ..explain import Explainer
 
                 if self.method == "auto":
-                    logger.warning("score: model %s gives no class-activation maps with its predictions (a model.onnx "
-                                   "exported before them, or a head other than pooling + linear): heat maps by "
-                                   "Grad-CAM, a PyTorch pass per map (export the package again for the fast maps)",
-                                   self.model_id)
-                self._explainer = Explainer.from_package(self.model_uri, self.s3_endpoint_url, device=self.device,
-                                                         pin=self.pin)
+                    logger.warning(
+                        "score: model %s gives no class-activation maps with its predictions (a model.onnx "
+                        "exported before them, or a head other than pooling + linear): heat maps by "
+                        "Grad-CAM, a PyTorch pass per map (export the package again for the fast maps)",
+                        self.model_id,
+                    )
+                self._explainer = Explainer.from_package(
+                    self.model_uri, self.s3_endpoint_url, device=self.device, pin=self.pin
+                )
             maps = self._explainer.heatmaps(pix, classes=classes)
         sha = batch.column("sha256").to_pylist()
         slices = batch.column("slice_index").to_pylist()

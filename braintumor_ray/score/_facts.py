@@ -12,8 +12,19 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core import (ConfigError, Identifiers, InputError, Lease, Listing, Location, Manifest, StagedWriter,
-                    StorageError, posix_basename, resolve)
+from ..core import (
+    ConfigError,
+    Identifiers,
+    InputError,
+    Lease,
+    Listing,
+    Location,
+    Manifest,
+    StagedWriter,
+    StorageError,
+    posix_basename,
+    resolve,
+)
 from ..imaging import MRIPreprocess
 from ..tracking import resolve_registered_model
 from ._config import OUTPUT_CONFIG_FILE, OUTPUT_IDS_FILE, ScoreConfig
@@ -74,12 +85,15 @@ def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
     meta = verify_package(config.model, s3_endpoint_url=config.s3_endpoint_url, expect_model_id=config.expect_model_id)
     engine, notes = _engine(config, meta)  # before any work: an impossible choice fails here
     # What every replica must load: these bytes (a folder rewritten from here on is refused).
-    pin = pin_package(resolve(config.model, s3_endpoint_url=config.s3_endpoint_url), meta,
-                      with_onnx=engine == "onnxruntime")
+    pin = pin_package(
+        resolve(config.model, s3_endpoint_url=config.s3_endpoint_url), meta, with_onnx=engine == "onnxruntime"
+    )
     if "conformal" not in (meta.get("trust") or {}):
-        logger.warning("score: model %s was exported before prediction sets: its rows get null prediction_set and "
-                       "set_size and no 'ambiguous' flag (train it again, or run a search, to add them)",
-                       meta["model_id"])
+        logger.warning(
+            "score: model %s was exported before prediction sets: its rows get null prediction_set and "
+            "set_size and no 'ambiguous' flag (train it again, or run a search, to add them)",
+            meta["model_id"],
+        )
     src = resolve(config.input, s3_endpoint_url=config.s3_endpoint_url)
     dst = resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)
     ids = Identifiers.from_env(config.path_mode, config.uid_mode, root=src.uri)  # no key: fails before any work
@@ -94,7 +108,9 @@ def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
     _check_manifest_kept(dst, writer.manifest)
     writer.adopt(foreign=_foreign_rows)  # an output from before manifests: its files as they are now
     # Links leaving the input, dangling links, FIFOs: refused here, each an error row of its own.
-    listed = src.listing(follow_links_outside=config.guard.follow_links_outside_input, max_depth=config.max_folder_depth)
+    listed = src.listing(
+        follow_links_outside=config.guard.follow_links_outside_input, max_depth=config.max_folder_depth
+    )
     files = {p: v for p, v in listed.files.items() if not posix_basename(p).startswith(".")}
     if not files:
         raise InputError(f"no files under {config.input}: check the URI")
@@ -102,9 +118,22 @@ def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
     asked.save_yaml(dst.join(OUTPUT_CONFIG_FILE))  # `jobs/score.py --config` takes it back; readers skip it
     prefix = "s3://" if src.is_s3 else ""
     return ScoringFacts(
-        config=config, registered=registered, meta=meta, preprocess=package_preprocess(meta, config.model),
-        engine=engine, notes=notes, pin=pin, src=src, dst=dst, ids=ids, writer=writer, explain_writer=explain_writer,
-        recovered=recovered, listing=listed, files=files, prefix=prefix,
+        config=config,
+        registered=registered,
+        meta=meta,
+        preprocess=package_preprocess(meta, config.model),
+        engine=engine,
+        notes=notes,
+        pin=pin,
+        src=src,
+        dst=dst,
+        ids=ids,
+        writer=writer,
+        explain_writer=explain_writer,
+        recovered=recovered,
+        listing=listed,
+        files=files,
+        prefix=prefix,
         # The listing named as the output names it (path_mode), so both sides compare like for like.
         shown={p: ids.path(prefix + p) for p in files},
         # The files the job committed, their bytes checked, read once into one table: the plan, the
@@ -144,7 +173,11 @@ def _claim_identifiers(dst: Location, ids: Identifiers) -> None:
     else:
         theirs = None
     if theirs is not None and {k: theirs.get(k) for k in mine} != mine:
-        if theirs.get("key_id") != mine["key_id"] and theirs.get("path_mode") == mine["path_mode"] and theirs.get("uid_mode") == mine["uid_mode"]:
+        if (
+            theirs.get("key_id") != mine["key_id"]
+            and theirs.get("path_mode") == mine["path_mode"]
+            and theirs.get("uid_mode") == mine["uid_mode"]
+        ):
             why = f"its rows were hashed with another key (key id {theirs.get('key_id')}, this run's {mine['key_id']})"
             fix = "run with the key the output was written with"
         else:
@@ -177,7 +210,8 @@ def _check_manifest_kept(dst: Location, manifest: Manifest) -> None:
         raise StorageError(
             f"{dst.join('_manifest.json').uri} is gone, but the runs on this output wrote one: its Parquet files "
             "cannot be told from planted ones, so none is taken as committed. Restore _manifest.json from a backup, "
-            "or score into a new output")
+            "or score into a new output"
+        )
 
 
 def _engine(config: ScoreConfig, meta: dict) -> tuple[str, tuple[str, ...]]:

@@ -12,8 +12,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core import (STAGING_SUFFIX, CommittedFile, Lease, Location, StagedWriter, StorageError, committed_table,
-                    posix_basename, remove_child)
+from ..core import (
+    STAGING_SUFFIX,
+    CommittedFile,
+    Lease,
+    Location,
+    StagedWriter,
+    StorageError,
+    committed_table,
+    posix_basename,
+    remove_child,
+)
 
 logger = logging.getLogger(__name__)
 

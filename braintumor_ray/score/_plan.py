@@ -26,9 +26,10 @@ bytes they may load). The rules, one file at a time (``prior``: its latest rows 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -40,9 +41,18 @@ if TYPE_CHECKING:  # models imports torch: the plan and the decode tasks do not 
     from ._config import ScoreConfig
 
 # The columns of committed rows the plan reads.
-PRIOR_COLUMNS = {"path": pa.string(), "sha256": pa.string(), "size": pa.int64(), "version": pa.string(),
-                 "model_id": pa.string(), "status": pa.string(), "selection": pa.string(),
-                 "scored_at": pa.timestamp("us", tz="UTC"), "error": pa.string(), "guard": pa.string()}
+PRIOR_COLUMNS = {
+    "path": pa.string(),
+    "sha256": pa.string(),
+    "size": pa.int64(),
+    "version": pa.string(),
+    "model_id": pa.string(),
+    "status": pa.string(),
+    "selection": pa.string(),
+    "scored_at": pa.timestamp("us", tz="UTC"),
+    "error": pa.string(),
+    "guard": pa.string(),
+}
 # Errors that may not recur with the same bytes and settings: the file could not be read (it was
 # briefly unreadable, vanished, grew while listed) or it killed its decode task.
 TRANSIENT_ERRORS = ("unreadable", "vanished", "killed its decode task")
@@ -55,8 +65,9 @@ DECODE_CPUS = 0.5
 MODEL_SHARE = 0.75
 THREADS_PER_REPLICA = 2
 WITHDRAWN = "withdrawn"
-WITHDRAWN_REASON = ("withdrawn: the input file is gone (deleted or moved) since this row was scored; its earlier rows "
-                    "are kept")
+WITHDRAWN_REASON = (
+    "withdrawn: the input file is gone (deleted or moved) since this row was scored; its earlier rows are kept"
+)
 
 
 @dataclass(frozen=True)
@@ -76,8 +87,11 @@ class PriorFile:
     def may_fail_otherwise(self, guard: str) -> bool:
         """Whether an error row could come out otherwise now (see the module doc)."""
         err = self.error or ""
-        return (err.startswith(TRANSIENT_ERRORS) or "grown since it was listed" in err
-                or (self.guard is not None and self.guard != guard))
+        return (
+            err.startswith(TRANSIENT_ERRORS)
+            or "grown since it was listed" in err
+            or (self.guard is not None and self.guard != guard)
+        )
 
 
 def prior_state(rows: pa.Table) -> dict[str, PriorFile]:
@@ -91,15 +105,26 @@ def prior_state(rows: pa.Table) -> dict[str, PriorFile]:
     for p, idx in by_path.items():
         mine = [i for i in idx if latest[i]]
         statuses = {cols["status"][i] or "ok" for i in mine}
-        status = "error" if "error" in statuses else WITHDRAWN if WITHDRAWN in statuses else (
-            "skipped" if statuses == {"skipped"} else "ok")
+        status = (
+            "error"
+            if "error" in statuses
+            else WITHDRAWN
+            if WITHDRAWN in statuses
+            else ("skipped" if statuses == {"skipped"} else "ok")
+        )
         i0 = next((i for i in mine if cols["status"][i] == "error"), mine[0])
         version = cols["version"][i0]
         errors = sum(1 for i in idx if cols["status"][i] == "error" and cols["version"][i] == version)
         out[p] = PriorFile(
             model_ids=frozenset(cols["model_id"][i] for i in mine if cols["model_id"][i]),
-            status=status, size=cols["size"][i0], version=version, sha256=cols["sha256"][i0],
-            selection=cols["selection"][i0] or "", error_rows=errors, error=cols["error"][i0], guard=cols["guard"][i0],
+            status=status,
+            size=cols["size"][i0],
+            version=version,
+            sha256=cols["sha256"][i0],
+            selection=cols["selection"][i0] or "",
+            error_rows=errors,
+            error=cols["error"][i0],
+            guard=cols["guard"][i0],
         )
     return out
 
@@ -261,24 +286,53 @@ def plan_scoring(
     ``cluster``: None when there is nothing to score (no replicas then)."""
     if config.use_gpu and cluster is not None and cluster.gpus < 1:
         raise ConfigError("use_gpu is set but the Ray cluster has no GPU: drop --use-gpu or add GPU nodes")
-    replicas, per = (plan_replicas(config, cpus=cluster.cpus, gpus=cluster.gpus, node_cpus=list(cluster.node_cpus) or None)
-                     if cluster is not None and diff.todo else (0, 0.0))
-    review = config.review_threshold if config.review_threshold is not None else float(
-        (meta.get("trust") or {}).get("review_threshold", 0.0))
+    replicas, per = (
+        plan_replicas(config, cpus=cluster.cpus, gpus=cluster.gpus, node_cpus=list(cluster.node_cpus) or None)
+        if cluster is not None and diff.todo
+        else (0, 0.0)
+    )
+    review = (
+        config.review_threshold
+        if config.review_threshold is not None
+        else float((meta.get("trust") or {}).get("review_threshold", 0.0))
+    )
     return ScoringPlan(
-        run_id=run_id, input_uri=input_uri, output_uri=output_uri, s3_endpoint_url=config.s3_endpoint_url,
-        uri_prefix=uri_prefix, pin=pin, engine=engine, class_names=tuple(meta["class_names"]), preprocess=preprocess,
-        identifiers=identifiers, diff=diff, refused={p: refused[p] for p in diff.todo if p in refused},
-        select=config.select, selection=config.select.describe(), guard=config.guard, guard_id=guard_id(config.guard),
+        run_id=run_id,
+        input_uri=input_uri,
+        output_uri=output_uri,
+        s3_endpoint_url=config.s3_endpoint_url,
+        uri_prefix=uri_prefix,
+        pin=pin,
+        engine=engine,
+        class_names=tuple(meta["class_names"]),
+        preprocess=preprocess,
+        identifiers=identifiers,
+        diff=diff,
+        refused={p: refused[p] for p in diff.todo if p in refused},
+        select=config.select,
+        selection=config.select.describe(),
+        guard=config.guard,
+        guard_id=guard_id(config.guard),
         explain=config.explain,
-        explain_stage_uri=explain_stage_uri, explain_final_uri=explain_final_uri,
-        review_threshold=config.review_threshold, series_review_threshold=review, use_gpu=config.use_gpu,
-        batch_size=config.batch_size, replicas=replicas, replica_cpus=per, scored_at=scored_at,
-        rescore_all=config.rescore_all, notes=notes, explain_method=config.explain_method, tta=config.tta,
+        explain_stage_uri=explain_stage_uri,
+        explain_final_uri=explain_final_uri,
+        review_threshold=config.review_threshold,
+        series_review_threshold=review,
+        use_gpu=config.use_gpu,
+        batch_size=config.batch_size,
+        replicas=replicas,
+        replica_cpus=per,
+        scored_at=scored_at,
+        rescore_all=config.rescore_all,
+        notes=notes,
+        explain_method=config.explain_method,
+        tta=config.tta,
     )
 
 
-def plan_replicas(config: ScoreConfig, *, cpus: float, gpus: int, node_cpus: list[float] | None = None) -> tuple[int, float]:
+def plan_replicas(
+    config: ScoreConfig, *, cpus: float, gpus: int, node_cpus: list[float] | None = None
+) -> tuple[int, float]:
     """(model replicas, CPUs each; each replica runs that many threads, rounded).
 
     With use_gpu: one replica per GPU, 1 CPU each (default). On CPUs each node gives the model

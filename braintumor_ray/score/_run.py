@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -50,8 +50,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..core import Lease, StorageError, check_disjoint, is_no_space, no_space_message, resolve
-from ..trust import softmax
 from ..tracking import log_scoring
+from ..trust import softmax
 from ._commit import _commit
 from ._config import OUTPUT_SIBLINGS, ScoreConfig
 from ._decode import KILL_DECODE_ENV, KILLED_TWICE, decode_batch
@@ -59,14 +59,36 @@ from ._derived import _derived, algorithm, format_summary, run_counts, start_sum
 from ._execute import _cluster_shape, _execute
 from ._explain import HeatmapWriter
 from ._facts import gather_facts
-from ._layout import (_SLICE_NAMES, ATTEMPTS_DIR, FETCHED_MODELS_DIR, PROB_PREFIX, SLICE_FIELDS, _remove_fetched,
-                      _writer, output_schema, recover)
+from ._layout import (
+    _SLICE_NAMES,
+    ATTEMPTS_DIR,
+    FETCHED_MODELS_DIR,
+    PROB_PREFIX,
+    SLICE_FIELDS,
+    _remove_fetched,
+    _writer,
+    output_schema,
+    recover,
+)
 from ._plan import ScoringPlan, guard_id, plan_replicas, plan_scoring, prior_state, rerun_diff
 
 # Names the package and the tests take from here (they lived in this module before its split).
-__all__ = ["ATTEMPTS_DIR", "KILL_DECODE_ENV", "KILLED_TWICE", "PROB_PREFIX", "SLICE_FIELDS", "Predictor", "ScoreConfig",
-           "actor_threads", "decode_batch", "format_summary", "output_schema", "plan_replicas", "recover",
-           "run_scoring"]
+__all__ = [
+    "ATTEMPTS_DIR",
+    "KILL_DECODE_ENV",
+    "KILLED_TWICE",
+    "PROB_PREFIX",
+    "SLICE_FIELDS",
+    "Predictor",
+    "ScoreConfig",
+    "actor_threads",
+    "decode_batch",
+    "format_summary",
+    "output_schema",
+    "plan_replicas",
+    "recover",
+    "run_scoring",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -83,22 +105,52 @@ class Predictor:
         # only, and ORT would take every core): replicas and decode tasks then share the node
         # without oversubscribing it.
         self.threads = threads or actor_threads()
-        self.model = load_inference_model(plan.pin.uri, engine=plan.engine, use_gpu=plan.use_gpu, threads=self.threads,
-                                          s3_endpoint_url=plan.s3_endpoint_url, pin=plan.pin, tta=plan.tta)
+        self.model = load_inference_model(
+            plan.pin.uri,
+            engine=plan.engine,
+            use_gpu=plan.use_gpu,
+            threads=self.threads,
+            s3_endpoint_url=plan.s3_endpoint_url,
+            pin=plan.pin,
+            tta=plan.tta,
+        )
         self.schema = output_schema(list(self.model.class_names))
         self.files, self.uri_prefix, self.scored_at = plan.diff.todo, plan.uri_prefix, plan.scored_at
-        self.selection, self.review_threshold, self.ids, self.explain = (plan.selection, plan.review_threshold,
-                                                                         plan.identifiers, plan.explain)
+        self.selection, self.review_threshold, self.ids, self.explain = (
+            plan.selection,
+            plan.review_threshold,
+            plan.identifiers,
+            plan.explain,
+        )
         self.guard_id = plan.guard_id
         # Heat maps: into the run's staging folder of OUTPUT_explain, named by the final one.
-        self.heatmaps = HeatmapWriter(
-            plan.explain, model_uri=plan.pin.uri, s3_endpoint_url=plan.s3_endpoint_url, use_gpu=plan.use_gpu,
-            stage_uri=plan.explain_stage_uri, final_uri=plan.explain_final_uri, model_id=self.model.model_id,
-            pin=plan.pin, method=plan.explain_method,
-        ) if plan.explain != "none" else None
+        self.heatmaps = (
+            HeatmapWriter(
+                plan.explain,
+                model_uri=plan.pin.uri,
+                s3_endpoint_url=plan.s3_endpoint_url,
+                use_gpu=plan.use_gpu,
+                stage_uri=plan.explain_stage_uri,
+                final_uri=plan.explain_final_uri,
+                model_id=self.model.model_id,
+                pin=plan.pin,
+                method=plan.explain_method,
+            )
+            if plan.explain != "none"
+            else None
+        )
 
-    def _assess(self, logits: np.ndarray, feats: np.ndarray | None, ok: list[int], probs: np.ndarray, conf: np.ndarray,
-                ood: np.ndarray, reasons: list[str | None], sets: list[list[str] | None]) -> None:
+    def _assess(
+        self,
+        logits: np.ndarray,
+        feats: np.ndarray | None,
+        ok: list[int],
+        probs: np.ndarray,
+        conf: np.ndarray,
+        ood: np.ndarray,
+        reasons: list[str | None],
+        sets: list[list[str] | None],
+    ) -> None:
         """The package's trust on the scored rows ``ok``, written into the batch's columns."""
         trust = self.model.trust
         if trust is None:  # a package from before calibration: raw softmax, no flags
@@ -145,7 +197,10 @@ class Predictor:
             "size": [self.files[p][0] for p in paths],
             "version": [self.files[p][1] for p in paths],
             "predicted_label": predicted,
-            **{PROB_PREFIX + c: pa.array(probs[:, k], pa.float32(), mask=~np.asarray(is_ok, bool)) for k, c in enumerate(names)},
+            **{
+                PROB_PREFIX + c: pa.array(probs[:, k], pa.float32(), mask=~np.asarray(is_ok, bool))
+                for k, c in enumerate(names)
+            },
             "confidence": pa.array(conf, pa.float32(), mask=np.isnan(conf)),
             "ood_score": pa.array(ood, pa.float32(), mask=np.isnan(ood)),
             "review_reason": reasons,
@@ -156,8 +211,12 @@ class Predictor:
             "scored_at": [self.scored_at] * n,
             "status": status,
             "error": errors,
-            **{k: batch.column(k) if k in ("instance_number", "slice_index") or ids.uid_mode == "full"
-               else [ids.uid(u) for u in batch.column(k).to_pylist()] for k in _SLICE_NAMES},
+            **{
+                k: batch.column(k)
+                if k in ("instance_number", "slice_index") or ids.uid_mode == "full"
+                else [ids.uid(u) for u in batch.column(k).to_pylist()]
+                for k in _SLICE_NAMES
+            },
             "selection": [self.selection] * n,
             "explain": [self.explain] * n,
             "heatmap_path": heat[0],
@@ -192,7 +251,7 @@ def run_scoring(config: ScoreConfig) -> dict:
     # job, and this comes before the lease or anything else touches storage.
     check_disjoint(config.input, config.output, siblings=OUTPUT_SIBLINGS)
     dst = resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)
-    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     try:
         with Lease(dst, owner=run_id, ttl_s=config.lease_ttl_s, wait_s=config.wait, what="score") as lease:
             try:
@@ -216,20 +275,49 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     t0 = time.perf_counter()
     facts = gather_facts(config, lease)
     config = facts.config
-    diff = rerun_diff(facts.files, facts.shown, prior_state(facts.committed), model_id=facts.model_id,
-                      selection=config.select.describe(), retry_errors=config.retry_errors,
-                      guard=guard_id(config.guard), rescore_all=config.rescore_all, output=facts.dst.uri)
+    diff = rerun_diff(
+        facts.files,
+        facts.shown,
+        prior_state(facts.committed),
+        model_id=facts.model_id,
+        selection=config.select.describe(),
+        retry_errors=config.retry_errors,
+        guard=guard_id(config.guard),
+        rescore_all=config.rescore_all,
+        output=facts.dst.uri,
+    )
     explain_stage = facts.explain_writer.stage(lease.owner)
     plan = plan_scoring(
-        config=config, run_id=lease.owner, input_uri=facts.src.uri, output_uri=facts.dst.uri, uri_prefix=facts.prefix,
-        pin=facts.pin, engine=facts.engine, meta=facts.meta, preprocess=facts.preprocess, identifiers=facts.ids,
-        diff=diff, refused=facts.listing.refused, explain_stage_uri=explain_stage.uri,
-        explain_final_uri=facts.explain_writer.output.uri, cluster=_cluster_shape() if diff.todo else None,
-        scored_at=datetime.now(timezone.utc), notes=facts.notes,
+        config=config,
+        run_id=lease.owner,
+        input_uri=facts.src.uri,
+        output_uri=facts.dst.uri,
+        uri_prefix=facts.prefix,
+        pin=facts.pin,
+        engine=facts.engine,
+        meta=facts.meta,
+        preprocess=facts.preprocess,
+        identifiers=facts.ids,
+        diff=diff,
+        refused=facts.listing.refused,
+        explain_stage_uri=explain_stage.uri,
+        explain_final_uri=facts.explain_writer.output.uri,
+        cluster=_cluster_shape() if diff.todo else None,
+        scored_at=datetime.now(UTC),
+        notes=facts.notes,
     )
     summary = start_summary(facts, diff)
-    derive = partial(_derived, config=config, plan=plan, dst=facts.dst, src=facts.src, ids=facts.ids,
-                     sources={v: k for k, v in facts.shown.items()}, lease=lease, algo=algorithm(facts))
+    derive = partial(
+        _derived,
+        config=config,
+        plan=plan,
+        dst=facts.dst,
+        src=facts.src,
+        ids=facts.ids,
+        sources={v: k for k, v in facts.shown.items()},
+        lease=lease,
+        algo=algorithm(facts),
+    )
     if not diff.has_work:  # nothing was committed since the facts were read
         summary.update(wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0)
         return log_scoring(config, derive(summary, facts.committed), facts.registered)
@@ -238,8 +326,9 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     if diff.todo:
         _execute(plan, staging, source=facts.src, attempts=facts.writer.root.join(ATTEMPTS_DIR), predictor=Predictor)
     elapsed = time.perf_counter() - t_run
-    written, after, heatmaps = _commit(plan, facts.writer, staging, facts.explain_writer, explain_stage,
-                                       facts.committed)
+    written, after, heatmaps = _commit(
+        plan, facts.writer, staging, facts.explain_writer, explain_stage, facts.committed
+    )
     summary.update(run_counts(written, plan, summary["skipped_already_scored"], elapsed), heatmaps=heatmaps)
     summary = derive(summary, after)
     summary["wall_s"] = round(time.perf_counter() - t0, 3)  # with the derived outputs

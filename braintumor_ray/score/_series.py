@@ -86,7 +86,9 @@ _ROW_COLUMNS = [
 
 def series_location(dst: Location) -> Location:
     """``OUTPUT_series`` beside ``OUTPUT`` (like the staging folder, outside any glob over it)."""
-    return Location(uri=dst.uri.rstrip("/") + SERIES_SUFFIX, path=dst.path.rstrip("/") + SERIES_SUFFIX, fs=dst.fs, is_s3=dst.is_s3)
+    return Location(
+        uri=dst.uri.rstrip("/") + SERIES_SUFFIX, path=dst.path.rstrip("/") + SERIES_SUFFIX, fs=dst.fs, is_s3=dst.is_s3
+    )
 
 
 def series_schema(class_names: list[str]) -> pa.Schema:
@@ -177,7 +179,11 @@ def series_table(rows: pa.Table, class_names: list[str], *, review_threshold: fl
     dicom = df["sop_instance_uid"].notna()
     dedup = df[dicom].drop_duplicates(["model_id", "sop_instance_uid", "_frame"])
     df = pd.concat([df[~dicom], dedup])
-    df["_key"] = np.where(df["series_instance_uid"].notna(), "uid:" + df["series_instance_uid"].astype(str), "path:" + df["path"].astype(str))
+    df["_key"] = np.where(
+        df["series_instance_uid"].notna(),
+        "uid:" + df["series_instance_uid"].astype(str),
+        "path:" + df["path"].astype(str),
+    )
     out: dict[str, list] = {n: [] for n in schema.names}
     names = list(class_names)
     no_tumor = names.index(NO_TUMOR) if NO_TUMOR in names else None
@@ -186,8 +192,14 @@ def series_table(rows: pa.Table, class_names: list[str], *, review_threshold: fl
     return pa.Table.from_pydict(out, schema=schema)
 
 
-def _add_series(out: dict[str, list], model_id: str, g: pd.DataFrame, names: list[str], no_tumor: int | None,
-                review_threshold: float) -> None:
+def _add_series(
+    out: dict[str, list],
+    model_id: str,
+    g: pd.DataFrame,
+    names: list[str],
+    no_tumor: int | None,
+    review_threshold: float,
+) -> None:
     """Append one series' (or volume's) row to ``out``: ``g`` its latest slice rows."""
     g = g.sort_values(["instance_number", "slice_index", "path"], na_position="last", kind="stable")
     ok = g[g["status"] == "ok"]
@@ -202,9 +214,18 @@ def _add_series(out: dict[str, list], model_id: str, g: pd.DataFrame, names: lis
     out["slices_skipped"].append(int((g["status"] == "skipped").sum()))
     out["last_scored_at"].append(g["scored_at"].max())
     if ok.empty:
-        for k in ("predicted_label", "top_probability", "confidence", "review_reason", "top_slice_path",
-                  "top_slice_sop_instance_uid", "top_slice_instance_number", "top_slice_index", "prediction_set",
-                  "set_size"):
+        for k in (
+            "predicted_label",
+            "top_probability",
+            "confidence",
+            "review_reason",
+            "top_slice_path",
+            "top_slice_sop_instance_uid",
+            "top_slice_instance_number",
+            "top_slice_index",
+            "prediction_set",
+            "set_size",
+        ):
             out[k].append(None)
         out["slices_voting"].append(0)
         for c in names:
@@ -215,16 +236,23 @@ def _add_series(out: dict[str, list], model_id: str, g: pd.DataFrame, names: lis
     head = ok["head_fraction"].to_numpy(dtype=np.float64, na_value=np.nan)
     ood = (ok["review_reason"] == "out_of_distribution").to_numpy()
     in_set = _set_mask(ok["prediction_set"].tolist(), names)
-    v = series_verdict(p, head_fraction=head, ood=ood, no_tumor=no_tumor, review_threshold=review_threshold,
-                       in_set=in_set)
+    v = series_verdict(
+        p, head_fraction=head, ood=ood, no_tumor=no_tumor, review_threshold=review_threshold, in_set=in_set
+    )
     out["slices_voting"].append(v.voting)
     out["confidence"].append(v.confidence)
     out["review_reason"].append(v.review_reason)
     out["prediction_set"].append(None if v.in_set is None else [c for c, k in zip(names, v.in_set) if k])
     out["set_size"].append(None if v.in_set is None else int(sum(v.in_set)))
     if v.label is None:
-        for k in ("predicted_label", "top_probability", "top_slice_path", "top_slice_sop_instance_uid",
-                  "top_slice_instance_number", "top_slice_index"):
+        for k in (
+            "predicted_label",
+            "top_probability",
+            "top_slice_path",
+            "top_slice_sop_instance_uid",
+            "top_slice_instance_number",
+            "top_slice_index",
+        ):
             out[k].append(None)
         for i, c in enumerate(names):
             out["max_" + PROB_PREFIX + c].append(float(p[:, i].max()))

@@ -15,8 +15,9 @@ import os
 import posixpath
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from ..core import ConfigError, Location, resolve
 from ._config import MLflowConfig
@@ -28,8 +29,21 @@ MODELS_SCHEME = "models:/"
 PACKAGE_JSON = "model.json"  # braintumor_ray.models.PACKAGE_JSON (not imported: that pulls in torch)
 MODEL_ARTIFACT = "model"
 # Tune's bookkeeping columns: not metrics of a trial.
-_TUNE_COLUMNS = {"epoch", "timestamp", "training_iteration", "pid", "time_this_iter_s", "time_since_restore",
-                 "iterations_since_restore", "done", "checkpoint_dir_name", "trial_id", "date", "hostname", "node_ip"}
+_TUNE_COLUMNS = {
+    "epoch",
+    "timestamp",
+    "training_iteration",
+    "pid",
+    "time_this_iter_s",
+    "time_since_restore",
+    "iterations_since_restore",
+    "done",
+    "checkpoint_dir_name",
+    "trial_id",
+    "date",
+    "hostname",
+    "node_ip",
+}
 
 
 # MLflow's HTTP client retries a refused connection 7 times with a backoff factor of 2: minutes
@@ -37,8 +51,12 @@ _TUNE_COLUMNS = {"epoch", "timestamp", "training_iteration", "pid", "time_this_i
 # (0.04 s to give up on a refused connection, against 7 s at 3 retries, measured), then try the
 # whole logging once more at the end of the job, RETRY_WAIT_S later; what still fails is a
 # warning. Settings the user gave are kept.
-_QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-               "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+_QUICK_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 RETRY_WAIT_S = 10.0
 
 
@@ -65,8 +83,12 @@ def _tolerant(what: str, fn: Callable[[], Any], *, retry: bool = True) -> tuple[
                 return fn(), None
         except Exception as e:  # the server down, a proxy's error page, a refused write: all the same here
             reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-    logger.warning("MLflow: %s was not logged (%s); the job's own outputs are complete. Log it again once the "
-                   "tracking server is up (rerun, or --resume a training run)", what, reason)
+    logger.warning(
+        "MLflow: %s was not logged (%s); the job's own outputs are complete. Log it again once the "
+        "tracking server is up (rerun, or --resume a training run)",
+        what,
+        reason,
+    )
     return None, reason
 
 
@@ -83,7 +105,7 @@ class PendingTracking:
     params: Mapping[str, Any]
     resume: bool
     reason: str
-    opened: "Tracking | None" = None
+    opened: Tracking | None = None
 
 
 @dataclass
@@ -180,8 +202,17 @@ def _log_history(client, run_id: str, history: Iterable[Mapping[str, Any]]) -> N
         return
     key = next((k for k in rows[0] if k != "epoch" and _number(rows[0][k]) is not None), None)
     done = {m.step for m in client.get_metric_history(run_id, key)} if key else set()
-    _log_metrics(client, run_id, [(k, n, int(h["epoch"])) for h in rows if int(h["epoch"]) not in done
-                                  for k, v in h.items() if k not in _TUNE_COLUMNS and (n := _number(v)) is not None])
+    _log_metrics(
+        client,
+        run_id,
+        [
+            (k, n, int(h["epoch"]))
+            for h in rows
+            if int(h["epoch"]) not in done
+            for k, v in h.items()
+            if k not in _TUNE_COLUMNS and (n := _number(v)) is not None
+        ],
+    )
 
 
 def _local_dir(loc: Location, tmp: str) -> str:
@@ -232,8 +263,9 @@ def _register(t: Tracking, package: Location, model_id: str, tags: Mapping[str, 
     with tempfile.TemporaryDirectory() as tmp:
         client.log_artifacts(t.run_id, _local_dir(package, tmp), MODEL_ARTIFACT)
     source = f"{client.get_run(t.run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}"
-    mv = client.create_model_version(name, source, run_id=t.run_id,
-                                     tags={"model_id": model_id, "package_uri": package.uri, **tags})
+    mv = client.create_model_version(
+        name, source, run_id=t.run_id, tags={"model_id": model_id, "package_uri": package.uri, **tags}
+    )
     client.set_tag(t.run_id, "registered_model", f"{MODELS_SCHEME}{name}/{mv.version}")
     logger.info("MLflow: registered %s as %s%s/%s", package.uri, MODELS_SCHEME, name, mv.version)
     return str(mv.version)
@@ -242,22 +274,26 @@ def _register(t: Tracking, package: Location, model_id: str, tags: Mapping[str, 
 # --- training and search ------------------------------------------------------------------------
 
 
-def start_tracking(mc: MLflowConfig, folder: Location, *, stage: str, name: str, params: Mapping[str, Any],
-                   resume: bool) -> "Tracking | PendingTracking | None":
+def start_tracking(
+    mc: MLflowConfig, folder: Location, *, stage: str, name: str, params: Mapping[str, Any], resume: bool
+) -> Tracking | PendingTracking | None:
     """Open the MLflow run of a training run or search (None without a tracking URI). With ``resume``
     the run whose id ``folder/mlflow_run_id`` holds is continued; otherwise a new one is created and
     its id written there. A server that cannot be reached is a warning: the run is opened at the
     end (:class:`PendingTracking`), when the results are logged."""
     if not mc.enabled:
         return None
-    t, reason = _tolerant(f"the start of the {stage} run", lambda: _start(mc, folder, stage=stage, name=name,
-                                                                         params=params, resume=resume), retry=False)
+    t, reason = _tolerant(
+        f"the start of the {stage} run",
+        lambda: _start(mc, folder, stage=stage, name=name, params=params, resume=resume),
+        retry=False,
+    )
     if t is None:
         return PendingTracking(mc, folder, stage, name, dict(params), resume, reason or "")
     return t
 
 
-def _open(t: "Tracking | PendingTracking") -> Tracking:
+def _open(t: Tracking | PendingTracking) -> Tracking:
     if isinstance(t, PendingTracking):
         if t.opened is None:
             t.opened = _start(t.settings, t.folder, stage=t.stage, name=t.name, params=t.params, resume=t.resume)
@@ -265,8 +301,9 @@ def _open(t: "Tracking | PendingTracking") -> Tracking:
     return t
 
 
-def _start(mc: MLflowConfig, folder: Location, *, stage: str, name: str, params: Mapping[str, Any],
-           resume: bool) -> Tracking:
+def _start(
+    mc: MLflowConfig, folder: Location, *, stage: str, name: str, params: Mapping[str, Any], resume: bool
+) -> Tracking:
     from mlflow.exceptions import MlflowException
 
     client = _client(mc)
@@ -294,7 +331,7 @@ def _start(mc: MLflowConfig, folder: Location, *, stage: str, name: str, params:
     return t
 
 
-def finish_training(t: "Tracking | PendingTracking | None", metrics: Mapping[str, Any], run: Location) -> str | None:
+def finish_training(t: Tracking | PendingTracking | None, metrics: Mapping[str, Any], run: Location) -> str | None:
     """Per-epoch and final metrics (val/test/test_clean, calibration and review flags), the plots,
     ``metrics.json`` and ``config.yaml``, and the model package registered; the run ends FINISHED.
     Never raises: a failure is retried once, then a warning; returns its reason (None: logged)."""
@@ -309,7 +346,9 @@ def _finish_training(t: Tracking, metrics: Mapping[str, Any], run: Location) -> 
     final: dict[str, float] = {}
     for split in ("val", "test", "test_clean"):
         if isinstance(metrics.get(split), Mapping):
-            final |= scalar_metrics({k: v for k, v in metrics[split].items() if k != "confusion_matrix"}, f"final_{split}_")
+            final |= scalar_metrics(
+                {k: v for k, v in metrics[split].items() if k != "confusion_matrix"}, f"final_{split}_"
+            )
     if isinstance(metrics.get("trust"), Mapping):
         final |= scalar_metrics(metrics["trust"], "trust_")
     final |= scalar_metrics({k: metrics.get(k) for k in ("best_epoch", "stopped_early")})
@@ -321,41 +360,68 @@ def _finish_training(t: Tracking, metrics: Mapping[str, Any], run: Location) -> 
     model = metrics.get("model") or {}
     if model.get("model_id"):
         c.set_tag(t.run_id, "model_id", model["model_id"])
-        _register(t, resolve(model["uri"], s3_endpoint_url=(metrics.get("run") or {}).get("config", {}).get("s3_endpoint_url")),
-                  model["model_id"], {"stage": "train", "run": run.uri})
+        _register(
+            t,
+            resolve(model["uri"], s3_endpoint_url=(metrics.get("run") or {}).get("config", {}).get("s3_endpoint_url")),
+            model["model_id"],
+            {"stage": "train", "run": run.uri},
+        )
     c.set_terminated(t.run_id, "FINISHED")
 
 
-def finish_search(t: "Tracking | PendingTracking | None", summary: Mapping[str, Any], results: Mapping[str, Any],
-                  root: Location, *, s3_endpoint_url: str | None = None) -> str | None:
+def finish_search(
+    t: Tracking | PendingTracking | None,
+    summary: Mapping[str, Any],
+    results: Mapping[str, Any],
+    root: Location,
+    *,
+    s3_endpoint_url: str | None = None,
+) -> str | None:
     """A child run per trial (its sampled parameters, metrics per epoch, status, ASHA stop), then on
     the parent the best trial's final metrics, the leaderboard and plots, and the best model registered.
     ``results``: trial id -> Tune ``Result``. Children already logged (a resume) are reused. Never
     raises (as :func:`finish_training`)."""
     if t is None:
         return None
-    return _tolerant("the search", lambda: _finish_search(_open(t), summary, results, root,
-                                                          s3_endpoint_url=s3_endpoint_url))[1]
+    return _tolerant(
+        "the search", lambda: _finish_search(_open(t), summary, results, root, s3_endpoint_url=s3_endpoint_url)
+    )[1]
 
 
-def _finish_search(t: Tracking, summary: Mapping[str, Any], results: Mapping[str, Any], root: Location,
-                   *, s3_endpoint_url: str | None = None) -> None:
+def _finish_search(
+    t: Tracking,
+    summary: Mapping[str, Any],
+    results: Mapping[str, Any],
+    root: Location,
+    *,
+    s3_endpoint_url: str | None = None,
+) -> None:
     c = t.client
     rows = summary.get("leaderboard") or []
     for row in rows:
         tid = str(row["trial"])
         r = results.get(tid)
-        found = c.search_runs([t.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{t.run_id}' and tags.trial_id = '{tid}'")
+        found = c.search_runs(
+            [t.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{t.run_id}' and tags.trial_id = '{tid}'"
+        )
         if found:
             child = found[0].info.run_id
         else:
-            child = c.create_run(t.experiment_id, run_name=tid,
-                                 tags={"mlflow.parentRunId": t.run_id, "trial_id": tid, "stage": "trial"}).info.run_id
+            child = c.create_run(
+                t.experiment_id, run_name=tid, tags={"mlflow.parentRunId": t.run_id, "trial_id": tid, "stage": "trial"}
+            ).info.run_id
         ct = Tracking(c, child, t.experiment_id, t.settings)
         config = dict(getattr(r, "config", None) or {})
-        _log_params(ct, {k: v for k, v in config.items() if not isinstance(v, Mapping)} or
-                    {k: v for k, v in row.items() if k not in ("rank", "status", "error", "epochs_run", "best_epoch",
-                                                                 "best_val_macro_f1", "time_s", "trial")})
+        _log_params(
+            ct,
+            {k: v for k, v in config.items() if not isinstance(v, Mapping)}
+            or {
+                k: v
+                for k, v in row.items()
+                if k
+                not in ("rank", "status", "error", "epochs_run", "best_epoch", "best_val_macro_f1", "time_s", "trial")
+            },
+        )
         df = getattr(r, "metrics_dataframe", None)
         if df is not None and len(df) and "epoch" in df:
             _log_history(c, child, df.drop_duplicates("epoch", keep="last").to_dict("records"))
@@ -363,17 +429,31 @@ def _finish_search(t: Tracking, summary: Mapping[str, Any], results: Mapping[str
             if row.get(k):
                 c.set_tag(child, k, str(row[k])[:5000])
         c.set_tag(child, "asha_stopped", str(row.get("status") == "stopped by ASHA").lower())
-        _log_metrics(c, child, [(k, v, 0) for k, v in scalar_metrics(
-            {k: row.get(k) for k in ("rank", "best_val_macro_f1", "best_epoch", "epochs_run", "time_s")}).items()])
+        _log_metrics(
+            c,
+            child,
+            [
+                (k, v, 0)
+                for k, v in scalar_metrics(
+                    {k: row.get(k) for k in ("rank", "best_val_macro_f1", "best_epoch", "epochs_run", "time_s")}
+                ).items()
+            ],
+        )
         c.set_terminated(child, "FAILED" if row.get("status") == "error" else "FINISHED")
     final: dict[str, float] = {}
     for split in ("val", "test", "test_clean"):
         if isinstance(summary.get(split), Mapping):
-            final |= scalar_metrics({k: v for k, v in summary[split].items() if k != "confusion_matrix"}, f"final_{split}_")
+            final |= scalar_metrics(
+                {k: v for k, v in summary[split].items() if k != "confusion_matrix"}, f"final_{split}_"
+            )
     if isinstance(summary.get("trust"), Mapping):
         final |= scalar_metrics(summary["trust"], "trust_")
-    final |= scalar_metrics({k: summary.get(k) for k in ("trials", "trial_epochs_run", "trial_epochs_budget",
-                                                          "asha_saved_fraction", "wall_s")})
+    final |= scalar_metrics(
+        {
+            k: summary.get(k)
+            for k in ("trials", "trial_epochs_run", "trial_epochs_budget", "asha_saved_fraction", "wall_s")
+        }
+    )
     _log_metrics(c, t.run_id, [(k, v, 0) for k, v in final.items()])
     best = summary.get("best_trial") or {}
     if best.get("trial"):
@@ -382,8 +462,12 @@ def _finish_search(t: Tracking, summary: Mapping[str, Any], results: Mapping[str
     model = summary.get("model") or {}
     if model.get("model_id"):
         c.set_tag(t.run_id, "model_id", model["model_id"])
-        _register(t, resolve(model["uri"], s3_endpoint_url=s3_endpoint_url), model["model_id"],
-                  {"stage": "search", "search": root.uri, "trial": str(best.get("trial", ""))})
+        _register(
+            t,
+            resolve(model["uri"], s3_endpoint_url=s3_endpoint_url),
+            model["model_id"],
+            {"stage": "search", "search": root.uri, "trial": str(best.get("trial", ""))},
+        )
     c.set_terminated(t.run_id, "FINISHED")
 
 
@@ -401,12 +485,14 @@ def resolve_registered_model(config: Any, *, fetch_to: Location | None = None) -
         return config, None
     mc: MLflowConfig = config.mlflow
     if not mc.enabled:
-        raise ConfigError(f"--model {config.model} is a registered model: give --mlflow-tracking-uri "
-                          "(or MLFLOW_TRACKING_URI) of its registry")
+        raise ConfigError(
+            f"--model {config.model} is a registered model: give --mlflow-tracking-uri "
+            "(or MLFLOW_TRACKING_URI) of its registry"
+        )
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    spec = config.model[len(MODELS_SCHEME):]
+    spec = config.model[len(MODELS_SCHEME) :]
     client = _client(mc)
     try:
         if "@" in spec:
@@ -421,7 +507,7 @@ def resolve_registered_model(config: Any, *, fetch_to: Location | None = None) -
         raise ConfigError(f"--model {config.model}: {e.message}") from e
     src = mv.source
     if src.startswith("file://"):
-        src = src[len("file://"):]
+        src = src[len("file://") :]
     if src.startswith("s3://") or os.path.isdir(src):
         path = src
     elif fetch_to is not None:
@@ -432,14 +518,24 @@ def resolve_registered_model(config: Any, *, fetch_to: Location | None = None) -
     meta = json.loads(resolve(path, s3_endpoint_url=config.s3_endpoint_url).join(PACKAGE_JSON).read_bytes())
     tagged = mv.tags.get("model_id")
     if not tagged:
-        raise ConfigError(f"{config.model} has no model_id tag: register packages with jobs/train.py or jobs/tune.py, "
-                          "or tag the version with its model.json's model_id")
+        raise ConfigError(
+            f"{config.model} has no model_id tag: register packages with jobs/train.py or jobs/tune.py, "
+            "or tag the version with its model.json's model_id"
+        )
     if meta.get("model_id") != tagged:
-        raise ConfigError(f"{config.model}: the package at {mv.source} has model_id {meta.get('model_id')}, "
-                          f"but the version is tagged {tagged}: not the registered package")
+        raise ConfigError(
+            f"{config.model}: the package at {mv.source} has model_id {meta.get('model_id')}, "
+            f"but the version is tagged {tagged}: not the registered package"
+        )
     logger.info("MLflow: %s is version %s of %s (%s), at %s", config.model, mv.version, name, tagged, path)
-    return config.replace(model=path), {"uri": config.model, "name": name, "version": str(mv.version),
-                                        "source": mv.source, "model_id": tagged, "fetched_to": path}
+    return config.replace(model=path), {
+        "uri": config.model,
+        "name": name,
+        "version": str(mv.version),
+        "source": mv.source,
+        "model_id": tagged,
+        "fetched_to": path,
+    }
 
 
 def _fetch(src: str, mc: MLflowConfig, dest: Location) -> str:
@@ -475,19 +571,30 @@ def _log_scoring(config: Any, summary: dict[str, Any], registered: Mapping[str, 
     mc: MLflowConfig = config.mlflow
     client = _client(mc)
     exp = _experiment_id(client, mc.experiment)
-    tags = {"stage": "score", "model_id": str(summary.get("model_id")), "input": str(summary.get("input")),
-            "output": str(summary.get("output"))}
+    tags = {
+        "stage": "score",
+        "model_id": str(summary.get("model_id")),
+        "input": str(summary.get("input")),
+        "output": str(summary.get("output")),
+    }
     if summary.get("run_id"):
         tags["score_run_id"] = str(summary["run_id"])
     if registered:
-        tags |= {"registered_model": registered["uri"], "registered_model_version": registered["version"],
-                 "registered_model_name": registered["name"]}
+        tags |= {
+            "registered_model": registered["uri"],
+            "registered_model_version": registered["version"],
+            "registered_model_name": registered["name"],
+        }
     run = client.create_run(exp, run_name=f"score {summary.get('run_id') or 'nothing new'}", tags=tags)
     t = Tracking(client, run.info.run_id, exp, mc)
     params = config.to_dict() | ({"model": registered["uri"], "model_path": config.model} if registered else {})
     _log_params(t, params)
     counts = {k: v for k, v in summary.items() if k not in ("series",)}
-    _log_metrics(client, t.run_id, [(k, v, 0) for k, v in scalar_metrics(counts).items()]
-                 + [(k, v, 0) for k, v in scalar_metrics(summary.get("series") or {}, "series_").items()])
+    _log_metrics(
+        client,
+        t.run_id,
+        [(k, v, 0) for k, v in scalar_metrics(counts).items()]
+        + [(k, v, 0) for k, v in scalar_metrics(summary.get("series") or {}, "series_").items()],
+    )
     client.set_terminated(t.run_id, "FINISHED")
     return t.run_id

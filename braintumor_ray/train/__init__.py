@@ -10,8 +10,8 @@ trainer (Ray Tune launches it inside its trial function); ``run_training`` also 
 
 from ..imaging import TrainAugment
 from ._config import TrainConfig
-from ._ensemble import EnsembleConfig, Member, build_ensemble, export_ensemble, format_ensemble, load_members
 from ._data import TrainData, decode_batch, load_train_data
+from ._ensemble import EnsembleConfig, Member, build_ensemble, export_ensemble, format_ensemble, load_members
 from ._loop import (
     STATE_FILE,
     TrainingState,
@@ -26,6 +26,7 @@ from ._loop import (
 )
 from ._metrics import classification_metrics, confusion_matrix, roc_auc
 from ._outputs import package_metrics, pyplot, save_figure, write_plots
+from ._report import validation_examples, write_run_report
 from ._run import (
     METRICS_FILE,
     MODEL_DIR,
@@ -39,7 +40,6 @@ from ._run import (
     run_training,
     start_run,
 )
-from ._report import validation_examples, write_run_report
 from ._trust import RELIABILITY_PNG, fit_model_trust, model_outputs, split_report, write_reliability
 
 __all__ = [

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Mapping, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from ..core import Config, ConfigError, setting
 from ..imaging import TrainAugment
 from ..models import Transfer
 from ..tracking import MLflowConfig
 from ..trust import TrustConfig
-
 
 ClassWeighting = Literal["sqrt", "inverse", "none"]
 CLASS_WEIGHTING = get_args(ClassWeighting)
@@ -26,20 +26,31 @@ class TrainConfig(Config):
     """
 
     # Data and storage
-    data: str | None = setting(None, help="output of jobs/preprocess.py, local or s3:// (the job: default a generated "
-                               "sample, preprocessed into ./demo)")
+    data: str | None = setting(
+        None,
+        help="output of jobs/preprocess.py, local or s3:// (the job: default a generated "
+        "sample, preprocessed into ./demo)",
+    )
     storage: str = setting("runs", help="runs folder, local or s3://; the run is storage/name")
-    name: str = setting("train", help="run name: checkpoints, metrics.json, plots and model/ go under it "
-                        "(the job: default train-<UTC date-time>)")
-    s3_endpoint_url: str | None = setting(None, help="S3-compatible endpoint for data and storage", env="AWS_ENDPOINT_URL")
+    name: str = setting(
+        "train",
+        help="run name: checkpoints, metrics.json, plots and model/ go under it "
+        "(the job: default train-<UTC date-time>)",
+    )
+    s3_endpoint_url: str | None = setting(
+        None, help="S3-compatible endpoint for data and storage", env="AWS_ENDPOINT_URL"
+    )
 
     # Model
     model: str = setting("tf_efficientnet_lite0", help="timm name or preset")
     pretrained: bool = setting(True, help="start from pretrained weights (--no-pretrained: random init)")
     weights: str | None = setting(None, help="backbone weights file, local or s3:// (safetensors or state dict)")
     weights_sha256: str | None = setting(None, help="expected sha256 of weights")
-    transfer: str | None = setting(None, help="feature, full or last-N: head + the last N backbone stages train "
-                                   "(none: last-3 on pretrained weights, full from random init)")
+    transfer: str | None = setting(
+        None,
+        help="feature, full or last-N: head + the last N backbone stages train "
+        "(none: last-3 on pretrained weights, full from random init)",
+    )
     drop_rate: float = setting(0.3, help="dropout before the classifier", aliases=("--dropout",))
 
     # Optimisation (AdamW; the schedule steps per optimizer step)
@@ -47,22 +58,28 @@ class TrainConfig(Config):
     batch_size: int = setting(32, help="images per worker and step")
     eval_batch_size: int = setting(64, help="images per worker and step when evaluating")
     lr: float = setting(1e-3, help="head learning rate")
-    backbone_lr_scale: float | None = setting(None, help="backbone lr = lr x this (none: 0.1 on pretrained weights, "
-                                              "1 from random init)")
+    backbone_lr_scale: float | None = setting(
+        None, help="backbone lr = lr x this (none: 0.1 on pretrained weights, 1 from random init)"
+    )
     weight_decay: float = setting(0.01, help="AdamW weight decay")
     warmup_epochs: float = setting(1.0, help="linear warm-up, then cosine")
     min_lr_ratio: float = setting(0.01, help="the cosine ends at lr x this")
     label_smoothing: float = setting(0.1, help="label smoothing of the loss")
-    ema_decay: float = setting(0.0, help="exponential moving average of the weights (timm's ModelEmaV3, decay warmed "
-                               "up from 0): the average is what is validated, kept and exported; 0: off")
+    ema_decay: float = setting(
+        0.0,
+        help="exponential moving average of the weights (timm's ModelEmaV3, decay warmed "
+        "up from 0): the average is what is validated, kept and exported; 0: off",
+    )
     # Off by default, measured: on the real data 1/count (no_tumor 2.6x) gave 77.9% test accuracy,
     # 1/sqrt(count) 76.9%, none 81.0% (docs/benchmarks.md). The 2.7:1 imbalance is mild, and the
     # weights pull the official Testing split's out-of-source gliomas into no_tumor.
-    class_weighting: ClassWeighting = setting("none", help="loss weights from class counts: sqrt = 1/sqrt(n), "
-                                              "inverse = 1/n, none")
+    class_weighting: ClassWeighting = setting(
+        "none", help="loss weights from class counts: sqrt = 1/sqrt(n), inverse = 1/n, none"
+    )
     grad_accum_steps: int = setting(1, help="micro-batches per optimizer step, for batches that do not fit")
-    early_stop_patience: int = setting(4, help="epochs without a better validation macro-F1 before stopping "
-                                       "(0: never stop early)")
+    early_stop_patience: int = setting(
+        4, help="epochs without a better validation macro-F1 before stopping (0: never stop early)"
+    )
 
     # Augmentation
     augment: TrainAugment = setting(default_factory=TrainAugment, help="the augmentation at strength 1")
@@ -72,27 +89,36 @@ class TrainConfig(Config):
     num_workers: int = setting(2, help="Ray Train workers (DDP)")
     cpus_per_worker: float = setting(1.0, help="CPUs of each worker")
     use_gpu: bool = setting(False, help="one GPU per worker, NCCL, mixed precision")
-    gpus_per_worker: float = setting(1.0, help="GPU share of each worker; a fraction packs small runs on one GPU "
-                                     "(as Tune trials do)")
+    gpus_per_worker: float = setting(
+        1.0, help="GPU share of each worker; a fraction packs small runs on one GPU (as Tune trials do)"
+    )
     amp: bool | None = setting(None, help="mixed precision (none: on with GPUs)")
-    channels_last: bool | None = setting(None, help="NHWC memory format (none: on without GPUs, ~3x faster "
-                                         "Lite0 training on CPUs)")
+    channels_last: bool | None = setting(
+        None, help="NHWC memory format (none: on without GPUs, ~3x faster Lite0 training on CPUs)"
+    )
     num_to_keep: int = setting(2, help="checkpoints kept, best by validation macro-F1")
     max_failures: int = setting(2, help="worker failures to recover from (-1: retry forever)")
     seed: int = setting(0, help="model init, data order, augmentation")
 
     # The model package
-    onnx: bool = setting(True, help="write model.onnx beside the weights (ONNX Runtime, scoring's fast CPU engine, "
-                         "~3.4x PyTorch per thread for Lite0, docs/scoring.md); --no-onnx: a PyTorch-only package, "
-                         "for a backbone the exporter cannot convert or whose probe batch disagrees")
+    onnx: bool = setting(
+        True,
+        help="write model.onnx beside the weights (ONNX Runtime, scoring's fast CPU engine, "
+        "~3.4x PyTorch per thread for Lite0, docs/scoring.md); --no-onnx: a PyTorch-only package, "
+        "for a backbone the exporter cannot convert or whose probe batch disagrees",
+    )
 
     # Experiment tracking
-    mlflow: MLflowConfig = setting(default_factory=MLflowConfig, help="MLflow run, metrics, artifacts and "
-                                   "registered model version of the run (none without a tracking URI)")
+    mlflow: MLflowConfig = setting(
+        default_factory=MLflowConfig,
+        help="MLflow run, metrics, artifacts and registered model version of the run (none without a tracking URI)",
+    )
 
     # After training (never on test): calibration, the OOD reference and the review threshold
-    trust: TrustConfig = setting(default_factory=TrustConfig, help="calibration, out-of-distribution "
-                                 "reference and review threshold, fitted after training")
+    trust: TrustConfig = setting(
+        default_factory=TrustConfig,
+        help="calibration, out-of-distribution reference and review threshold, fitted after training",
+    )
 
     SMOKE: ClassVar[Mapping[str, Any]] = dict(
         model="resnet10t",
@@ -151,7 +177,9 @@ class TrainConfig(Config):
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"cpus_per_worker={self.cpus_per_worker} must be > 0")
         if not 0 < self.gpus_per_worker <= 1:
-            raise ConfigError(f"gpus_per_worker={self.gpus_per_worker}: use a fraction in (0, 1] (one process drives one GPU)")
+            raise ConfigError(
+                f"gpus_per_worker={self.gpus_per_worker}: use a fraction in (0, 1] (one process drives one GPU)"
+            )
         if self.max_failures < -1:
             raise ConfigError(f"max_failures={self.max_failures}: use -1 (retry forever) or >= 0")
         if self.amp and not self.use_gpu:

@@ -40,11 +40,7 @@ def decode_batch(batch: pa.Table) -> dict[str, np.ndarray]:
     images = batch.column("image").to_pylist()
     pixels = np.frombuffer(b"".join(images), dtype=np.uint8).reshape(n, hh, ww) if n else np.zeros((0, 1, 1), np.uint8)
     leaked = batch.column("leaked").fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
-    return {
-        "image": pixels,
-        "label": batch.column("label_index").to_numpy().astype(np.int64),
-        "leaked": leaked,
-    }
+    return {"image": pixels, "label": batch.column("label_index").to_numpy().astype(np.int64), "leaked": leaked}
 
 
 def read_report(data: Location) -> dict[str, Any]:
@@ -98,8 +94,9 @@ DIRECT_READ_MAX_BYTES = 256 * 2**20
 BLOCK_ROWS = 256  # the Ray Data path's batch size: blocks of the same size either way
 
 
-def load_train_data(uri: str, *, s3_endpoint_url: str | None = None, seed: int = 0,
-                    direct_read_max_bytes: int = DIRECT_READ_MAX_BYTES) -> TrainData:
+def load_train_data(
+    uri: str, *, s3_endpoint_url: str | None = None, seed: int = 0, direct_read_max_bytes: int = DIRECT_READ_MAX_BYTES
+) -> TrainData:
     """Read, decode and materialise train/val/test from an ingest output.
 
     Materialising in the driver (a few hundred MB at most for this data) means the training
@@ -112,8 +109,12 @@ def load_train_data(uri: str, *, s3_endpoint_url: str | None = None, seed: int =
     data = resolve(uri, s3_endpoint_url=s3_endpoint_url)
     report = read_report(data)
     if report.get("val_missing_classes"):
-        logger.warning("%s has no validation images for %s (too few training images): early stopping and the best "
-                       "epoch do not see them", data.uri, ", ".join(report["val_missing_classes"]))
+        logger.warning(
+            "%s has no validation images for %s (too few training images): early stopping and the best "
+            "epoch do not see them",
+            data.uri,
+            ", ".join(report["val_missing_classes"]),
+        )
     images = data.join("images")
     files: dict[str, list[str]] = {}
     size = 0
@@ -125,7 +126,9 @@ def load_train_data(uri: str, *, s3_endpoint_url: str | None = None, seed: int =
         size += sum(sizes.values())
         if not found:
             if split in REQUIRED_SPLITS:
-                raise InputError(f"--data {data.uri} has no {split} split ({loc.uri}): " + missing_split_hint(split, report))
+                raise InputError(
+                    f"--data {data.uri} has no {split} split ({loc.uri}): " + missing_split_hint(split, report)
+                )
             logger.warning("no %s split in %s: no test metrics", split, data.uri)
             continue
         files[split] = found
@@ -164,9 +167,13 @@ def _read_direct(data: Location, files: dict[str, list[str]], *, seed: int) -> t
             batch = {k: v[order] for k, v in batch.items()}
             labels = batch["label"]
         blocks = [
-            pa.table({"image": ArrowTensorArray.from_numpy(batch["image"][i:i + BLOCK_ROWS]),
-                      "label": pa.array(batch["label"][i:i + BLOCK_ROWS]),
-                      "leaked": pa.array(batch["leaked"][i:i + BLOCK_ROWS])})
+            pa.table(
+                {
+                    "image": ArrowTensorArray.from_numpy(batch["image"][i : i + BLOCK_ROWS]),
+                    "label": pa.array(batch["label"][i : i + BLOCK_ROWS]),
+                    "leaked": pa.array(batch["leaked"][i : i + BLOCK_ROWS]),
+                }
+            )
             for i in range(0, max(len(batch["label"]), 1), BLOCK_ROWS)
         ]
         datasets[split] = ray.data.from_arrow(blocks)
@@ -187,7 +194,5 @@ def _read_with_ray_data(data: Location, files: dict[str, list[str]], *, seed: in
     # operators and stall each other (the 128-row demo sample on 2 CPUs, warm workers, 3
     # interleaved rounds: 32-42 s side by side, 11-14 s one after the other).
     datasets = {split: ds.materialize() for split, ds in lazy.items()}
-    labels = np.concatenate(
-        [b["label"] for b in datasets["train"].iter_batches(batch_size=4096, batch_format="numpy")]
-    )
+    labels = np.concatenate([b["label"] for b in datasets["train"].iter_batches(batch_size=4096, batch_format="numpy")])
     return datasets, labels

@@ -19,8 +19,9 @@ import os
 import pickle
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,9 @@ def class_weights(counts: list[int], mode: str = "inverse") -> torch.Tensor:
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the model's parameter groups: the head at ``cfg.lr``, the backbone scaled."""
-    return torch.optim.AdamW(param_groups(model, lr=cfg.lr, backbone_lr_scale=cfg.backbone_lr, weight_decay=cfg.weight_decay))
+    return torch.optim.AdamW(
+        param_groups(model, lr=cfg.lr, backbone_lr_scale=cfg.backbone_lr, weight_decay=cfg.weight_decay)
+    )
 
 
 def make_criterion(cfg: TrainConfig, class_counts: list[int], device: torch.device | None = None) -> nn.Module:
@@ -83,8 +86,17 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, criterion: nn.Module, scaler: Any, amp: bool,
-              grad_accum_steps: int, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    criterion: nn.Module,
+    scaler: Any,
+    amp: bool,
+    grad_accum_steps: int,
+    sync: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward of one micro-batch, its gradient averaged over the accumulation;
     DDP's all-reduce only on the last one (``sync``). Returns (loss, logits)."""
     no_sync = contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
@@ -140,8 +152,9 @@ def train_one_epoch(
         y = batch["label"].to(device, non_blocking=True)
         micro += 1
         last_micro = micro == grad_accum_steps
-        loss, logits = _backward(model, x, y, criterion=criterion, scaler=scaler, amp=amp,
-                                 grad_accum_steps=grad_accum_steps, sync=last_micro)
+        loss, logits = _backward(
+            model, x, y, criterion=criterion, scaler=scaler, amp=amp, grad_accum_steps=grad_accum_steps, sync=last_micro
+        )
         if last_micro:
             _step(optimizer, scheduler, scaler, on_update)
             micro, steps = 0, steps + 1
@@ -151,8 +164,14 @@ def train_one_epoch(
     if micro:  # a last partial accumulation
         _step(optimizer, scheduler, scaler, on_update)
         steps += 1
-    return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "seconds": time.perf_counter() - t0, "steps": steps,
-            "data_wait_s": wait}
+    return {
+        "loss_sum": loss_sum,
+        "correct": correct,
+        "seen": seen,
+        "seconds": time.perf_counter() - t0,
+        "steps": steps,
+        "data_wait_s": wait,
+    }
 
 
 def _step(optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, on_update: Callable[[], None] | None) -> None:
@@ -286,7 +305,7 @@ class TrainingState:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainingState":
+    def from_dict(cls, d: dict[str, Any]) -> TrainingState:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
@@ -358,8 +377,9 @@ class _WorkerRunner:
         self.state = TrainingState()
         # The weight average (EMA) when asked for: what is validated, kept as the best epoch and
         # exported. Built from the bare model before DDP wraps it, on the training device.
-        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, use_warmup=True, device=self.device) \
-            if cfg.ema_decay else None
+        self.ema = (
+            ModelEmaV3(self.model, decay=cfg.ema_decay, use_warmup=True, device=self.device) if cfg.ema_decay else None
+        )
         self.generator = torch.Generator()
         self._shards: dict[str, Any] = {}
 
@@ -406,8 +426,12 @@ class _WorkerRunner:
         self.state = TrainingState.from_dict(saved)
         self.state.restores = self.state.restores + [self.state.epoch]
         if self.rank == 0:
-            logger.warning("restored from the checkpoint of epoch %d (%s); resuming at epoch %d",
-                           self.state.epoch, checkpoint.path, self.state.epoch + 1)
+            logger.warning(
+                "restored from the checkpoint of epoch %d (%s); resuming at epoch %d",
+                self.state.epoch,
+                checkpoint.path,
+                self.state.epoch + 1,
+            )
 
     def report(self, row: dict[str, Any]) -> None:
         """Report an epoch's row to Ray Train, with a checkpoint written by rank 0."""
@@ -418,7 +442,9 @@ class _WorkerRunner:
             if self.rank == 0:
                 self.save_checkpoint(d)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
-            metrics = {k: v for k, v in row.items() if not isinstance(v, bool)} | {"stopped_early": int(row["stopped_early"])}
+            metrics = {k: v for k, v in row.items() if not isinstance(v, bool)} | {
+                "stopped_early": int(row["stopped_early"])
+            }
             ray.train.report(metrics, checkpoint=checkpoint)
 
     # --- one epoch --------------------------------------------------------------------------------
@@ -432,10 +458,20 @@ class _WorkerRunner:
             local_shuffle_seed=cfg.seed * 1000 + epoch * 10 + self.rank,
         )
         tr = train_one_epoch(
-            self.model, batches, criterion=self.criterion, optimizer=self.optimizer, scheduler=self.scheduler,
-            prepare=self.prepare, augment=cfg.train_augment, generator=self.generator, device=self.device,
-            scaler=self.scaler, amp=self.amp, grad_accum_steps=cfg.grad_accum_steps,
-            on_step=_failure_hook(epoch, self.rank, self.world, cfg.name), on_update=self._update_ema,
+            self.model,
+            batches,
+            criterion=self.criterion,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            prepare=self.prepare,
+            augment=cfg.train_augment,
+            generator=self.generator,
+            device=self.device,
+            scaler=self.scaler,
+            amp=self.amp,
+            grad_accum_steps=cfg.grad_accum_steps,
+            on_step=_failure_hook(epoch, self.rank, self.world, cfg.name),
+            on_update=self._update_ema,
         )
         loss_sum, correct, seen = _all_sum([tr["loss_sum"], tr["correct"], tr["seen"]], self.device)
         return {
@@ -461,8 +497,16 @@ class _WorkerRunner:
         scores its own batches), gathered."""
         batches = self.shard(split).iter_torch_batches(batch_size=self.cfg.eval_batch_size)
         return gather_eval(
-            evaluate(self.eval_model if model is None else model, batches, criterion=self.criterion, prepare=self.prepare, device=self.device,
-                     amp=self.amp, rank=self.rank, world_size=self.world)
+            evaluate(
+                self.eval_model if model is None else model,
+                batches,
+                criterion=self.criterion,
+                prepare=self.prepare,
+                device=self.device,
+                amp=self.amp,
+                rank=self.rank,
+                world_size=self.world,
+            )
         )
 
     def validate(self) -> dict[str, Any]:
@@ -514,13 +558,27 @@ class _WorkerRunner:
         if self.rank == 0:
             logger.info(
                 "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f macro-F1 %.3f%s | lr %.2e | %.0fs, %.1f img/s/worker%s",
-                epoch, cfg.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"],
-                row["val_macro_f1"], " *" if improved else "", row["lr"], tr["seconds"],
-                row["train_images_per_s_per_worker"], "  (early stop)" if s.stopped else "",
+                epoch,
+                cfg.epochs,
+                row["train_loss"],
+                row["train_accuracy"],
+                row["val_loss"],
+                row["val_accuracy"],
+                row["val_macro_f1"],
+                " *" if improved else "",
+                row["lr"],
+                tr["seconds"],
+                row["train_images_per_s_per_worker"],
+                "  (early stop)" if s.stopped else "",
             )
             if "val_raw_macro_f1" in row:
-                logger.info("epoch %d/%d  raw weights (not averaged): val acc %.3f macro-F1 %.3f", epoch, cfg.epochs,
-                            row["val_raw_accuracy"], row["val_raw_macro_f1"])
+                logger.info(
+                    "epoch %d/%d  raw weights (not averaged): val acc %.3f macro-F1 %.3f",
+                    epoch,
+                    cfg.epochs,
+                    row["val_raw_accuracy"],
+                    row["val_raw_macro_f1"],
+                )
         return row
 
     def run(self) -> dict[str, Any]:
@@ -535,8 +593,14 @@ class _WorkerRunner:
         elif self.rank == 0:
             logger.info(
                 "%s (%s): %d of %d parameters train; %d workers x %d images per epoch, %d steps/epoch, device %s",
-                cfg.model, cfg.transfer_mode, count_parameters(self.model, trainable=True), count_parameters(self.model),
-                self.world, self.per_worker, self.steps_per_epoch, self.device,
+                cfg.model,
+                cfg.transfer_mode,
+                count_parameters(self.model, trainable=True),
+                count_parameters(self.model),
+                self.world,
+                self.per_worker,
+                self.steps_per_epoch,
+                self.device,
             )
         self.model = ray.train.torch.prepare_model(self.model)
         for split in ("train", "val"):  # every rank asks for its shards up front, epochs left to train or not

@@ -5,7 +5,8 @@ and ``run_search``."""
 from __future__ import annotations
 
 import io
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..core import Location
 

@@ -5,7 +5,8 @@ images with their Grad-CAM maps, computed here where the model is at hand, and t
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,11 +73,20 @@ def validation_examples(
             if q and len(chosen) < total:
                 chosen.append(q.pop(0))
     maps = Explainer(model, mean=dcfg["mean"], std=dcfg["std"], class_names=class_names).heatmaps(
-        x[chosen], classes=[int(pred[i]) for i in chosen])
-    return [Example(true_label=class_names[int(y[i])], predicted_label=class_names[int(pred[i])],
-                    confidence=float(probs[i].max()), overlay_png=overlay_png(x[i], m), scan_png=encode_png(x[i]),
-                    review_reason=reasons[i], prediction_set=tuple(sets[i]) if sets else None)
-            for i, m in zip(chosen, maps)]
+        x[chosen], classes=[int(pred[i]) for i in chosen]
+    )
+    return [
+        Example(
+            true_label=class_names[int(y[i])],
+            predicted_label=class_names[int(pred[i])],
+            confidence=float(probs[i].max()),
+            overlay_png=overlay_png(x[i], m),
+            scan_png=encode_png(x[i]),
+            review_reason=reasons[i],
+            prediction_set=tuple(sets[i]) if sets else None,
+        )
+        for i, m in zip(chosen, maps)
+    ]
 
 
 def write_run_report(metrics: dict[str, Any], run: Location, *, model: torch.nn.Module, trust, data) -> str:

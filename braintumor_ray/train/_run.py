@@ -1,8 +1,8 @@
 """Driver side of a training run: data, the TorchTrainer, and the run's outputs.
 
-    cfg = TrainConfig(data="s3://bucket/preprocessed", storage="s3://bucket/runs", name="lite0")
-    summary = run_training(cfg)                       # metrics.json, plots, model/ under storage/name
-    trainer = build_trainer(cfg)                      # or just the trainer (Ray Tune launches this)
+cfg = TrainConfig(data="s3://bucket/preprocessed", storage="s3://bucket/runs", name="lite0")
+summary = run_training(cfg)                       # metrics.json, plots, model/ under storage/name
+trainer = build_trainer(cfg)                      # or just the trainer (Ray Tune launches this)
 """
 
 from __future__ import annotations
@@ -127,9 +127,15 @@ def run_training(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     model = best_model(cfg, checkpoint)
     trust, metrics["trust"] = fit_model_trust(model, data, cfg.trust, seed=cfg.seed, batch_size=cfg.eval_batch_size)
     preprocess = MRIPreprocess.from_dict(data.report["preprocess"])
-    meta = export_package(model, run.join(MODEL_DIR).uri, preprocess=preprocess, trust=trust,
-                          metrics=package_metrics(out, best_epoch=out["best_epoch"]),
-                          s3_endpoint_url=cfg.s3_endpoint_url, onnx=cfg.onnx)
+    meta = export_package(
+        model,
+        run.join(MODEL_DIR).uri,
+        preprocess=preprocess,
+        trust=trust,
+        metrics=package_metrics(out, best_epoch=out["best_epoch"]),
+        s3_endpoint_url=cfg.s3_endpoint_url,
+        onnx=cfg.onnx,
+    )
     metrics["model"] = {"uri": run.join(MODEL_DIR).uri, "model_id": meta["model_id"]}
     metrics["run"]["wall_s"] = round(time.time() - t0, 1)
     write_plots(metrics, run)
@@ -221,8 +227,13 @@ def evaluate_model(model: torch.nn.Module, data: TrainData, *, batch_size: int =
     for split in ("val", "test"):
         if split not in data.datasets:
             continue
-        ev = evaluate(model, data.datasets[split].iter_torch_batches(batch_size=batch_size),
-                      criterion=torch.nn.CrossEntropyLoss(), prepare=prepare, device=device)
+        ev = evaluate(
+            model,
+            data.datasets[split].iter_torch_batches(batch_size=batch_size),
+            criterion=torch.nn.CrossEntropyLoss(),
+            prepare=prepare,
+            device=device,
+        )
         out[split] = eval_metrics(ev)
         if split == "test":
             out["test_clean"] = eval_metrics(ev, ~ev["leaked"])
@@ -235,8 +246,11 @@ def evaluate_model(model: torch.nn.Module, data: TrainData, *, batch_size: int =
 def format_table(metrics: dict[str, Any]) -> str:
     """The final console table: overall and per-class figures for val, test and test_clean."""
     splits = [s for s in ("val", "test", "test_clean") if s in metrics]
-    lines = [f"run {metrics['run']['uri']}  (best epoch {metrics['best_epoch']} of {len(metrics['epochs'])}"
-             + (f", restored from epoch(s) {metrics['restores']}" if metrics["restores"] else "") + ")"]
+    lines = [
+        f"run {metrics['run']['uri']}  (best epoch {metrics['best_epoch']} of {len(metrics['epochs'])}"
+        + (f", restored from epoch(s) {metrics['restores']}" if metrics["restores"] else "")
+        + ")"
+    ]
     lines.append(f"  {'split':<11}{'n':>5}{'accuracy':>10}{'macro-F1':>10}{'ROC-AUC':>9}")
     for s in splits:
         m = metrics[s]
@@ -246,19 +260,31 @@ def format_table(metrics: dict[str, Any]) -> str:
         m = metrics[s]
         lines.append(f"  {s}: {'class':<12}{'precision':>10}{'recall':>8}{'F1':>7}{'n':>5}")
         for name, c in m["per_class"].items():
-            lines.append(f"  {'':<{len(s) + 2}}{name:<12}{c['precision']:>10.3f}{c['recall']:>8.3f}{c['f1']:>7.3f}{c['support']:>5}")
+            lines.append(
+                f"  {'':<{len(s) + 2}}{name:<12}{c['precision']:>10.3f}{c['recall']:>8.3f}{c['f1']:>7.3f}{c['support']:>5}"
+            )
     t = metrics.get("trust")
     if t:
-        lines.append(f"  calibration: temperature {t['temperature']:.2f}; ECE before -> after: "
-                     + ", ".join(f"{s} {t[s]['ece_before']:.3f} -> {t[s]['ece_after']:.3f}" for s in splits
-                                 if t.get(s, {}).get("n")))
-        lines.append(f"  review flags ({t['ood_detector']} OOD, confidence < {t['review_threshold']:.2f}): "
-                     + ", ".join(f"{s} {t[s]['flagged']:.0%}" for s in splits if t.get(s, {}).get("n")))
+        lines.append(
+            f"  calibration: temperature {t['temperature']:.2f}; ECE before -> after: "
+            + ", ".join(
+                f"{s} {t[s]['ece_before']:.3f} -> {t[s]['ece_after']:.3f}" for s in splits if t.get(s, {}).get("n")
+            )
+        )
+        lines.append(
+            f"  review flags ({t['ood_detector']} OOD, confidence < {t['review_threshold']:.2f}): "
+            + ", ".join(f"{s} {t[s]['flagged']:.0%}" for s in splits if t.get(s, {}).get("n"))
+        )
         if t.get("conformal"):
-            lines.append(f"  prediction sets (alpha {t['conformal']['alpha']:g}, class-conditional): coverage / mean size "
-                         + ", ".join(f"{s} {t[s]['conformal']['coverage']:.3f} / {t[s]['conformal']['mean_set_size']:.2f}"
-                                     for s in splits if (t.get(s, {}).get("conformal") or {}).get("n"))
-                         + " (val: the half that did not calibrate them)")
+            lines.append(
+                f"  prediction sets (alpha {t['conformal']['alpha']:g}, class-conditional): coverage / mean size "
+                + ", ".join(
+                    f"{s} {t[s]['conformal']['coverage']:.3f} / {t[s]['conformal']['mean_set_size']:.2f}"
+                    for s in splits
+                    if (t.get(s, {}).get("conformal") or {}).get("n")
+                )
+                + " (val: the half that did not calibrate them)"
+            )
     lines.append(f"  model: {metrics['model']['uri']} ({metrics['model']['model_id']})")
     if metrics.get("report"):
         lines.append(f"  report: {metrics['report']}")

@@ -16,8 +16,17 @@ import numpy as np
 import torch
 
 from ..core import CLASS_NAMES, Location
-from ..trust import (REVIEW_REASONS, Trust, TrustConfig, calibration_report, coverage_report, fit_trust, reliability_bins,
-                     softmax, split_calibration)
+from ..trust import (
+    REVIEW_REASONS,
+    Trust,
+    TrustConfig,
+    calibration_report,
+    coverage_report,
+    fit_trust,
+    reliability_bins,
+    softmax,
+    split_calibration,
+)
 from ._data import TrainData
 from ._outputs import pyplot, save_figure
 
@@ -43,14 +52,25 @@ def model_outputs(model: torch.nn.Module, dataset, *, batch_size: int = 64) -> d
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
 
 
-def fit_model_trust(model: torch.nn.Module, data: TrainData, cfg: TrustConfig, *, seed: int = 0,
-                    batch_size: int = 64) -> tuple[Trust, dict[str, Any]]:
+def fit_model_trust(
+    model: torch.nn.Module, data: TrainData, cfg: TrustConfig, *, seed: int = 0, batch_size: int = 64
+) -> tuple[Trust, dict[str, Any]]:
     """The package's :class:`Trust` and the figures ``metrics.json`` records under ``trust``."""
-    outs = {s: model_outputs(model, data.datasets[s], batch_size=batch_size) for s in ("train", "val", "test")
-            if s in data.datasets}
+    outs = {
+        s: model_outputs(model, data.datasets[s], batch_size=batch_size)
+        for s in ("train", "val", "test")
+        if s in data.datasets
+    }
     tr, va = outs["train"], outs["val"]
-    trust = fit_trust(cfg, train_features=tr["features"], train_labels=tr["labels"], val_logits=va["logits"],
-                      val_features=va["features"], val_labels=va["labels"], seed=seed)
+    trust = fit_trust(
+        cfg,
+        train_features=tr["features"],
+        train_labels=tr["labels"],
+        val_logits=va["logits"],
+        val_features=va["features"],
+        val_labels=va["labels"],
+        seed=seed,
+    )
     # Validation's conformal figures: on the rows that did not calibrate the sets (split as fit_trust splits).
     held_out = ~split_calibration(va["labels"], cfg.conformal_fraction, seed=seed)
     splits = {"val": va}
@@ -58,22 +78,36 @@ def fit_model_trust(model: torch.nn.Module, data: TrainData, cfg: TrustConfig, *
         te = outs["test"]
         splits["test"] = te
         splits["test_clean"] = {k: v[~te["leaked"]] for k, v in te.items()}
-    report: dict[str, Any] = {"temperature": trust.temperature, "ood_detector": trust.detector,
-                              "ood_threshold": trust.ood_threshold, "review_threshold": trust.review_threshold}
+    report: dict[str, Any] = {
+        "temperature": trust.temperature,
+        "ood_detector": trust.detector,
+        "ood_threshold": trust.ood_threshold,
+        "review_threshold": trust.review_threshold,
+    }
     for name, o in splits.items():
         report[name] = split_report(trust, o)
         if trust.conformal is not None:
             keep = held_out if name == "val" else np.ones(len(o["labels"]), bool)
-            report[name]["conformal"] = coverage_report(trust.conformal, softmax(o["logits"][keep], trust.temperature),
-                                                        o["labels"][keep], CLASS_NAMES)
+            report[name]["conformal"] = coverage_report(
+                trust.conformal, softmax(o["logits"][keep], trust.temperature), o["labels"][keep], CLASS_NAMES
+            )
     if trust.conformal is not None:
         report["conformal"] = trust.report.get("conformal")
-        logger.info("trust: prediction sets at alpha %g, val (held out) coverage %.3f, mean set size %.2f",
-                    trust.conformal.alpha, report["val"]["conformal"].get("coverage", float("nan")),
-                    report["val"]["conformal"].get("mean_set_size", float("nan")))
-    logger.info("trust: temperature %.3f, %s OOD threshold %.4g, review below confidence %.3f; val ECE %.3f -> %.3f",
-                trust.temperature, trust.detector, trust.ood_threshold, trust.review_threshold,
-                report["val"]["ece_before"], report["val"]["ece_after"])
+        logger.info(
+            "trust: prediction sets at alpha %g, val (held out) coverage %.3f, mean set size %.2f",
+            trust.conformal.alpha,
+            report["val"]["conformal"].get("coverage", float("nan")),
+            report["val"]["conformal"].get("mean_set_size", float("nan")),
+        )
+    logger.info(
+        "trust: temperature %.3f, %s OOD threshold %.4g, review below confidence %.3f; val ECE %.3f -> %.3f",
+        trust.temperature,
+        trust.detector,
+        trust.ood_threshold,
+        trust.review_threshold,
+        report["val"]["ece_before"],
+        report["val"]["ece_after"],
+    )
     return trust, report
 
 
@@ -104,8 +138,10 @@ def write_reliability(report: dict[str, Any], run: Location) -> str:
     fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 4), squeeze=False)
     for ax, s in zip(axes[0], splits):
         r = report[s]
-        for key, label, style in (("reliability_uncalibrated", f"raw (ECE {r['ece_before']:.3f})", "--o"),
-                                  ("reliability", f"T={report['temperature']:.2f} (ECE {r['ece_after']:.3f})", "-s")):
+        for key, label, style in (
+            ("reliability_uncalibrated", f"raw (ECE {r['ece_before']:.3f})", "--o"),
+            ("reliability", f"T={report['temperature']:.2f} (ECE {r['ece_after']:.3f})", "-s"),
+        ):
             pts = [(b["confidence"], b["accuracy"]) for b in r[key] if b["n"]]
             if pts:
                 ax.plot(*zip(*pts), style, label=label)

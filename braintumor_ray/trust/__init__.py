@@ -10,9 +10,20 @@ inference engine runs.
 """
 
 from ._calibration import ECE_BINS, calibration_report, ece, fit_temperature, nll, reliability_bins, softmax
-from ._conformal import SCORES as CONFORMAL_SCORES, Conformal, conformal_quantile, coverage_report, fit_conformal, nonconformity, split_calibration
+from ._conformal import SCORES as CONFORMAL_SCORES
+from ._conformal import Conformal, conformal_quantile, coverage_report, fit_conformal, nonconformity, split_calibration
 from ._ood import DETECTORS, KNN, Detector, Energy, Mahalanobis, auroc, make_detector
-from ._trust import AMBIGUOUS, LOW_CONFIDENCE, OOD, REVIEW_REASONS, Assessment, Trust, TrustConfig, choose_review_threshold, fit_trust
+from ._trust import (
+    AMBIGUOUS,
+    LOW_CONFIDENCE,
+    OOD,
+    REVIEW_REASONS,
+    Assessment,
+    Trust,
+    TrustConfig,
+    choose_review_threshold,
+    fit_trust,
+)
 
 __all__ = [
     "AMBIGUOUS",

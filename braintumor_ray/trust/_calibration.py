@@ -54,9 +54,15 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BI
     out = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         m = (conf > lo) & (conf <= hi)
-        out.append({"lo": float(lo), "hi": float(hi), "n": int(m.sum()),
-                    "confidence": float(conf[m].mean()) if m.any() else None,
-                    "accuracy": float(correct[m].mean()) if m.any() else None})
+        out.append(
+            {
+                "lo": float(lo),
+                "hi": float(hi),
+                "n": int(m.sum()),
+                "confidence": float(conf[m].mean()) if m.any() else None,
+                "accuracy": float(correct[m].mean()) if m.any() else None,
+            }
+        )
     return out
 
 
@@ -71,8 +77,12 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
             f"temperature scaling needs (N, classes) logits and N labels with N >= 2, got {logits.shape} and "
             f"{labels.shape}: the validation split is empty or too small; re-run the ingest with --val-fraction > 0"
         )
-    res = minimize_scalar(lambda lt: nll(softmax(logits, np.exp(lt)), labels), bounds=_LOG_T_BOUNDS,
-                          method="bounded", options={"xatol": 1e-4})
+    res = minimize_scalar(
+        lambda lt: nll(softmax(logits, np.exp(lt)), labels),
+        bounds=_LOG_T_BOUNDS,
+        method="bounded",
+        options={"xatol": 1e-4},
+    )
     return float(np.exp(res.x))
 
 

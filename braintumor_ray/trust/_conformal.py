@@ -74,7 +74,9 @@ class Conformal:
         """(N, K) bool: label ``y`` is in row ``i``'s prediction set."""
         p = np.asarray(probs, dtype=np.float64)
         if p.ndim != 2 or p.shape[1] != len(self.thresholds):
-            raise ConfigError(f"conformal thresholds for {len(self.thresholds)} classes, probabilities shaped {p.shape}")
+            raise ConfigError(
+                f"conformal thresholds for {len(self.thresholds)} classes, probabilities shaped {p.shape}"
+            )
         keep = nonconformity(p, self.score) <= np.asarray(self.thresholds, dtype=np.float64)[None, :]
         if len(p):
             keep[np.arange(len(p)), p.argmax(axis=1)] = True
@@ -82,24 +84,40 @@ class Conformal:
 
     def to_meta(self) -> dict[str, Any]:
         # JSON has no infinity (the package is written with allow_nan=False): null = always in the set.
-        return {"alpha": self.alpha, "score": self.score, "class_conditional": self.class_conditional,
-                "thresholds": [None if math.isinf(t) else t for t in self.thresholds], "counts": list(self.counts)}
+        return {
+            "alpha": self.alpha,
+            "score": self.score,
+            "class_conditional": self.class_conditional,
+            "thresholds": [None if math.isinf(t) else t for t in self.thresholds],
+            "counts": list(self.counts),
+        }
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> "Conformal":
+    def from_meta(cls, meta: dict[str, Any]) -> Conformal:
         known = {"alpha", "score", "class_conditional", "thresholds", "counts"}
         unknown = sorted(set(meta) - known)
         if unknown:
-            raise ConfigError(f"unknown conformal settings {', '.join(unknown)} in the model package: known are "
-                              f"{', '.join(sorted(known))}; this package needs a newer braintumor-ray")
+            raise ConfigError(
+                f"unknown conformal settings {', '.join(unknown)} in the model package: known are "
+                f"{', '.join(sorted(known))}; this package needs a newer braintumor-ray"
+            )
         if meta.get("score") not in SCORES or not 0 < float(meta.get("alpha", -1)) < 1 or not meta.get("thresholds"):
-            raise ConfigError(f"the model package's conformal calibration {meta} is not valid (score in "
-                              f"{', '.join(SCORES)}, alpha in (0, 1), thresholds per class): export it again")
+            raise ConfigError(
+                f"the model package's conformal calibration {meta} is not valid (score in "
+                f"{', '.join(SCORES)}, alpha in (0, 1), thresholds per class): export it again"
+            )
         return cls(**{**meta, "thresholds": [float("inf") if t is None else float(t) for t in meta["thresholds"]]})
 
 
-def fit_conformal(probs: np.ndarray, labels: np.ndarray, *, alpha: float, score: str = "lac",
-                  class_conditional: bool = True, num_classes: int | None = None) -> Conformal:
+def fit_conformal(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    *,
+    alpha: float,
+    score: str = "lac",
+    class_conditional: bool = True,
+    num_classes: int | None = None,
+) -> Conformal:
     """Thresholds from calibration rows (calibrated probabilities and true labels)."""
     if not 0.0 < alpha < 1.0:
         raise ConfigError(f"conformal alpha={alpha}: use a miscoverage rate in (0, 1), e.g. 0.1")
@@ -112,8 +130,9 @@ def fit_conformal(probs: np.ndarray, labels: np.ndarray, *, alpha: float, score:
         thresholds = [conformal_quantile(s[y == c], alpha) for c in range(k)]
     else:
         thresholds = [conformal_quantile(s, alpha)] * k
-    return Conformal(alpha=float(alpha), score=score, class_conditional=class_conditional, thresholds=thresholds,
-                     counts=counts)
+    return Conformal(
+        alpha=float(alpha), score=score, class_conditional=class_conditional, thresholds=thresholds, counts=counts
+    )
 
 
 def split_calibration(labels: np.ndarray, fraction: float, *, seed: int = 0) -> np.ndarray:
@@ -128,8 +147,9 @@ def split_calibration(labels: np.ndarray, fraction: float, *, seed: int = 0) -> 
     return mask
 
 
-def coverage_report(conformal: Conformal, probs: np.ndarray, labels: np.ndarray,
-                    class_names: list[str] | tuple[str, ...]) -> dict[str, Any]:
+def coverage_report(
+    conformal: Conformal, probs: np.ndarray, labels: np.ndarray, class_names: list[str] | tuple[str, ...]
+) -> dict[str, Any]:
     """Coverage (share of rows whose set holds the true class) and mean set size, overall and per
     true class, and the set-size histogram."""
     y = np.asarray(labels, dtype=np.int64)
@@ -142,6 +162,15 @@ def coverage_report(conformal: Conformal, probs: np.ndarray, labels: np.ndarray,
     for c, name in enumerate(class_names):
         m = y == c
         if m.any():
-            per[name] = {"n": int(m.sum()), "coverage": float(covered[m].mean()), "mean_set_size": float(size[m].mean())}
-    return {"n": int(len(y)), "coverage": float(covered.mean()), "mean_set_size": float(size.mean()),
-            "set_sizes": {str(s): int((size == s).sum()) for s in range(1, keep.shape[1] + 1)}, "per_class": per}
+            per[name] = {
+                "n": int(m.sum()),
+                "coverage": float(covered[m].mean()),
+                "mean_set_size": float(size[m].mean()),
+            }
+    return {
+        "n": int(len(y)),
+        "coverage": float(covered.mean()),
+        "mean_set_size": float(size.mean()),
+        "set_sizes": {str(s): int((size == s).sum()) for s in range(1, keep.shape[1] + 1)},
+        "per_class": per,
+    }

@@ -39,7 +39,7 @@ class Detector:
     # package then carries something derived from each of those patients' scans.
     stores_training_features: ClassVar[bool] = False
 
-    def fit(self, features: np.ndarray, labels: np.ndarray, *, seed: int = 0) -> "Detector":
+    def fit(self, features: np.ndarray, labels: np.ndarray, *, seed: int = 0) -> Detector:
         return self
 
     def score(self, features: np.ndarray | None = None, logits: np.ndarray | None = None) -> np.ndarray:
@@ -48,7 +48,7 @@ class Detector:
     def state(self) -> dict[str, np.ndarray]:
         return {}
 
-    def load(self, state: dict[str, np.ndarray]) -> "Detector":
+    def load(self, state: dict[str, np.ndarray]) -> Detector:
         return self
 
 
@@ -136,4 +136,4 @@ def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
     if not len(a) or not len(b):
         return float("nan")
     r = rankdata(np.concatenate([a, b]))
-    return float((r[len(a):].sum() - len(b) * (len(b) + 1) / 2) / (len(a) * len(b)))
+    return float((r[len(a) :].sum() - len(b) * (len(b) + 1) / 2) / (len(a) * len(b)))

@@ -41,22 +41,33 @@ class TrustConfig(Config):
     # Chosen in benchmarks/bench_trust.py on the validation split against an offline OOD set
     # (docs/benchmarks.md): Mahalanobis separated it best.
     ood_detector: Literal["mahalanobis", "knn", "energy"] = setting(
-        "mahalanobis", help="out-of-distribution score on penultimate features: mahalanobis (shared covariance), "
-        "knn (k-th neighbour distance) or energy (logsumexp of logits)")
+        "mahalanobis",
+        help="out-of-distribution score on penultimate features: mahalanobis (shared covariance), "
+        "knn (k-th neighbour distance) or energy (logsumexp of logits)",
+    )
     ood_pass_rate: float = setting(0.99, help="share of validation images that must pass the OOD threshold")
     review_target_accuracy: float = setting(
-        0.98, help="the low-confidence threshold is the lowest calibrated confidence at which the validation "
-        "predictions kept reach this accuracy")
-    review_max_fraction: float = setting(0.2, help="the low-confidence threshold never flags more than this share "
-                                         "of validation images")
+        0.98,
+        help="the low-confidence threshold is the lowest calibrated confidence at which the validation "
+        "predictions kept reach this accuracy",
+    )
+    review_max_fraction: float = setting(
+        0.2, help="the low-confidence threshold never flags more than this share of validation images"
+    )
     conformal_alpha: float = setting(
-        0.1, aliases=("--conformal-alpha",), help="prediction sets miss the true class of at most this share of "
-        "each class's images (class-conditional conformal, calibrated on part of the validation split)")
+        0.1,
+        aliases=("--conformal-alpha",),
+        help="prediction sets miss the true class of at most this share of "
+        "each class's images (class-conditional conformal, calibrated on part of the validation split)",
+    )
     conformal_score: Literal["lac", "aps"] = setting(
-        "lac", help="conformal score: lac (1 - probability; smallest sets) or aps (probability mass ranked above)")
+        "lac", help="conformal score: lac (1 - probability; smallest sets) or aps (probability mass ranked above)"
+    )
     conformal_fraction: float = setting(
-        0.5, help="share of each class's validation images that calibrate the prediction sets (the rest fit the "
-        "temperature and the review threshold); 0: no prediction sets")
+        0.5,
+        help="share of each class's validation images that calibrate the prediction sets (the rest fit the "
+        "temperature and the review threshold); 0: no prediction sets",
+    )
 
     def __post_init__(self) -> None:
         if not 0.5 <= self.ood_pass_rate <= 1.0:
@@ -107,8 +118,9 @@ class Trust:
     def needs_features(self) -> bool:
         return DETECTORS[self.detector].uses == "features"
 
-    def assess(self, logits: np.ndarray, features: np.ndarray | None = None, *,
-               review_threshold: float | None = None) -> Assessment:
+    def assess(
+        self, logits: np.ndarray, features: np.ndarray | None = None, *, review_threshold: float | None = None
+    ) -> Assessment:
         logits = np.asarray(logits, dtype=np.float64)
         probs = softmax(logits, self.temperature)
         conf = probs.max(axis=1)
@@ -120,14 +132,20 @@ class Trust:
         tau = self.review_threshold if review_threshold is None else review_threshold
         in_set = self.conformal.in_set(probs) if self.conformal is not None else None
         wide = in_set.sum(axis=1) > 1 if in_set is not None else np.zeros(len(conf), bool)
-        reasons = [OOD if o else LOW_CONFIDENCE if c < tau else AMBIGUOUS if w else None
-                   for o, c, w in zip(ood, conf, wide)]
+        reasons = [
+            OOD if o else LOW_CONFIDENCE if c < tau else AMBIGUOUS if w else None for o, c, w in zip(ood, conf, wide)
+        ]
         return Assessment(probs=probs, confidence=conf, ood_score=score, ood=ood, review_reason=reasons, in_set=in_set)
 
     # --- package form: a JSON mapping + arrays --------------------------------------------------
     def to_meta(self) -> dict[str, Any]:
-        meta = {"temperature": self.temperature, "detector": self.detector, "ood_threshold": self.ood_threshold,
-                "review_threshold": self.review_threshold, "report": self.report}
+        meta = {
+            "temperature": self.temperature,
+            "detector": self.detector,
+            "ood_threshold": self.ood_threshold,
+            "review_threshold": self.review_threshold,
+            "report": self.report,
+        }
         # Absent (not null) without sets: a package from before them keeps its model_id.
         return meta | ({"conformal": self.conformal.to_meta()} if self.conformal is not None else {})
 
@@ -135,14 +153,16 @@ class Trust:
         return {k: np.ascontiguousarray(v) for k, v in (self._det.state() if self._det else {}).items()}
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], *, num_classes: int | None = None) -> "Trust":
+    def from_meta(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], *, num_classes: int | None = None) -> Trust:
         """The package form back, each stored value range-checked (:func:`check_stored`):
         ``num_classes`` is the package's number of classes, the count of conformal thresholds."""
         known = {"temperature", "detector", "ood_threshold", "review_threshold", "report", "conformal"}
         unknown = sorted(set(meta) - known)
         if unknown:
-            raise ConfigError(f"unknown trust settings {', '.join(unknown)} in the model package: known are "
-                              f"{', '.join(sorted(known))}; this package needs a newer braintumor-ray")
+            raise ConfigError(
+                f"unknown trust settings {', '.join(unknown)} in the model package: known are "
+                f"{', '.join(sorted(known))}; this package needs a newer braintumor-ray"
+            )
         check_stored(meta, arrays, num_classes=num_classes)
         conformal = Conformal.from_meta(meta["conformal"]) if meta.get("conformal") is not None else None
         t = cls(**{**meta, "conformal": conformal})
@@ -167,8 +187,10 @@ def check_stored(meta: dict[str, Any], arrays: dict[str, np.ndarray], *, num_cla
     flag could differ from what the network says, silently."""
 
     def bad(key: str, value: Any, rule: str) -> ConfigError:
-        return ConfigError(f"{key} = {value!r} is out of range ({rule}): the package's calibration was edited or "
-                           "corrupted; export the package again")
+        return ConfigError(
+            f"{key} = {value!r} is out of range ({rule}): the package's calibration was edited or "
+            "corrupted; export the package again"
+        )
 
     if "temperature" in meta:
         t = _number(meta["temperature"])
@@ -193,12 +215,15 @@ def check_stored(meta: dict[str, Any], arrays: dict[str, np.ndarray], *, num_cla
     for name, a in arrays.items():
         a = np.asarray(a)
         if not np.issubdtype(a.dtype, np.number) or not np.isfinite(a).all():
-            raise ConfigError(f"the OOD reference array {name!r} in the package's trust file holds NaN or infinite "
-                              "values (or is not numeric): the package was corrupted; export it again")
+            raise ConfigError(
+                f"the OOD reference array {name!r} in the package's trust file holds NaN or infinite "
+                "values (or is not numeric): the package was corrupted; export it again"
+            )
 
 
-def choose_review_threshold(confidence: np.ndarray, correct: np.ndarray, *, target_accuracy: float,
-                            max_fraction: float) -> float:
+def choose_review_threshold(
+    confidence: np.ndarray, correct: np.ndarray, *, target_accuracy: float, max_fraction: float
+) -> float:
     """Lowest confidence cut at which the kept rows reach ``target_accuracy``, flagging at most
     ``max_fraction`` of rows; 0 when every row may stand."""
     conf = np.asarray(confidence, dtype=np.float64)
@@ -220,37 +245,76 @@ def choose_review_threshold(confidence: np.ndarray, correct: np.ndarray, *, targ
     return float(conf[min(max_flag, n - 1)])
 
 
-def fit_trust(cfg: TrustConfig, *, train_features: np.ndarray, train_labels: np.ndarray, val_logits: np.ndarray,
-              val_features: np.ndarray, val_labels: np.ndarray, seed: int = 0) -> Trust:
+def fit_trust(
+    cfg: TrustConfig,
+    *,
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    val_logits: np.ndarray,
+    val_features: np.ndarray,
+    val_labels: np.ndarray,
+    seed: int = 0,
+) -> Trust:
     """Temperature and review threshold on one part of validation, the prediction sets on the other
     (:func:`split_calibration`); OOD reference on train, its threshold on all of validation."""
     val_logits = np.asarray(val_logits, dtype=np.float64)
     val_labels = np.asarray(val_labels)
     conf_rows = split_calibration(val_labels, cfg.conformal_fraction, seed=seed)
     if len(val_labels) < 2 or (~conf_rows).sum() < 2:
-        raise ConfigError(f"calibration and the review threshold need 2 or more validation images beside the "
-                          f"{int(conf_rows.sum())} that calibrate the prediction sets, and the validation split has "
-                          f"{len(val_labels)}: re-run the ingest with a larger --val-fraction (or lower "
-                          "--trust.conformal-fraction)")
+        raise ConfigError(
+            f"calibration and the review threshold need 2 or more validation images beside the "
+            f"{int(conf_rows.sum())} that calibrate the prediction sets, and the validation split has "
+            f"{len(val_labels)}: re-run the ingest with a larger --val-fraction (or lower "
+            "--trust.conformal-fraction)"
+        )
     all_logits = val_logits
-    val_logits, val_labels, cal_logits, cal_labels = (val_logits[~conf_rows], val_labels[~conf_rows],
-                                                      val_logits[conf_rows], val_labels[conf_rows])
+    val_logits, val_labels, cal_logits, cal_labels = (
+        val_logits[~conf_rows],
+        val_labels[~conf_rows],
+        val_logits[conf_rows],
+        val_labels[conf_rows],
+    )
     temperature = fit_temperature(val_logits, val_labels) if cfg.calibrate else 1.0
     det = make_detector(cfg.ood_detector).fit(np.asarray(train_features), np.asarray(train_labels), seed=seed)
     val_scores = det.score(features=np.asarray(val_features), logits=all_logits)
-    ood_threshold = float(np.quantile(val_scores, cfg.ood_pass_rate)) if cfg.ood_pass_rate < 1 else float(val_scores.max())
+    ood_threshold = (
+        float(np.quantile(val_scores, cfg.ood_pass_rate)) if cfg.ood_pass_rate < 1 else float(val_scores.max())
+    )
     probs = softmax(val_logits, temperature)
-    review = choose_review_threshold(probs.max(axis=1), probs.argmax(axis=1) == val_labels,
-                                     target_accuracy=cfg.review_target_accuracy, max_fraction=cfg.review_max_fraction)
-    report = {"val": calibration_report(val_logits, val_labels, temperature),
-              "val_ood_flagged": float((val_scores > ood_threshold).mean()),
-              "val_review_flagged": float((probs.max(axis=1) < review).mean())}
+    review = choose_review_threshold(
+        probs.max(axis=1),
+        probs.argmax(axis=1) == val_labels,
+        target_accuracy=cfg.review_target_accuracy,
+        max_fraction=cfg.review_max_fraction,
+    )
+    report = {
+        "val": calibration_report(val_logits, val_labels, temperature),
+        "val_ood_flagged": float((val_scores > ood_threshold).mean()),
+        "val_review_flagged": float((probs.max(axis=1) < review).mean()),
+    }
     conformal = None
     if conf_rows.any():
-        conformal = fit_conformal(softmax(cal_logits, temperature), cal_labels, alpha=cfg.conformal_alpha,
-                                  score=cfg.conformal_score, num_classes=all_logits.shape[1])
-        report["conformal"] = {"alpha": conformal.alpha, "score": conformal.score, "rows": int(conf_rows.sum()),
-                               "thresholds": conformal.to_meta()["thresholds"], "counts": conformal.counts}
+        conformal = fit_conformal(
+            softmax(cal_logits, temperature),
+            cal_labels,
+            alpha=cfg.conformal_alpha,
+            score=cfg.conformal_score,
+            num_classes=all_logits.shape[1],
+        )
+        report["conformal"] = {
+            "alpha": conformal.alpha,
+            "score": conformal.score,
+            "rows": int(conf_rows.sum()),
+            "thresholds": conformal.to_meta()["thresholds"],
+            "counts": conformal.counts,
+        }
     report["val_rows_temperature"] = int(len(val_labels))
-    return Trust(temperature=temperature, detector=cfg.ood_detector, ood_threshold=ood_threshold,
-                 review_threshold=review, report=report, conformal=conformal, _det=det)
+    return Trust(
+        temperature=temperature,
+        detector=cfg.ood_detector,
+        ood_threshold=ood_threshold,
+        review_threshold=review,
+        report=report,
+        conformal=conformal,
+        _det=det,
+    )

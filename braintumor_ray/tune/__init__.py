@@ -8,7 +8,16 @@ Each trial is the training job's Ray Train run (``train_loop_per_worker`` under 
 macro-F1; the leaderboard, a plot and the best trial's model package land in ``storage/name``.
 """
 
-from ._config import DEFAULT_MODELS, RESERVED, SAMPLERS, SEARCHABLE, SearchConfig, default_space, parse_space, to_tune_space
+from ._config import (
+    DEFAULT_MODELS,
+    RESERVED,
+    SAMPLERS,
+    SEARCHABLE,
+    SearchConfig,
+    default_space,
+    parse_space,
+    to_tune_space,
+)
 from ._run import (
     BEST_DIR,
     ENSEMBLE_DIR,

@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from ..core import Config, ConfigError, setting
 from ..models import Transfer
@@ -19,8 +20,21 @@ DEFAULT_MODELS = ("efficientnet_b0", "resnet50", "vgg16", "legacy_xception")
 # The default space's keys (``model`` is the backbone axis); any other TrainConfig setting may be searched too.
 SEARCHABLE = ("model", "lr", "weight_decay", "batch_size", "transfer", "drop_rate", "augment_strength")
 # Set by the search itself, so neither a space nor a fixed setting may override them.
-RESERVED = ("data", "storage", "name", "epochs", "num_workers", "cpus_per_worker", "use_gpu", "gpus_per_worker",
-            "s3_endpoint_url", "pretrained", "seed", "max_failures", "mlflow")
+RESERVED = (
+    "data",
+    "storage",
+    "name",
+    "epochs",
+    "num_workers",
+    "cpus_per_worker",
+    "use_gpu",
+    "gpus_per_worker",
+    "s3_endpoint_url",
+    "pretrained",
+    "seed",
+    "max_failures",
+    "mlflow",
+)
 
 # The samplers of a space key and what each draws (docs/configuration.md lists these lines).
 SAMPLERS = {
@@ -59,24 +73,41 @@ class SearchConfig(Config):
     """
 
     # Data and storage
-    data: str | None = setting(None, help="output of jobs/preprocess.py, local or s3:// (the job: default a generated "
-                               "sample, preprocessed into ./demo)")
-    storage: str = setting("runs", help="searches folder, local or s3://; the search is storage/name (the job: "
-                           "./demo/runs with no data)")
-    name: str = setting("tune", help="search name: Tune's state, each trial's run in trials/<trial id>, the "
-                        "leaderboard and best_model/ go under it (the job: default tune-<UTC date-time>)")
-    s3_endpoint_url: str | None = setting(None, help="S3-compatible endpoint for data and storage", env="AWS_ENDPOINT_URL")
+    data: str | None = setting(
+        None,
+        help="output of jobs/preprocess.py, local or s3:// (the job: default a generated "
+        "sample, preprocessed into ./demo)",
+    )
+    storage: str = setting(
+        "runs", help="searches folder, local or s3://; the search is storage/name (the job: ./demo/runs with no data)"
+    )
+    name: str = setting(
+        "tune",
+        help="search name: Tune's state, each trial's run in trials/<trial id>, the "
+        "leaderboard and best_model/ go under it (the job: default tune-<UTC date-time>)",
+    )
+    s3_endpoint_url: str | None = setting(
+        None, help="S3-compatible endpoint for data and storage", env="AWS_ENDPOINT_URL"
+    )
 
     # What is searched
-    models: tuple[str, ...] = setting(DEFAULT_MODELS, help="backbones (timm names or presets), comma-separated: "
-                                      "each gets num_samples trials")
+    models: tuple[str, ...] = setting(
+        DEFAULT_MODELS, help="backbones (timm names or presets), comma-separated: each gets num_samples trials"
+    )
     num_samples: int = setting(2, help="trials per backbone, each with its own draw from the space")
-    pretrained: bool = setting(True, help="start every backbone from ImageNet weights (--no-pretrained: random init), "
-                               "checked for every backbone before any trial")
-    space: dict[str, Any] = setting(default_factory=dict, help="overrides of the default search space, a YAML mapping "
-                                    "of training setting -> range (see the space: section)")
-    fixed: dict[str, Any] = setting(default_factory=dict, help="training settings every trial gets, a YAML mapping "
-                                    "(see the fixed: section)")
+    pretrained: bool = setting(
+        True,
+        help="start every backbone from ImageNet weights (--no-pretrained: random init), "
+        "checked for every backbone before any trial",
+    )
+    space: dict[str, Any] = setting(
+        default_factory=dict,
+        help="overrides of the default search space, a YAML mapping "
+        "of training setting -> range (see the space: section)",
+    )
+    fixed: dict[str, Any] = setting(
+        default_factory=dict, help="training settings every trial gets, a YAML mapping (see the fixed: section)"
+    )
     seed: int = setting(0, help="the search's draws and every trial's seed")
 
     # ASHA
@@ -85,22 +116,33 @@ class SearchConfig(Config):
     reduction_factor: int = setting(3, help="ASHA keeps 1 in this many at each rung")
 
     # Resources
-    gpus_per_trial: float = setting(0.0, help="GPUs of one trial in all; fractions put several trials on one GPU "
-                                    "(0: CPU only)")
+    gpus_per_trial: float = setting(
+        0.0, help="GPUs of one trial in all; fractions put several trials on one GPU (0: CPU only)"
+    )
     cpus_per_trial: float = setting(1.0, help="CPUs of one trial in all (its workers split them)")
     workers_per_trial: int = setting(1, help="DDP workers of one trial (they split its CPUs/GPUs)")
-    max_concurrent_trials: int | None = setting(None, help="trials at once (none: what the cluster's CPUs/GPUs hold); "
-                                                "set it on an autoscaling cluster that has no GPU node yet")
-    max_failures: int = setting(2, help="times Tune restarts a failed trial (a lost node, a crashed worker) from its "
-                                "last checkpoint")
+    max_concurrent_trials: int | None = setting(
+        None,
+        help="trials at once (none: what the cluster's CPUs/GPUs hold); "
+        "set it on an autoscaling cluster that has no GPU node yet",
+    )
+    max_failures: int = setting(
+        2, help="times Tune restarts a failed trial (a lost node, a crashed worker) from its last checkpoint"
+    )
 
-    ensemble: int = setting(0, help="also write best_ensemble/: one package averaging the top this-many trials' best "
-                            "epochs (by validation macro-F1; trust refitted on the ensemble), beside best_model/; 0: "
-                            "none (docs/scoring.md#ensembles)")
+    ensemble: int = setting(
+        0,
+        help="also write best_ensemble/: one package averaging the top this-many trials' best "
+        "epochs (by validation macro-F1; trust refitted on the ensemble), beside best_model/; 0: "
+        "none (docs/scoring.md#ensembles)",
+    )
 
     # Experiment tracking (the search's driver logs every trial; trials themselves log nothing)
-    mlflow: MLflowConfig = setting(default_factory=MLflowConfig, help="MLflow parent run of the search, a child run "
-                                   "per trial, and the best model's registered version (none without a tracking URI)")
+    mlflow: MLflowConfig = setting(
+        default_factory=MLflowConfig,
+        help="MLflow parent run of the search, a child run "
+        "per trial, and the best model's registered version (none without a tracking URI)",
+    )
 
     # About a minute on 2 CPUs: two tiny random-init backbones, one trial each, 2 epochs.
     SMOKE: ClassVar[Mapping[str, Any]] = dict(
@@ -110,8 +152,14 @@ class SearchConfig(Config):
         grace_period=1,
         pretrained=False,
         space={"lr": {"loguniform": [1e-3, 5e-3]}, "batch_size": {"choice": [8, 16]}},
-        fixed={"eval_batch_size": 64, "warmup_epochs": 0.5, "early_stop_patience": 0, "num_to_keep": 1,
-               "label_smoothing": 0.0, "backbone_lr_scale": 1.0},
+        fixed={
+            "eval_batch_size": 64,
+            "warmup_epochs": 0.5,
+            "early_stop_patience": 0,
+            "num_to_keep": 1,
+            "label_smoothing": 0.0,
+            "backbone_lr_scale": 1.0,
+        },
     )
 
     def __post_init__(self) -> None:
@@ -214,7 +262,9 @@ def parse_space(space: dict[str, Any]) -> None:
         if key in RESERVED:
             raise ConfigError(f"search space key {key!r} is set by the search itself (use the job's options)")
         if key not in train_fields:
-            raise ConfigError(f"search space key {key!r} is not a training setting; searchable: {', '.join(SEARCHABLE)}")
+            raise ConfigError(
+                f"search space key {key!r} is not a training setting; searchable: {', '.join(SEARCHABLE)}"
+            )
         if key == "model":
             raise ConfigError("search space key 'model': list backbones with --models (or models: in the YAML)")
         if spec is None or not isinstance(spec, dict):
@@ -245,12 +295,12 @@ def to_tune_space(space: dict[str, Any]) -> dict[str, Any]:
             continue
         kind, v = next(iter(spec.items()))
         out[key] = {
-            "choice": lambda: tune.choice(v),
-            "grid": lambda: tune.grid_search(v),
-            "uniform": lambda: tune.uniform(v[0], v[1]),
-            "loguniform": lambda: tune.loguniform(v[0], v[1]),
-            "randint": lambda: tune.randint(v[0], v[1]),
-        }[kind]()
+            "choice": tune.choice,
+            "grid": tune.grid_search,
+            "uniform": lambda x: tune.uniform(x[0], x[1]),
+            "loguniform": lambda x: tune.loguniform(x[0], x[1]),
+            "randint": lambda x: tune.randint(x[0], x[1]),
+        }[kind](v)
     return out
 
 

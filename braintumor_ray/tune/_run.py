@@ -1,14 +1,14 @@
 """Driver side of a search: Tune runs one Ray Train run per trial, then the leaderboard and the best model.
 
-    storage/name/
-        search.json            the SearchConfig (``--resume`` reads it back)
-        config.yaml            the same settings as YAML, for ``jobs/tune.py --config``
-        trials/<trial id>/     each trial's Ray Train run (checkpoints), as in jobs/train.py
-        <Tune's own state>     tuner.pkl, experiment_state-*.json, one folder per trial
-        leaderboard.csv, leaderboard.md, val_macro_f1.png, best.json
-        report.html            the search in one page (leaderboard, curves, the best model's figures)
-        best_model/            the best trial's model package
-        best_ensemble/         with --ensemble K: the top K trials' models as one package
+storage/name/
+    search.json            the SearchConfig (``--resume`` reads it back)
+    config.yaml            the same settings as YAML, for ``jobs/tune.py --config``
+    trials/<trial id>/     each trial's Ray Train run (checkpoints), as in jobs/train.py
+    <Tune's own state>     tuner.pkl, experiment_state-*.json, one folder per trial
+    leaderboard.csv, leaderboard.md, val_macro_f1.png, best.json
+    report.html            the search in one page (leaderboard, curves, the best model's figures)
+    best_model/            the best trial's model package
+    best_ensemble/         with --ensemble K: the top K trials' models as one package
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import math
 import time
 from typing import Any
 
-from ..core import CONFIG_FILE, BraintumorError, ConfigError
-from ..core import Location, resolve
+from ..core import CONFIG_FILE, BraintumorError, ConfigError, Location, resolve
 from ..report import write_search_report
 from ..tracking import finish_search, start_tracking
 from ..train import TrainData
@@ -105,7 +104,10 @@ def max_concurrent(cfg: SearchConfig) -> int:
         logger.warning(
             "the cluster has %s CPUs and %s GPUs now, less than one trial's %s CPUs / %s GPUs: running one trial "
             "at a time (an autoscaler may add nodes; set --max-concurrent-trials for more)",
-            res.get("CPU", 0), res.get("GPU", 0), cfg.cpus_per_trial, cfg.gpus_per_trial,
+            res.get("CPU", 0),
+            res.get("GPU", 0),
+            cfg.cpus_per_trial,
+            cfg.gpus_per_trial,
         )
     return max(1, min(n, total))
 
@@ -115,8 +117,13 @@ def check_backbones(cfg: SearchConfig) -> None:
     from ..models import create_model
 
     for name in cfg.models:
-        create_model(name, pretrained=cfg.pretrained, weights=cfg.fixed.get("weights"),
-                     weights_sha256=cfg.fixed.get("weights_sha256"), s3_endpoint_url=cfg.s3_endpoint_url)
+        create_model(
+            name,
+            pretrained=cfg.pretrained,
+            weights=cfg.fixed.get("weights"),
+            weights_sha256=cfg.fixed.get("weights_sha256"),
+            s3_endpoint_url=cfg.s3_endpoint_url,
+        )
 
 
 def run_search(cfg: SearchConfig, *, resume: bool = False) -> dict[str, Any]:
@@ -126,8 +133,7 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> dict[str, Any]:
     """
     from ray import tune
 
-    from ..train import load_train_data
-    from ..train import start_run
+    from ..train import load_train_data, start_run
 
     t0 = time.time()
     root = search_location(cfg)
@@ -170,7 +176,8 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> dict[str, Any]:
         trial_epochs_budget=budget,
         asha_saved_fraction=round(1 - run_epochs / budget, 4) if budget else 0.0,
         wall_s=round(time.time() - t0, 1),
-        timing={k: round(v, 1) for k, v in timing.items()} | {"results_s": round(time.time() - t_fit - timing["trials_s"], 1)},
+        timing={k: round(v, 1) for k, v in timing.items()}
+        | {"results_s": round(time.time() - t_fit - timing["trials_s"], 1)},
         resumed=resume,
     )
     summary["report"] = write_report(summary, rows, results, data, root, cfg)
@@ -195,8 +202,9 @@ def _tuner(cfg: SearchConfig, trainable: Any, root: Location, *, resume: bool) -
         if not tune.Tuner.can_restore(path, storage_filesystem=fs):
             raise ConfigError(f"--resume: {root.uri} holds no Tune state to restore (was it started by jobs/tune.py?)")
         logger.info("resuming search %s: finished trials are kept, unfinished ones continue", root.uri)
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=fs)
+        return tune.Tuner.restore(
+            path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+        )
     else:
         param_space = to_tune_space(cfg.search_space()) | {"model": tune.grid_search(list(cfg.models))}
         tuner = tune.Tuner(
@@ -205,8 +213,12 @@ def _tuner(cfg: SearchConfig, trainable: Any, root: Location, *, resume: bool) -
             tune_config=tune.TuneConfig(
                 num_samples=cfg.num_samples,
                 scheduler=ASHAScheduler(
-                    time_attr="epoch", metric=SCORE, mode="max", max_t=cfg.max_epochs,
-                    grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor,
+                    time_attr="epoch",
+                    metric=SCORE,
+                    mode="max",
+                    max_t=cfg.max_epochs,
+                    grace_period=cfg.grace_period,
+                    reduction_factor=cfg.reduction_factor,
                     # A trial at its last epoch ends by itself: stopping it there would kill its Ray
                     # Train run before the run shuts down its workers (left to Train's cleaner).
                     stop_last_trials=False,
@@ -223,8 +235,14 @@ def _tuner(cfg: SearchConfig, trainable: Any, root: Location, *, resume: bool) -
                 verbose=1,
             ),
         )
-        logger.info("search %s: %d backbone(s) x %d sample(s), up to %d epochs, %d trial(s) at a time",
-                    root.uri, len(cfg.models), cfg.num_samples, cfg.max_epochs, concurrency)
+        logger.info(
+            "search %s: %d backbone(s) x %d sample(s), up to %d epochs, %d trial(s) at a time",
+            root.uri,
+            len(cfg.models),
+            cfg.num_samples,
+            cfg.max_epochs,
+            concurrency,
+        )
     return tuner
 
 
@@ -262,17 +280,19 @@ def leaderboard_rows(results, cfg: SearchConfig) -> list[dict[str, Any]]:
         else:
             status = "stopped by ASHA"
         best = df.loc[df[SCORE].idxmax()] if has else None
-        rows.append({
-            "trial": _trial_id(r),
-            "backbone": params.pop("model", None),
-            **{k: _round(v) for k, v in params.items()},
-            "best_val_macro_f1": round(float(best[SCORE]), 4) if best is not None else None,
-            "best_epoch": int(best["epoch"]) if best is not None else None,
-            "epochs_run": epochs_run,
-            "status": status,
-            "time_s": round(float(df["time_total_s"].max()), 1) if has else None,
-            "error": (str(r.error).splitlines() or [""])[0][:300] if r.error else None,
-        })
+        rows.append(
+            {
+                "trial": _trial_id(r),
+                "backbone": params.pop("model", None),
+                **{k: _round(v) for k, v in params.items()},
+                "best_val_macro_f1": round(float(best[SCORE]), 4) if best is not None else None,
+                "best_epoch": int(best["epoch"]) if best is not None else None,
+                "epochs_run": epochs_run,
+                "status": status,
+                "time_s": round(float(df["time_total_s"].max()), 1) if has else None,
+                "error": (str(r.error).splitlines() or [""])[0][:300] if r.error else None,
+            }
+        )
     rows.sort(key=lambda x: (x["best_val_macro_f1"] is None, -(x["best_val_macro_f1"] or 0)))
     for i, row in enumerate(rows, 1):
         row["rank"] = i
@@ -283,8 +303,22 @@ def _round(v: Any) -> Any:
     return float(f"{v:.4g}") if isinstance(v, float) else v
 
 
-COLUMNS = ("rank", "trial", "backbone", "lr", "weight_decay", "batch_size", "transfer", "drop_rate",
-           "augment_strength", "best_val_macro_f1", "best_epoch", "epochs_run", "status", "time_s")
+COLUMNS = (
+    "rank",
+    "trial",
+    "backbone",
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "transfer",
+    "drop_rate",
+    "augment_strength",
+    "best_val_macro_f1",
+    "best_epoch",
+    "epochs_run",
+    "status",
+    "time_s",
+)
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -328,8 +362,9 @@ def plot_trials(results, root: Location, cfg: SearchConfig) -> str:
     return save_figure(fig, root.join("val_macro_f1.png"))
 
 
-def write_report(summary: dict[str, Any], rows: list[dict[str, Any]], results, data: TrainData, root: Location,
-                 cfg: SearchConfig) -> str:
+def write_report(
+    summary: dict[str, Any], rows: list[dict[str, Any]], results, data: TrainData, root: Location, cfg: SearchConfig
+) -> str:
     """``report.html``: the leaderboard, each trial's curves per epoch, the best model's figures
     and validation examples with their heat maps (from the exported package, as scoring sees it)."""
     from ..models import load_model_package
@@ -343,11 +378,14 @@ def write_report(summary: dict[str, Any], rows: list[dict[str, Any]], results, d
             histories[f"{_trial_id(r)} {r.config.get('model')}"] = df[keep].sort_values("epoch").to_dict("records")
     pkg = load_model_package(summary["model"]["uri"], s3_endpoint_url=cfg.s3_endpoint_url)
     examples = validation_examples(pkg.model, data.datasets["val"], trust=pkg.trust, class_names=pkg.class_names)
-    return write_search_report(summary, root, leaderboard=rows, columns=_columns(rows), histories=histories,
-                               examples=examples)
+    return write_search_report(
+        summary, root, leaderboard=rows, columns=_columns(rows), histories=histories, examples=examples
+    )
 
 
-def export_best(rows: list[dict[str, Any]], results, cfg: SearchConfig, data: TrainData, root: Location) -> dict[str, Any]:
+def export_best(
+    rows: list[dict[str, Any]], results, cfg: SearchConfig, data: TrainData, root: Location
+) -> dict[str, Any]:
     """The best trial's best epoch, evaluated on val/test here and exported to ``best_model/``."""
     from ..imaging import MRIPreprocess
     from ..train import best_model, evaluate_model, export_package, fit_model_trust, package_metrics, write_reliability
@@ -361,11 +399,22 @@ def export_best(rows: list[dict[str, Any]], results, cfg: SearchConfig, data: Tr
     trust, trust_report = fit_model_trust(model, data, tcfg.trust, seed=tcfg.seed, batch_size=tcfg.eval_batch_size)
     write_reliability(trust_report, root)
     uri = root.join(BEST_DIR).uri
-    meta = export_package(model, uri, preprocess=MRIPreprocess.from_dict(data.report["preprocess"]), trust=trust,
-                          metrics=package_metrics(metrics, trial=best_row["trial"], best_epoch=best_row["best_epoch"]),
-                          s3_endpoint_url=cfg.s3_endpoint_url, onnx=tcfg.onnx)
-    logger.info("best trial %s (%s): val macro-F1 %.3f; model %s", best_row["trial"], best_row["backbone"],
-                best_row["best_val_macro_f1"], uri)
+    meta = export_package(
+        model,
+        uri,
+        preprocess=MRIPreprocess.from_dict(data.report["preprocess"]),
+        trust=trust,
+        metrics=package_metrics(metrics, trial=best_row["trial"], best_epoch=best_row["best_epoch"]),
+        s3_endpoint_url=cfg.s3_endpoint_url,
+        onnx=tcfg.onnx,
+    )
+    logger.info(
+        "best trial %s (%s): val macro-F1 %.3f; model %s",
+        best_row["trial"],
+        best_row["backbone"],
+        best_row["best_val_macro_f1"],
+        uri,
+    )
     return {
         "best_trial": {k: v for k, v in best_row.items() if k != "error"},
         "config": tcfg.to_dict(),
@@ -376,8 +425,9 @@ def export_best(rows: list[dict[str, Any]], results, cfg: SearchConfig, data: Tr
     }
 
 
-def export_top_ensemble(rows: list[dict[str, Any]], results, cfg: SearchConfig, data: TrainData,
-                        root: Location) -> dict[str, Any] | None:
+def export_top_ensemble(
+    rows: list[dict[str, Any]], results, cfg: SearchConfig, data: TrainData, root: Location
+) -> dict[str, Any] | None:
     """The top ``cfg.ensemble`` trials' best epochs (leaderboard order: validation macro-F1) as one
     package in ``best_ensemble/``, through the builder ``jobs/ensemble.py`` uses (trust refitted
     on the ensemble's outputs); None, with a warning, when fewer than 2 trials reported a score."""
@@ -388,26 +438,46 @@ def export_top_ensemble(rows: list[dict[str, Any]], results, cfg: SearchConfig, 
 
     top = [r for r in rows if r["best_val_macro_f1"] is not None][: cfg.ensemble]
     if len(top) < 2:
-        logger.warning("--ensemble %d: only %d trial(s) reported a validation score, so no %s/ was written",
-                       cfg.ensemble, len(top), ENSEMBLE_DIR)
+        logger.warning(
+            "--ensemble %d: only %d trial(s) reported a validation score, so no %s/ was written",
+            cfg.ensemble,
+            len(top),
+            ENSEMBLE_DIR,
+        )
         return None
     if len(top) < cfg.ensemble:
-        logger.warning("--ensemble %d: only %d trials reported a validation score: the ensemble has %d members",
-                       cfg.ensemble, len(top), len(top))
+        logger.warning(
+            "--ensemble %d: only %d trials reported a validation score: the ensemble has %d members",
+            cfg.ensemble,
+            len(top),
+            len(top),
+        )
     preprocess = MRIPreprocess.from_dict(data.report["preprocess"]).to_dict()
     members, tcfgs = [], []
     for row in top:
         result = next(r for r in results if _trial_id(r) == row["trial"])
         tcfg = cfg.trial_config(dict(result.config), trial_id=row["trial"])
         model = best_model(tcfg, _best_checkpoint(result, cfg))
-        meta = {"class_names": list(CLASS_NAMES), "preprocess": preprocess, "data_config": dict(data_config(model)),
-                "model_id": None}
+        meta = {
+            "class_names": list(CLASS_NAMES),
+            "preprocess": preprocess,
+            "data_config": dict(data_config(model)),
+            "model_id": None,
+        }
         members.append(Member(name=f"{root.uri}/trials/{row['trial']}", model=model, meta=meta))
         tcfgs.append(tcfg)
     first = tcfgs[0]
-    out = export_ensemble(members, data, root.join(ENSEMBLE_DIR).uri, trust=first.trust, seed=first.seed,
-                          batch_size=first.eval_batch_size, s3_endpoint_url=cfg.s3_endpoint_url, onnx=first.onnx,
-                          extra_metrics={"trials": [r["trial"] for r in top]})
+    out = export_ensemble(
+        members,
+        data,
+        root.join(ENSEMBLE_DIR).uri,
+        trust=first.trust,
+        seed=first.seed,
+        batch_size=first.eval_batch_size,
+        s3_endpoint_url=cfg.s3_endpoint_url,
+        onnx=first.onnx,
+        extra_metrics={"trials": [r["trial"] for r in top]},
+    )
     return out | {"trials": [r["trial"] for r in top]}
 
 

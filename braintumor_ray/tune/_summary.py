@@ -19,13 +19,17 @@ def format_summary(s: dict[str, Any]) -> str:
     ]
     for split in ("test", "test_clean"):
         if split in s:
-            lines.append(f"  {split:<10} n={s[split]['n']:<5} accuracy {s[split]['accuracy']:.3f}  "
-                         f"macro-F1 {s[split]['macro_f1']:.3f}")
+            lines.append(
+                f"  {split:<10} n={s[split]['n']:<5} accuracy {s[split]['accuracy']:.3f}  "
+                f"macro-F1 {s[split]['macro_f1']:.3f}"
+            )
     lines.append(f"  model: {s['model']['uri']} ({s['model']['model_id']})")
     if s.get("ensemble"):
         e = s["ensemble"]
-        lines.append(f"ensemble of trials {', '.join(e['trials'])}: val macro-F1 {e['val']['macro_f1']:.3f}"
-                     + "".join(f", {k} accuracy {e[k]['accuracy']:.3f}" for k in ("test", "test_clean") if k in e))
+        lines.append(
+            f"ensemble of trials {', '.join(e['trials'])}: val macro-F1 {e['val']['macro_f1']:.3f}"
+            + "".join(f", {k} accuracy {e[k]['accuracy']:.3f}" for k in ("test", "test_clean") if k in e)
+        )
         lines.append(f"  model: {e['model']['uri']} ({e['model']['model_id']})")
     lines.append(f"  leaderboard: {s['search']}/leaderboard.md, plot: {s['search']}/val_macro_f1.png")
     if s.get("report"):
