@@ -83,6 +83,9 @@ def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
     config, registered = resolve_registered_model(config, fetch_to=fetched.join(lease.owner))
     # model.json unedited, the pinned id (expect_model_id), weights and trust file matching the id's hashes.
     meta = verify_package(config.model, s3_endpoint_url=config.s3_endpoint_url, expect_model_id=config.expect_model_id)
+    # The package's preprocessing parsed before the output is touched: settings from a newer
+    # version are refused with nothing written.
+    preprocess = package_preprocess(meta, config.model)
     engine, notes = _engine(config, meta)  # before any work: an impossible choice fails here
     # What every replica must load: these bytes (a folder rewritten from here on is refused).
     pin = pin_package(
@@ -121,7 +124,7 @@ def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
         config=config,
         registered=registered,
         meta=meta,
-        preprocess=package_preprocess(meta, config.model),
+        preprocess=preprocess,
         engine=engine,
         notes=notes,
         pin=pin,
