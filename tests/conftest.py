@@ -77,7 +77,7 @@ def ray_session(failure_marker):
     (it runs last, see pytest_collection_modifyitems)."""
     import ray
 
-    from braintumor_ray.score._run import KILL_DECODE_ENV
+    from braintumor_ray.score._decode import KILL_DECODE_ENV
 
     if ray.is_initialized():  # something ran ray.init() itself: make it the session's Ray
         ray.shutdown()

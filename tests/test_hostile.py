@@ -27,7 +27,8 @@ from braintumor_ray.core import Listing, Location, resolve
 from braintumor_ray.imaging import InputGuard, encode_png, read_medical
 from braintumor_ray.ingest._run import preprocess_batch
 from braintumor_ray.score import ScoreConfig, decode_batch, run_scoring
-from braintumor_ray.score._run import ATTEMPTS_DIR, KILL_DECODE_ENV, KILLED_TWICE
+from braintumor_ray.score._decode import KILL_DECODE_ENV, KILLED_TWICE
+from braintumor_ray.score._layout import ATTEMPTS_DIR
 
 from conftest import KILL_DECODE_FILE, mri_like
 from test_dicom import dicom_bytes, head12, nifti_bytes

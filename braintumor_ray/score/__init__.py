@@ -1,19 +1,11 @@
 """The scoring stage (``jobs/score.py``): an MRI archive -> one Parquet row per file or slice, incrementally."""
 
-from ._config import OUTPUT_CONFIG_FILE
-from ._plan import ClusterShape, PriorFile, RerunDiff, ScoringPlan, plan_scoring, prior_state, rerun_diff
-from ._run import (
-    PROB_PREFIX,
-    Predictor,
-    ScoreConfig,
-    actor_threads,
-    decode_batch,
-    format_summary,
-    output_schema,
-    plan_replicas,
-    recover,
-    run_scoring,
-)
+from ._config import OUTPUT_CONFIG_FILE, ScoreConfig
+from ._decode import decode_batch
+from ._derived import format_summary
+from ._layout import PROB_PREFIX, output_schema, recover
+from ._plan import ClusterShape, PriorFile, RerunDiff, ScoringPlan, plan_replicas, plan_scoring, prior_state, rerun_diff
+from ._run import Predictor, actor_threads, run_scoring
 from ._series import SERIES_FILE, Verdict, series_location, series_table, series_verdict, top_slice, write_series_table
 
 __all__ = [

@@ -54,8 +54,7 @@ from ..tracking import log_scoring
 from ..trust import softmax
 from ._commit import _commit
 from ._config import OUTPUT_SIBLINGS, ScoreConfig
-from ._decode import KILL_DECODE_ENV, KILLED_TWICE, decode_batch
-from ._derived import _derived, algorithm, format_summary, run_counts, start_summary
+from ._derived import _derived, algorithm, run_counts, start_summary
 from ._execute import _cluster_shape, _execute
 from ._explain import HeatmapWriter
 from ._facts import gather_facts
@@ -64,31 +63,11 @@ from ._layout import (
     ATTEMPTS_DIR,
     FETCHED_MODELS_DIR,
     PROB_PREFIX,
-    SLICE_FIELDS,
     _remove_fetched,
     _writer,
     output_schema,
-    recover,
 )
-from ._plan import ScoringPlan, guard_id, plan_replicas, plan_scoring, prior_state, rerun_diff
-
-# Names the package and the tests take from here (they lived in this module before its split).
-__all__ = [
-    "ATTEMPTS_DIR",
-    "KILL_DECODE_ENV",
-    "KILLED_TWICE",
-    "PROB_PREFIX",
-    "SLICE_FIELDS",
-    "Predictor",
-    "ScoreConfig",
-    "actor_threads",
-    "decode_batch",
-    "format_summary",
-    "output_schema",
-    "plan_replicas",
-    "recover",
-    "run_scoring",
-]
+from ._plan import ScoringPlan, guard_id, plan_scoring, prior_state, rerun_diff
 
 logger = logging.getLogger(__name__)
 

@@ -51,13 +51,13 @@ import pyarrow.parquet as pq
 
 from ..core import Location, latest_rows
 from ..imaging import SLICE_SKIP_REASONS
+from ._layout import PROB_PREFIX
 
 logger = logging.getLogger(__name__)
 
 SERIES_SUFFIX = "_series"
 SERIES_FILE = "series.parquet"
 NO_TUMOR = "no_tumor"
-PROB_PREFIX = "prob_"
 TOP_K = 3
 # A slice votes when its head covers at least this share of the series' largest head section.
 HEAD_SHARE = 0.5
