@@ -33,14 +33,21 @@ from ._run import (
     TrainingError,
     best_model,
     build_trainer,
-    evaluate_model,
     export_package,
     format_table,
     run_location,
     run_training,
     start_run,
 )
-from ._trust import RELIABILITY_PNG, fit_model_trust, model_outputs, split_report, write_reliability
+from ._trust import (
+    RELIABILITY_PNG,
+    fit_model_trust,
+    model_outputs,
+    output_metrics,
+    split_outputs,
+    split_report,
+    write_reliability,
+)
 
 __all__ = [
     "EnsembleConfig",
@@ -53,6 +60,8 @@ __all__ = [
     "STATE_FILE",
     "read_checkpoint_state",
     "fit_model_trust",
+    "output_metrics",
+    "split_outputs",
     "model_outputs",
     "split_report",
     "write_reliability",
@@ -70,7 +79,6 @@ __all__ = [
     "confusion_matrix",
     "decode_batch",
     "evaluate",
-    "evaluate_model",
     "export_package",
     "format_table",
     "load_train_data",

@@ -103,8 +103,8 @@ def export_ensemble(
     from ..imaging import MRIPreprocess
     from ..models import EnsembleNet, check_members, member_build, member_source
     from ._outputs import package_metrics
-    from ._run import evaluate_model, export_package
-    from ._trust import fit_model_trust
+    from ._run import export_package
+    from ._trust import fit_model_trust, output_metrics, split_outputs
 
     names = [m.name for m in members]
     check_members([m.meta for m in members], names)
@@ -123,8 +123,10 @@ def export_ensemble(
         sources=[member_source(m.meta, m.name) for m in members],
         input_size=data.image_size,
     ).eval()
-    metrics = evaluate_model(net, data, batch_size=batch_size)
-    fitted, trust_report = fit_model_trust(net, data, trust, seed=seed, batch_size=batch_size)
+    # Every split through the ensemble once: the metrics and the trust fit share the outputs.
+    outs = split_outputs(net, data, batch_size=batch_size)
+    metrics = output_metrics(outs)
+    fitted, trust_report = fit_model_trust(net, data, trust, seed=seed, batch_size=batch_size, outputs=outs)
     class_names = tuple(members[0].meta.get("class_names") or CLASS_NAMES)
     meta = export_package(
         net,

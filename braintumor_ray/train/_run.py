@@ -211,35 +211,6 @@ def best_model(cfg: TrainConfig, checkpoint) -> torch.nn.Module:
     return model.eval()
 
 
-def evaluate_model(model: torch.nn.Module, data: TrainData, *, batch_size: int = 64) -> dict[str, Any]:
-    """Metrics of ``model`` on val, test and test_clean, computed here in the calling process."""
-    from ..models import data_config, prepare_input
-    from ._loop import eval_metrics, evaluate
-
-    dcfg = data_config(model)
-    device = torch.device("cpu")
-    model = model.to(device).eval()
-
-    def prepare(pixels: torch.Tensor) -> torch.Tensor:
-        return prepare_input(pixels, mean=dcfg["mean"], std=dcfg["std"])
-
-    out: dict[str, Any] = {}
-    for split in ("val", "test"):
-        if split not in data.datasets:
-            continue
-        ev = evaluate(
-            model,
-            data.datasets[split].iter_torch_batches(batch_size=batch_size),
-            criterion=torch.nn.CrossEntropyLoss(),
-            prepare=prepare,
-            device=device,
-        )
-        out[split] = eval_metrics(ev)
-        if split == "test":
-            out["test_clean"] = eval_metrics(ev, ~ev["leaked"])
-    return out
-
-
 # --- the console table ----------------------------------------------------------------------
 
 

@@ -52,15 +52,53 @@ def model_outputs(model: torch.nn.Module, dataset, *, batch_size: int = 64) -> d
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
 
 
-def fit_model_trust(
-    model: torch.nn.Module, data: TrainData, cfg: TrustConfig, *, seed: int = 0, batch_size: int = 64
-) -> tuple[Trust, dict[str, Any]]:
-    """The package's :class:`Trust` and the figures ``metrics.json`` records under ``trust``."""
-    outs = {
+def split_outputs(model: torch.nn.Module, data: TrainData, *, batch_size: int = 64) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`model_outputs` of every split the data has (train, val, test): one pass each, which
+    the trust fit and the metrics (:func:`output_metrics`) share."""
+    return {
         s: model_outputs(model, data.datasets[s], batch_size=batch_size)
         for s in ("train", "val", "test")
         if s in data.datasets
     }
+
+
+def output_metrics(outs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class figures and loss on val, test and test_clean (the raw
+    logits, before any temperature), from outputs already computed."""
+    from ._loop import eval_metrics
+
+    metrics: dict[str, Any] = {}
+    for split in ("val", "test"):
+        if split not in outs:
+            continue
+        o = outs[split]
+        logits = o["logits"].astype(np.float64)
+        top = logits.max(axis=1, keepdims=True)
+        log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        ev = {
+            "probs": softmax(o["logits"]),
+            "labels": o["labels"],
+            "losses": log_z - logits[np.arange(len(logits)), o["labels"].astype(int)],
+            "leaked": o["leaked"],
+        }
+        metrics[split] = eval_metrics(ev)
+        if split == "test":
+            metrics["test_clean"] = eval_metrics(ev, ~o["leaked"])
+    return metrics
+
+
+def fit_model_trust(
+    model: torch.nn.Module,
+    data: TrainData,
+    cfg: TrustConfig,
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+    outputs: dict[str, dict[str, np.ndarray]] | None = None,
+) -> tuple[Trust, dict[str, Any]]:
+    """The package's :class:`Trust` and the figures ``metrics.json`` records under ``trust``
+    (``outputs``: :func:`split_outputs`, when the caller has them)."""
+    outs = outputs if outputs is not None else split_outputs(model, data, batch_size=batch_size)
     tr, va = outs["train"], outs["val"]
     trust = fit_trust(
         cfg,

@@ -388,15 +388,27 @@ def export_best(
 ) -> dict[str, Any]:
     """The best trial's best epoch, evaluated on val/test here and exported to ``best_model/``."""
     from ..imaging import MRIPreprocess
-    from ..train import best_model, evaluate_model, export_package, fit_model_trust, package_metrics, write_reliability
+    from ..train import (
+        best_model,
+        export_package,
+        fit_model_trust,
+        output_metrics,
+        package_metrics,
+        split_outputs,
+        write_reliability,
+    )
 
     best_row = rows[0]
     result = next(r for r in results if _trial_id(r) == best_row["trial"])
     tcfg = cfg.trial_config(dict(result.config), trial_id=best_row["trial"])
     checkpoint = _best_checkpoint(result, cfg)
     model = best_model(tcfg, checkpoint)
-    metrics = evaluate_model(model, data)
-    trust, trust_report = fit_model_trust(model, data, tcfg.trust, seed=tcfg.seed, batch_size=tcfg.eval_batch_size)
+    # Every split through the model once: the metrics and the trust fit share the outputs.
+    outs = split_outputs(model, data, batch_size=tcfg.eval_batch_size)
+    metrics = output_metrics(outs)
+    trust, trust_report = fit_model_trust(
+        model, data, tcfg.trust, seed=tcfg.seed, batch_size=tcfg.eval_batch_size, outputs=outs
+    )
     write_reliability(trust_report, root)
     uri = root.join(BEST_DIR).uri
     meta = export_package(
