@@ -73,6 +73,15 @@ def test_feature_detectors_separate_far_points(name):
     assert auroc(det.score(features=xin), det.score(features=far)) > 0.99
 
 
+def test_mahalanobis_score_is_the_distance_to_the_nearest_class_mean():
+    """The batched score (one matrix product) is the textbook (x - mu)^T P (x - mu), minimum over classes."""
+    x, y, _ = clustered_features()
+    det = make_detector("mahalanobis").fit(x, y)
+    q = np.random.default_rng(3).normal(0, 2, size=(7, x.shape[1])).astype(np.float32)
+    want = [min(float((v - mu) @ det.precision @ (v - mu)) for mu in det.means) for v in q]
+    np.testing.assert_allclose(det.score(features=q), want, rtol=1e-4)
+
+
 def test_fit_trust_flags_ood_and_low_confidence_and_round_trips(tmp_path):
     x, y, centres = clustered_features()
     w = centres / np.linalg.norm(centres, axis=1, keepdims=True)
