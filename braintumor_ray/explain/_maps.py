@@ -54,31 +54,42 @@ def heatmap_peak(heatmap: np.ndarray) -> tuple[int, int]:
     Lite0 fine-tuned at 224 px, three seeds) the hottest pixel fell inside the lesion box for
     25-34% of correctly classified tumour images, this centre for 98-100%.
     """
-    from scipy import ndimage
+    import cv2
 
-    h = np.nan_to_num(np.asarray(heatmap, dtype=np.float64))
+    h = np.asarray(heatmap, dtype=np.float32)
     if h.ndim != 2 or h.size == 0:
         raise InputError(f"expected one 2-D heat map, got shape {h.shape}")
+    if not np.isfinite(h).all():
+        h = np.nan_to_num(h)
     top = np.unravel_index(int(np.argmax(h)), h.shape)
     if h[top] <= 0:
         return int(top[0]), int(top[1])
-    regions, _ = ndimage.label(h >= 0.5 * h[top])
+    # OpenCV's labelling and moments (4-connected, as scipy.ndimage.label's default): 0.3 ms a
+    # 224 px map against 1.5 ms for the same centre with ndimage and numpy in float64, which was
+    # a third of a map's cost in a scoring replica (2026-12-07).
+    _, regions = cv2.connectedComponents((h >= 0.5 * h[top]).view(np.uint8), connectivity=4)
     hot = regions == regions[top]
-    ys, xs = np.nonzero(hot)
-    w = h[ys, xs]
-    cy, cx = float(np.dot(w, ys) / w.sum()), float(np.dot(w, xs) / w.sum())
+    m = cv2.moments(np.where(hot, h, np.float32(0)))
+    cy, cx = m["m01"] / m["m00"], m["m10"] / m["m00"]
     y, x = int(round(cy)), int(round(cx))
     if not hot[y, x]:  # a ring or a crescent: its centre is cold; the nearest hot pixel instead
+        ys, xs = np.nonzero(hot)
         k = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))
         y, x = int(ys[k]), int(xs[k])
     return y, x
+
+
+def _unit(heatmap: np.ndarray) -> np.ndarray:
+    """The map as float32 in 0..1, NaN as 0 (copied only when it has one)."""
+    h = np.asarray(heatmap, np.float32)
+    return np.clip(h if np.isfinite(h).all() else np.nan_to_num(h), 0, 1)
 
 
 def colorize(heatmap: np.ndarray) -> np.ndarray:
     """A 0..1 map as RGB uint8 (the JET colour map that Grad-CAM figures use: blue cold, red hot)."""
     import cv2
 
-    u8 = np.uint8(np.clip(np.nan_to_num(np.asarray(heatmap, np.float32)), 0, 1) * 255)
+    u8 = np.uint8(_unit(heatmap) * 255)
     return cv2.cvtColor(cv2.applyColorMap(u8, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
 
 
@@ -93,7 +104,7 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.5) -> np
     img = np.asarray(image)
     if img.dtype != np.uint8 or img.ndim != 2:
         raise InputError(f"expected one uint8 greyscale image (H, W), got {img.dtype} {img.shape}")
-    h = np.clip(np.nan_to_num(np.asarray(heatmap, np.float32)), 0, 1)
+    h = _unit(heatmap)
     if h.ndim != 2:
         raise InputError(f"expected one 2-D heat map, got shape {h.shape}")
     if h.shape != img.shape:

@@ -10,6 +10,7 @@ maps instead of adding copies, and no patient name reaches a file name.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -74,6 +75,7 @@ class HeatmapWriter:
         model_id: str,
         pin: Any = None,
         method: str = "auto",
+        threads: int = 1,
     ) -> None:
         self.mode, self.model_uri, self.s3_endpoint_url, self.pin = mode, model_uri, s3_endpoint_url, pin
         self.method = method
@@ -81,6 +83,8 @@ class HeatmapWriter:
         self.stage = resolve(stage_uri, s3_endpoint_url=s3_endpoint_url)
         self.final_uri, self.model_id = final_uri.rstrip("/"), model_id
         self._explainer: Any = None  # the Grad-CAM explainer, made on first need (it imports torch)
+        self.threads = max(1, threads)
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
 
     def __call__(
         self,
@@ -127,11 +131,24 @@ class HeatmapWriter:
         sha = batch.column("sha256").to_pylist()
         slices = batch.column("slice_index").to_pylist()
         boxes = batch.column("crop_box").to_pylist()
-        for r, image, heat in zip(rows, pix, maps):
+
+        def draw(k: int) -> tuple[bytes, tuple[int, int] | None]:
+            # An all-zero map (nothing speaks for the class) has no peak.
+            return overlay_png(pix[k], maps[k]), heatmap_peak(maps[k]) if float(maps[k].max()) > 0 else None
+
+        # The maps are drawn on the replica's threads while ONNX Runtime's sit idle between
+        # batches (OpenCV and numpy release the GIL); the files are written here, in order.
+        drawn = self._pool().map(draw, range(len(rows))) if len(rows) > 1 else map(draw, range(len(rows)))
+        for r, image, (png, peak) in zip(rows, pix, drawn):
             name = heatmap_name(sha[r], slices[r], self.model_id)
-            self.stage.join(name).write_bytes(overlay_png(image, heat))
+            self.stage.join(name).write_bytes(png)
             paths[r] = f"{self.final_uri}/{name}"
-            if float(heat.max()) > 0:  # an all-zero map (nothing speaks for the class) has no peak
-                py, px = heatmap_peak(heat)
+            if peak is not None:
+                py, px = peak
                 xs[r], ys[r] = original_xy(px, py, crop_box=tuple(boxes[r]), side=image.shape[0])
         return paths, xs, ys
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._threads is None:
+            self._threads = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="heatmaps")
+        return self._threads

@@ -114,6 +114,7 @@ class Predictor:
                 model_id=self.model.model_id,
                 pin=plan.pin,
                 method=plan.explain_method,
+                threads=self.threads,
             )
             if plan.explain != "none"
             else None
