@@ -169,6 +169,63 @@ def test_a_z_scored_and_a_raw_copy_of_a_volume_give_the_same_slices():
     assert all(np.abs(c[k + 30] - a[k]).max() <= 1 for k in a)
 
 
+def test_a_z_scored_volume_whose_background_is_0_inside_the_heads_range_is_windowed_on_the_head():
+    # nnU-Net's nonzero-mask normalisation: the head z-scored, the background left at exactly 0,
+    # among the head's values. Counted as head it came out mid-grey and the crop kept the whole
+    # field of view; as background it is black, and the slices are the raw copy's.
+    raw, kinds = head_volume(n_head=5, empty=3, headless=0, seed=3)
+    head = raw > 0
+    z = np.zeros_like(raw)
+    z[head] = (raw[head] - raw[head].mean()) / raw[head].std()
+    assert z[head].min() < 0 < z[head].max() and (z == 0).mean() > 0.5
+    a, b = _pixels(nifti_bytes(raw)), _pixels(nifti_bytes(z))
+    assert set(a) == set(b) == {k for k, kind in enumerate(kinds) if kind == "head"}
+    for k in a:
+        diff = np.abs(a[k] - b[k])
+        assert diff.max() <= 2 and diff.mean() < 0.5, (k, diff.max(), diff.mean())
+    # Training reads volumes through the same window: the ingest's rows are these pixels too.
+    from braintumor_ray.ingest._run import preprocess_batch
+
+    rows = preprocess_batch(pa.table({"path": ["z.nii"], "bytes": [nifti_bytes(z)]}), preprocess=PRE, guard=GUARD)
+    ok = [r for r in rows.to_pylist() if r["outcome"] == "ok"]
+    assert sorted(r["slice_index"] for r in ok) == sorted(b)
+    for r in ok:
+        got = np.frombuffer(r["image"], np.uint8).reshape(r["image_height"], r["image_width"]).astype(int)
+        assert np.array_equal(got, b[r["slice_index"]])
+
+
+def test_the_head_window_leaves_a_background_at_the_minimum_and_a_heads_own_values_alone():
+    from braintumor_ray.imaging._window import BACKGROUND_SHARE, HeadWindow, _percentile_levels, head_levels
+
+    def edges(a):
+        return np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+
+    rng = np.random.default_rng(0)
+    # A z-scored image with its background at the minimum: the window as before (the head's
+    # voxels above the minimum), nothing else mapped to black.
+    image, _ = render_mri("glioma", rng, 128)
+    head = image > 0
+    z = np.where(head, (image - image[head].mean()) / image[head].std(), -9.0)
+    assert head_levels(z.ravel(), edges(z)) == HeadWindow(_percentile_levels(z[head]))
+    # The same with its background at 0, inside the head's range: left out of the window, black.
+    z0 = np.where(head, z, 0.0)
+    w = head_levels(z0.ravel(), edges(z0))
+    assert w.black == (0.0,) and w.levels == _percentile_levels(z0[head & (z0 > z0.min())])
+    assert (w(z0)[~head] == 0).all() and w(z0)[head].mean() > 60
+    # A uint8 slice (a JPEG's grey levels as a volume), black background: a head's own flat
+    # values are not background though they fill more than the share, the skull as a CT's bone
+    # window leaves it (one grey level, below the lesion's white).
+    ring = np.hypot(*np.mgrid[-64:64, -64:64]) < 40
+    image[ring & (image > 0) & (image < 150)] = 200
+    assert (image == 200).mean() > BACKGROUND_SHARE and image.max() > 200
+    w = head_levels(image.ravel(), edges(image))
+    assert w == HeadWindow(_percentile_levels(image[image > 0].astype(float)))
+    # A background that is the edges' most common value but fills under the share is left in.
+    small = np.full((64, 64), 50.0)
+    small[1:-1, 1:-1] = rng.uniform(0, 100, (62, 62))
+    assert head_levels(small.ravel(), edges(small)).black == ()
+
+
 # --- 4. train on volumes: the ingest ----------------------------------------------------------
 
 
