@@ -652,6 +652,54 @@ def test_the_archive_shift_variants_strip_the_skull_and_z_score_the_head(tmp_pat
     assert s["recall"] == {"glioma": 0.5, "no_tumor": 0.5}
 
 
+def test_the_archive_shift_bench_takes_an_ingests_validation_images_and_pairs_two_packages(tmp_path):
+    import pyarrow.parquet as pq
+
+    from benchmarks.bench_archive_shift import correct_by_image, image_stems, paired_difference, split_folder
+
+    src = tmp_path / "data"
+    src.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg", "v.nii.gz"):
+        (src / name).write_bytes(name.encode())
+    (src / "x").mkdir()
+    (src / "x" / "a.jpg").write_bytes(b"another a")
+    pre = tmp_path / "pre" / "images"
+    rows = {"val": [(src / "a.jpg", "glioma", None), (src / "x" / "a.jpg", "glioma", None),
+                    (src / "b.jpg", "no_tumor", None), (src / "v.nii.gz", "glioma", 3)],
+            "train": [(src / "c.jpg", "glioma", None)]}
+    for split, rs in rows.items():
+        (pre / f"split={split}").mkdir(parents=True)
+        table = pa.table({"path": [str(p) for p, _, _ in rs], "label": [lb for _, lb, _ in rs],
+                          "slice_index": pa.array([k for _, _, k in rs], pa.int32())})
+        pq.write_table(table, pre / f"split={split}" / "part-0.parquet")
+    dst = tmp_path / "val"
+    # The validation rows' own files under their labels; training's and a volume's slices left out.
+    assert split_folder(str(tmp_path / "pre"), "val", str(dst)) == {"glioma": 2, "no_tumor": 1}
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file()) == [
+        "glioma/a.jpg", "glioma/a~1.jpg", "no_tumor/b.jpg"]
+    assert {(dst / "glioma" / n).read_bytes() for n in ("a.jpg", "a~1.jpg")} == {b"a.jpg", b"another a"}
+    stems = image_stems(str(dst))
+    assert stems == {"glioma": ["a", "a~1"], "no_tumor": ["b"]}
+
+    # Per image, right or not; an image without an ok row is wrong.
+    root = tmp_path / "archive"
+    rows_a = [{"path": str(root / "zscored" / "glioma" / "a.nii.gz"), "status": "ok", "predicted_label": "glioma"},
+              {"path": str(root / "zscored" / "no_tumor" / "b.nii.gz"), "status": "error", "predicted_label": None}]
+    assert correct_by_image(rows_a, str(root), stems, "zscored") == {
+        ("glioma", "a"): True, ("glioma", "a~1"): False, ("no_tumor", "b"): False}
+
+    # Paired: b is right on 3 more of 10 images in one variant and the same in the other.
+    keys = [("glioma", str(k)) for k in range(10)]
+    a = {"original": dict.fromkeys(keys, True), "stripped": {k: i >= 5 for i, k in enumerate(keys)}}
+    b = {"original": dict.fromkeys(keys, True), "stripped": {k: i >= 2 for i, k in enumerate(keys)}}
+    d = paired_difference(a, b, resamples=500)
+    assert d["original"] == (0.0, 0.0, 0.0)
+    diff, lo, hi = d["stripped"]
+    assert diff == pytest.approx(0.3) and 0 <= lo < 0.3 < hi <= 0.7
+    assert d["mean"][0] == pytest.approx(0.15) and d["mean"][1] <= 0.15 <= d["mean"][2]
+    assert paired_difference(a, a)["mean"] == (0.0, 0.0, 0.0)
+
+
 def _jpeg(a):
     import io
 
