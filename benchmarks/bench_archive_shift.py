@@ -2,6 +2,15 @@
 
     .venv/bin/python benchmarks/bench_archive_shift.py --package runs/base/model [--package runs/aug/model] \\
         --testing ../shared/data/sartaj-brain-mri/Testing --out /tmp/archive_shift.md
+    .venv/bin/python benchmarks/bench_archive_shift.py --package runs/base/model --package runs/aug/model \\
+        --ingest /tmp/real/pre --split val --out /tmp/archive_shift_val.md
+
+``--ingest PRE --split val`` takes the images of one split of an ingest's output instead (the
+source file each ``images/split=val/`` row names, under its row's label): the validation images,
+on which a choice between packages is made; Testing is reported, never used to choose. With two
+packages or more, a second table gives, per variant and for the mean over the variants, each
+later package's accuracy minus the first's, with a paired percentile bootstrap 95% interval (the
+same images resampled for both, seeded).
 
 Research archives (BraTS-style NIfTI) hold skull-stripped, z-scored float volumes; the model has
 only seen 8-bit JPEG slices with their skull. This makes, from every ``<class>/<image>`` under
@@ -22,7 +31,8 @@ Variants:
   pipelines leave it; a single-slice NIfTI, so scoring's float path (the head window) reads it.
 - ``stripped_zscored``: both, what a BraTS-style volume's slice is.
 - ``zscored_bg0`` (only when asked with ``--variants``): the head z-scored and the background at
-  0, as a nonzero-mask normalisation (nnU-Net) leaves it: 0 then sits inside the head's range.
+  0, as a nonzero-mask normalisation (nnU-Net) leaves it: 0 then sits inside the head's range
+  (scoring's head window takes it for background: a value filling a large share of the volume).
 
 A package's time is the scoring of every variant in one run (one Ray, started once), printed
 beside the machine's load: the figures are the model's, the time is only a guide.
@@ -164,6 +174,32 @@ def build_archive(testing: str, root: str, *, variants=DEFAULT_VARIANTS, depth: 
     return counts
 
 
+def split_folder(ingest: str, split: str, dst: str) -> dict[str, int]:
+    """The images of one split of an ingest's output (``ingest/images/split=<split>/``) copied to
+    ``dst/<label>/<name>`` (each row's source file under its row's label, a name taken twice
+    numbered), so :func:`build_archive` reads them as it reads Testing; returns the images per
+    label. Rows of a volume's slice are left out: the variants are made of 2-D images."""
+    import pyarrow.dataset as pads
+
+    part = os.path.join(ingest, "images", f"split={split}")
+    if not os.path.isdir(part):
+        raise SystemExit(f"{part} not found: --ingest takes an ingest's output folder (jobs/preprocess.py --output)")
+    t = pads.dataset(part, format="parquet").to_table(columns=["path", "label", "slice_index"]).to_pylist()
+    counts: dict[str, int] = {}
+    for row in sorted(t, key=lambda r: r["path"]):
+        if row["slice_index"] is not None:
+            continue
+        src = row["path"].removeprefix("file://")
+        os.makedirs(os.path.join(dst, row["label"]), exist_ok=True)
+        stem, suffix = os.path.splitext(os.path.basename(src))
+        name, k = stem + suffix, 1
+        while os.path.exists(os.path.join(dst, row["label"], name)):
+            name, k = f"{stem}~{k}{suffix}", k + 1
+        shutil.copyfile(src, os.path.join(dst, row["label"], name))
+        counts[row["label"]] = counts.get(row["label"], 0) + 1
+    return counts
+
+
 # --- the figures (pure) -----------------------------------------------------------------------
 
 
@@ -202,6 +238,62 @@ def summarise(rows: list[dict], root: str, counts: dict[str, int], variants) -> 
                         "recall": recall, "flag_rate": flagged / n if n else float("nan"),
                         "no_tumor_unflagged_on_tumour": nt_unflagged / tumour if tumour else float("nan")}
     return out
+
+
+def image_stems(testing: str) -> dict[str, list[str]]:
+    """``{class folder: [image stem, ...]}``: the images :func:`build_archive` takes from ``testing``."""
+    out = {}
+    for cls in sorted(os.listdir(testing)):
+        if os.path.isdir(os.path.join(testing, cls)) and canonical_label(cls) is not None:
+            names = sorted(os.listdir(os.path.join(testing, cls)))
+            out[cls] = [os.path.splitext(n)[0] for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+    return out
+
+
+def correct_by_image(rows: list[dict], root: str, stems: dict[str, list[str]], variant: str) -> dict[tuple[str, str], bool]:
+    """``(class folder, image stem) -> right or not`` for every image of ``stems`` in one variant,
+    as :func:`summarise` counts it (an image without an ``ok`` row is wrong): the key names the
+    same image in every variant and for every package."""
+    got = {}
+    for r in rows:
+        rel = os.path.relpath(r["path"].removeprefix("file://"), root).split(os.sep)
+        if rel[0] == variant:
+            got[(rel[1], os.path.splitext(rel[-1].removesuffix(".gz"))[0])] = r
+    out = {}
+    for cls, names in stems.items():
+        for stem in names:
+            r = got.get((cls, stem))
+            out[(cls, stem)] = bool(r and r["status"] == "ok" and r["predicted_label"] == canonical_label(cls))
+    return out
+
+
+def paired_difference(a: dict[str, dict], b: dict[str, dict], *, resamples: int = 1000, seed: int = 0) -> dict[str, tuple]:
+    """Per variant, and ``mean`` over the variants: accuracy of ``b`` minus that of ``a`` (each
+    ``{variant: {image: right}}`` on the same images) with a paired percentile bootstrap 95%
+    interval: the images resampled with replacement, the same draw for both packages and every
+    variant (the mean's interval keeps the variants' correlation)."""
+    variants = [v for v in a if v in b]
+    keys = sorted(set.intersection(*(set(a[v]) & set(b[v]) for v in variants))) if variants else []
+    if not keys:
+        return {}
+    d = np.array([[float(b[v][k]) - float(a[v][k]) for k in keys] for v in variants])  # variants x images
+    draws = np.random.default_rng(seed).integers(0, len(keys), size=(resamples, len(keys)))
+    boot = d[:, draws].mean(axis=2)  # variants x resamples
+    out = {}
+    for i, v in enumerate(variants):
+        out[v] = (float(d[i].mean()), *(float(x) for x in np.percentile(boot[i], [2.5, 97.5])))
+    out["mean"] = (float(d.mean()), *(float(x) for x in np.percentile(boot.mean(axis=0), [2.5, 97.5])))
+    return out
+
+
+def difference_markdown(diffs: dict[str, dict[str, tuple]], first: str) -> str:
+    pp = lambda x: f"{100 * x:+.1f}"  # noqa: E731
+    lines = [f"Accuracy minus {first}'s, points, paired bootstrap 95% interval:", "",
+             "| package | variant | difference | 95% interval |", "|---|---|---:|---|"]
+    for pkg, per in diffs.items():
+        for variant, (d, lo, hi) in per.items():
+            lines.append(f"| {pkg} | {variant} | {pp(d)} | {pp(lo)} .. {pp(hi)} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(results: dict[str, dict], header: str) -> str:
@@ -244,7 +336,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--package", action="append", required=True, help="model package folder (repeat for several)")
-    ap.add_argument("--testing", required=True, help="the Testing folder: <class>/<image>.jpg")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--testing", help="the Testing folder: <class>/<image>.jpg")
+    src.add_argument("--ingest", help="an ingest's output folder: the images of its --split (the source files its rows name)")
+    ap.add_argument("--split", default="val", help="with --ingest: which split (default val, the one a choice is made on)")
     ap.add_argument("--out", required=True, help="markdown file of the results (JSON beside it: .json)")
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--strip-depth", type=float, default=TrainAugment().strip_depth,
@@ -264,12 +359,17 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or tmp
-        testing = os.path.abspath(args.testing)
+        if args.ingest:
+            testing = os.path.join(work, f"split-{args.split}")
+            shutil.rmtree(testing, ignore_errors=True)
+            print(json.dumps({"split": args.split, "images": split_folder(args.ingest, args.split, testing)}), flush=True)
+        else:
+            testing = os.path.abspath(args.testing)
         if args.limit:
             testing = _limited(testing, os.path.join(work, "limited"), args.limit)
         root = os.path.join(work, "archive")
         t = time.perf_counter()
-        results, timings, counts = {}, {}, {}
+        results, timings, counts, right = {}, {}, {}, {}
         for pkg in args.package:
             # Each package's own crop settings (they decide where the head is, so the strip).
             pre = load_model_package(pkg).preprocess
@@ -289,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(old, ignore_errors=True)
             rows, summary, took = score(pkg, pkg_root, preds, args.batch_size)
             results[name] = summarise(rows, pkg_root, counts[pkg_root], variants)
+            right[name] = {v: correct_by_image(rows, pkg_root, image_stems(testing), v) for v in variants}
             timings[name] = {"seconds": round(took, 1), "rows": len(rows), "load": _load()}
             print(json.dumps({"package": name, **timings[name], "errors": summary.get("errors")}), flush=True)
         command = " ".join(["benchmarks/bench_archive_shift.py", *(sys.argv[1:] if argv is None else argv)])
@@ -296,10 +397,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"{os.cpu_count()} CPUs; scoring time per package (all variants, one run): "
                   + ", ".join(f"{k} {v['seconds']} s at load {v['load']}" for k, v in timings.items()))
         text = markdown(results, header)
+        names = list(right)
+        diffs = {n: paired_difference(right[names[0]], right[n]) for n in names[1:]}
+        if diffs:
+            text += "\n" + difference_markdown(diffs, names[0])
     with open(args.out, "w") as f:
         f.write(text)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump({"results": results, "timings": timings, "variants": variants, "strip_depth": args.strip_depth}, f, indent=2)
+        json.dump({"results": results, "timings": timings, "variants": variants, "strip_depth": args.strip_depth,
+                   "differences": diffs, "images": args.ingest and f"{args.ingest} split={args.split}" or testing},
+                  f, indent=2)
     print(text)
     return 0
 

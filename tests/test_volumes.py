@@ -169,6 +169,63 @@ def test_a_z_scored_and_a_raw_copy_of_a_volume_give_the_same_slices():
     assert all(np.abs(c[k + 30] - a[k]).max() <= 1 for k in a)
 
 
+def test_a_z_scored_volume_whose_background_is_0_inside_the_heads_range_is_windowed_on_the_head():
+    # nnU-Net's nonzero-mask normalisation: the head z-scored, the background left at exactly 0,
+    # among the head's values. Counted as head it came out mid-grey and the crop kept the whole
+    # field of view; as background it is black, and the slices are the raw copy's.
+    raw, kinds = head_volume(n_head=5, empty=3, headless=0, seed=3)
+    head = raw > 0
+    z = np.zeros_like(raw)
+    z[head] = (raw[head] - raw[head].mean()) / raw[head].std()
+    assert z[head].min() < 0 < z[head].max() and (z == 0).mean() > 0.5
+    a, b = _pixels(nifti_bytes(raw)), _pixels(nifti_bytes(z))
+    assert set(a) == set(b) == {k for k, kind in enumerate(kinds) if kind == "head"}
+    for k in a:
+        diff = np.abs(a[k] - b[k])
+        assert diff.max() <= 2 and diff.mean() < 0.5, (k, diff.max(), diff.mean())
+    # Training reads volumes through the same window: the ingest's rows are these pixels too.
+    from braintumor_ray.ingest._run import preprocess_batch
+
+    rows = preprocess_batch(pa.table({"path": ["z.nii"], "bytes": [nifti_bytes(z)]}), preprocess=PRE, guard=GUARD)
+    ok = [r for r in rows.to_pylist() if r["outcome"] == "ok"]
+    assert sorted(r["slice_index"] for r in ok) == sorted(b)
+    for r in ok:
+        got = np.frombuffer(r["image"], np.uint8).reshape(r["image_height"], r["image_width"]).astype(int)
+        assert np.array_equal(got, b[r["slice_index"]])
+
+
+def test_the_head_window_leaves_a_background_at_the_minimum_and_a_heads_own_values_alone():
+    from braintumor_ray.imaging._window import BACKGROUND_SHARE, HeadWindow, _percentile_levels, head_levels
+
+    def edges(a):
+        return np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+
+    rng = np.random.default_rng(0)
+    # A z-scored image with its background at the minimum: the window as before (the head's
+    # voxels above the minimum), nothing else mapped to black.
+    image, _ = render_mri("glioma", rng, 128)
+    head = image > 0
+    z = np.where(head, (image - image[head].mean()) / image[head].std(), -9.0)
+    assert head_levels(z.ravel(), edges(z)) == HeadWindow(_percentile_levels(z[head]))
+    # The same with its background at 0, inside the head's range: left out of the window, black.
+    z0 = np.where(head, z, 0.0)
+    w = head_levels(z0.ravel(), edges(z0))
+    assert w.black == (0.0,) and w.levels == _percentile_levels(z0[head & (z0 > z0.min())])
+    assert (w(z0)[~head] == 0).all() and w(z0)[head].mean() > 60
+    # A uint8 slice (a JPEG's grey levels as a volume), black background: a head's own flat
+    # values are not background though they fill more than the share, the skull as a CT's bone
+    # window leaves it (one grey level, below the lesion's white).
+    ring = np.hypot(*np.mgrid[-64:64, -64:64]) < 40
+    image[ring & (image > 0) & (image < 150)] = 200
+    assert (image == 200).mean() > BACKGROUND_SHARE and image.max() > 200
+    w = head_levels(image.ravel(), edges(image))
+    assert w == HeadWindow(_percentile_levels(image[image > 0].astype(float)))
+    # A background that is the edges' most common value but fills under the share is left in.
+    small = np.full((64, 64), 50.0)
+    small[1:-1, 1:-1] = rng.uniform(0, 100, (62, 62))
+    assert head_levels(small.ravel(), edges(small)).black == ()
+
+
 # --- 4. train on volumes: the ingest ----------------------------------------------------------
 
 
@@ -516,8 +573,12 @@ def test_skull_strip_and_renormalise_augmentations():
     dim = torch.from_numpy((np.stack([image, image]) * 0.5).astype(np.uint8))
     z = dataclasses.replace(off, renormalise=1.0)(dim, generator=g()).numpy()
     assert z[0].max() == 255 and int(dim.numpy()[0].max()) < 130 and (z[0][image == 0] == 0).all()
-    # Off by default, and the default preset's random draws are the same as without them.
-    assert TrainAugment().skull_strip == TrainAugment().renormalise == 0
+    # On by default, chosen on validation (docs/benchmarks.md), seeded like the others; the smoke
+    # preset leaves them off.
+    from braintumor_ray.train import TrainConfig
+
+    assert TrainAugment().skull_strip == TrainAugment().renormalise == 0.3
+    assert TrainConfig.smoke_test().augment.skull_strip == TrainConfig.smoke_test().augment.renormalise == 0
     assert torch.equal(TrainAugment()(x, generator=g()), TrainAugment()(x, generator=g()))
     assert not dataclasses.replace(off, skull_strip=0.5).is_identity and off.is_identity
 
@@ -593,6 +654,54 @@ def test_the_archive_shift_variants_strip_the_skull_and_z_score_the_head(tmp_pat
     (s,) = summarise(rows, str(root), counts, ["zscored"]).values()
     assert (s["images"], s["not_scored"], s["accuracy"], s["flag_rate"], s["no_tumor_unflagged_on_tumour"]) == (4, 1, 0.5, 0.5, 0.5)
     assert s["recall"] == {"glioma": 0.5, "no_tumor": 0.5}
+
+
+def test_the_archive_shift_bench_takes_an_ingests_validation_images_and_pairs_two_packages(tmp_path):
+    import pyarrow.parquet as pq
+
+    from benchmarks.bench_archive_shift import correct_by_image, image_stems, paired_difference, split_folder
+
+    src = tmp_path / "data"
+    src.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg", "v.nii.gz"):
+        (src / name).write_bytes(name.encode())
+    (src / "x").mkdir()
+    (src / "x" / "a.jpg").write_bytes(b"another a")
+    pre = tmp_path / "pre" / "images"
+    rows = {"val": [(src / "a.jpg", "glioma", None), (src / "x" / "a.jpg", "glioma", None),
+                    (src / "b.jpg", "no_tumor", None), (src / "v.nii.gz", "glioma", 3)],
+            "train": [(src / "c.jpg", "glioma", None)]}
+    for split, rs in rows.items():
+        (pre / f"split={split}").mkdir(parents=True)
+        table = pa.table({"path": [str(p) for p, _, _ in rs], "label": [lb for _, lb, _ in rs],
+                          "slice_index": pa.array([k for _, _, k in rs], pa.int32())})
+        pq.write_table(table, pre / f"split={split}" / "part-0.parquet")
+    dst = tmp_path / "val"
+    # The validation rows' own files under their labels; training's and a volume's slices left out.
+    assert split_folder(str(tmp_path / "pre"), "val", str(dst)) == {"glioma": 2, "no_tumor": 1}
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file()) == [
+        "glioma/a.jpg", "glioma/a~1.jpg", "no_tumor/b.jpg"]
+    assert {(dst / "glioma" / n).read_bytes() for n in ("a.jpg", "a~1.jpg")} == {b"a.jpg", b"another a"}
+    stems = image_stems(str(dst))
+    assert stems == {"glioma": ["a", "a~1"], "no_tumor": ["b"]}
+
+    # Per image, right or not; an image without an ok row is wrong.
+    root = tmp_path / "archive"
+    rows_a = [{"path": str(root / "zscored" / "glioma" / "a.nii.gz"), "status": "ok", "predicted_label": "glioma"},
+              {"path": str(root / "zscored" / "no_tumor" / "b.nii.gz"), "status": "error", "predicted_label": None}]
+    assert correct_by_image(rows_a, str(root), stems, "zscored") == {
+        ("glioma", "a"): True, ("glioma", "a~1"): False, ("no_tumor", "b"): False}
+
+    # Paired: b is right on 3 more of 10 images in one variant and the same in the other.
+    keys = [("glioma", str(k)) for k in range(10)]
+    a = {"original": dict.fromkeys(keys, True), "stripped": {k: i >= 5 for i, k in enumerate(keys)}}
+    b = {"original": dict.fromkeys(keys, True), "stripped": {k: i >= 2 for i, k in enumerate(keys)}}
+    d = paired_difference(a, b, resamples=500)
+    assert d["original"] == (0.0, 0.0, 0.0)
+    diff, lo, hi = d["stripped"]
+    assert diff == pytest.approx(0.3) and 0 <= lo < 0.3 < hi <= 0.7
+    assert d["mean"][0] == pytest.approx(0.15) and d["mean"][1] <= 0.15 <= d["mean"][2]
+    assert paired_difference(a, a)["mean"] == (0.0, 0.0, 0.0)
 
 
 def _jpeg(a):

@@ -1,12 +1,14 @@
 """NIfTI volumes -> 8-bit grey slices (one :class:`GreySlice` a slice), the guard checked first.
 
 Pixel values: the header's scl_slope/scl_inter; the window is cal_min/cal_max when the header sets
-it, else the percentile window over the head's voxels (those above the volume's minimum, which is
-the background of a skull-stripped or z-scored volume: ``head_levels``). A 3-D volume is cut along its last voxel axis
-(the acquisition's slice axis as scanner converters such as dcm2niix write it), slice ``k`` being
-``data[:, :, k]``, each shown as a DICOM viewer shows that plane: axial with anterior up and the
-patient's right on the left, coronal with superior up and right on the left, sagittal with superior
-up and anterior on the left.
+it, else the percentile window over the head's voxels (all but the background: the volume's
+minimum, where a skull-stripped or z-scored volume puts it, and the slices' edges' most common value
+when it is inside the range and fills a large share of the volume, where a nonzero-mask z-score
+puts it, mapped to black: ``head_levels``).
+A 3-D volume is cut along its last voxel axis (the acquisition's slice axis as scanner converters
+such as dcm2niix write it), slice ``k`` being ``data[:, :, k]``, each shown as a DICOM viewer shows
+that plane: axial with anterior up and the patient's right on the left, coronal with superior up
+and right on the left, sagittal with superior up and anterior on the left.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from __future__ import annotations
 import struct
 import warnings
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from ._guard import NO_INFO, GreySlice, InputGuard, MedicalDecodeError, SeriesSelector, SliceInfo
 from ._inflate import GZIP_MAGIC, NIFTI_GZIP_SLACK, inflate
-from ._window import _PERCENTILE_SAMPLE, _stretch, head_levels, voi_window
+from ._window import _PERCENTILE_SAMPLE, head_levels, voi_window
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Target display directions (RAS letters) of the horizontal and vertical image axes per plane.
@@ -146,12 +149,12 @@ def read_nifti(data: bytes, *, select: SeriesSelector, guard: InputGuard) -> lis
     # A view of the bytes, not a copy: each slice is scaled and windowed on its own.
     voxels_of = np.ndarray(tuple(dims), dtype=dtype, buffer=raw, offset=offset, order="F")
     scale = _nifti_scaling(slope, inter)
+    to_u8: Callable[[np.ndarray], np.ndarray]
     if np.isfinite(cal).all() and cal[1] > cal[0]:
         window = ((cal[0] + cal[1]) / 2, cal[1] - cal[0], "LINEAR_EXACT")
         to_u8 = lambda v: voi_window(v, *window)  # noqa: E731
     else:
-        levels = head_levels(_volume_sample(voxels_of, scale))
-        to_u8 = lambda v: _stretch(v, levels)  # noqa: E731
+        to_u8 = head_levels(_volume_sample(voxels_of, scale), _slice_edges(voxels_of, scale))
     mode = f"NIfTI-{version} {hdr.get_data_dtype()}"
     return [
         GreySlice(_display_slice(to_u8(scale(voxels_of[:, :, k])), codes, plane), mode, SliceInfo(slice_index=k))
@@ -182,6 +185,17 @@ def _volume_sample(voxels: np.ndarray, scale) -> np.ndarray:
         return scale(voxels).ravel()
     idx = np.unravel_index(np.arange(0, n, -(-n // _PERCENTILE_SAMPLE)), voxels.shape)
     return scale(voxels[idx])
+
+
+def _slice_edges(voxels: np.ndarray, scale) -> np.ndarray:
+    """The voxels on the edges of the slices (first and last row and column of ``data[:, :, k]``),
+    scaled, of every slice or of an even choice of them (at most about ``_PERCENTILE_SAMPLE``
+    voxels): where a head volume's field of view is empty."""
+    x, y, z = voxels.shape
+    voxels = voxels[:, :, :: -(-2 * (x + y) * z // _PERCENTILE_SAMPLE)]
+    faces = [voxels[0], voxels[-1]] if x > 1 else [voxels[0]]
+    faces += [voxels[1:-1, 0], voxels[1:-1, -1]] if y > 1 else [voxels[1:-1, 0]]
+    return np.concatenate([scale(f).ravel() for f in faces])
 
 
 def _axcodes(affine: np.ndarray) -> tuple[str, str, str] | None:
