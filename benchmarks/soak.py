@@ -112,7 +112,7 @@ def frame_and_page_bombs() -> dict[str, tuple[bytes, str]]:
     expands 64-fold, and a 1.7 MB GIF of 100,000 1x1 frames (over guard.max_slices)."""
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    from benchmarks.hostile_frames import frame_bombs, many_page_gif
+    from tests.generators.hostile_frames import frame_bombs, many_page_gif
 
     out = {name.removesuffix(".dcm"): (data, ".dcm") for name, data in frame_bombs().items()}
     return {**out, "gif_page_bomb": (many_page_gif(), ".gif")}
@@ -124,7 +124,7 @@ def round_three_bombs() -> dict[str, tuple[bytes, str]]:
     contrast check's float64 copy cost +1.2 GB: an error row "no content", now a few bytes a pixel)."""
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    from benchmarks.hostile_frames import progressive_jpeg
+    from tests.generators.hostile_frames import progressive_jpeg
 
     buf = io.BytesIO()
     Image.new("L", (11000, 11000), 0).save(buf, format="PNG")

@@ -7,7 +7,7 @@ A job's options are the job flags it takes (``braintumor_ray.cli.JOB_FLAGS``), t
 class's fields (``braintumor_ray.core.cli_options``: flags, YAML key, default and help, all from
 one ``setting(...)`` each); the search space's samplers, default ranges and reserved keys come
 from ``braintumor_ray.tune``. The prose around them is ``scripts/configuration.md.in``, whose
-``{{name}}`` slots this fills. tests/test_docs.py fails while the committed file differs.
+``{{name}}`` slots this fills. tests/project/test_docs.py fails while the committed file differs.
 """
 
 from __future__ import annotations

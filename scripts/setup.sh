@@ -14,7 +14,7 @@ py=${PYTHON:-python3}
 # --dev: the tests drive Debian's chromium (the HTML reports; Playwright never downloads a browser
 # here), a real PACS (orthanc with its DICOMweb plugin) and dcmtk's dsrdump/dcmdump (the DICOM
 # objects of scoring). CHROMIUM, ORTHANC, ORTHANC_DICOMWEB, DSRDUMP and APT_GET name other commands
-# or files (tests/test_reports.py checks this step with stubs).
+# or files (tests/report/test_reports.py checks this step with stubs).
 if [ -n "$extra" ]; then
   need=()
   command -v "${CHROMIUM:-chromium}" >/dev/null 2>&1 || need+=(chromium)

@@ -98,7 +98,7 @@ class Explainer:
 
         net = _unwrap(model)
         # ``layer``: another module than the last feature stage (e.g. the final feature map, where
-        # Grad-CAM is the forward pass's CAM; tests/test_explain.py).
+        # Grad-CAM is the forward pass's CAM; tests/explain/test_explain.py).
         self.layer_name, _, self.channels = target_layer(net) if layer is None else (layer, net.get_submodule(layer), 0)
         net = copy.deepcopy(net) if copy_model else net
         first = next(net.parameters(), None)

@@ -8,7 +8,7 @@ that layer is ``ReLU(sum_c W[class, c] F[c]) / (h w)``: the class-activation map
 2016), which the model gives as one more output of the same forward pass (the ``cam`` output of
 ``model.onnx``, and of the PyTorch model). :func:`cam_heatmaps` then does what
 pytorch-grad-cam does to a layer's map (ReLU, scale to 0..1, bilinear upsampling, scale again),
-so the two agree to float rounding (tests/test_explain.py).
+so the two agree to float rounding (tests/explain/test_explain.py).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def heatmap_peak(heatmap: np.ndarray) -> tuple[int, int]:
 
     Not the hottest pixel: the map is a 7 x 7 grid (at 224 px) upsampled bilinearly, so its
     maximum always sits on a grid cell's centre, 32 px apart, and a lesion smaller than a cell
-    or between two cells is missed. On the sample generator's images (tests/test_explain.py,
+    or between two cells is missed. On the sample generator's images (tests/explain/test_explain.py,
     Lite0 fine-tuned at 224 px, three seeds) the hottest pixel fell inside the lesion box for
     25-34% of correctly classified tumour images, this centre for 98-100%.
     """

@@ -19,7 +19,7 @@ arrays but brings scikit-learn and pandas into every scoring worker for a sort a
 TorchCP (class-wise predictor, APS/THR scores) works on torch tensors, and scoring with ONNX
 Runtime runs no torch. What the package must carry is one threshold per class, and what scoring
 must do is one comparison per class: that is the 40 lines below, checked in
-tests/test_conformal.py against the finite-sample guarantee (coverage within its binomial
+tests/trust/test_conformal.py against the finite-sample guarantee (coverage within its binomial
 bound; a quantile without the ``(n + 1)`` correction fails it). numpy is already in every
 worker, and the package stays readable without any of those libraries installed.
 """

@@ -10,7 +10,7 @@ import re
 import pytest
 import yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCHER_CONFIGS = ["cluster.yaml", "deploy/cluster-onprem.yaml"]
 
 

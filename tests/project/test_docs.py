@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOCS = ["README.md"] + sorted(f"docs/{f}" for f in os.listdir(os.path.join(REPO, "docs")) if f.endswith(".md"))
 YAML_FILES = ["cluster.yaml"] + sorted(
     f"deploy/{f}" for f in os.listdir(os.path.join(REPO, "deploy")) if f.endswith((".yaml", ".yml"))

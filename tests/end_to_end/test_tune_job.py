@@ -17,7 +17,7 @@ import pytest
 
 from _net import free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JOB = os.path.join(ROOT, "jobs", "tune.py")
 BIN = os.path.dirname(sys.executable)
 
@@ -27,7 +27,7 @@ NO_AGENT_YET = "No available agent to submit job"  # Ray's job server, while its
 
 
 def _no_onnx() -> str:
-    # The smoke preset's fixed settings and no model.onnx (an export costs ~5 s; tests/test_train_job.py
+    # The smoke preset's fixed settings and no model.onnx (an export costs ~5 s; tests/end_to_end/test_train_job.py
     # checks the default); --fixed replaces the preset's mapping whole, so it is given in full.
     from braintumor_ray.tune import SearchConfig
 
@@ -126,9 +126,9 @@ def _kill_group(proc) -> None:
 
 def test_ray_job_submit_smoke_search(ray_head, train_data_dir, tmp_path):
     """The smoke search submitted as the runbook does. It proves the submission and the job's
-    wiring, not the search (tests/test_tune.py does that): one backbone, one epoch, so one trial,
+    wiring, not the search (tests/tune/test_tune.py does that): one backbone, one epoch, so one trial,
     on the session's ingested sample (read only; the job's demo-data path is proven by
-    tests/test_train_job.py and scripts/demo.sh)."""
+    tests/end_to_end/test_train_job.py and scripts/demo.sh)."""
     storage = tmp_path / "runs"
     submit = [os.path.join(BIN, "ray"), "job", "submit", "--address", ray_head["address"], "--working-dir", ROOT,
               "--", "python", "jobs/tune.py", "--smoke-test", "--data", train_data_dir, "--storage", str(storage),
@@ -174,7 +174,7 @@ def _finished(rows: list[dict], max_epochs: int) -> bool:
 @pytest.mark.ray
 def test_killed_driver_then_resume_runs_only_unfinished_trials(train_data_dir, tmp_path, monkeypatch, caplog):
     """The session's ingested sample (read only) instead of the embedded demo data: the job's
-    demo-data path is proven by tests/test_train_job.py and scripts/demo.sh. The killed driver is
+    demo-data path is proven by tests/end_to_end/test_train_job.py and scripts/demo.sh. The killed driver is
     a real process with its own Ray; the resume is the job's ``main`` on the session's Ray (what
     it proves is the resume from the dead driver's files, not a second Ray start-up: ~20 s)."""
     home = tmp_path / "home"

@@ -89,7 +89,7 @@ def test_search_on_s3_asha_leaderboard_and_best_model(train_data_dir, s3_endpoin
 
 
 def _check_search_runs(client, s) -> None:
-    """(from tests/test_mlflow.py) The search's MLflow runs: one parent with the best trial and the
+    """(from tests/tracking/test_mlflow.py) The search's MLflow runs: one parent with the best trial and the
     test figures, a child per trial with its status, ASHA flag and per-epoch history, the search's
     files as artifacts, the best model registered with its model_id and trial."""
     exp = client.get_experiment_by_name("bt-search")

@@ -71,7 +71,7 @@ def trained(train_data_dir, s3_endpoint, mlflow_server, client):
 
     bucket = "bt-mlflow-train"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
-    # No model.onnx: these tests score it with PyTorch (the export costs ~5 s; tests/test_train_job.py checks it).
+    # No model.onnx: these tests score it with PyTorch (the export costs ~5 s; tests/end_to_end/test_train_job.py checks it).
     cfg = TrainConfig.smoke_test(data=train_data_dir, storage=f"s3://{bucket}/runs", name="s3run", epochs=4, onnx=False,
                                  s3_endpoint_url=s3_endpoint, mlflow=_tracking(mlflow_server[0], "bt-train"))
     first: list[dict] = []
@@ -98,7 +98,7 @@ def trained(train_data_dir, s3_endpoint, mlflow_server, client):
 
 def _learned(history, result):
     """Loss falls and the easy task ends well classified; a model that learnt nothing has
-    accuracy ~0.25 and ROC-AUC ~0.5 (as in tests/test_train.py)."""
+    accuracy ~0.25 and ROC-AUC ~0.5 (as in tests/train/test_train.py)."""
     assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"], [h["train_loss"] for h in history]
     for split in ("val", "test"):
         m = result[split]
@@ -106,7 +106,7 @@ def _learned(history, result):
 
 
 def test_one_worker_learns_with_s3_storage_and_resume(trained, s3_endpoint):
-    """(from tests/test_train.py) One worker learns the easy task; checkpoints, metrics, plots and
+    """(from tests/train/test_train.py) One worker learns the easy task; checkpoints, metrics, plots and
     the model package land on s3:// and load back; a finished run is refused unless resumed, and
     its --resume trains no epoch again."""
     import boto3
@@ -226,7 +226,7 @@ def test_a_run_whose_tracking_could_not_start_is_opened_at_the_end(mlflow_server
 
 
 # The search's MLflow runs (parent, children, leaderboard, best model, resume) are checked on the
-# session's one search: tests/test_tune.py::test_search_on_s3_asha_leaderboard_and_best_model.
+# session's one search: tests/tune/test_tune.py::test_search_on_s3_asha_leaderboard_and_best_model.
 
 
 def test_mlflow_is_not_imported_without_a_tracking_uri():

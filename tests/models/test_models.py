@@ -449,7 +449,7 @@ def test_package_on_s3(tmp_path, s3_endpoint, s3_bucket):
 
 
 def test_package_tampering_is_detected(tmp_path):
-    # No model.onnx: this is about model.json and the weights (tests/test_onnx.py tampers with the ONNX file).
+    # No model.onnx: this is about model.json and the weights (tests/models/test_onnx.py tampers with the ONNX file).
     folder = tmp_path / "pkg"
     export_model_package(_trained_tiny(), str(folder), preprocess=MRIPreprocess(), onnx=False)
     meta = json.loads((folder / "model.json").read_text())

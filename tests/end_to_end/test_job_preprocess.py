@@ -12,7 +12,7 @@ import pytest
 
 from conftest import load_job
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JOB = os.path.join(REPO, "jobs", "preprocess.py")
 
 

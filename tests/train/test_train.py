@@ -1,5 +1,5 @@
 """Ray Train fine-tuning: the worker function under TorchTrainer (2 CPU workers) and fault
-tolerance (the 1-worker run on s3:// storage is in tests/test_mlflow.py, trained once for both). Tiny random-init models on generated 64 px data."""
+tolerance (the 1-worker run on s3:// storage is in tests/tracking/test_mlflow.py, trained once for both). Tiny random-init models on generated 64 px data."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def test_two_workers_survive_a_failure_mid_epoch_2(train_data, failure_marker, t
 
 
 # The one-worker run on s3:// storage with --resume is trained once for this and the MLflow tests:
-# tests/test_mlflow.py::test_one_worker_learns_with_s3_storage_and_resume.
+# tests/tracking/test_mlflow.py::test_one_worker_learns_with_s3_storage_and_resume.
 
 
 def test_files_beside_the_parquet_are_not_read(train_data, train_data_dir, tmp_path):

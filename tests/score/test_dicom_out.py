@@ -1,6 +1,6 @@
 """DICOM objects of scoring (--dicom-out, --dicom-send): the pure parts, without Ray or a PACS.
 
-tests/test_pacs.py sends them to a real Orthanc and reads them back with pydicom and dcmtk.
+tests/score/test_pacs.py sends them to a real Orthanc and reads them back with pydicom and dcmtk.
 """
 
 from __future__ import annotations

@@ -472,7 +472,7 @@ def test_setup_installs_chromium_for_dev_only_when_missing(tmp_path):
     otherwise it stops with the command to run), and nothing when it is there or without --dev;
     likewise Debian's orthanc, orthanc-dicomweb and dcmtk (the PACS tests), all in one install.
     Run on a copy of the script with a stub apt-get and an up-to-date stamp, so no install happens."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     (tmp_path / "scripts").mkdir()
     shutil.copy(repo / "scripts" / "setup.sh", tmp_path / "scripts" / "setup.sh")
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")

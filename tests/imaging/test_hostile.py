@@ -36,7 +36,7 @@ from test_dicom import dicom_bytes, head12, nifti_bytes
 import pydicom  # noqa: E402  (a core dependency: a missing one fails, never skips)
 import nibabel as nib  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRE = MRIPreprocess(image_size=64)
 GUARD = InputGuard()
 BOMB_MIB = 300

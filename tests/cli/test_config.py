@@ -2,7 +2,7 @@
 
 Fast and without Ray: the jobs' own parsers (``jobs/<job>.py get_args_parser()``) and
 ``braintumor_ray.cli.build_config``; the stages never run here (the end-to-end check that a
-training run's saved config.yaml rebuilds its TrainConfig is in tests/test_train_job.py).
+training run's saved config.yaml rebuilds its TrainConfig is in tests/end_to_end/test_train_job.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from braintumor_ray.score import OUTPUT_CONFIG_FILE, ScoreConfig
 from braintumor_ray.train import TrainConfig
 from braintumor_ray.tune import SearchConfig
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JOBS = {"preprocess": IngestConfig, "train": TrainConfig, "tune": SearchConfig, "score": ScoreConfig}
 # The options a job cannot go without, given first in every command line below.
 BASE = {

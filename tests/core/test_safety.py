@@ -28,7 +28,7 @@ from braintumor_ray.score import ScoreConfig, run_scoring
 
 from conftest import load_job, upload_tree
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 _job = load_job  # a job module from jobs/, imported as users run it (its main returns the exit code)

@@ -1,6 +1,6 @@
 """Compressed-frame bombs (JPEG, JPEG lossless, JPEG-LS, JPEG 2000, RLE) are refused on their
 frame headers before any pixel is decoded, and legitimate compressed frames still decode.
-Pure reader tests: no Ray. The bombs come from benchmarks/hostile_frames.py (the soak uses them too)."""
+Pure reader tests: no Ray. The bombs come from tests/generators/hostile_frames.py (the soak uses them too)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from PIL import Image
 from braintumor_ray import MRIPreprocess
 from braintumor_ray.imaging import InputGuard, read_medical
 
-from benchmarks.hostile_frames import (
+from generators.hostile_frames import (
     SIDE,
     _dicom,
     frame_bombs,
@@ -156,7 +156,7 @@ def test_legitimate_compressed_frames_pass_the_check_and_decode():
     # A JPEG-LS header that matches goes on to the decoder (which finds the garbage data).
     r = PRE.try_slices(_dicom(jpeg_ls_frame(64), JPEGLSLossless, bits=16), guard=GUARD)
     assert "refused before decoding" not in r.error and "corrupt or truncated DICOM pixel data" in r.error, r.error
-    # The legit RLE frames pydicom writes pass (tests/test_dicom.py decodes them); a 3-sample one too.
+    # The legit RLE frames pydicom writes pass (tests/imaging/test_dicom.py decodes them); a 3-sample one too.
     rgb = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
     ds = pydicom.dcmread(io.BytesIO(_dicom(rle_frame(1), RLELossless, rows=32, cols=32, samples=3)))
     ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
