@@ -275,3 +275,33 @@ def test_the_commit_builds_withdrawals_and_new_versions_from_the_one_table():
     assert list(kept) == ["x.parquet"] and kept["x.parquet"].column("path").to_pylist() == ["d"]
     assert found == {"b": (11, "v2"), "c": (10, "v1")}
     assert committed_rows([], names).schema == schema
+
+
+def test_derived_files_stand_only_while_their_bytes_and_sources_match():
+    """A run with nothing to commit keeps the series table and report only when each listed file is
+    there with its listed bytes, was built from the files the manifest lists now, under this run's
+    settings, and no unlisted one is there; otherwise it says why they are built again."""
+    from braintumor_ray.core import files_digest
+    from braintumor_ray.score._plan import DerivedFacts, derived_settings, derived_stale
+
+    files = {"a.parquet": {"sha256": "1"}, "b.parquet": {"sha256": "2"}}
+    rows = files_digest(files)
+    settings = derived_settings(class_names=("glioma", "no_tumor"), series_review_threshold=0.6, output_uri="/o")
+    entry = {"of": rows, "settings": settings}
+    listed = {"_report.html": entry | {"sha256": "r"}, "_series/series.parquet": entry | {"sha256": "s"}}
+    present = {"_report.html": "r", "_series/series.parquet": "s"}
+
+    def why(listed=listed, present=present, rows=rows, settings=settings):
+        return derived_stale(DerivedFacts(listed=listed, present=present, rows=rows), settings, report="_report.html")
+
+    assert why() is None
+    assert "gone" in why(present=present | {"_report.html": None})
+    assert "sha256 differs" in why(present=present | {"_series/series.parquet": "forged"})
+    assert "other committed files" in why(rows=files_digest(files | {"c.parquet": {"sha256": "3"}}))
+    assert files_digest(files | {"b.parquet": {"sha256": "9"}}) != rows  # a file's bytes count, not only its name
+    other = derived_settings(class_names=("glioma", "no_tumor"), series_review_threshold=0.7, output_uri="/o")
+    assert other != settings and "other settings" in why(settings=other)
+    assert "no report" in why(listed={}, present={"_report.html": None, "_series/series.parquet": None})
+    only_report = {"_report.html": listed["_report.html"]}
+    assert why(listed=only_report, present={"_report.html": "r", "_series/series.parquet": None}) is None
+    assert "not listed" in why(listed=only_report)  # a table there that no commit listed

@@ -4,7 +4,9 @@ versions of unchanged files, the maps; and the committed table after it, built i
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -13,6 +15,9 @@ import pyarrow.parquet as pq
 from ..core import Location, StagedWriter, latest_rows, posix_basename, remove_child
 from ._layout import ATTEMPTS_DIR, UNCHANGED, _output_of, _writer, output_schema
 from ._plan import WITHDRAWN, WITHDRAWN_REASON, ScoringPlan
+
+if TYPE_CHECKING:
+    from ._derived import Derived
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +29,12 @@ def _commit(
     explain_writer: StagedWriter,
     explain_stage: Location,
     committed: pa.Table,
-) -> tuple[pa.Table, pa.Table, int]:
-    """Add the withdrawal rows to the run, then commit it: its rows and the maps. Returns this
-    run's rows (scored and withdrawn), the committed rows after the commit, and the maps committed.
+    derive: Callable[[pa.Table], Derived],
+) -> tuple[pa.Table, pa.Table, int, Derived]:
+    """Add the withdrawal rows to the run, then commit it: its rows and the maps, and the series
+    table and report ``derive`` builds from the committed rows as they will be (listed in the same
+    manifest write as the rows). Returns this run's rows (scored and withdrawn), the committed rows
+    after the commit, the maps committed and what ``derive`` built.
 
     Every row of the run is on storage: the commit marks it so (from here a cut-off run is
     committed by the next one instead of redone), then moves the files in one by one and names
@@ -58,7 +66,7 @@ def _commit(
         )
     written = pa.concat_tables([t.cast(schema) for t in kept.values()]) if kept else schema.empty_table()
     heatmaps = explain_writer.commit(explain_stage) if explain_stage.exists() else 0
-    parts = [] if plan.rescore_all else [committed]
+    parts = [] if plan.rescore_all and kept else [committed]
     if found:  # after `written`: these files were not scored again
         reversioned = _reversioned_rows(committed, found, plan.scored_at)
         name = f"versions-{plan.run_id}.parquet"
@@ -70,10 +78,11 @@ def _commit(
             "version recorded, not scored again",
             len(found),
         )
-    if kept:
-        writer.commit(staging, replace_all=plan.rescore_all, data=data)
+    after = pa.concat_tables([*parts, written])
+    built = derive(after)
+    writer.commit(staging, replace_all=plan.rescore_all and bool(kept), data=data, derived=built.files)
     _clear_attempts(writer.root.join(ATTEMPTS_DIR))
-    return written, pa.concat_tables([*parts, written]), heatmaps
+    return written, after, heatmaps, built
 
 
 def _read_staged(staging: Location) -> tuple[dict[str, pa.Table], dict[str, bytes]]:

@@ -1,23 +1,26 @@
-"""What a scoring run derives from its committed rows, in memory, after its one commit: the
-summary's counts, the per-series table, the DICOM objects and their sending, the review page;
-and the summary's text."""
+"""What a scoring run derives from its committed rows, in memory: the per-series table and the
+review page (built before the commit, from the rows as they will be, and committed with them),
+then the DICOM objects and their sending, the summary's counts; and the summary's text."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..core import Identifiers, Lease, Location, Manifest
+from ..core import Identifiers, Lease, Location, Manifest, StagedWriter
 from ..imaging import SLICE_SKIP_REASONS
-from ..report import write_scoring_report
+from ..report import scoring_report_html
 from ._config import ScoreConfig
 from ._dicom import run_dicom_step
 from ._dicom_out import Algorithm
 from ._explain import explain_location
+from ._layout import REPORT_KEY, SERIES_KEY
 from ._plan import WITHDRAWN, RerunDiff, ScoringPlan
-from ._series import series_table, write_series_table
+from ._series import series_bytes, series_table
 
 if TYPE_CHECKING:
     from ._facts import ScoringFacts
@@ -82,10 +85,46 @@ def algorithm(facts: ScoringFacts) -> Algorithm:
     )
 
 
+@dataclass(frozen=True)
+class Derived:
+    """The series table and report built from committed rows, as the commit publishes them."""
+
+    series: pa.Table  # in memory: the DICOM step takes it from here, never from its file
+    files: dict[str, tuple[bytes, dict[str, Any]]]  # key -> (bytes, extra manifest entry keys)
+    series_rows: int | None  # None: no table (an archive of plain images gets no empty sibling folder)
+
+
+def build_derived(rows: pa.Table, *, plan: ScoringPlan, dst: Location) -> Derived:
+    """The per-series table and the review page of the committed rows ``rows`` (in memory, never
+    read back from storage), as files for the commit (:meth:`StagedWriter.commit`'s ``derived``)."""
+    series = series_table(rows, list(plan.class_names), review_threshold=plan.series_review_threshold)
+    extra = {"settings": plan.derived_settings}
+    files: dict[str, tuple[bytes, dict[str, Any]]] = {}
+    series_rows = None
+    if series.num_rows or plan.series_published:  # one there before is replaced, by an empty table too
+        files[SERIES_KEY] = (series_bytes(series), extra | {"rows": series.num_rows})
+        series_rows = series.num_rows
+    maps = explain_location(dst)
+    html = scoring_report_html(
+        dst, series=series, maps=maps, rows=rows, map_files=Manifest(maps, what="explain").read()
+    )
+    files[REPORT_KEY] = (html.encode("utf-8"), extra)
+    return Derived(series=series, files=files, series_rows=series_rows)
+
+
+def commit_derived(writer: StagedWriter, run_id: str, built: Derived) -> None:
+    """A run with no rows to commit whose series table or report is missing, altered or stale: a
+    commit of those alone (the next run with nothing new finds them whole and writes nothing)."""
+    writer.commit(writer.stage(run_id), derived=built.files)
+
+
 def _derived(
     summary: dict,
     rows: pa.Table,
     *,
+    built: Derived | None,
+    listed: Mapping[str, Mapping[str, Any]],
+    report: str,
     config: ScoreConfig,
     plan: ScoringPlan,
     dst: Location,
@@ -95,11 +134,16 @@ def _derived(
     lease: Lease,
     algo: Algorithm,
 ) -> dict:
-    """What is built from the committed rows ``rows`` (in memory, never read back from storage),
-    still under the lease: the per-series table, then the DICOM objects and their sending (from
-    that table, not from its file), then the review page."""
-    series = series_table(rows, list(plan.class_names), review_threshold=plan.series_review_threshold)
-    out = summary | {"series": write_series_table(dst, series)}
+    """After the commit, still under the lease: the DICOM objects and their sending (from the series
+    table in memory, not from its file; built here from ``rows`` when the run built none and DICOM
+    is asked for), and the summary's series count and report. ``built``: the series table and
+    report this run committed (None: the ones committed before stand, ``listed`` in the manifest)."""
+    series = built.series if built is not None else None
+    wants_dicom = config.dicom_out != "none" or bool(config.dicom_send)
+    if series is None and wants_dicom:
+        series = series_table(rows, list(plan.class_names), review_threshold=plan.series_review_threshold)
+    count = built.series_rows if built is not None else (listed.get(SERIES_KEY) or {}).get("rows")
+    out = summary | {"series": count}
     step = run_dicom_step(
         config,
         dst=dst,
@@ -114,12 +158,7 @@ def _derived(
     )
     if step is not None:
         out["dicom"] = step
-    maps = explain_location(dst)
-    return out | {
-        "report": write_scoring_report(
-            dst, series=series, maps=maps, rows=rows, map_files=Manifest(maps, what="explain").read()
-        )
-    }
+    return out | {"report": report}
 
 
 def format_summary(s: dict) -> str:
