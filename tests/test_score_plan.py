@@ -305,3 +305,23 @@ def test_derived_files_stand_only_while_their_bytes_and_sources_match():
     only_report = {"_report.html": listed["_report.html"]}
     assert why(listed=only_report, present={"_report.html": "r", "_series/series.parquet": None}) is None
     assert "not listed" in why(listed=only_report)  # a table there that no commit listed
+
+
+def test_the_summary_is_a_typed_frozen_object_that_reads_as_the_dict_did():
+    import dataclasses
+
+    from braintumor_ray.score import ScoringSummary, format_summary
+
+    counts = dict(input="/in", output="/out", model_id="m", files_seen=3, skipped_already_scored=0, scored=3, errors=0,
+                  not_selected=0, withdrawn=0, errors_retried=0, errors_final=0, committed_runs=0, dropped_runs=0,
+                  wall_s=1.0, images_per_s=3.0, lease={"owner": "r"}, notes=["n"])
+    s = ScoringSummary.of(counts)
+    assert s.scored == s["scored"] == 3 and s.get("dicom") is None and s.run_id is None and s.notes == ("n",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.scored = 4  # type: ignore[misc]
+    with pytest.raises(KeyError):
+        s["scord"]
+    with pytest.raises(TypeError):  # a count the type does not name is a bug, not a key that goes unread
+        ScoringSummary.of(counts | {"scord": 1})
+    assert s.to_dict()["notes"] == ["n"] and "note: n" in format_summary(s)
+    assert format_summary(s) == format_summary(s.to_dict())

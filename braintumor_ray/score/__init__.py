@@ -2,7 +2,7 @@
 
 from ._config import OUTPUT_CONFIG_FILE, ScoreConfig
 from ._decode import decode_batch
-from ._derived import format_summary
+from ._derived import ScoringSummary, format_summary
 from ._layout import PROB_PREFIX, SERIES_FILE, output_schema, recover
 from ._plan import ClusterShape, PriorFile, RerunDiff, ScoringPlan, plan_replicas, plan_scoring, prior_state, rerun_diff
 from ._run import Predictor, actor_threads, run_scoring
@@ -13,6 +13,7 @@ __all__ = [
     "PriorFile",
     "RerunDiff",
     "ScoringPlan",
+    "ScoringSummary",
     "plan_scoring",
     "prior_state",
     "rerun_diff",

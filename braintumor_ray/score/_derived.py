@@ -26,6 +26,63 @@ if TYPE_CHECKING:
     from ._facts import ScoringFacts
 
 
+@dataclass(frozen=True)
+class ScoringSummary:
+    """What :func:`~braintumor_ray.score.run_scoring` returns: one run's counts, where its outputs
+    are, and how it went. ``summary["scored"]`` and ``summary.get("dicom")`` read it as the dict it
+    was before (scripts and tests written against that); :meth:`to_dict` gives that dict."""
+
+    input: str
+    output: str
+    model_id: str
+    files_seen: int
+    skipped_already_scored: int  # listed files whose rows stand (or whose bytes were scored already)
+    scored: int  # rows scored ok this run (one per image or slice)
+    errors: int
+    not_selected: int  # files the series selector left out
+    withdrawn: int  # files gone from the input, their rows marked withdrawn
+    errors_retried: int
+    errors_final: int
+    committed_runs: int  # earlier cut-off runs this run finished
+    dropped_runs: int  # and those it dropped
+    wall_s: float
+    images_per_s: float
+    lease: dict[str, Any]
+    report: str | None = None  # the review page's URI
+    series: int | None = None  # rows of the series table (None: the output has none)
+    heatmaps: int = 0
+    slices_skipped: int = 0  # a volume's slices with no content or no head
+    run_id: str | None = None  # None: nothing was committed
+    engine: str | None = None  # these three when the run scored anything
+    replicas: int | None = None
+    cpus_per_replica: float | None = None
+    dicom: dict[str, Any] | None = None  # --dicom-out / --dicom-send: objects written, sent
+    replaced_models: tuple[str, ...] = ()  # --rescore-all: the models whose rows this run replaced
+    notes: tuple[str, ...] = ()
+    mlflow_run_id: str | None = None
+    mlflow_error: str | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default) if key in self.__dataclass_fields__ else default
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary as a plain dict (tuples as lists), for JSON and MLflow."""
+        out = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def of(cls, counts: Mapping[str, Any]) -> ScoringSummary:
+        """From the run's counts as :func:`start_summary`, :func:`run_counts` and the derived step
+        gather them: an unknown key is a bug (a TypeError here), never a silently dropped count."""
+        tuples = {k: tuple(counts[k]) for k in ("replaced_models", "notes") if k in counts}
+        return cls(**{**counts, **tuples})
+
+
 def start_summary(facts: ScoringFacts, diff: RerunDiff) -> dict[str, Any]:
     """The summary as the plan has it, before anything runs."""
     return {
@@ -161,7 +218,8 @@ def _derived(
     return out | {"report": report}
 
 
-def format_summary(s: dict) -> str:
+def format_summary(s: ScoringSummary | Mapping[str, Any]) -> str:
+    """What ``jobs/score.py`` prints (``s``: the summary, or a dict of its fields)."""
     lines = [
         f"score {s['input']} -> {s['output']} (model {s['model_id']})",
         f"  files seen {s['files_seen']}, rows scored {s['scored']} (one per image or slice), skipped as already "

@@ -56,7 +56,7 @@ from ..tracking import log_scoring
 from ..trust import softmax
 from ._commit import _commit
 from ._config import OUTPUT_SIBLINGS, ScoreConfig
-from ._derived import _derived, algorithm, build_derived, commit_derived, run_counts, start_summary
+from ._derived import ScoringSummary, _derived, algorithm, build_derived, commit_derived, run_counts, start_summary
 from ._execute import _cluster_shape, _execute
 from ._explain import HeatmapWriter
 from ._facts import gather_facts
@@ -222,8 +222,9 @@ def actor_threads() -> int:
     return 1
 
 
-def run_scoring(config: ScoreConfig) -> dict:
-    """Score every new or changed file under ``input``; returns the run's summary.
+def run_scoring(config: ScoreConfig) -> ScoringSummary:
+    """Score every new or changed file under ``input``; returns the run's summary (a frozen
+    :class:`ScoringSummary`).
 
     The whole run holds the output's lease (``OUTPUT._lease.json``): a second run on the same
     output refuses, naming this one, or waits (``wait``), whoever started it. A full disk is a
@@ -246,7 +247,7 @@ def run_scoring(config: ScoreConfig) -> dict:
         if is_no_space(e):  # a Ray task's OSError arrives wrapped, with the worker's traceback
             raise StorageError(no_space_message(dst.uri)) from e
         raise
-    return summary | {"lease": lease.describe()}
+    return ScoringSummary.of(summary | {"lease": lease.describe()})
 
 
 def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
