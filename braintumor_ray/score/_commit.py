@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..core import Location, StagedWriter, latest_rows, posix_basename, remove_child
+from ..core import Location, StagedWriter, StorageError, latest_rows, posix_basename, remove_child
 from ._layout import ATTEMPTS_DIR, UNCHANGED, _output_of, _writer, output_schema
 from ._plan import WITHDRAWN, WITHDRAWN_REASON, ScoringPlan
 
@@ -54,6 +54,7 @@ def _commit(
         elif kept[name] is not t:
             data[name] = _parquet_bytes(kept[name])
             staging.join(name).write_bytes(data[name])
+    kept, data = _one_file(kept, data, staging, plan.run_id, schema)
     if plan.diff.withdrawn:
         rows = _withdrawal_rows(committed, plan.diff.withdrawn, plan.scored_at)
         name = f"withdrawn-{plan.run_id}.parquet"
@@ -94,6 +95,27 @@ def _read_staged(staging: Location) -> tuple[dict[str, pa.Table], dict[str, byte
             raw[name] = staging.fs.cat_file(path)
             tables[name] = pq.read_table(pa.BufferReader(raw[name]))
     return tables, raw
+
+
+def _one_file(
+    kept: dict[str, pa.Table], data: dict[str, bytes], staging: Location, run_id: str, schema: pa.Schema
+) -> tuple[dict[str, pa.Table], dict[str, bytes]]:
+    """The run's scored rows as one staged file, ``rows-RUN.parquet``, in place of Ray Data's one
+    file per block (32 files a 1,000 rows): every later run reads each committed file, and reading
+    the 305 files of 10,000 rows was 0.85 s of a 2.7 s no-change rerun (load 35; at 100,000 rows,
+    3,125 files, 3-5 s). Written before the parts go, all before the run's marker: a run cut off
+    here is dropped whole by the next one, as any unmarked run."""
+    if len(kept) < 2:
+        return kept, data
+    merged = pa.concat_tables([t.cast(schema) for t in kept.values()])
+    name = f"rows-{run_id}.parquet"
+    blob = _parquet_bytes(merged)
+    staging.join(name).write_bytes(blob)
+    out = _output_of(staging)
+    for part in kept:
+        if not remove_child(out, staging, part, what="score"):  # left there, it would be committed twice
+            raise StorageError(f"score: could not remove the staged part {part} of {staging.uri} (see the warning)")
+    return {name: merged}, {name: blob}
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

@@ -24,7 +24,7 @@ each commit carries the per-series table beside the output, rebuilt from every c
 
 Output layout::
 
-    OUTPUT/<run>_<n>.parquet      the predictions (read the folder with pandas, pyarrow, DuckDB)
+    OUTPUT/rows-<run>.parquet     the predictions, one file a run (read the folder with pandas, pyarrow, DuckDB)
     OUTPUT/_config.yaml           the last run's ScoreConfig (for --config; dataset readers skip it)
     OUTPUT/_manifest.json         what the job committed: each file, its sha256, rows and model id;
                                   only these files are read as committed rows
