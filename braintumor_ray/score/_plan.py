@@ -103,7 +103,25 @@ def prior_state(rows: pa.Table) -> dict[str, PriorFile]:
     for i, p in enumerate(cols["path"]):
         by_path.setdefault(p, []).append(i)
     out = {}
+    ids: dict[str | None, frozenset[str]] = {}
     for p, idx in by_path.items():
+        # Most files have one row, their own latest: no sets or scans for them. 100,000 rows (1% of
+        # files with two): 4.8-7.7 s against 8.4-13.5 s (load 20-25 on 2 CPUs, sides interleaved).
+        if len(idx) == 1:
+            i = idx[0]
+            st, m = cols["status"][i] or "ok", cols["model_id"][i]
+            out[p] = PriorFile(
+                model_ids=ids.setdefault(m, frozenset((m,)) if m else frozenset()),
+                status=st if st in ("error", WITHDRAWN, "skipped") else "ok",
+                size=cols["size"][i],
+                version=cols["version"][i],
+                sha256=cols["sha256"][i],
+                selection=cols["selection"][i] or "",
+                error_rows=int(st == "error"),
+                error=cols["error"][i],
+                guard=cols["guard"][i],
+            )
+            continue
         mine = [i for i in idx if latest[i]]
         statuses = {cols["status"][i] or "ok" for i in mine}
         status = (
