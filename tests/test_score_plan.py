@@ -325,3 +325,18 @@ def test_the_summary_is_a_typed_frozen_object_that_reads_as_the_dict_did():
         ScoringSummary.of(counts | {"scord": 1})
     assert s.to_dict()["notes"] == ["n"] and "note: n" in format_summary(s)
     assert format_summary(s) == format_summary(s.to_dict())
+
+
+def test_the_engine_is_the_plans_pure_choice(package, old_package):
+    """The rule that picks the engine is a pure function of the setting and model.json (the driver
+    then checks and pins the files of the engine it names)."""
+    from braintumor_ray.models import verify_package
+    from braintumor_ray.score._plan import plan_engine
+
+    meta, old = verify_package(package), verify_package(old_package)
+    assert plan_engine("auto", meta, use_gpu=False, model="m") == ("onnxruntime", ())
+    assert plan_engine("auto", meta, use_gpu=True, model="m") == ("torch", ())
+    engine, notes = plan_engine("auto", old, use_gpu=False, model="m")
+    assert engine == "torch" and "not covered by its model id" in notes[0]
+    with pytest.raises(ConfigError, match="m: .*not covered by its model id.*--engine auto or torch"):
+        plan_engine("onnxruntime", old, use_gpu=False, model="m")

@@ -32,7 +32,7 @@ from ..tracking import resolve_registered_model
 from ._config import OUTPUT_CONFIG_FILE, OUTPUT_IDS_FILE, ScoreConfig
 from ._explain import explain_location
 from ._layout import DERIVED_KEYS, FETCHED_MODELS_DIR, _remove_fetched, _writer, committed_rows
-from ._plan import DerivedFacts
+from ._plan import DerivedFacts, plan_engine
 
 if TYPE_CHECKING:  # models imports torch
     from ..models import PackagePin
@@ -243,15 +243,13 @@ def _check_manifest_kept(dst: Location, manifest: Manifest) -> None:
 
 
 def _engine(config: ScoreConfig, meta: dict) -> tuple[str, tuple[str, ...]]:
-    """The engine, and the notes for the summary (an old package's ONNX file left unused)."""
-    from ..models import choose_engine, onnx_unbound_note, package_has_onnx, verify_onnx
+    """The engine the plan's rule picks (:func:`~._plan.plan_engine`, pure), and the I/O it calls
+    for: the ONNX file checked when it will run, the note logged."""
+    from ..models import verify_onnx
 
-    note = onnx_unbound_note(meta)
-    if note and config.engine == "onnxruntime":
-        raise ConfigError(f"{config.model}: {note}; or score with --engine auto or torch")
-    engine = choose_engine(config.engine, has_onnx=package_has_onnx(meta), use_gpu=config.use_gpu)
+    engine, notes = plan_engine(config.engine, meta, use_gpu=config.use_gpu, model=config.model)
     if engine == "onnxruntime":  # a changed or missing file is refused here, not in every actor
         verify_onnx(config.model, s3_endpoint_url=config.s3_endpoint_url)
-    if note:
+    for note in notes:
         logger.warning("score: %s", note)
-    return engine, (note,) if note else ()
+    return engine, notes

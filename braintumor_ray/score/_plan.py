@@ -229,6 +229,21 @@ def rerun_diff(
     return RerunDiff(todo=todo, already=frozenset(already), withdrawn=withdrawn, retried=retried, final_errors=final)
 
 
+def plan_engine(asked: str, meta: Mapping[str, Any], *, use_gpu: bool, model: str) -> tuple[str, tuple[str, ...]]:
+    """The engine a run scores with (``onnxruntime`` or ``torch``) from the setting and the
+    package's ``model.json``, and the summary's notes. Pure; the driver pins and checks the files
+    of the engine it names before the plan (:func:`plan_scoring` takes the result). A
+    ``model.onnx`` its model id does not cover (exported before it did) is never run: ``auto``
+    scores with PyTorch and says why, ``onnxruntime`` is refused naming the fix."""
+    from ..models import choose_engine, onnx_unbound_note, package_has_onnx
+
+    note = onnx_unbound_note(meta)
+    if note and asked == "onnxruntime":
+        raise ConfigError(f"{model}: {note}; or score with --engine auto or torch")
+    engine = choose_engine(asked, has_onnx=package_has_onnx(dict(meta)), use_gpu=use_gpu)
+    return engine, (note,) if note else ()
+
+
 def guard_id(guard: InputGuard) -> str:
     """The input guard's settings as a short hash (the rows' ``guard`` column)."""
     import hashlib
