@@ -1,6 +1,7 @@
 """Scheduled reruns at scale: what a run costs when little or nothing changed.
 
     .venv/bin/python benchmarks/bench_rerun_scale.py [--n 10000] [--work /tmp/rerun-scale] [--model URI]
+    .venv/bin/python benchmarks/bench_rerun_scale.py --n 10000 --baseline /tmp/main-checkout [--profile DIR]
 
 A generated archive of ``--n`` small PNGs (64 px, 100 per folder) is scored once, then rerun
 four times: with nothing changed; after touching 1% of the files (new mtime, same bytes) and
@@ -9,6 +10,11 @@ that its peak RSS is its own, ``VmHWM``), joined to one Ray started here; beside
 wall time is the time of the input's listing alone (``Location.listing``), the floor of any
 rerun. Scoring uses ``--explain none`` and ONNX Runtime (the default engine) on a small
 randomly initialised resnet10t package (the model's speed is not what is measured).
+
+``--baseline CODE``: a second checkout (main) run beside ``--code`` on the same archive, each on
+its own copy of the output (the first run, ``--code``'s, copied once), the two sides interleaved
+at every step (their order alternating), so that both meet the same load. ``--profile DIR``:
+each rerun's ``run_scoring`` under cProfile, its stats in ``DIR/<side>-<step>.prof``.
 """
 
 from __future__ import annotations
@@ -68,9 +74,18 @@ def one_run(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     listed = resolve(args.input).listing()
     listing_s = time.perf_counter() - t
+    cfg = ScoreConfig(model=args.model, input=args.input, output=args.output, explain="none")
     t = time.perf_counter()
-    s = run_scoring(ScoreConfig(model=args.model, input=args.input, output=args.output, explain="none"))
-    wall = time.perf_counter() - t
+    if args.profile_to:
+        import cProfile
+
+        prof = cProfile.Profile()
+        s = prof.runcall(run_scoring, cfg)
+        wall = time.perf_counter() - t
+        prof.dump_stats(args.profile_to)
+    else:
+        s = run_scoring(cfg)
+        wall = time.perf_counter() - t
     rss_mb = peak_rss_mb()
     print("RESULT " + json.dumps({"files": len(listed.files), "wall_s": round(wall, 2), "listing_s": round(listing_s, 2),
                                   "peak_rss_mb": round(rss_mb), "scored": s["scored"], "errors": s["errors"],
@@ -82,10 +97,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--work", default="/tmp/rerun-scale")
     ap.add_argument("--model", default=None, help="a model package (default: a random resnet10t exported here)")
-    ap.add_argument("--code", default=REPO, help="the checkout whose braintumor_ray the runs import (a baseline)")
+    ap.add_argument("--code", default=REPO, help="the checkout whose braintumor_ray the runs import")
+    ap.add_argument("--baseline", default=None, help="a second checkout run beside --code at each rerun (main)")
+    ap.add_argument("--profile", default=None, help="a folder: each rerun's run_scoring under cProfile, stats there")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--input", help=argparse.SUPPRESS)
     ap.add_argument("--output", help=argparse.SUPPRESS)
+    ap.add_argument("--profile-to", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return one_run(args)
@@ -107,23 +125,51 @@ def main() -> None:
     t = time.perf_counter()
     files = make_archive(archive, args.n)
     print(f"archive: {len(files)} files in {time.perf_counter() - t:.1f} s", flush=True)
-    ctx = ray.init(include_dashboard=False, logging_level="ERROR")
-    env = dict(os.environ, BENCH_RAY_ADDRESS=ctx.address_info["address"], RAY_DATA_DISABLE_PROGRESS_BARS="1",
-               PYTHONPATH=os.path.abspath(args.code))
+    for attempt in range(3):  # Ray's start timed out at load 40 (as in bench_archive_shift)
+        try:
+            ctx = ray.init(include_dashboard=False, logging_level="ERROR")
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+            time.sleep(10)
+    sides = {"code": (os.path.abspath(args.code), out)}
+    if args.baseline:
+        sides["baseline"] = (os.path.abspath(args.baseline), os.path.join(args.work, "preds-baseline"))
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
     rng = random.Random(0)
     k = max(1, len(files) // 100)
+    results: list[dict] = []
 
-    def run(name: str) -> dict:
-        proc = subprocess.run([sys.executable, __file__, "--child", "--model", model, "--input", archive,
-                               "--output", out], env=env, capture_output=True, text=True)
+    def run(name: str, side: str, step: int) -> dict:
+        code, output = sides[side]
+        env = dict(os.environ, BENCH_RAY_ADDRESS=ctx.address_info["address"], RAY_DATA_DISABLE_PROGRESS_BARS="1",
+                   PYTHONPATH=code)
+        cmd = [sys.executable, __file__, "--child", "--model", model, "--input", archive, "--output", output]
+        if args.profile and step:
+            cmd += ["--profile-to", os.path.join(args.profile, f"{side}-{step}.prof")]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
-            raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        res = {"run": name, **json.loads(line[len("RESULT "):])}
+            raise SystemExit(f"{name} ({side}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        res = {"run": name, "side": side, "load": round(os.getloadavg()[0], 1), **json.loads(line[len("RESULT "):])}
         print(json.dumps(res), flush=True)
+        results.append(res)
         return res
 
-    results = [run("first run"), run("no change")]
+    def each_side(name: str, step: int) -> None:
+        order = list(sides) if step % 2 else list(reversed(sides))
+        for side in order:
+            run(name, side, step)
+
+    run("first run", "code", 0)
+    if args.baseline:
+        shutil.copytree(out, sides["baseline"][1])
+        for suffix in ("_series", "_explain"):  # the siblings the first run wrote
+            if os.path.exists(out + suffix):
+                shutil.copytree(out + suffix, sides["baseline"][1] + suffix)
+    each_side("no change", 1)
     picked = rng.sample(files, 3 * k)
     touched, changed, deleted = picked[:k], picked[k:2 * k], picked[2 * k:]
     now = time.time()
@@ -132,18 +178,19 @@ def main() -> None:
     for p in changed:
         with open(p, "ab") as f:
             f.write(b"\0")  # bytes after the PNG's end: a new sha256, the same image
-    results.append(run("1% touched, 1% changed"))
+    each_side("1% touched, 1% changed", 2)
     for p in deleted:
         os.remove(p)
-    results.append(run("1% deleted"))
-    results.append(run("no change (again)"))
+    each_side("1% deleted", 3)
+    each_side("no change (again)", 4)
     ray.shutdown()
-    print(f"\ncode {args.code}; {len(files)} files; {platform.node()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
-    print("| run | files listed | wall s | listing s | driver peak RSS MB | scored | skipped | withdrawn |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\ncode {sides['code'][0]}" + (f", baseline {sides['baseline'][0]}" if args.baseline else "")
+          + f"; {len(files)} files; {platform.node()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+    print("| run | side | files listed | wall s | listing s | driver peak RSS MB | scored | skipped | withdrawn | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['run']} | {r['files']} | {r['wall_s']} | {r['listing_s']} | {r['peak_rss_mb']} | {r['scored']} | "
-              f"{r['skipped']} | {r['withdrawn']} |")
+        print(f"| {r['run']} | {r['side']} | {r['files']} | {r['wall_s']} | {r['listing_s']} | {r['peak_rss_mb']} | "
+              f"{r['scored']} | {r['skipped']} | {r['withdrawn']} | {r['load']} |")
 
 
 if __name__ == "__main__":

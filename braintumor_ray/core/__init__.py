@@ -28,6 +28,7 @@ from ._staging import (
     Manifest,
     StagedWriter,
     committed_table,
+    files_digest,
     latest_mask,
     latest_rows,
     posix_basename,
@@ -104,6 +105,7 @@ __all__ = [
     "posix_basename",
     "remove_child",
     "committed_table",
+    "files_digest",
     "latest_mask",
     "latest_rows",
 ]

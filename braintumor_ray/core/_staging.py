@@ -66,6 +66,20 @@ def _plain_name(name: Any) -> bool:
     )
 
 
+# In a staged run: the derived files it commits beside its rows (see StagedWriter.commit), each
+# at its key's path below this folder.
+DERIVED_DIR = "_derived"
+
+
+def files_digest(files: dict[str, dict[str, Any]]) -> str:
+    """One sha256 over a manifest's files, their names and sha256s: what derived files were built
+    from (their entries' ``of``)."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(f"{name}\0{files[name].get('sha256')}\n".encode())
+    return h.hexdigest()
+
+
 def remove_child(output: Location, folder: Location, name: str, *, what: str = "run", tree: bool = False) -> bool:
     """Delete ``folder/name``: the one place that deletes what a job wrote. True when it was deleted
     (or was already gone); False, with a warning, when it is refused.
@@ -152,32 +166,47 @@ class Manifest:
 
     def read(self) -> dict[str, dict[str, Any]] | None:
         """The files it names (name -> entry), or None when the output has no manifest."""
+        doc = self.read_doc()
+        return None if doc is None else doc["files"]
+
+    def read_doc(self) -> dict[str, Any] | None:
+        """The whole manifest: ``files`` and ``derived`` (key -> entry, see :meth:`StagedWriter.commit`;
+        empty when none was committed with the files), or None when the output has no manifest."""
         if not self.location.exists():
             return None
         try:
             doc = json.loads(self.location.read_bytes())
-            files = doc["files"]
+            files, derived = doc["files"], doc.get("derived", {})
             if doc.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
                 raise ValueError(f"format {doc.get('format')!r}")
-        except (ValueError, KeyError, TypeError) as e:
+            if not isinstance(derived, dict) or not all(isinstance(e, dict) for e in derived.values()):
+                raise ValueError("'derived' is not a table of entries")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise StorageError(
                 f"{self.location.uri} is not a readable manifest ({e}): restore it from a backup, or "
                 "score into a new output (its rows cannot be told from planted ones)"
             ) from e
-        return files
+        return {"files": files, "derived": derived}
 
-    def write(self, files: dict[str, dict[str, Any]]) -> None:
-        doc = {"format": MANIFEST_FORMAT, "files": dict(sorted(files.items()))}
+    def write(self, files: dict[str, dict[str, Any]], derived: dict[str, dict[str, Any]] | None = None) -> None:
+        """Replace the manifest. ``derived``: the derived files' entries, which stand only beside
+        the files they were built from (a write without them drops them)."""
+        doc: dict[str, Any] = {"format": MANIFEST_FORMAT, "files": dict(sorted(files.items()))}
+        if derived:
+            doc["derived"] = dict(sorted(derived.items()))
         self.location.write_atomic(json.dumps(doc, indent=1, sort_keys=True).encode())
 
-    def committed(self, suffix: str = ".parquet") -> list[CommittedFile]:
+    def committed(
+        self, suffix: str = ".parquet", *, listed: dict[str, dict[str, Any]] | None = None
+    ) -> list[CommittedFile]:
         """The committed files ending in ``suffix``, sorted, each read and its sha256 checked.
 
         A file the manifest does not name, or whose bytes are not the ones it names, is left
         out with a warning. An output without a manifest (written before manifests) gives every
-        such file, with a warning: the next scoring run adopts them.
+        such file, with a warning: the next scoring run adopts them. ``listed``: the manifest's
+        files when the caller read it already.
         """
-        listed = self.read()
+        listed = self.read() if listed is None else listed
         present = {
             posix_basename(p): p
             for p in (self.output.files() if self.output.exists() else [])
@@ -327,8 +356,12 @@ class StagedWriter:
         lease: Lease | None = None,
         describe: Callable[[bytes], dict[str, Any]] | None = None,
         manifest: bool = False,
+        derived: tuple[str, ...] = (),
     ) -> None:
         self.output = output
+        # The derived files its commits may carry, by key: "NAME" is OUTPUT/NAME, "SUFFIX/NAME"
+        # is OUTPUT<SUFFIX>/NAME (a sibling). A fixed list: a staged entry list names no other path.
+        self.derived = derived
         self.what = what  # a word for the log lines ("score")
         self.lease = lease  # checked before each commit step: a run that lost it stops
         # With a manifest each commit names its files in OUTPUT/_manifest.json (describe: the
@@ -346,12 +379,34 @@ class StagedWriter:
         """The staging folder of one run (created by whoever writes the first file into it)."""
         return self.root.join(run_id)
 
-    def commit(self, run: Location, *, replace_all: bool = False, data: dict[str, bytes] | None = None) -> int:
+    def derived_location(self, key: str) -> Location:
+        """Where the derived file ``key`` (one of :attr:`derived`) is published."""
+        if key not in self.derived:
+            raise StorageError(f"{self.what}: {key!r} is not a derived file of {self.output.uri} (a bug: report it)")
+        suffix, _, name = key.rpartition("/")
+        base = self.output.path.rstrip("/") + suffix
+        folder = Location(uri=self.output.uri_of(base), path=base, fs=self.output.fs, is_s3=self.output.is_s3)
+        return folder.join(name)
+
+    def commit(
+        self,
+        run: Location,
+        *,
+        replace_all: bool = False,
+        data: dict[str, bytes] | None = None,
+        derived: dict[str, tuple[bytes, dict[str, Any]]] | None = None,
+    ) -> int:
         """Mark ``run`` complete, then move its files into the output; the number of files moved.
 
         ``data``: the bytes of the run's files by name, when the caller holds them already (the
         scoring job read its staged rows once): their entries are computed from these bytes, not
         read again; a file it does not name is read.
+
+        ``derived``: files built from the output's files as they will be after this commit (the
+        scoring job's series table and report), key -> (bytes, extra entry keys): staged in the
+        run, published with its files and listed in the manifest's ``derived`` with their sha256
+        and ``of`` (:func:`files_digest` of the files after the commit). They replace the derived
+        entries before; a commit without them (an older version's, an adoption) drops those.
 
         From the marker on, a run cut off mid-commit is finished by the next :meth:`recover`
         instead of redone. With a manifest, the run's entries are written before the marker and
@@ -363,6 +418,11 @@ class StagedWriter:
         name = posix_basename(run.path)
         if run.path.rstrip("/") != self.root.join(name).path or not _plain_name(name) or name.startswith("_"):
             raise StorageError(f"{self.what}: {run.uri} is not a run folder of {self.root.uri} (a bug: report it)")
+        if derived and self.manifest is None:
+            raise StorageError(f"{self.what}: derived files are committed only with a manifest (a bug: report it)")
+        for key, (blob, _) in (derived or {}).items():
+            self.derived_location(key)  # one of the writer's keys, or a bug
+            run.join(DERIVED_DIR, *key.split("/")).write_atomic(blob)
         if self.manifest is not None:
             held = data or {}
             entries = {
@@ -383,7 +443,12 @@ class StagedWriter:
                     self.output.uri,
                     ", ".join(kept[:5]),
                 )
-            doc = {"replace_all": replace_all, "files": entries, "replaces": replaces}
+            doc = {
+                "replace_all": replace_all,
+                "files": entries,
+                "replaces": replaces,
+                "derived": {k: _entry(blob, None) | extra for k, (blob, extra) in (derived or {}).items()},
+            }
             run.join(ENTRIES_FILE).write_bytes(json.dumps(doc).encode())
         self.root.join(COMMITTING_FILE).write_atomic(json.dumps({"run": name}).encode())
         run.join(DONE_MARKER).write_bytes(b"")
@@ -427,7 +492,19 @@ class StagedWriter:
         return len(files)
 
     def _payload(self, run: Location) -> list[str]:
-        return [p for p in run.files() if posix_basename(p) not in (DONE_MARKER, ENTRIES_FILE)]
+        inner = run.join(DERIVED_DIR).path.rstrip("/") + "/"
+        return [
+            p for p in run.files() if posix_basename(p) not in (DONE_MARKER, ENTRIES_FILE) and not p.startswith(inner)
+        ]
+
+    def _staged_derived(self, run: Location) -> dict[str, str]:
+        """The derived files staged in ``run``: key -> path (a key the writer does not know included,
+        for :meth:`_entries` to refuse)."""
+        inner = run.join(DERIVED_DIR)
+        if not inner.exists():
+            return {}
+        base = inner.path.rstrip("/") + "/"
+        return {p[len(base) :]: p for p in inner.files() if not posix_basename(p).startswith(".")}
 
     def _remove_run(self, run: str) -> None:
         remove_child(self.output, self.root, run, what=self.what, tree=True)
@@ -516,19 +593,22 @@ class StagedWriter:
         """The run's validated entry list, or None (with a warning naming the run and why)."""
         payload = {posix_basename(p): p for p in self._payload(run)}
         if self.manifest is None:
-            return {"replace_all": False, "files": {}, "replaces": []}
+            return {"replace_all": False, "files": {}, "replaces": [], "derived": {}}
         if not run.join(ENTRIES_FILE).exists():  # staged by a version before manifests
             return {
                 "replace_all": False,
                 "files": {n: _entry(run.fs.cat_file(p), self.describe) for n, p in payload.items()},
                 "replaces": [],
+                "derived": {},
             }
         try:
             doc = json.loads(run.join(ENTRIES_FILE).read_bytes())
             files, replace_all = doc["files"], doc.get("replace_all", False)
             replaces = doc.get("replaces")
+            derived = doc.get("derived", {})
             if not isinstance(files, dict) or not isinstance(replace_all, bool):
                 raise ValueError("'files' is not a table of names or 'replace_all' is not true/false")
+            self._check_derived(run, derived)
             bad = [
                 n
                 for n in files
@@ -564,7 +644,23 @@ class StagedWriter:
             replaces = sorted(
                 n for n, e in (self.manifest.read() or {}).items() if n not in files and not e.get("adopted")
             )
-        return {"replace_all": replace_all, "files": files, "replaces": replaces or []}
+        return {"replace_all": replace_all, "files": files, "replaces": replaces or [], "derived": derived}
+
+    def _check_derived(self, run: Location, derived: Any) -> None:
+        """A staged run's derived entries: the writer's own keys with a sha256 each, and every staged
+        derived file listed with its bytes (ValueError otherwise)."""
+        if not isinstance(derived, dict):
+            raise ValueError("'derived' is not a table of files")
+        bad = [k for k, e in derived.items() if k not in self.derived or not isinstance(e, dict)]
+        if bad or not all(isinstance(e.get("sha256"), str) for e in derived.values()):
+            raise ValueError(f"derived entries that are not this output's derived files with a sha256: {bad[:3]!r}")
+        for key, path in self._staged_derived(run).items():
+            if key not in derived:
+                raise ValueError(f"staged derived file {key!r} it does not list")
+            if not run.is_s3 and os.path.islink(path):
+                raise ValueError(f"{key} is a link")
+            if hashlib.sha256(run.fs.cat_file(path)).hexdigest() != derived[key]["sha256"]:
+                raise ValueError(f"{key}'s bytes do not match its sha256")
 
     def _publish(self, run: Location, *, recovering: bool = False) -> int | None:
         """Move a complete run's files into the output, each file whole, then name them in the
@@ -580,14 +676,19 @@ class StagedWriter:
             src = Location(uri=run.uri_of(path), path=path, fs=run.fs, is_s3=run.is_s3)
             src.move_to(self.output.join(name))
             moved += 1
+        for key, path in self._staged_derived(run).items():  # each replaces the one before, whole
+            self._check_lease()
+            src = Location(uri=run.uri_of(path), path=path, fs=run.fs, is_s3=run.is_s3)
+            src.move_to(self.derived_location(key))
         if self.manifest is not None:
             self._check_lease()
             before = self.manifest.read() or {}
             replaced = set(staged["replaces"])
             files = {
                 n: e for n, e in before.items() if not (staged["replace_all"] and (n in replaced or e.get("adopted")))
-            }
-            self.manifest.write(files | staged["files"])
+            } | staged["files"]
+            of = files_digest(files)
+            self.manifest.write(files, derived={k: e | {"of": of} for k, e in staged["derived"].items()})
             for name in staged["replaces"]:  # out of the manifest first: a cut-off delete leaves no listed hole
                 if name not in staged["files"]:
                     remove_child(self.output, self.output, name, what=self.what)

@@ -2,17 +2,18 @@
 
 from ._config import OUTPUT_CONFIG_FILE, ScoreConfig
 from ._decode import decode_batch
-from ._derived import format_summary
-from ._layout import PROB_PREFIX, output_schema, recover
+from ._derived import ScoringSummary, format_summary
+from ._layout import PROB_PREFIX, SERIES_FILE, output_schema, recover
 from ._plan import ClusterShape, PriorFile, RerunDiff, ScoringPlan, plan_replicas, plan_scoring, prior_state, rerun_diff
 from ._run import Predictor, actor_threads, run_scoring
-from ._series import SERIES_FILE, Verdict, series_location, series_table, series_verdict, top_slice, write_series_table
+from ._series import Verdict, series_bytes, series_location, series_table, series_verdict, top_slice
 
 __all__ = [
     "ClusterShape",
     "PriorFile",
     "RerunDiff",
     "ScoringPlan",
+    "ScoringSummary",
     "plan_scoring",
     "prior_state",
     "rerun_diff",
@@ -33,5 +34,5 @@ __all__ = [
     "series_verdict",
     "Verdict",
     "top_slice",
-    "write_series_table",
+    "series_bytes",
 ]

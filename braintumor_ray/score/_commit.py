@@ -4,15 +4,20 @@ versions of unchanged files, the maps; and the committed table after it, built i
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..core import Location, StagedWriter, latest_rows, posix_basename, remove_child
+from ..core import Location, StagedWriter, StorageError, latest_rows, posix_basename, remove_child
 from ._layout import ATTEMPTS_DIR, UNCHANGED, _output_of, _writer, output_schema
 from ._plan import WITHDRAWN, WITHDRAWN_REASON, ScoringPlan
+
+if TYPE_CHECKING:
+    from ._derived import Derived
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +29,12 @@ def _commit(
     explain_writer: StagedWriter,
     explain_stage: Location,
     committed: pa.Table,
-) -> tuple[pa.Table, pa.Table, int]:
-    """Add the withdrawal rows to the run, then commit it: its rows and the maps. Returns this
-    run's rows (scored and withdrawn), the committed rows after the commit, and the maps committed.
+    derive: Callable[[pa.Table], Derived],
+) -> tuple[pa.Table, pa.Table, int, Derived]:
+    """Add the withdrawal rows to the run, then commit it: its rows and the maps, and the series
+    table and report ``derive`` builds from the committed rows as they will be (listed in the same
+    manifest write as the rows). Returns this run's rows (scored and withdrawn), the committed rows
+    after the commit, the maps committed and what ``derive`` built.
 
     Every row of the run is on storage: the commit marks it so (from here a cut-off run is
     committed by the next one instead of redone), then moves the files in one by one and names
@@ -46,6 +54,7 @@ def _commit(
         elif kept[name] is not t:
             data[name] = _parquet_bytes(kept[name])
             staging.join(name).write_bytes(data[name])
+    kept, data = _one_file(kept, data, staging, plan.run_id, schema)
     if plan.diff.withdrawn:
         rows = _withdrawal_rows(committed, plan.diff.withdrawn, plan.scored_at)
         name = f"withdrawn-{plan.run_id}.parquet"
@@ -58,7 +67,7 @@ def _commit(
         )
     written = pa.concat_tables([t.cast(schema) for t in kept.values()]) if kept else schema.empty_table()
     heatmaps = explain_writer.commit(explain_stage) if explain_stage.exists() else 0
-    parts = [] if plan.rescore_all else [committed]
+    parts = [] if plan.rescore_all and kept else [committed]
     if found:  # after `written`: these files were not scored again
         reversioned = _reversioned_rows(committed, found, plan.scored_at)
         name = f"versions-{plan.run_id}.parquet"
@@ -70,10 +79,11 @@ def _commit(
             "version recorded, not scored again",
             len(found),
         )
-    if kept:
-        writer.commit(staging, replace_all=plan.rescore_all, data=data)
+    after = pa.concat_tables([*parts, written])
+    built = derive(after)
+    writer.commit(staging, replace_all=plan.rescore_all and bool(kept), data=data, derived=built.files)
     _clear_attempts(writer.root.join(ATTEMPTS_DIR))
-    return written, pa.concat_tables([*parts, written]), heatmaps
+    return written, after, heatmaps, built
 
 
 def _read_staged(staging: Location) -> tuple[dict[str, pa.Table], dict[str, bytes]]:
@@ -85,6 +95,27 @@ def _read_staged(staging: Location) -> tuple[dict[str, pa.Table], dict[str, byte
             raw[name] = staging.fs.cat_file(path)
             tables[name] = pq.read_table(pa.BufferReader(raw[name]))
     return tables, raw
+
+
+def _one_file(
+    kept: dict[str, pa.Table], data: dict[str, bytes], staging: Location, run_id: str, schema: pa.Schema
+) -> tuple[dict[str, pa.Table], dict[str, bytes]]:
+    """The run's scored rows as one staged file, ``rows-RUN.parquet``, in place of Ray Data's one
+    file per block (32 files a 1,000 rows): every later run reads each committed file, and reading
+    the 305 files of 10,000 rows was 0.85 s of a 2.7 s no-change rerun (load 35; at 100,000 rows,
+    3,125 files, 3-5 s). Written before the parts go, all before the run's marker: a run cut off
+    here is dropped whole by the next one, as any unmarked run."""
+    if len(kept) < 2:
+        return kept, data
+    merged = pa.concat_tables([t.cast(schema) for t in kept.values()])
+    name = f"rows-{run_id}.parquet"
+    blob = _parquet_bytes(merged)
+    staging.join(name).write_bytes(blob)
+    out = _output_of(staging)
+    for part in kept:
+        if not remove_child(out, staging, part, what="score"):  # left there, it would be committed twice
+            raise StorageError(f"score: could not remove the staged part {part} of {staging.uri} (see the warning)")
+    return {name: merged}, {name: blob}
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

@@ -24,7 +24,7 @@ from ..tracking import MLflowConfig
 from ._dicom_out import DEFAULT_BANNER, DICOM_SUFFIX, DicomOut
 from ._dicom_send import DEFAULT_AE_TITLE, check_ae_title, parse_destinations
 from ._explain import EXPLAIN_SUFFIX
-from ._series import SERIES_SUFFIX
+from ._layout import SERIES_SUFFIX
 
 # The effective settings, written into the output folder. The leading underscore keeps it out of
 # pyarrow/pandas/Spark/Ray dataset discovery of the predictions (they skip "_" and "." files).

@@ -1,26 +1,86 @@
-"""What a scoring run derives from its committed rows, in memory, after its one commit: the
-summary's counts, the per-series table, the DICOM objects and their sending, the review page;
-and the summary's text."""
+"""What a scoring run derives from its committed rows, in memory: the per-series table and the
+review page (built before the commit, from the rows as they will be, and committed with them),
+then the DICOM objects and their sending, the summary's counts; and the summary's text."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..core import Identifiers, Lease, Location, Manifest
+from ..core import Identifiers, Lease, Location, Manifest, StagedWriter
 from ..imaging import SLICE_SKIP_REASONS
-from ..report import write_scoring_report
+from ..report import scoring_report_html
 from ._config import ScoreConfig
 from ._dicom import run_dicom_step
 from ._dicom_out import Algorithm
 from ._explain import explain_location
+from ._layout import REPORT_KEY, SERIES_KEY
 from ._plan import WITHDRAWN, RerunDiff, ScoringPlan
-from ._series import series_table, write_series_table
+from ._series import series_bytes, series_table
 
 if TYPE_CHECKING:
     from ._facts import ScoringFacts
+
+
+@dataclass(frozen=True)
+class ScoringSummary:
+    """What :func:`~braintumor_ray.score.run_scoring` returns: one run's counts, where its outputs
+    are, and how it went. ``summary["scored"]`` and ``summary.get("dicom")`` read it as the dict it
+    was before (scripts and tests written against that); :meth:`to_dict` gives that dict."""
+
+    input: str
+    output: str
+    model_id: str
+    files_seen: int
+    skipped_already_scored: int  # listed files whose rows stand (or whose bytes were scored already)
+    scored: int  # rows scored ok this run (one per image or slice)
+    errors: int
+    not_selected: int  # files the series selector left out
+    withdrawn: int  # files gone from the input, their rows marked withdrawn
+    errors_retried: int
+    errors_final: int
+    committed_runs: int  # earlier cut-off runs this run finished
+    dropped_runs: int  # and those it dropped
+    wall_s: float
+    images_per_s: float
+    lease: dict[str, Any]
+    report: str | None = None  # the review page's URI
+    series: int | None = None  # rows of the series table (None: the output has none)
+    heatmaps: int = 0
+    slices_skipped: int = 0  # a volume's slices with no content or no head
+    run_id: str | None = None  # None: nothing was committed
+    engine: str | None = None  # these three when the run scored anything
+    replicas: int | None = None
+    cpus_per_replica: float | None = None
+    dicom: dict[str, Any] | None = None  # --dicom-out / --dicom-send: objects written, sent
+    replaced_models: tuple[str, ...] = ()  # --rescore-all: the models whose rows this run replaced
+    notes: tuple[str, ...] = ()
+    mlflow_run_id: str | None = None
+    mlflow_error: str | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default) if key in self.__dataclass_fields__ else default
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary as a plain dict (tuples as lists), for JSON and MLflow."""
+        out = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def of(cls, counts: Mapping[str, Any]) -> ScoringSummary:
+        """From the run's counts as :func:`start_summary`, :func:`run_counts` and the derived step
+        gather them: an unknown key is a bug (a TypeError here), never a silently dropped count."""
+        tuples = {k: tuple(counts[k]) for k in ("replaced_models", "notes") if k in counts}
+        return cls(**{**counts, **tuples})
 
 
 def start_summary(facts: ScoringFacts, diff: RerunDiff) -> dict[str, Any]:
@@ -82,10 +142,46 @@ def algorithm(facts: ScoringFacts) -> Algorithm:
     )
 
 
+@dataclass(frozen=True)
+class Derived:
+    """The series table and report built from committed rows, as the commit publishes them."""
+
+    series: pa.Table  # in memory: the DICOM step takes it from here, never from its file
+    files: dict[str, tuple[bytes, dict[str, Any]]]  # key -> (bytes, extra manifest entry keys)
+    series_rows: int | None  # None: no table (an archive of plain images gets no empty sibling folder)
+
+
+def build_derived(rows: pa.Table, *, plan: ScoringPlan, dst: Location) -> Derived:
+    """The per-series table and the review page of the committed rows ``rows`` (in memory, never
+    read back from storage), as files for the commit (:meth:`StagedWriter.commit`'s ``derived``)."""
+    series = series_table(rows, list(plan.class_names), review_threshold=plan.series_review_threshold)
+    extra = {"settings": plan.derived_settings}
+    files: dict[str, tuple[bytes, dict[str, Any]]] = {}
+    series_rows = None
+    if series.num_rows or plan.series_published:  # one there before is replaced, by an empty table too
+        files[SERIES_KEY] = (series_bytes(series), extra | {"rows": series.num_rows})
+        series_rows = series.num_rows
+    maps = explain_location(dst)
+    html = scoring_report_html(
+        dst, series=series, maps=maps, rows=rows, map_files=Manifest(maps, what="explain").read()
+    )
+    files[REPORT_KEY] = (html.encode("utf-8"), extra)
+    return Derived(series=series, files=files, series_rows=series_rows)
+
+
+def commit_derived(writer: StagedWriter, run_id: str, built: Derived) -> None:
+    """A run with no rows to commit whose series table or report is missing, altered or stale: a
+    commit of those alone (the next run with nothing new finds them whole and writes nothing)."""
+    writer.commit(writer.stage(run_id), derived=built.files)
+
+
 def _derived(
     summary: dict,
     rows: pa.Table,
     *,
+    built: Derived | None,
+    listed: Mapping[str, Mapping[str, Any]],
+    report: str,
     config: ScoreConfig,
     plan: ScoringPlan,
     dst: Location,
@@ -95,11 +191,16 @@ def _derived(
     lease: Lease,
     algo: Algorithm,
 ) -> dict:
-    """What is built from the committed rows ``rows`` (in memory, never read back from storage),
-    still under the lease: the per-series table, then the DICOM objects and their sending (from
-    that table, not from its file), then the review page."""
-    series = series_table(rows, list(plan.class_names), review_threshold=plan.series_review_threshold)
-    out = summary | {"series": write_series_table(dst, series)}
+    """After the commit, still under the lease: the DICOM objects and their sending (from the series
+    table in memory, not from its file; built here from ``rows`` when the run built none and DICOM
+    is asked for), and the summary's series count and report. ``built``: the series table and
+    report this run committed (None: the ones committed before stand, ``listed`` in the manifest)."""
+    series = built.series if built is not None else None
+    wants_dicom = config.dicom_out != "none" or bool(config.dicom_send)
+    if series is None and wants_dicom:
+        series = series_table(rows, list(plan.class_names), review_threshold=plan.series_review_threshold)
+    count = built.series_rows if built is not None else (listed.get(SERIES_KEY) or {}).get("rows")
+    out = summary | {"series": count}
     step = run_dicom_step(
         config,
         dst=dst,
@@ -114,15 +215,11 @@ def _derived(
     )
     if step is not None:
         out["dicom"] = step
-    maps = explain_location(dst)
-    return out | {
-        "report": write_scoring_report(
-            dst, series=series, maps=maps, rows=rows, map_files=Manifest(maps, what="explain").read()
-        )
-    }
+    return out | {"report": report}
 
 
-def format_summary(s: dict) -> str:
+def format_summary(s: ScoringSummary | Mapping[str, Any]) -> str:
+    """What ``jobs/score.py`` prints (``s``: the summary, or a dict of its fields)."""
     lines = [
         f"score {s['input']} -> {s['output']} (model {s['model_id']})",
         f"  files seen {s['files_seen']}, rows scored {s['scored']} (one per image or slice), skipped as already "

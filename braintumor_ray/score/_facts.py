@@ -4,6 +4,7 @@ listing, the committed rows as one table), and the output put in order under the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from ..core import (
     Manifest,
     StagedWriter,
     StorageError,
+    files_digest,
     posix_basename,
     resolve,
 )
@@ -29,7 +31,8 @@ from ..imaging import MRIPreprocess
 from ..tracking import resolve_registered_model
 from ._config import OUTPUT_CONFIG_FILE, OUTPUT_IDS_FILE, ScoreConfig
 from ._explain import explain_location
-from ._layout import FETCHED_MODELS_DIR, _remove_fetched, _writer, committed_rows
+from ._layout import DERIVED_KEYS, FETCHED_MODELS_DIR, _remove_fetched, _writer, committed_rows
+from ._plan import DerivedFacts, plan_engine
 
 if TYPE_CHECKING:  # models imports torch
     from ..models import PackagePin
@@ -59,6 +62,7 @@ class ScoringFacts:
     shown: dict[str, str] = field(repr=False)  # listing path -> the path as the output names it (path_mode)
     prefix: str  # "s3://" for S3 inputs: listing paths -> URIs
     committed: pa.Table = field(repr=False)  # every committed row, read and sha256-checked once
+    derived: DerivedFacts = field(repr=False)  # the series table and report: listed, and as found
 
     @property
     def model_id(self) -> str:
@@ -118,8 +122,9 @@ def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
     if not files:
         raise InputError(f"no files under {config.input}: check the URI")
     _claim_identifiers(dst, ids)
-    asked.save_yaml(dst.join(OUTPUT_CONFIG_FILE))  # `jobs/score.py --config` takes it back; readers skip it
+    _save_config(asked, dst.join(OUTPUT_CONFIG_FILE))  # `jobs/score.py --config` takes it back; readers skip it
     prefix = "s3://" if src.is_s3 else ""
+    doc = writer.manifest.read_doc() or {"files": None, "derived": {}}
     return ScoringFacts(
         config=config,
         registered=registered,
@@ -141,8 +146,28 @@ def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
         shown={p: ids.path(prefix + p) for p in files},
         # The files the job committed, their bytes checked, read once into one table: the plan, the
         # commit and every derived output (series table, DICOM objects, report) take it from here.
-        committed=committed_rows(writer.manifest.committed(), list(meta["class_names"])),
+        committed=committed_rows(writer.manifest.committed(listed=doc["files"]), list(meta["class_names"])),
+        derived=_derived_facts(writer, doc),
     )
+
+
+def _derived_facts(writer: StagedWriter, doc: dict[str, Any]) -> DerivedFacts:
+    """The derived files the manifest lists, and the sha256 of each one there now: read whole (the
+    report is a few MB at most, MAX_TABLE_ROWS), so a rewritten file is told apart whatever its
+    size and time say."""
+    present = {}
+    for key in DERIVED_KEYS:
+        loc = writer.derived_location(key)
+        present[key] = hashlib.sha256(loc.read_bytes()).hexdigest() if loc.exists() else None
+    return DerivedFacts(listed=doc["derived"], present=present, rows=files_digest(doc["files"] or {}))
+
+
+def _save_config(config: ScoreConfig, loc: Location) -> None:
+    """Write the run's config unless the output holds these bytes already: a run with nothing new
+    writes nothing."""
+    data = config.to_yaml().encode()
+    if not loc.exists() or loc.read_bytes() != data:
+        config.save_yaml(loc)
 
 
 def _foreign_rows(data: bytes) -> str | None:
@@ -218,15 +243,13 @@ def _check_manifest_kept(dst: Location, manifest: Manifest) -> None:
 
 
 def _engine(config: ScoreConfig, meta: dict) -> tuple[str, tuple[str, ...]]:
-    """The engine, and the notes for the summary (an old package's ONNX file left unused)."""
-    from ..models import choose_engine, onnx_unbound_note, package_has_onnx, verify_onnx
+    """The engine the plan's rule picks (:func:`~._plan.plan_engine`, pure), and the I/O it calls
+    for: the ONNX file checked when it will run, the note logged."""
+    from ..models import verify_onnx
 
-    note = onnx_unbound_note(meta)
-    if note and config.engine == "onnxruntime":
-        raise ConfigError(f"{config.model}: {note}; or score with --engine auto or torch")
-    engine = choose_engine(config.engine, has_onnx=package_has_onnx(meta), use_gpu=config.use_gpu)
+    engine, notes = plan_engine(config.engine, meta, use_gpu=config.use_gpu, model=config.model)
     if engine == "onnxruntime":  # a changed or missing file is refused here, not in every actor
         verify_onnx(config.model, s3_endpoint_url=config.s3_endpoint_url)
-    if note:
+    for note in notes:
         logger.warning("score: %s", note)
-    return engine, (note,) if note else ()
+    return engine, notes

@@ -23,10 +23,20 @@ from ..core import (
     posix_basename,
     remove_child,
 )
+from ..report import SCORING_REPORT
 
 logger = logging.getLogger(__name__)
 
 PROB_PREFIX = "prob_"
+
+# The per-series table: OUTPUT_series/series.parquet (score/_series.py).
+SERIES_SUFFIX = "_series"
+SERIES_FILE = "series.parquet"
+# What the job derives from its committed rows, committed with them (the rows' writer publishes
+# them and lists them in the manifest's "derived"): keys as StagedWriter.derived reads them.
+REPORT_KEY = SCORING_REPORT  # OUTPUT/_report.html
+SERIES_KEY = f"{SERIES_SUFFIX}/{SERIES_FILE}"  # OUTPUT_series/series.parquet
+DERIVED_KEYS = (REPORT_KEY, SERIES_KEY)
 
 # Beside the runs in OUTPUT._staging/: the markers of decode attempts (see _Attempts).
 ATTEMPTS_DIR = "_attempts"
@@ -116,7 +126,7 @@ def _remove_fetched(loc: Location) -> None:
 
 def _writer(dst: Location, lease: Lease | None = None) -> StagedWriter:
     """The predictions' writer: its commits name their files in ``OUTPUT/_manifest.json``."""
-    return StagedWriter(dst, what="score", lease=lease, describe=_describe_rows)
+    return StagedWriter(dst, what="score", lease=lease, describe=_describe_rows, derived=DERIVED_KEYS)
 
 
 def _output_of(staged: Location) -> Location:

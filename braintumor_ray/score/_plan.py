@@ -35,6 +35,7 @@ import pyarrow as pa
 
 from ..core import ConfigError, Identifiers, latest_mask, same_version
 from ..imaging import InputGuard, MRIPreprocess, SeriesSelector
+from ._layout import REPORT_KEY, SERIES_KEY
 
 if TYPE_CHECKING:  # models imports torch: the plan and the decode tasks do not need it
     from ..models import PackagePin
@@ -102,7 +103,25 @@ def prior_state(rows: pa.Table) -> dict[str, PriorFile]:
     for i, p in enumerate(cols["path"]):
         by_path.setdefault(p, []).append(i)
     out = {}
+    ids: dict[str | None, frozenset[str]] = {}
     for p, idx in by_path.items():
+        # Most files have one row, their own latest: no sets or scans for them. 100,000 rows (1% of
+        # files with two): 4.8-7.7 s against 8.4-13.5 s (load 20-25 on 2 CPUs, sides interleaved).
+        if len(idx) == 1:
+            i = idx[0]
+            st, m = cols["status"][i] or "ok", cols["model_id"][i]
+            out[p] = PriorFile(
+                model_ids=ids.setdefault(m, frozenset((m,)) if m else frozenset()),
+                status=st if st in ("error", WITHDRAWN, "skipped") else "ok",
+                size=cols["size"][i],
+                version=cols["version"][i],
+                sha256=cols["sha256"][i],
+                selection=cols["selection"][i] or "",
+                error_rows=int(st == "error"),
+                error=cols["error"][i],
+                guard=cols["guard"][i],
+            )
+            continue
         mine = [i for i in idx if latest[i]]
         statuses = {cols["status"][i] or "ok" for i in mine}
         status = (
@@ -210,11 +229,79 @@ def rerun_diff(
     return RerunDiff(todo=todo, already=frozenset(already), withdrawn=withdrawn, retried=retried, final_errors=final)
 
 
+def plan_engine(asked: str, meta: Mapping[str, Any], *, use_gpu: bool, model: str) -> tuple[str, tuple[str, ...]]:
+    """The engine a run scores with (``onnxruntime`` or ``torch``) from the setting and the
+    package's ``model.json``, and the summary's notes. Pure; the driver pins and checks the files
+    of the engine it names before the plan (:func:`plan_scoring` takes the result). A
+    ``model.onnx`` its model id does not cover (exported before it did) is never run: ``auto``
+    scores with PyTorch and says why, ``onnxruntime`` is refused naming the fix."""
+    from ..models import choose_engine, onnx_unbound_note, package_has_onnx
+
+    note = onnx_unbound_note(meta)
+    if note and asked == "onnxruntime":
+        raise ConfigError(f"{model}: {note}; or score with --engine auto or torch")
+    engine = choose_engine(asked, has_onnx=package_has_onnx(dict(meta)), use_gpu=use_gpu)
+    return engine, (note,) if note else ()
+
+
 def guard_id(guard: InputGuard) -> str:
     """The input guard's settings as a short hash (the rows' ``guard`` column)."""
     import hashlib
 
     return hashlib.sha256(guard.to_yaml().encode()).hexdigest()[:12]
+
+
+# Bumped when what the series table or the report hold changes: each output's are built again once.
+DERIVED_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class DerivedFacts:
+    """The output's derived files (series table, report) as a run finds them: what the manifest
+    lists (``derived``: key -> entry, with the sha256 and ``of``, the digest of the rows' files they
+    were built from), the sha256 of each file there now (None: absent) and the digest of the
+    manifest's files now (:func:`~braintumor_ray.core.files_digest`)."""
+
+    listed: Mapping[str, Mapping[str, Any]]
+    present: Mapping[str, str | None]
+    rows: str
+
+
+def derived_settings(*, class_names: tuple[str, ...], series_review_threshold: float, output_uri: str) -> str:
+    """What the series table and the report depend on beside the committed rows, as one digest (their
+    entries' ``settings``): the classes, the series verdicts' review threshold, the output's URI (the
+    report names it) and :data:`DERIVED_FORMAT`."""
+    import hashlib
+    import json
+
+    doc = {
+        "format": DERIVED_FORMAT,
+        "classes": list(class_names),
+        "series_review_threshold": series_review_threshold,
+        "output": output_uri,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def derived_stale(derived: DerivedFacts, settings: str, *, report: str) -> str | None:
+    """Why a run that commits no rows must build the series table and report again, or None when
+    the ones committed stand: each listed file there with its listed bytes, built from the files
+    the manifest lists now under these settings, the report among them, and no unlisted one."""
+    if report not in derived.listed:
+        return "the manifest lists no report (an output from before they were committed with the rows)"
+    for key, entry in sorted(derived.listed.items()):
+        if derived.present.get(key) is None:
+            return f"{key} is gone"
+        if derived.present[key] != entry.get("sha256"):
+            return f"{key} is not the file that was committed (its sha256 differs from the manifest's)"
+        if entry.get("of") != derived.rows:
+            return f"{key} was built from other committed files than the manifest lists"
+        if entry.get("settings") != settings:
+            return f"{key} was built under other settings (review threshold, output URI or format)"
+    for key, sha in sorted(derived.present.items()):
+        if sha is not None and key not in derived.listed:
+            return f"{key} is there but not listed in the manifest"
+    return None
 
 
 @dataclass(frozen=True)
@@ -260,6 +347,15 @@ class ScoringPlan:
     notes: tuple[str, ...] = ()
     explain_method: str = "auto"  # auto: maps from the forward pass where the model gives them; gradcam
     tta: str = "none"  # flip: each image and its mirror, averaged (models.InferenceModel.tta)
+    derived_settings: str = ""  # derived_settings(): the derived files' entries record it
+    # Why the series table and report are built again although no row is committed (None: they
+    # stand, and a run with nothing new writes nothing); a run that commits rows always builds them.
+    derived_stale: str | None = None
+    series_published: bool = False  # a series table is there (or listed): replaced even when empty
+
+    @property
+    def builds_derived(self) -> bool:
+        return self.diff.has_work or self.derived_stale is not None
 
 
 def plan_scoring(
@@ -281,9 +377,11 @@ def plan_scoring(
     cluster: ClusterShape | None,
     scored_at: datetime,
     notes: tuple[str, ...] = (),
+    derived: DerivedFacts | None = None,
 ) -> ScoringPlan:
     """The run's plan from the config (a :class:`ScoreConfig`) and the facts the driver read.
-    ``cluster``: None when there is nothing to score (no replicas then)."""
+    ``cluster``: None when there is nothing to score (no replicas then). ``derived``: the output's
+    series table and report as found (None: none, they are built)."""
     if config.use_gpu and cluster is not None and cluster.gpus < 1:
         raise ConfigError("use_gpu is set but the Ray cluster has no GPU: drop --use-gpu or add GPU nodes")
     replicas, per = (
@@ -296,6 +394,11 @@ def plan_scoring(
         if config.review_threshold is not None
         else float((meta.get("trust") or {}).get("review_threshold", 0.0))
     )
+    settings = derived_settings(
+        class_names=tuple(meta["class_names"]), series_review_threshold=review, output_uri=output_uri
+    )
+    derived = derived or DerivedFacts(listed={}, present={}, rows="")
+    stale = None if diff.has_work else derived_stale(derived, settings, report=REPORT_KEY)
     return ScoringPlan(
         run_id=run_id,
         input_uri=input_uri,
@@ -327,6 +430,9 @@ def plan_scoring(
         notes=notes,
         explain_method=config.explain_method,
         tta=config.tta,
+        derived_settings=settings,
+        derived_stale=stale,
+        series_published=SERIES_KEY in derived.listed or derived.present.get(SERIES_KEY) is not None,
     )
 
 

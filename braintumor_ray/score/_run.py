@@ -12,17 +12,19 @@ its plan (:mod:`._plan`, pure: one frozen :class:`ScoringPlan` from those facts 
 execution (:mod:`._execute`: decode tasks, :mod:`._decode`, and model replicas, :class:`Predictor`,
 on Ray Data; the replicas take the plan and load only the package bytes it pins), its one
 commit (:mod:`._commit`: the withdrawal rows and the new versions of unchanged files added,
-every file named in ``OUTPUT/_manifest.json``), then what is derived from the committed rows
-in memory (:mod:`._derived`: the per-series table, the DICOM objects, the report), and MLflow.
-What the output is made of (its schema, its sibling folders, its writer) is :mod:`._layout`.
+every file named in ``OUTPUT/_manifest.json``, with the per-series table and the report built
+in memory from the committed rows as they will be, :mod:`._derived`, listed in the same
+manifest write), then the DICOM objects, and MLflow. A run with nothing to commit writes
+nothing while the series table and report committed before are whole. What the output is made
+of (its schema, its sibling folders, its derived files, its writer) is :mod:`._layout`.
 
 DICOM files and NIfTI volumes are scored slice by slice (one row per slice, with its UIDs);
-after each run the per-series table beside the output is rebuilt from every committed row
+each commit carries the per-series table beside the output, rebuilt from every committed row
 (:mod:`braintumor_ray.score._series`).
 
 Output layout::
 
-    OUTPUT/<run>_<n>.parquet      the predictions (read the folder with pandas, pyarrow, DuckDB)
+    OUTPUT/rows-<run>.parquet     the predictions, one file a run (read the folder with pandas, pyarrow, DuckDB)
     OUTPUT/_config.yaml           the last run's ScoreConfig (for --config; dataset readers skip it)
     OUTPUT/_manifest.json         what the job committed: each file, its sha256, rows and model id;
                                   only these files are read as committed rows
@@ -54,7 +56,7 @@ from ..tracking import log_scoring
 from ..trust import softmax
 from ._commit import _commit
 from ._config import OUTPUT_SIBLINGS, ScoreConfig
-from ._derived import _derived, algorithm, run_counts, start_summary
+from ._derived import ScoringSummary, _derived, algorithm, build_derived, commit_derived, run_counts, start_summary
 from ._execute import _cluster_shape, _execute
 from ._explain import HeatmapWriter
 from ._facts import gather_facts
@@ -63,6 +65,7 @@ from ._layout import (
     ATTEMPTS_DIR,
     FETCHED_MODELS_DIR,
     PROB_PREFIX,
+    REPORT_KEY,
     _remove_fetched,
     _writer,
     output_schema,
@@ -220,8 +223,9 @@ def actor_threads() -> int:
     return 1
 
 
-def run_scoring(config: ScoreConfig) -> dict:
-    """Score every new or changed file under ``input``; returns the run's summary.
+def run_scoring(config: ScoreConfig) -> ScoringSummary:
+    """Score every new or changed file under ``input``; returns the run's summary (a frozen
+    :class:`ScoringSummary`).
 
     The whole run holds the output's lease (``OUTPUT._lease.json``): a second run on the same
     output refuses, naming this one, or waits (``wait``), whoever started it. A full disk is a
@@ -244,7 +248,7 @@ def run_scoring(config: ScoreConfig) -> dict:
         if is_no_space(e):  # a Ray task's OSError arrives wrapped, with the worker's traceback
             raise StorageError(no_space_message(dst.uri)) from e
         raise
-    return summary | {"lease": lease.describe()}
+    return ScoringSummary.of(summary | {"lease": lease.describe()})
 
 
 def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
@@ -285,10 +289,14 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
         cluster=_cluster_shape() if diff.todo else None,
         scored_at=datetime.now(UTC),
         notes=facts.notes,
+        derived=facts.derived,
     )
     summary = start_summary(facts, diff)
-    derive = partial(
+    build = partial(build_derived, plan=plan, dst=facts.dst)
+    finish = partial(
         _derived,
+        listed=facts.derived.listed,
+        report=facts.writer.derived_location(REPORT_KEY).uri,
         config=config,
         plan=plan,
         dst=facts.dst,
@@ -298,18 +306,23 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
         lease=lease,
         algo=algorithm(facts),
     )
-    if not diff.has_work:  # nothing was committed since the facts were read
+    if not diff.has_work:  # no row to commit: the series table and report stand unless found stale
+        built = None
+        if plan.derived_stale is not None:
+            logger.info("score: nothing new; the series table and report are built again: %s", plan.derived_stale)
+            built = build(facts.committed)
+            commit_derived(facts.writer, plan.run_id, built)
         summary.update(wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0)
-        return log_scoring(config, derive(summary, facts.committed), facts.registered)
+        return log_scoring(config, finish(summary, facts.committed, built=built), facts.registered)
     staging = facts.writer.stage(plan.run_id)
     t_run = time.perf_counter()
     if diff.todo:
         _execute(plan, staging, source=facts.src, attempts=facts.writer.root.join(ATTEMPTS_DIR), predictor=Predictor)
     elapsed = time.perf_counter() - t_run
-    written, after, heatmaps = _commit(
-        plan, facts.writer, staging, facts.explain_writer, explain_stage, facts.committed
+    written, after, heatmaps, built = _commit(
+        plan, facts.writer, staging, facts.explain_writer, explain_stage, facts.committed, build
     )
     summary.update(run_counts(written, plan, summary["skipped_already_scored"], elapsed), heatmaps=heatmaps)
-    summary = derive(summary, after)
+    summary = finish(summary, after, built=built)
     summary["wall_s"] = round(time.perf_counter() - t0, 3)  # with the derived outputs
     return log_scoring(config, summary, facts.registered)

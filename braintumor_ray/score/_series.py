@@ -40,7 +40,6 @@ right.
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,12 +50,10 @@ import pyarrow.parquet as pq
 
 from ..core import Location, latest_rows
 from ..imaging import SLICE_SKIP_REASONS
-from ._layout import PROB_PREFIX
+from ._layout import PROB_PREFIX, SERIES_SUFFIX
 
 logger = logging.getLogger(__name__)
 
-SERIES_SUFFIX = "_series"
-SERIES_FILE = "series.parquet"
 NO_TUMOR = "no_tumor"
 TOP_K = 3
 # A slice votes when its head covers at least this share of the series' largest head section.
@@ -127,30 +124,14 @@ def series_rows(rows: pa.Table) -> pa.Table:
     return rows.filter(pc.or_(pc.is_valid(rows.column("series_instance_uid")), pc.is_valid(rows.column("slice_index"))))
 
 
-def write_series_table(dst: Location, table: pa.Table) -> int | None:
-    """Write ``OUTPUT_series/series.parquet`` unless it holds these bytes already; its row count,
-    or None when no committed row belongs to a series or volume (then no table is written: an
-    archive of plain images gets no empty sibling folder).
-
-    The table is derived output only: the scoring job builds it from its committed rows in
-    memory and hands that table to the DICOM step and the report, so a file rewritten here
-    reaches no SR and no report, and the next run writes it right again.
-    """
-    target = series_location(dst).join(SERIES_FILE)
-    if table.num_rows == 0 and not target.exists():
-        return None
+def series_bytes(table: pa.Table) -> bytes:
+    """The table as ``OUTPUT_series/series.parquet`` holds it. Derived output only: the scoring job
+    builds the table from its committed rows in memory, hands it to the DICOM step and the report,
+    and commits these bytes with the rows (listed in the manifest's ``derived``), so a file
+    rewritten there reaches no SR and no report, and the next run writes it right again."""
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
-    data = buf.getvalue().to_pybytes()
-    if target.exists() and target.read_bytes() == data:
-        return table.num_rows
-    # Written beside, then moved over the old table: a reader sees the old or the new file whole.
-    # The leading dot keeps the half-written file out of readers' folder listings.
-    tmp = series_location(dst).join(f".{uuid.uuid4().hex}.parquet.tmp")
-    tmp.write_bytes(data)
-    tmp.move_to(target)
-    logger.info("score: series table %s rebuilt (%d series or volumes)", target.uri, table.num_rows)
-    return table.num_rows
+    return buf.getvalue().to_pybytes()
 
 
 def series_table(rows: pa.Table, class_names: list[str], *, review_threshold: float = 0.0) -> pa.Table:

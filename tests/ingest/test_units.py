@@ -314,6 +314,48 @@ def test_staged_writer_commits_whole_files_and_recovers(tmp_path):
     assert not os.listdir(writer.root.path)
 
 
+def test_staged_derived_files_publish_with_the_rows_and_only_their_own_keys(tmp_path, caplog):
+    """Derived files (a report in the output, a table in a sibling) ride the rows' commit: listed in
+    the manifest's ``derived`` with their sha256 and ``of``; a commit without them drops the entries;
+    a staged run whose derived entries name another path, or other bytes, publishes nothing."""
+    from braintumor_ray.core import Manifest, files_digest
+
+    out = resolve(str(tmp_path / "preds"))
+    keys = ("_report.html", "_series/series.parquet")
+    writer = StagedWriter(out, manifest=True, derived=keys)
+    run = writer.stage("run1")
+    run.join("a.parquet").write_bytes(b"a")
+    writer.commit(run, derived={"_report.html": (b"<html>", {"settings": "s"}), keys[1]: (b"table", {"rows": 2})})
+    assert (tmp_path / "preds" / "_report.html").read_bytes() == b"<html>"
+    assert (tmp_path / "preds_series" / "series.parquet").read_bytes() == b"table" and not run.exists()
+    doc = Manifest(out).read_doc()
+    assert sorted(doc["files"]) == ["a.parquet"] and sorted(doc["derived"]) == sorted(keys)
+    report = doc["derived"]["_report.html"]
+    assert report["sha256"] == hashlib.sha256(b"<html>").hexdigest() and report["settings"] == "s"
+    assert report["of"] == doc["derived"][keys[1]]["of"] == files_digest(doc["files"])
+    with pytest.raises(Exception, match="not a derived file"):
+        writer.commit(writer.stage("run2"), derived={"_manifest.json": (b"{}", {})})
+
+    # Staged by hand, marked and named by the commit record: entries naming another path or other bytes.
+    for i, (key, blob, listed) in enumerate([("../victim", b"x", b"x"), ("_report.html", b"forged", b"other")]):
+        bad = writer.stage(f"bad{i}")
+        bad.join("_derived", *key.split("/")).write_bytes(blob)
+        entries = {"files": {}, "replace_all": False, "derived": {key: {"sha256": hashlib.sha256(listed).hexdigest()}}}
+        bad.join("_ENTRIES.json").write_bytes(json.dumps(entries).encode())
+        bad.join(DONE_MARKER).write_bytes(b"")
+        writer.root.join("_committing.json").write_bytes(json.dumps({"run": f"bad{i}"}).encode())
+        assert writer.recover() == {"committed_runs": 0, "dropped_runs": 0}
+        assert "cannot be trusted" in caplog.text and bad.exists()
+    assert (tmp_path / "preds" / "_report.html").read_bytes() == b"<html>" and not (tmp_path / "victim").exists()
+
+    # A commit without derived files (an older version's, or another writer's) drops the entries.
+    plain = StagedWriter(out, manifest=True)
+    more = plain.stage("run3")
+    more.join("b.parquet").write_bytes(b"b")
+    plain.commit(more)
+    assert Manifest(out).read_doc()["derived"] == {}
+
+
 def test_remove_child_deletes_only_plain_children_of_the_output_and_its_siblings(tmp_path, caplog):
     from braintumor_ray.core import StorageError, remove_child
 

@@ -298,8 +298,8 @@ def test_scoring_report_caps_and_s3(browser, tmp_path, s3_endpoint, s3_bucket):
 
 
 def test_run_scoring_writes_the_report(ray_session, package, tmp_path, browser):
-    """The real hook: each scoring run (also one with nothing new) rewrites OUTPUT/_report.html;
-    the summary names it; the page holds every row of the Parquet."""
+    """The real hook: each scoring run that commits rows commits OUTPUT/_report.html with them (a
+    run with nothing new keeps it); the summary names it; the page holds every row of the Parquet."""
     from braintumor_ray.imaging import encode_png
     from braintumor_ray.score import ScoreConfig, format_summary, run_scoring
 
@@ -321,8 +321,8 @@ def test_run_scoring_writes_the_report(ray_session, package, tmp_path, browser):
     maps = [p for p in table.column("heatmap_path").to_pylist() if p] if "heatmap_path" in table.column_names else []
     assert len(r.images) == len(maps)
     before = os.stat(s["report"]).st_mtime_ns
-    nothing = run_scoring(cfg)  # nothing new: the report is still rebuilt
-    assert nothing["scored"] == 0 and nothing["report"] == s["report"] and os.stat(s["report"]).st_mtime_ns > before
+    nothing = run_scoring(cfg)  # nothing new: the committed report stands, not written again
+    assert nothing["scored"] == 0 and nothing["report"] == s["report"] and os.stat(s["report"]).st_mtime_ns == before
 
 
 # --- training and search reports ---------------------------------------------------------------

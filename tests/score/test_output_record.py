@@ -210,5 +210,5 @@ def test_reruns_read_only_what_changed(ray_session, package, tmp_path, monkeypat
     latest = {r["path"]: r for r in sorted(rows, key=lambda r: r["scored_at"])}
     assert all(latest[n]["status"] == "ok" and latest[n]["predicted_label"] for n in names)
     third = run_scoring(cfg)
-    assert "run_id" not in third, "nothing to read, nothing to commit"
+    assert third.run_id is None, "nothing to read, nothing to commit"
     assert third["skipped_already_scored"] == 3 and third["errors"] == 0

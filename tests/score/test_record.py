@@ -193,8 +193,77 @@ def test_a_full_disk_is_one_line_and_the_next_run_continues(ray_session, package
         if os.path.exists(os.path.join(out, "_identifiers.json")):
             json.loads(open(os.path.join(out, "_identifiers.json")).read())  # never half-written
     full["name"] = None
+    # The run cut off while staging its report committed nothing (the report and series table are
+    # committed with the rows, in one manifest write): no row without its report.
+    assert not Manifest(resolve(out)).read() and not os.path.exists(os.path.join(out, "_report.html"))
     assert main(args) == 0
-    # The run cut off at its report had committed its rows: the next one scores nothing again.
-    assert "rows scored 0" in capsys.readouterr().out
+    assert f"rows scored {len(files)}" in capsys.readouterr().out
     assert len(_committed(out)) == len(files) and os.path.exists(os.path.join(out, "_report.html"))
     assert MANIFEST_FILE in os.listdir(out)
+
+
+def _snapshot(base: str, prefix: str) -> dict[str, int]:
+    """Every file of the output and its siblings with its mtime (ns), the lease's files left out
+    (each run takes and releases the lease)."""
+    found = {}
+    for entry in sorted(os.listdir(base)):
+        if not entry.startswith(prefix) or "._lease" in entry:
+            continue
+        top = os.path.join(base, entry)
+        paths = [top] if os.path.isfile(top) else [os.path.join(d, n) for d, _, names in os.walk(top) for n in names]
+        found.update({p: os.stat(p).st_mtime_ns for p in paths})
+    return found
+
+
+def test_a_rerun_with_nothing_new_writes_nothing_and_restores_a_lost_report(ray_session, package, tmp_path):
+    """The series table and report are committed with the rows (listed in the manifest's derived,
+    with their sha256 and the rows' digest): a run with nothing new writes no file at all; a
+    deleted report and a forged series table are each found by their bytes and committed again."""
+    import hashlib
+
+    from test_dicom import head12, nifti_bytes
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for i, im in enumerate(np.random.default_rng(3).integers(0, 255, (2, 64, 64), dtype=np.uint8)):
+        (archive / f"{i}.png").write_bytes(encode_png(im))
+    vol = np.stack([head12(30 + k, label="meningioma") for k in range(3)], axis=-1)
+    (archive / "brain.nii").write_bytes(nifti_bytes(vol.astype(np.int16)))
+    out = str(tmp_path / "out")
+    cfg = ScoreConfig(model=package, input=str(archive), output=out, explain="none")
+    first = run_scoring(cfg)
+    report, series = os.path.join(out, "_report.html"), out + "_series/series.parquet"
+    assert first["series"] == 1 and first["report"] == report
+
+    def listed() -> dict:
+        return json.loads(open(os.path.join(out, MANIFEST_FILE)).read())
+
+    def sha(path: str) -> str:
+        return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+    doc = listed()
+    assert set(doc["derived"]) == {"_report.html", "_series/series.parquet"}
+    assert doc["derived"]["_report.html"]["sha256"] == sha(report)
+    assert doc["derived"]["_series/series.parquet"]["sha256"] == sha(series)
+    true_series = open(series, "rb").read()
+
+    before = _snapshot(str(tmp_path), "out")
+    again = run_scoring(cfg)
+    assert again["scored"] == 0 and again["series"] == 1 and again["report"] == report
+    assert _snapshot(str(tmp_path), "out") == before, "a run with nothing new wrote or rewrote a file"
+
+    os.remove(report)
+    table = pq.read_table(series)
+    forged = ["pituitary" if lb != "pituitary" else "glioma" for lb in table.column("predicted_label").to_pylist()]
+    table = table.set_column(table.schema.get_field_index("predicted_label"), "predicted_label",
+                             pa.array(forged, pa.string())).replace_schema_metadata(table.schema.metadata)
+    pq.write_table(table, series)
+    third = run_scoring(cfg)
+    assert third["scored"] == 0 and os.path.exists(report) and open(series, "rb").read() == true_series
+    doc3 = listed()
+    assert doc3["files"] == doc["files"], "no row file was committed"
+    assert doc3["derived"]["_report.html"]["sha256"] == sha(report)
+    assert doc3["derived"]["_series/series.parquet"]["sha256"] == sha(series)
+    before = _snapshot(str(tmp_path), "out")
+    run_scoring(cfg)
+    assert _snapshot(str(tmp_path), "out") == before

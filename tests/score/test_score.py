@@ -196,8 +196,10 @@ def test_run_cut_off_while_committing_is_finished_by_the_next(ray_session, packa
     with pytest.raises(KeyboardInterrupt):
         run_scoring(ScoreConfig(model=package, input=archive, output=out, batch_size=2))
     monkeypatch.setattr(Location, "move_to", real_move)
-    partial = _rows(out)
-    assert 0 < len(partial) < len(files), "the cut must fall between two committed files"
+    # The run's rows are one file (moved in), its report the next move (cut): nothing listed yet.
+    assert len(_rows(out)) == len(files) and len(moves) == 1 and moves[0].endswith(".parquet")
+    assert not os.path.exists(os.path.join(out, "_manifest.json")) and not os.path.exists(os.path.join(out, "_report.html"))
     summary = run_scoring(ScoreConfig(model=package, input=archive, output=out))
     assert summary["committed_runs"] == 1 and summary["scored"] == 0
     assert sorted(r["path"] for r in _rows(out)) == sorted(files)
+    assert os.path.exists(os.path.join(out, "_report.html")) and len(os.listdir(out)) == 5  # rows, report, manifest, ids, config

@@ -275,3 +275,68 @@ def test_the_commit_builds_withdrawals_and_new_versions_from_the_one_table():
     assert list(kept) == ["x.parquet"] and kept["x.parquet"].column("path").to_pylist() == ["d"]
     assert found == {"b": (11, "v2"), "c": (10, "v1")}
     assert committed_rows([], names).schema == schema
+
+
+def test_derived_files_stand_only_while_their_bytes_and_sources_match():
+    """A run with nothing to commit keeps the series table and report only when each listed file is
+    there with its listed bytes, was built from the files the manifest lists now, under this run's
+    settings, and no unlisted one is there; otherwise it says why they are built again."""
+    from braintumor_ray.core import files_digest
+    from braintumor_ray.score._plan import DerivedFacts, derived_settings, derived_stale
+
+    files = {"a.parquet": {"sha256": "1"}, "b.parquet": {"sha256": "2"}}
+    rows = files_digest(files)
+    settings = derived_settings(class_names=("glioma", "no_tumor"), series_review_threshold=0.6, output_uri="/o")
+    entry = {"of": rows, "settings": settings}
+    listed = {"_report.html": entry | {"sha256": "r"}, "_series/series.parquet": entry | {"sha256": "s"}}
+    present = {"_report.html": "r", "_series/series.parquet": "s"}
+
+    def why(listed=listed, present=present, rows=rows, settings=settings):
+        return derived_stale(DerivedFacts(listed=listed, present=present, rows=rows), settings, report="_report.html")
+
+    assert why() is None
+    assert "gone" in why(present=present | {"_report.html": None})
+    assert "sha256 differs" in why(present=present | {"_series/series.parquet": "forged"})
+    assert "other committed files" in why(rows=files_digest(files | {"c.parquet": {"sha256": "3"}}))
+    assert files_digest(files | {"b.parquet": {"sha256": "9"}}) != rows  # a file's bytes count, not only its name
+    other = derived_settings(class_names=("glioma", "no_tumor"), series_review_threshold=0.7, output_uri="/o")
+    assert other != settings and "other settings" in why(settings=other)
+    assert "no report" in why(listed={}, present={"_report.html": None, "_series/series.parquet": None})
+    only_report = {"_report.html": listed["_report.html"]}
+    assert why(listed=only_report, present={"_report.html": "r", "_series/series.parquet": None}) is None
+    assert "not listed" in why(listed=only_report)  # a table there that no commit listed
+
+
+def test_the_summary_is_a_typed_frozen_object_that_reads_as_the_dict_did():
+    import dataclasses
+
+    from braintumor_ray.score import ScoringSummary, format_summary
+
+    counts = dict(input="/in", output="/out", model_id="m", files_seen=3, skipped_already_scored=0, scored=3, errors=0,
+                  not_selected=0, withdrawn=0, errors_retried=0, errors_final=0, committed_runs=0, dropped_runs=0,
+                  wall_s=1.0, images_per_s=3.0, lease={"owner": "r"}, notes=["n"])
+    s = ScoringSummary.of(counts)
+    assert s.scored == s["scored"] == 3 and s.get("dicom") is None and s.run_id is None and s.notes == ("n",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.scored = 4  # type: ignore[misc]
+    with pytest.raises(KeyError):
+        s["scord"]
+    with pytest.raises(TypeError):  # a count the type does not name is a bug, not a key that goes unread
+        ScoringSummary.of(counts | {"scord": 1})
+    assert s.to_dict()["notes"] == ["n"] and "note: n" in format_summary(s)
+    assert format_summary(s) == format_summary(s.to_dict())
+
+
+def test_the_engine_is_the_plans_pure_choice(package, old_package):
+    """The rule that picks the engine is a pure function of the setting and model.json (the driver
+    then checks and pins the files of the engine it names)."""
+    from braintumor_ray.models import verify_package
+    from braintumor_ray.score._plan import plan_engine
+
+    meta, old = verify_package(package), verify_package(old_package)
+    assert plan_engine("auto", meta, use_gpu=False, model="m") == ("onnxruntime", ())
+    assert plan_engine("auto", meta, use_gpu=True, model="m") == ("torch", ())
+    engine, notes = plan_engine("auto", old, use_gpu=False, model="m")
+    assert engine == "torch" and "not covered by its model id" in notes[0]
+    with pytest.raises(ConfigError, match="m: .*not covered by its model id.*--engine auto or torch"):
+        plan_engine("onnxruntime", old, use_gpu=False, model="m")

@@ -49,7 +49,7 @@ def test_no_tracking_uri_logs_nothing(ray_session, package, archive, mlflow_serv
     runs = {r.info.run_id for e in client.search_experiments() for r in client.search_runs([e.experiment_id])}
     artifacts = sorted(mlflow_server[1].rglob("*"))
     s = run_scoring(ScoreConfig(model=package, input=archive, output=str(tmp_path / "p")))
-    assert s["scored"] > 0 and "mlflow_run_id" not in s
+    assert s.scored > 0 and s.mlflow_run_id is None
     assert {e.name for e in client.search_experiments()} == experiments and "Default" in experiments
     assert {r.info.run_id for e in client.search_experiments() for r in client.search_runs([e.experiment_id])} == runs
     assert not client.search_runs(["0"])
