@@ -355,6 +355,23 @@ def test_remove_child_keeps_to_the_outputs_bucket_and_prefix_on_s3():
         assert remove_child(out, out, name) is False
 
 
+@pytest.mark.parametrize("uri", ["LOCAL/preds", "LOCAL/preds/", "s3://bucket/runs/preds", "s3://bucket/runs/preds/"])
+def test_location_sibling_is_named_beside_the_output_whatever_its_trailing_slash(tmp_path, uri):
+    from braintumor_ray.core import Location
+
+    base = resolve(uri.replace("LOCAL", str(tmp_path)).rstrip("/"), s3_endpoint_url="http://127.0.0.1:9")
+    out = base.join("") if uri.endswith("/") else base  # join("") keeps the slash that resolve drops
+    assert out.uri.endswith("/") == uri.endswith("/")
+    side = out.sibling("_series")
+    assert isinstance(side, Location) and (side.fs, side.is_s3) == (out.fs, out.is_s3)
+    assert side.uri == base.uri + "_series" and side.path == base.path + "_series"
+    assert out.sibling("._lease.json").uri == base.uri + "._lease.json"
+    assert side.uri.startswith("s3://bucket/runs/preds_") == uri.startswith("s3://")
+    for bad in ("", "/x", "_a/b"):
+        with pytest.raises(ValueError, match="sibling suffix"):
+            out.sibling(bad)
+
+
 def _dead_lease(output, owner: str) -> None:
     """The lease a killed run left behind: expired, its holder on no known machine."""
     from braintumor_ray.core import lease_location

@@ -62,13 +62,7 @@ def lease_location(output: Location) -> Location:
     form (:func:`canonical_location`: its real path; bucket and key). Named after the output as
     typed, a symlinked spelling of the same folder (or ``s3a://``, a doubled slash) had a lease
     of its own: two runs wrote the output at once, and one run's commits dropped out."""
-    real = canonical_location(output)
-    return Location(
-        uri=real.uri.rstrip("/") + LEASE_SUFFIX,
-        path=real.path.rstrip("/") + LEASE_SUFFIX,
-        fs=output.fs,
-        is_s3=output.is_s3,
-    )
+    return canonical_location(output).sibling(LEASE_SUFFIX)
 
 
 def current_lease(output: Location) -> dict[str, Any] | None:

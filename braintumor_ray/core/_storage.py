@@ -167,6 +167,15 @@ class Location:
         """The user-facing URI of a path inside this location's filesystem."""
         return f"s3://{path}" if self.is_s3 else path
 
+    def sibling(self, suffix: str) -> Location:
+        """The location beside this one named as it is plus ``suffix`` (``OUTPUT`` ->
+        ``OUTPUT_series``, ``OUTPUT._staging``, ``OUTPUT._lease.json``), a trailing slash of this
+        one dropped first: what a job writes next to its output, outside any glob over it."""
+        if not suffix or "/" in suffix:
+            raise ValueError(f"sibling suffix {suffix!r} must be a non-empty name part without '/'")
+        path = self.path.rstrip("/") + suffix
+        return Location(uri=self.uri.rstrip("/") + suffix, path=path, fs=self.fs, is_s3=self.is_s3)
+
     def exists(self) -> bool:
         return _guard(self, "check", self.fs.exists, self.path)
 
