@@ -287,7 +287,7 @@ def old_package(package, tmp_path):
     import json
     import shutil
 
-    from braintumor_ray.models._package import _identity
+    from braintumor_ray.models import package_model_id as _identity
 
     old = str(tmp_path / "old")
     shutil.copytree(package, old)

@@ -152,7 +152,7 @@ def test_model_onnx_is_part_of_the_id_and_an_unbound_one_is_never_run(package, o
     from braintumor_ray.models import ONNX_FILE, load_inference_model, onnx_unbound_note, verify_package
 
     meta = verify_package(package)
-    assert meta["onnx_in_id"] is True
+    assert meta.onnx_in_id is True and meta.has_onnx
     # Any other model.onnx, its hash written beside it, is another id: model.json reads as edited.
     swapped = str(tmp_path / "swapped")
     shutil.copytree(package, swapped)
@@ -165,7 +165,8 @@ def test_model_onnx_is_part_of_the_id_and_an_unbound_one_is_never_run(package, o
         verify_package(swapped)
     # An old package keeps its id, scores with PyTorch, and says why.
     old = verify_package(old_package)
-    assert old["model_id"] != meta["model_id"] and "not covered by its model id" in onnx_unbound_note(old)
+    assert old.model_id != meta.model_id and "not covered by its model id" in onnx_unbound_note(old)
+    assert old.onnx_file and not old.has_onnx
     assert load_inference_model(old_package, engine="auto").engine == "torch"
     with pytest.raises(ConfigError, match="not covered by its model id"):
         load_inference_model(old_package, engine="onnxruntime")
@@ -179,7 +180,7 @@ def test_a_pinned_load_refuses_a_package_rewritten_after_its_checks(package, tmp
     meta = verify_package(pkg)
     pin = pin_package(resolve(pkg), meta, with_onnx=True)
     assert dict(pin.files)["model.json"] == hashlib.sha256(open(os.path.join(pkg, "model.json"), "rb").read()).hexdigest()
-    assert load_inference_model(pkg, engine="onnxruntime", pin=pin).model_id == meta["model_id"]
+    assert load_inference_model(pkg, engine="onnxruntime", pin=pin).model_id == meta.model_id
     # Rewritten whole and consistently (another export into the same folder): still refused.
     import torch
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,13 +26,12 @@ from ..core import (
     resolve,
 )
 from ..imaging import MRIPreprocess
-from ..tracking import resolve_registered_model
 from ._config import OUTPUT_CONFIG_FILE, OUTPUT_IDS_FILE, ScoreConfig
 from ._explain import explain_location
 from ._layout import FETCHED_MODELS_DIR, _remove_fetched, _writer, committed_rows
 
 if TYPE_CHECKING:  # models imports torch
-    from ..models import PackagePin
+    from ..models import PackageMeta, PackagePin
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ class ScoringFacts:
 
     config: ScoreConfig  # a models:/ name resolved to the package folder it names
     registered: dict[str, str] | None  # the registered model's name, version and URI, when scored by name
-    meta: dict[str, Any] = field(repr=False)  # the verified package's model.json
+    meta: PackageMeta = field(repr=False)  # the verified package's model.json
     preprocess: MRIPreprocess = field(repr=False)
     engine: str
     notes: tuple[str, ...]
@@ -62,7 +61,7 @@ class ScoringFacts:
 
     @property
     def model_id(self) -> str:
-        return self.meta["model_id"]
+        return self.meta.model_id
 
 
 def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
@@ -74,7 +73,7 @@ def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
     before reading the manifest, check the package before touching the output, list before the
     identifiers are claimed), and it reads best in one place.
     """
-    from ..models import package_preprocess, pin_package, verify_package
+    from ..models import pin_package, resolve_registered_model, verify_package
 
     asked = config  # saved as given: a models:/ name stays a name, not the folder it resolved to
     fetched = _writer(resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)).root.join(FETCHED_MODELS_DIR)
@@ -85,17 +84,17 @@ def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
     meta = verify_package(config.model, s3_endpoint_url=config.s3_endpoint_url, expect_model_id=config.expect_model_id)
     # The package's preprocessing parsed before the output is touched: settings from a newer
     # version are refused with nothing written.
-    preprocess = package_preprocess(meta, config.model)
+    preprocess = meta.preprocess
     engine, notes = _engine(config, meta)  # before any work: an impossible choice fails here
     # What every replica must load: these bytes (a folder rewritten from here on is refused).
     pin = pin_package(
         resolve(config.model, s3_endpoint_url=config.s3_endpoint_url), meta, with_onnx=engine == "onnxruntime"
     )
-    if "conformal" not in (meta.get("trust") or {}):
+    if not meta.has_conformal:
         logger.warning(
             "score: model %s was exported before prediction sets: its rows get null prediction_set and "
             "set_size and no 'ambiguous' flag (train it again, or run a search, to add them)",
-            meta["model_id"],
+            meta.model_id,
         )
     src = resolve(config.input, s3_endpoint_url=config.s3_endpoint_url)
     dst = resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)
@@ -141,7 +140,7 @@ def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
         shown={p: ids.path(prefix + p) for p in files},
         # The files the job committed, their bytes checked, read once into one table: the plan, the
         # commit and every derived output (series table, DICOM objects, report) take it from here.
-        committed=committed_rows(writer.manifest.committed(), list(meta["class_names"])),
+        committed=committed_rows(writer.manifest.committed(), list(meta.class_names)),
     )
 
 
@@ -217,7 +216,7 @@ def _check_manifest_kept(dst: Location, manifest: Manifest) -> None:
         )
 
 
-def _engine(config: ScoreConfig, meta: dict) -> tuple[str, tuple[str, ...]]:
+def _engine(config: ScoreConfig, meta: PackageMeta) -> tuple[str, tuple[str, ...]]:
     """The engine, and the notes for the summary (an old package's ONNX file left unused)."""
     from ..models import choose_engine, onnx_unbound_note, package_has_onnx, verify_onnx
 
@@ -226,7 +225,7 @@ def _engine(config: ScoreConfig, meta: dict) -> tuple[str, tuple[str, ...]]:
         raise ConfigError(f"{config.model}: {note}; or score with --engine auto or torch")
     engine = choose_engine(config.engine, has_onnx=package_has_onnx(meta), use_gpu=config.use_gpu)
     if engine == "onnxruntime":  # a changed or missing file is refused here, not in every actor
-        verify_onnx(config.model, s3_endpoint_url=config.s3_endpoint_url)
+        verify_onnx(config.model, s3_endpoint_url=config.s3_endpoint_url, meta=meta)
     if note:
         logger.warning("score: %s", note)
     return engine, (note,) if note else ()

@@ -37,7 +37,7 @@ from ..core import ConfigError, Identifiers, latest_mask, same_version
 from ..imaging import InputGuard, MRIPreprocess, SeriesSelector
 
 if TYPE_CHECKING:  # models imports torch: the plan and the decode tasks do not need it
-    from ..models import PackagePin
+    from ..models import PackageMeta, PackagePin
     from ._config import ScoreConfig
 
 # The columns of committed rows the plan reads.
@@ -271,7 +271,7 @@ def plan_scoring(
     uri_prefix: str,
     pin: PackagePin,
     engine: str,
-    meta: Mapping[str, Any],
+    meta: PackageMeta,
     preprocess: MRIPreprocess,
     identifiers: Identifiers,
     diff: RerunDiff,
@@ -291,11 +291,7 @@ def plan_scoring(
         if cluster is not None and diff.todo
         else (0, 0.0)
     )
-    review = (
-        config.review_threshold
-        if config.review_threshold is not None
-        else float((meta.get("trust") or {}).get("review_threshold", 0.0))
-    )
+    review = config.review_threshold if config.review_threshold is not None else meta.review_threshold
     return ScoringPlan(
         run_id=run_id,
         input_uri=input_uri,
@@ -304,7 +300,7 @@ def plan_scoring(
         uri_prefix=uri_prefix,
         pin=pin,
         engine=engine,
-        class_names=tuple(meta["class_names"]),
+        class_names=meta.class_names,
         preprocess=preprocess,
         identifiers=identifiers,
         diff=diff,

@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
 MODELS_SCHEME = "models:/"
-PACKAGE_JSON = "model.json"  # braintumor_ray.models.PACKAGE_JSON (not imported: that pulls in torch)
 MODEL_ARTIFACT = "model"
 # Tune's bookkeeping columns: not metrics of a trial.
 _TUNE_COLUMNS = {
@@ -474,25 +473,28 @@ def _finish_search(
 # --- scoring ---------------------------------------------------------------------------------------
 
 
-def resolve_registered_model(config: Any, *, fetch_to: Location | None = None) -> tuple[Any, dict[str, str] | None]:
-    """``config`` with ``model`` a package folder. ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``
-    is looked up in the registry at ``config.mlflow.tracking_uri``: its source folder is used as it is
-    when local or ``s3://``, otherwise (a server-side artifact store, ``mlflow-artifacts:/``)
-    downloaded into ``fetch_to``, a folder every node of the job can read (scoring: beside its
-    output; the caller removes it), or a temporary folder without one; the package's ``model_id``
-    must be the one the version is tagged with. Returns the config and the version's description."""
-    if not str(config.model).startswith(MODELS_SCHEME):
-        return config, None
-    mc: MLflowConfig = config.mlflow
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """A version of a registered model as the registry describes it."""
+
+    uri: str  # as given: models:/NAME/VERSION or models:/NAME@ALIAS
+    name: str
+    version: str
+    source: str  # where the registry says the package's files are (a folder, s3://, mlflow-artifacts:/)
+    model_id: str  # the model_id it is tagged with
+
+
+def find_registered_version(uri: str, mc: MLflowConfig) -> RegisteredVersion:
+    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` looked up in the registry at
+    ``mc.tracking_uri``; a ConfigError for an unknown one or one without a ``model_id`` tag.
+    Fetching its files is the models package's (:func:`braintumor_ray.models.resolve_registered_model`)."""
     if not mc.enabled:
         raise ConfigError(
-            f"--model {config.model} is a registered model: give --mlflow-tracking-uri "
-            "(or MLFLOW_TRACKING_URI) of its registry"
+            f"--model {uri} is a registered model: give --mlflow-tracking-uri (or MLFLOW_TRACKING_URI) of its registry"
         )
-    import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    spec = config.model[len(MODELS_SCHEME) :]
+    spec = uri[len(MODELS_SCHEME) :]
     client = _client(mc)
     try:
         if "@" in spec:
@@ -501,59 +503,17 @@ def resolve_registered_model(config: Any, *, fetch_to: Location | None = None) -
         else:
             name, _, version = spec.partition("/")
             if not name or not version.isdigit():
-                raise ConfigError(f"--model {config.model}: use models:/NAME/VERSION or models:/NAME@ALIAS")
+                raise ConfigError(f"--model {uri}: use models:/NAME/VERSION or models:/NAME@ALIAS")
             mv = client.get_model_version(name, version)
     except MlflowException as e:
-        raise ConfigError(f"--model {config.model}: {e.message}") from e
-    src = mv.source
-    if src.startswith("file://"):
-        src = src[len("file://") :]
-    if src.startswith("s3://") or os.path.isdir(src):
-        path = src
-    elif fetch_to is not None:
-        path = _fetch(src, mc, fetch_to)
-    else:
-        dst = tempfile.mkdtemp(prefix=f"braintumor-{name}-v{mv.version}-")
-        path = mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=dst, tracking_uri=mc.tracking_uri)
-    meta = json.loads(resolve(path, s3_endpoint_url=config.s3_endpoint_url).join(PACKAGE_JSON).read_bytes())
+        raise ConfigError(f"--model {uri}: {e.message}") from e
     tagged = mv.tags.get("model_id")
     if not tagged:
         raise ConfigError(
-            f"{config.model} has no model_id tag: register packages with jobs/train.py or jobs/tune.py, "
+            f"{uri} has no model_id tag: register packages with jobs/train.py or jobs/tune.py, "
             "or tag the version with its model.json's model_id"
         )
-    if meta.get("model_id") != tagged:
-        raise ConfigError(
-            f"{config.model}: the package at {mv.source} has model_id {meta.get('model_id')}, "
-            f"but the version is tagged {tagged}: not the registered package"
-        )
-    logger.info("MLflow: %s is version %s of %s (%s), at %s", config.model, mv.version, name, tagged, path)
-    return config.replace(model=path), {
-        "uri": config.model,
-        "name": name,
-        "version": str(mv.version),
-        "source": mv.source,
-        "model_id": tagged,
-        "fetched_to": path,
-    }
-
-
-def _fetch(src: str, mc: MLflowConfig, dest: Location) -> str:
-    """A registered package's artifacts copied into ``dest`` (local or ``s3://``): its folder."""
-    import mlflow.artifacts
-
-    if not dest.is_s3:
-        os.makedirs(dest.path, exist_ok=True)
-        return mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=dest.path, tracking_uri=mc.tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="braintumor-model-") as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=tmp, tracking_uri=mc.tracking_uri)
-        folder = dest.join(posixpath.basename(local.rstrip(os.sep)))
-        for root, _, names in os.walk(local):
-            for n in names:
-                p = os.path.join(root, n)
-                with open(p, "rb") as f:
-                    folder.join(os.path.relpath(p, local).replace(os.sep, "/")).write_bytes(f.read())
-    return folder.uri
+    return RegisteredVersion(uri=uri, name=name, version=str(mv.version), source=mv.source, model_id=tagged)
 
 
 def log_scoring(config: Any, summary: dict[str, Any], registered: Mapping[str, str] | None = None) -> dict[str, Any]:

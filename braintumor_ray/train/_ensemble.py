@@ -71,7 +71,7 @@ class Member:
 
     name: str
     model: Any  # torch.nn.Module
-    meta: Mapping[str, Any]
+    meta: Mapping[str, Any]  # its model.json (PackageMeta.document()), or a trial's equivalent fields
 
 
 def load_members(uris: Sequence[str], *, s3_endpoint_url: str | None = None) -> list[Member]:
@@ -81,8 +81,8 @@ def load_members(uris: Sequence[str], *, s3_endpoint_url: str | None = None) -> 
     out = []
     for uri in uris:
         meta = verify_package(uri, s3_endpoint_url=s3_endpoint_url)
-        pkg = load_model_package(uri, s3_endpoint_url=s3_endpoint_url)
-        out.append(Member(name=pkg.uri, model=pkg.model, meta=meta))
+        pkg = load_model_package(uri, s3_endpoint_url=s3_endpoint_url, meta=meta)
+        out.append(Member(name=pkg.uri, model=pkg.model, meta=meta.document()))
     return out
 
 
@@ -141,17 +141,17 @@ def export_ensemble(
     logger.info(
         "ensemble of %d members (%s): val accuracy %.3f, macro-F1 %.3f; model %s at %s",
         len(members),
-        meta["backbone"],
+        meta.backbone,
         metrics["val"]["accuracy"],
         metrics["val"]["macro_f1"],
-        meta["model_id"],
+        meta.model_id,
         uri,
     )
     return {
-        "model": {"uri": uri, "model_id": meta["model_id"], "backbone": meta["backbone"]},
+        "model": {"uri": uri, "model_id": meta.model_id, "backbone": meta.backbone},
         "members": [
             {"name": n, **member_source(m.meta, n)} | {"backbone": b["backbone"]}
-            for n, m, b in zip(names, members, meta["members"])
+            for n, m, b in zip(names, members, meta.members)
         ],
         **metrics,
         "trust": trust_report,
