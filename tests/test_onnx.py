@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from braintumor_ray import CLASS_NAMES, ConfigError, make_sample_dataset
-from braintumor_ray.core import cli_options
+from braintumor_ray.core import PackageIntegrityError, cli_options
 from braintumor_ray.models import (
     ENGINES,
     ONNX_FILE,
@@ -116,17 +117,23 @@ def test_engine_choice():
 
 def test_tampered_or_missing_onnx_is_refused(package, tmp_path):
     bad = _tampered(package, str(tmp_path / "tampered"))
-    with pytest.raises(ConfigError, match=r"tampered/model\.onnx does not match the sha256 in model.json"):
+    with pytest.raises(ConfigError, match=r"tampered/model\.onnx does not match the sha256 in model.json") as e:
         load_inference_model(bad, engine="onnxruntime")
-    with pytest.raises(ConfigError, match=r"model\.onnx does not match"):
+    # The file and both hashes as fields (PackageIntegrityError is a ConfigError: the same exit).
+    want = json.load(open(os.path.join(bad, "model.json")))["onnx_sha256"]
+    got = hashlib.sha256(open(os.path.join(bad, ONNX_FILE), "rb").read()).hexdigest()
+    assert isinstance(e.value, PackageIntegrityError) and e.value.file == os.path.join(bad, ONNX_FILE)
+    assert (e.value.expected, e.value.actual) == (want, got) and want != got
+    with pytest.raises(PackageIntegrityError, match=r"model\.onnx does not match"):
         verify_onnx(bad)
     # The torch engine does not read the file, and still loads.
     assert load_inference_model(bad, engine="torch").engine == "torch"
     gone = str(tmp_path / "half-copied")
     shutil.copytree(package, gone)
     os.remove(os.path.join(gone, ONNX_FILE))
-    with pytest.raises(ConfigError, match=r"half-copied/model\.onnx is missing"):
+    with pytest.raises(PackageIntegrityError, match=r"half-copied/model\.onnx is missing") as e:
         load_inference_model(gone, engine="auto")
+    assert e.value.actual is None and e.value.expected == want
 
 
 def _rows(out: str) -> dict[str, dict]:

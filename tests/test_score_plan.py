@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from braintumor_ray.core import ConfigError, Manifest, StorageError, local_version, resolve, same_version
+from braintumor_ray.core import ConfigError, Manifest, NoSpaceError, StorageError, local_version, resolve, same_version
 from braintumor_ray.score._plan import PRIOR_COLUMNS, WITHDRAWN, prior_state, rerun_diff
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -120,7 +120,7 @@ def test_atomic_write_on_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(StorageError, match="no space left on the device") as e:
         loc.write_atomic(b'{"new": 2}')
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and isinstance(e.value, NoSpaceError) and e.value.uri == loc.uri
     monkeypatch.setattr(os, "fsync", real)
     assert loc.read_bytes() == b'{"old": 1}' and os.listdir(tmp_path / "out") == ["_identifiers.json"]
 

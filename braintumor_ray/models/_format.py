@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from ..core import ConfigError
+from ..core import ConfigError, PackageIntegrityError
 from ..imaging import MRIPreprocess
 
 PACKAGE_JSON = "model.json"
@@ -114,11 +114,16 @@ class PackageMeta:
         if version != FORMAT_VERSION:
             raise ConfigError(f"model package {uri} has format {version}; this version reads {FORMAT_VERSION}")
         try:
-            same = package_model_id(doc) == doc.get("model_id")
+            recomputed = package_model_id(doc)
         except (KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"{where} is not a model package description (no {e}): re-export the model") from e
-        if not same:
-            raise ConfigError(f"{where} was edited after export (its model_id no longer matches): export again")
+        if recomputed != doc.get("model_id"):
+            raise PackageIntegrityError(
+                f"{where} was edited after export (its model_id no longer matches): export again",
+                file=where,
+                expected=doc.get("model_id"),
+                actual=recomputed,
+            )
         try:
             preprocess = MRIPreprocess.from_dict(doc["preprocess"], where="preprocess")
         except ConfigError as e:

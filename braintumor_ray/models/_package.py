@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..core import ConfigError, InputError, Location, resolve
+from ..core import ConfigError, InputError, Location, PackageIntegrityError, resolve
 from ..imaging import MRIPreprocess
 from ..trust import Trust
 from ._format import ONNX_FILE, PACKAGE_JSON, PackageMeta
@@ -122,11 +122,14 @@ def _read_file(loc: Location, name: str, pin: PackagePin | None) -> bytes:
     if pin is not None:
         got, want = hashlib.sha256(blob).hexdigest(), pin.sha256(name)
         if got != want:
-            raise ConfigError(
+            raise PackageIntegrityError(
                 f"{loc.uri}/{name} is not the file verified for model {pin.model_id} (sha256 {got[:12]}, verified "
                 f"{(want or 'none')[:12]}): the package folder changed after the job checked it, and this replica "
                 "refuses to load it, so nothing is scored with it. Keep the package folder unchanged while a job "
-                "scores with it (export a new model to a new folder), then rerun."
+                "scores with it (export a new model to a new folder), then rerun.",
+                file=f"{loc.uri}/{name}",
+                expected=want,
+                actual=got,
             )
     return blob
 
@@ -168,15 +171,20 @@ def read_onnx(loc: Location, meta: PackageMeta, *, pin: PackagePin | None = None
     if not meta.onnx_in_id:
         raise ConfigError(f"{loc.uri}/{name}: {meta.onnx_unbound_note()} (or use --engine torch or auto)")
     if not loc.join(name).exists():
-        raise ConfigError(
+        raise PackageIntegrityError(
             f"{loc.uri}/{name} is missing though {PACKAGE_JSON} names it: the package is "
-            "half-copied. Copy or export it again (or score with --engine torch)."
+            "half-copied. Copy or export it again (or score with --engine torch).",
+            file=f"{loc.uri}/{name}",
+            expected=meta.onnx_sha256,
         )
     blob = _read_file(loc, name, pin)
-    if hashlib.sha256(blob).hexdigest() != meta.onnx_sha256:
-        raise ConfigError(
+    if (got := hashlib.sha256(blob).hexdigest()) != meta.onnx_sha256:
+        raise PackageIntegrityError(
             f"{loc.uri}/{name} does not match the sha256 in {PACKAGE_JSON}: the file was changed or is "
-            "half-written. Export the package again (or score with --engine torch, which does not read it)."
+            "half-written. Export the package again (or score with --engine torch, which does not read it).",
+            file=f"{loc.uri}/{name}",
+            expected=meta.onnx_sha256,
+            actual=got,
         )
     return blob
 
@@ -188,10 +196,14 @@ def read_trust(loc: Location, meta: PackageMeta, *, pin: PackagePin | None = Non
         return None
     name = meta.trust_file
     blob = _read_file(loc, name, pin) if loc.join(name).exists() else None
-    if blob is None or hashlib.sha256(blob).hexdigest() != meta.trust_sha256:
-        raise ConfigError(
+    got = None if blob is None else hashlib.sha256(blob).hexdigest()
+    if got is None or got != meta.trust_sha256:
+        raise PackageIntegrityError(
             f"{loc.uri}/{name} is missing or does not match the sha256 in {PACKAGE_JSON}: the package "
-            "was changed or is half-copied. Export it again."
+            "was changed or is half-copied. Export it again.",
+            file=f"{loc.uri}/{name}",
+            expected=meta.trust_sha256,
+            actual=got,
         )
     from safetensors.numpy import load as load_np
 
@@ -206,10 +218,13 @@ def read_trust(loc: Location, meta: PackageMeta, *, pin: PackagePin | None = Non
 def _read_weights(loc: Location, meta: PackageMeta, pin: PackagePin | None = None) -> bytes:
     """The package's weights file, its sha256 (one of the model id's inputs) checked."""
     blob = _read_file(loc, meta.weights_file, pin)
-    if hashlib.sha256(blob).hexdigest() != meta.weights_sha256:
-        raise ConfigError(
+    if (got := hashlib.sha256(blob).hexdigest()) != meta.weights_sha256:
+        raise PackageIntegrityError(
             f"{loc.uri}/{meta.weights_file} does not match the sha256 in {PACKAGE_JSON}: the package was changed "
-            "or is half-written. Export it again."
+            "or is half-written. Export it again.",
+            file=f"{loc.uri}/{meta.weights_file}",
+            expected=meta.weights_sha256,
+            actual=got,
         )
     return blob
 
