@@ -244,3 +244,14 @@ def test_mlflow_is_not_imported_without_a_tracking_uri():
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_search_run_metrics_are_the_best_models_figures_and_the_search_counts():
+    """The search run's own metrics (no server needed): final figures per split without the
+    confusion matrix, the trust figures, the counts and time."""
+    from braintumor_ray.tracking._mlflow import _search_final_metrics
+
+    summary = {"val": {"accuracy": 0.9, "confusion_matrix": [[1]]}, "test": {"macro_f1": 0.8}, "trust": {"ece": 0.05},
+               "trials": 4, "wall_s": 12.5, "asha_saved_fraction": 0.25, "leaderboard": [{"trial": "t1"}]}
+    assert _search_final_metrics(summary) == {"final_val_accuracy": 0.9, "final_test_macro_f1": 0.8, "trust_ece": 0.05,
+                                              "trials": 4.0, "wall_s": 12.5, "asha_saved_fraction": 0.25}

@@ -205,6 +205,23 @@ def load_inference_model(
         # A model.onnx exported before the maps has no cam output: scoring falls back to Grad-CAM.
         has_maps = "cam" in {o.name for o in session.get_outputs()}
         return InferenceModel(engine=chosen, _run=session, has_maps=has_maps, **common)
+    net, has_maps = _torch_network(
+        uri, meta, s3_endpoint_url=s3_endpoint_url, pin=pin, use_gpu=use_gpu, threads=threads
+    )
+    return InferenceModel(engine=chosen, _run=net, _channels_last=not use_gpu, has_maps=has_maps, **common)
+
+
+def _torch_network(
+    uri: str,
+    meta: PackageMeta,
+    *,
+    s3_endpoint_url: str | None,
+    pin: PackagePin | None,
+    use_gpu: bool,
+    threads: int | None,
+) -> tuple[Any, bool]:
+    """The package's network on PyTorch, giving logits, features and (for a global-pool + linear
+    head) the class-activation maps; and whether it has the maps."""
     import torch
 
     from ._factory import WithFeatures, has_cam
@@ -213,15 +230,9 @@ def load_inference_model(
         torch.set_num_threads(threads)
     # NHWC is what depthwise-conv backbones run fastest in on CPU.
     pkg = load_model_package(uri, s3_endpoint_url=s3_endpoint_url, channels_last=not use_gpu, pin=pin, meta=meta)
-    net = pkg.model.to(device)
+    net = pkg.model.to("cuda" if use_gpu else "cpu")
     has_maps = has_cam(net)
-    return InferenceModel(
-        engine=chosen,
-        _run=WithFeatures(net, maps=has_maps).eval(),
-        _channels_last=not use_gpu,
-        has_maps=has_maps,
-        **common,
-    )
+    return WithFeatures(net, maps=has_maps).eval(), has_maps
 
 
 def _default_threads() -> int:

@@ -396,64 +396,9 @@ def _finish_search(
     s3_endpoint_url: str | None = None,
 ) -> None:
     c = t.client
-    rows = summary.get("leaderboard") or []
-    for row in rows:
-        tid = str(row["trial"])
-        r = results.get(tid)
-        found = c.search_runs(
-            [t.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{t.run_id}' and tags.trial_id = '{tid}'"
-        )
-        if found:
-            child = found[0].info.run_id
-        else:
-            child = c.create_run(
-                t.experiment_id, run_name=tid, tags={"mlflow.parentRunId": t.run_id, "trial_id": tid, "stage": "trial"}
-            ).info.run_id
-        ct = Tracking(c, child, t.experiment_id, t.settings)
-        config = dict(getattr(r, "config", None) or {})
-        _log_params(
-            ct,
-            {k: v for k, v in config.items() if not isinstance(v, Mapping)}
-            or {
-                k: v
-                for k, v in row.items()
-                if k
-                not in ("rank", "status", "error", "epochs_run", "best_epoch", "best_val_macro_f1", "time_s", "trial")
-            },
-        )
-        df = getattr(r, "metrics_dataframe", None)
-        if df is not None and len(df) and "epoch" in df:
-            _log_history(c, child, df.drop_duplicates("epoch", keep="last").to_dict("records"))
-        for k in ("status", "error"):
-            if row.get(k):
-                c.set_tag(child, k, str(row[k])[:5000])
-        c.set_tag(child, "asha_stopped", str(row.get("status") == "stopped by ASHA").lower())
-        _log_metrics(
-            c,
-            child,
-            [
-                (k, v, 0)
-                for k, v in scalar_metrics(
-                    {k: row.get(k) for k in ("rank", "best_val_macro_f1", "best_epoch", "epochs_run", "time_s")}
-                ).items()
-            ],
-        )
-        c.set_terminated(child, "FAILED" if row.get("status") == "error" else "FINISHED")
-    final: dict[str, float] = {}
-    for split in ("val", "test", "test_clean"):
-        if isinstance(summary.get(split), Mapping):
-            final |= scalar_metrics(
-                {k: v for k, v in summary[split].items() if k != "confusion_matrix"}, f"final_{split}_"
-            )
-    if isinstance(summary.get("trust"), Mapping):
-        final |= scalar_metrics(summary["trust"], "trust_")
-    final |= scalar_metrics(
-        {
-            k: summary.get(k)
-            for k in ("trials", "trial_epochs_run", "trial_epochs_budget", "asha_saved_fraction", "wall_s")
-        }
-    )
-    _log_metrics(c, t.run_id, [(k, v, 0) for k, v in final.items()])
+    for row in summary.get("leaderboard") or []:
+        _log_trial(t, row, results.get(str(row["trial"])))
+    _log_metrics(c, t.run_id, [(k, v, 0) for k, v in _search_final_metrics(summary).items()])
     best = summary.get("best_trial") or {}
     if best.get("trial"):
         c.set_tag(t.run_id, "best_trial", str(best["trial"]))
@@ -468,6 +413,58 @@ def _finish_search(
             {"stage": "search", "search": root.uri, "trial": str(best.get("trial", ""))},
         )
     c.set_terminated(t.run_id, "FINISHED")
+
+
+def _log_trial(t: Tracking, row: Mapping[str, Any], result: Any) -> None:
+    """One trial's child run of the search's run (the one already logged, on a resume): its
+    sampled parameters, metrics per epoch, status and ASHA stop. ``result``: its Tune ``Result``."""
+    c = t.client
+    tid = str(row["trial"])
+    found = c.search_runs(
+        [t.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{t.run_id}' and tags.trial_id = '{tid}'"
+    )
+    if found:
+        child = found[0].info.run_id
+    else:
+        child = c.create_run(
+            t.experiment_id, run_name=tid, tags={"mlflow.parentRunId": t.run_id, "trial_id": tid, "stage": "trial"}
+        ).info.run_id
+    ct = Tracking(c, child, t.experiment_id, t.settings)
+    config = dict(getattr(result, "config", None) or {})
+    _log_params(
+        ct,
+        {k: v for k, v in config.items() if not isinstance(v, Mapping)}
+        or {
+            k: v
+            for k, v in row.items()
+            if k not in ("rank", "status", "error", "epochs_run", "best_epoch", "best_val_macro_f1", "time_s", "trial")
+        },
+    )
+    df = getattr(result, "metrics_dataframe", None)
+    if df is not None and len(df) and "epoch" in df:
+        _log_history(c, child, df.drop_duplicates("epoch", keep="last").to_dict("records"))
+    for k in ("status", "error"):
+        if row.get(k):
+            c.set_tag(child, k, str(row[k])[:5000])
+    c.set_tag(child, "asha_stopped", str(row.get("status") == "stopped by ASHA").lower())
+    figures = {k: row.get(k) for k in ("rank", "best_val_macro_f1", "best_epoch", "epochs_run", "time_s")}
+    _log_metrics(c, child, [(k, v, 0) for k, v in scalar_metrics(figures).items()])
+    c.set_terminated(child, "FAILED" if row.get("status") == "error" else "FINISHED")
+
+
+def _search_final_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The search run's own metrics: the best model's final figures per split, its trust, the
+    search's counts and time."""
+    final: dict[str, float] = {}
+    for split in ("val", "test", "test_clean"):
+        if isinstance(summary.get(split), Mapping):
+            final |= scalar_metrics(
+                {k: v for k, v in summary[split].items() if k != "confusion_matrix"}, f"final_{split}_"
+            )
+    if isinstance(summary.get("trust"), Mapping):
+        final |= scalar_metrics(summary["trust"], "trust_")
+    counts = ("trials", "trial_epochs_run", "trial_epochs_budget", "asha_saved_fraction", "wall_s")
+    return final | scalar_metrics({k: summary.get(k) for k in counts})
 
 
 # --- scoring ---------------------------------------------------------------------------------------
