@@ -137,6 +137,11 @@ class PackageMeta:
             raise ConfigError(f"{where} is not a model package description ({e!r}): re-export the model") from e
 
     @classmethod
+    def from_written(cls, text: str, uri: str, preprocess: MRIPreprocess) -> PackageMeta:
+        """The object of a ``model.json`` this process just wrote (``text``), unchecked."""
+        return cls._typed(json.loads(text), uri, preprocess, text)
+
+    @classmethod
     def _typed(cls, doc: dict[str, Any], uri: str, preprocess: MRIPreprocess, text: str) -> PackageMeta:
         side = doc.get("onnx_input_side")
         return cls(

@@ -161,7 +161,8 @@ def export_model_package(
     except (TypeError, ValueError) as e:
         raise ConfigError(f"metrics cannot be written as JSON ({e}): give numbers and strings") from e
     loc = resolve(uri, s3_endpoint_url=s3_endpoint_url)
-    meta = PackageMeta.parse(text, loc.uri)  # before any file is written: what readers will parse
+    # As written (the preprocessing object given, not parsed back: a writer's own keys are its own).
+    meta = PackageMeta.from_written(text, loc.uri, preprocess)
     _write_package(loc, text, blob, trust_blob, onnx_blob)
     logger.info("exported model %s (%s) to %s", meta.model_id, build["backbone"], loc.uri)
     return meta
