@@ -160,7 +160,7 @@ def score_both_engines(pkg, args, z: dict, vy: np.ndarray) -> None:
                       val_logits=z["val_logits"], val_features=z["val_features"], val_labels=vy)
     uri = os.path.join(args.package_out, "model")
     meta = export_model_package(pkg.model, uri, preprocess=pkg.preprocess, metrics=pkg.metrics, trust=trust)
-    print(f"\nre-exported with sets: model {meta['model_id']} (was {pkg.model_id}); temperature {trust.temperature:.3f}, "
+    print(f"\nre-exported with sets: model {meta.model_id} (was {pkg.model_id}); temperature {trust.temperature:.3f}, "
           f"review threshold {trust.review_threshold:.3f}, LAC thresholds {trust.conformal.to_meta()['thresholds']} "
           f"from {trust.conformal.counts} calibration images", flush=True)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)

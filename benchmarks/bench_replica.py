@@ -40,7 +40,7 @@ def main() -> None:
     import pyarrow as pa
 
     from braintumor_ray.core import Identifiers, resolve
-    from braintumor_ray.models import choose_engine, package_has_onnx, package_preprocess, pin_package, verify_package
+    from braintumor_ray.models import choose_engine, package_has_onnx, pin_package, verify_package
     from braintumor_ray.score import Predictor, ScoreConfig, decode_batch, plan_scoring, rerun_diff
 
     t_import = time.perf_counter() - t0
@@ -50,13 +50,13 @@ def main() -> None:
     stage = tempfile.mkdtemp(prefix="bench-replica-")
     cfg = ScoreConfig(model=args.model, input="/nonexistent/in", output="/nonexistent/out", explain=args.explain)
     todo = {f: (len(d), "v") for f, d in zip(files, datas)}
-    diff = rerun_diff(todo, {p: p for p in todo}, {}, model_id=meta["model_id"], selection="", retry_errors=0)
+    diff = rerun_diff(todo, {p: p for p in todo}, {}, model_id=meta.model_id, selection="", retry_errors=0)
     from datetime import datetime, timezone
 
     from braintumor_ray.score import ClusterShape
 
     plan = plan_scoring(config=cfg, run_id="r", input_uri=cfg.input, output_uri=cfg.output, uri_prefix="", pin=pin,
-                        engine=engine, meta=meta, preprocess=package_preprocess(meta, args.model),
+                        engine=engine, meta=meta, preprocess=meta.preprocess,
                         identifiers=Identifiers(), diff=diff, refused={}, explain_stage_uri=stage,
                         explain_final_uri="/final", cluster=ClusterShape(cpus=2, gpus=0), scored_at=datetime.now(timezone.utc))
     batches = [decode_batch(pa.table({"path": files[s : s + 32], "bytes": datas[s : s + 32]}), preprocess=plan.preprocess)

@@ -133,12 +133,11 @@ def main() -> None:
             model_uri = os.path.join(tmp, "lite0")
             export_model_package(create_model("tf_efficientnet_lite0"), model_uri, preprocess=MRIPreprocess())
         pkg = load_model_package(model_uri, channels_last=not args.use_gpu)
-        meta = json.loads(open(os.path.join(model_uri, "model.json")).read())
-        if not package_has_onnx(meta):  # a package from before ONNX: the same model, re-exported with it
+        if not package_has_onnx(pkg.meta):  # a package from before ONNX: the same model, re-exported with it
             model_uri = os.path.join(tmp, "with-onnx")
             again = export_model_package(pkg.model, model_uri, preprocess=pkg.preprocess, class_names=pkg.class_names,
                                          metrics=pkg.metrics)
-            assert again["model_id"] == pkg.model_id
+            assert again.model_id == pkg.model_id
         print(json.dumps({"files": len(files), "model": pkg.backbone, "model_id": pkg.model_id, "package": args.model or "lite0 (ImageNet backbone, new head)",
                           "cpus": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor(), "device": device,
                           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}), flush=True)

@@ -36,9 +36,9 @@ _PRE = None
 
 def _init(model_uri: str) -> None:
     global _PRE
-    from braintumor_ray.models import package_preprocess, verify_package
+    from braintumor_ray.models import verify_package
 
-    _PRE = package_preprocess(verify_package(model_uri), model_uri)
+    _PRE = verify_package(model_uri).preprocess
 
 
 def _prep(path: str) -> np.ndarray | None:

@@ -16,9 +16,20 @@ from ._config import (
     setting,
 )
 from ._config_io import load_config, read_yaml
-from ._errors import BraintumorError, ConfigError, ImageDecodeError, InputError, StorageError
+from ._errors import (
+    BraintumorError,
+    ConfigError,
+    ImageDecodeError,
+    InputError,
+    LeaseError,
+    LeaseHeldError,
+    LeaseLostError,
+    NoSpaceError,
+    PackageIntegrityError,
+    StorageError,
+)
 from ._labels import CLASS_NAMES, SPLIT_ALIASES, canonical_label, canonical_split
-from ._lease import LEASE_SUFFIX, Lease, LeaseError, current_lease, lease_location
+from ._lease import LEASE_SUFFIX, Lease, current_lease, lease_location
 from ._paths import PATH_KEY_ENV, Identifiers, PathMode, UidMode, check_modes
 from ._staging import (
     DONE_MARKER,
@@ -44,7 +55,6 @@ from ._storage import (
     folder_depth_setting,
     is_no_space,
     local_version,
-    no_space_message,
     resolve,
     s3_filesystem,
     same_version,
@@ -93,13 +103,16 @@ __all__ = [
     "Manifest",
     "is_no_space",
     "local_version",
-    "no_space_message",
     "same_version",
     "STAGING_SUFFIX",
     "StagedWriter",
     "LEASE_SUFFIX",
     "Lease",
     "LeaseError",
+    "LeaseHeldError",
+    "LeaseLostError",
+    "NoSpaceError",
+    "PackageIntegrityError",
     "current_lease",
     "lease_location",
     "posix_basename",

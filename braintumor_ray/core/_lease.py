@@ -42,8 +42,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ._errors import ConfigError, StorageError
-from ._storage import Location, canonical_location, no_space_message
+from ._errors import ConfigError, LeaseError, LeaseHeldError, LeaseLostError, NoSpaceError, StorageError
+from ._storage import Location, canonical_location
 
 logger = logging.getLogger(__name__)
 
@@ -53,22 +53,12 @@ LEASE_SUFFIX = "._lease.json"
 LOCK_SUFFIX = "._lease.lock"
 
 
-class LeaseError(StorageError):
-    """Another run holds the output's lease, or this run lost its lease and must not commit."""
-
-
 def lease_location(output: Location) -> Location:
     """Where the lease of ``output`` lives: ``OUTPUT._lease.json``, beside the output's canonical
     form (:func:`canonical_location`: its real path; bucket and key). Named after the output as
     typed, a symlinked spelling of the same folder (or ``s3a://``, a doubled slash) had a lease
     of its own: two runs wrote the output at once, and one run's commits dropped out."""
-    real = canonical_location(output)
-    return Location(
-        uri=real.uri.rstrip("/") + LEASE_SUFFIX,
-        path=real.path.rstrip("/") + LEASE_SUFFIX,
-        fs=output.fs,
-        is_s3=output.is_s3,
-    )
+    return canonical_location(output).sibling(LEASE_SUFFIX)
 
 
 def current_lease(output: Location) -> dict[str, Any] | None:
@@ -134,7 +124,7 @@ class Lease:
         while (holder := self._try_acquire()) is not None:
             waited = time.monotonic() - t0
             if waited >= self.wait_s:
-                raise LeaseError(self._held_message(holder, waited))
+                raise self._held_error(holder, waited)
             if not self.waited_s:
                 logger.info(
                     "%s: %s is held by %s; waiting up to %.0f s for it to be released or to expire",
@@ -156,7 +146,7 @@ class Lease:
         return self._lost is None and self._version is not None and time.monotonic() < self._deadline
 
     def check(self) -> None:
-        """Raise :class:`LeaseError` unless the lease is still held (call before committing)."""
+        """Raise :class:`LeaseLostError` unless the lease is still held (call before committing)."""
         if self.held():
             return
         if self._lost:
@@ -165,10 +155,13 @@ class Lease:
             why = "it was never taken, or already released"
         else:
             why = f"it was not renewed within its {self.ttl_s:g} s TTL (storage unreachable?)"
-        raise LeaseError(
+        raise LeaseLostError(
             f"{self.what}: run {self.owner} no longer holds the lease on {self.output.uri} ({why}), so it commits "
             f"nothing; its staged files are dropped by the run that holds the output now. Run the job again once "
-            f"that run has finished"
+            f"that run has finished",
+            output=self.output.uri,
+            owner=self.owner,
+            reason=why,
         )
 
     def renew(self) -> bool:
@@ -301,15 +294,22 @@ class Lease:
         except Exception:
             return None
 
-    def _held_message(self, holder: dict[str, Any], waited: float) -> str:
+    def _held_error(self, holder: dict[str, Any], waited: float) -> LeaseHeldError:
         waited_note = f" after waiting {waited:.0f} s" if self.wait_s > 0 else ""
-        return (
+        expires = _iso(_expiry(holder))
+        return LeaseHeldError(
             f"{self.output.uri} is being written by another {self.what} run{waited_note}: {_describe(holder)}. "
             f"Two runs on one output would do the same work twice and could delete each other's staged files, so "
             f"this run stops here. Wait for it with --wait SECONDS (this run then starts once that lease is released or "
             f"expires), or run again later; if that run is dead, its lease expires by itself at "
-            f"{_iso(_expiry(holder))} "
-            f"(lease: {self.location.uri})"
+            f"{expires} "
+            f"(lease: {self.location.uri})",
+            output=self.output.uri,
+            holder=str(holder.get("owner", "")),
+            host=holder.get("host"),
+            pid=holder.get("pid") if isinstance(holder.get("pid"), int) else None,
+            expires=expires,
+            waited_s=round(waited, 3) if self.wait_s > 0 else 0.0,  # one try, no wait asked for
         )
 
 
@@ -485,7 +485,7 @@ class _LocalStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StorageError(no_space_message(self.path)) from e
+                raise NoSpaceError(self.path) from e
             raise
         return tmp
 

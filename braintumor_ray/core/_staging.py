@@ -368,12 +368,7 @@ class StagedWriter:
         # extra keys of a file's entry, from its bytes).
         self.manifest = Manifest(output, what=what) if manifest or describe else None
         self.describe = describe
-        self.root = Location(
-            uri=output.uri.rstrip("/") + STAGING_SUFFIX,
-            path=output.path.rstrip("/") + STAGING_SUFFIX,
-            fs=output.fs,
-            is_s3=output.is_s3,
-        )
+        self.root = output.sibling(STAGING_SUFFIX)
 
     def stage(self, run_id: str) -> Location:
         """The staging folder of one run (created by whoever writes the first file into it)."""

@@ -22,7 +22,7 @@ import fsspec.asyn
 import pyarrow.fs as pafs
 
 from ._config import setting
-from ._errors import ConfigError, StorageError
+from ._errors import ConfigError, NoSpaceError, StorageError
 
 _CRED_HINT = (
     "Check the URI, the AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE "
@@ -167,6 +167,15 @@ class Location:
         """The user-facing URI of a path inside this location's filesystem."""
         return f"s3://{path}" if self.is_s3 else path
 
+    def sibling(self, suffix: str) -> Location:
+        """The location beside this one named as it is plus ``suffix`` (``OUTPUT`` ->
+        ``OUTPUT_series``, ``OUTPUT._staging``, ``OUTPUT._lease.json``), a trailing slash of this
+        one dropped first: what a job writes next to its output, outside any glob over it."""
+        if not suffix or "/" in suffix:
+            raise ValueError(f"sibling suffix {suffix!r} must be a non-empty name part without '/'")
+        path = self.path.rstrip("/") + suffix
+        return Location(uri=self.uri.rstrip("/") + suffix, path=path, fs=self.fs, is_s3=self.is_s3)
+
     def exists(self) -> bool:
         return _guard(self, "check", self.fs.exists, self.path)
 
@@ -199,7 +208,7 @@ class Location:
             with _quiet():
                 os.unlink(tmp)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StorageError(no_space_message(self.uri)) from e
+                raise NoSpaceError(self.uri) from e
             raise StorageError(
                 f"cannot write {self.uri}: {type(e).__name__}: {e}. Check the path and its permissions."
             ) from e
@@ -452,21 +461,12 @@ def same_version(prior: str | None, now: str | None) -> bool:
     return prior == now
 
 
-def no_space_message(uri: str) -> str:
-    """The one line a job gives when storage is full (ENOSPC, a quota)."""
-    return (
-        f"no space left on the device holding {uri}: nothing was half-written (every file beside the rows is "
-        "replaced whole, and rows commit only once complete); free some space and run again, the next run "
-        "continues from what is committed"
-    )
-
-
 def is_no_space(e: BaseException | None) -> bool:
     """Whether ``e`` or an exception it was raised from (a Ray task's wrapped error included)
     is storage that is full."""
     seen = 0
     while e is not None and seen < 20:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(e, NoSpaceError) or isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if "No space left on device" in str(e) or "[Errno 28]" in str(e):
             return True

@@ -4,6 +4,7 @@ model = create_model("tf_efficientnet_lite0", transfer="last-2")   # offline Ima
 opt = torch.optim.AdamW(param_groups(model, lr=1e-3, backbone_lr_scale=0.1))
 export_model_package(model, "s3://bucket/models/run1", preprocess=MRIPreprocess())
 pkg = load_model_package("s3://bucket/models/run1"); pkg.logits(pixels)
+meta = verify_package("s3://bucket/models/run1")   # model.json parsed and checked once: a PackageMeta
 model = load_inference_model("s3://bucket/models/run1", engine="auto"); model.probabilities(pixels)
 """
 
@@ -17,27 +18,29 @@ from ._engine import (
     package_has_onnx,
     prepare_input_np,
 )
-from ._package import (
+from ._format import (
+    FORMAT_VERSION,
     ONNX_FILE,
-    ONNX_OPSET,
-    ONNX_TOLERANCE,
     PACKAGE_JSON,
     TRUST_FILE,
     WEIGHTS_FILE,
+    PackageMeta,
+    onnx_unbound_note,
+    package_model_id,
+)
+from ._onnx import ONNX_OPSET, ONNX_TOLERANCE, export_onnx, onnx_session, verify_onnx
+from ._package import (
     ModelPackage,
     PackagePin,
-    export_model_package,
-    export_onnx,
     load_model_package,
-    onnx_session,
-    onnx_unbound_note,
-    package_preprocess,
     pin_package,
     prepare_input,
+    read_package_meta,
     read_trust,
-    verify_onnx,
     verify_package,
 )
+from ._registry import resolve_registered_model
+from ._writer import export_model_package
 
 # torch and timm take seconds and ~1 GB to import; a model replica that runs ONNX Runtime never
 # needs them (nor does anything that only reads a package): these load on first use.
@@ -97,6 +100,8 @@ __all__ = [
     "PRESETS",
     "WEIGHTS_FILE",
     "ModelPackage",
+    "PackageMeta",
+    "FORMAT_VERSION",
     "PackagePin",
     "Transfer",
     "WithFeatures",
@@ -120,7 +125,9 @@ __all__ = [
     "onnx_unbound_note",
     "package_has_onnx",
     "pin_package",
-    "package_preprocess",
+    "package_model_id",
+    "read_package_meta",
+    "resolve_registered_model",
     "param_groups",
     "prepare_input",
     "prepare_input_np",

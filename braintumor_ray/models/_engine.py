@@ -16,7 +16,7 @@ replica that runs it starts in a fraction of the time and memory (docs/benchmark
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -25,17 +25,9 @@ import numpy as np
 from ..core import ConfigError, InputError, resolve
 from ..imaging import MRIPreprocess
 from ..trust import Trust, softmax
-from ._package import (
-    PackagePin,
-    load_model_package,
-    onnx_session,
-    onnx_unbound_note,
-    package_preprocess,
-    prepare_input,
-    read_onnx,
-    read_package_meta,
-    read_trust,
-)
+from ._format import PackageMeta
+from ._onnx import onnx_session
+from ._package import PackagePin, load_model_package, prepare_input, read_onnx, read_package_meta, read_trust
 
 if TYPE_CHECKING:
     import torch
@@ -66,9 +58,9 @@ def choose_engine(engine: str, *, has_onnx: bool, use_gpu: bool) -> str:
     return engine
 
 
-def package_has_onnx(meta: dict[str, Any]) -> bool:
-    """A ``model.onnx`` the package may run: one its model id covers (see :func:`onnx_unbound_note`)."""
-    return bool(meta.get("onnx_file")) and bool(meta.get("onnx_in_id"))
+def package_has_onnx(meta: PackageMeta) -> bool:
+    """A ``model.onnx`` the package may run: one its model id covers (:attr:`PackageMeta.has_onnx`)."""
+    return meta.has_onnx
 
 
 @dataclass
@@ -79,7 +71,7 @@ class InferenceModel:
     model_id: str
     class_names: tuple[str, ...]
     preprocess: MRIPreprocess
-    data_config: dict[str, Any]
+    data_config: Mapping[str, Any]
     uri: str
     threads: int | None
     device: str
@@ -191,17 +183,17 @@ def load_inference_model(
         raise ConfigError(f"tta={tta!r} is unknown: use one of {', '.join(TTA_MODES)}")
     loc = resolve(uri, s3_endpoint_url=s3_endpoint_url)
     meta = read_package_meta(loc, pin=pin)
-    if engine == "onnxruntime" and (note := onnx_unbound_note(meta)):
+    if engine == "onnxruntime" and (note := meta.onnx_unbound_note()):
         raise ConfigError(f"{loc.uri}: {note} (or use engine torch or auto)")
-    chosen = choose_engine(engine, has_onnx=package_has_onnx(meta), use_gpu=use_gpu)
+    chosen = choose_engine(engine, has_onnx=meta.has_onnx, use_gpu=use_gpu)
     device = "cuda" if use_gpu else "cpu"
     if threads is not None:
         threads = max(1, int(threads))
-    common = dict(
-        model_id=meta["model_id"],
-        class_names=tuple(meta["class_names"]),
-        preprocess=package_preprocess(meta, loc.uri),
-        data_config=meta["data_config"],
+    common: dict[str, Any] = dict(
+        model_id=meta.model_id,
+        class_names=meta.class_names,
+        preprocess=meta.preprocess,
+        data_config=dict(meta.data_config),
         uri=loc.uri,
         threads=threads,
         device=device,
@@ -213,6 +205,23 @@ def load_inference_model(
         # A model.onnx exported before the maps has no cam output: scoring falls back to Grad-CAM.
         has_maps = "cam" in {o.name for o in session.get_outputs()}
         return InferenceModel(engine=chosen, _run=session, has_maps=has_maps, **common)
+    net, has_maps = _torch_network(
+        uri, meta, s3_endpoint_url=s3_endpoint_url, pin=pin, use_gpu=use_gpu, threads=threads
+    )
+    return InferenceModel(engine=chosen, _run=net, _channels_last=not use_gpu, has_maps=has_maps, **common)
+
+
+def _torch_network(
+    uri: str,
+    meta: PackageMeta,
+    *,
+    s3_endpoint_url: str | None,
+    pin: PackagePin | None,
+    use_gpu: bool,
+    threads: int | None,
+) -> tuple[Any, bool]:
+    """The package's network on PyTorch, giving logits, features and (for a global-pool + linear
+    head) the class-activation maps; and whether it has the maps."""
     import torch
 
     from ._factory import WithFeatures, has_cam
@@ -220,16 +229,10 @@ def load_inference_model(
     if threads is not None:
         torch.set_num_threads(threads)
     # NHWC is what depthwise-conv backbones run fastest in on CPU.
-    pkg = load_model_package(uri, s3_endpoint_url=s3_endpoint_url, channels_last=not use_gpu, pin=pin)
-    net = pkg.model.to(device)
+    pkg = load_model_package(uri, s3_endpoint_url=s3_endpoint_url, channels_last=not use_gpu, pin=pin, meta=meta)
+    net = pkg.model.to("cuda" if use_gpu else "cpu")
     has_maps = has_cam(net)
-    return InferenceModel(
-        engine=chosen,
-        _run=WithFeatures(net, maps=has_maps).eval(),
-        _channels_last=not use_gpu,
-        has_maps=has_maps,
-        **common,
-    )
+    return WithFeatures(net, maps=has_maps).eval(), has_maps
 
 
 def _default_threads() -> int:

@@ -23,7 +23,7 @@ naming the member and the field.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,13 +31,18 @@ from torch import nn
 from ..core import ConfigError
 from ._factory import has_cam, timm_outputs
 
+if TYPE_CHECKING:
+    from ._format import PackageMeta
+
 #: What every member must share with the first, from its ``model.json``.
 SHARED_FIELDS = ("class_names", "preprocess")
 
 
 def check_members(members: Sequence[Mapping[str, Any]], names: Sequence[str]) -> None:
     """Refuse members whose ``model.json`` (``members``) differ from the first in a field every
-    member must share; ``names`` name them in the error (their URIs)."""
+    member must share; ``names`` name them in the error (their URIs). A member is described as
+    its ``model.json`` has it (:meth:`PackageMeta.document`), or, for weights never packaged (a
+    search's trials), by those fields alone."""
     if len(members) < 2:
         raise ConfigError(f"an ensemble needs at least 2 members, got {len(members)}: give --package twice or more")
     first = members[0]
@@ -168,23 +173,24 @@ def _plain_config(c: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def ensemble_from_meta(meta: Mapping[str, Any]) -> EnsembleNet:
+def ensemble_from_meta(meta: PackageMeta) -> EnsembleNet:
     """An ensemble's network, randomly initialised, from its ``model.json`` (the weights load next)."""
     import timm
 
     try:
+        listed = meta.document()["members"]  # plain dicts: the network writes them back on export
         members = [
             timm.create_model(
                 m["backbone"], pretrained=False, num_classes=int(m["num_classes"]), global_pool=m["global_pool"]
             )
-            for m in meta["members"]
+            for m in listed
         ]
         return EnsembleNet(
             members,
-            data_configs=[m["data_config"] for m in meta["members"]],
-            build=meta["members"],
-            sources=[m.get("source") for m in meta["members"]],
-            input_size=int(meta["data_config"]["input_size"][-1]),
+            data_configs=[m["data_config"] for m in listed],
+            build=listed,
+            sources=[m.get("source") for m in listed],
+            input_size=int(meta.data_config["input_size"][-1]),
         )
     except (KeyError, TypeError) as e:
         raise ConfigError(
@@ -193,7 +199,8 @@ def ensemble_from_meta(meta: Mapping[str, Any]) -> EnsembleNet:
 
 
 def member_source(meta: Mapping[str, Any], uri: str) -> dict[str, Any]:
-    """What an ensemble records of a member package: where it came from and its id."""
+    """What an ensemble records of a member package: where it came from and its id (a member
+    described as in :func:`check_members`)."""
     return {"uri": uri, "model_id": meta.get("model_id")}
 
 

@@ -136,8 +136,8 @@ def algorithm(facts: ScoringFacts) -> Algorithm:
     scored by name, else the package's backbone and format."""
     reg, meta = facts.registered, facts.meta
     return Algorithm(
-        name=reg["name"] if reg else f"braintumor-ray {meta.get('backbone', 'model')}",
-        version=f"{reg['version']} (registered)" if reg else f"package format {meta.get('format_version')}",
+        name=reg["name"] if reg else f"braintumor-ray {meta.backbone}",
+        version=f"{reg['version']} (registered)" if reg else f"package format {meta.format_version}",
         model_id=facts.model_id,
     )
 

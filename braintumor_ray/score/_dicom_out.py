@@ -89,9 +89,7 @@ SC_WIDTH = 512
 
 def dicom_location(dst: Location) -> Location:
     """``OUTPUT_dicom`` beside ``OUTPUT`` (outside any glob over the predictions)."""
-    return Location(
-        uri=dst.uri.rstrip("/") + DICOM_SUFFIX, path=dst.path.rstrip("/") + DICOM_SUFFIX, fs=dst.fs, is_s3=dst.is_s3
-    )
+    return dst.sibling(DICOM_SUFFIX)
 
 
 @dataclass(frozen=True)

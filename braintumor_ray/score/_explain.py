@@ -29,9 +29,7 @@ EXPLAIN_SUFFIX = "_explain"
 
 def explain_location(dst: Location) -> Location:
     """``OUTPUT_explain`` beside ``OUTPUT`` (outside any glob over the predictions)."""
-    return Location(
-        uri=dst.uri.rstrip("/") + EXPLAIN_SUFFIX, path=dst.path.rstrip("/") + EXPLAIN_SUFFIX, fs=dst.fs, is_s3=dst.is_s3
-    )
+    return dst.sibling(EXPLAIN_SUFFIX)
 
 
 def chosen_rows(mode: str, predicted: Sequence[str | None], reasons: Sequence[str | None]) -> list[int]:

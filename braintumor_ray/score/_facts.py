@@ -28,14 +28,13 @@ from ..core import (
     resolve,
 )
 from ..imaging import MRIPreprocess
-from ..tracking import resolve_registered_model
 from ._config import OUTPUT_CONFIG_FILE, OUTPUT_IDS_FILE, ScoreConfig
 from ._explain import explain_location
 from ._layout import DERIVED_KEYS, FETCHED_MODELS_DIR, _remove_fetched, _writer, committed_rows
 from ._plan import DerivedFacts, plan_engine
 
 if TYPE_CHECKING:  # models imports torch
-    from ..models import PackagePin
+    from ..models import PackageMeta, PackagePin
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ class ScoringFacts:
 
     config: ScoreConfig  # a models:/ name resolved to the package folder it names
     registered: dict[str, str] | None  # the registered model's name, version and URI, when scored by name
-    meta: dict[str, Any] = field(repr=False)  # the verified package's model.json
+    meta: PackageMeta = field(repr=False)  # the verified package's model.json
     preprocess: MRIPreprocess = field(repr=False)
     engine: str
     notes: tuple[str, ...]
@@ -66,7 +65,7 @@ class ScoringFacts:
 
     @property
     def model_id(self) -> str:
-        return self.meta["model_id"]
+        return self.meta.model_id
 
 
 def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
@@ -78,7 +77,7 @@ def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
     before reading the manifest, check the package before touching the output, list before the
     identifiers are claimed), and it reads best in one place.
     """
-    from ..models import package_preprocess, pin_package, verify_package
+    from ..models import pin_package, resolve_registered_model, verify_package
 
     asked = config  # saved as given: a models:/ name stays a name, not the folder it resolved to
     fetched = _writer(resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)).root.join(FETCHED_MODELS_DIR)
@@ -89,17 +88,17 @@ def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
     meta = verify_package(config.model, s3_endpoint_url=config.s3_endpoint_url, expect_model_id=config.expect_model_id)
     # The package's preprocessing parsed before the output is touched: settings from a newer
     # version are refused with nothing written.
-    preprocess = package_preprocess(meta, config.model)
+    preprocess = meta.preprocess
     engine, notes = _engine(config, meta)  # before any work: an impossible choice fails here
     # What every replica must load: these bytes (a folder rewritten from here on is refused).
     pin = pin_package(
         resolve(config.model, s3_endpoint_url=config.s3_endpoint_url), meta, with_onnx=engine == "onnxruntime"
     )
-    if "conformal" not in (meta.get("trust") or {}):
+    if not meta.has_conformal:
         logger.warning(
             "score: model %s was exported before prediction sets: its rows get null prediction_set and "
             "set_size and no 'ambiguous' flag (train it again, or run a search, to add them)",
-            meta["model_id"],
+            meta.model_id,
         )
     src = resolve(config.input, s3_endpoint_url=config.s3_endpoint_url)
     dst = resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)
@@ -146,7 +145,7 @@ def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
         shown={p: ids.path(prefix + p) for p in files},
         # The files the job committed, their bytes checked, read once into one table: the plan, the
         # commit and every derived output (series table, DICOM objects, report) take it from here.
-        committed=committed_rows(writer.manifest.committed(listed=doc["files"]), list(meta["class_names"])),
+        committed=committed_rows(writer.manifest.committed(listed=doc["files"]), list(meta.class_names)),
         derived=_derived_facts(writer, doc),
     )
 
@@ -242,14 +241,14 @@ def _check_manifest_kept(dst: Location, manifest: Manifest) -> None:
         )
 
 
-def _engine(config: ScoreConfig, meta: dict) -> tuple[str, tuple[str, ...]]:
+def _engine(config: ScoreConfig, meta: PackageMeta) -> tuple[str, tuple[str, ...]]:
     """The engine the plan's rule picks (:func:`~._plan.plan_engine`, pure), and the I/O it calls
     for: the ONNX file checked when it will run, the note logged."""
     from ..models import verify_onnx
 
     engine, notes = plan_engine(config.engine, meta, use_gpu=config.use_gpu, model=config.model)
     if engine == "onnxruntime":  # a changed or missing file is refused here, not in every actor
-        verify_onnx(config.model, s3_endpoint_url=config.s3_endpoint_url)
+        verify_onnx(config.model, s3_endpoint_url=config.s3_endpoint_url, meta=meta)
     for note in notes:
         logger.warning("score: %s", note)
     return engine, notes

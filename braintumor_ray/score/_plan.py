@@ -38,7 +38,7 @@ from ..imaging import InputGuard, MRIPreprocess, SeriesSelector
 from ._layout import REPORT_KEY, SERIES_KEY
 
 if TYPE_CHECKING:  # models imports torch: the plan and the decode tasks do not need it
-    from ..models import PackagePin
+    from ..models import PackageMeta, PackagePin
     from ._config import ScoreConfig
 
 # The columns of committed rows the plan reads.
@@ -229,7 +229,7 @@ def rerun_diff(
     return RerunDiff(todo=todo, already=frozenset(already), withdrawn=withdrawn, retried=retried, final_errors=final)
 
 
-def plan_engine(asked: str, meta: Mapping[str, Any], *, use_gpu: bool, model: str) -> tuple[str, tuple[str, ...]]:
+def plan_engine(asked: str, meta: PackageMeta, *, use_gpu: bool, model: str) -> tuple[str, tuple[str, ...]]:
     """The engine a run scores with (``onnxruntime`` or ``torch``) from the setting and the
     package's ``model.json``, and the summary's notes. Pure; the driver pins and checks the files
     of the engine it names before the plan (:func:`plan_scoring` takes the result). A
@@ -240,7 +240,7 @@ def plan_engine(asked: str, meta: Mapping[str, Any], *, use_gpu: bool, model: st
     note = onnx_unbound_note(meta)
     if note and asked == "onnxruntime":
         raise ConfigError(f"{model}: {note}; or score with --engine auto or torch")
-    engine = choose_engine(asked, has_onnx=package_has_onnx(dict(meta)), use_gpu=use_gpu)
+    engine = choose_engine(asked, has_onnx=package_has_onnx(meta), use_gpu=use_gpu)
     return engine, (note,) if note else ()
 
 
@@ -367,7 +367,7 @@ def plan_scoring(
     uri_prefix: str,
     pin: PackagePin,
     engine: str,
-    meta: Mapping[str, Any],
+    meta: PackageMeta,
     preprocess: MRIPreprocess,
     identifiers: Identifiers,
     diff: RerunDiff,
@@ -389,13 +389,9 @@ def plan_scoring(
         if cluster is not None and diff.todo
         else (0, 0.0)
     )
-    review = (
-        config.review_threshold
-        if config.review_threshold is not None
-        else float((meta.get("trust") or {}).get("review_threshold", 0.0))
-    )
+    review = config.review_threshold if config.review_threshold is not None else meta.review_threshold
     settings = derived_settings(
-        class_names=tuple(meta["class_names"]), series_review_threshold=review, output_uri=output_uri
+        class_names=tuple(meta.class_names), series_review_threshold=review, output_uri=output_uri
     )
     derived = derived or DerivedFacts(listed={}, present={}, rows="")
     stale = None if diff.has_work else derived_stale(derived, settings, report=REPORT_KEY)
@@ -407,7 +403,7 @@ def plan_scoring(
         uri_prefix=uri_prefix,
         pin=pin,
         engine=engine,
-        class_names=tuple(meta["class_names"]),
+        class_names=meta.class_names,
         preprocess=preprocess,
         identifiers=identifiers,
         diff=diff,

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..core import Lease, StorageError, check_disjoint, is_no_space, no_space_message, resolve
+from ..core import Lease, NoSpaceError, StorageError, check_disjoint, is_no_space, resolve
 from ..tracking import log_scoring
 from ..trust import softmax
 from ._commit import _commit
@@ -246,7 +246,7 @@ def run_scoring(config: ScoreConfig) -> ScoringSummary:
         raise
     except Exception as e:
         if is_no_space(e):  # a Ray task's OSError arrives wrapped, with the worker's traceback
-            raise StorageError(no_space_message(dst.uri)) from e
+            raise NoSpaceError(dst.uri) from e
         raise
     return ScoringSummary.of(summary | {"lease": lease.describe()})
 

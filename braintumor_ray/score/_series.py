@@ -83,9 +83,7 @@ _ROW_COLUMNS = [
 
 def series_location(dst: Location) -> Location:
     """``OUTPUT_series`` beside ``OUTPUT`` (like the staging folder, outside any glob over it)."""
-    return Location(
-        uri=dst.uri.rstrip("/") + SERIES_SUFFIX, path=dst.path.rstrip("/") + SERIES_SUFFIX, fs=dst.fs, is_s3=dst.is_s3
-    )
+    return dst.sibling(SERIES_SUFFIX)
 
 
 def series_schema(class_names: list[str]) -> pa.Schema:

@@ -5,18 +5,19 @@ imports mlflow or logs anything. The driver logs (never a Ray worker):
 
     t = start_tracking(cfg.mlflow, run_folder, stage="train", name=cfg.name, params=cfg.to_dict(), resume=resume)
     finish_training(t, metrics, run_folder)             # metrics, artifacts, registered model version
-    config, registered = resolve_registered_model(score_config)   # models:/NAME/VERSION -> a package folder
+    found = find_registered_version("models:/NAME/3", cfg.mlflow)  # the registry's entry (models fetches it)
 """
 
 from ._config import MLflowConfig
 from ._mlflow import (
     MODELS_SCHEME,
     RUN_ID_FILE,
+    RegisteredVersion,
     Tracking,
+    find_registered_version,
     finish_search,
     finish_training,
     log_scoring,
-    resolve_registered_model,
     start_tracking,
 )
 
@@ -24,10 +25,11 @@ __all__ = [
     "MLflowConfig",
     "MODELS_SCHEME",
     "RUN_ID_FILE",
+    "RegisteredVersion",
     "Tracking",
+    "find_registered_version",
     "finish_search",
     "finish_training",
     "log_scoring",
-    "resolve_registered_model",
     "start_tracking",
 ]

@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
 MODELS_SCHEME = "models:/"
-PACKAGE_JSON = "model.json"  # braintumor_ray.models.PACKAGE_JSON (not imported: that pulls in torch)
 MODEL_ARTIFACT = "model"
 # Tune's bookkeeping columns: not metrics of a trial.
 _TUNE_COLUMNS = {
@@ -397,64 +396,9 @@ def _finish_search(
     s3_endpoint_url: str | None = None,
 ) -> None:
     c = t.client
-    rows = summary.get("leaderboard") or []
-    for row in rows:
-        tid = str(row["trial"])
-        r = results.get(tid)
-        found = c.search_runs(
-            [t.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{t.run_id}' and tags.trial_id = '{tid}'"
-        )
-        if found:
-            child = found[0].info.run_id
-        else:
-            child = c.create_run(
-                t.experiment_id, run_name=tid, tags={"mlflow.parentRunId": t.run_id, "trial_id": tid, "stage": "trial"}
-            ).info.run_id
-        ct = Tracking(c, child, t.experiment_id, t.settings)
-        config = dict(getattr(r, "config", None) or {})
-        _log_params(
-            ct,
-            {k: v for k, v in config.items() if not isinstance(v, Mapping)}
-            or {
-                k: v
-                for k, v in row.items()
-                if k
-                not in ("rank", "status", "error", "epochs_run", "best_epoch", "best_val_macro_f1", "time_s", "trial")
-            },
-        )
-        df = getattr(r, "metrics_dataframe", None)
-        if df is not None and len(df) and "epoch" in df:
-            _log_history(c, child, df.drop_duplicates("epoch", keep="last").to_dict("records"))
-        for k in ("status", "error"):
-            if row.get(k):
-                c.set_tag(child, k, str(row[k])[:5000])
-        c.set_tag(child, "asha_stopped", str(row.get("status") == "stopped by ASHA").lower())
-        _log_metrics(
-            c,
-            child,
-            [
-                (k, v, 0)
-                for k, v in scalar_metrics(
-                    {k: row.get(k) for k in ("rank", "best_val_macro_f1", "best_epoch", "epochs_run", "time_s")}
-                ).items()
-            ],
-        )
-        c.set_terminated(child, "FAILED" if row.get("status") == "error" else "FINISHED")
-    final: dict[str, float] = {}
-    for split in ("val", "test", "test_clean"):
-        if isinstance(summary.get(split), Mapping):
-            final |= scalar_metrics(
-                {k: v for k, v in summary[split].items() if k != "confusion_matrix"}, f"final_{split}_"
-            )
-    if isinstance(summary.get("trust"), Mapping):
-        final |= scalar_metrics(summary["trust"], "trust_")
-    final |= scalar_metrics(
-        {
-            k: summary.get(k)
-            for k in ("trials", "trial_epochs_run", "trial_epochs_budget", "asha_saved_fraction", "wall_s")
-        }
-    )
-    _log_metrics(c, t.run_id, [(k, v, 0) for k, v in final.items()])
+    for row in summary.get("leaderboard") or []:
+        _log_trial(t, row, results.get(str(row["trial"])))
+    _log_metrics(c, t.run_id, [(k, v, 0) for k, v in _search_final_metrics(summary).items()])
     best = summary.get("best_trial") or {}
     if best.get("trial"):
         c.set_tag(t.run_id, "best_trial", str(best["trial"]))
@@ -471,28 +415,83 @@ def _finish_search(
     c.set_terminated(t.run_id, "FINISHED")
 
 
+def _log_trial(t: Tracking, row: Mapping[str, Any], result: Any) -> None:
+    """One trial's child run of the search's run (the one already logged, on a resume): its
+    sampled parameters, metrics per epoch, status and ASHA stop. ``result``: its Tune ``Result``."""
+    c = t.client
+    tid = str(row["trial"])
+    found = c.search_runs(
+        [t.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{t.run_id}' and tags.trial_id = '{tid}'"
+    )
+    if found:
+        child = found[0].info.run_id
+    else:
+        child = c.create_run(
+            t.experiment_id, run_name=tid, tags={"mlflow.parentRunId": t.run_id, "trial_id": tid, "stage": "trial"}
+        ).info.run_id
+    ct = Tracking(c, child, t.experiment_id, t.settings)
+    config = dict(getattr(result, "config", None) or {})
+    _log_params(
+        ct,
+        {k: v for k, v in config.items() if not isinstance(v, Mapping)}
+        or {
+            k: v
+            for k, v in row.items()
+            if k not in ("rank", "status", "error", "epochs_run", "best_epoch", "best_val_macro_f1", "time_s", "trial")
+        },
+    )
+    df = getattr(result, "metrics_dataframe", None)
+    if df is not None and len(df) and "epoch" in df:
+        _log_history(c, child, df.drop_duplicates("epoch", keep="last").to_dict("records"))
+    for k in ("status", "error"):
+        if row.get(k):
+            c.set_tag(child, k, str(row[k])[:5000])
+    c.set_tag(child, "asha_stopped", str(row.get("status") == "stopped by ASHA").lower())
+    figures = {k: row.get(k) for k in ("rank", "best_val_macro_f1", "best_epoch", "epochs_run", "time_s")}
+    _log_metrics(c, child, [(k, v, 0) for k, v in scalar_metrics(figures).items()])
+    c.set_terminated(child, "FAILED" if row.get("status") == "error" else "FINISHED")
+
+
+def _search_final_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The search run's own metrics: the best model's final figures per split, its trust, the
+    search's counts and time."""
+    final: dict[str, float] = {}
+    for split in ("val", "test", "test_clean"):
+        if isinstance(summary.get(split), Mapping):
+            final |= scalar_metrics(
+                {k: v for k, v in summary[split].items() if k != "confusion_matrix"}, f"final_{split}_"
+            )
+    if isinstance(summary.get("trust"), Mapping):
+        final |= scalar_metrics(summary["trust"], "trust_")
+    counts = ("trials", "trial_epochs_run", "trial_epochs_budget", "asha_saved_fraction", "wall_s")
+    return final | scalar_metrics({k: summary.get(k) for k in counts})
+
+
 # --- scoring ---------------------------------------------------------------------------------------
 
 
-def resolve_registered_model(config: Any, *, fetch_to: Location | None = None) -> tuple[Any, dict[str, str] | None]:
-    """``config`` with ``model`` a package folder. ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``
-    is looked up in the registry at ``config.mlflow.tracking_uri``: its source folder is used as it is
-    when local or ``s3://``, otherwise (a server-side artifact store, ``mlflow-artifacts:/``)
-    downloaded into ``fetch_to``, a folder every node of the job can read (scoring: beside its
-    output; the caller removes it), or a temporary folder without one; the package's ``model_id``
-    must be the one the version is tagged with. Returns the config and the version's description."""
-    if not str(config.model).startswith(MODELS_SCHEME):
-        return config, None
-    mc: MLflowConfig = config.mlflow
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """A version of a registered model as the registry describes it."""
+
+    uri: str  # as given: models:/NAME/VERSION or models:/NAME@ALIAS
+    name: str
+    version: str
+    source: str  # where the registry says the package's files are (a folder, s3://, mlflow-artifacts:/)
+    model_id: str  # the model_id it is tagged with
+
+
+def find_registered_version(uri: str, mc: MLflowConfig) -> RegisteredVersion:
+    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` looked up in the registry at
+    ``mc.tracking_uri``; a ConfigError for an unknown one or one without a ``model_id`` tag.
+    Fetching its files is the models package's (:func:`braintumor_ray.models.resolve_registered_model`)."""
     if not mc.enabled:
         raise ConfigError(
-            f"--model {config.model} is a registered model: give --mlflow-tracking-uri "
-            "(or MLFLOW_TRACKING_URI) of its registry"
+            f"--model {uri} is a registered model: give --mlflow-tracking-uri (or MLFLOW_TRACKING_URI) of its registry"
         )
-    import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    spec = config.model[len(MODELS_SCHEME) :]
+    spec = uri[len(MODELS_SCHEME) :]
     client = _client(mc)
     try:
         if "@" in spec:
@@ -501,59 +500,17 @@ def resolve_registered_model(config: Any, *, fetch_to: Location | None = None) -
         else:
             name, _, version = spec.partition("/")
             if not name or not version.isdigit():
-                raise ConfigError(f"--model {config.model}: use models:/NAME/VERSION or models:/NAME@ALIAS")
+                raise ConfigError(f"--model {uri}: use models:/NAME/VERSION or models:/NAME@ALIAS")
             mv = client.get_model_version(name, version)
     except MlflowException as e:
-        raise ConfigError(f"--model {config.model}: {e.message}") from e
-    src = mv.source
-    if src.startswith("file://"):
-        src = src[len("file://") :]
-    if src.startswith("s3://") or os.path.isdir(src):
-        path = src
-    elif fetch_to is not None:
-        path = _fetch(src, mc, fetch_to)
-    else:
-        dst = tempfile.mkdtemp(prefix=f"braintumor-{name}-v{mv.version}-")
-        path = mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=dst, tracking_uri=mc.tracking_uri)
-    meta = json.loads(resolve(path, s3_endpoint_url=config.s3_endpoint_url).join(PACKAGE_JSON).read_bytes())
+        raise ConfigError(f"--model {uri}: {e.message}") from e
     tagged = mv.tags.get("model_id")
     if not tagged:
         raise ConfigError(
-            f"{config.model} has no model_id tag: register packages with jobs/train.py or jobs/tune.py, "
+            f"{uri} has no model_id tag: register packages with jobs/train.py or jobs/tune.py, "
             "or tag the version with its model.json's model_id"
         )
-    if meta.get("model_id") != tagged:
-        raise ConfigError(
-            f"{config.model}: the package at {mv.source} has model_id {meta.get('model_id')}, "
-            f"but the version is tagged {tagged}: not the registered package"
-        )
-    logger.info("MLflow: %s is version %s of %s (%s), at %s", config.model, mv.version, name, tagged, path)
-    return config.replace(model=path), {
-        "uri": config.model,
-        "name": name,
-        "version": str(mv.version),
-        "source": mv.source,
-        "model_id": tagged,
-        "fetched_to": path,
-    }
-
-
-def _fetch(src: str, mc: MLflowConfig, dest: Location) -> str:
-    """A registered package's artifacts copied into ``dest`` (local or ``s3://``): its folder."""
-    import mlflow.artifacts
-
-    if not dest.is_s3:
-        os.makedirs(dest.path, exist_ok=True)
-        return mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=dest.path, tracking_uri=mc.tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="braintumor-model-") as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=tmp, tracking_uri=mc.tracking_uri)
-        folder = dest.join(posixpath.basename(local.rstrip(os.sep)))
-        for root, _, names in os.walk(local):
-            for n in names:
-                p = os.path.join(root, n)
-                with open(p, "rb") as f:
-                    folder.join(os.path.relpath(p, local).replace(os.sep, "/")).write_bytes(f.read())
-    return folder.uri
+    return RegisteredVersion(uri=uri, name=name, version=str(mv.version), source=mv.source, model_id=tagged)
 
 
 def log_scoring(config: Any, summary: dict[str, Any], registered: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -71,7 +71,7 @@ class Member:
 
     name: str
     model: Any  # torch.nn.Module
-    meta: Mapping[str, Any]
+    meta: Mapping[str, Any]  # its model.json (PackageMeta.document()), or a trial's equivalent fields
 
 
 def load_members(uris: Sequence[str], *, s3_endpoint_url: str | None = None) -> list[Member]:
@@ -81,8 +81,8 @@ def load_members(uris: Sequence[str], *, s3_endpoint_url: str | None = None) -> 
     out = []
     for uri in uris:
         meta = verify_package(uri, s3_endpoint_url=s3_endpoint_url)
-        pkg = load_model_package(uri, s3_endpoint_url=s3_endpoint_url)
-        out.append(Member(name=pkg.uri, model=pkg.model, meta=meta))
+        pkg = load_model_package(uri, s3_endpoint_url=s3_endpoint_url, meta=meta)
+        out.append(Member(name=pkg.uri, model=pkg.model, meta=meta.document()))
     return out
 
 
@@ -101,28 +101,13 @@ def export_ensemble(
     """The ensemble of ``members`` evaluated on val/test, its trust fitted on ``data``, exported
     to ``uri``; returns the figures (as ``best.json`` has them for one model)."""
     from ..imaging import MRIPreprocess
-    from ..models import EnsembleNet, check_members, member_build, member_source
+    from ..models import member_source
     from ._outputs import package_metrics
     from ._run import export_package
     from ._trust import fit_model_trust, output_metrics, split_outputs
 
     names = [m.name for m in members]
-    check_members([m.meta for m in members], names)
-    want = MRIPreprocess.from_dict(data.report["preprocess"]).to_dict()
-    for m in members:
-        if m.meta.get("preprocess") != want:
-            raise ConfigError(
-                f"member {m.name} has preprocess {m.meta.get('preprocess')}, but the data has {want}: the "
-                "ensemble's calibration would see other images than its members were trained on. Give "
-                "--data the preprocessed data the members were trained on"
-            )
-    net = EnsembleNet(
-        [m.model for m in members],
-        data_configs=[m.meta["data_config"] for m in members],
-        build=[member_build(m.model) for m in members],
-        sources=[member_source(m.meta, m.name) for m in members],
-        input_size=data.image_size,
-    ).eval()
+    net = _ensemble_net(members, data)
     # Every split through the ensemble once: the metrics and the trust fit share the outputs.
     outs = split_outputs(net, data, batch_size=batch_size)
     metrics = output_metrics(outs)
@@ -131,7 +116,7 @@ def export_ensemble(
     meta = export_package(
         net,
         uri,
-        preprocess=MRIPreprocess.from_dict(want),
+        preprocess=MRIPreprocess.from_dict(data.report["preprocess"]),
         class_names=class_names,
         trust=fitted,
         metrics=package_metrics(metrics, members=len(members), **dict(extra_metrics or {})),
@@ -141,21 +126,45 @@ def export_ensemble(
     logger.info(
         "ensemble of %d members (%s): val accuracy %.3f, macro-F1 %.3f; model %s at %s",
         len(members),
-        meta["backbone"],
+        meta.backbone,
         metrics["val"]["accuracy"],
         metrics["val"]["macro_f1"],
-        meta["model_id"],
+        meta.model_id,
         uri,
     )
     return {
-        "model": {"uri": uri, "model_id": meta["model_id"], "backbone": meta["backbone"]},
+        "model": {"uri": uri, "model_id": meta.model_id, "backbone": meta.backbone},
         "members": [
             {"name": n, **member_source(m.meta, n)} | {"backbone": b["backbone"]}
-            for n, m, b in zip(names, members, meta["members"])
+            for n, m, b in zip(names, members, meta.members)
         ],
         **metrics,
         "trust": trust_report,
     }
+
+
+def _ensemble_net(members: Sequence[Member], data: TrainData) -> Any:
+    """The members as one network (an ``EnsembleNet`` in eval mode), once they are shown to be one
+    model's parts: the same class names and preprocessing, the data's."""
+    from ..imaging import MRIPreprocess
+    from ..models import EnsembleNet, check_members, member_build, member_source
+
+    check_members([m.meta for m in members], [m.name for m in members])
+    want = MRIPreprocess.from_dict(data.report["preprocess"]).to_dict()
+    for m in members:
+        if m.meta.get("preprocess") != want:
+            raise ConfigError(
+                f"member {m.name} has preprocess {m.meta.get('preprocess')}, but the data has {want}: the "
+                "ensemble's calibration would see other images than its members were trained on. Give "
+                "--data the preprocessed data the members were trained on"
+            )
+    return EnsembleNet(
+        [m.model for m in members],
+        data_configs=[m.meta["data_config"] for m in members],
+        build=[member_build(m.model) for m in members],
+        sources=[member_source(m.meta, m.name) for m in members],
+        input_size=data.image_size,
+    ).eval()
 
 
 def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:

@@ -130,6 +130,10 @@ def train_one_epoch(
 
     ``data_wait_s`` is the time spent waiting for the next batch (data loading not hidden by compute).
     ``on_update`` runs after each optimizer step (the weight average's update).
+
+    One piece on purpose (its keyword signature is a quarter of it): the loop's state (the
+    micro-batch count, the sums, the wait timer) is shared by every step, and the backward pass
+    and the optimizer step are already their own functions (:func:`_backward`, :func:`_step`).
     """
     model.train()
     loss_sum, correct, seen, steps = 0.0, 0, 0, 0

@@ -38,24 +38,13 @@ def validation_examples(
     (calibrated, with ``trust``) confidence."""
     from ..explain import Explainer, overlay_png
     from ..imaging import encode_png
-    from ..models import WithFeatures, data_config, prepare_input
+    from ..models import data_config
 
     dcfg = data_config(model)
-    net = WithFeatures(model).eval()
-    images, labels, logits, feats = [], [], [], []
-    with torch.inference_mode():
-        for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            lo, fe = net(prepare_input(batch["image"], mean=dcfg["mean"], std=dcfg["std"]))
-            images.append(batch["image"])
-            labels.append(batch["label"])
-            logits.append(lo.float().numpy())
-            feats.append(fe.float().numpy())
-            if sum(len(x) for x in images) >= scanned:
-                break
-    if not images:
+    first = _first_outputs(model, dataset, scanned=scanned, batch_size=batch_size)
+    if first is None:
         return []
-    x, y = np.concatenate(images)[:scanned], np.concatenate(labels)[:scanned]
-    lo, fe = np.concatenate(logits)[:scanned], np.concatenate(feats)[:scanned]
+    x, y, lo, fe = first
     if trust is not None:
         a = trust.assess(lo, fe)
         probs, reasons, sets = a.probs, list(a.review_reason), a.prediction_sets(class_names)
@@ -64,14 +53,7 @@ def validation_examples(
 
         probs, reasons, sets = softmax(lo), [None] * len(lo), None
     pred = probs.argmax(1)
-    k = len(class_names)
-    total = per_class * k
-    chosen = [int(i) for i in np.nonzero(pred != y)[0][: total // 2]]
-    queues = [[int(i) for i in np.nonzero((y == c) & (pred == y))[0]] for c in range(k)]
-    while len(chosen) < total and any(queues):
-        for q in queues:
-            if q and len(chosen) < total:
-                chosen.append(q.pop(0))
+    chosen = pick_examples(pred, y, classes=len(class_names), per_class=per_class)
     maps = Explainer(model, mean=dcfg["mean"], std=dcfg["std"], class_names=class_names).heatmaps(
         x[chosen], classes=[int(pred[i]) for i in chosen]
     )
@@ -87,6 +69,44 @@ def validation_examples(
         )
         for i, m in zip(chosen, maps)
     ]
+
+
+def _first_outputs(
+    model: torch.nn.Module, dataset, *, scanned: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The first ``scanned`` images of ``dataset`` with their labels, logits and features (None:
+    an empty dataset)."""
+    from ..models import WithFeatures, data_config, prepare_input
+
+    dcfg = data_config(model)
+    net = WithFeatures(model).eval()
+    images, labels, logits, feats = [], [], [], []
+    with torch.inference_mode():
+        for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            lo, fe = net(prepare_input(batch["image"], mean=dcfg["mean"], std=dcfg["std"]))
+            images.append(batch["image"])
+            labels.append(batch["label"])
+            logits.append(lo.float().numpy())
+            feats.append(fe.float().numpy())
+            if sum(len(x) for x in images) >= scanned:
+                break
+    if not images:
+        return None
+    x, y = np.concatenate(images)[:scanned], np.concatenate(labels)[:scanned]
+    return x, y, np.concatenate(logits)[:scanned], np.concatenate(feats)[:scanned]
+
+
+def pick_examples(pred: np.ndarray, y: np.ndarray, *, classes: int, per_class: int) -> list[int]:
+    """Indices of the report's grid: the mistakes first (at most half of ``per_class`` x
+    ``classes``), then each class's correctly predicted images in turn."""
+    total = per_class * classes
+    chosen = [int(i) for i in np.nonzero(pred != y)[0][: total // 2]]
+    queues = [[int(i) for i in np.nonzero((y == c) & (pred == y))[0]] for c in range(classes)]
+    while len(chosen) < total and any(queues):
+        for q in queues:
+            if q and len(chosen) < total:
+                chosen.append(q.pop(0))
+    return chosen
 
 
 def write_run_report(metrics: dict[str, Any], run: Location, *, model: torch.nn.Module, trust, data) -> str:

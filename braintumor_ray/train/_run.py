@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +24,9 @@ from ._loop import STATE_FILE, read_checkpoint_state, train_loop_per_worker
 from ._outputs import package_metrics, write_plots
 from ._report import write_run_report
 from ._trust import fit_model_trust, write_reliability
+
+if TYPE_CHECKING:
+    from ..models import PackageMeta
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +139,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         s3_endpoint_url=cfg.s3_endpoint_url,
         onnx=cfg.onnx,
     )
-    metrics["model"] = {"uri": run.join(MODEL_DIR).uri, "model_id": meta["model_id"]}
+    metrics["model"] = {"uri": run.join(MODEL_DIR).uri, "model_id": meta.model_id}
     metrics["run"]["wall_s"] = round(time.time() - t0, 1)
     write_plots(metrics, run)
     write_reliability(metrics["trust"], run)
@@ -193,7 +196,7 @@ def _run_metrics(cfg: TrainConfig, run: Location, data: Any, out: dict[str, Any]
     return metrics
 
 
-def export_package(model, uri: str, **kw: Any) -> dict[str, Any]:
+def export_package(model, uri: str, **kw: Any) -> PackageMeta:
     from ..models import export_model_package
 
     return export_model_package(model, uri, **kw)

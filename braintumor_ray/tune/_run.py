@@ -430,7 +430,7 @@ def export_best(
     return {
         "best_trial": {k: v for k, v in best_row.items() if k != "error"},
         "config": tcfg.to_dict(),
-        "model": {"uri": uri, "model_id": meta["model_id"]},
+        "model": {"uri": uri, "model_id": meta.model_id},
         "class_names": metrics["val"]["class_names"],
         **metrics,
         "trust": trust_report,

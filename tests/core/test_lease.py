@@ -21,6 +21,8 @@ from braintumor_ray.core import (
     STAGING_SUFFIX,
     Lease,
     LeaseError,
+    LeaseHeldError,
+    LeaseLostError,
     StagedWriter,
     current_lease,
     lease_location,
@@ -71,6 +73,10 @@ def test_second_acquire_is_refused_naming_the_holder(output):
         for part in ("run-a", rec["host"], str(os.getpid()), rec["started"], "last heartbeat", "--wait",
                      rec["expires"]):
             assert part in msg
+        # The holder as fields, for callers that handle the case (no message matching).
+        held = e.value
+        assert isinstance(held, LeaseHeldError) and held.output == output.uri and held.waited_s == 0
+        assert (held.holder, held.host, held.pid, held.expires) == ("run-a", rec["host"], os.getpid(), rec["expires"])
         assert a.held() and current_lease(output)["owner"] == "run-a"  # the refused run changed nothing
     assert current_lease(output) is None  # released on leaving the block
     with Lease(output, owner="run-b", ttl_s=30) as b:  # and free for the next run
@@ -202,8 +208,9 @@ def test_wait_acquires_once_the_holder_releases(output):
         assert b.held() and 0.5 <= b.waited_s < 10
         # A bounded wait: the next run gives up after its wait_s, naming the holder.
         t0 = time.monotonic()
-        with pytest.raises(LeaseError, match=r"after waiting .*run-b"):
+        with pytest.raises(LeaseHeldError, match=r"after waiting .*run-b") as e:
             Lease(output, owner="run-c", ttl_s=30, wait_s=0.4, poll_s=0.05).acquire()
+        assert e.value.holder == "run-b" and e.value.waited_s >= 0.4
         assert time.monotonic() - t0 >= 0.4
 
 
@@ -229,8 +236,9 @@ def test_lost_lease_is_detected_and_blocks_the_commit(output, caplog):
     assert not a.held()
     with pytest.raises(LeaseError, match="run-other"):
         a.check()
-    with pytest.raises(LeaseError, match="no longer holds the lease"):
+    with pytest.raises(LeaseLostError, match="no longer holds the lease") as e:
         StagedWriter(output, lease=a).commit(staged)
+    assert (e.value.owner, e.value.output) == ("run-a", output.uri) and "run-other" in e.value.reason
     assert not staged.join(DONE_MARKER).exists() and not output.exists()  # nothing committed
     assert any("run-other" in r.getMessage() for r in caplog.records)
     a.release()

@@ -276,7 +276,7 @@ def test_expect_model_id_refuses_any_other_package(package, archive, tmp_path, c
     assert _job("score").main(["--model", package, "--input", archive, "--output", out, "--expect-model-id", other]) == 2
     err = capsys.readouterr().err
     assert len(_error_lines(err)) == 1 and f"is model {real}, not the expected {other}" in err, err
-    assert verify_package(package, expect_model_id=real.upper())["model_id"] == real
+    assert verify_package(package, expect_model_id=real.upper()).model_id == real
     with pytest.raises(ConfigError, match="not a model id"):
         ScoreConfig(model=package, input=archive, output=out, expect_model_id="latest")
 
@@ -345,12 +345,12 @@ def test_unknown_preprocessing_keys_in_a_package_are_an_error(tmp_path, archive,
 def test_calibration_out_of_range_is_refused_even_under_a_recomputed_id(trusted_package, tmp_path):
     """Issue 35: the model id covers the calibration, but an id can be recomputed after an edit:
     a negative temperature is still refused when the package is verified, one line naming the key."""
-    from braintumor_ray.models._package import _identity
+    from braintumor_ray.models import package_model_id as _identity
 
     edited = str(tmp_path / "edited")
     shutil.copytree(trusted_package, edited)
     meta = json.load(open(os.path.join(edited, PACKAGE_JSON)))
-    assert verify_package(edited)["model_id"] == meta["model_id"]
+    assert verify_package(edited).model_id == meta["model_id"]
     meta["trust"]["temperature"] = -meta["trust"]["temperature"]
     meta["model_id"] = _identity(meta)
     with open(os.path.join(edited, PACKAGE_JSON), "w") as f:

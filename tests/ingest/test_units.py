@@ -397,6 +397,43 @@ def test_remove_child_keeps_to_the_outputs_bucket_and_prefix_on_s3():
         assert remove_child(out, out, name) is False
 
 
+@pytest.mark.parametrize("uri", ["LOCAL/preds", "LOCAL/preds/", "s3://bucket/runs/preds", "s3://bucket/runs/preds/"])
+def test_location_sibling_is_named_beside_the_output_whatever_its_trailing_slash(tmp_path, uri):
+    from braintumor_ray.core import Location
+
+    base = resolve(uri.replace("LOCAL", str(tmp_path)).rstrip("/"), s3_endpoint_url="http://127.0.0.1:9")
+    out = base.join("") if uri.endswith("/") else base  # join("") keeps the slash that resolve drops
+    assert out.uri.endswith("/") == uri.endswith("/")
+    side = out.sibling("_series")
+    assert isinstance(side, Location) and (side.fs, side.is_s3) == (out.fs, out.is_s3)
+    assert side.uri == base.uri + "_series" and side.path == base.path + "_series"
+    assert out.sibling("._lease.json").uri == base.uri + "._lease.json"
+    assert side.uri.startswith("s3://bucket/runs/preds_") == uri.startswith("s3://")
+    for bad in ("", "/x", "_a/b"):
+        with pytest.raises(ValueError, match="sibling suffix"):
+            out.sibling(bad)
+
+
+def test_errors_for_handled_cases_carry_their_fields_across_processes():
+    """The subclasses callers handle keep their kind (a caller catching StorageError or
+    ConfigError still catches them) and their fields, also pickled (Ray sends a task's error to
+    the driver that way)."""
+    import pickle
+
+    from braintumor_ray.core import (ConfigError, LeaseError, LeaseHeldError, LeaseLostError, NoSpaceError,
+                                     PackageIntegrityError, StorageError)
+
+    full = NoSpaceError("s3://b/preds")
+    assert isinstance(full, StorageError) and str(full).startswith("no space left on the device holding s3://b/preds")
+    held = LeaseHeldError("held", output="/o", holder="run-a", host="h", pid=7, expires="2026-01-01T00:00:00", waited_s=1.5)
+    lost = LeaseLostError("lost", output="/o", owner="run-b", reason="the lease now names run-c")
+    bad = PackageIntegrityError("bad", file="/p/model.onnx", expected="a" * 64, actual=None)
+    assert isinstance(held, LeaseError) and isinstance(lost, LeaseError) and isinstance(bad, ConfigError)
+    for e in (full, held, lost, bad):
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back) is type(e) and str(back) == str(e) and vars(back) == vars(e), e
+
+
 def _dead_lease(output, owner: str) -> None:
     """The lease a killed run left behind: expired, its holder on no known machine."""
     from braintumor_ray.core import lease_location

@@ -97,13 +97,13 @@ def test_scoring_an_ensemble_gives_the_members_mean(built, package, second_packa
 def test_ensemble_id_covers_every_member(tmp_path):
     pre = MRIPreprocess(image_size=64)
     a, b = _tiny(0), _tiny(1)
-    ids = [export_model_package(_ensemble([a, b]), str(tmp_path / f"e{i}"), preprocess=pre, onnx=False)["model_id"]
+    ids = [export_model_package(_ensemble([a, b]), str(tmp_path / f"e{i}"), preprocess=pre, onnx=False).model_id
            for i in range(2)]
     assert ids[0] == ids[1]  # the same members: the same model
     with torch.no_grad():
         b.get_classifier().bias.add_(1e-3)
     changed = export_model_package(_ensemble([a, b]), str(tmp_path / "e2"), preprocess=pre, onnx=False)
-    assert changed["model_id"] != ids[0]
+    assert changed.model_id != ids[0]
     # The loaded ensemble is the exported one: mean logits of its members.
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

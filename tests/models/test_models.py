@@ -6,6 +6,7 @@ Where the backbone does not matter, timm's tiny ``test_*`` models keep the tests
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -408,15 +409,22 @@ def test_package_roundtrip_is_bit_identical(tmp_path):
     pre = MRIPreprocess(image_size=64)
     meta = export_model_package(model, str(tmp_path / "pkg"), preprocess=pre, metrics={"val_acc": np.float32(0.75)})
     assert sorted(os.listdir(tmp_path / "pkg")) == ["model.json", "model.onnx", "model.safetensors"]
-    on_disk = json.loads((tmp_path / "pkg" / "model.json").read_text())
-    assert on_disk == meta
-    assert meta["backbone"] == TINY and meta["class_names"] == list(CLASS_NAMES)
-    assert meta["preprocess"] == pre.to_dict() and meta["metrics"] == {"val_acc": 0.75}
+    on_disk = (tmp_path / "pkg" / "model.json").read_text()
+    assert on_disk == meta.text and json.loads(on_disk) == meta.document()  # the JSON exactly as written
+    # Typed, parsed once: the fields as model.json has them.
+    assert meta.backbone == TINY and meta.class_names == CLASS_NAMES and meta.num_classes == len(CLASS_NAMES)
+    assert meta.preprocess == pre and dict(meta.metrics) == {"val_acc": 0.75} and meta.has_onnx
     cfg = data_config(model)
-    assert meta["data_config"]["mean"] == list(cfg["mean"]) and meta["data_config"]["input_size"] == [3, 160, 160]
+    assert meta.mean == tuple(cfg["mean"]) and tuple(meta.data_config["input_size"]) == (3, 160, 160)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        meta.model_id = "0" * 16  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        meta.data_config["mean"] = [0, 0, 0]  # type: ignore[index]
+    assert pickle.loads(pickle.dumps(meta)) == meta and pickle.loads(pickle.dumps(meta)).text == meta.text
 
     pkg = load_model_package(str(tmp_path / "pkg"))
-    assert pkg.model_id == meta["model_id"] and pkg.preprocess == pre and pkg.class_names == CLASS_NAMES
+    assert pkg.model_id == meta.model_id and pkg.preprocess == pre and pkg.class_names == CLASS_NAMES
+    assert pkg.meta == meta
     x = prepare_input(_pixels(), mean=cfg["mean"], std=cfg["std"])
     with torch.no_grad():
         assert torch.equal(pkg.logits(_pixels()), model(x))
@@ -424,7 +432,19 @@ def test_package_roundtrip_is_bit_identical(tmp_path):
     # The id is a content hash: same content, same id; other crop settings, other id.
     again = export_model_package(model, str(tmp_path / "pkg2"), preprocess=pre)
     other = export_model_package(model, str(tmp_path / "pkg3"), preprocess=MRIPreprocess(image_size=96))
-    assert again["model_id"] == meta["model_id"] != other["model_id"]
+    assert again.model_id == meta.model_id != other.model_id
+
+
+def test_a_torch_replica_parses_model_json_once(package, monkeypatch):
+    """Opened once: the engine choice, the weights and the trust file all take the one
+    PackageMeta (main parsed model.json for the engine, then again to load the weights)."""
+    from braintumor_ray.models import PackageMeta, load_inference_model
+
+    real = PackageMeta.parse.__func__
+    seen = []
+    monkeypatch.setattr(PackageMeta, "parse", classmethod(lambda cls, text, uri: seen.append(uri) or real(cls, text, uri)))
+    model = load_inference_model(package, engine="torch")
+    assert model.engine == "torch" and len(seen) == 1, seen
 
 
 def test_package_channels_last_roundtrip(tmp_path):
@@ -442,7 +462,7 @@ def test_package_on_s3(tmp_path, s3_endpoint, s3_bucket):
     uri = f"s3://{s3_bucket}/models/run1"
     meta = export_model_package(model, uri, preprocess=MRIPreprocess(), s3_endpoint_url=s3_endpoint)
     pkg = load_model_package(uri, s3_endpoint_url=s3_endpoint)
-    assert pkg.model_id == meta["model_id"] and pkg.uri == uri
+    assert pkg.model_id == meta.model_id and pkg.uri == uri
     cfg = pkg.data_config
     with torch.no_grad():
         assert torch.equal(pkg.logits(_pixels()), model(prepare_input(_pixels(), mean=cfg["mean"], std=cfg["std"])))

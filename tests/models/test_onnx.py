@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from braintumor_ray import CLASS_NAMES, ConfigError, make_sample_dataset
-from braintumor_ray.core import cli_options
+from braintumor_ray.core import PackageIntegrityError, cli_options
 from braintumor_ray.models import (
     ENGINES,
     ONNX_FILE,
@@ -39,7 +40,7 @@ def _old_package(package: str, dst: str) -> str:
     for k in [k for k in meta if k.startswith("onnx_")]:
         del meta[k]
     meta["versions"].pop("onnxruntime", None)
-    from braintumor_ray.models._package import _identity
+    from braintumor_ray.models import package_model_id as _identity
 
     meta["model_id"] = _identity(meta)  # without model.onnx, the id of an onnx=False export
     open(os.path.join(dst, "model.json"), "w").write(json.dumps(meta, indent=2, sort_keys=True))
@@ -81,7 +82,7 @@ def test_onnx_is_part_of_the_model_id(tmp_path):
 
     with_onnx = export_model_package(model, str(tmp_path / "a"), preprocess=MRIPreprocess(image_size=32))
     without = export_model_package(model, str(tmp_path / "b"), preprocess=MRIPreprocess(image_size=32), onnx=False)
-    assert with_onnx["model_id"] != without["model_id"] and with_onnx["onnx_in_id"] and "onnx_in_id" not in without
+    assert with_onnx.model_id != without.model_id and with_onnx.onnx_in_id and "onnx_in_id" not in without.document()
     assert sorted(os.listdir(tmp_path / "a")) == ["model.json", "model.onnx", "model.safetensors"]
     assert sorted(os.listdir(tmp_path / "b")) == ["model.json", "model.safetensors"]
     # Re-exporting without ONNX over a package with it leaves no stale model.onnx behind.
@@ -91,9 +92,9 @@ def test_onnx_is_part_of_the_model_id(tmp_path):
 
 def test_export_fails_with_the_figure_when_onnx_disagrees(tmp_path, monkeypatch):
     from braintumor_ray import MRIPreprocess
-    from braintumor_ray.models import _package
+    from braintumor_ray.models import _onnx
 
-    monkeypatch.setattr(_package, "ONNX_TOLERANCE", -1.0)  # any difference, even 0, is too much
+    monkeypatch.setattr(_onnx, "ONNX_TOLERANCE", -1.0)  # any difference, even 0, is too much
     model = create_model("resnet10t", pretrained=False, drop_rate=0.0)
     with pytest.raises(ConfigError, match=r"max abs difference of probabilities .* above -1"):
         export_model_package(model, str(tmp_path / "p"), preprocess=MRIPreprocess(image_size=32))
@@ -116,17 +117,23 @@ def test_engine_choice():
 
 def test_tampered_or_missing_onnx_is_refused(package, tmp_path):
     bad = _tampered(package, str(tmp_path / "tampered"))
-    with pytest.raises(ConfigError, match=r"tampered/model\.onnx does not match the sha256 in model.json"):
+    with pytest.raises(ConfigError, match=r"tampered/model\.onnx does not match the sha256 in model.json") as e:
         load_inference_model(bad, engine="onnxruntime")
-    with pytest.raises(ConfigError, match=r"model\.onnx does not match"):
+    # The file and both hashes as fields (PackageIntegrityError is a ConfigError: the same exit).
+    want = json.load(open(os.path.join(bad, "model.json")))["onnx_sha256"]
+    got = hashlib.sha256(open(os.path.join(bad, ONNX_FILE), "rb").read()).hexdigest()
+    assert isinstance(e.value, PackageIntegrityError) and e.value.file == os.path.join(bad, ONNX_FILE)
+    assert (e.value.expected, e.value.actual) == (want, got) and want != got
+    with pytest.raises(PackageIntegrityError, match=r"model\.onnx does not match"):
         verify_onnx(bad)
     # The torch engine does not read the file, and still loads.
     assert load_inference_model(bad, engine="torch").engine == "torch"
     gone = str(tmp_path / "half-copied")
     shutil.copytree(package, gone)
     os.remove(os.path.join(gone, ONNX_FILE))
-    with pytest.raises(ConfigError, match=r"half-copied/model\.onnx is missing"):
+    with pytest.raises(PackageIntegrityError, match=r"half-copied/model\.onnx is missing") as e:
         load_inference_model(gone, engine="auto")
+    assert e.value.actual is None and e.value.expected == want
 
 
 def _rows(out: str) -> dict[str, dict]:
@@ -227,16 +234,16 @@ def _plan_for(package: str, engine: str, *, files: dict | None = None, explain: 
     from datetime import datetime, timezone
 
     from braintumor_ray.core import Identifiers, resolve
-    from braintumor_ray.models import package_preprocess, pin_package, verify_package
+    from braintumor_ray.models import pin_package, verify_package
     from braintumor_ray.score import plan_scoring, rerun_diff
 
     meta = verify_package(package)
     pin = pin_package(resolve(package), meta, with_onnx=engine == "onnxruntime")
     cfg = ScoreConfig(model=package, input="/nonexistent/in", output="/nonexistent/out", explain=explain)
     files = files or {}
-    diff = rerun_diff(files, {p: p for p in files}, {}, model_id=meta["model_id"], selection="", retry_errors=0)
+    diff = rerun_diff(files, {p: p for p in files}, {}, model_id=meta.model_id, selection="", retry_errors=0)
     return plan_scoring(config=cfg, run_id="r", input_uri=cfg.input, output_uri=cfg.output, uri_prefix="", pin=pin,
-                        engine=engine, meta=meta, preprocess=package_preprocess(meta, package), identifiers=Identifiers(),
+                        engine=engine, meta=meta, preprocess=meta.preprocess, identifiers=Identifiers(),
                         diff=diff, refused={}, explain_stage_uri=explain_stage_uri, explain_final_uri="/final", cluster=None,
                         scored_at=datetime.now(timezone.utc))
 
@@ -290,7 +297,7 @@ def _package_without_maps(package: str, dst: str) -> str:
     """The fixture package as exported before the maps: model.onnx with logits and features only."""
     import onnx
 
-    from braintumor_ray.models._package import _identity
+    from braintumor_ray.models import package_model_id as _identity
 
     shutil.copytree(package, dst)
     proto = onnx.load(os.path.join(dst, ONNX_FILE))

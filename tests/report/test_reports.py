@@ -385,6 +385,16 @@ class Split:
             yield {"image": self.images[s : s + batch_size], "label": self.labels[s : s + batch_size]}
 
 
+def test_pick_examples_takes_mistakes_first_then_each_class_in_turn():
+    from braintumor_ray.train._report import pick_examples
+
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 2, 3, 3])
+    pred = np.array([0, 1, 0, 1, 1, 0, 2, 2, 3, 2])  # mistakes at 1, 5 and 9
+    assert pick_examples(pred, y, classes=4, per_class=1) == [1, 5, 0, 3]  # half the grid at most for mistakes
+    assert pick_examples(pred, y, classes=4, per_class=2) == [1, 5, 9, 0, 3, 6, 8, 2]
+    assert pick_examples(pred, y, classes=4, per_class=5) == [1, 5, 9, 0, 3, 6, 8, 2, 4, 7]  # all there is
+
+
 def test_validation_examples_mistakes_first_with_maps(run_figures):
     """The grid: mistakes first (at most half), then each class in turn; each a scan and a Grad-CAM overlay."""
     from braintumor_ray.imaging import decode_png

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from braintumor_ray.core import ConfigError, Manifest, StorageError, local_version, resolve, same_version
+from braintumor_ray.core import ConfigError, Manifest, NoSpaceError, StorageError, local_version, resolve, same_version
 from braintumor_ray.score._plan import PRIOR_COLUMNS, WITHDRAWN, prior_state, rerun_diff
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -120,7 +120,7 @@ def test_atomic_write_on_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(StorageError, match="no space left on the device") as e:
         loc.write_atomic(b'{"new": 2}')
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and isinstance(e.value, NoSpaceError) and e.value.uri == loc.uri
     monkeypatch.setattr(os, "fsync", real)
     assert loc.read_bytes() == b'{"old": 1}' and os.listdir(tmp_path / "out") == ["_identifiers.json"]
 
@@ -152,7 +152,7 @@ def test_model_onnx_is_part_of_the_id_and_an_unbound_one_is_never_run(package, o
     from braintumor_ray.models import ONNX_FILE, load_inference_model, onnx_unbound_note, verify_package
 
     meta = verify_package(package)
-    assert meta["onnx_in_id"] is True
+    assert meta.onnx_in_id is True and meta.has_onnx
     # Any other model.onnx, its hash written beside it, is another id: model.json reads as edited.
     swapped = str(tmp_path / "swapped")
     shutil.copytree(package, swapped)
@@ -165,7 +165,8 @@ def test_model_onnx_is_part_of_the_id_and_an_unbound_one_is_never_run(package, o
         verify_package(swapped)
     # An old package keeps its id, scores with PyTorch, and says why.
     old = verify_package(old_package)
-    assert old["model_id"] != meta["model_id"] and "not covered by its model id" in onnx_unbound_note(old)
+    assert old.model_id != meta.model_id and "not covered by its model id" in onnx_unbound_note(old)
+    assert old.onnx_file and not old.has_onnx
     assert load_inference_model(old_package, engine="auto").engine == "torch"
     with pytest.raises(ConfigError, match="not covered by its model id"):
         load_inference_model(old_package, engine="onnxruntime")
@@ -179,7 +180,7 @@ def test_a_pinned_load_refuses_a_package_rewritten_after_its_checks(package, tmp
     meta = verify_package(pkg)
     pin = pin_package(resolve(pkg), meta, with_onnx=True)
     assert dict(pin.files)["model.json"] == hashlib.sha256(open(os.path.join(pkg, "model.json"), "rb").read()).hexdigest()
-    assert load_inference_model(pkg, engine="onnxruntime", pin=pin).model_id == meta["model_id"]
+    assert load_inference_model(pkg, engine="onnxruntime", pin=pin).model_id == meta.model_id
     # Rewritten whole and consistently (another export into the same folder): still refused.
     import torch
 

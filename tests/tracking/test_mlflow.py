@@ -244,3 +244,39 @@ def test_mlflow_is_not_imported_without_a_tracking_uri():
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_search_run_metrics_are_the_best_models_figures_and_the_search_counts():
+    """The search run's own metrics (no server needed): final figures per split without the
+    confusion matrix, the trust figures, the counts and time."""
+    from braintumor_ray.tracking._mlflow import _search_final_metrics
+
+    summary = {"val": {"accuracy": 0.9, "confusion_matrix": [[1]]}, "test": {"macro_f1": 0.8}, "trust": {"ece": 0.05},
+               "trials": 4, "wall_s": 12.5, "asha_saved_fraction": 0.25, "leaderboard": [{"trial": "t1"}]}
+    assert _search_final_metrics(summary) == {"final_val_accuracy": 0.9, "final_test_macro_f1": 0.8, "trust_ece": 0.05,
+                                              "trials": 4.0, "wall_s": 12.5, "asha_saved_fraction": 0.25}
+
+
+def test_a_registered_version_resolves_to_its_package_folder_checked_against_its_tag(tmp_path, monkeypatch):
+    """models:/ resolution in models (no server: the registry's lookup stubbed): a version whose
+    source is a folder is scored from there; a package whose model_id is not the version's tag
+    is refused; a folder path is left alone."""
+    from braintumor_ray import MRIPreprocess
+    from braintumor_ray.models import _registry, create_model, export_model_package, resolve_registered_model
+    from braintumor_ray.score import ScoreConfig
+    from braintumor_ray.tracking import RegisteredVersion
+
+    folder = str(tmp_path / "pkg")
+    meta = export_model_package(create_model("resnet10t", pretrained=False), folder,
+                                preprocess=MRIPreprocess(image_size=64), onnx=False)
+    tag = {"id": meta.model_id}
+    monkeypatch.setattr(_registry, "find_registered_version", lambda uri, mc: RegisteredVersion(
+        uri=uri, name="bt", version="3", source=f"file://{folder}", model_id=tag["id"]))
+    cfg = ScoreConfig(model="models:/bt/3", input="i", output="o", mlflow=_tracking("http://127.0.0.1:9", "x"))
+    resolved, registered = resolve_registered_model(cfg)
+    assert resolved.model == folder and registered["version"] == "3" and registered["model_id"] == meta.model_id
+    tag["id"] = "0" * 16
+    with pytest.raises(ConfigError, match="model_id"):
+        resolve_registered_model(cfg)
+    plain = ScoreConfig(model=folder, input="i", output="o")
+    assert resolve_registered_model(plain) == (plain, None)
