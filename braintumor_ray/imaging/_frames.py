@@ -4,7 +4,7 @@ from the frame's own header and checked before any pixel is decoded.
 A DICOM's Rows x Columns x SamplesPerPixel is checked against the guard on the dataset header
 (``dicom_size_error``), but a codec decodes what its *codestream* declares: a JPEG 2000 frame
 whose SIZ marker says 30000x30000 in a file that says 64x64 is decoded in full by OpenJPEG (a
-3.4 MB file cost 17 s and +2.4 GB RSS before this check; docs/benchmarks.md), and an RLE segment
+3.4 MB file cost 17 s and +2.4 GB RSS before this check; docs/lab-log.md), and an RLE segment
 can expand 64-fold. So each frame's header is read here and must declare exactly the image the
 dataset declares (within the guard's limits):
 
