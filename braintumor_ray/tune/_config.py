@@ -158,6 +158,9 @@ class SearchConfig(Config):
             "early_stop_patience": 0,
             "num_to_keep": 1,
             "label_smoothing": 0.0,
+            # The archive-shift augmentations off, as in TrainConfig's smoke preset: the tests read
+            # the smoke trials' learning (ASHA must tell a learning trial from one that cannot).
+            "augment": {"skull_strip": 0.0, "renormalise": 0.0},
             "backbone_lr_scale": 1.0,
         },
     )
