@@ -18,9 +18,9 @@ def jpeg_bytes(pixels: np.ndarray, quality: int = 92) -> bytes:
     return buf.getvalue()
 
 
-def png_bytes(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image | np.ndarray) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    (Image.fromarray(image) if isinstance(image, np.ndarray) else image).save(buf, format="PNG")
     return buf.getvalue()
 
 

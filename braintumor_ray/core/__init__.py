@@ -10,6 +10,7 @@ from ._config import (
     Config,
     add_config_args,
     cli_options,
+    config_fields,
     deep_merge,
     given_settings,
     parse_yaml,
@@ -28,6 +29,7 @@ from ._errors import (
     PackageIntegrityError,
     StorageError,
 )
+from ._inputs import InputSettings
 from ._labels import CLASS_NAMES, SPLIT_ALIASES, canonical_label, canonical_split
 from ._lease import LEASE_SUFFIX, Lease, current_lease, lease_location
 from ._paths import PATH_KEY_ENV, Identifiers, PathMode, UidMode, check_modes
@@ -52,7 +54,6 @@ from ._storage import (
     Location,
     check_disjoint,
     check_folder_depth,
-    folder_depth_setting,
     is_no_space,
     local_version,
     resolve,
@@ -67,6 +68,7 @@ __all__ = [
     "Config",
     "add_config_args",
     "cli_options",
+    "config_fields",
     "deep_merge",
     "given_settings",
     "load_config",
@@ -80,10 +82,10 @@ __all__ = [
     "ImageDecodeError",
     "InputError",
     "Identifiers",
+    "InputSettings",
     "LINK_OUTSIDE",
     "MAX_FOLDER_DEPTH",
     "check_folder_depth",
-    "folder_depth_setting",
     "Listing",
     "Location",
     "PATH_KEY_ENV",

@@ -55,6 +55,16 @@ def setting(
     return dataclasses.field(default=default, metadata=meta)
 
 
+def config_fields(cls: Any) -> tuple[dataclasses.Field[Any], ...]:
+    """A config class's (or instance's) fields in the order its options, ``config.yaml`` and docs
+    list them: the class's own first, then those it takes from a base (:class:`InputSettings`'s
+    shared input settings), so a stage's help starts with its own ``--input`` and ``--output``."""
+    fields = dataclasses.fields(cls)
+    tp = cls if isinstance(cls, type) else type(cls)
+    inherited = {name for base in tp.__mro__[1:] for name in getattr(base, "__dataclass_fields__", {})}
+    return tuple(f for f in fields if f.name not in inherited) + tuple(f for f in fields if f.name in inherited)
+
+
 class Config:
     """Base of every stage's settings (a frozen keyword-only dataclass).
 
@@ -66,7 +76,7 @@ class Config:
     # --- dict / YAML ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+        for f in config_fields(self):
             out[f.name] = _plain(getattr(self, f.name))
         return out
 
@@ -89,7 +99,7 @@ class Config:
             )
         missing = [
             f.name
-            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            for f in config_fields(cls)
             if f.name not in d and f.default is _MISSING and f.default_factory is _MISSING
         ]
         if missing:
@@ -244,7 +254,7 @@ def cli_options(cls: type, prefix: str = "") -> list[CliOption]:
     """The options a config class contributes to its job's command line, nested ones flattened."""
     out: list[CliOption] = []
     hints = _hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in config_fields(cls):
         meta = f.metadata
         if not meta.get("cli", True):
             continue

@@ -21,7 +21,6 @@ import fsspec
 import fsspec.asyn
 import pyarrow.fs as pafs
 
-from ._config import setting
 from ._errors import ConfigError, NoSpaceError, StorageError
 
 _CRED_HINT = (
@@ -66,15 +65,6 @@ def escaped_name(path: str) -> str | None:
 # a generated chain (1,100 levels crashed the recursive walk) long before PATH_MAX (4,096 bytes).
 MAX_FOLDER_DEPTH = 64
 MAX_FOLDER_DEPTH_LIMIT = 1000
-
-
-def folder_depth_setting() -> Any:
-    """The ``max_folder_depth`` setting of the jobs that list an input (declared here once)."""
-    return setting(
-        MAX_FOLDER_DEPTH,
-        help="folders a listing descends below the input; a folder deeper than this is "
-        "an error row naming it, its files unread",
-    )
 
 
 def check_folder_depth(depth: int) -> None:

@@ -4,22 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core import (
-    Config,
-    ConfigError,
-    PathMode,
-    UidMode,
-    check_folder_depth,
-    check_modes,
-    folder_depth_setting,
-    setting,
-)
+from ..core import ConfigError, InputSettings, setting
 from ..imaging import InputGuard, MRIPreprocess, SeriesSelector
 
 
 @dataclass(frozen=True, kw_only=True)
-class IngestConfig(Config):
-    """What to read, where to write, and how. Each field's help is the one description of it."""
+class IngestConfig(InputSettings):
+    """What to read, where to write, and how. Each field's help is the one description of it; the
+    input settings scoring shares (S3 endpoint, path and UID modes, folder depth) are
+    :class:`~braintumor_ray.core.InputSettings`'s."""
 
     input: str = setting(
         help="folder of <split>/<class>/<image> or <class>/<image> (DICOM and NIfTI files at any "
@@ -39,7 +32,6 @@ class IngestConfig(Config):
     near_dup_distance: int = setting(
         2, help="largest pHash Hamming distance (bits of 64) that counts as a near duplicate (-1: off)"
     )
-    s3_endpoint_url: str | None = setting(None, help="S3-compatible endpoint", env="AWS_ENDPOINT_URL")
     overwrite: bool = setting(False, help="replace a non-empty output")
     images_per_block: int = setting(128, help="unit of parallel work and most rows per Parquet file")
     select: SeriesSelector = setting(
@@ -70,19 +62,6 @@ class IngestConfig(Config):
         "errors",
     )
 
-    path_mode: PathMode = setting(
-        "full",
-        help="how the shards, errors.parquet and report.json name input files: "
-        "full = the URI; relative = the path below input; hashed = an HMAC-SHA256 token keyed "
-        "by $BRAINTUMOR_PATH_KEY (same file, same token as scoring's)",
-    )
-    uid_mode: UidMode = setting(
-        "full",
-        help="DICOM UIDs in the shards: full, or hashed (a 2.25. UID keyed as "
-        "path_mode's); the split still keeps a series together",
-    )
-    max_folder_depth: int = folder_depth_setting()
-
     def __post_init__(self) -> None:
         if not self.input or not self.output:
             raise ConfigError("input and output are both required: give a local path or s3://bucket/prefix")
@@ -101,5 +80,4 @@ class IngestConfig(Config):
             )
         if not 0.0 < self.mask_min_lesion <= 1.0:
             raise ConfigError(f"mask_min_lesion={self.mask_min_lesion} is out of range: use a share in (0, 1]")
-        check_modes(self.path_mode, self.uid_mode)
-        check_folder_depth(self.max_folder_depth)
+        super().__post_init__()

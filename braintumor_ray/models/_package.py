@@ -134,6 +134,25 @@ def _read_file(loc: Location, name: str, pin: PackagePin | None) -> bytes:
     return blob
 
 
+def _checked_bytes(
+    loc: Location, name: str, expected: str | None, pin: PackagePin | None, *, fix: str, missing: str | None = None
+) -> bytes:
+    """A file ``model.json`` names, its sha256 checked against ``expected`` (the one the model id
+    is made of; and against ``pin``). ``fix``: what to do about a changed file; ``missing``: what
+    to do about a missing one (without it, the storage's own error)."""
+    path = f"{loc.uri}/{name}"
+    if missing is not None and not loc.join(name).exists():
+        raise PackageIntegrityError(
+            f"{path} is missing though {PACKAGE_JSON} names it: {missing}", file=path, expected=expected
+        )
+    blob = _read_file(loc, name, pin)
+    if (got := hashlib.sha256(blob).hexdigest()) != expected:
+        raise PackageIntegrityError(
+            f"{path} does not match the sha256 in {PACKAGE_JSON}: {fix}", file=path, expected=expected, actual=got
+        )
+    return blob
+
+
 def pin_package(loc: Location, meta: PackageMeta, *, with_onnx: bool) -> PackagePin:
     """The pin of a package whose ``model.json`` (``meta``) and files were just verified."""
     files = {
@@ -170,23 +189,15 @@ def read_onnx(loc: Location, meta: PackageMeta, *, pin: PackagePin | None = None
         )
     if not meta.onnx_in_id:
         raise ConfigError(f"{loc.uri}/{name}: {meta.onnx_unbound_note()} (or use --engine torch or auto)")
-    if not loc.join(name).exists():
-        raise PackageIntegrityError(
-            f"{loc.uri}/{name} is missing though {PACKAGE_JSON} names it: the package is "
-            "half-copied. Copy or export it again (or score with --engine torch).",
-            file=f"{loc.uri}/{name}",
-            expected=meta.onnx_sha256,
-        )
-    blob = _read_file(loc, name, pin)
-    if (got := hashlib.sha256(blob).hexdigest()) != meta.onnx_sha256:
-        raise PackageIntegrityError(
-            f"{loc.uri}/{name} does not match the sha256 in {PACKAGE_JSON}: the file was changed or is "
-            "half-written. Export the package again (or score with --engine torch, which does not read it).",
-            file=f"{loc.uri}/{name}",
-            expected=meta.onnx_sha256,
-            actual=got,
-        )
-    return blob
+    return _checked_bytes(
+        loc,
+        name,
+        meta.onnx_sha256,
+        pin,
+        fix="the file was changed or is half-written. Export the package again (or score with --engine torch, "
+        "which does not read it).",
+        missing="the package is half-copied. Copy or export it again (or score with --engine torch).",
+    )
 
 
 def read_trust(loc: Location, meta: PackageMeta, *, pin: PackagePin | None = None) -> Trust | None:
@@ -194,17 +205,14 @@ def read_trust(loc: Location, meta: PackageMeta, *, pin: PackagePin | None = Non
     arrays' sha256 checked against ``model.json``; an unknown key is an error naming the file."""
     if meta.trust is None:
         return None
-    name = meta.trust_file
-    blob = _read_file(loc, name, pin) if loc.join(name).exists() else None
-    got = None if blob is None else hashlib.sha256(blob).hexdigest()
-    if got is None or got != meta.trust_sha256:
-        raise PackageIntegrityError(
-            f"{loc.uri}/{name} is missing or does not match the sha256 in {PACKAGE_JSON}: the package "
-            "was changed or is half-copied. Export it again.",
-            file=f"{loc.uri}/{name}",
-            expected=meta.trust_sha256,
-            actual=got,
-        )
+    blob = _checked_bytes(
+        loc,
+        meta.trust_file,
+        meta.trust_sha256,
+        pin,
+        fix="the package was changed or is half-written. Export it again.",
+        missing="the package is half-copied. Export it again.",
+    )
     from safetensors.numpy import load as load_np
 
     try:
@@ -217,16 +225,13 @@ def read_trust(loc: Location, meta: PackageMeta, *, pin: PackagePin | None = Non
 
 def _read_weights(loc: Location, meta: PackageMeta, pin: PackagePin | None = None) -> bytes:
     """The package's weights file, its sha256 (one of the model id's inputs) checked."""
-    blob = _read_file(loc, meta.weights_file, pin)
-    if (got := hashlib.sha256(blob).hexdigest()) != meta.weights_sha256:
-        raise PackageIntegrityError(
-            f"{loc.uri}/{meta.weights_file} does not match the sha256 in {PACKAGE_JSON}: the package was changed "
-            "or is half-written. Export it again.",
-            file=f"{loc.uri}/{meta.weights_file}",
-            expected=meta.weights_sha256,
-            actual=got,
-        )
-    return blob
+    return _checked_bytes(
+        loc,
+        meta.weights_file,
+        meta.weights_sha256,
+        pin,
+        fix="the package was changed or is half-written. Export it again.",
+    )
 
 
 def verify_package(uri: str, *, s3_endpoint_url: str | None = None, expect_model_id: str | None = None) -> PackageMeta:

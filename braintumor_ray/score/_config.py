@@ -9,14 +9,9 @@ from typing import Literal, get_args
 from ..core import (
     LEASE_SUFFIX,
     STAGING_SUFFIX,
-    Config,
     ConfigError,
-    PathMode,
-    UidMode,
+    InputSettings,
     check_disjoint,
-    check_folder_depth,
-    check_modes,
-    folder_depth_setting,
     setting,
 )
 from ..imaging import InputGuard, SeriesSelector
@@ -46,8 +41,9 @@ Tta = Literal["none", "flip"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScoreConfig(Config):
-    """What to score with which model, and where the predictions go."""
+class ScoreConfig(InputSettings):
+    """What to score with which model, and where the predictions go (the input settings the ingest
+    shares: :class:`~braintumor_ray.core.InputSettings`)."""
 
     model: str = setting(
         help="exported model package folder, local or s3://, or a registered model: "
@@ -81,7 +77,6 @@ class ScoreConfig(Config):
         "threads, rounded (none: 1 with use_gpu, else the model's 3/4 of the CPUs "
         "shared by the replicas); at least 0.5 CPU must be left to decode",
     )
-    s3_endpoint_url: str | None = setting(None, help="S3-compatible endpoint", env="AWS_ENDPOINT_URL")
     select: SeriesSelector = setting(
         default_factory=SeriesSelector,
         help="which DICOM series and NIfTI volumes to score; files it leaves out get a "
@@ -148,17 +143,6 @@ class ScoreConfig(Config):
         "module and UIDs into the DICOM objects anyway (they then join the source study "
         "in the PACS); without it they carry hashed UIDs and no patient data",
     )
-    path_mode: PathMode = setting(
-        "full",
-        help="how outputs name input files: full = the URI; relative = the path "
-        "below input; hashed = an HMAC-SHA256 token keyed by $BRAINTUMOR_PATH_KEY (same file, "
-        "same token; for folder names that identify patients). Fixed for an output",
-    )
-    uid_mode: UidMode = setting(
-        "full",
-        help="DICOM UIDs in outputs: full, or hashed (a 2.25. UID keyed as path_mode's; "
-        "series still group). Fixed for an output",
-    )
     retry_errors: int = setting(
         3,
         help="times later runs try a file again whose row is an error that may come out "
@@ -183,7 +167,6 @@ class ScoreConfig(Config):
         "lease_ttl_s/4; a run that stops renewing (killed) is taken over this long after its "
         "last renewal",
     )
-    max_folder_depth: int = folder_depth_setting()
     mlflow: MLflowConfig = setting(
         default_factory=MLflowConfig,
         help="MLflow run of each scoring job and the registry that models:/ names are looked up in",
@@ -218,7 +201,6 @@ class ScoreConfig(Config):
             raise ConfigError(f"review_threshold={self.review_threshold}: use a probability in 0..1")
         if not isinstance(self.select, SeriesSelector):
             raise ConfigError(f"select must be a SeriesSelector, not {type(self.select).__name__}")
-        check_modes(self.path_mode, self.uid_mode)
         if self.dicom_out not in get_args(DicomOut):
             raise ConfigError(f"dicom_out={self.dicom_out!r} is unknown: use one of {', '.join(get_args(DicomOut))}")
         parse_destinations(self.dicom_send)
@@ -233,4 +215,4 @@ class ScoreConfig(Config):
             raise ConfigError(f"wait={self.wait} is out of range: use 0 (refuse at once) up to 604800 seconds")
         if not 1 <= self.lease_ttl_s <= 86400:
             raise ConfigError(f"lease_ttl_s={self.lease_ttl_s} is out of range: use 1..86400 seconds")
-        check_folder_depth(self.max_folder_depth)
+        super().__post_init__()

@@ -132,6 +132,18 @@ def _experiment_id(client, name: str) -> str:
     return exp.experiment_id
 
 
+def _connect(mc: MLflowConfig) -> tuple[Any, str]:
+    """A client of ``mc``'s server and the id of its experiment (created, or restored, as needed)."""
+    client = _client(mc)
+    return client, _experiment_id(client, mc.experiment)
+
+
+def _new_run(client, experiment_id: str, mc: MLflowConfig, *, name: str, tags: Mapping[str, str]) -> Tracking:
+    """A run created in the experiment (a child run: ``mlflow.parentRunId`` among ``tags``)."""
+    run = client.create_run(experiment_id, run_name=name, tags=dict(tags))
+    return Tracking(client, run.info.run_id, experiment_id, mc)
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
     """Nested mappings as one level of ``outer<sep>inner`` keys (lists kept as values)."""
     out: dict[str, Any] = {}
@@ -305,8 +317,7 @@ def _start(
 ) -> Tracking:
     from mlflow.exceptions import MlflowException
 
-    client = _client(mc)
-    exp = _experiment_id(client, mc.experiment)
+    client, exp = _connect(mc)
     marker = folder.join(RUN_ID_FILE)
     run_id = None
     if resume and marker.exists():
@@ -321,11 +332,11 @@ def _start(
             logger.warning("MLflow run %s of %s is gone (%s): starting a new one", run_id, folder.uri, e)
             run_id = None
     if run_id is None:
-        run = client.create_run(exp, run_name=name, tags={"stage": stage, "folder": folder.uri})
-        run_id = run.info.run_id
-        marker.write_bytes(run_id.encode())
-        logger.info("MLflow: run %s in experiment %s at %s", run_id, mc.experiment, mc.tracking_uri)
-    t = Tracking(client, run_id, exp, mc)
+        t = _new_run(client, exp, mc, name=name, tags={"stage": stage, "folder": folder.uri})
+        marker.write_bytes(t.run_id.encode())
+        logger.info("MLflow: run %s in experiment %s at %s", t.run_id, mc.experiment, mc.tracking_uri)
+    else:
+        t = Tracking(client, run_id, exp, mc)
     _log_params(t, params)
     return t
 
@@ -342,30 +353,41 @@ def finish_training(t: Tracking | PendingTracking | None, metrics: Mapping[str, 
 def _finish_training(t: Tracking, metrics: Mapping[str, Any], run: Location) -> None:
     c = t.client
     _log_history(c, t.run_id, metrics.get("epochs") or [])
-    final: dict[str, float] = {}
-    for split in ("val", "test", "test_clean"):
-        if isinstance(metrics.get(split), Mapping):
-            final |= scalar_metrics(
-                {k: v for k, v in metrics[split].items() if k != "confusion_matrix"}, f"final_{split}_"
-            )
-    if isinstance(metrics.get("trust"), Mapping):
-        final |= scalar_metrics(metrics["trust"], "trust_")
+    final = _model_metrics(metrics)
     final |= scalar_metrics({k: metrics.get(k) for k in ("best_epoch", "stopped_early")})
     final["restores"] = float(len(metrics.get("restores") or []))
     if (metrics.get("run") or {}).get("wall_s") is not None:
         final["wall_s"] = float(metrics["run"]["wall_s"])
     _log_metrics(c, t.run_id, [(k, v, 0) for k, v in final.items()])
     _log_files(t, run, ["metrics.json", "config.yaml"], ["*.png", "*.html"])
-    model = metrics.get("model") or {}
+    _register_and_finish(
+        t,
+        metrics.get("model") or {},
+        {"stage": "train", "run": run.uri},
+        s3_endpoint_url=(metrics.get("run") or {}).get("config", {}).get("s3_endpoint_url"),
+    )
+
+
+def _model_metrics(d: Mapping[str, Any]) -> dict[str, float]:
+    """A run's final figures of its model, per split (``final_val_accuracy``) and of its trust fit."""
+    final: dict[str, float] = {}
+    for split in ("val", "test", "test_clean"):
+        if isinstance(d.get(split), Mapping):
+            final |= scalar_metrics({k: v for k, v in d[split].items() if k != "confusion_matrix"}, f"final_{split}_")
+    if isinstance(d.get("trust"), Mapping):
+        final |= scalar_metrics(d["trust"], "trust_")
+    return final
+
+
+def _register_and_finish(
+    t: Tracking, model: Mapping[str, Any], tags: Mapping[str, str], *, s3_endpoint_url: str | None
+) -> None:
+    """The run's model package (``model``: its ``uri`` and ``model_id``, if one was written)
+    registered as a version, then the run ended FINISHED."""
     if model.get("model_id"):
-        c.set_tag(t.run_id, "model_id", model["model_id"])
-        _register(
-            t,
-            resolve(model["uri"], s3_endpoint_url=(metrics.get("run") or {}).get("config", {}).get("s3_endpoint_url")),
-            model["model_id"],
-            {"stage": "train", "run": run.uri},
-        )
-    c.set_terminated(t.run_id, "FINISHED")
+        t.client.set_tag(t.run_id, "model_id", model["model_id"])
+        _register(t, resolve(model["uri"], s3_endpoint_url=s3_endpoint_url), model["model_id"], tags)
+    t.client.set_terminated(t.run_id, "FINISHED")
 
 
 def finish_search(
@@ -403,16 +425,12 @@ def _finish_search(
     if best.get("trial"):
         c.set_tag(t.run_id, "best_trial", str(best["trial"]))
     _log_files(t, root, ["leaderboard.csv", "leaderboard.md", "best.json", "search.json", "config.yaml"], ["*.png"])
-    model = summary.get("model") or {}
-    if model.get("model_id"):
-        c.set_tag(t.run_id, "model_id", model["model_id"])
-        _register(
-            t,
-            resolve(model["uri"], s3_endpoint_url=s3_endpoint_url),
-            model["model_id"],
-            {"stage": "search", "search": root.uri, "trial": str(best.get("trial", ""))},
-        )
-    c.set_terminated(t.run_id, "FINISHED")
+    _register_and_finish(
+        t,
+        summary.get("model") or {},
+        {"stage": "search", "search": root.uri, "trial": str(best.get("trial", ""))},
+        s3_endpoint_url=s3_endpoint_url,
+    )
 
 
 def _log_trial(t: Tracking, row: Mapping[str, Any], result: Any) -> None:
@@ -424,12 +442,11 @@ def _log_trial(t: Tracking, row: Mapping[str, Any], result: Any) -> None:
         [t.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{t.run_id}' and tags.trial_id = '{tid}'"
     )
     if found:
-        child = found[0].info.run_id
+        ct = Tracking(c, found[0].info.run_id, t.experiment_id, t.settings)
     else:
-        child = c.create_run(
-            t.experiment_id, run_name=tid, tags={"mlflow.parentRunId": t.run_id, "trial_id": tid, "stage": "trial"}
-        ).info.run_id
-    ct = Tracking(c, child, t.experiment_id, t.settings)
+        tags = {"mlflow.parentRunId": t.run_id, "trial_id": tid, "stage": "trial"}
+        ct = _new_run(c, t.experiment_id, t.settings, name=tid, tags=tags)
+    child = ct.run_id
     config = dict(getattr(result, "config", None) or {})
     _log_params(
         ct,
@@ -455,16 +472,8 @@ def _log_trial(t: Tracking, row: Mapping[str, Any], result: Any) -> None:
 def _search_final_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     """The search run's own metrics: the best model's final figures per split, its trust, the
     search's counts and time."""
-    final: dict[str, float] = {}
-    for split in ("val", "test", "test_clean"):
-        if isinstance(summary.get(split), Mapping):
-            final |= scalar_metrics(
-                {k: v for k, v in summary[split].items() if k != "confusion_matrix"}, f"final_{split}_"
-            )
-    if isinstance(summary.get("trust"), Mapping):
-        final |= scalar_metrics(summary["trust"], "trust_")
     counts = ("trials", "trial_epochs_run", "trial_epochs_budget", "asha_saved_fraction", "wall_s")
-    return final | scalar_metrics({k: summary.get(k) for k in counts})
+    return _model_metrics(summary) | scalar_metrics({k: summary.get(k) for k in counts})
 
 
 # --- scoring ---------------------------------------------------------------------------------------
@@ -526,8 +535,7 @@ def log_scoring(config: Any, summary: dict[str, Any], registered: Mapping[str, s
 
 def _log_scoring(config: Any, summary: dict[str, Any], registered: Mapping[str, str] | None) -> str:
     mc: MLflowConfig = config.mlflow
-    client = _client(mc)
-    exp = _experiment_id(client, mc.experiment)
+    client, exp = _connect(mc)
     tags = {
         "stage": "score",
         "model_id": str(summary.get("model_id")),
@@ -542,8 +550,7 @@ def _log_scoring(config: Any, summary: dict[str, Any], registered: Mapping[str, 
             "registered_model_version": registered["version"],
             "registered_model_name": registered["name"],
         }
-    run = client.create_run(exp, run_name=f"score {summary.get('run_id') or 'nothing new'}", tags=tags)
-    t = Tracking(client, run.info.run_id, exp, mc)
+    t = _new_run(client, exp, mc, name=f"score {summary.get('run_id') or 'nothing new'}", tags=tags)
     params = config.to_dict() | ({"model": registered["uri"], "model_path": config.model} if registered else {})
     _log_params(t, params)
     counts = {k: v for k, v in summary.items() if k not in ("series",)}

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from braintumor_ray.cli import build_config
-from braintumor_ray.core import CONFIG_FILE, ConfigError, cli_options, load_config, resolve
+from braintumor_ray.core import CONFIG_FILE, ConfigError, InputSettings, cli_options, load_config, resolve
 from braintumor_ray.imaging import InputGuard, MRIPreprocess, SeriesSelector, TrainAugment
 from braintumor_ray.ingest import IngestConfig
 from braintumor_ray.score import OUTPUT_CONFIG_FILE, ScoreConfig
@@ -179,6 +179,30 @@ def test_every_field_is_an_option():
 
     for cls in JOBS.values():
         assert set(keys(cls)) == {o.key for o in cli_options(cls)}, cls.__name__
+
+
+def test_the_input_settings_are_one_declaration_in_both_stages():
+    """The ingest and scoring read an input with the same settings: each is one field of core's
+    InputSettings that both configs take (a stage declaring its own copy would be another Field,
+    with its own help, default and checks)."""
+    shared = {f.name: f for f in dataclasses.fields(InputSettings)}
+    assert list(shared) == ["s3_endpoint_url", "path_mode", "uid_mode", "max_folder_depth"]
+    options = {}
+    for cls, first, required in ((IngestConfig, "input", {"input": "i", "output": "o"}),
+                                 (ScoreConfig, "model", {"model": "m", "input": "i", "output": "o"})):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        assert all(fields[name] is f for name, f in shared.items()), cls.__name__
+        # Listed after the stage's own settings, on the command line and in config.yaml alike.
+        keys = [o.key for o in cli_options(cls)]
+        assert keys[0] == first and keys[-len(shared):] == list(shared), keys
+        assert list(cls(**required).to_dict())[-len(shared):] == list(shared)
+        options[cls] = {o.key: o for o in cli_options(cls) if o.key in shared}
+        # The checks come with the declaration.
+        with pytest.raises(ConfigError, match="path_mode='plain' is unknown"):
+            cls(**required, path_mode="plain")
+        with pytest.raises(ConfigError, match="max_folder_depth=0 is out of range"):
+            cls(**required, max_folder_depth=0)
+    assert options[IngestConfig] == options[ScoreConfig]  # flags, help, default, choices, env
 
 
 @pytest.mark.parametrize("job,argv,key,expected", [

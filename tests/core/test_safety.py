@@ -301,7 +301,8 @@ def test_swapped_weights_under_an_untouched_model_json_are_refused(package, arch
 
 def test_another_models_onnx_is_refused_before_any_work(package, archive, tmp_path):
     """model.onnx's hash is part of model_id (issue 25): another network's file, its hash
-    rewritten beside it, makes model.json read as edited, pinned or not."""
+    rewritten beside it, makes model.json read as edited, when the package is verified and when
+    scoring is asked to run it, pinned or not."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -316,6 +317,8 @@ def test_another_models_onnx_is_refused_before_any_work(package, archive, tmp_pa
     meta = _meta(swapped)
     meta["onnx_sha256"] = hashlib.sha256(blob).hexdigest()  # the hash beside it, rewritten
     open(os.path.join(swapped, PACKAGE_JSON), "w").write(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"onnx-swapped/model\.json was edited after export"):
+        verify_package(swapped)
     out = str(tmp_path / "preds")
     for pin in (None, meta["model_id"]):
         with pytest.raises(ConfigError, match=r"onnx-swapped/model\.json was edited after export"):

@@ -8,8 +8,8 @@ import pytest
 
 from braintumor_ray import MRIPreprocess
 from braintumor_ray.imaging import NO_GUARD, InputGuard, find_head, render_mri
-from _images import jpeg_bytes
-from test_dicom import dicom_bytes, head12
+from _images import jpeg_bytes, png_bytes
+from generators.medical import dicom_bytes, head12
 
 GUARD = InputGuard()
 PRE = MRIPreprocess(image_size=64)
@@ -54,19 +54,9 @@ def test_other_modalities_can_be_allowed():
     (np.full((96, 96), 10, np.uint8) + np.random.default_rng(0).integers(0, 9, (96, 96)).astype(np.uint8), "no head found"),
 ])
 def test_images_with_no_content_are_errors(image, reason):
-    r = PRE.try_slices(jpeg_bytes(image, quality=100) if image.std() else _png(image), guard=GUARD)
+    r = PRE.try_slices(jpeg_bytes(image, quality=100) if image.std() else png_bytes(image), guard=GUARD)
     assert not r.slices and reason in r.error
-    assert PRE.try_slices(_png(image), guard=NO_GUARD).slices  # without the guard it was "scored"
-
-
-def _png(a):
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
+    assert PRE.try_slices(png_bytes(image), guard=NO_GUARD).slices  # without the guard it was "scored"
 
 
 def test_head_fraction_is_small_for_a_small_head():
@@ -74,7 +64,7 @@ def test_head_fraction_is_small_for_a_small_head():
     small = np.zeros_like(big)
     small[60:100, 60:100] = big[::4, ::4]
     assert find_head(big)[1] > 3 * find_head(small)[1] > 0
-    out = PRE.try_slices(_png(big), guard=GUARD).slices[0].image
+    out = PRE.try_slices(png_bytes(big), guard=GUARD).slices[0].image
     assert 0.2 < out.head_fraction <= 1.0
 
 
@@ -91,7 +81,7 @@ def test_the_contrast_and_head_checks_cost_a_few_bytes_a_pixel():
     y, x = np.mgrid[0:side, 0:side]
     head = np.where((x - side / 2) ** 2 + (y - side / 2) ** 2 < (side / 3) ** 2, 120, 0).astype(np.uint8)
     head[::7] += 40
-    flat, headed = _png(np.full((side, side), 9, np.uint8)), _png(head)
+    flat, headed = png_bytes(np.full((side, side), 9, np.uint8)), png_bytes(head)
     assert abs(grey_spread(head) - float(head.std())) < 1e-9
     del y, x, head
     for data, error in ((flat, "no content"), (headed, None)):

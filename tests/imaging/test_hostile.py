@@ -31,7 +31,7 @@ from braintumor_ray.score._decode import KILL_DECODE_ENV, KILLED_TWICE
 from braintumor_ray.score._layout import ATTEMPTS_DIR
 
 from conftest import KILL_DECODE_FILE, mri_like
-from test_dicom import dicom_bytes, head12, nifti_bytes
+from generators.medical import dicom_bytes, head12, nifti_bytes
 
 import pydicom  # noqa: E402  (a core dependency: a missing one fails, never skips)
 import nibabel as nib  # noqa: E402

@@ -19,7 +19,7 @@ from braintumor_ray.ingest._run import preprocess_batch
 from braintumor_ray.score import decode_batch
 
 from generators.hostile_frames import many_page_gif, multi_page
-from test_dicom import dicom_bytes, head12, nifti_bytes
+from generators.medical import dicom_bytes, head12, nifti_bytes
 
 PRE = MRIPreprocess(image_size=64)
 GUARD = InputGuard()

@@ -115,7 +115,7 @@ def test_engine_choice():
         ScoreConfig(model="m", input="i", output="o", engine="tensorrt")
 
 
-def test_tampered_or_missing_onnx_is_refused(package, tmp_path):
+def test_tampered_or_missing_onnx_is_refused(package, archive, tmp_path):
     bad = _tampered(package, str(tmp_path / "tampered"))
     with pytest.raises(ConfigError, match=r"tampered/model\.onnx does not match the sha256 in model.json") as e:
         load_inference_model(bad, engine="onnxruntime")
@@ -126,7 +126,12 @@ def test_tampered_or_missing_onnx_is_refused(package, tmp_path):
     assert (e.value.expected, e.value.actual) == (want, got) and want != got
     with pytest.raises(PackageIntegrityError, match=r"model\.onnx does not match"):
         verify_onnx(bad)
-    # The torch engine does not read the file, and still loads.
+    # Scoring refuses it before any work: the output is never touched.
+    with pytest.raises(ConfigError, match=r"tampered/model\.onnx does not match the sha256"):
+        run_scoring(ScoreConfig(model=bad, input=archive, output=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+    # The torch engine does not read the file, and still loads (and scores it through the job:
+    # test_engines_agree_through_run_scoring's torch run).
     assert load_inference_model(bad, engine="torch").engine == "torch"
     gone = str(tmp_path / "half-copied")
     shutil.copytree(package, gone)
@@ -151,12 +156,18 @@ def archive(tmp_path_factory):
 def test_engines_agree_through_run_scoring(ray_session, package, archive, tmp_path):
     """Both engines through the job give the same rows and schema; auto picks onnxruntime for a
     package with model.onnx, and a package from before ONNX scores with torch (was
-    test_package_without_onnx_still_scores, whose second run was this test's auto run)."""
+    test_package_without_onnx_still_scores, whose second run was this test's auto run). The torch
+    run scores a copy whose model.onnx is tampered with: a file that engine does not read is not
+    its concern (the other engines refuse it: test_tampered_or_missing_onnx_is_refused), and its
+    rows are the intact package's."""
     outs, summaries = {}, {}
+    tampered = _tampered(package, str(tmp_path / "tampered"))
     for engine in ("torch", "onnxruntime", "auto"):
         outs[engine] = str(tmp_path / engine)
-        summaries[engine] = run_scoring(ScoreConfig(model=package, input=archive, output=outs[engine], batch_size=4, engine=engine))
+        model = tampered if engine == "torch" else package
+        summaries[engine] = run_scoring(ScoreConfig(model=model, input=archive, output=outs[engine], batch_size=4, engine=engine))
     assert [summaries[e]["engine"] for e in ("torch", "onnxruntime", "auto")] == ["torch", "onnxruntime", "onnxruntime"]
+    assert summaries["torch"]["scored"] == 12
     t, o = _rows(outs["torch"]), _rows(outs["onnxruntime"])
     assert t.keys() == o.keys() and len(t) == summaries["torch"]["files_seen"] == 13
     ok = [p for p in t if t[p]["status"] == "ok"]
@@ -192,15 +203,6 @@ def test_a_package_without_onnx_refuses_engine_onnxruntime(ray_session, package,
     old = _old_package(package, str(tmp_path / "old-package"))
     with pytest.raises(ConfigError, match="needs a package with model.onnx"):
         run_scoring(ScoreConfig(model=old, input=archive, output=str(tmp_path / "x"), engine="onnxruntime"))
-
-
-def test_scoring_refuses_a_tampered_onnx_before_any_work(ray_session, package, archive, tmp_path):
-    bad = _tampered(package, str(tmp_path / "tampered"))
-    with pytest.raises(ConfigError, match=r"tampered/model\.onnx does not match the sha256"):
-        run_scoring(ScoreConfig(model=bad, input=archive, output=str(tmp_path / "out")))
-    assert not (tmp_path / "out").exists()  # refused before the output was touched
-    # --engine torch scores it: the file it would not use is not its concern.
-    assert run_scoring(ScoreConfig(model=bad, input=archive, output=str(tmp_path / "out"), engine="torch"))["scored"] == 12
 
 
 def test_model_actor_threads_follow_its_cpus(ray_session, package):

@@ -22,7 +22,7 @@ from braintumor_ray.score._dicom_out import (Algorithm, SeriesFinding, banner_li
                                              object_uids, plan_objects, sc_pixels, source_view, to_bytes)
 from braintumor_ray.score._dicom_send import Destination, SentLedger, parse_destinations, send_with_retries
 
-from test_dicom import SECRETS, dicom_bytes, head12
+from generators.medical import SECRETS, dicom_bytes, head12
 
 KEY = {"BRAINTUMOR_PATH_KEY": "k" * 40}
 ALGO = Algorithm(name="braintumor-ray resnet10t", version="package format 1", model_id="0123456789abcdef")

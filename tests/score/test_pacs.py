@@ -22,7 +22,7 @@ from braintumor_ray.score import SERIES_FILE
 
 from _net import free_port
 from conftest import PACS_AET, SCORER_AET, load_job
-from test_dicom import PATIENT_ID, make_pacs
+from generators.medical import PATIENT_ID, make_pacs
 
 
 def _get(web: str, path: str):

@@ -25,7 +25,7 @@ from braintumor_ray.ingest import IngestConfig, run_ingest
 from braintumor_ray.score import SERIES_FILE, ScoreConfig, format_summary, run_scoring
 
 from _images import head, jpeg_bytes
-from test_dicom import dicom_bytes, head12
+from generators.medical import dicom_bytes, head12, write_file
 
 KEY = "4f1c" * 16  # 64 hex characters, as `openssl rand -hex 32` prints
 OTHER_KEY = "9e07" * 16
@@ -37,13 +37,6 @@ UID = re.compile(r"^2\.25\.[1-9][0-9]*$")
 
 def _hashed(root: str = "", key: str = KEY) -> Identifiers:
     return Identifiers.from_env("hashed", "hashed", root=root, env={PATH_KEY_ENV: key})
-
-
-def _write(path: str, data: bytes) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-    return path
 
 
 def _text(path: str) -> str:
@@ -133,11 +126,11 @@ def export(tmp_path_factory):
     sops = []
     for i, name in enumerate(["IM0001.dcm", "IM0002"]):
         data = dicom_bytes(head12(i), series=series, study=study, instance=i + 1, window=(1500, 3000))
-        _write(f"{root}/{PATIENT_DIR}/SER1/{name}", data)
+        write_file(f"{root}/{PATIENT_DIR}/SER1/{name}", data)
         sops.append(str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID))
-    _write(f"{root}/{PATIENT_DIR}/SER1/{PATIENT_DIR}_broken.dcm", dicom_bytes(head12(5), series=series, study=study)[:-900])
+    write_file(f"{root}/{PATIENT_DIR}/SER1/{PATIENT_DIR}_broken.dcm", dicom_bytes(head12(5), series=series, study=study)[:-900])
     for i in range(2):
-        _write(f"{root}/{PATIENT_DIR}/photos/DOE_JOHN_{i}.jpg", jpeg_bytes(head("glioma", seed=i, size=96)[0]))
+        write_file(f"{root}/{PATIENT_DIR}/photos/DOE_JOHN_{i}.jpg", jpeg_bytes(head("glioma", seed=i, size=96)[0]))
     uids = (study, series, *sops)
     return base, root, uids
 
@@ -197,10 +190,10 @@ def test_hashed_ingest_names_no_file_and_keeps_series_together(ray_session, expo
     make_sample_dataset(root, per_class=2, test_per_class=0, leaks=0, size=64, seed=3)
     series = generate_uid()
     for i in range(3):
-        _write(f"{root}/Training/glioma_tumor/{PATIENT_DIR}/SER1/IM{i}.dcm", dicom_bytes(head12(40 + i), series=series, instance=i + 1))
-    _write(f"{root}/Training/glioma_tumor/{PATIENT_DIR}/SER1/broken.dcm", dicom_bytes(head12(7))[:-900])
+        write_file(f"{root}/Training/glioma_tumor/{PATIENT_DIR}/SER1/IM{i}.dcm", dicom_bytes(head12(40 + i), series=series, instance=i + 1))
+    write_file(f"{root}/Training/glioma_tumor/{PATIENT_DIR}/SER1/broken.dcm", dicom_bytes(head12(7))[:-900])
     # A folder where a class should be: the listing's error quotes the folder's name.
-    _write(f"{root}/Training/{PATIENT_DIR}/scan.jpg", jpeg_bytes(head("glioma", seed=8, size=64)[0]))
+    write_file(f"{root}/Training/{PATIENT_DIR}/scan.jpg", jpeg_bytes(head("glioma", seed=8, size=64)[0]))
     monkeypatch.setenv(PATH_KEY_ENV, KEY)
     out = str(tmp_path / "pre")
     report = run_ingest(IngestConfig(input=root, output=out, val_fraction=0.5, near_dup_distance=-1, path_mode="hashed", uid_mode="hashed"))

@@ -221,7 +221,7 @@ def test_a_rerun_with_nothing_new_writes_nothing_and_restores_a_lost_report(ray_
     deleted report and a forged series table are each found by their bytes and committed again."""
     import hashlib
 
-    from test_dicom import head12, nifti_bytes
+    from generators.medical import head12, nifti_bytes
 
     archive = tmp_path / "archive"
     archive.mkdir()

@@ -15,7 +15,8 @@ import pytest
 from braintumor_ray import CLASS_NAMES, MRIPreprocess
 from braintumor_ray.imaging import InputGuard, render_mri
 from braintumor_ray.score import decode_batch, output_schema, series_table, series_verdict
-from test_dicom import dicom_bytes, head12, nifti_bytes
+from _images import png_bytes
+from generators.medical import dicom_bytes, head12, nifti_bytes
 
 GUARD = InputGuard()
 PRE = MRIPreprocess(image_size=64)
@@ -66,7 +67,7 @@ def test_a_multi_frame_dicoms_blank_frame_is_skipped_and_the_others_kept():
     blank = PRE.try_slices(nifti_bytes(np.zeros((32, 32, 3), np.float32)), name="b.nii", guard=GUARD)
     assert blank.error is None and not blank.slices and len(blank.skipped_slices) == 3
     # A plain image with no content is still the file's error (it has nothing else).
-    assert "no content" in PRE.try_slices(_png(np.zeros((32, 32), np.uint8)), guard=GUARD).error
+    assert "no content" in PRE.try_slices(png_bytes(np.zeros((32, 32), np.uint8)), guard=GUARD).error
 
 
 def test_scoring_decodes_a_volume_to_a_row_per_slice_skipped_ones_with_their_reason():
@@ -82,16 +83,6 @@ def test_scoring_decodes_a_volume_to_a_row_per_slice_skipped_ones_with_their_rea
     mf = sorted((r for r in rows if r["path"] == "mf.dcm"), key=lambda r: r["slice_index"])
     assert [(r["slice_index"], r["status"]) for r in mf] == [(0, "skipped"), (1, "ok")]
     assert mf[0]["sop_instance_uid"] == mf[1]["sop_instance_uid"] is not None
-
-
-def _png(a):
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _rows(slices: list[dict]) -> pa.Table:

@@ -168,7 +168,7 @@ def test_scoring_writes_sets_flags_ambiguous_rows_and_shows_them(ray_session, tr
     from braintumor_ray.imaging import encode_png
     from braintumor_ray.score import ScoreConfig, run_scoring
     from conftest import mri_like
-    from test_dicom import dicom_bytes, head12
+    from generators.medical import dicom_bytes, head12
 
     archive = tmp_path / "archive"
     (archive / "series").mkdir(parents=True)

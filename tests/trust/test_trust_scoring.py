@@ -42,7 +42,7 @@ def _non_mri() -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def scored(ray_session, trusted_package, tmp_path_factory):
-    from test_dicom import dicom_bytes, head12
+    from generators.medical import dicom_bytes, head12
 
     root = tmp_path_factory.mktemp("trust_archive")
     archive = root / "archive"
