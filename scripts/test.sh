@@ -5,7 +5,10 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
 export RAY_DATA_DISABLE_PROGRESS_BARS=1
 set +e
-.venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "$@"
+# Two processes, each taking whole modules (module-scoped fixtures are made once) in the order
+# tests/fixtures/ray_session.py sets (not reordered by size); each has its own session fixtures (Ray,
+# S3, servers, packages). TEST_WORKERS=0, or `-n 0` after the script's name, runs in this process.
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 -n "${TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

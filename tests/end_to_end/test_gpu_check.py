@@ -14,7 +14,8 @@ pytestmark = pytest.mark.ray  # the script starts its own Ray
 
 
 def test_gpu_check_dry_run(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": os.path.join(REPO, ".venv", "bin", "python")}
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": os.path.join(REPO, ".venv", "bin", "python"),
+           "RAY_ADDRESS": "local"}  # its own Ray, never a cluster found on the machine
     if not os.path.exists(env["PYTHON"]):
         import sys
 

@@ -30,6 +30,12 @@ def cluster(tmp_path_factory):
     # The head runs the driver only (as on a real cluster); workers have one CPU each.
     # A free dashboard port: the default 8265 may belong to another Ray on the machine.
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port()})
+    # Cluster writes its address to /tmp/ray/ray_current_cluster, which any address-less ray.init()
+    # on the machine then joins (the suite's other process, a developer's run: seen). This module
+    # connects by address, so the file goes at once (Cluster.shutdown would remove it anyway).
+    from ray._common.utils import reset_ray_address
+
+    reset_ray_address()
     workers = [c.add_node(num_cpus=1) for _ in range(3)]
     ray.init(address=c.address, log_to_driver=False)
     c.wait_for_nodes()
