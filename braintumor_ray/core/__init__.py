@@ -27,6 +27,7 @@ from ._errors import (
     NoSpaceError,
     PackageIntegrityError,
     StorageError,
+    UnreadableInputError,
 )
 from ._labels import CLASS_NAMES, SPLIT_ALIASES, canonical_label, canonical_split
 from ._lease import LEASE_SUFFIX, Lease, current_lease, lease_location
@@ -112,6 +113,7 @@ __all__ = [
     "LeaseHeldError",
     "LeaseLostError",
     "NoSpaceError",
+    "UnreadableInputError",
     "PackageIntegrityError",
     "current_lease",
     "lease_location",

@@ -42,6 +42,7 @@ from ..core import (
     InputError,
     Location,
     StorageError,
+    UnreadableInputError,
     canonical_label,
     canonical_split,
     check_disjoint,
@@ -288,8 +289,8 @@ def preprocess_batch(
                     guard.max_file_bytes,  # an oversized file is refused by try_slices
                     follow_links_outside=guard.follow_links_outside_input,
                 )
-            except Exception as e:
-                unread = unreadable_reason(e)
+            except UnreadableInputError as e:
+                unread = e.cause
         data = data or b""
         # Training images are one page a file: a multi-page TIFF, GIF, WebP or APNG is an error row
         # (its label would be copied to every page, or page one taken silently).
@@ -324,15 +325,16 @@ def _label_slices(
         return res, labels
     assert source is not None, "a mask is read from the batch's source"
     try:
-        return res, mask_labels(
-            res, source.read_limited(mask, guard.max_file_bytes), guard=guard, min_lesion=min_lesion
-        )
-    except Exception as e:
-        name = mask.rsplit("/", 1)[-1]
-        why = e if isinstance(e, ImageDecodeError) else unreadable_reason(e)
-        return FileResult(
-            error=f"segmentation mask {name}: {why}", info=res.slices[0].info if res.slices else res.info
-        ), []
+        data = source.read_limited(mask, guard.max_file_bytes)
+        return res, mask_labels(res, data, guard=guard, min_lesion=min_lesion)
+    except UnreadableInputError as e:
+        why = e.cause
+    except ImageDecodeError as e:
+        why = str(e)
+    except Exception as e:  # anything else the mask's decoding raised
+        why = unreadable_reason(e)
+    name = mask.rsplit("/", 1)[-1]
+    return FileResult(error=f"segmentation mask {name}: {why}", info=res.slices[0].info if res.slices else res.info), []
 
 
 def _skipped_row(path: str, sk: Any) -> dict[str, Any]:

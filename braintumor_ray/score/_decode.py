@@ -14,7 +14,7 @@ import uuid
 
 import pyarrow as pa
 
-from ..core import Location, posix_basename, remove_child, unreadable_reason
+from ..core import Location, UnreadableInputError, posix_basename, remove_child
 from ..imaging import NO_GUARD, FileResult, InputGuard, MRIPreprocess, SeriesSelector, SliceInfo, sha256_hex
 from ._layout import _SLICE_NAMES, SLICE_FIELDS, UNCHANGED, _output_of
 
@@ -166,8 +166,8 @@ def _read_files(batch: pa.Table, source: Location | None, guard: InputGuard, att
             data = source.read_limited(
                 path, guard.max_file_bytes, version=versions[i], follow_links_outside=guard.follow_links_outside_input
             )
-        except Exception as e:
-            error = unreadable_reason(e)
+        except UnreadableInputError as e:
+            error = e.cause
         if data is not None and (err := guard.too_many_bytes("the file holds at least", len(data))):
             data, error = None, f"{err}; grown since it was listed"
         if kill and posix_basename(path) == kill and data is not None:
