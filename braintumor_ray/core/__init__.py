@@ -28,6 +28,7 @@ from ._errors import (
     NoSpaceError,
     PackageIntegrityError,
     StorageError,
+    UnreadableInputError,
 )
 from ._inputs import InputSettings
 from ._labels import CLASS_NAMES, SPLIT_ALIASES, canonical_label, canonical_split
@@ -114,6 +115,7 @@ __all__ = [
     "LeaseHeldError",
     "LeaseLostError",
     "NoSpaceError",
+    "UnreadableInputError",
     "PackageIntegrityError",
     "current_lease",
     "lease_location",

@@ -85,3 +85,15 @@ class PackageIntegrityError(ConfigError):
     def __init__(self, message: str, *, file: str = "", expected: str | None = None, actual: str | None = None) -> None:
         super().__init__(message)
         self.file, self.expected, self.actual = file, expected, actual
+
+
+class UnreadableInputError(StorageError):
+    """A file of the input could not be read (:meth:`~braintumor_ray.core.Location.read_limited`):
+    ``path`` as the listing gave it, ``cause`` why (:func:`~braintumor_ray.core.unreadable_reason`:
+    vanished, no longer a file, changed since it was listed, permission denied...). The message
+    is the cause alone, which never quotes the path: it is the file's error row's reason, under
+    any path mode; the filesystem's own error is chained."""
+
+    def __init__(self, message: str, *, path: str = "", cause: str = "") -> None:
+        super().__init__(message)
+        self.path, self.cause = path, cause

@@ -419,37 +419,50 @@ class StagedWriter:
             self.derived_location(key)  # one of the writer's keys, or a bug
             run.join(DERIVED_DIR, *key.split("/")).write_atomic(blob)
         if self.manifest is not None:
-            held = data or {}
-            entries = {
-                (n := posix_basename(p)): _entry(held[n] if n in held else run.fs.cat_file(p), self.describe)
-                for p in self._payload(run)
-            }
-            before = self.manifest.read() or {}
-            replaces = (
-                sorted(n for n, e in before.items() if n not in entries and not e.get("adopted")) if replace_all else []
-            )
-            kept = sorted(n for n, e in before.items() if e.get("adopted")) if replace_all else []
-            if kept:
-                logger.warning(
-                    "%s: %d files of %s were adopted (found there before manifests, maybe not written by "
-                    "this job): they leave the manifest but are not deleted: %s",
-                    self.what,
-                    len(kept),
-                    self.output.uri,
-                    ", ".join(kept[:5]),
-                )
-            doc = {
-                "replace_all": replace_all,
-                "files": entries,
-                "replaces": replaces,
-                "derived": {k: _entry(blob, None) | extra for k, (blob, extra) in (derived or {}).items()},
-            }
+            doc = self._entries_doc(self.manifest, run, replace_all=replace_all, data=data or {}, derived=derived or {})
             run.join(ENTRIES_FILE).write_bytes(json.dumps(doc).encode())
         self.root.join(COMMITTING_FILE).write_atomic(json.dumps({"run": name}).encode())
         run.join(DONE_MARKER).write_bytes(b"")
         published = self._publish(run)
         assert published is not None, "only a recovery's publish is refused"
         return published
+
+    def _entries_doc(
+        self,
+        manifest: Manifest,
+        run: Location,
+        *,
+        replace_all: bool,
+        data: dict[str, bytes],
+        derived: dict[str, tuple[bytes, dict[str, Any]]],
+    ) -> dict[str, Any]:
+        """What a commit adds to the manifest, fixed before its marker: the run's files' entries
+        (from ``data`` where it holds a file's bytes), with ``replace_all`` the earlier files
+        they replace (adopted ones leave the manifest but stay on storage), the derived files'."""
+        entries = {
+            (n := posix_basename(p)): _entry(data[n] if n in data else run.fs.cat_file(p), self.describe)
+            for p in self._payload(run)
+        }
+        before = manifest.read() or {}
+        replaces = (
+            sorted(n for n, e in before.items() if n not in entries and not e.get("adopted")) if replace_all else []
+        )
+        kept = sorted(n for n, e in before.items() if e.get("adopted")) if replace_all else []
+        if kept:
+            logger.warning(
+                "%s: %d files of %s were adopted (found there before manifests, maybe not written by "
+                "this job): they leave the manifest but are not deleted: %s",
+                self.what,
+                len(kept),
+                self.output.uri,
+                ", ".join(kept[:5]),
+            )
+        return {
+            "replace_all": replace_all,
+            "files": entries,
+            "replaces": replaces,
+            "derived": {k: _entry(blob, None) | extra for k, (blob, extra) in derived.items()},
+        }
 
     def adopt(self, suffix: str = ".parquet", *, foreign: Callable[[bytes], str | None] | None = None) -> int:
         """Give an output written before manifests one: its ``suffix`` files as they are now (logged).

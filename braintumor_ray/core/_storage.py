@@ -21,7 +21,7 @@ import fsspec
 import fsspec.asyn
 import pyarrow.fs as pafs
 
-from ._errors import ConfigError, NoSpaceError, StorageError
+from ._errors import ConfigError, NoSpaceError, StorageError, UnreadableInputError
 
 _CRED_HINT = (
     "Check the URI, the AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE "
@@ -316,11 +316,12 @@ class Location:
         self, path: str, limit: int, *, version: str | None = None, follow_links_outside: bool = False
     ) -> bytes:
         """One file under this location, at most ``limit`` + 1 bytes of it (more than ``limit``
-        says the file is larger: the caller refuses it). Raises OSError (FileNotFoundError when
-        it vanished, IsADirectoryError...) as the filesystem reports it; on disk a file that is
-        no longer a regular one (a FIFO now) is refused without blocking.
+        says the file is larger: the caller refuses it). A file that cannot be read raises
+        :class:`UnreadableInputError` (its ``path``, and the ``cause`` its error row gives), the
+        filesystem's error (FileNotFoundError when it vanished, IsADirectoryError...) chained; on
+        disk a file that is no longer a regular one (a FIFO now) is refused without blocking.
 
-        ``version``: what the listing recorded. The file read must be that one, or this raises
+        ``version``: what the listing recorded. The file read must be that one, else the cause is
         :class:`ChangedSinceListed`: on disk the opened file's own ``fstat`` (inode, mtime and
         change time, :func:`local_version`), so that a file swapped for a link or another file
         after the listing is never read under the listed name; on S3 the object's ETag, sent as
@@ -328,8 +329,15 @@ class Location:
         one that is a link (the listing reads links inside the folder through) is opened at its
         resolved target, which must lie inside this folder unless ``follow_links_outside``.
         """
-        if self.is_s3:
-            return self._read_s3(path, limit, version)
+        try:
+            if self.is_s3:
+                return self._read_s3(path, limit, version)
+            return self._read_local(path, limit, version, follow_links_outside)
+        except Exception as e:
+            cause = unreadable_reason(e)
+            raise UnreadableInputError(cause, path=path, cause=cause) from e
+
+    def _read_local(self, path: str, limit: int, version: str | None, follow_links_outside: bool) -> bytes:
         flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
         nofollow = getattr(os, "O_NOFOLLOW", 0)
         try:

@@ -42,6 +42,7 @@ from ..core import (
     InputError,
     Location,
     StorageError,
+    UnreadableInputError,
     canonical_label,
     canonical_split,
     check_disjoint,
@@ -153,12 +154,8 @@ def plan_inputs(files: list[str], root: str, *, mask_pattern: str | None = None)
     may also sit deeper below their class folder. Files named like ``mask_pattern`` are
     segmentation masks, not images: each volume gets the one mask in its folder.
     """
-    masks: dict[str, list[str]] = defaultdict(list)
-    if mask_pattern:
-        pattern = mask_pattern.lower()
-        for f in files:
-            if fnmatch.fnmatchcase(f.rsplit("/", 1)[-1].lower(), pattern):
-                masks[f.rsplit("/", 1)[0]].append(f)
+    masks = _masks_by_folder(files, mask_pattern)
+    if masks:
         taken = {m for ms in masks.values() for m in ms}
         files = [f for f in files if f not in taken]
     rels = [(f, f[len(root) :].lstrip("/").split("/")) for f in files]
@@ -171,26 +168,11 @@ def plan_inputs(files: list[str], root: str, *, mask_pattern: str | None = None)
         if kind is None:
             ignored.append(path)
             continue
-        if len(parts) < depth or (kind == "image" and len(parts) != depth):
-            errors.append(FileError(path, f"unexpected location: expected {layout} under the input"))
+        placed = _place(path, parts, kind, has_splits=has_splits)
+        if isinstance(placed, FileError):
+            errors.append(placed)
             continue
-        split = canonical_split(parts[0]) if has_splits else "train"
-        if split is None:
-            errors.append(
-                FileError(path, f"unknown split folder {parts[0]!r}: expected Training, Testing or Validation")
-            )
-            continue
-        label = canonical_label(parts[depth - 2])
-        if label is None:
-            errors.append(
-                FileError(
-                    path,
-                    f"unknown class folder {parts[depth - 2]!r}: expected one of {', '.join(CLASS_NAMES)} "
-                    "(or a variant such as glioma_tumor, notumor)",
-                    split=split,
-                )
-            )
-            continue
+        split, label = placed
         # A NIfTI mask labels NIfTI volumes only (a DICOM series beside it has another grid).
         beside = masks.get(path.rsplit("/", 1)[0], []) if path.lower().endswith(NIFTI_SUFFIXES) else []
         if len(beside) > 1:
@@ -209,6 +191,39 @@ def plan_inputs(files: list[str], root: str, *, mask_pattern: str | None = None)
             _Planned(path, label, split, parts[0] if has_splits else "", beside[0] if beside else None, patient)
         )
     return InputPlan(planned, errors, ignored, layout)
+
+
+def _masks_by_folder(files: list[str], mask_pattern: str | None) -> dict[str, list[str]]:
+    """The listed files named like ``mask_pattern`` (case-insensitive), by their folder."""
+    masks: dict[str, list[str]] = defaultdict(list)
+    if mask_pattern:
+        pattern = mask_pattern.lower()
+        for f in files:
+            if fnmatch.fnmatchcase(f.rsplit("/", 1)[-1].lower(), pattern):
+                masks[f.rsplit("/", 1)[0]].append(f)
+    return masks
+
+
+def _place(path: str, parts: list[str], kind: str, *, has_splits: bool) -> tuple[str, str] | FileError:
+    """The split and class a file's folders give it (``parts``: its path below the input), or the
+    error row naming the folder out of place. An image sits right in its class folder; a DICOM or
+    NIfTI file may sit deeper."""
+    depth = 3 if has_splits else 2
+    layout = "<split>/<class>/<image>" if has_splits else "<class>/<image>"
+    if len(parts) < depth or (kind == "image" and len(parts) != depth):
+        return FileError(path, f"unexpected location: expected {layout} under the input")
+    split = canonical_split(parts[0]) if has_splits else "train"
+    if split is None:
+        return FileError(path, f"unknown split folder {parts[0]!r}: expected Training, Testing or Validation")
+    label = canonical_label(parts[depth - 2])
+    if label is None:
+        return FileError(
+            path,
+            f"unknown class folder {parts[depth - 2]!r}: expected one of {', '.join(CLASS_NAMES)} "
+            "(or a variant such as glioma_tumor, notumor)",
+            split=split,
+        )
+    return split, label
 
 
 # What a segmentation mask says of a slice (the decoded rows' slice_label): enough lesion (the
@@ -274,8 +289,8 @@ def preprocess_batch(
                     guard.max_file_bytes,  # an oversized file is refused by try_slices
                     follow_links_outside=guard.follow_links_outside_input,
                 )
-            except Exception as e:
-                unread = unreadable_reason(e)
+            except UnreadableInputError as e:
+                unread = e.cause
         data = data or b""
         # Training images are one page a file: a multi-page TIFF, GIF, WebP or APNG is an error row
         # (its label would be copied to every page, or page one taken silently).
@@ -310,15 +325,16 @@ def _label_slices(
         return res, labels
     assert source is not None, "a mask is read from the batch's source"
     try:
-        return res, mask_labels(
-            res, source.read_limited(mask, guard.max_file_bytes), guard=guard, min_lesion=min_lesion
-        )
-    except Exception as e:
-        name = mask.rsplit("/", 1)[-1]
-        why = e if isinstance(e, ImageDecodeError) else unreadable_reason(e)
-        return FileResult(
-            error=f"segmentation mask {name}: {why}", info=res.slices[0].info if res.slices else res.info
-        ), []
+        data = source.read_limited(mask, guard.max_file_bytes)
+        return res, mask_labels(res, data, guard=guard, min_lesion=min_lesion)
+    except UnreadableInputError as e:
+        why = e.cause
+    except ImageDecodeError as e:
+        why = str(e)
+    except Exception as e:  # anything else the mask's decoding raised
+        why = unreadable_reason(e)
+    name = mask.rsplit("/", 1)[-1]
+    return FileResult(error=f"segmentation mask {name}: {why}", info=res.slices[0].info if res.slices else res.info), []
 
 
 def _skipped_row(path: str, sk: Any) -> dict[str, Any]:
@@ -429,11 +445,7 @@ def run_ingest(config: IngestConfig) -> dict:
     # would remove the input with it.
     check_disjoint(src, dst)
     ids = Identifiers.from_env(config.path_mode, config.uid_mode, root=src.uri)  # no key: fails before any work
-    if not dst.is_empty():
-        if not config.overwrite:
-            raise StorageError(f"output {dst.uri} is not empty: choose a new output, or pass --overwrite to replace it")
-        _check_replaceable(dst)
-        dst.remove()
+    _clear_output(dst, overwrite=config.overwrite)
     files, plan = _list_inputs(src, config)
     logger.info(
         "ingest: %d images to read from %s (%s), %d listing errors",
@@ -451,13 +463,7 @@ def run_ingest(config: IngestConfig) -> dict:
         timing["decode_s"] = decoded.seconds
         errors = plan.errors + decoded.errors
         if not decoded.images:
-            raise InputError(
-                f"none of the {len(plan.images)} image files under {src.uri} could be used ({len(errors)} errors, "
-                f"{len(decoded.not_selected)} left out by the series selector): "
-                + "; ".join(
-                    f"{ids.path(src.uri_of(e.path))}: {ids.scrub(e.reason, src.uri_of(e.path))}" for e in errors[:5]
-                )
-            )
+            raise _nothing_usable(src, ids, plan, decoded, errors)
         t = time.perf_counter()
         splits = assign_splits(
             decoded.images,
@@ -471,7 +477,47 @@ def run_ingest(config: IngestConfig) -> dict:
         # --overwrite replaces (and nothing else).
         config.save_yaml(dst.join(CONFIG_FILE))
         _write_shards(decoded.dataset, src, dst, plan.images, splits.decisions, timing, ids)
+    return _finish(config, src, dst, ids, files, plan, decoded, splits, errors, timing, t0)
 
+
+def _clear_output(dst: Location, *, overwrite: bool) -> None:
+    """An output that is not empty is refused, or with ``--overwrite`` removed when it is an
+    earlier ingest's (:func:`_check_replaceable`)."""
+    if dst.is_empty():
+        return
+    if not overwrite:
+        raise StorageError(f"output {dst.uri} is not empty: choose a new output, or pass --overwrite to replace it")
+    _check_replaceable(dst)
+    dst.remove()
+
+
+def _nothing_usable(
+    src: Location, ids: Identifiers, plan: InputPlan, decoded: _Decoded, errors: list[FileError]
+) -> InputError:
+    """The error of an input none of whose files could be used, with the first five reasons (paths
+    as the identifier settings show them)."""
+    return InputError(
+        f"none of the {len(plan.images)} image files under {src.uri} could be used ({len(errors)} errors, "
+        f"{len(decoded.not_selected)} left out by the series selector): "
+        + "; ".join(f"{ids.path(src.uri_of(e.path))}: {ids.scrub(e.reason, src.uri_of(e.path))}" for e in errors[:5])
+    )
+
+
+def _finish(
+    config: IngestConfig,
+    src: Location,
+    dst: Location,
+    ids: Identifiers,
+    files: list,
+    plan: InputPlan,
+    decoded: _Decoded,
+    splits: Any,
+    errors: list[FileError],
+    timing: dict[str, float],
+    t0: float,
+) -> dict:
+    """After the shards: errors.parquet, then report.json, last (its presence says the shards
+    beside it are complete); the report's JSON form."""
     # Paths are renamed here, after grouping and splitting, which used the real ones.
     errors = [
         dataclasses.replace(e, path=ids.path(src.uri_of(e.path)), reason=ids.scrub(e.reason, src.uri_of(e.path)))
@@ -485,7 +531,6 @@ def run_ingest(config: IngestConfig) -> dict:
             ", ".join(report.val_missing_classes),
         )
     out = report.to_dict()
-    # report.json is written last: its presence says the shards beside it are complete.
     dst.join(REPORT_FILE).write_bytes(json.dumps(out, indent=2).encode())
     logger.info("ingest: wrote %s", dst.join(REPORT_FILE).uri)
     return out

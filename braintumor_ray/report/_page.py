@@ -13,6 +13,7 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, TypeGuard
 
@@ -154,6 +155,83 @@ def _span(given: tuple[float, float] | None, values: Sequence[float]) -> tuple[f
     return (lo - 0.5, hi + 0.5) if hi <= lo else (lo, hi)
 
 
+@dataclass(frozen=True)
+class _Plot:
+    """A chart's plot area on the SVG (its left and top margins, its width and height in pixels)
+    and the data range it shows: where a data point lands."""
+
+    left: int
+    top: int
+    width: int
+    height: int
+    x0: float
+    x1: float
+    y0: float
+    y1: float
+
+    def px(self, x: float) -> float:
+        return self.left + (x - self.x0) / (self.x1 - self.x0) * self.width
+
+    def py(self, y: float) -> float:
+        return self.top + self.height - (y - self.y0) / (self.y1 - self.y0) * self.height
+
+
+def _svg_open(title: str, width: int, height: int, left: int, top: int, pw: int, ph: int) -> list[str]:
+    """An SVG chart's opening: the element, its title above, the plot area's frame."""
+    return [
+        f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+        f'aria-label="{esc(title)}" xmlns="http://www.w3.org/2000/svg">',
+        f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" class="title">{esc(title)}</text>',
+        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/>',
+    ]
+
+
+def _axes(p: _Plot, *, xlabel: str, ylabel: str, height: int) -> list[str]:
+    """A line chart's grid: five ticks on each axis with their values, and the axes' labels."""
+    ml, mt, pw, ph = p.left, p.top, p.width, p.height
+    out = []
+    for k in range(5):
+        gx, gy = p.x0 + (p.x1 - p.x0) * k / 4, p.y0 + (p.y1 - p.y0) * k / 4
+        out.append(
+            f'<line x1="{p.px(gx):.1f}" y1="{mt}" x2="{p.px(gx):.1f}" y2="{mt + ph}" class="grid"/>'
+            f'<text x="{p.px(gx):.1f}" y="{mt + ph + 14}" text-anchor="middle">{_tick(gx)}</text>'
+        )
+        out.append(
+            f'<line x1="{ml}" y1="{p.py(gy):.1f}" x2="{ml + pw}" y2="{p.py(gy):.1f}" class="grid"/>'
+            f'<text x="{ml - 5}" y="{p.py(gy) + 4:.1f}" text-anchor="end">{_tick(gy)}</text>'
+        )
+    out.append(
+        f'<text x="{ml + pw / 2:.0f}" y="{height - 6}" text-anchor="middle">{esc(xlabel)}</text>'
+        f'<text x="12" y="{mt + ph / 2:.0f}" text-anchor="middle" transform="rotate(-90 12 {mt + ph / 2:.0f})">'
+        f"{esc(ylabel)}</text>"
+    )
+    return out
+
+
+def _lines(
+    p: _Plot,
+    series: Sequence[tuple[str, Sequence[float], Sequence[float | None]]],
+    points: Sequence[tuple[str, float, float]],
+) -> tuple[list[str], list[str]]:
+    """The data drawn on a line chart (a polyline with dots per series, a ringed dot per point)
+    and their legend entries."""
+    out, legend = [], []
+    for i, (label, sx, sy) in enumerate(series):
+        colour = PALETTE[i % len(PALETTE)]
+        pts = [(p.px(x), p.py(y)) for x, y in zip(sx, sy) if y is not None]
+        if pts:
+            d = " ".join(f"{a:.1f},{b:.1f}" for a, b in pts)
+            out.append(f'<polyline points="{d}" fill="none" stroke="{colour}" stroke-width="1.8"/>')
+            out.extend(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="2.2" fill="{colour}"/>' for a, b in pts)
+        legend.append(f'<span><i style="background:{colour}"></i>{esc(label)}</span>')
+    for label, x, y in points:
+        out.append(
+            f'<circle cx="{p.px(x):.1f}" cy="{p.py(y):.1f}" r="5" class="mark"><title>{esc(label)}</title></circle>'
+        )
+        legend.append(f'<span><i class="mark"></i>{esc(label)}</span>')
+    return out, legend
+
+
 def line_chart(
     series: Sequence[tuple[str, Sequence[float], Sequence[float | None]]],
     *,
@@ -172,51 +250,14 @@ def line_chart(
     ml, mr, mt, mb = 52, 14, 28, 40
     xs = [x for _, sx, sy in series for x, y in zip(sx, sy) if y is not None] + [p[1] for p in points]
     ys = [y for _, _, sy in series for y in sy if y is not None] + [p[2] for p in points]
-    x0, x1 = _span(xlim, xs)
-    y0, y1 = _span(ylim, ys)
-    pw, ph = width - ml - mr, height - mt - mb
-
-    def px(x: float) -> float:
-        return ml + (x - x0) / (x1 - x0) * pw
-
-    def py(y: float) -> float:
-        return mt + ph - (y - y0) / (y1 - y0) * ph
-
-    out = [
-        f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-        f'aria-label="{esc(title)}" xmlns="http://www.w3.org/2000/svg">',
-        f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" class="title">{esc(title)}</text>',
-        f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" class="frame"/>',
-    ]
-    for k in range(5):
-        gx, gy = x0 + (x1 - x0) * k / 4, y0 + (y1 - y0) * k / 4
-        out.append(
-            f'<line x1="{px(gx):.1f}" y1="{mt}" x2="{px(gx):.1f}" y2="{mt + ph}" class="grid"/>'
-            f'<text x="{px(gx):.1f}" y="{mt + ph + 14}" text-anchor="middle">{_tick(gx)}</text>'
-        )
-        out.append(
-            f'<line x1="{ml}" y1="{py(gy):.1f}" x2="{ml + pw}" y2="{py(gy):.1f}" class="grid"/>'
-            f'<text x="{ml - 5}" y="{py(gy) + 4:.1f}" text-anchor="end">{_tick(gy)}</text>'
-        )
-    out.append(
-        f'<text x="{ml + pw / 2:.0f}" y="{height - 6}" text-anchor="middle">{esc(xlabel)}</text>'
-        f'<text x="12" y="{mt + ph / 2:.0f}" text-anchor="middle" transform="rotate(-90 12 {mt + ph / 2:.0f})">'
-        f"{esc(ylabel)}</text>"
-    )
+    plot = _Plot(ml, mt, width - ml - mr, height - mt - mb, *_span(xlim, xs), *_span(ylim, ys))
+    out = _svg_open(title, width, height, ml, mt, plot.width, plot.height)
+    out += _axes(plot, xlabel=xlabel, ylabel=ylabel, height=height)
     if diagonal:
-        out.append(f'<line x1="{px(x0):.1f}" y1="{py(y0):.1f}" x2="{px(x1):.1f}" y2="{py(y1):.1f}" class="diag"/>')
-    legend = []
-    for i, (label, sx, sy) in enumerate(series):
-        colour = PALETTE[i % len(PALETTE)]
-        pts = [(px(x), py(y)) for x, y in zip(sx, sy) if y is not None]
-        if pts:
-            d = " ".join(f"{a:.1f},{b:.1f}" for a, b in pts)
-            out.append(f'<polyline points="{d}" fill="none" stroke="{colour}" stroke-width="1.8"/>')
-            out.extend(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="2.2" fill="{colour}"/>' for a, b in pts)
-        legend.append(f'<span><i style="background:{colour}"></i>{esc(label)}</span>')
-    for label, x, y in points:
-        out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="5" class="mark"><title>{esc(label)}</title></circle>')
-        legend.append(f'<span><i class="mark"></i>{esc(label)}</span>')
+        a0, b0, a1, b1 = plot.px(plot.x0), plot.py(plot.y0), plot.px(plot.x1), plot.py(plot.y1)
+        out.append(f'<line x1="{a0:.1f}" y1="{b0:.1f}" x2="{a1:.1f}" y2="{b1:.1f}" class="diag"/>')
+    drawn, legend = _lines(plot, series, points)
+    out += drawn
     out.append("</svg>")
     return f'<figure class="chart">{"".join(out)}<figcaption class="legend">{"".join(legend)}</figcaption></figure>'
 
@@ -237,11 +278,7 @@ def bar_chart(
     top = max([1] + [v for _, vs in bars for v in vs])
     slot = pw / max(1, len(labels))
     bw = slot * 0.8 / max(1, len(bars))
-    out = [
-        f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-        f'aria-label="{esc(title)}" xmlns="http://www.w3.org/2000/svg">',
-        f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" class="title">{esc(title)}</text>',
-        f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" class="frame"/>',
+    out = _svg_open(title, width, height, ml, mt, pw, ph) + [
         f'<text x="{ml - 5}" y="{mt + 4}" text-anchor="end">{top}</text>',
         f'<text x="{ml - 5}" y="{mt + ph + 4}" text-anchor="end">0</text>',
         f'<text x="{ml + pw / 2:.0f}" y="{height - 6}" text-anchor="middle">{esc(xlabel)}</text>',

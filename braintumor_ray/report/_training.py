@@ -115,6 +115,26 @@ def trust_section(trust: Mapping[str, Any] | None, reliability: Location | None)
     if not trust:
         return ""
     splits = [s for s in SPLITS if (trust.get(s) or {}).get("n")]
+    fig = (
+        _figure(reliability, "reliability diagram: accuracy against confidence, before and after calibration")
+        if reliability is not None
+        else ""
+    )
+    head = (
+        f"temperature {trust['temperature']:.3f}; out-of-distribution detector {esc(str(trust.get('ood_detector')))}; "
+        f"rows below confidence {trust['review_threshold']:.3f} or beyond the OOD threshold are flagged for review."
+    )
+    return section(
+        "Calibration and review flags",
+        f'{_trust_table(trust, splits)}<div class="row">{fig}{_risk_coverage_chart(trust, splits)}</div>',
+        anchor="trust",
+        note=head + " Risk-coverage: rows set aside from the least confident up; each point is exact "
+        "(the reliability bins' edges), the ringed point is where the review flags put the line.",
+    ) + conformal_section(trust)
+
+
+def _trust_table(trust: Mapping[str, Any], splits: Sequence[str]) -> str:
+    """Per split: calibration before and after (ECE, NLL), the share flagged, what the flags catch."""
     rows = [
         [
             s,
@@ -130,7 +150,7 @@ def trust_section(trust: Mapping[str, Any] | None, reliability: Location | None)
         ]
         for s in splits
     ]
-    table = static_table(
+    return static_table(
         [
             "split",
             "n",
@@ -145,6 +165,11 @@ def trust_section(trust: Mapping[str, Any] | None, reliability: Location | None)
         ],
         rows,
     )
+
+
+def _risk_coverage_chart(trust: Mapping[str, Any], splits: Sequence[str]) -> str:
+    """Risk against coverage per split (from its reliability bins), the review flags' point ringed;
+    empty when no split has bins."""
     series, marks = [], []
     for s in splits:
         bins = trust[s].get("reliability") or []
@@ -154,35 +179,17 @@ def trust_section(trust: Mapping[str, Any] | None, reliability: Location | None)
         fl, acc = trust[s].get("flagged"), trust[s].get("accuracy_unflagged")
         if fl is not None and acc is not None and fl < 1:
             marks.append((f"{s}: the review flags (keep {1 - fl:.0%})", 1 - fl, 1 - acc))
-    chart = (
-        line_chart(
-            series,
-            title="risk-coverage (calibrated confidence)",
-            xlabel="coverage (share of rows kept)",
-            ylabel="risk (error rate of kept rows)",
-            xlim=(0.0, 1.0),
-            ylim=(0.0, max([0.05] + [1.1 * v for _, _, r in series for v in r] + [1.1 * m[2] for m in marks])),
-            points=marks,
-        )
-        if series
-        else ""
+    if not series:
+        return ""
+    return line_chart(
+        series,
+        title="risk-coverage (calibrated confidence)",
+        xlabel="coverage (share of rows kept)",
+        ylabel="risk (error rate of kept rows)",
+        xlim=(0.0, 1.0),
+        ylim=(0.0, max([0.05] + [1.1 * v for _, _, r in series for v in r] + [1.1 * m[2] for m in marks])),
+        points=marks,
     )
-    fig = (
-        _figure(reliability, "reliability diagram: accuracy against confidence, before and after calibration")
-        if reliability is not None
-        else ""
-    )
-    head = (
-        f"temperature {trust['temperature']:.3f}; out-of-distribution detector {esc(str(trust.get('ood_detector')))}; "
-        f"rows below confidence {trust['review_threshold']:.3f} or beyond the OOD threshold are flagged for review."
-    )
-    return section(
-        "Calibration and review flags",
-        f'{table}<div class="row">{fig}{chart}</div>',
-        anchor="trust",
-        note=head + " Risk-coverage: rows set aside from the least confident up; each point is exact "
-        "(the reliability bins' edges), the ringed point is where the review flags put the line.",
-    ) + conformal_section(trust)
 
 
 def conformal_section(trust: Mapping[str, Any]) -> str:
@@ -327,8 +334,35 @@ def search_report_html(
     histories: Mapping[str, Sequence[Mapping[str, Any]]],
     examples: Sequence[Example] = (),
 ) -> str:
+    cols = list(columns) + ["error"]
+    rows = [[r.get(c) for c in cols] for r in leaderboard]
+    board = data_table("leaderboard", cols, rows, types=[LEADERBOARD_TYPES.get(c, "str") for c in cols])
+    body = (
+        section("Search", facts_table(_search_facts(summary)), anchor="search")
+        + section(
+            "Leaderboard",
+            board,
+            anchor="trials-ranked",
+            note="One row per trial, best validation macro-F1 first. Click a header to sort; filter per column.",
+        )
+        + section(
+            "Trials",
+            _trial_curves(histories, root),
+            anchor="trials",
+            note="A line that stops early is a trial ASHA stopped (or one that stopped early by itself).",
+        )
+        + "<h2>The best model</h2>"
+        + metrics_section(summary)
+        + trust_section(summary.get("trust"), root.join("reliability.png"))
+        + examples_section(examples)
+    )
+    return page(f"Search {posix_name(root)}", body, subtitle=esc(root.uri))
+
+
+def _search_facts(summary: Mapping[str, Any]) -> list[list[Any]]:
+    """The search at a glance: trials, the epochs ASHA saved, the best trial and its model."""
     best = summary.get("best_trial") or {}
-    facts: list[list[Any]] = [
+    return [
         ["search", summary.get("search")],
         ["trials", summary.get("trials")],
         [
@@ -344,9 +378,11 @@ def search_report_html(
         ["model_id", (summary.get("model") or {}).get("model_id")],
         ["wall time", f"{summary.get('wall_s')} s"],
     ]
-    cols = list(columns) + ["error"]
-    rows = [[r.get(c) for c in cols] for r in leaderboard]
-    board = data_table("leaderboard", cols, rows, types=[LEADERBOARD_TYPES.get(c, "str") for c in cols])
+
+
+def _trial_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], root: Location) -> str:
+    """Validation macro-F1 and the losses per epoch, one line per trial, and the search's own plot
+    of macro-F1 over each trial's time."""
     charts = []
     for key, title in (
         ("val_macro_f1", "validation macro-F1"),
@@ -362,29 +398,9 @@ def search_report_html(
             charts.append(
                 line_chart(series, title=f"{title} per epoch, one line per trial", xlabel="epoch", ylabel=title)
             )
-    curves = f'<div class="row">{"".join(charts)}</div>' + _figure(
+    return f'<div class="row">{"".join(charts)}</div>' + _figure(
         root.join("val_macro_f1.png"), "validation macro-F1 over each trial's time"
     )
-    body = (
-        section("Search", facts_table(facts), anchor="search")
-        + section(
-            "Leaderboard",
-            board,
-            anchor="trials-ranked",
-            note="One row per trial, best validation macro-F1 first. Click a header to sort; filter per column.",
-        )
-        + section(
-            "Trials",
-            curves,
-            anchor="trials",
-            note="A line that stops early is a trial ASHA stopped (or one that stopped early by itself).",
-        )
-        + "<h2>The best model</h2>"
-        + metrics_section(summary)
-        + trust_section(summary.get("trust"), root.join("reliability.png"))
-        + examples_section(examples)
-    )
-    return page(f"Search {posix_name(root)}", body, subtitle=esc(root.uri))
 
 
 def posix_name(loc: Location) -> str:

@@ -44,22 +44,13 @@ def _commit(
     tables and ``committed`` (the rows the plan read), not read back from storage.
     """
     schema = output_schema(list(plan.class_names))
-    out = _output_of(staging)
     staged, data = _read_staged(staging)
     kept, found = _take_unchanged(staged)
-    for name, t in staged.items():  # files that held UNCHANGED rows: rewritten without them, or gone
-        if name not in kept:
-            del data[name]
-            remove_child(out, staging, name, what="score")
-        elif kept[name] is not t:
-            data[name] = _parquet_bytes(kept[name])
-            staging.join(name).write_bytes(data[name])
+    _restage(staged, kept, data, staging)
     kept, data = _one_file(kept, data, staging, plan.run_id, schema)
     if plan.diff.withdrawn:
         rows = _withdrawal_rows(committed, plan.diff.withdrawn, plan.scored_at)
-        name = f"withdrawn-{plan.run_id}.parquet"
-        kept[name], data[name] = rows, _parquet_bytes(rows)
-        staging.join(name).write_bytes(data[name])
+        _stage_table(staging, f"withdrawn-{plan.run_id}.parquet", rows, kept, data)
         logger.warning(
             "score: %d rows of %d files gone from the input marked withdrawn (their earlier rows stay)",
             rows.num_rows,
@@ -70,9 +61,7 @@ def _commit(
     parts = [] if plan.rescore_all and kept else [committed]
     if found:  # after `written`: these files were not scored again
         reversioned = _reversioned_rows(committed, found, plan.scored_at)
-        name = f"versions-{plan.run_id}.parquet"
-        kept[name], data[name] = reversioned, _parquet_bytes(reversioned)
-        staging.join(name).write_bytes(data[name])
+        _stage_table(staging, f"versions-{plan.run_id}.parquet", reversioned, kept, data)
         parts.append(reversioned)
         logger.info(
             "score: %d files with unchanged bytes under a new version (touched, chmod, restored): their new "
@@ -95,6 +84,28 @@ def _read_staged(staging: Location) -> tuple[dict[str, pa.Table], dict[str, byte
             raw[name] = staging.fs.cat_file(path)
             tables[name] = pq.read_table(pa.BufferReader(raw[name]))
     return tables, raw
+
+
+def _restage(staged: dict[str, pa.Table], kept: dict[str, pa.Table], data: dict[str, bytes], staging: Location) -> None:
+    """The staged files that held :data:`UNCHANGED` rows (``kept``: the tables without them)
+    rewritten without them, or removed when nothing else was in them; ``data`` follows."""
+    out = _output_of(staging)
+    for name, t in staged.items():
+        if name not in kept:
+            del data[name]
+            remove_child(out, staging, name, what="score")
+        elif kept[name] is not t:
+            data[name] = _parquet_bytes(kept[name])
+            staging.join(name).write_bytes(data[name])
+
+
+def _stage_table(
+    staging: Location, name: str, table: pa.Table, kept: dict[str, pa.Table], data: dict[str, bytes]
+) -> None:
+    """A table the commit adds to the run (withdrawals, new versions), staged as ``name`` and
+    entered in ``kept`` and ``data`` as the staged files are."""
+    kept[name], data[name] = table, _parquet_bytes(table)
+    staging.join(name).write_bytes(data[name])
 
 
 def _one_file(

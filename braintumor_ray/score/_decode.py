@@ -14,8 +14,8 @@ import uuid
 
 import pyarrow as pa
 
-from ..core import Location, posix_basename, remove_child, unreadable_reason
-from ..imaging import NO_GUARD, InputGuard, MRIPreprocess, SeriesSelector, SliceInfo, sha256_hex
+from ..core import Location, UnreadableInputError, posix_basename, remove_child
+from ..imaging import NO_GUARD, FileResult, InputGuard, MRIPreprocess, SeriesSelector, SliceInfo, sha256_hex
 from ._layout import _SLICE_NAMES, SLICE_FIELDS, UNCHANGED, _output_of
 
 logger = logging.getLogger(__name__)
@@ -67,27 +67,39 @@ def decode_batch(
     Files whose (path, sha256) is in ``already`` were rewritten with the same content (a new
     mtime or ETag only): they are dropped here, not scored twice.
     """
-    cols: dict[str, list] = {n: [] for n in _DECODED.names}
-
-    def add(path, digest, pixels, side, status, error, head, info, box=None):
-        for k, v in zip(_DECODED.names, (path, digest, pixels, side, status, error, head)):
-            cols[k].append(v)
-        for k in _SLICE_NAMES:
-            cols[k].append(getattr(info, k))
-        cols["crop_box"].append(list(box) if box is not None else None)
-
+    rows = _DecodedRows()
     for path, data, error in _read_files(batch, source, guard or NO_GUARD, attempts):
         if error is not None:
-            add(path, None, None, None, "error", error, None, SliceInfo())
+            rows.add(path, None, None, None, "error", error, None, SliceInfo())
             continue
         data = data or b""
         digest = sha256_hex(data)
         if (path, digest) in already:  # its new version is recorded by the commit, nothing scored
-            add(path, digest, None, None, UNCHANGED, None, None, SliceInfo())
+            rows.add(path, digest, None, None, UNCHANGED, None, None, SliceInfo())
             continue
-        res = preprocess.try_slices(data, name=path, select=select, guard=guard)
+        rows.add_slices(path, digest, preprocess.try_slices(data, name=path, select=select, guard=guard))
+    return rows.table()
+
+
+class _DecodedRows:
+    """A decode task's output columns (:data:`_DECODED`), filled a row at a time."""
+
+    def __init__(self) -> None:
+        self.cols: dict[str, list] = {n: [] for n in _DECODED.names}
+
+    def add(self, path, digest, pixels, side, status, error, head, info, box=None) -> None:
+        for k, v in zip(_DECODED.names, (path, digest, pixels, side, status, error, head)):
+            self.cols[k].append(v)
+        for k in _SLICE_NAMES:
+            self.cols[k].append(getattr(info, k))
+        self.cols["crop_box"].append(list(box) if box is not None else None)
+
+    def add_slices(self, path: str, digest: str, res: FileResult) -> None:
+        """One decoded file's rows: an ``ok`` row per slice, a ``skipped`` row per empty or
+        headless slice of a volume (the reason, and where it is), else one row saying why the file
+        has none (``skipped`` by the series selector, or an error)."""
         for s in res.slices:
-            add(
+            self.add(
                 path,
                 digest,
                 s.image.pixels.tobytes(),
@@ -98,11 +110,10 @@ def decode_batch(
                 s.info,
                 s.image.crop_box,
             )
-        # A volume's empty or headless slices: a skipped row each, with the reason and where it is.
         for sk in res.skipped_slices:
-            add(path, digest, None, None, "skipped", sk.reason, None, sk.info)
+            self.add(path, digest, None, None, "skipped", sk.reason, None, sk.info)
         if not res.slices and not res.skipped_slices:
-            add(
+            self.add(
                 path,
                 digest,
                 None,
@@ -112,7 +123,9 @@ def decode_batch(
                 None,
                 res.info,
             )
-    return pa.Table.from_pydict(cols, schema=_DECODED)
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pydict(self.cols, schema=_DECODED)
 
 
 def _read_files(batch: pa.Table, source: Location | None, guard: InputGuard, attempts: Location | None):
@@ -153,8 +166,8 @@ def _read_files(batch: pa.Table, source: Location | None, guard: InputGuard, att
             data = source.read_limited(
                 path, guard.max_file_bytes, version=versions[i], follow_links_outside=guard.follow_links_outside_input
             )
-        except Exception as e:
-            error = unreadable_reason(e)
+        except UnreadableInputError as e:
+            error = e.cause
         if data is not None and (err := guard.too_many_bytes("the file holds at least", len(data))):
             data, error = None, f"{err}; grown since it was listed"
         if kill and posix_basename(path) == kill and data is not None:

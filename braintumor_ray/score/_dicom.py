@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -157,42 +159,69 @@ def run_dicom_step(
         "skipped": 0,
     }
     if plan.write:
-        stage = writer.stage(run_id)
-        for obj in plan.write:
-            previous = None
-            if obj.kind == "sr" and obj.predecessor:
-                try:
-                    previous = _committed_dataset(root, obj.predecessor, manifest)
-                except Exception as e:  # gone or rewritten: the new verdict still goes, naming no predecessor
-                    logger.warning(
-                        "score: the SR that a new SR replaces (%s) cannot be read (%s): the new one names "
-                        "no predecessor",
-                        obj.predecessor,
-                        _cause(e),
-                    )
-            try:
-                data = _object_bytes(
-                    obj, config, src, ids, sources, algo, key=key, previous=previous, explain_root=explain_location(dst)
-                )
-            except Exception as e:  # one series' source gone, changed or unreadable: the others still get theirs
-                logger.warning(
-                    "score: no DICOM %s for a series (its source file %s: %s)",
-                    obj.kind.upper(),
-                    obj.finding.source_path,
-                    _cause(e),
-                )
-                out["skipped"] += 1
-                continue
-            stage.join(obj.name).write_bytes(data)
-            out[obj.kind] += 1
-        if stage.exists():
-            writer.commit(stage)
+
+        def build(obj: DicomObject, previous: Any) -> bytes:
+            return _object_bytes(
+                obj, config, src, ids, sources, algo, key=key, previous=previous, explain_root=explain_location(dst)
+            )
+
+        for what, n in _write_objects(plan.write, build, writer=writer, run_id=run_id, manifest=manifest).items():
+            out[what] += n
     if plan.retire:
         _retire(dst, writer, plan.retire)
         out["retired"] = len(plan.retire)
     if dests:
         out["sent"] = _send(root, dests, config, lease)
     return out
+
+
+def _write_objects(
+    objects: Sequence[DicomObject],
+    build: Callable[[DicomObject, Any], bytes],
+    *,
+    writer: StagedWriter,
+    run_id: str,
+    manifest: dict[str, dict],
+) -> Counter[str]:
+    """Stage each object ``build`` makes (given the SR it replaces, when there is one) and commit
+    them; the count of each kind written, and ``skipped``: one series' source gone, changed or
+    unreadable costs its objects, the others still get theirs."""
+    counts: Counter[str] = Counter()
+    stage = writer.stage(run_id)
+    for obj in objects:
+        previous = _predecessor(writer.output, obj.predecessor, manifest) if obj.kind == "sr" else None
+        try:
+            data = build(obj, previous)
+        except Exception as e:
+            logger.warning(
+                "score: no DICOM %s for a series (its source file %s: %s)",
+                obj.kind.upper(),
+                obj.finding.source_path,
+                _cause(e),
+            )
+            counts["skipped"] += 1
+            continue
+        stage.join(obj.name).write_bytes(data)
+        counts[obj.kind] += 1
+    if stage.exists():
+        writer.commit(stage)
+    return counts
+
+
+def _predecessor(root: Location, name: str | None, manifest: dict[str, dict]):
+    """The committed SR that a new SR replaces, or None: none, or one gone or rewritten (the new
+    verdict still goes, naming no predecessor)."""
+    if not name:
+        return None
+    try:
+        return _committed_dataset(root, name, manifest)
+    except Exception as e:
+        logger.warning(
+            "score: the SR that a new SR replaces (%s) cannot be read (%s): the new one names no predecessor",
+            name,
+            _cause(e),
+        )
+        return None
 
 
 def object_key(ids: Identifiers, *, keep_identifiers: bool) -> bytes:

@@ -41,7 +41,7 @@ import re
 import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -425,33 +425,36 @@ def build_sr(view, f: SeriesFinding, algo: Algorithm, *, notice: str, key: bytes
     """The Comprehensive 3D SR (TID 1500) of one series' verdict; ``previous``: the SR it replaces
     (named in its Predecessor Documents Sequence); ``key``: the UIDs' key in a hashing mode."""
     import highdicom as hd
+
+    series_uid, sop_uid = object_uids(f.model_id, f.series_uid, "sr", content_digest(f, "sr"), key=key)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[view],
+        content=sr_content(view, f, algo, key=key),
+        series_instance_uid=series_uid,
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        previous_versions=[previous] if previous is not None else None,
+    )
+    sr.SeriesDescription = _description("AI result", notice)
+    if "SpecificCharacterSet" in view:
+        sr.SpecificCharacterSet = view.SpecificCharacterSet
+    return sr
+
+
+def sr_content(view, f: SeriesFinding, algo: Algorithm, *, key: bytes = b""):
+    """The SR's content tree: a TID 1500 measurement report by the model (a device observer) whose
+    one group holds the series' finding, review reason and confidence about the brain in ``view``,
+    and a comment naming the attributes left out of the copy (:func:`dropped_note`), if any."""
+    import highdicom as hd
     from pydicom.sr.codedict import codes
-    from pydicom.sr.coding import Code
 
     algo_id = hd.sr.AlgorithmIdentification(
         name=algo.name, version=algo.version, parameters=[f"model_id={algo.model_id}"], manufacturer=MANUFACTURER
     )
-    qualitative, measurements = [], []
-    finding_type = None
-    if f.label is not None:
-        finding_type = codes.SCT.Normal if f.label == NO_TUMOR else codes.SCT.Neoplasm
-        qualitative.append(hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=class_code(f.label)))
-    if f.review_reason is not None:
-        qualitative.append(
-            hd.sr.QualitativeEvaluation(
-                name=Code("REVIEW", CODING_SCHEME, "Review reason"), value=reason_code(f.review_reason)
-            )
-        )
-    if f.confidence is not None:
-        measurements.append(
-            hd.sr.Measurement(
-                name=codes.DCM.Probability,
-                value=round(float(f.confidence), 4),
-                unit=Code("1", "UCUM", "no units"),
-                algorithm_id=algo_id,
-            )
-        )
-    series_uid, sop_uid = object_uids(f.model_id, f.series_uid, "sr", content_digest(f, "sr"), key=key)
+    finding_type, qualitative, measurements = _evaluations(f, algo_id)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=object_uids(f.model_id, f.series_uid, "track", key=key)[1],
@@ -485,21 +488,37 @@ def build_sr(view, f: SeriesFinding, algo: Algorithm, *, notice: str, key: bytes
                 name=codes.DCM.Comment, value=note, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
             )
         )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[view],
-        content=report[0],
-        series_instance_uid=series_uid,
-        series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=sop_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        previous_versions=[previous] if previous is not None else None,
-    )
-    sr.SeriesDescription = _description("AI result", notice)
-    if "SpecificCharacterSet" in view:
-        sr.SpecificCharacterSet = view.SpecificCharacterSet
-    return sr
+    return report[0]
+
+
+def _evaluations(f: SeriesFinding, algo_id) -> tuple[Any, list, list]:
+    """The verdict as SR items: the finding type (normal or neoplasm; None without a label), the
+    qualitative evaluations (the class, the review reason) and the measurement (the confidence)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
+
+    qualitative, measurements = [], []
+    finding_type = None
+    if f.label is not None:
+        finding_type = codes.SCT.Normal if f.label == NO_TUMOR else codes.SCT.Neoplasm
+        qualitative.append(hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=class_code(f.label)))
+    if f.review_reason is not None:
+        qualitative.append(
+            hd.sr.QualitativeEvaluation(
+                name=Code("REVIEW", CODING_SCHEME, "Review reason"), value=reason_code(f.review_reason)
+            )
+        )
+    if f.confidence is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=codes.DCM.Probability,
+                value=round(float(f.confidence), 4),
+                unit=Code("1", "UCUM", "no units"),
+                algorithm_id=algo_id,
+            )
+        )
+    return finding_type, qualitative, measurements
 
 
 def build_sc(view, pixels: np.ndarray, f: SeriesFinding, *, notice: str, key: bytes = b""):

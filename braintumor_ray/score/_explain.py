@@ -112,20 +112,7 @@ class HeatmapWriter:
         if cam is not None and self.method == "auto":
             maps = cam_heatmaps(cam[[at[r] for r in rows]], classes, size=pix.shape[1:])
         else:
-            if self._explainer is None:
-                from ..explain import Explainer
-
-                if self.method == "auto":
-                    logger.warning(
-                        "score: model %s gives no class-activation maps with its predictions (a model.onnx "
-                        "exported before them, or a head other than pooling + linear): heat maps by "
-                        "Grad-CAM, a PyTorch pass per map (export the package again for the fast maps)",
-                        self.model_id,
-                    )
-                self._explainer = Explainer.from_package(
-                    self.model_uri, self.s3_endpoint_url, device=self.device, pin=self.pin
-                )
-            maps = self._explainer.heatmaps(pix, classes=classes)
+            maps = self._gradcam().heatmaps(pix, classes=classes)
         sha = batch.column("sha256").to_pylist()
         slices = batch.column("slice_index").to_pylist()
         boxes = batch.column("crop_box").to_pylist()
@@ -145,6 +132,24 @@ class HeatmapWriter:
                 py, px = peak
                 xs[r], ys[r] = original_xy(px, py, crop_box=tuple(boxes[r]), side=image.shape[0])
         return paths, xs, ys
+
+    def _gradcam(self) -> Any:
+        """The Grad-CAM explainer on the package's PyTorch model, made on first use (it imports
+        torch); with ``auto``, the warning that the model gives no maps of its own."""
+        if self._explainer is None:
+            from ..explain import Explainer
+
+            if self.method == "auto":
+                logger.warning(
+                    "score: model %s gives no class-activation maps with its predictions (a model.onnx "
+                    "exported before them, or a head other than pooling + linear): heat maps by "
+                    "Grad-CAM, a PyTorch pass per map (export the package again for the fast maps)",
+                    self.model_id,
+                )
+            self._explainer = Explainer.from_package(
+                self.model_uri, self.s3_endpoint_url, device=self.device, pin=self.pin
+            )
+        return self._explainer
 
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._threads is None:

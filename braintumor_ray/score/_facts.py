@@ -73,65 +73,31 @@ def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
     dropped, an output from before manifests adopted, the identifiers record checked, the
     config saved), list the input and read the committed rows once.
 
-    One function on purpose (about 50 lines): the order of these steps is the protocol (recover
-    before reading the manifest, check the package before touching the output, list before the
-    identifiers are claimed), and it reads best in one place.
+    The order of these steps is the protocol (check the package before touching the output,
+    recover before reading the manifest, list before the identifiers are claimed): each is a
+    named step here, and they read in order in this one place.
     """
-    from ..models import pin_package, resolve_registered_model, verify_package
-
     asked = config  # saved as given: a models:/ name stays a name, not the folder it resolved to
-    fetched = _writer(resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)).root.join(FETCHED_MODELS_DIR)
-    _remove_fetched(fetched)  # copies left by killed runs (this run holds the lease)
-    # models:/NAME/VERSION -> its package folder (fetched under the output's staging when it must be)
-    config, registered = resolve_registered_model(config, fetch_to=fetched.join(lease.owner))
-    # model.json unedited, the pinned id (expect_model_id), weights and trust file matching the id's hashes.
-    meta = verify_package(config.model, s3_endpoint_url=config.s3_endpoint_url, expect_model_id=config.expect_model_id)
-    # The package's preprocessing parsed before the output is touched: settings from a newer
-    # version are refused with nothing written.
-    preprocess = meta.preprocess
-    engine, notes = _engine(config, meta)  # before any work: an impossible choice fails here
-    # What every replica must load: these bytes (a folder rewritten from here on is refused).
-    pin = pin_package(
-        resolve(config.model, s3_endpoint_url=config.s3_endpoint_url), meta, with_onnx=engine == "onnxruntime"
-    )
-    if not meta.has_conformal:
-        logger.warning(
-            "score: model %s was exported before prediction sets: its rows get null prediction_set and "
-            "set_size and no 'ambiguous' flag (train it again, or run a search, to add them)",
-            meta.model_id,
-        )
+    package = _verified_package(config, lease)
+    config = package.config
     src = resolve(config.input, s3_endpoint_url=config.s3_endpoint_url)
     dst = resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)
     ids = Identifiers.from_env(config.path_mode, config.uid_mode, root=src.uri)  # no key: fails before any work
-    writer = _writer(dst, lease)  # commits only while the lease holds, and names its files in the manifest
-    assert writer.manifest is not None
-    recovered = writer.recover()
-    # Heat maps (--explain) stage and commit beside the predictions: same run id, same lease.
-    # Named in OUTPUT_explain/_manifest.json like the rows: the report embeds only those maps.
-    explain_writer = StagedWriter(explain_location(dst), what="explain", lease=lease, manifest=True)
-    explain_writer.recover()
-    explain_writer.adopt(".png")  # maps written before that manifest: as they are now
-    _check_manifest_kept(dst, writer.manifest)
-    writer.adopt(foreign=_foreign_rows)  # an output from before manifests: its files as they are now
-    # Links leaving the input, dangling links, FIFOs: refused here, each an error row of its own.
-    listed = src.listing(
-        follow_links_outside=config.guard.follow_links_outside_input, max_depth=config.max_folder_depth
-    )
-    files = {p: v for p, v in listed.files.items() if not posix_basename(p).startswith(".")}
-    if not files:
-        raise InputError(f"no files under {config.input}: check the URI")
+    writer, explain_writer, recovered = _open_output(dst, lease)
+    listed, files = _list_input(src, config)
     _claim_identifiers(dst, ids)
     _save_config(asked, dst.join(OUTPUT_CONFIG_FILE))  # `jobs/score.py --config` takes it back; readers skip it
     prefix = "s3://" if src.is_s3 else ""
+    assert writer.manifest is not None  # _writer's always has one
     doc = writer.manifest.read_doc() or {"files": None, "derived": {}}
     return ScoringFacts(
         config=config,
-        registered=registered,
-        meta=meta,
-        preprocess=preprocess,
-        engine=engine,
-        notes=notes,
-        pin=pin,
+        registered=package.registered,
+        meta=package.meta,
+        preprocess=package.meta.preprocess,
+        engine=package.engine,
+        notes=package.notes,
+        pin=package.pin,
         src=src,
         dst=dst,
         ids=ids,
@@ -145,9 +111,76 @@ def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
         shown={p: ids.path(prefix + p) for p in files},
         # The files the job committed, their bytes checked, read once into one table: the plan, the
         # commit and every derived output (series table, DICOM objects, report) take it from here.
-        committed=committed_rows(writer.manifest.committed(listed=doc["files"]), list(meta.class_names)),
+        committed=committed_rows(writer.manifest.committed(listed=doc["files"]), list(package.meta.class_names)),
         derived=_derived_facts(writer, doc),
     )
+
+
+@dataclass(frozen=True)
+class _Package:
+    """The package a run scores with, checked before the output is touched."""
+
+    config: ScoreConfig  # a models:/ name resolved to the package folder it names
+    registered: dict[str, str] | None
+    meta: PackageMeta
+    engine: str
+    notes: tuple[str, ...]
+    pin: PackagePin
+
+
+def _verified_package(config: ScoreConfig, lease: Lease) -> _Package:
+    """A ``models:/`` name resolved (fetched under the output's staging when it must be), the
+    package verified (model.json unedited, the pinned id, weights and trust file matching the
+    id's hashes; its preprocessing parsed, so that settings from a newer version are refused with
+    nothing written), the engine chosen (an impossible choice fails here) and the bytes every
+    replica must load pinned (a folder rewritten from here on is refused)."""
+    from ..models import pin_package, resolve_registered_model, verify_package
+
+    fetched = _writer(resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)).root.join(FETCHED_MODELS_DIR)
+    _remove_fetched(fetched)  # copies left by killed runs (this run holds the lease)
+    config, registered = resolve_registered_model(config, fetch_to=fetched.join(lease.owner))
+    meta = verify_package(config.model, s3_endpoint_url=config.s3_endpoint_url, expect_model_id=config.expect_model_id)
+    engine, notes = _engine(config, meta)
+    pin = pin_package(
+        resolve(config.model, s3_endpoint_url=config.s3_endpoint_url), meta, with_onnx=engine == "onnxruntime"
+    )
+    if not meta.has_conformal:
+        logger.warning(
+            "score: model %s was exported before prediction sets: its rows get null prediction_set and "
+            "set_size and no 'ambiguous' flag (train it again, or run a search, to add them)",
+            meta.model_id,
+        )
+    return _Package(config, registered, meta, engine, notes, pin)
+
+
+def _open_output(dst: Location, lease: Lease) -> tuple[StagedWriter, StagedWriter, dict[str, int]]:
+    """The output put in order under the lease: the rows' and the maps' earlier runs finished or
+    dropped, files from before their manifests adopted, an output whose manifest is gone refused.
+    Returns the rows' writer, the maps' writer and what the rows' recovery did."""
+    writer = _writer(dst, lease)  # commits only while the lease holds, and names its files in the manifest
+    assert writer.manifest is not None
+    recovered = writer.recover()
+    # Heat maps (--explain) stage and commit beside the predictions: same run id, same lease.
+    # Named in OUTPUT_explain/_manifest.json like the rows: the report embeds only those maps.
+    explain_writer = StagedWriter(explain_location(dst), what="explain", lease=lease, manifest=True)
+    explain_writer.recover()
+    explain_writer.adopt(".png")  # maps written before that manifest: as they are now
+    _check_manifest_kept(dst, writer.manifest)
+    writer.adopt(foreign=_foreign_rows)  # an output from before manifests: its files as they are now
+    return writer, explain_writer, recovered
+
+
+def _list_input(src: Location, config: ScoreConfig) -> tuple[Listing, dict[str, tuple[int, str]]]:
+    """The input's listing and its files (path -> size, version), hidden files left out; an input
+    without any is refused. Links leaving the input, dangling links and FIFOs are the listing's
+    ``refused``: each an error row of its own."""
+    listed = src.listing(
+        follow_links_outside=config.guard.follow_links_outside_input, max_depth=config.max_folder_depth
+    )
+    files = {p: v for p, v in listed.files.items() if not posix_basename(p).startswith(".")}
+    if not files:
+        raise InputError(f"no files under {config.input}: check the URI")
+    return listed, files
 
 
 def _derived_facts(writer: StagedWriter, doc: dict[str, Any]) -> DerivedFacts:

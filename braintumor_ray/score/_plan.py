@@ -394,12 +394,11 @@ def plan_scoring(
         class_names=tuple(meta.class_names), series_review_threshold=review, output_uri=output_uri
     )
     derived = derived or DerivedFacts(listed={}, present={}, rows="")
-    stale = None if diff.has_work else derived_stale(derived, settings, report=REPORT_KEY)
     return ScoringPlan(
+        **_config_fields(config),
         run_id=run_id,
         input_uri=input_uri,
         output_uri=output_uri,
-        s3_endpoint_url=config.s3_endpoint_url,
         uri_prefix=uri_prefix,
         pin=pin,
         engine=engine,
@@ -408,28 +407,36 @@ def plan_scoring(
         identifiers=identifiers,
         diff=diff,
         refused={p: refused[p] for p in diff.todo if p in refused},
-        select=config.select,
-        selection=config.select.describe(),
-        guard=config.guard,
-        guard_id=guard_id(config.guard),
-        explain=config.explain,
         explain_stage_uri=explain_stage_uri,
         explain_final_uri=explain_final_uri,
-        review_threshold=config.review_threshold,
         series_review_threshold=review,
-        use_gpu=config.use_gpu,
-        batch_size=config.batch_size,
         replicas=replicas,
         replica_cpus=per,
         scored_at=scored_at,
-        rescore_all=config.rescore_all,
         notes=notes,
-        explain_method=config.explain_method,
-        tta=config.tta,
         derived_settings=settings,
-        derived_stale=stale,
+        derived_stale=None if diff.has_work else derived_stale(derived, settings, report=REPORT_KEY),
         series_published=SERIES_KEY in derived.listed or derived.present.get(SERIES_KEY) is not None,
     )
+
+
+def _config_fields(config: Any) -> dict[str, Any]:
+    """The plan's fields that are the config's settings as they are (the selector and the guard
+    also described, as the rows' columns name them)."""
+    return {
+        "s3_endpoint_url": config.s3_endpoint_url,
+        "select": config.select,
+        "selection": config.select.describe(),
+        "guard": config.guard,
+        "guard_id": guard_id(config.guard),
+        "explain": config.explain,
+        "review_threshold": config.review_threshold,
+        "use_gpu": config.use_gpu,
+        "batch_size": config.batch_size,
+        "rescore_all": config.rescore_all,
+        "explain_method": config.explain_method,
+        "tta": config.tta,
+    }
 
 
 def plan_replicas(

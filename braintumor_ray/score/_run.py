@@ -44,6 +44,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -51,7 +52,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..core import Lease, NoSpaceError, StorageError, check_disjoint, is_no_space, resolve
+from ..core import Lease, Location, NoSpaceError, StorageError, check_disjoint, is_no_space, resolve
 from ..tracking import log_scoring
 from ..trust import softmax
 from ._commit import _commit
@@ -59,7 +60,7 @@ from ._config import OUTPUT_SIBLINGS, ScoreConfig
 from ._derived import ScoringSummary, _derived, algorithm, build_derived, commit_derived, run_counts, start_summary
 from ._execute import _cluster_shape, _execute
 from ._explain import HeatmapWriter
-from ._facts import gather_facts
+from ._facts import ScoringFacts, gather_facts
 from ._layout import (
     _SLICE_NAMES,
     ATTEMPTS_DIR,
@@ -73,6 +74,31 @@ from ._layout import (
 from ._plan import ScoringPlan, guard_id, plan_scoring, prior_state, rerun_diff
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Scores:
+    """A batch's per-row results, filled in place for the rows that decoded (NaN or None for the
+    others): calibrated probabilities, confidence, OOD score, review reason, prediction set; and
+    the decoded rows' images and class-activation maps, which the heat maps are drawn from."""
+
+    probs: np.ndarray
+    conf: np.ndarray
+    ood: np.ndarray
+    reasons: list[str | None]
+    sets: list[list[str] | None]
+    images: np.ndarray | None = None
+    cam: np.ndarray | None = None
+
+    @classmethod
+    def empty(cls, n: int, classes: int) -> _Scores:
+        return cls(
+            probs=np.full((n, classes), np.nan, dtype=np.float32),
+            conf=np.full(n, np.nan, dtype=np.float32),
+            ood=np.full(n, np.nan, dtype=np.float32),
+            reasons=[None] * n,
+            sets=[None] * n,
+        )
 
 
 class Predictor:
@@ -123,57 +149,66 @@ class Predictor:
             else None
         )
 
-    def _assess(
-        self,
-        logits: np.ndarray,
-        feats: np.ndarray | None,
-        ok: list[int],
-        probs: np.ndarray,
-        conf: np.ndarray,
-        ood: np.ndarray,
-        reasons: list[str | None],
-        sets: list[list[str] | None],
-    ) -> None:
-        """The package's trust on the scored rows ``ok``, written into the batch's columns."""
-        trust = self.model.trust
-        if trust is None:  # a package from before calibration: raw softmax, no flags
-            probs[ok] = softmax(logits)
-            conf[ok] = probs[ok].max(axis=1)
-            return
-        a = trust.assess(logits, feats, review_threshold=self.review_threshold)
-        probs[ok], conf[ok], ood[ok] = a.probs, a.confidence, a.ood_score
-        sets_of: list[Any] = a.prediction_sets(self.model.class_names) or [None] * len(ok)
-        for i, r, ps in zip(ok, a.review_reason, sets_of):
-            reasons[i], sets[i] = r, ps
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
-        errors = batch.column("error").to_pylist()
-        status = batch.column("status").to_pylist()
-        ok = [i for i in range(n) if status[i] == "ok"]
-        is_ok = [s == "ok" for s in status]
-        probs = np.full((n, len(self.model.class_names)), np.nan, dtype=np.float32)
-        conf = np.full(n, np.nan, dtype=np.float32)
-        ood = np.full(n, np.nan, dtype=np.float32)
-        reasons: list[str | None] = [None] * n
-        sets: list[list[str] | None] = [None] * n
-        images = cam = None
+    def _score(self, batch: pa.Table, ok: list[int]) -> _Scores:
+        """The network and the package's trust on the rows ``ok`` of ``batch`` (those that decoded)."""
+        scores = _Scores.empty(batch.num_rows, len(self.model.class_names))
         if ok:
             pix = batch.column("pixels").to_pylist()
             side = batch.column("side").to_pylist()
-            images = np.stack([np.frombuffer(pix[i], np.uint8).reshape(side[i], side[i]) for i in ok])
+            scores.images = np.stack([np.frombuffer(pix[i], np.uint8).reshape(side[i], side[i]) for i in ok])
             # The maps come from the same forward pass, when they will be drawn (see HeatmapWriter).
             want_maps = self.heatmaps is not None and self.heatmaps.method == "auto"
-            logits, feats, cam = self.model.forward(images, maps=want_maps)
-            self._assess(logits, feats, ok, probs, conf, ood, reasons, sets)
-        paths = batch.column("path").to_pylist()
+            logits, feats, scores.cam = self.model.forward(scores.images, maps=want_maps)
+            self._assess(logits, feats, ok, scores)
+        return scores
+
+    def _assess(self, logits: np.ndarray, feats: np.ndarray | None, ok: list[int], scores: _Scores) -> None:
+        """The package's trust on the scored rows ``ok``, written into the batch's columns."""
+        trust = self.model.trust
+        if trust is None:  # a package from before calibration: raw softmax, no flags
+            scores.probs[ok] = softmax(logits)
+            scores.conf[ok] = scores.probs[ok].max(axis=1)
+            return
+        a = trust.assess(logits, feats, review_threshold=self.review_threshold)
+        scores.probs[ok], scores.conf[ok], scores.ood[ok] = a.probs, a.confidence, a.ood_score
+        sets_of: list[Any] = a.prediction_sets(self.model.class_names) or [None] * len(ok)
+        for i, r, ps in zip(ok, a.review_reason, sets_of):
+            scores.reasons[i], scores.sets[i] = r, ps
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        status = batch.column("status").to_pylist()
+        ok = [i for i in range(n) if status[i] == "ok"]
+        scores = self._score(batch, ok)
         names = list(self.model.class_names)
-        predicted = [names[int(np.argmax(probs[i]))] if is_ok[i] else None for i in range(n)]
-        heat = self.heatmaps(batch, ok, images, predicted, reasons, names, cam) if self.heatmaps else ([None] * n,) * 3
+        predicted = [names[int(np.argmax(scores.probs[i]))] if status[i] == "ok" else None for i in range(n)]
+        heat = (
+            self.heatmaps(batch, ok, scores.images, predicted, scores.reasons, names, scores.cam)
+            if self.heatmaps
+            else ([None] * n,) * 3
+        )
+        return self._rows(batch, status, scores, predicted, heat)
+
+    def _rows(
+        self,
+        batch: pa.Table,
+        status: list[str],
+        scores: _Scores,
+        predicted: list[str | None],
+        heat: tuple[list, list, list],
+    ) -> pa.Table:
+        """The batch's rows in the output schema: each file as ``path_mode`` names it (and its
+        decoder's message scrubbed alike), its scores (null where it did not decode), its UIDs as
+        ``uid_mode`` names them, the run's settings, its heat map."""
+        n = batch.num_rows
+        paths = batch.column("path").to_pylist()
+        errors = batch.column("error").to_pylist()
+        failed = np.asarray([s != "ok" for s in status], bool)
         uris = [self.uri_prefix + p for p in paths]
         ids = self.ids
         if ids.path_mode != "full":  # decoders' messages may quote the path: shown as the path column shows it
             errors = [ids.scrub(e, u) for e, u in zip(errors, uris)]
+        probs, conf, ood, sets = scores.probs, scores.conf, scores.ood, scores.sets
         cols: dict[str, Any] = {
             "path": [ids.path(u) for u in uris],
             "sha256": batch.column("sha256"),
@@ -181,12 +216,12 @@ class Predictor:
             "version": [self.files[p][1] for p in paths],
             "predicted_label": predicted,
             **{
-                PROB_PREFIX + c: pa.array(probs[:, k], pa.float32(), mask=~np.asarray(is_ok, bool))
-                for k, c in enumerate(names)
+                PROB_PREFIX + c: pa.array(probs[:, k], pa.float32(), mask=failed)
+                for k, c in enumerate(self.model.class_names)
             },
             "confidence": pa.array(conf, pa.float32(), mask=np.isnan(conf)),
             "ood_score": pa.array(ood, pa.float32(), mask=np.isnan(ood)),
-            "review_reason": reasons,
+            "review_reason": scores.reasons,
             "prediction_set": sets,
             "set_size": [None if ps is None else len(ps) for ps in sets],
             "head_fraction": batch.column("head_fraction"),
@@ -259,38 +294,9 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     t0 = time.perf_counter()
     facts = gather_facts(config, lease)
     config = facts.config
-    diff = rerun_diff(
-        facts.files,
-        facts.shown,
-        prior_state(facts.committed),
-        model_id=facts.model_id,
-        selection=config.select.describe(),
-        retry_errors=config.retry_errors,
-        guard=guard_id(config.guard),
-        rescore_all=config.rescore_all,
-        output=facts.dst.uri,
-    )
     explain_stage = facts.explain_writer.stage(lease.owner)
-    plan = plan_scoring(
-        config=config,
-        run_id=lease.owner,
-        input_uri=facts.src.uri,
-        output_uri=facts.dst.uri,
-        uri_prefix=facts.prefix,
-        pin=facts.pin,
-        engine=facts.engine,
-        meta=facts.meta,
-        preprocess=facts.preprocess,
-        identifiers=facts.ids,
-        diff=diff,
-        refused=facts.listing.refused,
-        explain_stage_uri=explain_stage.uri,
-        explain_final_uri=facts.explain_writer.output.uri,
-        cluster=_cluster_shape() if diff.todo else None,
-        scored_at=datetime.now(UTC),
-        notes=facts.notes,
-        derived=facts.derived,
-    )
+    plan = _plan_run(facts, run_id=lease.owner, explain_stage=explain_stage)
+    diff = plan.diff
     summary = start_summary(facts, diff)
     build = partial(build_derived, plan=plan, dst=facts.dst)
     finish = partial(
@@ -326,3 +332,41 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     summary = finish(summary, after, built=built)
     summary["wall_s"] = round(time.perf_counter() - t0, 3)  # with the derived outputs
     return log_scoring(config, summary, facts.registered)
+
+
+def _plan_run(facts: ScoringFacts, *, run_id: str, explain_stage: Location) -> ScoringPlan:
+    """The run's plan from its facts alone: which listed files to score, to withdraw or to record
+    under a new version against the committed rows (:func:`rerun_diff`), and the one frozen plan
+    (:func:`plan_scoring`; the cluster's shape is asked only when there is something to score)."""
+    config = facts.config
+    diff = rerun_diff(
+        facts.files,
+        facts.shown,
+        prior_state(facts.committed),
+        model_id=facts.model_id,
+        selection=config.select.describe(),
+        retry_errors=config.retry_errors,
+        guard=guard_id(config.guard),
+        rescore_all=config.rescore_all,
+        output=facts.dst.uri,
+    )
+    return plan_scoring(
+        config=config,
+        run_id=run_id,
+        input_uri=facts.src.uri,
+        output_uri=facts.dst.uri,
+        uri_prefix=facts.prefix,
+        pin=facts.pin,
+        engine=facts.engine,
+        meta=facts.meta,
+        preprocess=facts.preprocess,
+        identifiers=facts.ids,
+        diff=diff,
+        refused=facts.listing.refused,
+        explain_stage_uri=explain_stage.uri,
+        explain_final_uri=facts.explain_writer.output.uri,
+        cluster=_cluster_shape() if diff.todo else None,
+        scored_at=datetime.now(UTC),
+        notes=facts.notes,
+        derived=facts.derived,
+    )

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -179,38 +180,31 @@ def _add_series(
     no_tumor: int | None,
     review_threshold: float,
 ) -> None:
-    """Append one series' (or volume's) row to ``out``: ``g`` its latest slice rows."""
+    """Append one series' (or volume's) row to ``out``: ``g`` its latest slice rows. A column its
+    verdict leaves unset (no slice scored, or none could vote) is null."""
     g = g.sort_values(["instance_number", "slice_index", "path"], na_position="last", kind="stable")
     ok = g[g["status"] == "ok"]
     is_volume = g["series_instance_uid"].isna().all()
-    out["model_id"].append(model_id)
-    out["series_instance_uid"].append(None if is_volume else _value(g["series_instance_uid"].iloc[0]))
     studies = g["study_instance_uid"].dropna()
-    out["study_instance_uid"].append(_value(studies.iloc[0]) if len(studies) else None)
-    out["volume_path"].append(_value(g["path"].iloc[0]) if is_volume else None)
-    out["slices_scored"].append(len(ok))
-    out["slices_failed"].append(int((g["status"] == "error").sum()))
-    out["slices_skipped"].append(int((g["status"] == "skipped").sum()))
-    out["last_scored_at"].append(g["scored_at"].max())
-    if ok.empty:
-        for k in (
-            "predicted_label",
-            "top_probability",
-            "confidence",
-            "review_reason",
-            "top_slice_path",
-            "top_slice_sop_instance_uid",
-            "top_slice_instance_number",
-            "top_slice_index",
-            "prediction_set",
-            "set_size",
-        ):
-            out[k].append(None)
-        out["slices_voting"].append(0)
-        for c in names:
-            out["max_" + PROB_PREFIX + c].append(None)
-            out["mean_" + PROB_PREFIX + c].append(None)
-        return
+    row = {
+        "model_id": model_id,
+        "series_instance_uid": None if is_volume else _value(g["series_instance_uid"].iloc[0]),
+        "study_instance_uid": _value(studies.iloc[0]) if len(studies) else None,
+        "volume_path": _value(g["path"].iloc[0]) if is_volume else None,
+        "slices_scored": len(ok),
+        "slices_failed": int((g["status"] == "error").sum()),
+        "slices_skipped": int((g["status"] == "skipped").sum()),
+        "last_scored_at": g["scored_at"].max(),
+    }
+    row |= _verdict_columns(ok, names, no_tumor, review_threshold) if len(ok) else {"slices_voting": 0}
+    for k, column in out.items():
+        column.append(row.get(k))
+
+
+def _verdict_columns(ok: pd.DataFrame, names: list[str], no_tumor: int | None, review_threshold: float) -> dict:
+    """A series' verdict from its scored slices ``ok`` (:func:`series_verdict`) as the table's
+    columns: the vote, the probabilities' max and mean per class, and the slice that shows the
+    class (none when no slice could vote)."""
     p = ok[[PROB_PREFIX + c for c in names]].to_numpy(dtype=np.float64)
     head = ok["head_fraction"].to_numpy(dtype=np.float64, na_value=np.nan)
     ood = (ok["review_reason"] == "out_of_distribution").to_numpy()
@@ -218,36 +212,27 @@ def _add_series(
     v = series_verdict(
         p, head_fraction=head, ood=ood, no_tumor=no_tumor, review_threshold=review_threshold, in_set=in_set
     )
-    out["slices_voting"].append(v.voting)
-    out["confidence"].append(v.confidence)
-    out["review_reason"].append(v.review_reason)
-    out["prediction_set"].append(None if v.in_set is None else [c for c, k in zip(names, v.in_set) if k])
-    out["set_size"].append(None if v.in_set is None else int(sum(v.in_set)))
-    if v.label is None:
-        for k in (
-            "predicted_label",
-            "top_probability",
-            "top_slice_path",
-            "top_slice_sop_instance_uid",
-            "top_slice_instance_number",
-            "top_slice_index",
-        ):
-            out[k].append(None)
-        for i, c in enumerate(names):
-            out["max_" + PROB_PREFIX + c].append(float(p[:, i].max()))
-            out["mean_" + PROB_PREFIX + c].append(float(p[:, i].mean()))
-        return
-    row, cls = v.top_slice, v.label
-    top = ok.iloc[row]
-    out["predicted_label"].append(names[cls])
-    out["top_probability"].append(float(p[row, cls]))
-    out["top_slice_path"].append(_value(top["path"]))
-    out["top_slice_sop_instance_uid"].append(_value(top["sop_instance_uid"]))
-    out["top_slice_instance_number"].append(_value(top["instance_number"], int))
-    out["top_slice_index"].append(_value(top["slice_index"], int))
+    cols: dict[str, Any] = {
+        "slices_voting": v.voting,
+        "confidence": v.confidence,
+        "review_reason": v.review_reason,
+        "prediction_set": None if v.in_set is None else [c for c, k in zip(names, v.in_set) if k],
+        "set_size": None if v.in_set is None else int(sum(v.in_set)),
+    }
     for i, c in enumerate(names):
-        out["max_" + PROB_PREFIX + c].append(float(p[:, i].max()))
-        out["mean_" + PROB_PREFIX + c].append(float(p[:, i].mean()))
+        cols["max_" + PROB_PREFIX + c] = float(p[:, i].max())
+        cols["mean_" + PROB_PREFIX + c] = float(p[:, i].mean())
+    if v.label is None or v.top_slice is None:
+        return cols
+    top = ok.iloc[v.top_slice]
+    return cols | {
+        "predicted_label": names[v.label],
+        "top_probability": float(p[v.top_slice, v.label]),
+        "top_slice_path": _value(top["path"]),
+        "top_slice_sop_instance_uid": _value(top["sop_instance_uid"]),
+        "top_slice_instance_number": _value(top["instance_number"], int),
+        "top_slice_index": _value(top["slice_index"], int),
+    }
 
 
 def _set_mask(sets: list, names: list[str]) -> np.ndarray | None:

@@ -257,28 +257,13 @@ def fit_trust(
 ) -> Trust:
     """Temperature and review threshold on one part of validation, the prediction sets on the other
     (:func:`split_calibration`); OOD reference on train, its threshold on all of validation."""
-    val_logits = np.asarray(val_logits, dtype=np.float64)
-    val_labels = np.asarray(val_labels)
-    conf_rows = split_calibration(val_labels, cfg.conformal_fraction, seed=seed)
-    if len(val_labels) < 2 or (~conf_rows).sum() < 2:
-        raise ConfigError(
-            f"calibration and the review threshold need 2 or more validation images beside the "
-            f"{int(conf_rows.sum())} that calibrate the prediction sets, and the validation split has "
-            f"{len(val_labels)}: re-run the ingest with a larger --val-fraction (or lower "
-            "--trust.conformal-fraction)"
-        )
-    all_logits = val_logits
-    val_logits, val_labels, cal_logits, cal_labels = (
-        val_logits[~conf_rows],
-        val_labels[~conf_rows],
-        val_logits[conf_rows],
-        val_labels[conf_rows],
-    )
+    all_logits = np.asarray(val_logits, dtype=np.float64)
+    labels = np.asarray(val_labels)
+    conf_rows = _conformal_rows(cfg, labels, seed=seed)
+    val_logits, val_labels = all_logits[~conf_rows], labels[~conf_rows]
     temperature = fit_temperature(val_logits, val_labels) if cfg.calibrate else 1.0
-    det = make_detector(cfg.ood_detector).fit(np.asarray(train_features), np.asarray(train_labels), seed=seed)
-    val_scores = det.score(features=np.asarray(val_features), logits=all_logits)
-    ood_threshold = (
-        float(np.quantile(val_scores, cfg.ood_pass_rate)) if cfg.ood_pass_rate < 1 else float(val_scores.max())
+    det, ood_threshold, val_scores = _fit_ood(
+        cfg, train_features, train_labels, val_features=val_features, val_logits=all_logits, seed=seed
     )
     probs = softmax(val_logits, temperature)
     review = choose_review_threshold(
@@ -295,19 +280,13 @@ def fit_trust(
     conformal = None
     if conf_rows.any():
         conformal = fit_conformal(
-            softmax(cal_logits, temperature),
-            cal_labels,
+            softmax(all_logits[conf_rows], temperature),
+            labels[conf_rows],
             alpha=cfg.conformal_alpha,
             score=cfg.conformal_score,
             num_classes=all_logits.shape[1],
         )
-        report["conformal"] = {
-            "alpha": conformal.alpha,
-            "score": conformal.score,
-            "rows": int(conf_rows.sum()),
-            "thresholds": conformal.to_meta()["thresholds"],
-            "counts": conformal.counts,
-        }
+        report["conformal"] = _conformal_report(conformal, rows=int(conf_rows.sum()))
     report["val_rows_temperature"] = int(len(val_labels))
     return Trust(
         temperature=temperature,
@@ -318,3 +297,47 @@ def fit_trust(
         conformal=conformal,
         _det=det,
     )
+
+
+def _conformal_rows(cfg: TrustConfig, labels: np.ndarray, *, seed: int) -> np.ndarray:
+    """The validation rows that calibrate the prediction sets (:func:`split_calibration`), refused
+    when fewer than 2 rows are left beside them for the temperature and the review threshold."""
+    conf_rows = split_calibration(labels, cfg.conformal_fraction, seed=seed)
+    if len(labels) < 2 or (~conf_rows).sum() < 2:
+        raise ConfigError(
+            f"calibration and the review threshold need 2 or more validation images beside the "
+            f"{int(conf_rows.sum())} that calibrate the prediction sets, and the validation split has "
+            f"{len(labels)}: re-run the ingest with a larger --val-fraction (or lower "
+            "--trust.conformal-fraction)"
+        )
+    return conf_rows
+
+
+def _fit_ood(
+    cfg: TrustConfig,
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    *,
+    val_features: np.ndarray,
+    val_logits: np.ndarray,
+    seed: int,
+) -> tuple[Detector, float, np.ndarray]:
+    """The OOD detector fitted on the training split, its threshold (``ood_pass_rate`` of all the
+    validation images pass it) and the validation images' scores."""
+    det = make_detector(cfg.ood_detector).fit(np.asarray(train_features), np.asarray(train_labels), seed=seed)
+    val_scores = det.score(features=np.asarray(val_features), logits=val_logits)
+    ood_threshold = (
+        float(np.quantile(val_scores, cfg.ood_pass_rate)) if cfg.ood_pass_rate < 1 else float(val_scores.max())
+    )
+    return det, ood_threshold, val_scores
+
+
+def _conformal_report(conformal: Conformal, *, rows: int) -> dict[str, Any]:
+    """The prediction sets as the training report shows them."""
+    return {
+        "alpha": conformal.alpha,
+        "score": conformal.score,
+        "rows": rows,
+        "thresholds": conformal.to_meta()["thresholds"],
+        "counts": conformal.counts,
+    }

@@ -434,6 +434,30 @@ def test_errors_for_handled_cases_carry_their_fields_across_processes():
         assert type(back) is type(e) and str(back) == str(e) and vars(back) == vars(e), e
 
 
+def test_an_input_file_that_cannot_be_read_is_an_error_with_its_path_and_the_rows_cause(tmp_path):
+    """Location.read_limited's failure is an UnreadableInputError (a StorageError) carrying the
+    path it was asked for and the cause the file's error row gives; the message is that cause,
+    which never quotes the path (a hashed path mode's rows and logs name no file); the fields
+    survive pickling."""
+    import pickle
+
+    from braintumor_ray.core import StorageError, UnreadableInputError
+
+    (tmp_path / "folder.dcm").mkdir()
+    causes = {
+        str(tmp_path / "gone.dcm"): "vanished: listed, then gone before it was read",
+        str(tmp_path / "folder.dcm"): "unreadable: no longer a file (a folder now)",
+    }
+    for path, cause in causes.items():
+        with pytest.raises(UnreadableInputError) as caught:
+            resolve(str(tmp_path)).read_limited(path, 100)
+        e = caught.value
+        assert isinstance(e, StorageError) and e.path == path and e.cause.startswith(cause), e.cause
+        assert str(e) == e.cause and path not in str(e)
+        back = pickle.loads(pickle.dumps(e))
+        assert (type(back), back.path, back.cause, str(back)) == (UnreadableInputError, path, e.cause, e.cause)
+
+
 def _dead_lease(output, owner: str) -> None:
     """The lease a killed run left behind: expired, its holder on no known machine."""
     from braintumor_ray.core import lease_location
