@@ -6,7 +6,6 @@ Pure reader and batch tests: no Ray."""
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -62,9 +61,7 @@ def test_scoring_rows_one_per_page_and_the_ingest_refuses():
 def test_pages_are_capped_before_they_are_decoded():
     gif = many_page_gif(100_000)
     assert len(gif) < 2_000_000
-    t = time.perf_counter()
     r = PRE.try_slices(gif, guard=GUARD)
-    assert time.perf_counter() - t < 5
     assert not r.slices and r.error == ("too many images: a GIF of more than 4,096 pages, over the limit "
                                         "guard.max_slices=4,096 (raise guard.max_slices if such files are genuine, "
                                         "or split the file)"), r.error
