@@ -1,6 +1,6 @@
 """Scheduled reruns at scale: what a run costs when little or nothing changed.
 
-    .venv/bin/python benchmarks/bench_rerun_scale.py [--n 10000] [--work /tmp/rerun-scale] [--model URI]
+    .venv/bin/python benchmarks/bench_rerun_scale.py [--n 10000] [--work /tmp/rerun-scale] [--model URI] [--reuse]
     .venv/bin/python benchmarks/bench_rerun_scale.py --n 10000 --baseline /tmp/main-checkout [--profile DIR]
 
 A generated archive of ``--n`` small PNGs (64 px, 100 per folder) is scored once, then rerun
@@ -100,6 +100,9 @@ def main() -> None:
     ap.add_argument("--code", default=REPO, help="the checkout whose braintumor_ray the runs import")
     ap.add_argument("--baseline", default=None, help="a second checkout run beside --code at each rerun (main)")
     ap.add_argument("--profile", default=None, help="a folder: each rerun's run_scoring under cProfile, stats there")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep --work's archive, model and first run when they are there (100,000 files take ~20 min "
+                         "to score once here) and run the reruns on them")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--input", help=argparse.SUPPRESS)
     ap.add_argument("--output", help=argparse.SUPPRESS)
@@ -110,10 +113,14 @@ def main() -> None:
 
     import ray
 
-    shutil.rmtree(args.work, ignore_errors=True)
     archive, out = os.path.join(args.work, "archive"), os.path.join(args.work, "preds")
+    reuse = args.reuse and os.path.exists(os.path.join(out, "_manifest.json")) and os.path.isdir(archive)
+    if not reuse:
+        shutil.rmtree(args.work, ignore_errors=True)
     model = args.model
-    if model is None:
+    if model is None and reuse:
+        model = os.path.join(args.work, "model")
+    elif model is None:
         import torch
 
         from braintumor_ray import MRIPreprocess, create_model, export_model_package
@@ -123,8 +130,12 @@ def main() -> None:
         export_model_package(create_model("resnet10t", pretrained=False, drop_rate=0.0), model,
                              preprocess=MRIPreprocess(image_size=64))
     t = time.perf_counter()
-    files = make_archive(archive, args.n)
-    print(f"archive: {len(files)} files in {time.perf_counter() - t:.1f} s", flush=True)
+    if reuse:
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(archive) for f in names)
+        print(f"archive: {len(files)} files reused from {archive}, with its first run", flush=True)
+    else:
+        files = make_archive(archive, args.n)
+        print(f"archive: {len(files)} files in {time.perf_counter() - t:.1f} s", flush=True)
     for attempt in range(3):  # Ray's start timed out at load 40 (as in bench_archive_shift)
         try:
             ctx = ray.init(include_dashboard=False, logging_level="ERROR")
@@ -163,7 +174,8 @@ def main() -> None:
         for side in order:
             run(name, side, step)
 
-    run("first run", "code", 0)
+    if not reuse:
+        run("first run", "code", 0)
     if args.baseline:
         shutil.copytree(out, sides["baseline"][1])
         for suffix in ("_series", "_explain"):  # the siblings the first run wrote
