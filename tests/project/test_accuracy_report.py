@@ -62,3 +62,19 @@ def test_markdown_table_has_a_row_per_package_and_split():
     assert lines[0].startswith("| model | split | n | accuracy | macro-F1 | recall glioma")
     assert len(lines) == 4 and lines[2].startswith("| lite0 | val | 100 | ")
     assert f"{r['accuracy'][0]:.3f} [{r['accuracy'][1]:.3f}, {r['accuracy'][2]:.3f}]" in lines[2]
+
+
+def test_the_notebooks_split_is_stratified_disjoint_and_seeded():
+    from benchmarks.notebook_split import split
+
+    files = {c: [f"Training/{c}/{i}.jpg" for i in range(n)] + [f"Testing/{c}/{i}.jpg" for i in range(n // 4)]
+             for c, n in (("glioma", 80), ("no_tumor", 40))}
+    parts = split(files, test_fraction=0.2, seed=0)
+    for c, all_files in files.items():
+        test, train = parts["Testing"][c], parts["Training"][c]
+        assert sorted(test + train) == sorted(all_files) and not set(test) & set(train)
+        assert len(test) == round(0.2 * len(all_files))
+        assert any(f.startswith("Testing/") for f in train) and any(f.startswith("Training/") for f in test)  # pooled
+    assert split(files, test_fraction=0.2, seed=0) == parts and split(files, test_fraction=0.2, seed=1) != parts
+    with pytest.raises(SystemExit, match="between 0 and 1"):
+        split(files, test_fraction=1.0, seed=0)
