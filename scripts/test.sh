@@ -5,10 +5,15 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
 export RAY_DATA_DISABLE_PROGRESS_BARS=1
 set +e
-# Two processes, each taking whole modules (module-scoped fixtures are made once) in the order
-# tests/fixtures/ray_session.py sets (not reordered by size); each has its own session fixtures (Ray,
-# S3, servers, packages). TEST_WORKERS=0, or `-n 0` after the script's name, runs in this process.
-.venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 -n "${TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
+# One process by default: on 2 cores two processes (TEST_WORKERS=2: pytest-xdist, whole modules in
+# the order tests/fixtures/ray_session.py sets) took longer, 32 min 37 s against 28 min 0 s, each heavy
+# Ray test 2-3x slower beside another (2026-12-07); a machine with more cores may gain.
+if [ "${TEST_WORKERS:-0}" != 0 ]; then
+  .venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 -n "$TEST_WORKERS" --dist loadfile \
+    --no-loadscope-reorder "$@"
+else
+  .venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "$@"
+fi
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
