@@ -161,9 +161,9 @@ def _skull_strip(x: torch.Tensor, which: torch.Tensor, depth: float) -> torch.Te
     scored 58% with a model trained without the strip; docs/benchmarks.md)."""
     if not bool(which.any()) or depth <= 0:
         return x
-    from scipy import ndimage
+    from ._preprocess import find_head, resize_pad, scipy_ndimage
 
-    from ._preprocess import find_head, resize_pad
+    ndimage = scipy_ndimage()
 
     r = max(1, round(depth * x.shape[-1]))
     disk = np.hypot(*np.mgrid[-r : r + 1, -r : r + 1]) <= r

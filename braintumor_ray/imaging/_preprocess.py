@@ -488,6 +488,27 @@ def find_head_box(
     return find_head(gray, threshold=threshold, margin=margin, min_region=min_region)[0]
 
 
+def scipy_ndimage() -> Any:
+    """``scipy.ndimage``, imported again if a first import in this process was cut off mid-way.
+
+    Ray cancels a failed run's tasks by raising in their threads; one that lands inside a worker's
+    first ``from scipy import ndimage`` leaves the package's submodules in ``sys.modules`` without
+    the package, and every later import in that long-lived worker then fails ("name
+    '_ndimage_api' is not defined"): each file of the next run on that worker became an error row
+    (seen in the test suite, after a run refused by its model replica). Forgetting the half-made
+    modules lets the import run whole.
+    """
+    import sys
+
+    try:
+        from scipy import ndimage
+    except (ImportError, NameError, AttributeError):
+        for name in [m for m in sys.modules if m == "scipy.ndimage" or m.startswith("scipy.ndimage.")]:
+            del sys.modules[name]
+        from scipy import ndimage
+    return ndimage
+
+
 def find_head(
     gray: np.ndarray, *, threshold: int = 20, margin: float = 0.02, min_region: float = 0.02
 ) -> tuple[tuple[int, int, int, int] | None, float]:
@@ -502,7 +523,7 @@ def find_head(
     Returns the box, or None when nothing is brighter than ``threshold``, and the share of the
     image that the kept regions cover.
     """
-    from scipy import ndimage  # here, not at import: training from Parquet never crops, and needs no scipy
+    ndimage = scipy_ndimage()  # here, not at import: training from Parquet never crops, and needs no scipy
 
     h, w = gray.shape
     step = max(1, -(-max(h, w) // _MASK_SIDE))

@@ -129,3 +129,25 @@ def test_find_head_box_joins_a_head_that_falls_apart():
 )
 def test_class_folder_names(folder, label):
     assert canonical_label(folder) == label
+
+
+def test_a_first_scipy_import_cut_off_in_a_worker_does_not_break_later_files():
+    """A cancelled task's half-made import of scipy.ndimage (its submodules left behind) made
+    every later file on that Ray worker an error row ("name '_ndimage_api' is not defined")."""
+    import sys
+
+    import scipy
+    from scipy import ndimage  # noqa: F401
+
+    from braintumor_ray import MRIPreprocess
+    from braintumor_ray.imaging import encode_png
+
+    del sys.modules["scipy.ndimage"]
+    delattr(scipy, "ndimage")
+    with pytest.raises(NameError, match="_ndimage_api"):
+        from scipy import ndimage  # noqa: F401, F811  (the state the worker was in)
+    img = np.zeros((96, 96), np.uint8)
+    img[20:70, 30:80] = 180
+    out = MRIPreprocess(image_size=64)(encode_png(img))
+    assert out.cropped and out.crop_box != (0, 0, 96, 96)
+    assert "scipy.ndimage" in sys.modules
