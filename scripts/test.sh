@@ -8,12 +8,9 @@ set +e
 # One process by default: on 2 cores two processes (TEST_WORKERS=2: pytest-xdist, whole modules in
 # the order tests/fixtures/ray_session.py sets) took longer, 32 min 37 s against 28 min 0 s, each heavy
 # Ray test 2-3x slower beside another (2026-12-07); a machine with more cores may gain.
-if [ "${TEST_WORKERS:-0}" != 0 ]; then
-  .venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 -n "$TEST_WORKERS" --dist loadfile \
-    --no-loadscope-reorder "$@"
-else
-  .venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "$@"
-fi
+workers=()
+[ "${TEST_WORKERS:-0}" = 0 ] || workers=(-n "$TEST_WORKERS" --dist loadfile --no-loadscope-reorder)
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "${workers[@]}" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
