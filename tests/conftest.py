@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Rewritten asserts in the fixture modules too: the imports below load them before pytest_plugins does.
 pytest.register_assert_rewrite("fixtures")
-pytest_plugins = ["fixtures.ray_session", "fixtures.s3", "fixtures.data", "fixtures.models", "fixtures.services"]
+pytest_plugins = ["fixtures.ray_session", "fixtures.ray_head", "fixtures.s3", "fixtures.data", "fixtures.models", "fixtures.services"]
 
 # The helpers tests import by name (`from conftest import load_job`); their homes are the fixture modules.
 from fixtures.data import load_job, mri_like  # noqa: E402

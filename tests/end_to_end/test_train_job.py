@@ -1,38 +1,31 @@
-"""jobs/train.py as users run it: the embedded default end to end, and clear errors."""
+"""jobs/train.py as users run it: the embedded default submitted to a Ray head end to end, and clear errors."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-JOB = os.path.join(ROOT, "jobs", "train.py")
 
 pytestmark = pytest.mark.timeout(600)
 
 
-def _run(args, cwd, home, timeout=420):
-    env = dict(os.environ, HOME=str(home), RAY_DATA_DISABLE_PROGRESS_BARS="1", PYTHONPATH=ROOT)
-    env["RAY_ADDRESS"] = "local"  # its own Ray, never a `ray start` cluster found on the machine
-    return subprocess.run([sys.executable, JOB, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.mark.ray
-def test_smoke_test_end_to_end(tmp_path, monkeypatch):
-    p = _run(["--smoke-test", "--name", "smoke", "--epochs", "2", "--conformal-alpha", "0.2"], cwd=tmp_path, home=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    run = tmp_path / "demo" / "runs" / "smoke"
+def test_smoke_training_submitted_to_a_head_end_to_end(ray_head, tmp_path, monkeypatch):
+    """The embedded default (a generated sample, a tiny model) submitted as the runbook submits jobs:
+    `ray job submit --working-dir .` to a head started with `ray start`, token auth on. The sample
+    is written under the job's working directory on the head (./demo); the run goes to --storage."""
+    code, out = ray_head["submit"](["python", "jobs/train.py", "--smoke-test", "--name", "smoke", "--epochs", "2",
+                                    "--conformal-alpha", "0.2", "--storage", str(tmp_path / "runs")])
+    assert code == 0, out[-4000:]
+    assert "succeeded" in out
+    run = tmp_path / "runs" / "smoke"
     m = json.loads((run / "metrics.json").read_text())
     assert len(m["epochs"]) == 2 and 0 <= m["test"]["accuracy"] <= 1 and "test_clean" in m
     assert (run / "model" / "model.json").exists() and (run / "curves.png").exists()
     # model.onnx by default (the tests that train for other reasons pass onnx=False: ~5 s an export).
     assert (run / "model" / "model.onnx").exists() and json.loads((run / "model" / "model.json").read_text())["onnx_in_id"]
-    assert "test_clean" in p.stdout and "macro-F1" in p.stdout  # the final table
-    assert "epoch 2/2" in p.stdout + p.stderr  # one line per epoch, from the rank-0 worker
+    assert "test_clean" in out and "macro-F1" in out  # the final table
+    assert "epoch 2/2" in out  # one line per epoch, from the rank-0 worker
     # Fitted after training: calibration and review flags, on val; test and test_clean report.
     t = m["trust"]
     assert t["temperature"] > 0 and t["ood_detector"] == "mahalanobis" and 0 <= t["review_threshold"] <= 1
@@ -41,15 +34,15 @@ def test_smoke_test_end_to_end(tmp_path, monkeypatch):
     assert t["val"]["nll_after"] <= t["val"]["nll_before"] + 1e-9  # T minimises validation NLL
     assert (run / "reliability.png").exists() and (run / "model" / "trust.safetensors").exists()
     assert json.loads((run / "model" / "model.json").read_text())["trust"]["temperature"] == t["temperature"]
-    assert "calibration: temperature" in p.stdout
+    assert "calibration: temperature" in out
     # The prediction sets (issue 28): class-conditional, at the alpha asked for, in the package (so in its id).
     conformal = json.loads((run / "model" / "model.json").read_text())["trust"]["conformal"]
     assert conformal["alpha"] == 0.2 and conformal["class_conditional"] and len(conformal["thresholds"]) == 4
     assert t["conformal"]["rows"] == sum(conformal["counts"]) and "coverage" in t["test"]["conformal"]
-    assert "prediction sets (alpha 0.2" in p.stdout and 'id="sets"' in (run / "report.html").read_text()
+    assert "prediction sets (alpha 0.2" in out and 'id="sets"' in (run / "report.html").read_text()
     # The run's HTML report, with the validation grid's scans and heat maps embedded.
     report = (run / "report.html").read_text()
-    assert m["report"] == str(run / "report.html") and f"report: {run / 'report.html'}" in p.stdout
+    assert m["report"] == str(run / "report.html") and f"report: {run / 'report.html'}" in out
     assert 'id="examples"' in report and report.count("data:image/png;base64,") >= 2 + 2 * 4
 
     # The run's saved config.yaml, fed back through the job's --config, is the TrainConfig it ran.
@@ -61,6 +54,13 @@ def test_smoke_test_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(job, "format_table", lambda metrics: "")
     assert job.main(["--config", str(run / "config.yaml")]) == 0
     assert ran == [TrainConfig.from_dict(m["run"]["config"])] and ran[0].name == "smoke" and ran[0].epochs == 2
+    # Without --storage, the embedded default's run goes under ./demo/runs, beside its sample.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(job, "join_ray", lambda address: None)
+    monkeypatch.setattr(job, "demo_data", lambda small: "demo/pre")
+    ran.clear()
+    assert job.main(["--smoke-test", "--name", "d"]) == 0
+    assert ran[0].storage == str(tmp_path / "demo" / "runs") and ran[0].data == "demo/pre"
 
 
 def _load_job():
