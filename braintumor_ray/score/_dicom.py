@@ -246,11 +246,11 @@ def migrate_dicom_manifest(writer: StagedWriter) -> int:
         listed = {}
     adopted, left = {}, []
     for name, entry in sorted(listed.items()):
-        loc = root.join(name)
-        if parse_object_name(name) is None or not isinstance(entry, dict) or not loc.exists():
+        # Only our own object names (plain children of OUTPUT_dicom/), there, with the listed bytes.
+        if parse_object_name(name) is None or not isinstance(entry, dict) or not root.join(name).exists():
             left.append(name)
             continue
-        sha = hashlib.sha256(loc.read_bytes()).hexdigest()
+        sha = hashlib.sha256(root.join(name).read_bytes()).hexdigest()
         if sha != entry.get("sha256"):
             left.append(name)
             continue

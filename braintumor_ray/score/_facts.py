@@ -232,7 +232,7 @@ def _check_manifest_kept(dst: Location, manifest: Manifest) -> None:
     try:
         era = json.loads(record.read_bytes()).get("manifest")
     except (ValueError, AttributeError):
-        return  # _claim_identifiers names the problem
+        return  # the plan's identifiers claim names the problem
     if era and any(p.endswith(".parquet") for p in dst.files()):
         raise StorageError(
             f"{dst.join('_manifest.json').uri} is gone, but the runs on this output wrote one: its Parquet files "

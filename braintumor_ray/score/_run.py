@@ -305,18 +305,22 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     diff = plan.diff
     summary = start_summary(facts, diff)
     commit_settings(facts.dst, plan, facts.asked)
-    dicom = partial(
-        dicom_objects,
-        config,
-        dst=facts.dst,
-        src=facts.src,
-        ids=facts.ids,
-        sources={v: k for k, v in facts.shown.items()},
-        algo=algorithm(facts),
-        listed=facts.objects,
-    )
     wants_dicom = config.dicom_out != "none" or bool(config.dicom_send)
-    build = partial(build_derived, plan=plan, dst=facts.dst, dicom=dicom if wants_dicom else None)
+    dicom = (
+        partial(
+            dicom_objects,
+            config,
+            dst=facts.dst,
+            src=facts.src,
+            ids=facts.ids,
+            sources={v: k for k, v in facts.shown.items()},
+            algo=algorithm(facts),
+            listed=facts.objects,
+        )
+        if wants_dicom
+        else None
+    )
+    build = partial(build_derived, plan=plan, dst=facts.dst, dicom=dicom)
     finish = partial(
         _derived,
         listed=facts.derived.listed,

@@ -722,13 +722,14 @@ def test_dicom_objects_ride_the_runs_one_commit(ray_session, package, tmp_path, 
     its commit leaves none visible and sends none; the one manifest write lists every object with
     its sha256 beside the rows; only listed objects with those bytes are sent; an output whose
     objects an older version named in OUTPUT_dicom/_manifest.json keeps them (those whose bytes
-    match), the others are made again; a rerun with nothing new writes nothing."""
+    match), the others are made again; a run cut off while committing is finished by the next, its
+    objects with its rows; a rerun with nothing new writes nothing."""
     import dataclasses
     import hashlib
     import json
     import os
 
-    from braintumor_ray.core import StagedWriter, lease_location
+    from braintumor_ray.core import Location, StagedWriter, lease_location
     from braintumor_ray.score import run_scoring
 
     archive, out, folder = tmp_path / "archive", tmp_path / "preds", tmp_path / "preds_dicom"
@@ -791,6 +792,30 @@ def test_dicom_objects_ride_the_runs_one_commit(ray_session, package, tmp_path, 
         assert sorted(str(ds.SOPInstanceUID) for ds in late.got) == sorted(u for n, u in uids.items() if n != forged)
         assert "not the object that was committed" in caplog.text
         (folder / forged).write_bytes(good)
+
+        # A new series; the run cut off while committing (its first object moved in): the next run
+        # finishes that commit, objects with the rows, and sends them.
+        series = generate_uid()
+        write_file(f"{archive}/SER2/IM0.dcm", dicom_bytes(head12(9), series=series, study=study, window=(1500, 3000)))
+        real_move = Location.move_to
+
+        def cut(self, other):
+            if other.path.endswith(".dcm") and other.path.startswith(str(folder)):
+                real_move(self, other)
+                raise KeyboardInterrupt("killed while committing")
+            return real_move(self, other)
+
+        monkeypatch.setattr(Location, "move_to", cut)
+        with pytest.raises(KeyboardInterrupt):
+            run_scoring(cfg)
+        monkeypatch.setattr(Location, "move_to", real_move)
+        assert sorted(listed()) == names  # not listed yet: the manifest is written after the moves
+        finished = run_scoring(cfg)
+        assert finished["committed_runs"] == 1 and finished["scored"] == 0 and finished["dicom"]["sr"] == 0
+        names = sorted(p.name for p in folder.glob("*.dcm"))
+        assert sorted(listed()) == names and len(names) > len(uids)
+        uids = {n: str(pydicom.dcmread(str(folder / n)).SOPInstanceUID) for n in names}
+        assert sorted(str(ds.SOPInstanceUID) for ds in scp.got) == sorted(uids.values())
 
         # The layout before: objects named in OUTPUT_dicom/_manifest.json, one of them since rewritten.
         doc = json.loads((out / "_manifest.json").read_text())
