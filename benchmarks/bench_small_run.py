@@ -37,7 +37,7 @@ PARTS = {
     "commit": "_commit",
     "series_table": "series_table",
     "report": "write_scoring_report",
-    "dicom_step": "run_dicom_step",
+    "dicom_objects": "dicom_objects",
 }
 
 CHILD = r"""

@@ -12,6 +12,11 @@ marker) or the one whose lease this run took over. Any other folder in the stagi
 copied in, another tool's) is left alone and named in a warning, and a run's entry list is
 validated before anything moves: a staged folder is never a way to delete or overwrite files.
 
+A commit may also carry files built from the output's files as they will be (``derived``: a
+report, a table in a sibling) and files of its siblings that stay until a later commit retires
+them (``objects``: scoring's DICOM objects): both are staged in the run's folder and listed in the
+same manifest write as its files.
+
 :func:`remove_child` is the only code that deletes files of an output or its siblings.
 
 Runs on one output take turns through its :class:`~._lease.Lease`: given the lease, the writer
@@ -69,6 +74,9 @@ def _plain_name(name: Any) -> bool:
 # In a staged run: the derived files it commits beside its rows (see StagedWriter.commit), each
 # at its key's path below this folder.
 DERIVED_DIR = "_derived"
+# In a staged run: the objects it adds to the output's siblings (see StagedWriter.commit), each at
+# its key's path below this folder.
+OBJECTS_DIR = "_objects"
 
 
 def files_digest(files: dict[str, dict[str, Any]]) -> str:
@@ -170,30 +178,41 @@ class Manifest:
         return None if doc is None else doc["files"]
 
     def read_doc(self) -> dict[str, Any] | None:
-        """The whole manifest: ``files`` and ``derived`` (key -> entry, see :meth:`StagedWriter.commit`;
-        empty when none was committed with the files), or None when the output has no manifest."""
+        """The whole manifest: ``files``, ``derived`` and ``objects`` (key -> entry, see
+        :meth:`StagedWriter.commit`; empty when none was committed), or None when the output has no
+        manifest."""
         if not self.location.exists():
             return None
         try:
             doc = json.loads(self.location.read_bytes())
-            files, derived = doc["files"], doc.get("derived", {})
+            files, derived, objects = doc["files"], doc.get("derived", {}), doc.get("objects", {})
             if doc.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
                 raise ValueError(f"format {doc.get('format')!r}")
-            if not isinstance(derived, dict) or not all(isinstance(e, dict) for e in derived.values()):
-                raise ValueError("'derived' is not a table of entries")
+            for what, table in (("derived", derived), ("objects", objects)):
+                if not isinstance(table, dict) or not all(isinstance(e, dict) for e in table.values()):
+                    raise ValueError(f"{what!r} is not a table of entries")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise StorageError(
                 f"{self.location.uri} is not a readable manifest ({e}): restore it from a backup, or "
                 "score into a new output (its rows cannot be told from planted ones)"
             ) from e
-        return {"files": files, "derived": derived}
+        return {"files": files, "derived": derived, "objects": objects}
 
-    def write(self, files: dict[str, dict[str, Any]], derived: dict[str, dict[str, Any]] | None = None) -> None:
+    def write(
+        self,
+        files: dict[str, dict[str, Any]],
+        derived: dict[str, dict[str, Any]] | None = None,
+        objects: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         """Replace the manifest. ``derived``: the derived files' entries, which stand only beside
-        the files they were built from (a write without them drops them)."""
+        the files they were built from (a write without them drops them). ``objects``: the files
+        the job committed in the output's siblings (``SUFFIX/NAME`` -> entry; a write without them
+        drops them)."""
         doc: dict[str, Any] = {"format": MANIFEST_FORMAT, "files": dict(sorted(files.items()))}
         if derived:
             doc["derived"] = dict(sorted(derived.items()))
+        if objects:
+            doc["objects"] = dict(sorted(objects.items()))
         self.location.write_atomic(json.dumps(doc, indent=1, sort_keys=True).encode())
 
     def committed(
@@ -357,8 +376,12 @@ class StagedWriter:
         describe: Callable[[bytes], dict[str, Any]] | None = None,
         manifest: bool = False,
         derived: tuple[str, ...] = (),
+        objects: tuple[str, ...] = (),
     ) -> None:
         self.output = output
+        # The siblings whose files its commits may add or retire (``"_dicom"``: OUTPUT_dicom/NAME,
+        # keyed "_dicom/NAME"), each listed in the manifest's "objects" until a commit retires it.
+        self.objects = objects
         # The derived files its commits may carry, by key: "NAME" is OUTPUT/NAME, "SUFFIX/NAME"
         # is OUTPUT<SUFFIX>/NAME (a sibling). A fixed list: a staged entry list names no other path.
         self.derived = derived
@@ -383,6 +406,38 @@ class StagedWriter:
         folder = Location(uri=self.output.uri_of(base), path=base, fs=self.output.fs, is_s3=self.output.is_s3)
         return folder.join(name)
 
+    def _object_key(self, key: Any) -> bool:
+        """``SUFFIX/NAME``: SUFFIX one of :attr:`objects`, NAME a plain file name of the job's (no ``_``
+        or ``.`` first: the sibling's own bookkeeping, such as a ledger, is never an object)."""
+        if not isinstance(key, str):
+            return False
+        suffix, _, name = key.partition("/")
+        return suffix in self.objects and _plain_name(name) and not name.startswith(("_", "."))
+
+    def object_location(self, key: str) -> Location:
+        """Where the object ``key`` (see :meth:`_object_key`) is published; a StorageError for any
+        other key."""
+        if not self._object_key(key):
+            raise StorageError(f"{self.what}: {key!r} is not an object of {self.output.uri} (a bug: report it)")
+        suffix, _, name = key.partition("/")
+        return self.output.sibling(suffix).join(name)
+
+    def adopt_objects(self, entries: dict[str, dict[str, Any]]) -> int:
+        """List objects already in the output's siblings in the manifest, as they are (``entries``:
+        key -> entry with its sha256, which the caller checked against the bytes there): an output
+        whose objects an older version named elsewhere. The manifest's files and derived entries
+        stay as they are. Under the lease; the number listed."""
+        if self.manifest is None or not entries:
+            return 0
+        for key in entries:
+            self.object_location(key)
+        self._check_lease()
+        doc = self.manifest.read_doc()
+        if doc is None:
+            return 0
+        self.manifest.write(doc["files"], derived=doc["derived"], objects=doc["objects"] | entries)
+        return len(entries)
+
     def commit(
         self,
         run: Location,
@@ -390,6 +445,8 @@ class StagedWriter:
         replace_all: bool = False,
         data: dict[str, bytes] | None = None,
         derived: dict[str, tuple[bytes, dict[str, Any]]] | None = None,
+        objects: dict[str, bytes] | None = None,
+        retire: tuple[str, ...] = (),
     ) -> int:
         """Mark ``run`` complete, then move its files into the output; the number of files moved.
 
@@ -401,7 +458,13 @@ class StagedWriter:
         scoring job's series table and report), key -> (bytes, extra entry keys): staged in the
         run, published with its files and listed in the manifest's ``derived`` with their sha256
         and ``of`` (:func:`files_digest` of the files after the commit). They replace the derived
-        entries before; a commit without them (an older version's, an adoption) drops those.
+        entries before; a commit without them keeps those only while they were built from the
+        files the manifest lists after it (a commit of objects alone), and drops them otherwise.
+
+        ``objects``: files for the output's siblings (:meth:`object_location`), key -> bytes: staged
+        in the run, published with its files and listed in the manifest's ``objects`` with their
+        sha256 until a later commit names them in ``retire``; a retired object leaves the manifest in
+        that commit's one write and is deleted after it (:func:`remove_child`).
 
         From the marker on, a run cut off mid-commit is finished by the next :meth:`recover`
         instead of redone. With a manifest, the run's entries are written before the marker and
@@ -415,11 +478,19 @@ class StagedWriter:
             raise StorageError(f"{self.what}: {run.uri} is not a run folder of {self.root.uri} (a bug: report it)")
         if derived and self.manifest is None:
             raise StorageError(f"{self.what}: derived files are committed only with a manifest (a bug: report it)")
+        if (objects or retire) and self.manifest is None:
+            raise StorageError(f"{self.what}: objects are committed only with a manifest (a bug: report it)")
         for key, (blob, _) in (derived or {}).items():
             self.derived_location(key)  # one of the writer's keys, or a bug
             run.join(DERIVED_DIR, *key.split("/")).write_atomic(blob)
+        for key in [*(objects or {}), *retire]:
+            self.object_location(key)  # one of the writer's siblings and a plain name, or a bug
+        for key, blob in (objects or {}).items():
+            run.join(OBJECTS_DIR, *key.split("/")).write_atomic(blob)
         if self.manifest is not None:
             doc = self._entries_doc(self.manifest, run, replace_all=replace_all, data=data or {}, derived=derived or {})
+            doc["objects"] = {k: _entry(blob, None) for k, blob in (objects or {}).items()}
+            doc["retire"] = sorted(set(retire) - set(objects or {}))
             run.join(ENTRIES_FILE).write_bytes(json.dumps(doc).encode())
         self.root.join(COMMITTING_FILE).write_atomic(json.dumps({"run": name}).encode())
         run.join(DONE_MARKER).write_bytes(b"")
@@ -500,15 +571,17 @@ class StagedWriter:
         return len(files)
 
     def _payload(self, run: Location) -> list[str]:
-        inner = run.join(DERIVED_DIR).path.rstrip("/") + "/"
+        inner = tuple(run.join(d).path.rstrip("/") + "/" for d in (DERIVED_DIR, OBJECTS_DIR))
         return [
-            p for p in run.files() if posix_basename(p) not in (DONE_MARKER, ENTRIES_FILE) and not p.startswith(inner)
+            p
+            for p in sorted(run.file_sizes(missing_ok=True))  # none: a commit that only retires objects
+            if posix_basename(p) not in (DONE_MARKER, ENTRIES_FILE) and not p.startswith(inner)
         ]
 
-    def _staged_derived(self, run: Location) -> dict[str, str]:
-        """The derived files staged in ``run``: key -> path (a key the writer does not know included,
-        for :meth:`_entries` to refuse)."""
-        inner = run.join(DERIVED_DIR)
+    def _staged_derived(self, run: Location, folder: str = DERIVED_DIR) -> dict[str, str]:
+        """The derived files (or, ``folder`` :data:`OBJECTS_DIR`, the objects) staged in ``run``: key ->
+        path (a key the writer does not know included, for :meth:`_entries` to refuse)."""
+        inner = run.join(folder)
         if not inner.exists():
             return {}
         base = inner.path.rstrip("/") + "/"
@@ -601,22 +674,25 @@ class StagedWriter:
         """The run's validated entry list, or None (with a warning naming the run and why)."""
         payload = {posix_basename(p): p for p in self._payload(run)}
         if self.manifest is None:
-            return {"replace_all": False, "files": {}, "replaces": [], "derived": {}}
+            return {"replace_all": False, "files": {}, "replaces": [], "derived": {}, "objects": {}, "retire": []}
         if not run.join(ENTRIES_FILE).exists():  # staged by a version before manifests
             return {
                 "replace_all": False,
                 "files": {n: _entry(run.fs.cat_file(p), self.describe) for n, p in payload.items()},
                 "replaces": [],
                 "derived": {},
+                "objects": {},
+                "retire": [],
             }
         try:
             doc = json.loads(run.join(ENTRIES_FILE).read_bytes())
             files, replace_all = doc["files"], doc.get("replace_all", False)
             replaces = doc.get("replaces")
-            derived = doc.get("derived", {})
+            derived, objects, retire = doc.get("derived", {}), doc.get("objects", {}), doc.get("retire", [])
             if not isinstance(files, dict) or not isinstance(replace_all, bool):
                 raise ValueError("'files' is not a table of names or 'replace_all' is not true/false")
             self._check_derived(run, derived)
+            self._check_objects(run, objects, retire)
             bad = [
                 n
                 for n in files
@@ -652,7 +728,34 @@ class StagedWriter:
             replaces = sorted(
                 n for n, e in (self.manifest.read() or {}).items() if n not in files and not e.get("adopted")
             )
-        return {"replace_all": replace_all, "files": files, "replaces": replaces or [], "derived": derived}
+        return {
+            "replace_all": replace_all,
+            "files": files,
+            "replaces": replaces or [],
+            "derived": derived,
+            "objects": objects,
+            "retire": retire,
+        }
+
+    def _check_objects(self, run: Location, objects: Any, retire: Any) -> None:
+        """A staged run's objects and retired keys: this writer's siblings' plain names, a sha256 for
+        each object, and every staged object listed with its bytes (ValueError otherwise)."""
+        if not isinstance(objects, dict) or not isinstance(retire, list):
+            raise ValueError("'objects' is not a table of files or 'retire' is not a list")
+        bad = [k for k in [*objects, *retire] if not self._object_key(k)]
+        if bad:
+            raise ValueError(
+                f"objects or retired names that are not plain files of this output's siblings: {bad[:3]!r}"
+            )
+        if not all(isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in objects.values()):
+            raise ValueError("objects without a sha256")
+        for key, path in self._staged_derived(run, OBJECTS_DIR).items():
+            if key not in objects:
+                raise ValueError(f"staged object {key!r} it does not list")
+            if not run.is_s3 and os.path.islink(path):
+                raise ValueError(f"{key} is a link")
+            if hashlib.sha256(run.fs.cat_file(path)).hexdigest() != objects[key]["sha256"]:
+                raise ValueError(f"{key}'s bytes do not match its sha256")
 
     def _check_derived(self, run: Location, derived: Any) -> None:
         """A staged run's derived entries: the writer's own keys with a sha256 each, and every staged
@@ -688,18 +791,31 @@ class StagedWriter:
             self._check_lease()
             src = Location(uri=run.uri_of(path), path=path, fs=run.fs, is_s3=run.is_s3)
             src.move_to(self.derived_location(key))
+        for key, path in self._staged_derived(run, OBJECTS_DIR).items():
+            self._check_lease()
+            src = Location(uri=run.uri_of(path), path=path, fs=run.fs, is_s3=run.is_s3)
+            src.move_to(self.object_location(key))
         if self.manifest is not None:
             self._check_lease()
-            before = self.manifest.read() or {}
+            doc = self.manifest.read_doc() or {"files": {}, "derived": {}, "objects": {}}
+            before = doc["files"]
             replaced = set(staged["replaces"])
             files = {
                 n: e for n, e in before.items() if not (staged["replace_all"] and (n in replaced or e.get("adopted")))
             } | staged["files"]
             of = files_digest(files)
-            self.manifest.write(files, derived={k: e | {"of": of} for k, e in staged["derived"].items()})
+            derived = {k: e | {"of": of} for k, e in staged["derived"].items()}
+            if not derived:  # a commit of objects alone: the derived files built from these files stand
+                derived = {k: e for k, e in doc["derived"].items() if e.get("of") == of}
+            retired = set(staged["retire"])
+            objects = {k: e for k, e in doc["objects"].items() if k not in retired} | staged["objects"]
+            self.manifest.write(files, derived=derived, objects=objects)
             for name in staged["replaces"]:  # out of the manifest first: a cut-off delete leaves no listed hole
                 if name not in staged["files"]:
                     remove_child(self.output, self.output, name, what=self.what)
+            for key in sorted(retired - set(staged["objects"])):  # unlisted first, as the replaced files
+                suffix, _, name = key.partition("/")
+                remove_child(self.output, self.output.sibling(suffix), name, what=self.what)
         self._remove_run(posix_basename(run.path))  # the marker goes with it: a cut-off commit is finished next time
         if not recovering:
             self._clear_pointer({posix_basename(run.path)})

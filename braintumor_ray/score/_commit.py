@@ -3,21 +3,20 @@ versions of unchanged files, the maps; and the committed table after it, built i
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..core import Location, StagedWriter, StorageError, latest_rows, posix_basename, remove_child
+from ._config import OUTPUT_CONFIG_FILE, OUTPUT_IDS_FILE, ScoreConfig
+from ._derived import Derived, commit_args
 from ._layout import ATTEMPTS_DIR, UNCHANGED, _output_of, _writer, output_schema
 from ._plan import WITHDRAWN, WITHDRAWN_REASON, ScoringPlan
-
-if TYPE_CHECKING:
-    from ._derived import Derived
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +31,8 @@ def _commit(
     derive: Callable[[pa.Table], Derived],
 ) -> tuple[pa.Table, pa.Table, int, Derived]:
     """Add the withdrawal rows to the run, then commit it: its rows and the maps, and the series
-    table and report ``derive`` builds from the committed rows as they will be (listed in the same
-    manifest write as the rows). Returns this run's rows (scored and withdrawn), the committed rows
+    table, report and DICOM objects ``derive`` builds from the committed rows as they will be
+    (listed in the same manifest write as the rows; replaced objects leave it in that write). Returns this run's rows (scored and withdrawn), the committed rows
     after the commit, the maps committed and what ``derive`` built.
 
     Every row of the run is on storage: the commit marks it so (from here a cut-off run is
@@ -57,6 +56,8 @@ def _commit(
             len(plan.diff.withdrawn),
         )
     written = pa.concat_tables([t.cast(schema) for t in kept.values()]) if kept else schema.empty_table()
+    # The maps first: a committed row never names a PNG that is not there yet, and an SC is drawn
+    # from a committed map.
     heatmaps = explain_writer.commit(explain_stage) if explain_stage.exists() else 0
     parts = [] if plan.rescore_all and kept else [committed]
     if found:  # after `written`: these files were not scored again
@@ -70,9 +71,23 @@ def _commit(
         )
     after = pa.concat_tables([*parts, written])
     built = derive(after)
-    writer.commit(staging, replace_all=plan.rescore_all and bool(kept), data=data, derived=built.files)
+    writer.commit(staging, replace_all=plan.rescore_all and bool(kept), data=data, **commit_args(built))
     _clear_attempts(writer.root.join(ATTEMPTS_DIR))
     return written, after, heatmaps, built
+
+
+def commit_settings(dst: Location, plan: ScoringPlan, config: ScoreConfig) -> None:
+    """What the plan accepted, written before anything else is: the identifiers record when the plan
+    says so (:func:`~._plan.claim_identifiers`: before any row named by it is committed, so that a
+    run cut off after its commit never leaves rows named another way than the record says), and the
+    run's config as given (``jobs/score.py --config`` takes it back; dataset readers skip it) unless
+    the output holds these bytes already: a run with nothing new writes nothing."""
+    if plan.identifiers_record is not None:
+        dst.join(OUTPUT_IDS_FILE).write_atomic(json.dumps(plan.identifiers_record, indent=2).encode())
+    loc = dst.join(OUTPUT_CONFIG_FILE)
+    data = config.to_yaml().encode()
+    if not loc.exists() or loc.read_bytes() != data:
+        config.save_yaml(loc)
 
 
 def _read_staged(staging: Location) -> tuple[dict[str, pa.Table], dict[str, bytes]]:

@@ -1,21 +1,22 @@
-"""What a scoring run derives from its committed rows, in memory: the per-series table and the
-review page (built before the commit, from the rows as they will be, and committed with them),
-then the DICOM objects and their sending, the summary's counts; and the summary's text."""
+"""What a scoring run derives from its committed rows, in memory: the per-series table, the
+review page and the DICOM objects (built before the commit, from the rows as they will be, and
+committed with them), then the sending of the committed objects, the summary's counts; and the
+summary's text."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..core import Identifiers, Lease, Location, Manifest, StagedWriter
+from ..core import Lease, Location, Manifest, StagedWriter
 from ..imaging import SLICE_SKIP_REASONS
 from ..report import scoring_report_html
 from ._config import ScoreConfig
-from ._dicom import run_dicom_step
+from ._dicom import DicomObjects, send_committed
 from ._dicom_out import Algorithm
 from ._explain import explain_location
 from ._layout import REPORT_KEY, SERIES_KEY
@@ -144,77 +145,85 @@ def algorithm(facts: ScoringFacts) -> Algorithm:
 
 @dataclass(frozen=True)
 class Derived:
-    """The series table and report built from committed rows, as the commit publishes them."""
+    """What a run builds from the committed rows as they will be, for its one commit: the series
+    table and report (``files``; empty when the ones committed stand) and the DICOM objects."""
 
-    series: pa.Table  # in memory: the DICOM step takes it from here, never from its file
+    series: pa.Table  # in memory: the DICOM objects are built from it, never from its file
     files: dict[str, tuple[bytes, dict[str, Any]]]  # key -> (bytes, extra manifest entry keys)
     series_rows: int | None  # None: no table (an archive of plain images gets no empty sibling folder)
+    dicom: DicomObjects | None = None  # None: neither --dicom-out nor --dicom-send
+
+    @property
+    def changes(self) -> bool:
+        """Whether a commit has anything to publish."""
+        return bool(self.files) or (self.dicom is not None and self.dicom.changes)
 
 
-def build_derived(rows: pa.Table, *, plan: ScoringPlan, dst: Location) -> Derived:
-    """The per-series table and the review page of the committed rows ``rows`` (in memory, never
-    read back from storage), as files for the commit (:meth:`StagedWriter.commit`'s ``derived``)."""
+def build_derived(
+    rows: pa.Table,
+    *,
+    plan: ScoringPlan,
+    dst: Location,
+    files: bool = True,
+    dicom: Callable[..., DicomObjects | None] | None = None,
+) -> Derived:
+    """The per-series table, the review page (``files``) and the DICOM objects (``dicom``, given the
+    rows and the series table) of the committed rows ``rows`` (in memory, never read back from
+    storage), as :meth:`StagedWriter.commit` takes them."""
     series = series_table(rows, list(plan.class_names), review_threshold=plan.series_review_threshold)
     extra = {"settings": plan.derived_settings}
-    files: dict[str, tuple[bytes, dict[str, Any]]] = {}
+    out: dict[str, tuple[bytes, dict[str, Any]]] = {}
     series_rows = None
-    if series.num_rows or plan.series_published:  # one there before is replaced, by an empty table too
-        files[SERIES_KEY] = (series_bytes(series), extra | {"rows": series.num_rows})
+    if files and (series.num_rows or plan.series_published):  # one there before is replaced, by an empty one too
+        out[SERIES_KEY] = (series_bytes(series), extra | {"rows": series.num_rows})
         series_rows = series.num_rows
-    maps = explain_location(dst)
-    html = scoring_report_html(
-        dst, series=series, maps=maps, rows=rows, map_files=Manifest(maps, what="explain").read()
-    )
-    files[REPORT_KEY] = (html.encode("utf-8"), extra)
-    return Derived(series=series, files=files, series_rows=series_rows)
+    if files:
+        maps = explain_location(dst)
+        html = scoring_report_html(
+            dst, series=series, maps=maps, rows=rows, map_files=Manifest(maps, what="explain").read()
+        )
+        out[REPORT_KEY] = (html.encode("utf-8"), extra)
+    objects = dicom(rows=rows, series=series) if dicom is not None else None
+    return Derived(series=series, files=out, series_rows=series_rows, dicom=objects)
 
 
 def commit_derived(writer: StagedWriter, run_id: str, built: Derived) -> None:
-    """A run with no rows to commit whose series table or report is missing, altered or stale: a
-    commit of those alone (the next run with nothing new finds them whole and writes nothing)."""
-    writer.commit(writer.stage(run_id), derived=built.files)
+    """A run with no rows to commit whose series table or report is missing, altered or stale, or
+    whose DICOM objects changed (ones a cut-off run left unmade): a commit of those alone (the next
+    run with nothing new finds them whole and writes nothing)."""
+    writer.commit(writer.stage(run_id), **commit_args(built))
+
+
+def commit_args(built: Derived) -> dict[str, Any]:
+    """What a run's :meth:`StagedWriter.commit` carries beside its rows: derived files and objects."""
+    return {
+        "derived": built.files or None,
+        "objects": built.dicom.objects if built.dicom is not None else None,
+        "retire": built.dicom.retire if built.dicom is not None else (),
+    }
 
 
 def _derived(
     summary: dict,
-    rows: pa.Table,
     *,
     built: Derived | None,
     listed: Mapping[str, Mapping[str, Any]],
     report: str,
     config: ScoreConfig,
-    plan: ScoringPlan,
     dst: Location,
-    src: Location,
-    ids: Identifiers,
-    sources: dict[str, str],
     lease: Lease,
-    algo: Algorithm,
 ) -> dict:
-    """After the commit, still under the lease: the DICOM objects and their sending (from the series
-    table in memory, not from its file; built here from ``rows`` when the run built none and DICOM
-    is asked for), and the summary's series count and report. ``built``: the series table and
-    report this run committed (None: the ones committed before stand, ``listed`` in the manifest)."""
-    series = built.series if built is not None else None
-    wants_dicom = config.dicom_out != "none" or bool(config.dicom_send)
-    if series is None and wants_dicom:
-        series = series_table(rows, list(plan.class_names), review_threshold=plan.series_review_threshold)
-    count = built.series_rows if built is not None else (listed.get(SERIES_KEY) or {}).get("rows")
+    """After the commit, still under the lease: the summary's series count, DICOM objects and report,
+    and the sending of the committed objects (``--dicom-send``: only what the manifest lists now,
+    with those bytes). ``built``: what this run built before its commit (None: nothing; the series
+    table and report committed before stand, ``listed`` in the manifest)."""
+    count = built.series_rows if built is not None and built.files else (listed.get(SERIES_KEY) or {}).get("rows")
     out = summary | {"series": count}
-    step = run_dicom_step(
-        config,
-        dst=dst,
-        src=src,
-        ids=ids,
-        sources=sources,
-        lease=lease,
-        run_id=plan.run_id,
-        algo=algo,
-        rows=rows,
-        series=series,
-    )
-    if step is not None:
-        out["dicom"] = step
+    if built is not None and built.dicom is not None:
+        out["dicom"] = dict(built.dicom.summary)
+        sent = send_committed(dst, config, lease)
+        if sent is not None:
+            out["dicom"]["sent"] = sent
     return out | {"report": report}
 
 

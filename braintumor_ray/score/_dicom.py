@@ -1,6 +1,8 @@
-"""The DICOM step of a scoring run, under its lease, after the rows and the series table are
-committed: write the objects ``--dicom-out`` asks for (staged and committed as the rows are, named
-in ``OUTPUT_dicom/_manifest.json``), then send what ``--dicom-send``'s destinations lack.
+"""The DICOM objects of a scoring run, under its lease: built before the run's commit from the
+series verdicts of the committed rows as they will be (the series table in memory), staged in the
+run's folder and published by its one commit (listed in ``OUTPUT/_manifest.json``'s ``objects``
+with their sha256; the objects they replace unlisted in the same write, then deleted); after the
+commit, what ``--dicom-send``'s destinations lack of the listed objects, with those bytes, is sent.
 
 It runs on the driver, not on Ray: one SR and at most one SC per series, 74 ms per object for
 the whole step (40 SRs and 40 SCs in 5.9 s; benchmarks/bench_dicom.py, this 2-core machine under a
@@ -13,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,18 +24,21 @@ import pandas as pd
 import pyarrow as pa
 
 from ..core import (
+    MANIFEST_FILE,
     BraintumorError,
     Identifiers,
     Lease,
     Location,
     Manifest,
     StagedWriter,
+    StorageError,
     latest_mask,
     posix_basename,
     remove_child,
     resolve,
 )
 from ._dicom_out import (
+    DICOM_SUFFIX,
     Algorithm,
     DicomObject,
     SeriesFinding,
@@ -119,36 +125,48 @@ def series_findings(series: pd.DataFrame, rows: pd.DataFrame, model_id: str) -> 
     return out, not_dicom
 
 
-def run_dicom_step(
+@dataclass(frozen=True)
+class DicomObjects:
+    """What ``--dicom-out`` adds to a run's one commit: the objects to publish (manifest key
+    ``_dicom/NAME`` -> bytes) and the committed ones to retire (keys), with the summary's ``dicom``
+    entry as far as the commit goes (sending comes after it)."""
+
+    objects: dict[str, bytes] = field(repr=False)
+    retire: tuple[str, ...]
+    summary: dict[str, Any]
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.objects or self.retire)
+
+
+def dicom_objects(
     config,
     *,
     dst: Location,
     src: Location,
     ids: Identifiers,
     sources: dict[str, str],
-    lease: Lease,
-    run_id: str,
     algo: Algorithm,
     rows: pa.Table,
     series: pa.Table | None,
-) -> dict[str, Any] | None:
-    """Write and send; the summary's ``dicom`` entry (None when neither is asked for).
+    listed: Mapping[str, Mapping[str, Any]],
+) -> DicomObjects | None:
+    """The objects the run's commit carries, built before it (None when neither ``--dicom-out`` nor
+    ``--dicom-send`` is asked for).
 
-    ``rows``: the output's committed rows; ``series``: the per-series table the job built from
-    them in memory. Neither is read from storage here: a rewritten ``OUTPUT_series/series.parquet``
-    never reaches an SR."""
+    ``rows``: the output's rows as they will be after the commit; ``series``: the per-series table
+    the job built from them in memory (a rewritten ``OUTPUT_series/series.parquet`` never reaches an
+    SR); ``listed``: the manifest's objects now (key -> entry), the only committed objects there are."""
     dests = parse_destinations(config.dicom_send)
     if config.dicom_out == "none" and not dests:
         return None
     root = dicom_location(dst)
-    writer = StagedWriter(root, what="dicom", lease=lease, manifest=True)
-    _leave_staged(writer, run_id)
     table = rows.select([c for c in SLICE_COLUMNS if c in rows.column_names]).to_pandas()
     findings, not_dicom = series_findings(series.to_pandas() if series is not None else None, table, algo.model_id)
-    assert writer.manifest is not None  # manifest=True
-    manifest = writer.manifest.read() or {}
+    committed = {k.partition("/")[2]: dict(e) for k, e in listed.items() if k.startswith(f"{DICOM_SUFFIX}/")}
     live = set(table["model_id"].dropna().unique()) if len(table) else set()
-    plan = plan_dicom(findings, config.dicom_out, manifest, model_id=algo.model_id, live_models=live)
+    plan = plan_dicom(findings, config.dicom_out, committed, model_id=algo.model_id, live_models=live)
     key = object_key(ids, keep_identifiers=config.dicom_identifiers)
     out: dict[str, Any] = {
         "mode": config.dicom_out,
@@ -158,40 +176,37 @@ def run_dicom_step(
         "sc": 0,
         "skipped": 0,
     }
-    if plan.write:
 
-        def build(obj: DicomObject, previous: Any) -> bytes:
-            return _object_bytes(
-                obj, config, src, ids, sources, algo, key=key, previous=previous, explain_root=explain_location(dst)
-            )
+    def build(obj: DicomObject, previous: Any) -> bytes:
+        return _object_bytes(
+            obj, config, src, ids, sources, algo, key=key, previous=previous, explain_root=explain_location(dst)
+        )
 
-        for what, n in _write_objects(plan.write, build, writer=writer, run_id=run_id, manifest=manifest).items():
-            out[what] += n
-    if plan.retire:
-        _retire(dst, writer, plan.retire)
-        out["retired"] = len(plan.retire)
-    if dests:
-        out["sent"] = _send(root, dests, config, lease)
-    return out
+    objects, counts = _build_objects(plan.write, build, root=root, committed=committed)
+    for what, n in counts.items():
+        out[what] += n
+    retire = tuple(f"{DICOM_SUFFIX}/{n}" for n in plan.retire if parse_object_name(n) is not None)
+    if retire:
+        out["retired"] = len(retire)
+    return DicomObjects(objects={f"{DICOM_SUFFIX}/{n}": b for n, b in objects.items()}, retire=retire, summary=out)
 
 
-def _write_objects(
+def _build_objects(
     objects: Sequence[DicomObject],
     build: Callable[[DicomObject, Any], bytes],
     *,
-    writer: StagedWriter,
-    run_id: str,
-    manifest: dict[str, dict],
-) -> Counter[str]:
-    """Stage each object ``build`` makes (given the SR it replaces, when there is one) and commit
-    them; the count of each kind written, and ``skipped``: one series' source gone, changed or
-    unreadable costs its objects, the others still get theirs."""
+    root: Location,
+    committed: dict[str, dict],
+) -> tuple[dict[str, bytes], Counter[str]]:
+    """Each object ``build`` makes (given the SR it replaces, when there is one), by file name, and
+    the count of each kind, and ``skipped``: one series' source gone, changed or unreadable costs its
+    objects, the others still get theirs."""
     counts: Counter[str] = Counter()
-    stage = writer.stage(run_id)
+    built: dict[str, bytes] = {}
     for obj in objects:
-        previous = _predecessor(writer.output, obj.predecessor, manifest) if obj.kind == "sr" else None
+        previous = _predecessor(root, obj.predecessor, committed) if obj.kind == "sr" else None
         try:
-            data = build(obj, previous)
+            built[obj.name] = build(obj, previous)
         except Exception as e:
             logger.warning(
                 "score: no DICOM %s for a series (its source file %s: %s)",
@@ -201,20 +216,67 @@ def _write_objects(
             )
             counts["skipped"] += 1
             continue
-        stage.join(obj.name).write_bytes(data)
         counts[obj.kind] += 1
-    if stage.exists():
-        writer.commit(stage)
-    return counts
+    return built, counts
 
 
-def _predecessor(root: Location, name: str | None, manifest: dict[str, dict]):
+def send_committed(dst: Location, config, lease: Lease) -> list[dict[str, Any]] | None:
+    """After the commit: send the objects ``OUTPUT/_manifest.json`` lists, with those bytes, to each
+    ``--dicom-send`` destination that lacks them (None when none is asked for)."""
+    dests = parse_destinations(config.dicom_send)
+    if not dests:
+        return None
+    doc = Manifest(dst, what="score").read_doc()
+    return _send(dicom_location(dst), dests, config, lease, (doc or {}).get("objects", {}))
+
+
+def migrate_dicom_manifest(writer: StagedWriter) -> int:
+    """An output whose DICOM objects an older version named in ``OUTPUT_dicom/_manifest.json``: each
+    object listed there whose bytes still match is listed in ``OUTPUT/_manifest.json``'s objects (a
+    changed or missing one is not: the next run builds it again from the committed rows), then that
+    old manifest is deleted. Cut off between the two, the next run does it again. The number adopted."""
+    root = dicom_location(writer.output)
+    old = Manifest(root, what="dicom")
+    if not old.location.exists():
+        return 0
+    try:
+        listed = old.read() or {}
+    except StorageError as e:
+        logger.warning("score: %s: no object of it is adopted", _cause(e))
+        listed = {}
+    adopted, left = {}, []
+    for name, entry in sorted(listed.items()):
+        # Only our own object names (plain children of OUTPUT_dicom/), there, with the listed bytes.
+        if parse_object_name(name) is None or not isinstance(entry, dict) or not root.join(name).exists():
+            left.append(name)
+            continue
+        sha = hashlib.sha256(root.join(name).read_bytes()).hexdigest()
+        if sha != entry.get("sha256"):
+            left.append(name)
+            continue
+        adopted[f"{DICOM_SUFFIX}/{name}"] = {"sha256": sha, "committed_at": entry.get("committed_at"), "migrated": True}
+    if writer.manifest is None or writer.manifest.read() is None:
+        adopted = {}  # no committed rows: no object stands (none could be made without them)
+    n = writer.adopt_objects(adopted)
+    if left:
+        logger.warning(
+            "score: %d objects named in %s are gone or not the bytes it lists: not adopted, never sent; "
+            "the objects of the committed rows are built again",
+            len(left),
+            old.location.uri,
+        )
+    remove_child(writer.output, root, MANIFEST_FILE, what="score")
+    logger.info("score: %d DICOM objects of %s now listed in %s", n, old.location.uri, MANIFEST_FILE)
+    return n
+
+
+def _predecessor(root: Location, name: str | None, committed: dict[str, dict]):
     """The committed SR that a new SR replaces, or None: none, or one gone or rewritten (the new
     verdict still goes, naming no predecessor)."""
     if not name:
         return None
     try:
-        return _committed_dataset(root, name, manifest)
+        return _committed_dataset(root, name, committed)
     except Exception as e:
         logger.warning(
             "score: the SR that a new SR replaces (%s) cannot be read (%s): the new one names no predecessor",
@@ -230,47 +292,12 @@ def object_key(ids: Identifiers, *, keep_identifiers: bool) -> bytes:
     return ids.key if ids.hashes and not keep_identifiers else b""
 
 
-def _leave_staged(writer: StagedWriter, run_id: str) -> None:
-    """Staged DICOM folders of other runs are never published: every object is rebuilt from the
-    committed rows, so a run cut off mid-commit loses nothing, and a folder planted there (with a
-    success marker and its own entry list) never reaches the manifest or a PACS."""
-    if not writer.root.exists():
-        return
-    others = [
-        posix_basename(p) for p in writer.root.fs.ls(writer.root.path, detail=False) if posix_basename(p) != run_id
-    ]
-    if others:
-        logger.warning(
-            "score: left alone, never committed or sent: %d staged DICOM folder(s) of other runs in %s "
-            "(%s); the objects are rebuilt from the committed rows: delete them when no run is going",
-            len(others),
-            writer.root.uri,
-            ", ".join(sorted(others)[:5]),
-        )
-
-
-def _committed_dataset(root: Location, name: str, manifest: dict[str, dict]):
+def _committed_dataset(root: Location, name: str, committed: dict[str, dict]):
     """A committed object, its bytes checked against the manifest (the predecessor an SR names)."""
     data = root.join(name).read_bytes()
-    if hashlib.sha256(data).hexdigest() != manifest.get(name, {}).get("sha256"):
+    if hashlib.sha256(data).hexdigest() != committed.get(name, {}).get("sha256"):
         raise SourceChanged(f"{name} is not the object that was committed (its sha256 differs from the manifest's)")
     return read_dataset(data)
-
-
-def _retire(dst: Location, writer: StagedWriter, names: tuple[str, ...]) -> None:
-    """Objects whose verdict was replaced: out of the manifest (never sent again), then deleted
-    (by :func:`~braintumor_ray.core.remove_child`, as every deletion of an output's files). Only our
-    own object names (plain children of OUTPUT_dicom/, :func:`parse_object_name`)."""
-    mine = [n for n in names if parse_object_name(n) is not None]
-    if not mine or writer.manifest is None:
-        return
-    check = writer.lease.check if writer.lease is not None else (lambda: None)
-    check()
-    files = writer.manifest.read() or {}
-    writer.manifest.write({k: v for k, v in files.items() if k not in set(mine)})
-    for name in mine:
-        check()
-        remove_child(dst, writer.output, name, what="score")
 
 
 def check_source(ds, f: SeriesFinding, ids: Identifiers) -> None:
@@ -361,13 +388,26 @@ def _object_bytes(
     return to_bytes(build_sc(view, pixels, f, notice=config.dicom_banner, key=key))
 
 
-def _send(root: Location, dests, config, lease: Lease) -> list[dict[str, Any]]:
+def _send(root: Location, dests, config, lease: Lease, listed: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Send every committed object a destination lacks; per destination: sent, already, failed, error.
-    A list, not a mapping by destination: MLflow metric names may not hold a URL's ``:`` and ``@``."""
-    manifest = Manifest(root, what="dicom")
-    # Only what the manifest names, with those bytes: without a manifest (deleted), nothing, not
-    # every .dcm file present (Manifest.committed's reading of an output from before manifests).
-    committed = {cf.name: cf.data for cf in manifest.committed(".dcm")} if manifest.read() is not None else {}
+    A list, not a mapping by destination: MLflow metric names may not hold a URL's ``:`` and ``@``.
+    ``listed``: the manifest's objects after the commit; only those, with those bytes, are sent (a
+    ``.dcm`` put into OUTPUT_dicom/ by hand, or one rewritten there, never is)."""
+    committed = {}
+    for key, listed_entry in sorted(listed.items()):
+        suffix, _, name = key.partition("/")
+        if suffix != DICOM_SUFFIX or parse_object_name(name) is None:
+            continue
+        loc = root.join(name)
+        data = loc.read_bytes() if loc.exists() else None
+        if data is None or hashlib.sha256(data).hexdigest() != listed_entry.get("sha256"):
+            logger.warning(
+                "score: %s is gone or not the object that was committed (its sha256 differs from the "
+                "manifest's): not sent",
+                loc.uri,
+            )
+            continue
+        committed[name] = data
     ledger = SentLedger(root)
     report: list[dict[str, Any]] = []
     for dest in dests:

@@ -1,12 +1,13 @@
 """A scoring run's facts: everything it reads before its plan, once (the verified package, the
-listing, the committed rows as one table), and the output put in order under the lease
-(earlier runs recovered, the identifiers record checked). The plan takes these and nothing else."""
+listing, the committed rows as one table, the identifiers record), and the output put in order
+under the lease (earlier runs recovered). The plan takes these and nothing else."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core import (
-    ConfigError,
     Identifiers,
     InputError,
     Lease,
@@ -28,10 +28,11 @@ from ..core import (
     resolve,
 )
 from ..imaging import MRIPreprocess
-from ._config import OUTPUT_CONFIG_FILE, OUTPUT_IDS_FILE, ScoreConfig
+from ._config import OUTPUT_IDS_FILE, ScoreConfig
+from ._dicom import migrate_dicom_manifest
 from ._explain import explain_location
 from ._layout import DERIVED_KEYS, FETCHED_MODELS_DIR, _remove_fetched, _writer, committed_rows
-from ._plan import DerivedFacts, plan_engine
+from ._plan import DerivedFacts, IdentifiersFound, plan_engine
 
 if TYPE_CHECKING:  # models imports torch
     from ..models import PackageMeta, PackagePin
@@ -62,6 +63,9 @@ class ScoringFacts:
     prefix: str  # "s3://" for S3 inputs: listing paths -> URIs
     committed: pa.Table = field(repr=False)  # every committed row, read and sha256-checked once
     derived: DerivedFacts = field(repr=False)  # the series table and report: listed, and as found
+    objects: Mapping[str, Mapping[str, Any]] = field(repr=False)  # the manifest's objects (OUTPUT_dicom/*.dcm)
+    identifiers_found: IdentifiersFound = field(repr=False)  # _identifiers.json as found
+    asked: ScoreConfig = field(repr=False)  # the config as given (a models:/ name still a name): saved so
 
     @property
     def model_id(self) -> str:
@@ -70,12 +74,13 @@ class ScoringFacts:
 
 def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
     """Verify the package, put the output in order under the lease (earlier runs recovered or
-    dropped, an output from before manifests adopted, the identifiers record checked, the
-    config saved), list the input and read the committed rows once.
+    dropped, an output from before manifests adopted, DICOM objects of an older layout listed),
+    list the input, read the identifiers record and the committed rows once.
 
     The order of these steps is the protocol (check the package before touching the output,
-    recover before reading the manifest, list before the identifiers are claimed): each is a
-    named step here, and they read in order in this one place.
+    recover before reading the manifest): each is a named step here, and they read in order in
+    this one place. The identifiers record is claimed by the plan, and written with the run's
+    config by :func:`~._commit.commit_settings`.
     """
     asked = config  # saved as given: a models:/ name stays a name, not the folder it resolved to
     package = _verified_package(config, lease)
@@ -85,12 +90,14 @@ def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
     ids = Identifiers.from_env(config.path_mode, config.uid_mode, root=src.uri)  # no key: fails before any work
     writer, explain_writer, recovered = _open_output(dst, lease)
     listed, files = _list_input(src, config)
-    _claim_identifiers(dst, ids)
-    _save_config(asked, dst.join(OUTPUT_CONFIG_FILE))  # `jobs/score.py --config` takes it back; readers skip it
     prefix = "s3://" if src.is_s3 else ""
     assert writer.manifest is not None  # _writer's always has one
-    doc = writer.manifest.read_doc() or {"files": None, "derived": {}}
+    found_ids = _found_identifiers(dst, writer.manifest)
+    doc = writer.manifest.read_doc() or {"files": None, "derived": {}, "objects": {}}
     return ScoringFacts(
+        asked=asked,
+        identifiers_found=found_ids,
+        objects=doc["objects"],
         config=config,
         registered=package.registered,
         meta=package.meta,
@@ -167,6 +174,7 @@ def _open_output(dst: Location, lease: Lease) -> tuple[StagedWriter, StagedWrite
     explain_writer.adopt(".png")  # maps written before that manifest: as they are now
     _check_manifest_kept(dst, writer.manifest)
     writer.adopt(foreign=_foreign_rows)  # an output from before manifests: its files as they are now
+    migrate_dicom_manifest(writer)  # objects an older version named in OUTPUT_dicom/_manifest.json
     return writer, explain_writer, recovered
 
 
@@ -194,14 +202,6 @@ def _derived_facts(writer: StagedWriter, doc: dict[str, Any]) -> DerivedFacts:
     return DerivedFacts(listed=doc["derived"], present=present, rows=files_digest(doc["files"] or {}))
 
 
-def _save_config(config: ScoreConfig, loc: Location) -> None:
-    """Write the run's config unless the output holds these bytes already: a run with nothing new
-    writes nothing."""
-    data = config.to_yaml().encode()
-    if not loc.exists() or loc.read_bytes() != data:
-        config.save_yaml(loc)
-
-
 def _foreign_rows(data: bytes) -> str | None:
     """Why a Parquet file found in an output without a manifest is not this job's rows, or None."""
     try:
@@ -212,48 +212,15 @@ def _foreign_rows(data: bytes) -> str | None:
     return f"no {', '.join(missing)} column" if missing else None
 
 
-def _claim_identifiers(dst: Location, ids: Identifiers) -> None:
-    """Refuse to add rows named another way than the output's (another mode or key): they would
-    not match the rows there, and every file would be scored again under a second name. An
-    output with rows but no record was written before the modes existed: full names."""
+def _found_identifiers(dst: Location, manifest: Manifest) -> IdentifiersFound:
+    """The output's identifiers record as it is (the plan decides on it, :func:`~._plan.claim_identifiers`)."""
     record = dst.join(OUTPUT_IDS_FILE)
-    mine = ids.describe()
     raw = record.read_bytes() if record.exists() else None
     if raw is not None and not raw.strip():
         # Left empty by a full disk before the record was written whole: no record at all.
         logger.warning("score: %s is empty (a write cut off by a full disk?): written again", record.uri)
         raw = None
-    if raw is not None:
-        try:
-            theirs = json.loads(raw)
-        except ValueError as e:
-            raise ConfigError(f"{record.uri} is not readable JSON ({e}): restore it, or score into a new output") from e
-    elif Manifest(dst, what="score").read():  # committed rows (a planted file is none), written before the record
-        theirs = {"path_mode": "full", "uid_mode": "full", "key_id": None}
-    else:
-        theirs = None
-    if theirs is not None and {k: theirs.get(k) for k in mine} != mine:
-        if (
-            theirs.get("key_id") != mine["key_id"]
-            and theirs.get("path_mode") == mine["path_mode"]
-            and theirs.get("uid_mode") == mine["uid_mode"]
-        ):
-            why = f"its rows were hashed with another key (key id {theirs.get('key_id')}, this run's {mine['key_id']})"
-            fix = "run with the key the output was written with"
-        else:
-            why = f"its rows name files with path_mode={theirs.get('path_mode')}, uid_mode={theirs.get('uid_mode')}"
-            fix = f"rerun with --path-mode {theirs.get('path_mode')} --uid-mode {theirs.get('uid_mode')}"
-        raise ConfigError(
-            f"output {dst.uri}: {why}, and this run asks for path_mode={ids.path_mode}, uid_mode={ids.uid_mode}; every "
-            f"file would be scored again under a second name. {fix}, or score into a new output"
-        )
-    if theirs != mine | MANIFEST_ERA or raw is None:
-        record.write_atomic(json.dumps(mine | MANIFEST_ERA, indent=2).encode())
-
-
-# In _identifiers.json: the output's rows are named by _manifest.json. Without this, a deleted
-# manifest made every Parquet file there, planted ones included, "adopted" as committed rows.
-MANIFEST_ERA = {"manifest": 1}
+    return IdentifiersFound(record=raw, has_rows=bool(raw is None and manifest.read()))
 
 
 def _check_manifest_kept(dst: Location, manifest: Manifest) -> None:
@@ -265,7 +232,7 @@ def _check_manifest_kept(dst: Location, manifest: Manifest) -> None:
     try:
         era = json.loads(record.read_bytes()).get("manifest")
     except (ValueError, AttributeError):
-        return  # _claim_identifiers names the problem
+        return  # the plan's identifiers claim names the problem
     if era and any(p.endswith(".parquet") for p in dst.files()):
         raise StorageError(
             f"{dst.join('_manifest.json').uri} is gone, but the runs on this output wrote one: its Parquet files "

@@ -24,6 +24,7 @@ from ..core import (
     remove_child,
 )
 from ..report import SCORING_REPORT
+from ._dicom_out import DICOM_SUFFIX
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ SERIES_FILE = "series.parquet"
 REPORT_KEY = SCORING_REPORT  # OUTPUT/_report.html
 SERIES_KEY = f"{SERIES_SUFFIX}/{SERIES_FILE}"  # OUTPUT_series/series.parquet
 DERIVED_KEYS = (REPORT_KEY, SERIES_KEY)
+# The siblings whose files (objects) a commit adds and retires: OUTPUT_dicom/*.dcm, keyed
+# "_dicom/NAME" in the manifest's "objects" (score/_dicom.py).
+OBJECT_SIBLINGS = (DICOM_SUFFIX,)
 
 # Beside the runs in OUTPUT._staging/: the markers of decode attempts (see _Attempts).
 ATTEMPTS_DIR = "_attempts"
@@ -125,8 +129,11 @@ def _remove_fetched(loc: Location) -> None:
 
 
 def _writer(dst: Location, lease: Lease | None = None) -> StagedWriter:
-    """The predictions' writer: its commits name their files in ``OUTPUT/_manifest.json``."""
-    return StagedWriter(dst, what="score", lease=lease, describe=_describe_rows, derived=DERIVED_KEYS)
+    """The predictions' writer: its commits name their files in ``OUTPUT/_manifest.json``, with the
+    derived files and the DICOM objects they carry."""
+    return StagedWriter(
+        dst, what="score", lease=lease, describe=_describe_rows, derived=DERIVED_KEYS, objects=OBJECT_SIBLINGS
+    )
 
 
 def _output_of(staged: Location) -> Location:

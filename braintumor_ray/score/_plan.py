@@ -304,6 +304,59 @@ def derived_stale(derived: DerivedFacts, settings: str, *, report: str) -> str |
     return None
 
 
+# In _identifiers.json: the output's rows are named by _manifest.json. Without this, a deleted
+# manifest made every Parquet file there, planted ones included, "adopted" as committed rows.
+MANIFEST_ERA = {"manifest": 1}
+
+
+@dataclass(frozen=True)
+class IdentifiersFound:
+    """The output's identifiers record (``_identifiers.json``) as a run finds it: its bytes (None:
+    no file, or an empty one), and whether the manifest lists committed rows."""
+
+    record: bytes | None = None
+    has_rows: bool = False
+
+
+def claim_identifiers(found: IdentifiersFound, ids: Identifiers, *, output: str) -> dict[str, Any] | None:
+    """The identifiers record the run must write (None: the one there stands), or a ConfigError when
+    the output's rows are named another way than this run would name them (another mode or key):
+    they would not match the rows there, and every file would be scored again under a second name.
+    An output with rows but no record was written before the modes existed: full names. Pure."""
+    import json
+
+    mine = ids.describe()
+    theirs: dict[str, Any] | None = None
+    if found.record is not None:
+        try:
+            theirs = json.loads(found.record)
+            if not isinstance(theirs, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            raise ConfigError(
+                f"{output}/_identifiers.json is not readable JSON ({e}): restore it, or score into a new output"
+            ) from e
+    elif found.has_rows:  # committed rows (a planted file is none), written before the record
+        theirs = {"path_mode": "full", "uid_mode": "full", "key_id": None}
+    if theirs is not None and {k: theirs.get(k) for k in mine} != mine:
+        if (
+            theirs.get("key_id") != mine["key_id"]
+            and theirs.get("path_mode") == mine["path_mode"]
+            and theirs.get("uid_mode") == mine["uid_mode"]
+        ):
+            why = f"its rows were hashed with another key (key id {theirs.get('key_id')}, this run's {mine['key_id']})"
+            fix = "run with the key the output was written with"
+        else:
+            why = f"its rows name files with path_mode={theirs.get('path_mode')}, uid_mode={theirs.get('uid_mode')}"
+            fix = f"rerun with --path-mode {theirs.get('path_mode')} --uid-mode {theirs.get('uid_mode')}"
+        raise ConfigError(
+            f"output {output}: {why}, and this run asks for path_mode={ids.path_mode}, uid_mode={ids.uid_mode}; every "
+            f"file would be scored again under a second name. {fix}, or score into a new output"
+        )
+    want = mine | MANIFEST_ERA
+    return None if found.record is not None and theirs == want else want
+
+
 @dataclass(frozen=True)
 class ClusterShape:
     """The Ray cluster's resources, as the replica plan needs them."""
@@ -352,6 +405,8 @@ class ScoringPlan:
     # stand, and a run with nothing new writes nothing); a run that commits rows always builds them.
     derived_stale: str | None = None
     series_published: bool = False  # a series table is there (or listed): replaced even when empty
+    # The identifiers record to write before anything is committed (None: the one there stands).
+    identifiers_record: dict[str, Any] | None = None
 
     @property
     def builds_derived(self) -> bool:
@@ -378,10 +433,14 @@ def plan_scoring(
     scored_at: datetime,
     notes: tuple[str, ...] = (),
     derived: DerivedFacts | None = None,
+    identifiers_found: IdentifiersFound | None = None,
 ) -> ScoringPlan:
     """The run's plan from the config (a :class:`ScoreConfig`) and the facts the driver read.
     ``cluster``: None when there is nothing to score (no replicas then). ``derived``: the output's
-    series table and report as found (None: none, they are built)."""
+    series table and report as found (None: none, they are built). ``identifiers_found``: the
+    output's identifiers record as found (None: no record and no rows); a record of another mode or
+    key refuses the run here (:func:`claim_identifiers`), before anything is written."""
+    record = claim_identifiers(identifiers_found or IdentifiersFound(), identifiers, output=output_uri)
     if config.use_gpu and cluster is not None and cluster.gpus < 1:
         raise ConfigError("use_gpu is set but the Ray cluster has no GPU: drop --use-gpu or add GPU nodes")
     replicas, per = (
@@ -417,6 +476,7 @@ def plan_scoring(
         derived_settings=settings,
         derived_stale=None if diff.has_work else derived_stale(derived, settings, report=REPORT_KEY),
         series_published=SERIES_KEY in derived.listed or derived.present.get(SERIES_KEY) is not None,
+        identifiers_record=record,
     )
 
 

@@ -8,15 +8,18 @@ Parquet files only, and a run killed at any point is finished or redone by the n
 
 A run is a short sequence (:func:`_run_scoring`): its facts (:mod:`._facts`: the verified
 package, the listing, the committed rows read and sha256-checked once into one Arrow table),
-its plan (:mod:`._plan`, pure: one frozen :class:`ScoringPlan` from those facts alone), its
-execution (:mod:`._execute`: decode tasks, :mod:`._decode`, and model replicas, :class:`Predictor`,
-on Ray Data; the replicas take the plan and load only the package bytes it pins), its one
-commit (:mod:`._commit`: the withdrawal rows and the new versions of unchanged files added,
-every file named in ``OUTPUT/_manifest.json``, with the per-series table and the report built
-in memory from the committed rows as they will be, :mod:`._derived`, listed in the same
-manifest write), then the DICOM objects, and MLflow. A run with nothing to commit writes
-nothing while the series table and report committed before are whole. What the output is made
-of (its schema, its sibling folders, its derived files, its writer) is :mod:`._layout`.
+its plan (:mod:`._plan`, pure: one frozen :class:`ScoringPlan` from those facts alone, the
+identifiers record claimed or the run refused), the settings it accepted written (the identifiers
+record, ``_config.yaml``), its execution (:mod:`._execute`: decode tasks, :mod:`._decode`, and
+model replicas, :class:`Predictor`, on Ray Data; the replicas take the plan and load only the
+package bytes it pins), its one commit (:mod:`._commit`: the withdrawal rows and the new versions
+of unchanged files added, every file named in ``OUTPUT/_manifest.json``, with the per-series
+table, the report and the DICOM objects built in memory from the committed rows as they will be,
+:mod:`._derived` and :mod:`._dicom`, listed in the same manifest write, and the objects they
+replace unlisted in it), then the sending of the committed objects, and MLflow. A run with
+nothing to commit writes nothing while the series table and report committed before are whole
+and no DICOM object is to be made or retired. What the output is made of (its schema, its
+sibling folders, its derived files and objects, its writer) is :mod:`._layout`.
 
 DICOM files and NIfTI volumes are scored slice by slice (one row per slice, with its UIDs);
 each commit carries the per-series table beside the output, rebuilt from every committed row
@@ -27,13 +30,14 @@ Output layout::
     OUTPUT/rows-<run>.parquet     the predictions, one file a run (read the folder with pandas, pyarrow, DuckDB)
     OUTPUT/_config.yaml           the last run's ScoreConfig (for --config; dataset readers skip it)
     OUTPUT/_manifest.json         what the job committed: each file, its sha256, rows and model id;
-                                  only these files are read as committed rows
+                                  only these files are read as committed rows; the series table and
+                                  report (its "derived"), the DICOM objects (its "objects")
     OUTPUT/_identifiers.json      how the rows name files and UIDs (path_mode, uid_mode, key id)
     OUTPUT/_report.html           the review report: counts, series verdicts, cases with heat maps, every row
     OUTPUT_series/series.parquet  one row per DICOM series or NIfTI volume and model
     OUTPUT_explain/*.png          --explain: heat-map overlays, named with their sha256 in its _manifest.json
-    OUTPUT_dicom/*.dcm            --dicom-out: an SR (and SC) per DICOM series, named in its _manifest.json;
-                                  _sent.json: what --dicom-send sent where
+    OUTPUT_dicom/*.dcm            --dicom-out: an SR (and SC) per DICOM series, named in OUTPUT/_manifest.json;
+                                  _sent.json: what --dicom-send sent where (written after the commit)
     OUTPUT._staging/<run>/        a run in progress or cut off (never read by users)
     OUTPUT._lease.json            the lease of the run writing the output, while one runs (and, on
                                   local disk, OUTPUT._lease.lock, the lock its updates take)
@@ -55,9 +59,10 @@ import pyarrow as pa
 from ..core import Lease, Location, NoSpaceError, StorageError, check_disjoint, is_no_space, resolve
 from ..tracking import log_scoring
 from ..trust import softmax
-from ._commit import _commit
+from ._commit import _commit, commit_settings
 from ._config import OUTPUT_SIBLINGS, ScoreConfig
 from ._derived import ScoringSummary, _derived, algorithm, build_derived, commit_derived, run_counts, start_summary
+from ._dicom import dicom_objects
 from ._execute import _cluster_shape, _execute
 from ._explain import HeatmapWriter
 from ._facts import ScoringFacts, gather_facts
@@ -288,9 +293,10 @@ def run_scoring(config: ScoreConfig) -> ScoringSummary:
 
 def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     """:func:`run_scoring`'s work, under the lease (``lease.owner`` is the run id): the facts
-    (:mod:`._facts`, every read, once), the plan (:mod:`._plan`, pure), the execution (Ray,
-    :mod:`._execute`), the one commit (:mod:`._commit`), then what is derived from the committed
-    rows in memory (:mod:`._derived`: series table, DICOM objects, report), then MLflow."""
+    (:mod:`._facts`, every read, once), the plan (:mod:`._plan`, pure), the settings it accepted
+    written, the execution (Ray, :mod:`._execute`), the one commit (:mod:`._commit`) of the rows and
+    of what is derived from them in memory (:mod:`._derived`: series table, report, DICOM objects),
+    then the sending of the committed objects, then MLflow."""
     t0 = time.perf_counter()
     facts = gather_facts(config, lease)
     config = facts.config
@@ -298,28 +304,41 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     plan = _plan_run(facts, run_id=lease.owner, explain_stage=explain_stage)
     diff = plan.diff
     summary = start_summary(facts, diff)
-    build = partial(build_derived, plan=plan, dst=facts.dst)
+    commit_settings(facts.dst, plan, facts.asked)
+    wants_dicom = config.dicom_out != "none" or bool(config.dicom_send)
+    dicom = (
+        partial(
+            dicom_objects,
+            config,
+            dst=facts.dst,
+            src=facts.src,
+            ids=facts.ids,
+            sources={v: k for k, v in facts.shown.items()},
+            algo=algorithm(facts),
+            listed=facts.objects,
+        )
+        if wants_dicom
+        else None
+    )
+    build = partial(build_derived, plan=plan, dst=facts.dst, dicom=dicom)
     finish = partial(
         _derived,
         listed=facts.derived.listed,
         report=facts.writer.derived_location(REPORT_KEY).uri,
         config=config,
-        plan=plan,
         dst=facts.dst,
-        src=facts.src,
-        ids=facts.ids,
-        sources={v: k for k, v in facts.shown.items()},
         lease=lease,
-        algo=algorithm(facts),
     )
     if not diff.has_work:  # no row to commit: the series table and report stand unless found stale
         built = None
         if plan.derived_stale is not None:
             logger.info("score: nothing new; the series table and report are built again: %s", plan.derived_stale)
-            built = build(facts.committed)
+        if plan.derived_stale is not None or wants_dicom:
+            built = build(facts.committed, files=plan.derived_stale is not None)
+        if built is not None and built.changes:
             commit_derived(facts.writer, plan.run_id, built)
         summary.update(wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0)
-        return log_scoring(config, finish(summary, facts.committed, built=built), facts.registered)
+        return log_scoring(config, finish(summary, built=built), facts.registered)
     staging = facts.writer.stage(plan.run_id)
     t_run = time.perf_counter()
     if diff.todo:
@@ -329,7 +348,7 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
         plan, facts.writer, staging, facts.explain_writer, explain_stage, facts.committed, build
     )
     summary.update(run_counts(written, plan, summary["skipped_already_scored"], elapsed), heatmaps=heatmaps)
-    summary = finish(summary, after, built=built)
+    summary = finish(summary, built=built)
     summary["wall_s"] = round(time.perf_counter() - t0, 3)  # with the derived outputs
     return log_scoring(config, summary, facts.registered)
 
@@ -369,4 +388,5 @@ def _plan_run(facts: ScoringFacts, *, run_id: str, explain_stage: Location) -> S
         scored_at=datetime.now(UTC),
         notes=facts.notes,
         derived=facts.derived,
+        identifiers_found=facts.identifiers_found,
     )

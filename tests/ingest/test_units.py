@@ -356,6 +356,50 @@ def test_staged_derived_files_publish_with_the_rows_and_only_their_own_keys(tmp_
     assert Manifest(out).read_doc()["derived"] == {}
 
 
+def test_staged_objects_publish_in_the_one_manifest_write_and_retire_only_their_own(tmp_path, caplog):
+    """Objects (files of a sibling, OUTPUT_dicom/NAME) ride a run's commit: listed in the manifest's
+    ``objects`` with their sha256 and kept by later commits until one retires them, which unlists
+    and then deletes them; a commit of objects alone keeps the derived entries built from the same
+    files; a staged run whose objects name another path, or other bytes, publishes nothing."""
+    from braintumor_ray.core import Manifest
+
+    out = resolve(str(tmp_path / "preds"))
+    writer = StagedWriter(out, manifest=True, derived=("_report.html",), objects=("_dicom",))
+    run = writer.stage("run1")
+    run.join("a.parquet").write_bytes(b"a")
+    writer.commit(run, derived={"_report.html": (b"<html>", {})}, objects={"_dicom/x.dcm": b"x", "_dicom/y.dcm": b"y"})
+    doc = Manifest(out).read_doc()
+    assert sorted(doc["objects"]) == ["_dicom/x.dcm", "_dicom/y.dcm"] and sorted(doc["files"]) == ["a.parquet"]
+    assert doc["objects"]["_dicom/x.dcm"]["sha256"] == hashlib.sha256(b"x").hexdigest()
+    assert (tmp_path / "preds_dicom" / "x.dcm").read_bytes() == b"x" and not run.exists()
+
+    more = writer.stage("run2")  # rows and a report again: the objects stay listed
+    more.join("b.parquet").write_bytes(b"b")
+    writer.commit(more, derived={"_report.html": (b"<html2>", {})})
+    assert sorted(Manifest(out).read_doc()["objects"]) == ["_dicom/x.dcm", "_dicom/y.dcm"]
+    writer.commit(writer.stage("run3"), objects={"_dicom/z.dcm": b"z"}, retire=("_dicom/x.dcm",))  # objects alone
+    doc = Manifest(out).read_doc()
+    assert sorted(doc["objects"]) == ["_dicom/y.dcm", "_dicom/z.dcm"] and "_report.html" in doc["derived"]
+    assert sorted(os.listdir(tmp_path / "preds_dicom")) == ["y.dcm", "z.dcm"]
+    for bad in ("../x.dcm", "_series/t.parquet", "_dicom/_sent.json"):
+        with pytest.raises(Exception, match="not an object"):
+            writer.commit(writer.stage("run4"), objects={bad: b"q"})
+
+    # Staged by hand, marked and named by the commit record: objects naming another path or other bytes.
+    (tmp_path / "victim").write_bytes(b"theirs")
+    for i, (key, blob, listed) in enumerate([("_dicom/../../victim", b"x", b"x"), ("_dicom/y.dcm", b"forged", b"y")]):
+        bad = writer.stage(f"bad{i}")
+        bad.join("_objects", *key.split("/")).write_bytes(blob)
+        entries = {"files": {}, "replace_all": False, "objects": {key: {"sha256": hashlib.sha256(listed).hexdigest()}},
+                   "retire": ["_dicom/../../victim"] if i == 0 else []}
+        bad.join("_ENTRIES.json").write_bytes(json.dumps(entries).encode())
+        bad.join(DONE_MARKER).write_bytes(b"")
+        writer.root.join("_committing.json").write_bytes(json.dumps({"run": f"bad{i}"}).encode())
+        assert writer.recover() == {"committed_runs": 0, "dropped_runs": 0}
+        assert "cannot be trusted" in caplog.text and bad.exists()
+    assert (tmp_path / "preds_dicom" / "y.dcm").read_bytes() == b"y" and (tmp_path / "victim").read_bytes() == b"theirs"
+
+
 def test_remove_child_deletes_only_plain_children_of_the_output_and_its_siblings(tmp_path, caplog):
     from braintumor_ray.core import StorageError, remove_child
 

@@ -1,4 +1,5 @@
-"""DICOM objects of scoring (--dicom-out, --dicom-send): the pure parts, without Ray or a PACS.
+"""DICOM objects of scoring (--dicom-out, --dicom-send): the pure parts and the DICOM step without
+Ray or a PACS, and the objects in a run's one commit through run_scoring (a stub SCP).
 
 tests/score/test_pacs.py sends them to a real Orthanc and reads them back with pydicom and dcmtk.
 """
@@ -22,7 +23,7 @@ from braintumor_ray.score._dicom_out import (Algorithm, SeriesFinding, banner_li
                                              object_uids, plan_objects, sc_pixels, source_view, to_bytes)
 from braintumor_ray.score._dicom_send import Destination, SentLedger, parse_destinations, send_with_retries
 
-from generators.medical import SECRETS, dicom_bytes, head12
+from generators.medical import SECRETS, dicom_bytes, head12, write_file
 
 KEY = {"BRAINTUMOR_PATH_KEY": "k" * 40}
 ALGO = Algorithm(name="braintumor-ray resnet10t", version="package format 1", model_id="0123456789abcdef")
@@ -489,7 +490,8 @@ def _step_world(tmp_path, s3=None):
 
     from braintumor_ray.core import Lease
     from braintumor_ray.imaging import InputGuard
-    from braintumor_ray.score._dicom import SLICE_COLUMNS, run_dicom_step
+    from braintumor_ray.score._dicom import SLICE_COLUMNS, dicom_objects, send_committed
+    from braintumor_ray.score._layout import _writer
 
     data = dicom_bytes(head12(3), window=(1500, 3000))
     if s3 is None:
@@ -501,7 +503,7 @@ def _step_world(tmp_path, s3=None):
     dst = resolve(str(tmp_path / "out"))
     ds = pydicom.dcmread(io.BytesIO(data))
     uids = {"sop": str(ds.SOPInstanceUID), "series": str(ds.SeriesInstanceUID), "study": str(ds.StudyInstanceUID)}
-    listed = src.join("IM1").path  # the listing's path (in the filesystem), and as the rows show it:
+    listed_path = src.join("IM1").path  # the listing's path (in the filesystem), and as the rows show it:
     shown = src.join("IM1").uri
 
     def run(label="glioma", conf=0.83, model=ALGO.model_id, dest=None, run_id="run-1", version=None, heat=None):
@@ -519,25 +521,37 @@ def _step_world(tmp_path, s3=None):
                               dicom_send_retries=0)
         algo = Algorithm(ALGO.name, ALGO.version, model)
         with Lease(dst, owner=run_id, ttl_s=60, what="score") as lease:
-            return run_dicom_step(cfg, dst=dst, src=src, ids=Identifiers(), sources={shown: listed}, lease=lease,
-                                  run_id=run_id, algo=algo, rows=rows, series=series)
+            # As a scoring run does: recover, build the objects from the rows before the commit, commit
+            # them (here alone: no new rows), then send what the manifest lists.
+            writer = _writer(dst, lease)
+            writer.recover()
+            listed = (writer.manifest.read_doc() or {"objects": {}})["objects"]
+            got = dicom_objects(cfg, dst=dst, src=src, ids=Identifiers(), sources={shown: listed_path}, algo=algo,
+                                rows=rows, series=series, listed=listed)
+            if got.changes:
+                writer.commit(writer.stage(run_id), objects=got.objects, retire=got.retire)
+            sent = send_committed(dst, cfg, lease)
+            return got.summary | ({"sent": sent} if sent is not None else {})
 
     def put(data: bytes) -> None:
         src.join("IM1").write_bytes(data)
 
     def version() -> str:
-        return src.files_with_versions()[listed][1]
+        return src.files_with_versions()[listed_path][1]
 
     return run, tmp_path / "out_dicom", put, version
 
 
 def _manifest(folder) -> dict:
+    """The objects of OUTPUT_dicom/ (``folder``) that OUTPUT/_manifest.json lists, by file name."""
     import json
 
-    return json.loads((folder / "_manifest.json").read_text())["files"]
+    doc = json.loads((folder.parent / folder.name.removesuffix("_dicom") / "_manifest.json").read_text())
+    return {k.split("/", 1)[1]: e for k, e in doc.get("objects", {}).items() if k.startswith("_dicom/")}
 
 
-def test_objects_follow_the_verdict_and_only_the_manifests_are_sent(tmp_path):
+def test_objects_follow_the_verdict_and_only_the_manifests_are_sent(tmp_path, caplog):
+    import hashlib
     import json
     import shutil
 
@@ -564,22 +578,30 @@ def test_objects_follow_the_verdict_and_only_the_manifests_are_sent(tmp_path):
         names = sorted(_manifest(folder))
         assert not set(names) & set(old_names) and sorted(p.name for p in folder.glob("*.dcm")) == names
 
-        # Planted: a .dcm in OUTPUT_dicom/ and a "complete" staged run with its own entry list; and
-        # the manifest's files are what a new destination gets, nothing else.
+        # Planted: a .dcm in OUTPUT_dicom/, a "complete" staged run of objects with its own entry list
+        # (the objects' sha256 right), and a listed object's bytes forged under its name; the manifest's
+        # files with their bytes are what a new destination gets, nothing else.
         planted = folder / "0123456789abcdef0123-0123456789abcdef-sr-aaaaaaaaaaaa.dcm"
         shutil.copy(folder / names[0], planted)
-        stage = tmp_path / "out_dicom._staging" / "planted-run"
-        stage.mkdir(parents=True)
-        shutil.copy(folder / names[1], stage / "ffffffffffffffffffff-0123456789abcdef-sc-bbbbbbbbbbbb.dcm")
+        stage = tmp_path / "out._staging" / "planted-run"
+        (stage / "_objects" / "_dicom").mkdir(parents=True)
+        fake = "ffffffffffffffffffff-0123456789abcdef-sc-bbbbbbbbbbbb.dcm"
+        shutil.copy(folder / names[1], stage / "_objects" / "_dicom" / fake)
+        sha = hashlib.sha256((folder / names[1]).read_bytes()).hexdigest()
         (stage / "_SUCCESS").write_bytes(b"")
-        (stage / "_ENTRIES.json").write_text(json.dumps({"replace_all": True, "files": {}}))
+        (stage / "_ENTRIES.json").write_text(json.dumps({"replace_all": False, "files": {},
+                                                         "objects": {f"_dicom/{fake}": {"sha256": sha}}}))
+        forged, kept = (names[0], names[1]) if "-sr-" in names[0] else (names[1], names[0])
+        (folder / forged).write_bytes((folder / kept).read_bytes())
         second = _Scp()
         try:
             run(conf=0.91, dest=f"{scp.dest},{second.dest}", run_id="run-3")
         finally:
             second.close()
-        assert sorted(str(ds.SOPInstanceUID) for ds in second.got) == sorted(str(ds.SOPInstanceUID) for ds in scp.got[2:])
-        assert sorted(_manifest(folder)) == names and len(scp.got) == 4
+        sent_kept = str(pydicom.dcmread(str(folder / kept)).SOPInstanceUID)
+        assert [str(ds.SOPInstanceUID) for ds in second.got] == [sent_kept]
+        assert sorted(_manifest(folder)) == names and len(scp.got) == 4 and stage.exists()
+        assert not (folder / fake).exists() and "not the object that was committed" in caplog.text
 
         # --rescore-all with another model: the first model's rows are gone, so are its objects.
         other = run(conf=0.91, model="fedcba9876543210", run_id="run-4")
@@ -693,3 +715,124 @@ def test_a_non_ascii_patient_name_is_declared_in_the_objects_character_set(tmp_p
         back = pydicom.dcmread(io.BytesIO(blob))
         assert back.SpecificCharacterSet == "ISO_IR 192" and "Müller".encode() in blob
         assert str(back.PatientName) == "Müller^Hans"
+
+
+def test_dicom_objects_ride_the_runs_one_commit(ray_session, package, tmp_path, monkeypatch, caplog):
+    """The SRs and SCs are built before the run's commit and published by it: a run cut off before
+    its commit leaves none visible and sends none; the one manifest write lists every object with
+    its sha256 beside the rows; only listed objects with those bytes are sent; an output whose
+    objects an older version named in OUTPUT_dicom/_manifest.json keeps them (those whose bytes
+    match), the others are made again; a run cut off while committing is finished by the next, its
+    objects with its rows; a rerun with nothing new writes nothing."""
+    import dataclasses
+    import hashlib
+    import json
+    import os
+
+    from braintumor_ray.core import Location, StagedWriter, lease_location
+    from braintumor_ray.score import run_scoring
+
+    archive, out, folder = tmp_path / "archive", tmp_path / "preds", tmp_path / "preds_dicom"
+    study = generate_uid()
+    for s in range(2):
+        series = generate_uid()
+        for i in range(2):
+            write_file(f"{archive}/SER{s}/IM{i}.dcm", dicom_bytes(head12(3 * s + i), series=series, study=study,
+                                                                   instance=i + 1, window=(1500, 3000)))
+    scp, late = _Scp(), _Scp()
+    cfg = ScoreConfig(model=package, input=str(archive), output=str(out), batch_size=8, dicom_out="sr+sc",
+                      dicom_send=scp.dest, dicom_send_retries=0)
+
+    def sha(p) -> str:
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    def listed() -> dict:
+        doc = json.loads((out / "_manifest.json").read_text())
+        return {k.split("/", 1)[1]: e for k, e in doc.get("objects", {}).items()}
+
+    try:
+        # Cut off after its rows and objects were staged, before its commit began.
+        real = StagedWriter._entries_doc
+
+        def killed(self, *a, **k):
+            if self.what == "score":
+                raise KeyboardInterrupt("killed before the commit")
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(StagedWriter, "_entries_doc", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_scoring(cfg)
+        monkeypatch.setattr(StagedWriter, "_entries_doc", real)
+        staged = sorted((tmp_path / "preds._staging").glob("*/_objects/_dicom/*.dcm"))
+        assert len(staged) >= 2, "the objects were built and staged before the commit"
+        assert not list(folder.glob("*.dcm")) and not (out / "_manifest.json").exists() and scp.got == []
+        # As a killed run leaves it: its lease expired, named by nobody alive.
+        past = "2020-01-01T00:00:00+00:00"
+        lease_location(resolve(str(out))).write_bytes(json.dumps({
+            "owner": staged[0].parts[-4], "host": "node-gone", "pid": 4242, "started": past, "heartbeat": past,
+            "expires": past, "ttl_s": 120.0}).encode())
+
+        first = run_scoring(cfg)
+        assert first["dropped_runs"] == 1 and first["dicom"]["sr"] == 2
+        names = sorted(p.name for p in folder.glob("*.dcm"))
+        objects = listed()
+        assert sorted(objects) == names and len(names) == first["dicom"]["sr"] + first["dicom"]["sc"]
+        assert all(objects[n]["sha256"] == sha(folder / n) for n in names)
+        assert not (folder / "_manifest.json").exists()
+        uids = {n: str(pydicom.dcmread(str(folder / n)).SOPInstanceUID) for n in names}
+        assert sorted(str(ds.SOPInstanceUID) for ds in scp.got) == sorted(uids.values())
+
+        # A listed object's bytes forged under its name: never sent; the others go to a new destination.
+        forged = next(n for n in names if "-sr-" in n)
+        other = next(n for n in names if n != forged)
+        good = (folder / forged).read_bytes()
+        (folder / forged).write_bytes((folder / other).read_bytes())
+        again = run_scoring(dataclasses.replace(cfg, dicom_send=f"{scp.dest},{late.dest}"))
+        assert (again["dicom"]["sr"], again["dicom"]["sc"]) == (0, 0) and len(scp.got) == len(names)
+        assert sorted(str(ds.SOPInstanceUID) for ds in late.got) == sorted(u for n, u in uids.items() if n != forged)
+        assert "not the object that was committed" in caplog.text
+        (folder / forged).write_bytes(good)
+
+        # A new series; the run cut off while committing (its first object moved in): the next run
+        # finishes that commit, objects with the rows, and sends them.
+        series = generate_uid()
+        write_file(f"{archive}/SER2/IM0.dcm", dicom_bytes(head12(9), series=series, study=study, window=(1500, 3000)))
+        real_move = Location.move_to
+
+        def cut(self, other):
+            if other.path.endswith(".dcm") and other.path.startswith(str(folder)):
+                real_move(self, other)
+                raise KeyboardInterrupt("killed while committing")
+            return real_move(self, other)
+
+        monkeypatch.setattr(Location, "move_to", cut)
+        with pytest.raises(KeyboardInterrupt):
+            run_scoring(cfg)
+        monkeypatch.setattr(Location, "move_to", real_move)
+        assert sorted(listed()) == names  # not listed yet: the manifest is written after the moves
+        finished = run_scoring(cfg)
+        assert finished["committed_runs"] == 1 and finished["scored"] == 0 and finished["dicom"]["sr"] == 0
+        names = sorted(p.name for p in folder.glob("*.dcm"))
+        assert sorted(listed()) == names and len(names) > len(uids)
+        uids = {n: str(pydicom.dcmread(str(folder / n)).SOPInstanceUID) for n in names}
+        assert sorted(str(ds.SOPInstanceUID) for ds in scp.got) == sorted(uids.values())
+
+        # The layout before: objects named in OUTPUT_dicom/_manifest.json, one of them since rewritten.
+        doc = json.loads((out / "_manifest.json").read_text())
+        old = {k.split("/", 1)[1]: e for k, e in doc.pop("objects").items()}
+        (out / "_manifest.json").write_text(json.dumps(doc))
+        (folder / "_manifest.json").write_text(json.dumps({"format": 1, "files": old}))
+        (folder / other).write_bytes(b"rewritten")
+        migrated = run_scoring(cfg)
+        assert not (folder / "_manifest.json").exists() and sorted(listed()) == names
+        assert migrated["dicom"]["sr"] + migrated["dicom"]["sc"] == 1  # only the rewritten one made again
+        assert all(listed()[n]["sha256"] == sha(folder / n) for n in names)
+        assert str(pydicom.dcmread(str(folder / other)).SOPInstanceUID) == uids[other]
+
+        # Nothing new: nothing written.
+        stamp = {p: os.stat(p).st_mtime_ns for p in (out / "_manifest.json", out / "_report.html")}
+        assert run_scoring(cfg)["dicom"]["sr"] == 0
+        assert {p: os.stat(p).st_mtime_ns for p in stamp} == stamp
+    finally:
+        scp.close()
+        late.close()

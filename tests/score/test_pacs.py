@@ -43,6 +43,12 @@ def _instances(web: str, study_uid: str) -> dict[str, list[str]]:
     return out
 
 
+def _objects(out) -> dict:
+    """The DICOM objects the output's one manifest lists (OUTPUT_dicom/NAME, by NAME)."""
+    doc = json.loads((out / "_manifest.json").read_text())
+    return {k.split("/", 1)[1]: e for k, e in doc.get("objects", {}).items() if k.startswith("_dicom/")}
+
+
 SR, SC, MR = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.4"
 
 
@@ -70,7 +76,7 @@ def test_scoring_sends_sr_and_sc_into_the_source_study_once(ray_session, package
     assert len(dicom_series) == 3 and f"DICOM objects: 3 SR, {len(flagged)} SC written to {out}_dicom/" in first
     assert "not DICOM: 3 scored files (JPEG/PNG/NIfTI) get no DICOM objects" in first  # the NIfTI and 2 JPEGs
     assert f"sent to {orthanc['dicom']}: {n} new, 0 sent before" in first
-    manifest = json.loads((tmp_path / "predictions_dicom" / "_manifest.json").read_text())["files"]
+    manifest = _objects(out)
     assert sorted(manifest) == sorted(f for f in os.listdir(f"{out}_dicom") if f.endswith(".dcm")) and len(manifest) == n
 
     # In the PACS: the SRs and SCs in the source study (no other study), readable by pydicom and dcmtk.
@@ -117,14 +123,14 @@ def test_scoring_sends_sr_and_sc_into_the_source_study_once(ray_session, package
 
     # Another model (--rescore-all with the calibrated package: another model id, other verdicts):
     # new SRs with new SOP Instance UIDs, each naming the SR it replaces (Predecessor Documents
-    # Sequence); the first model's objects leave OUTPUT_dicom's manifest and folder, never sent again.
+    # Sequence); the first model's objects leave the manifest and OUTPUT_dicom/, never sent again.
     old_srs = {pydicom.dcmread(io.BytesIO(_get(web, f"/instances/{i}/file"))).SOPInstanceUID
                for i in _instances(web, pacs["study"])[SR]}
     new_model = json.loads(open(os.path.join(trusted_package, "model.json")).read())["model_id"]
     assert score.main([args[0], trusted_package, *args[2:], "--rescore-all"]) == 0
     fourth = capsys.readouterr().out
     assert "DICOM objects: 3 SR" in fourth
-    manifest = json.loads((tmp_path / "predictions_dicom" / "_manifest.json").read_text())["files"]
+    manifest = _objects(out)
     assert manifest and all(f"-{new_model}-" in name for name in manifest)
     assert sorted(manifest) == sorted(f for f in os.listdir(f"{out}_dicom") if f.endswith(".dcm"))
     stored = _instances(web, pacs["study"])

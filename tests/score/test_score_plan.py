@@ -332,3 +332,55 @@ def test_the_engine_is_the_plans_pure_choice(package, old_package):
     assert engine == "torch" and "not covered by its model id" in notes[0]
     with pytest.raises(ConfigError, match="m: .*not covered by its model id.*--engine auto or torch"):
         plan_engine("onnxruntime", old, use_gpu=False, model="m")
+
+
+def test_the_identifiers_claim_is_the_plans_pure_decision(package):
+    """The plan decides, from the record's bytes and whether rows are committed (the facts), whether
+    the output's names are this run's, whether its record must be written, or why the run is refused;
+    the read is the facts' and the write the commit's. Refused in plan_scoring, before anything runs."""
+    import json
+    from datetime import datetime, timezone
+
+    from braintumor_ray.core import Identifiers
+    from braintumor_ray.models import pin_package, verify_package
+    from braintumor_ray.score import ScoreConfig, plan_scoring
+    from braintumor_ray.score._plan import IdentifiersFound, claim_identifiers
+
+    full = Identifiers()
+    hashed = Identifiers.from_env("hashed", "hashed", env={"BRAINTUMOR_PATH_KEY": "k" * 32})
+    other_key = Identifiers.from_env("hashed", "hashed", env={"BRAINTUMOR_PATH_KEY": "z" * 32})
+    record = json.dumps(full.describe() | {"manifest": 1}).encode()
+    hashed_record = json.dumps(hashed.describe() | {"manifest": 1}).encode()
+
+    def claim(ids, record=None, has_rows=False):
+        return claim_identifiers(IdentifiersFound(record=record, has_rows=has_rows), ids, output="/o")
+
+    assert claim(full) == full.describe() | {"manifest": 1}  # a new output: written
+    assert claim(full, record) is None and claim(hashed, hashed_record) is None  # it stands: nothing written
+    assert claim(full, has_rows=True) == full.describe() | {"manifest": 1}  # rows from before records: full names
+    old = json.dumps(full.describe()).encode()  # a record from before manifests: written again with the era
+    assert claim(full, old) == full.describe() | {"manifest": 1}
+    with pytest.raises(ConfigError, match="path_mode=full, uid_mode=full.*--path-mode full --uid-mode full"):
+        claim(hashed, has_rows=True)
+    with pytest.raises(ConfigError, match="path_mode=full.*asks for path_mode=hashed"):
+        claim(hashed, record)
+    with pytest.raises(ConfigError, match="another key.*run with the key") as e:
+        claim(other_key, hashed_record)
+    assert "k" * 32 not in str(e.value) and "z" * 32 not in str(e.value)
+    with pytest.raises(ConfigError, match="not readable JSON"):
+        claim(full, b"{not json")
+
+    # plan_scoring takes the decision: the record to write, or the refusal.
+    meta = verify_package(package)
+    cfg = ScoreConfig(model=package, input="/nonexistent/in", output="/o")
+    args = dict(config=cfg, run_id="r", input_uri=cfg.input, output_uri=cfg.output, uri_prefix="",
+                pin=pin_package(resolve(package), meta, with_onnx=False), engine="torch", meta=meta,
+                preprocess=meta.preprocess, diff=rerun_diff({}, {}, {}, model_id=meta.model_id, selection="",
+                                                             retry_errors=0),
+                refused={}, explain_stage_uri="/s", explain_final_uri="/f", cluster=None,
+                scored_at=datetime.now(timezone.utc))
+    assert plan_scoring(**args, identifiers=full).identifiers_record == full.describe() | {"manifest": 1}
+    found = IdentifiersFound(record=record)
+    assert plan_scoring(**args, identifiers=full, identifiers_found=found).identifiers_record is None
+    with pytest.raises(ConfigError, match="every file would be scored again under a second name"):
+        plan_scoring(**args, identifiers=hashed, identifiers_found=found)
