@@ -77,8 +77,12 @@ def bootstrap(labels: np.ndarray, preds: np.ndarray, k: int, *, resamples: int =
         return float(value), float(lo), float(hi)
 
     acc, f1, rec = (np.concatenate(boot[key]) for key in ("accuracy", "macro_f1", "recall"))
+    # A class with no true row in the split has no recall ("-"), not 0 (test_clean of the official
+    # split holds one no_tumor image or none); macro-F1 still counts it as train's metrics do.
+    present = np.bincount(labels, minlength=k) > 0
+    none = (float("nan"),) * 3
     return {"n": n, "accuracy": interval(point["accuracy"], acc), "macro_f1": interval(point["macro_f1"], f1),
-            "recall": [interval(point["recall"][c], rec[:, c]) for c in range(k)]}
+            "recall": [interval(point["recall"][c], rec[:, c]) if present[c] else none for c in range(k)]}
 
 
 def _cell(t: Sequence[float]) -> str:

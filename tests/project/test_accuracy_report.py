@@ -51,6 +51,11 @@ def test_bootstrap_interval_holds_the_value_is_seeded_and_narrows_with_n():
     assert b["accuracy"][2] - b["accuracy"][1] < 0.6 * (hi - lo)
     with pytest.raises(ValueError, match="1000 or more"):
         bootstrap(y, p, 4, resamples=100)
+    # A class no row of the split belongs to has no recall: "-" in the table, not 0.
+    keep = y != 2
+    c = bootstrap(y[keep], p[keep], 4, resamples=1000, seed=7)
+    assert all(x != x for x in c["recall"][2]) and all(x == x for k in (0, 1, 3) for x in c["recall"][k])
+    assert markdown_table([{"name": "m", "splits": {"test_clean": c}}], list("abcd")).count(" - |") == 1
 
 
 def test_markdown_table_has_a_row_per_package_and_split():
