@@ -572,6 +572,25 @@ def test_objects_staged_as_files_are_hashed_one_by_one_published_by_the_commit_a
         writer.object_stage(odd, "_series")
 
 
+def test_a_manifest_is_parsed_once_while_its_bytes_stay_the_same(tmp_path, monkeypatch):
+    """A run reads OUTPUT/_manifest.json four or five times before its plan; with 100,000 maps
+    listed each parse was 0.25 s. Parsed again only when its bytes change (a commit, a hand edit)."""
+    import braintumor_ray.core._staging as staging_mod
+    from braintumor_ray.core import Manifest
+
+    out = resolve(str(tmp_path / "preds"))
+    (tmp_path / "preds").mkdir()
+    m = Manifest(out)
+    m.write({"a.parquet": {"sha256": "1"}}, objects={"_explain/m.png": {"sha256": "2"}})
+    parses = []
+    real = staging_mod.json.loads
+    monkeypatch.setattr(staging_mod.json, "loads", lambda raw: parses.append(1) or real(raw))
+    assert m.read_doc()["objects"] == {"_explain/m.png": {"sha256": "2"}}
+    assert m.read() == {"a.parquet": {"sha256": "1"}} and m.read_doc()["files"] == m.read() and len(parses) == 1
+    m.write({"b.parquet": {"sha256": "3"}})
+    assert m.read_doc() == {"files": {"b.parquet": {"sha256": "3"}}, "derived": {}, "objects": {}} and len(parses) == 2
+
+
 def _dead_lease(output, owner: str) -> None:
     """The lease a killed run left behind: expired, its holder on no known machine."""
     from braintumor_ray.core import lease_location
