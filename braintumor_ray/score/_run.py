@@ -16,9 +16,9 @@ package bytes it pins), its one commit (:mod:`._commit`: the withdrawal rows and
 of unchanged files added, every file and the maps the replicas staged named in
 ``OUTPUT/_manifest.json``, with the per-series table, the report and the DICOM objects built in
 memory from the committed rows as they will be, :mod:`._derived` and :mod:`._dicom`, listed in the
-same manifest write, and the objects they replace unlisted in it), then the sending of the committed objects, and MLflow. A run with
-nothing to commit writes nothing while the series table and report committed before are whole
-and no DICOM object is to be made or retired. What the output is made of (its schema, its
+same manifest write, and the objects they replace unlisted in it), then the sending of the
+committed objects, and MLflow. A run with nothing to commit writes nothing while the series table
+and report committed before are whole and no DICOM object is to be made or retired. What the output is made of (its schema, its
 sibling folders, its derived files and objects, its writer) is :mod:`._layout`.
 
 DICOM files and NIfTI volumes are scored slice by slice (one row per slice, with its UIDs);
