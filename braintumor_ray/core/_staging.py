@@ -15,7 +15,9 @@ validated before anything moves: a staged folder is never a way to delete or ove
 A commit may also carry files built from the output's files as they will be (``derived``: a
 report, a table in a sibling) and files of its siblings that stay until a later commit retires
 them (``objects``: scoring's DICOM objects): both are staged in the run's folder and listed in the
-same manifest write as its files.
+same manifest write as its files. Objects may also be files that others (Ray actors: scoring's heat
+maps) wrote into the run's folder (:meth:`StagedWriter.object_stage`), hashed one at a time by
+:meth:`StagedWriter.staged_objects` and published by the same commit.
 
 :func:`remove_child` is the only code that deletes files of an output or its siblings.
 
@@ -145,6 +147,16 @@ def remove_child(output: Location, folder: Location, name: str, *, what: str = "
     return True
 
 
+def file_sha256(loc: Location, path: str) -> str:
+    """The sha256 of one file of ``loc``'s filesystem, read in chunks (a run's maps are never all
+    in memory at once)."""
+    h = hashlib.sha256()
+    with _guard(loc, "read", loc.fs.open, path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def posix_basename(path: str) -> str:
     """The last part of a ``/``-separated path (local or an S3 key), trailing slash ignored."""
     return path.rstrip("/").rsplit("/", 1)[-1]
@@ -171,6 +183,7 @@ class Manifest:
     def __init__(self, output: Location, *, what: str = "run") -> None:
         self.output, self.what = output, what
         self.location = output.join(MANIFEST_FILE)
+        self._parsed: tuple[bytes, dict[str, Any]] | None = None  # the last bytes read, parsed (read_doc)
 
     def read(self) -> dict[str, dict[str, Any]] | None:
         """The files it names (name -> entry), or None when the output has no manifest."""
@@ -183,8 +196,14 @@ class Manifest:
         manifest."""
         if not self.location.exists():
             return None
+        raw = self.location.read_bytes()
+        # A run reads the manifest four or five times before its plan (recovery, adoption, the
+        # identifiers, the facts): parsed once while its bytes stay the same (25 MB and 0.25 s a
+        # parse with 100,000 maps listed, load 5), so that a rerun with nothing new does no work per map.
+        if self._parsed is not None and self._parsed[0] == raw:
+            return dict(self._parsed[1])
         try:
-            doc = json.loads(self.location.read_bytes())
+            doc = json.loads(raw)
             files, derived, objects = doc["files"], doc.get("derived", {}), doc.get("objects", {})
             if doc.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
                 raise ValueError(f"format {doc.get('format')!r}")
@@ -196,7 +215,8 @@ class Manifest:
                 f"{self.location.uri} is not a readable manifest ({e}): restore it from a backup, or "
                 "score into a new output (its rows cannot be told from planted ones)"
             ) from e
-        return {"files": files, "derived": derived, "objects": objects}
+        self._parsed = (raw, {"files": files, "derived": derived, "objects": objects})
+        return dict(self._parsed[1])
 
     def write(
         self,
@@ -422,6 +442,30 @@ class StagedWriter:
         suffix, _, name = key.partition("/")
         return self.output.sibling(suffix).join(name)
 
+    def object_stage(self, run: Location, suffix: str) -> Location:
+        """Where a run's objects of the sibling ``suffix`` (one of :attr:`objects`) are staged by
+        whoever writes them (``OUTPUT._staging/<run>/_objects/<suffix>/NAME``): a commit that
+        takes :meth:`staged_objects`' entries publishes them."""
+        if suffix not in self.objects:
+            raise StorageError(
+                f"{self.what}: {suffix!r} is not an object sibling of {self.output.uri} (a bug: report it)"
+            )
+        return run.join(OBJECTS_DIR, suffix)
+
+    def staged_objects(self, run: Location, suffix: str) -> dict[str, dict[str, Any]]:
+        """The objects of ``suffix`` staged as files in ``run`` (:meth:`object_stage`): key
+        (``SUFFIX/NAME``) -> entry with the sha256 of its bytes, each file hashed alone (a run may
+        stage 100,000 heat maps). A file that is not a plain object name is a StorageError."""
+        folder = self.object_stage(run, suffix)
+        base = folder.path.rstrip("/") + "/"
+        out = {}
+        for path in folder.files() if folder.exists() else []:
+            key = f"{suffix}/{path[len(base) :]}"
+            if not self._object_key(key):
+                raise StorageError(f"{self.what}: {path} is not an object this run may commit (a bug: report it)")
+            out[key] = {"sha256": file_sha256(folder, path), "committed_at": datetime.now(UTC).isoformat()}
+        return out
+
     def adopt_objects(self, entries: dict[str, dict[str, Any]]) -> int:
         """List objects already in the output's siblings in the manifest, as they are (``entries``:
         key -> entry with its sha256, which the caller checked against the bytes there): an output
@@ -446,6 +490,7 @@ class StagedWriter:
         data: dict[str, bytes] | None = None,
         derived: dict[str, tuple[bytes, dict[str, Any]]] | None = None,
         objects: dict[str, bytes] | None = None,
+        staged: dict[str, dict[str, Any]] | None = None,
         retire: tuple[str, ...] = (),
     ) -> int:
         """Mark ``run`` complete, then move its files into the output; the number of files moved.
@@ -464,7 +509,8 @@ class StagedWriter:
         ``objects``: files for the output's siblings (:meth:`object_location`), key -> bytes: staged
         in the run, published with its files and listed in the manifest's ``objects`` with their
         sha256 until a later commit names them in ``retire``; a retired object leaves the manifest in
-        that commit's one write and is deleted after it (:func:`remove_child`).
+        that commit's one write and is deleted after it (:func:`remove_child`). ``staged``: objects
+        already staged as files in the run (:meth:`staged_objects`' entries), listed the same way.
 
         From the marker on, a run cut off mid-commit is finished by the next :meth:`recover`
         instead of redone. With a manifest, the run's entries are written before the marker and
@@ -478,19 +524,19 @@ class StagedWriter:
             raise StorageError(f"{self.what}: {run.uri} is not a run folder of {self.root.uri} (a bug: report it)")
         if derived and self.manifest is None:
             raise StorageError(f"{self.what}: derived files are committed only with a manifest (a bug: report it)")
-        if (objects or retire) and self.manifest is None:
+        if (objects or staged or retire) and self.manifest is None:
             raise StorageError(f"{self.what}: objects are committed only with a manifest (a bug: report it)")
         for key, (blob, _) in (derived or {}).items():
             self.derived_location(key)  # one of the writer's keys, or a bug
             run.join(DERIVED_DIR, *key.split("/")).write_atomic(blob)
-        for key in [*(objects or {}), *retire]:
+        for key in [*(objects or {}), *(staged or {}), *retire]:
             self.object_location(key)  # one of the writer's siblings and a plain name, or a bug
         for key, blob in (objects or {}).items():
             run.join(OBJECTS_DIR, *key.split("/")).write_atomic(blob)
         if self.manifest is not None:
             doc = self._entries_doc(self.manifest, run, replace_all=replace_all, data=data or {}, derived=derived or {})
-            doc["objects"] = {k: _entry(blob, None) for k, blob in (objects or {}).items()}
-            doc["retire"] = sorted(set(retire) - set(objects or {}))
+            doc["objects"] = dict(staged or {}) | {k: _entry(blob, None) for k, blob in (objects or {}).items()}
+            doc["retire"] = sorted(set(retire) - set(doc["objects"]))
             run.join(ENTRIES_FILE).write_bytes(json.dumps(doc).encode())
         self.root.join(COMMITTING_FILE).write_atomic(json.dumps({"run": name}).encode())
         run.join(DONE_MARKER).write_bytes(b"")
@@ -670,8 +716,10 @@ class StagedWriter:
         if pointer.exists() and not any(self.root.join(r).exists() for r in runs):
             remove_child(self.output, self.root, COMMITTING_FILE, what=self.what)
 
-    def _entries(self, run: Location) -> dict[str, Any] | None:
-        """The run's validated entry list, or None (with a warning naming the run and why)."""
+    def _entries(self, run: Location, *, recovering: bool = True) -> dict[str, Any] | None:
+        """The run's validated entry list, or None (with a warning naming the run and why).
+        ``recovering``: the staged objects' bytes are hashed again (a commit in progress hashed them
+        itself moments before, under the lease: 100,000 maps are not read twice)."""
         payload = {posix_basename(p): p for p in self._payload(run)}
         if self.manifest is None:
             return {"replace_all": False, "files": {}, "replaces": [], "derived": {}, "objects": {}, "retire": []}
@@ -692,7 +740,7 @@ class StagedWriter:
             if not isinstance(files, dict) or not isinstance(replace_all, bool):
                 raise ValueError("'files' is not a table of names or 'replace_all' is not true/false")
             self._check_derived(run, derived)
-            self._check_objects(run, objects, retire)
+            self._check_objects(run, objects, retire, verify=recovering)
             bad = [
                 n
                 for n in files
@@ -737,9 +785,9 @@ class StagedWriter:
             "retire": retire,
         }
 
-    def _check_objects(self, run: Location, objects: Any, retire: Any) -> None:
+    def _check_objects(self, run: Location, objects: Any, retire: Any, *, verify: bool = True) -> None:
         """A staged run's objects and retired keys: this writer's siblings' plain names, a sha256 for
-        each object, and every staged object listed with its bytes (ValueError otherwise)."""
+        each object, and every staged object listed (``verify``: with its bytes; ValueError otherwise)."""
         if not isinstance(objects, dict) or not isinstance(retire, list):
             raise ValueError("'objects' is not a table of files or 'retire' is not a list")
         bad = [k for k in [*objects, *retire] if not self._object_key(k)]
@@ -754,7 +802,7 @@ class StagedWriter:
                 raise ValueError(f"staged object {key!r} it does not list")
             if not run.is_s3 and os.path.islink(path):
                 raise ValueError(f"{key} is a link")
-            if hashlib.sha256(run.fs.cat_file(path)).hexdigest() != objects[key]["sha256"]:
+            if verify and file_sha256(run, path) != objects[key]["sha256"]:
                 raise ValueError(f"{key}'s bytes do not match its sha256")
 
     def _check_derived(self, run: Location, derived: Any) -> None:
@@ -777,7 +825,7 @@ class StagedWriter:
         """Move a complete run's files into the output, each file whole, then name them in the
         manifest and delete the files it replaces; safe to repeat after a kill. None when the
         run's entries cannot be trusted (recovery only: nothing is moved)."""
-        staged = self._entries(run)
+        staged = self._entries(run, recovering=recovering)
         if staged is None:
             return None
         moved = 0

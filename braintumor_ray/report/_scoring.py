@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -196,19 +197,26 @@ def _counts(df: pd.DataFrame, column: str, order: list[str] | None = None, none_
 
 
 def _read_map(
-    dst: Location, value: str, maps: Location | None = None, listed: dict[str, dict[str, Any]] | None = None
+    dst: Location,
+    value: str,
+    maps: Location | None = None,
+    listed: Mapping[str, Mapping[str, Any]] | None = None,
+    staged: Location | None = None,
 ) -> bytes | None:
     """A heat map's bytes, or None (with a warning) unless it is a plain child of the job's maps
     folder (no ``..``: ``OUTPUT_explain/../elsewhere/x.png`` was embedded once) and, when the
-    folder has a manifest (``listed``), named in it with these bytes' sha256."""
+    output lists its maps (``listed``), named there with these bytes' sha256. ``staged``: the maps
+    the run being committed staged (listed by its commit, not yet moved): read there when there."""
     loc = heatmap_location(dst, value)
     name = posixpath.basename(loc.path)
     if maps is not None and (".." in value.split("/") or posixpath.dirname(loc.path) != maps.path.rstrip("/")):
         logger.warning("report: heat map %s not shown: it is not in the job's maps folder %s", value, maps.uri)
         return None
     if listed is not None and name not in listed:
-        logger.warning("report: heat map %s not shown: the maps folder's manifest does not name it", value)
+        logger.warning("report: heat map %s not shown: the output's manifest does not list it", value)
         return None
+    if staged is not None and staged.join(name).exists():
+        loc = staged.join(name)
     try:
         data = loc.read_bytes()
     except Exception as e:  # a removed or unreadable map costs its picture, not the report
@@ -363,7 +371,8 @@ def _cases_section(
     probs: list[str],
     *,
     maps: Location | None,
-    map_files: dict[str, dict[str, Any]] | None,
+    map_files: Mapping[str, Mapping[str, Any]] | None,
+    staged_maps: Location | None = None,
     max_cases: int,
 ) -> str:
     """A card per row to review first, with its heat map when the maps' manifest lists it."""
@@ -373,7 +382,7 @@ def _cases_section(
     wanted = sorted({v for v in shown.get("heatmap_path", pd.Series(dtype=object)) if isinstance(v, str) and v})
     # Side by side: on S3 each map is a GET of tens of ms, 300 of them one after the other ~10 s.
     with ThreadPoolExecutor(MAP_READERS) as pool:
-        read = dict(zip(wanted, pool.map(lambda v: _read_map(dst, v, maps, map_files), wanted)))
+        read = dict(zip(wanted, pool.map(lambda v: _read_map(dst, v, maps, map_files, staged_maps), wanted)))
     for _, row in shown.iterrows():
         html_card, has = _card(row, read, probs, extra)
         cards.append(html_card)
@@ -400,12 +409,14 @@ def scoring_report_html(
     max_cases: int = MAX_CASES,
     max_rows: int = MAX_TABLE_ROWS,
     rows: pa.Table | None = None,
-    map_files: dict[str, dict[str, Any]] | None = None,
+    map_files: Mapping[str, Mapping[str, Any]] | None = None,
+    staged_maps: Location | None = None,
 ) -> str:
     """The page; ``series``: the per-series table (the scoring job gives the one it built from its
     committed rows; a location is read); ``maps``: the folder the job writes heat maps to (only
     maps in it are embedded); ``rows``: the output's committed rows, when the caller holds them;
-    ``map_files``: the maps folder's manifest entries (only those maps, with those bytes, are embedded)."""
+    ``map_files``: the maps the output's manifest lists, by name (only those maps, with those bytes,
+    are embedded); ``staged_maps``: where the maps of the run being committed are staged."""
     df, total = read_predictions(dst, rows)
     df = review_order(df) if len(df) else df
     probs = sorted(c for c in df.columns if c.startswith(PROB_PREFIX))
@@ -438,7 +449,11 @@ def scoring_report_html(
         parts.append(verdicts)
         nav.insert(1, '<a href="#series-verdicts">series</a>')
 
-    parts.append(_cases_section(df, cases, dst, probs, maps=maps, map_files=map_files, max_cases=max_cases))
+    parts.append(
+        _cases_section(
+            df, cases, dst, probs, maps=maps, map_files=map_files, staged_maps=staged_maps, max_cases=max_cases
+        )
+    )
 
     parts.append(_predictions_section(df, dst, max_rows))
     toc = f'<nav class="toc">{"".join(nav)}</nav>'

@@ -1,12 +1,14 @@
 """A scoring run's one commit: its staged rows (each file read once), the withdrawals and the new
-versions of unchanged files, the maps; and the committed table after it, built in memory."""
+versions of unchanged files, the maps the replicas staged; and the committed table after it, built
+in memory."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -15,7 +17,8 @@ import pyarrow.parquet as pq
 from ..core import Location, StagedWriter, StorageError, latest_rows, posix_basename, remove_child
 from ._config import OUTPUT_CONFIG_FILE, OUTPUT_IDS_FILE, ScoreConfig
 from ._derived import Derived, commit_args
-from ._layout import ATTEMPTS_DIR, UNCHANGED, _output_of, _writer, output_schema
+from ._explain import HeatMaps, explain_location, explain_objects
+from ._layout import ATTEMPTS_DIR, EXPLAIN_SUFFIX, UNCHANGED, _output_of, _writer, output_schema
 from ._plan import WITHDRAWN, WITHDRAWN_REASON, ScoringPlan
 
 logger = logging.getLogger(__name__)
@@ -25,22 +28,22 @@ def _commit(
     plan: ScoringPlan,
     writer: StagedWriter,
     staging: Location,
-    explain_writer: StagedWriter,
-    explain_stage: Location,
     committed: pa.Table,
-    derive: Callable[[pa.Table], Derived],
+    derive: Callable[..., Derived],
+    objects: Mapping[str, Mapping[str, Any]],
 ) -> tuple[pa.Table, pa.Table, int, Derived]:
-    """Add the withdrawal rows to the run, then commit it: its rows and the maps, and the series
-    table, report and DICOM objects ``derive`` builds from the committed rows as they will be
-    (listed in the same manifest write as the rows; replaced objects leave it in that write). Returns this run's rows (scored and withdrawn), the committed rows
-    after the commit, the maps committed and what ``derive`` built.
+    """Add the withdrawal rows to the run, then commit it: its rows, the maps its replicas staged,
+    and the series table, report and DICOM objects ``derive`` builds from the committed rows as
+    they will be (all listed in the same manifest write as the rows; replaced objects, and with
+    ``--rescore-all`` the maps no row names any more, leave it in that write). ``objects``: the
+    manifest's objects before the commit. Returns this run's rows (scored and withdrawn), the
+    committed rows after the commit, the maps committed and what ``derive`` built.
 
     Every row of the run is on storage: the commit marks it so (from here a cut-off run is
     committed by the next one instead of redone), then moves the files in one by one and names
-    them in the manifest. The maps first: a committed row never names a PNG that is not there
-    yet (a run cut off between the two commits is redone, and rewrites the same file names).
-    Each staged file is read once; the committed table after the commit is built from those
-    tables and ``committed`` (the rows the plan read), not read back from storage.
+    them in the manifest. Each staged file is read once (each map once, to hash it); the
+    committed table after the commit is built from those tables and ``committed`` (the rows the
+    plan read), not read back from storage.
     """
     schema = output_schema(list(plan.class_names))
     staged, data = _read_staged(staging)
@@ -56,9 +59,7 @@ def _commit(
             len(plan.diff.withdrawn),
         )
     written = pa.concat_tables([t.cast(schema) for t in kept.values()]) if kept else schema.empty_table()
-    # The maps first: a committed row never names a PNG that is not there yet, and an SC is drawn
-    # from a committed map.
-    heatmaps = explain_writer.commit(explain_stage) if explain_stage.exists() else 0
+    maps = writer.staged_objects(staging, EXPLAIN_SUFFIX)  # each hashed alone: never all in memory
     parts = [] if plan.rescore_all and kept else [committed]
     if found:  # after `written`: these files were not scored again
         reversioned = _reversioned_rows(committed, found, plan.scored_at)
@@ -70,10 +71,23 @@ def _commit(
             len(found),
         )
     after = pa.concat_tables([*parts, written])
-    built = derive(after)
-    writer.commit(staging, replace_all=plan.rescore_all and bool(kept), data=data, **commit_args(built))
+    replace_all = plan.rescore_all and bool(kept)
+    # The replaced rows' maps go with them: retired in this commit's one write, then deleted.
+    unnamed = explain_objects(after.column("heatmap_path").to_pylist(), objects) if replace_all else ()
+    retired = tuple(k for k in unnamed if k not in maps)
+    heat = HeatMaps(
+        explain_location(writer.output),
+        objects,
+        staged=writer.object_stage(staging, EXPLAIN_SUFFIX),
+        staged_entries=maps,
+        retired=frozenset(retired),
+    )
+    built = derive(after, maps=heat)
+    args = commit_args(built)
+    args["retire"] = (*args["retire"], *retired)
+    writer.commit(staging, replace_all=replace_all, data=data, staged=maps, **args)
     _clear_attempts(writer.root.join(ATTEMPTS_DIR))
-    return written, after, heatmaps, built
+    return written, after, len(maps), built
 
 
 def commit_settings(dst: Location, plan: ScoringPlan, config: ScoreConfig) -> None:

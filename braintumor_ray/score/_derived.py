@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..core import Lease, Location, Manifest, StagedWriter
+from ..core import Lease, Location, StagedWriter
 from ..imaging import SLICE_SKIP_REASONS
 from ..report import scoring_report_html
 from ._config import ScoreConfig
 from ._dicom import DicomObjects, send_committed
 from ._dicom_out import Algorithm
-from ._explain import explain_location
+from ._explain import HeatMaps
 from ._layout import REPORT_KEY, SERIES_KEY
 from ._plan import WITHDRAWN, RerunDiff, ScoringPlan
 from ._series import series_bytes, series_table
@@ -164,12 +164,14 @@ def build_derived(
     *,
     plan: ScoringPlan,
     dst: Location,
+    maps: HeatMaps,
     files: bool = True,
     dicom: Callable[..., DicomObjects | None] | None = None,
 ) -> Derived:
     """The per-series table, the review page (``files``) and the DICOM objects (``dicom``, given the
-    rows and the series table) of the committed rows ``rows`` (in memory, never read back from
-    storage), as :meth:`StagedWriter.commit` takes them."""
+    rows, the series table and the maps) of the committed rows ``rows`` (in memory, never read back
+    from storage), as :meth:`StagedWriter.commit` takes them. ``maps``: the heat maps listed after
+    the commit (this run's still staged), the only ones the page embeds and an SC draws."""
     series = series_table(rows, list(plan.class_names), review_threshold=plan.series_review_threshold)
     extra = {"settings": plan.derived_settings}
     out: dict[str, tuple[bytes, dict[str, Any]]] = {}
@@ -178,12 +180,11 @@ def build_derived(
         out[SERIES_KEY] = (series_bytes(series), extra | {"rows": series.num_rows})
         series_rows = series.num_rows
     if files:
-        maps = explain_location(dst)
         html = scoring_report_html(
-            dst, series=series, maps=maps, rows=rows, map_files=Manifest(maps, what="explain").read()
+            dst, series=series, maps=maps.root, rows=rows, map_files=maps, staged_maps=maps.staged
         )
         out[REPORT_KEY] = (html.encode("utf-8"), extra)
-    objects = dicom(rows=rows, series=series) if dicom is not None else None
+    objects = dicom(rows=rows, series=series, maps=maps) if dicom is not None else None
     return Derived(series=series, files=out, series_rows=series_rows, dicom=objects)
 
 

@@ -33,7 +33,6 @@ from ..core import (
     StagedWriter,
     StorageError,
     latest_mask,
-    posix_basename,
     remove_child,
     resolve,
 )
@@ -53,7 +52,7 @@ from ._dicom_out import (
     to_bytes,
 )
 from ._dicom_send import SentLedger, parse_destinations, read_dataset, send_with_retries
-from ._explain import explain_location
+from ._explain import HeatMaps, UntrustedMap, explain_location
 
 logger = logging.getLogger(__name__)
 
@@ -151,13 +150,15 @@ def dicom_objects(
     rows: pa.Table,
     series: pa.Table | None,
     listed: Mapping[str, Mapping[str, Any]],
+    maps: HeatMaps | None = None,
 ) -> DicomObjects | None:
     """The objects the run's commit carries, built before it (None when neither ``--dicom-out`` nor
     ``--dicom-send`` is asked for).
 
     ``rows``: the output's rows as they will be after the commit; ``series``: the per-series table
     the job built from them in memory (a rewritten ``OUTPUT_series/series.parquet`` never reaches an
-    SR); ``listed``: the manifest's objects now (key -> entry), the only committed objects there are."""
+    SR); ``listed``: the manifest's objects now (key -> entry), the only committed objects there are;
+    ``maps``: the heat maps an SC may draw (by default those ``listed``)."""
     dests = parse_destinations(config.dicom_send)
     if config.dicom_out == "none" and not dests:
         return None
@@ -177,10 +178,10 @@ def dicom_objects(
         "skipped": 0,
     }
 
+    heat = maps if maps is not None else HeatMaps(explain_location(dst), listed)
+
     def build(obj: DicomObject, previous: Any) -> bytes:
-        return _object_bytes(
-            obj, config, src, ids, sources, algo, key=key, previous=previous, explain_root=explain_location(dst)
-        )
+        return _object_bytes(obj, config, src, ids, sources, algo, key=key, previous=previous, maps=heat)
 
     objects, counts = _build_objects(plan.write, build, root=root, committed=committed)
     for what, n in counts.items():
@@ -350,7 +351,7 @@ def _object_bytes(
     *,
     key: bytes = b"",
     previous=None,
-    explain_root: Location | None = None,
+    maps: HeatMaps | None = None,
 ) -> bytes:
     f = obj.finding
     listed = sources.get(f.source_path)
@@ -369,14 +370,13 @@ def _object_bytes(
     if f.heatmap_path:
         from ..imaging import decode_png
 
-        if explain_root is not None:  # a map of this output's OUTPUT_explain/, by its plain name, or none
-            name = posix_basename(f.heatmap_path)
-            if f.heatmap_path != f"{explain_root.uri.rstrip('/')}/{name}" or name in ("", ".", ".."):
+        if maps is not None:  # a listed map of this output's OUTPUT_explain/, with its bytes, or none
+            try:
+                image = decode_png(maps.read(f.heatmap_path))
+            except UntrustedMap as e:
                 raise SourceChanged(
-                    "its row's heatmap_path is not a file of this output's OUTPUT_explain/: no SC "
-                    "is made from it (score the file again with --explain for a map)"
-                )
-            image = decode_png(explain_root.join(name).read_bytes())
+                    f"{e}: no SC is made from it (score the file again with --explain for a map)"
+                ) from e
         else:
             image = decode_png(resolve(f.heatmap_path, s3_endpoint_url=config.s3_endpoint_url).read_bytes())
     else:  # no map (--explain none, or a row scored before it): the slice as the model saw it, grey

@@ -2,34 +2,183 @@
 
 Each chosen row gets the heat-map overlay of the preprocessed scan the model saw
 (:mod:`braintumor_ray.explain`), written by the model actor that scored it into the run's own
-staging folder, ``OUTPUT_explain._staging/<run>/``; the run commits that folder just before its
-predictions, so a row's ``heatmap_path`` never names a file that is not there. File names come
-from the content (sha256, slice, model id), not the input path: a redone run overwrites its
-maps instead of adding copies, and no patient name reaches a file name.
+staging folder, ``OUTPUT._staging/<run>/_objects/_explain/``; the run's one commit lists them in
+``OUTPUT/_manifest.json``'s objects (``_explain/NAME`` with its sha256) in the same write as its
+rows, then moves them into ``OUTPUT_explain/``. A run cut off before its commit leaves no map
+listed (the next run drops its staging with its rows); one cut off while committing is finished
+with them. Readers (the report, the DICOM SC) trust only listed maps whose bytes match
+(:class:`HeatMaps`). File names come from the content (sha256, slice, model id), not the input
+path: a redone run overwrites its maps instead of adding copies, and no patient name reaches a
+file name.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from ..core import Location, resolve
+from ..core import (
+    MANIFEST_FILE,
+    BraintumorError,
+    Location,
+    Manifest,
+    StagedWriter,
+    StorageError,
+    file_sha256,
+    posix_basename,
+    remove_child,
+    resolve,
+)
 from ..imaging import original_xy
+from ._layout import EXPLAIN_SUFFIX
 from ._series import NO_TUMOR
 
 logger = logging.getLogger(__name__)
-
-EXPLAIN_SUFFIX = "_explain"
 
 
 def explain_location(dst: Location) -> Location:
     """``OUTPUT_explain`` beside ``OUTPUT`` (outside any glob over the predictions)."""
     return dst.sibling(EXPLAIN_SUFFIX)
+
+
+class UntrustedMap(BraintumorError):
+    """A row's heat map that is not a map the output's manifest lists with these bytes."""
+
+
+class HeatMaps(Mapping[str, Mapping[str, Any]]):
+    """The heat maps a reader may trust, by file name: those the output's manifest lists in its
+    objects (``objects``, looked up by key and never copied: a listing of 100,000 maps costs
+    nothing until a map is read; ``retired`` ones left out) and this run's own, still in its
+    staging folder (``staged``: the folder, ``staged_entries``: key -> entry, from
+    :meth:`StagedWriter.staged_objects`) until its commit lists and publishes them."""
+
+    def __init__(
+        self,
+        root: Location,
+        objects: Mapping[str, Mapping[str, Any]],
+        *,
+        staged: Location | None = None,
+        staged_entries: Mapping[str, Mapping[str, Any]] | None = None,
+        retired: frozenset[str] = frozenset(),
+    ) -> None:
+        self.root, self.objects, self.staged = root, objects, staged
+        self.staged_entries, self.retired = staged_entries or {}, retired
+
+    def __getitem__(self, name: str) -> Mapping[str, Any]:
+        key = f"{EXPLAIN_SUFFIX}/{name}"
+        if key in self.staged_entries:
+            return self.staged_entries[key]
+        if key in self.objects and key not in self.retired:
+            return self.objects[key]
+        raise KeyError(name)
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            self[name]  # type: ignore[index]
+        except (KeyError, TypeError):
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        keys = {k for k in self.objects if k not in self.retired} | set(self.staged_entries)
+        return iter(sorted(k.partition("/")[2] for k in keys if k.startswith(f"{EXPLAIN_SUFFIX}/")))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def location(self, name: str) -> Location:
+        """Where the listed map ``name`` is now: this run's staging for its own, else OUTPUT_explain."""
+        if self.staged is not None and f"{EXPLAIN_SUFFIX}/{name}" in self.staged_entries:
+            return self.staged.join(name)
+        return self.root.join(name)
+
+    def read(self, heatmap_path: str) -> bytes:
+        """The bytes of the map a row's ``heatmap_path`` names: a plain file of OUTPUT_explain/ that
+        the manifest lists (or this run stages), with the listed sha256; :class:`UntrustedMap` else."""
+        name = posix_basename(heatmap_path)
+        if heatmap_path != f"{self.root.uri.rstrip('/')}/{name}" or name in ("", ".", ".."):
+            raise UntrustedMap(f"its heatmap_path is not a file of this output's OUTPUT_explain/ ({heatmap_path})")
+        if name not in self:
+            raise UntrustedMap(f"its heat map {name} is not one {MANIFEST_FILE} lists (planted, or never committed)")
+        data = self.location(name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != self[name].get("sha256"):
+            raise UntrustedMap(
+                f"its heat map {name} is not the one committed (its sha256 differs from {MANIFEST_FILE}'s)"
+            )
+        return data
+
+
+def explain_objects(rows_heatmaps: Sequence[str | None], objects: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
+    """The listed maps (keys of ``objects``) that no row of ``rows_heatmaps`` names: a
+    ``--rescore-all`` retires them with the rows that named them."""
+    named = {posix_basename(p) for p in rows_heatmaps if p}
+    prefix = f"{EXPLAIN_SUFFIX}/"
+    return tuple(sorted(k for k in objects if k.startswith(prefix) and k[len(prefix) :] not in named))
+
+
+def migrate_explain_manifest(writer: StagedWriter, *, adopt_found: bool = False) -> int:
+    """An output whose maps an older version named in ``OUTPUT_explain/_manifest.json``: each map
+    listed there (adopted ones included) whose bytes still match is listed in
+    ``OUTPUT/_manifest.json``'s objects, then that old manifest is deleted (cut off between the
+    two, the next run does it again). A changed or missing one is not listed, and so never
+    embedded nor drawn into an SC. ``adopt_found``: the rows were just adopted from before
+    manifests, and a maps folder without a manifest has its maps adopted as they are. The number
+    listed; a no-change run that finds no old manifest reads nothing else."""
+    root = explain_location(writer.output)
+    old = Manifest(root, what="explain")
+    if not old.location.exists():
+        if not adopt_found or not root.exists():
+            return 0
+        found = {
+            posix_basename(p): {"sha256": ""}
+            for p in root.files()
+            if p.endswith(".png") and not posix_basename(p).startswith(("_", "."))
+        }
+        listed: Mapping[str, Any] = found
+        adopting = True
+    else:
+        try:
+            listed = old.read() or {}
+        except StorageError as e:
+            logger.warning("score: %s: no map of it is listed", e)
+            listed = {}
+        adopting = False
+    adopted, left = {}, []
+    for name, entry in sorted(listed.items()):
+        key = f"{EXPLAIN_SUFFIX}/{name}"
+        try:
+            loc = writer.object_location(key)  # a plain name of OUTPUT_explain/, or none of ours
+        except StorageError:
+            left.append(name)
+            continue
+        if not name.endswith(".png") or not isinstance(entry, dict) or not loc.exists():
+            left.append(name)
+            continue
+        sha = file_sha256(root, loc.path)
+        if not adopting and sha != entry.get("sha256"):
+            left.append(name)
+            continue
+        adopted[key] = {"sha256": sha, "committed_at": entry.get("committed_at"), "migrated": True}
+    if writer.manifest is None or writer.manifest.read() is None:
+        adopted = {}  # no committed rows: no map stands
+    n = writer.adopt_objects(adopted)
+    if left:
+        logger.warning(
+            "score: %d maps named in %s are gone or not the bytes it lists: not listed, never embedded "
+            "in the report nor drawn into an SC",
+            len(left),
+            old.location.uri,
+        )
+    if not adopting:
+        remove_child(writer.output, root, MANIFEST_FILE, what="score")
+    logger.info("score: %d heat maps of %s now listed in %s", n, root.uri, MANIFEST_FILE)
+    return n
 
 
 def chosen_rows(mode: str, predicted: Sequence[str | None], reasons: Sequence[str | None]) -> list[int]:

@@ -30,7 +30,7 @@ from ..core import (
 from ..imaging import MRIPreprocess
 from ._config import OUTPUT_IDS_FILE, ScoreConfig
 from ._dicom import migrate_dicom_manifest
-from ._explain import explain_location
+from ._explain import migrate_explain_manifest
 from ._layout import DERIVED_KEYS, FETCHED_MODELS_DIR, _remove_fetched, _writer, committed_rows
 from ._plan import DerivedFacts, IdentifiersFound, plan_engine
 
@@ -55,7 +55,6 @@ class ScoringFacts:
     dst: Location
     ids: Identifiers = field(repr=False)
     writer: StagedWriter = field(repr=False)  # the rows', under the lease
-    explain_writer: StagedWriter = field(repr=False)  # the maps', under the lease
     recovered: dict[str, int]
     listing: Listing = field(repr=False)
     files: dict[str, tuple[int, str]] = field(repr=False)  # listing path -> (size, version), hidden files left out
@@ -63,7 +62,7 @@ class ScoringFacts:
     prefix: str  # "s3://" for S3 inputs: listing paths -> URIs
     committed: pa.Table = field(repr=False)  # every committed row, read and sha256-checked once
     derived: DerivedFacts = field(repr=False)  # the series table and report: listed, and as found
-    objects: Mapping[str, Mapping[str, Any]] = field(repr=False)  # the manifest's objects (OUTPUT_dicom/*.dcm)
+    objects: Mapping[str, Mapping[str, Any]] = field(repr=False)  # the manifest's objects (DICOM objects, maps)
     identifiers_found: IdentifiersFound = field(repr=False)  # _identifiers.json as found
     asked: ScoreConfig = field(repr=False)  # the config as given (a models:/ name still a name): saved so
 
@@ -74,7 +73,7 @@ class ScoringFacts:
 
 def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
     """Verify the package, put the output in order under the lease (earlier runs recovered or
-    dropped, an output from before manifests adopted, DICOM objects of an older layout listed),
+    dropped, an output from before manifests adopted, DICOM objects and maps of an older layout listed),
     list the input, read the identifiers record and the committed rows once.
 
     The order of these steps is the protocol (check the package before touching the output,
@@ -88,7 +87,7 @@ def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
     src = resolve(config.input, s3_endpoint_url=config.s3_endpoint_url)
     dst = resolve(config.output, s3_endpoint_url=config.s3_endpoint_url)
     ids = Identifiers.from_env(config.path_mode, config.uid_mode, root=src.uri)  # no key: fails before any work
-    writer, explain_writer, recovered = _open_output(dst, lease)
+    writer, recovered = _open_output(dst, lease)
     listed, files = _list_input(src, config)
     prefix = "s3://" if src.is_s3 else ""
     assert writer.manifest is not None  # _writer's always has one
@@ -109,7 +108,6 @@ def gather_facts(config: ScoreConfig, lease: Lease) -> ScoringFacts:
         dst=dst,
         ids=ids,
         writer=writer,
-        explain_writer=explain_writer,
         recovered=recovered,
         listing=listed,
         files=files,
@@ -160,22 +158,19 @@ def _verified_package(config: ScoreConfig, lease: Lease) -> _Package:
     return _Package(config, registered, meta, engine, notes, pin)
 
 
-def _open_output(dst: Location, lease: Lease) -> tuple[StagedWriter, StagedWriter, dict[str, int]]:
-    """The output put in order under the lease: the rows' and the maps' earlier runs finished or
-    dropped, files from before their manifests adopted, an output whose manifest is gone refused.
-    Returns the rows' writer, the maps' writer and what the rows' recovery did."""
+def _open_output(dst: Location, lease: Lease) -> tuple[StagedWriter, dict[str, int]]:
+    """The output put in order under the lease: earlier runs finished or dropped (their maps and
+    DICOM objects with their rows), files from before the manifest adopted, an output whose
+    manifest is gone refused, objects an older layout named in manifests of their own listed in
+    the one manifest. Returns the writer and what its recovery did."""
     writer = _writer(dst, lease)  # commits only while the lease holds, and names its files in the manifest
     assert writer.manifest is not None
     recovered = writer.recover()
-    # Heat maps (--explain) stage and commit beside the predictions: same run id, same lease.
-    # Named in OUTPUT_explain/_manifest.json like the rows: the report embeds only those maps.
-    explain_writer = StagedWriter(explain_location(dst), what="explain", lease=lease, manifest=True)
-    explain_writer.recover()
-    explain_writer.adopt(".png")  # maps written before that manifest: as they are now
     _check_manifest_kept(dst, writer.manifest)
-    writer.adopt(foreign=_foreign_rows)  # an output from before manifests: its files as they are now
+    adopted = writer.adopt(foreign=_foreign_rows)  # an output from before manifests: its files as they are now
     migrate_dicom_manifest(writer)  # objects an older version named in OUTPUT_dicom/_manifest.json
-    return writer, explain_writer, recovered
+    migrate_explain_manifest(writer, adopt_found=adopted > 0)  # maps named in OUTPUT_explain/_manifest.json
+    return writer, recovered
 
 
 def _list_input(src: Location, config: ScoreConfig) -> tuple[Listing, dict[str, tuple[int, str]]]:

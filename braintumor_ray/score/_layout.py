@@ -38,9 +38,12 @@ SERIES_FILE = "series.parquet"
 REPORT_KEY = SCORING_REPORT  # OUTPUT/_report.html
 SERIES_KEY = f"{SERIES_SUFFIX}/{SERIES_FILE}"  # OUTPUT_series/series.parquet
 DERIVED_KEYS = (REPORT_KEY, SERIES_KEY)
-# The siblings whose files (objects) a commit adds and retires: OUTPUT_dicom/*.dcm, keyed
-# "_dicom/NAME" in the manifest's "objects" (score/_dicom.py).
-OBJECT_SIBLINGS = (DICOM_SUFFIX,)
+# --explain's heat maps: OUTPUT_explain/*.png (score/_explain.py).
+EXPLAIN_SUFFIX = "_explain"
+# The siblings whose files (objects) a commit adds and retires: OUTPUT_dicom/*.dcm and
+# OUTPUT_explain/*.png, keyed "_dicom/NAME" and "_explain/NAME" in the manifest's "objects"
+# (score/_dicom.py, score/_explain.py).
+OBJECT_SIBLINGS = (DICOM_SUFFIX, EXPLAIN_SUFFIX)
 
 # Beside the runs in OUTPUT._staging/: the markers of decode attempts (see _Attempts).
 ATTEMPTS_DIR = "_attempts"

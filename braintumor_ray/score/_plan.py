@@ -387,8 +387,8 @@ class ScoringPlan:
     guard: InputGuard
     guard_id: str  # its settings, hashed (the rows' guard column)
     explain: str
-    explain_stage_uri: str
-    explain_final_uri: str
+    explain_stage_uri: str  # the replicas write maps here: OUTPUT._staging/<run>/_objects/_explain
+    explain_final_uri: str  # the commit publishes them here, rows name them here: OUTPUT_explain
     review_threshold: float | None  # the option (None: the package's)
     series_review_threshold: float  # the series verdicts': the option, else the package's
     use_gpu: bool

@@ -13,12 +13,12 @@ identifiers record claimed or the run refused), the settings it accepted written
 record, ``_config.yaml``), its execution (:mod:`._execute`: decode tasks, :mod:`._decode`, and
 model replicas, :class:`Predictor`, on Ray Data; the replicas take the plan and load only the
 package bytes it pins), its one commit (:mod:`._commit`: the withdrawal rows and the new versions
-of unchanged files added, every file named in ``OUTPUT/_manifest.json``, with the per-series
-table, the report and the DICOM objects built in memory from the committed rows as they will be,
-:mod:`._derived` and :mod:`._dicom`, listed in the same manifest write, and the objects they
-replace unlisted in it), then the sending of the committed objects, and MLflow. A run with
-nothing to commit writes nothing while the series table and report committed before are whole
-and no DICOM object is to be made or retired. What the output is made of (its schema, its
+of unchanged files added, every file and the maps the replicas staged named in
+``OUTPUT/_manifest.json``, with the per-series table, the report and the DICOM objects built in
+memory from the committed rows as they will be, :mod:`._derived` and :mod:`._dicom`, listed in the
+same manifest write, and the objects they replace unlisted in it), then the sending of the
+committed objects, and MLflow. A run with nothing to commit writes nothing while the series table
+and report committed before are whole and no DICOM object is to be made or retired. What the output is made of (its schema, its
 sibling folders, its derived files and objects, its writer) is :mod:`._layout`.
 
 DICOM files and NIfTI volumes are scored slice by slice (one row per slice, with its UIDs);
@@ -31,14 +31,16 @@ Output layout::
     OUTPUT/_config.yaml           the last run's ScoreConfig (for --config; dataset readers skip it)
     OUTPUT/_manifest.json         what the job committed: each file, its sha256, rows and model id;
                                   only these files are read as committed rows; the series table and
-                                  report (its "derived"), the DICOM objects (its "objects")
+                                  report (its "derived"), the heat maps and DICOM objects (its
+                                  "objects": _explain/NAME, _dicom/NAME, each with its sha256)
     OUTPUT/_identifiers.json      how the rows name files and UIDs (path_mode, uid_mode, key id)
     OUTPUT/_report.html           the review report: counts, series verdicts, cases with heat maps, every row
     OUTPUT_series/series.parquet  one row per DICOM series or NIfTI volume and model
-    OUTPUT_explain/*.png          --explain: heat-map overlays, named with their sha256 in its _manifest.json
+    OUTPUT_explain/*.png          --explain: heat-map overlays, named in OUTPUT/_manifest.json (staged by the
+                                  replicas in OUTPUT._staging/<run>/_objects/_explain/, published by the commit)
     OUTPUT_dicom/*.dcm            --dicom-out: an SR (and SC) per DICOM series, named in OUTPUT/_manifest.json;
                                   _sent.json: what --dicom-send sent where (written after the commit)
-    OUTPUT._staging/<run>/        a run in progress or cut off (never read by users)
+    OUTPUT._staging/<run>/        a run in progress or cut off, its rows, maps and objects (never read by users)
     OUTPUT._lease.json            the lease of the run writing the output, while one runs (and, on
                                   local disk, OUTPUT._lease.lock, the lock its updates take)
 """
@@ -64,11 +66,12 @@ from ._config import OUTPUT_SIBLINGS, ScoreConfig
 from ._derived import ScoringSummary, _derived, algorithm, build_derived, commit_derived, run_counts, start_summary
 from ._dicom import dicom_objects
 from ._execute import _cluster_shape, _execute
-from ._explain import HeatmapWriter
+from ._explain import HeatMaps, HeatmapWriter, explain_location
 from ._facts import ScoringFacts, gather_facts
 from ._layout import (
     _SLICE_NAMES,
     ATTEMPTS_DIR,
+    EXPLAIN_SUFFIX,
     FETCHED_MODELS_DIR,
     PROB_PREFIX,
     REPORT_KEY,
@@ -136,7 +139,7 @@ class Predictor:
             plan.explain,
         )
         self.guard_id = plan.guard_id
-        # Heat maps: into the run's staging folder of OUTPUT_explain, named by the final one.
+        # Heat maps: into the run's own staging folder (its objects), named by the final one.
         self.heatmaps = (
             HeatmapWriter(
                 plan.explain,
@@ -300,7 +303,8 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     t0 = time.perf_counter()
     facts = gather_facts(config, lease)
     config = facts.config
-    explain_stage = facts.explain_writer.stage(lease.owner)
+    # The replicas stage the run's maps beside its rows: the rows' commit lists and publishes both.
+    explain_stage = facts.writer.object_stage(facts.writer.stage(lease.owner), EXPLAIN_SUFFIX)
     plan = _plan_run(facts, run_id=lease.owner, explain_stage=explain_stage)
     diff = plan.diff
     summary = start_summary(facts, diff)
@@ -331,10 +335,11 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     )
     if not diff.has_work:  # no row to commit: the series table and report stand unless found stale
         built = None
+        listed_maps = HeatMaps(explain_location(facts.dst), facts.objects)  # looked up, never listed whole
         if plan.derived_stale is not None:
             logger.info("score: nothing new; the series table and report are built again: %s", plan.derived_stale)
         if plan.derived_stale is not None or wants_dicom:
-            built = build(facts.committed, files=plan.derived_stale is not None)
+            built = build(facts.committed, files=plan.derived_stale is not None, maps=listed_maps)
         if built is not None and built.changes:
             commit_derived(facts.writer, plan.run_id, built)
         summary.update(wall_s=round(time.perf_counter() - t0, 3), images_per_s=0.0)
@@ -344,9 +349,7 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     if diff.todo:
         _execute(plan, staging, source=facts.src, attempts=facts.writer.root.join(ATTEMPTS_DIR), predictor=Predictor)
     elapsed = time.perf_counter() - t_run
-    written, after, heatmaps, built = _commit(
-        plan, facts.writer, staging, facts.explain_writer, explain_stage, facts.committed, build
-    )
+    written, after, heatmaps, built = _commit(plan, facts.writer, staging, facts.committed, build, facts.objects)
     summary.update(run_counts(written, plan, summary["skipped_already_scored"], elapsed), heatmaps=heatmaps)
     summary = finish(summary, built=built)
     summary["wall_s"] = round(time.perf_counter() - t0, 3)  # with the derived outputs
@@ -383,7 +386,7 @@ def _plan_run(facts: ScoringFacts, *, run_id: str, explain_stage: Location) -> S
         diff=diff,
         refused=facts.listing.refused,
         explain_stage_uri=explain_stage.uri,
-        explain_final_uri=facts.explain_writer.output.uri,
+        explain_final_uri=explain_location(facts.dst).uri,
         cluster=_cluster_shape() if diff.todo else None,
         scored_at=datetime.now(UTC),
         notes=facts.notes,

@@ -289,9 +289,12 @@ def test_scoring_writes_maps_for_the_chosen_rows_once(ray_session, lesion_model,
     assert sum(inside) >= 0.9 * len(inside), inside
     pngs = [n for n in os.listdir(explain_dir) if n.endswith(".png")]
     assert s["heatmaps"] == len(pngs) == sum(r["heatmap_path"] is not None for r in rows)
-    # Each map named with its sha256 in OUTPUT_explain/_manifest.json: the report embeds only those.
-    assert set(json.load(open(os.path.join(explain_dir, "_manifest.json")))["files"]) == set(pngs)
-    assert not os.path.exists(explain_dir + "._staging") or not os.listdir(explain_dir + "._staging")
+    # Each map listed with its sha256 in OUTPUT/_manifest.json (the run's one commit): the report
+    # embeds only those; OUTPUT_explain/ has no manifest of its own.
+    objects = json.load(open(os.path.join(out, "_manifest.json")))["objects"]
+    assert {k.split("/", 1)[1] for k in objects if k.startswith("_explain/")} == set(pngs)
+    assert not os.path.exists(os.path.join(explain_dir, "_manifest.json"))
+    assert not os.path.exists(explain_dir + "._staging")
 
     # Incremental: two new files; the maps already there are not drawn again.
     before = {n: os.stat(os.path.join(explain_dir, n)).st_mtime_ns for n in os.listdir(explain_dir) if n.endswith(".png")}

@@ -269,6 +269,44 @@ def test_only_committed_maps_inside_the_maps_folder_are_embedded(tmp_path):
     assert len(shown) >= 10, shown  # committed maps of the cases on the page are embedded
 
 
+def test_the_report_embeds_the_maps_the_one_manifest_lists_staged_or_committed(tmp_path, caplog):
+    """The maps a scoring run's report may embed (HeatMaps): those OUTPUT/_manifest.json lists as
+    ``_explain/NAME`` objects, with those bytes, and the run's own still in its staging folder. A
+    forged PNG under a listed name, a retired map and one listed nowhere are not embedded."""
+    import base64
+
+    from braintumor_ray.report import scoring_report_html
+    from braintumor_ray.score._explain import HeatMaps
+
+    out, series, made = fake_scoring_output(tmp_path)
+    explain = tmp_path / "predictions_explain"
+    maps = sorted(p for p in os.listdir(explain) if p.endswith(".png"))
+    t = pq.read_table(out / "run1_0.parquet")
+    shown = {os.path.basename(p) for p in t.column("heatmap_path").to_pylist() if p}
+    shown = [n for n in maps if n in shown]
+    forged, retired, unlisted, staged_one = shown[:4]
+    objects = {f"_explain/{n}": {"sha256": hashlib.sha256((explain / n).read_bytes()).hexdigest()} for n in maps}
+    del objects[f"_explain/{unlisted}"]
+    stage = tmp_path / "predictions._staging" / "run" / "_objects" / "_explain"
+    stage.mkdir(parents=True)
+    (explain / staged_one).rename(stage / staged_one)  # this run's: not yet moved in
+    staged = {f"_explain/{staged_one}": objects.pop(f"_explain/{staged_one}")}
+    bad = (explain / forged).read_bytes()[:-8] + b"forged!!"
+    (explain / forged).write_bytes(bad)
+    heat = HeatMaps(resolve(str(explain)), objects, staged=resolve(str(stage)), staged_entries=staged,
+                    retired=frozenset({f"_explain/{retired}"}))
+    assert staged_one in heat and forged in heat and retired not in heat and unlisted not in heat
+    html = scoring_report_html(resolve(str(out)), maps=heat.root, map_files=heat, staged_maps=heat.staged,
+                               max_cases=100)
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    assert b64(bad) not in html and "its bytes are not the ones committed" in caplog.text
+    for n in (retired, unlisted):
+        assert b64((explain / n).read_bytes()) not in html
+    assert b64((stage / staged_one).read_bytes()) in html
+    kept = [n for n in shown[4:] if b64((explain / n).read_bytes()) in html]
+    assert len(kept) >= 5, kept
+
+
 def test_scoring_report_caps_and_s3(browser, tmp_path, s3_endpoint, s3_bucket):
     """A large output keeps the page small: cases and table rows are capped, with a notice.
     On S3 the report is one object inside the output prefix, heat maps read from the bucket."""

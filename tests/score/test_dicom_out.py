@@ -682,8 +682,12 @@ def test_the_source_is_read_at_its_rows_version_and_its_uids_checked(tmp_path, c
 
 
 def test_an_sc_takes_its_map_only_from_the_outputs_explain_folder(tmp_path, caplog):
-    """A row's heatmap_path naming a file elsewhere (planted, or ``OUTPUT_explain/../x.png``) makes
-    no SC; a map of OUTPUT_explain/ does."""
+    """A row's heatmap_path naming a file elsewhere (planted, or ``OUTPUT_explain/../x.png``), or a
+    map of OUTPUT_explain/ that OUTPUT/_manifest.json does not list or lists with other bytes, makes
+    no SC; a listed map of OUTPUT_explain/ with its bytes does."""
+    import hashlib
+
+    from braintumor_ray.core import Manifest
     from braintumor_ray.imaging import encode_png
 
     run, folder, _, _ = _step_world(tmp_path)
@@ -692,11 +696,22 @@ def test_an_sc_takes_its_map_only_from_the_outputs_explain_folder(tmp_path, capl
     (tmp_path / "elsewhere" / "x.png").write_bytes(png)
     (tmp_path / "out_explain").mkdir()
     (tmp_path / "out_explain" / "m.png").write_bytes(png)
-    for planted in (str(tmp_path / "elsewhere" / "x.png"), f"{tmp_path}/out_explain/../elsewhere/x.png"):
+    for planted in (str(tmp_path / "elsewhere" / "x.png"), f"{tmp_path}/out_explain/../elsewhere/x.png",
+                    f"{tmp_path}/out_explain/m.png"):  # the last: there, but listed nowhere
         got = run(heat=planted)
         assert (got["sc"], got["skipped"]) == (0, 1), planted  # (the SR is made: it shows no map)
     assert "heatmap_path is not a file of this output's OUTPUT_explain/" in caplog.text
-    ok = run(heat=f"{tmp_path}/out_explain/m.png", run_id="run-2")
+    assert "is not one _manifest.json lists" in caplog.text
+    manifest = Manifest(resolve(str(tmp_path / "out")))
+    doc = manifest.read_doc()
+    listed = {"_explain/m.png": {"sha256": hashlib.sha256(b"other bytes").hexdigest()}}
+    manifest.write(doc["files"], derived=doc["derived"], objects=doc["objects"] | listed)
+    forged = run(heat=f"{tmp_path}/out_explain/m.png", run_id="run-2")
+    assert (forged["sc"], forged["skipped"]) == (0, 1) and "is not the one committed" in caplog.text
+    doc = manifest.read_doc()
+    listed = {"_explain/m.png": {"sha256": hashlib.sha256(png).hexdigest()}}
+    manifest.write(doc["files"], derived=doc["derived"], objects=doc["objects"] | listed)
+    ok = run(heat=f"{tmp_path}/out_explain/m.png", run_id="run-3")
     assert ok["sc"] == 1
     sc = [pydicom.dcmread(str(folder / n)) for n in _manifest(folder) if "-sc-" in n][0]
     assert (sc.pixel_array[-512:] == 77).mean() > 0.9
@@ -748,7 +763,7 @@ def test_dicom_objects_ride_the_runs_one_commit(ray_session, package, tmp_path, 
 
     def listed() -> dict:
         doc = json.loads((out / "_manifest.json").read_text())
-        return {k.split("/", 1)[1]: e for k, e in doc.get("objects", {}).items()}
+        return {k.split("/", 1)[1]: e for k, e in doc.get("objects", {}).items() if k.startswith("_dicom/")}
 
     try:
         # Cut off after its rows and objects were staged, before its commit began.
@@ -819,7 +834,8 @@ def test_dicom_objects_ride_the_runs_one_commit(ray_session, package, tmp_path, 
 
         # The layout before: objects named in OUTPUT_dicom/_manifest.json, one of them since rewritten.
         doc = json.loads((out / "_manifest.json").read_text())
-        old = {k.split("/", 1)[1]: e for k, e in doc.pop("objects").items()}
+        old = {k.split("/", 1)[1]: e for k, e in doc["objects"].items() if k.startswith("_dicom/")}
+        doc["objects"] = {k: e for k, e in doc["objects"].items() if not k.startswith("_dicom/")}  # the maps stay
         (out / "_manifest.json").write_text(json.dumps(doc))
         (folder / "_manifest.json").write_text(json.dumps({"format": 1, "files": old}))
         (folder / other).write_bytes(b"rewritten")

@@ -160,6 +160,119 @@ def test_killed_run_leaves_nothing_partial_and_the_next_run_completes(ray_sessio
     assert "files seen" in printed
 
 
+def test_heat_maps_ride_the_runs_one_commit(ray_session, package, old_package, tmp_path, monkeypatch, caplog):
+    """The maps (--explain) are staged by the replicas in the run's own folder and published by its
+    one commit: a run cut off before it leaves no map listed (the next run, taking over its lease,
+    drops it); OUTPUT/_manifest.json lists every map with its sha256 and OUTPUT_explain/ has no
+    manifest of its own; a forged PNG under a listed name is not embedded in the report; a run cut
+    off while committing is finished by the next, maps with rows; OUTPUT_explain/_manifest.json of
+    the older layout is migrated (maps whose bytes match); a rerun with nothing new hashes no map
+    and writes nothing; --rescore-all retires the replaced model's maps in its commit."""
+    import base64
+    import dataclasses
+    import hashlib
+    import json
+
+    from braintumor_ray.core import Location, StagedWriter, lease_location, resolve
+    from braintumor_ray.imaging import encode_png
+
+    archive, out = str(tmp_path / "archive"), tmp_path / "preds"
+    maps_dir = tmp_path / "preds_explain"
+    make_archive(archive, seed=21, n=1)
+    cfg = ScoreConfig(model=old_package, input=archive, output=str(out), explain="all", batch_size=4)
+
+    def listed() -> dict:
+        doc = json.loads((out / "_manifest.json").read_text())
+        return {k.split("/", 1)[1]: e for k, e in doc.get("objects", {}).items() if k.startswith("_explain/")}
+
+    def on_disk() -> list[str]:
+        return sorted(p.name for p in maps_dir.glob("*.png"))
+
+    def sha(p) -> str:
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    # Cut off after the replicas wrote its maps, before its commit began.
+    real_doc = StagedWriter._entries_doc
+
+    def killed(self, *a, **k):
+        raise KeyboardInterrupt("killed before the commit")
+
+    monkeypatch.setattr(StagedWriter, "_entries_doc", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_scoring(cfg)
+    monkeypatch.setattr(StagedWriter, "_entries_doc", real_doc)
+    staged = sorted((tmp_path / "preds._staging").glob("*/_objects/_explain/*.png"))
+    assert len(staged) == 4 and not on_disk() and not (out / "_manifest.json").exists()
+    past = "2020-01-01T00:00:00+00:00"  # as a killed run leaves its lease: expired, its holder gone
+    lease_location(resolve(str(out))).write_bytes(json.dumps({
+        "owner": staged[0].parts[-4], "host": "node-gone", "pid": 4242, "started": past, "heartbeat": past,
+        "expires": past, "ttl_s": 120.0}).encode())
+
+    first = run_scoring(cfg)
+    assert first["dropped_runs"] == 1 and first["heatmaps"] == 4
+    named = sorted(os.path.basename(r["heatmap_path"]) for r in _rows(str(out)))
+    assert named == on_disk() == sorted(listed()) and len(named) == 4
+    assert all(listed()[n]["sha256"] == sha(maps_dir / n) for n in named)
+    assert not (maps_dir / "_manifest.json").exists() and not os.path.exists(str(maps_dir) + "._staging")
+    assert not list((tmp_path / "preds._staging").glob("*/_objects"))
+
+    # A listed map forged in place; new files, and the run cut off while committing (its first map moved in).
+    report = (out / "_report.html").read_text()
+    forged = next(n for n in named if base64.b64encode((maps_dir / n).read_bytes()).decode() in report)
+    bad = encode_png(np.full((64, 64, 3), 13, np.uint8))
+    (maps_dir / forged).write_bytes(bad)
+    make_archive(archive, seed=22, n=1)
+    real_move = Location.move_to
+
+    def cut(self, other):
+        real_move(self, other)
+        if other.path.startswith(str(maps_dir) + "/"):
+            raise KeyboardInterrupt("killed while committing")
+
+    monkeypatch.setattr(Location, "move_to", cut)
+    with pytest.raises(KeyboardInterrupt):
+        run_scoring(cfg)
+    monkeypatch.setattr(Location, "move_to", real_move)
+    assert sorted(listed()) == named and len(on_disk()) == 5  # the moved map is not listed yet
+    finished = run_scoring(cfg)
+    assert finished["committed_runs"] == 1 and finished["scored"] == 0
+    named = sorted(os.path.basename(r["heatmap_path"]) for r in _rows(str(out)))
+    assert named == on_disk() == sorted(listed()) and len(named) == 8
+    assert all(listed()[n]["sha256"] == sha(maps_dir / n) for n in named if n != forged)
+    assert base64.b64encode(bad).decode() not in (out / "_report.html").read_text()
+    assert "its bytes are not the ones committed" in caplog.text
+
+    # The layout before: the maps named in OUTPUT_explain/_manifest.json (the forged one among them).
+    doc = json.loads((out / "_manifest.json").read_text())
+    old = {k.split("/", 1)[1]: e for k, e in doc["objects"].items() if k.startswith("_explain/")}
+    doc["objects"] = {k: e for k, e in doc["objects"].items() if not k.startswith("_explain/")}
+    (out / "_manifest.json").write_text(json.dumps(doc))
+    (maps_dir / "_manifest.json").write_text(json.dumps({"format": 1, "files": old}))
+    run_scoring(cfg)
+    assert not (maps_dir / "_manifest.json").exists()
+    assert sorted(listed()) == [n for n in named if n != forged]  # its bytes are not the listed ones
+
+    # Nothing new: no map hashed, nothing written.
+    import braintumor_ray.core._staging as staging_mod
+
+    hashed = []
+    real_sha = staging_mod.file_sha256
+    monkeypatch.setattr(staging_mod, "file_sha256", lambda *a: hashed.append(a) or real_sha(*a))
+    stamp = os.stat(out / "_manifest.json").st_mtime_ns
+    assert run_scoring(cfg)["scored"] == 0
+    assert hashed == [] and os.stat(out / "_manifest.json").st_mtime_ns == stamp
+    monkeypatch.setattr(staging_mod, "file_sha256", real_sha)
+
+    # Another model over every file: the replaced model's maps leave the manifest and the folder in
+    # its commit; the one map that was not listed is not the job's to delete.
+    again = run_scoring(dataclasses.replace(cfg, model=package, rescore_all=True))
+    (new_id,) = {r["model_id"] for r in _rows(str(out))}  # the replaced model's rows are gone
+    assert again["heatmaps"] == 8 and not any(n.endswith(f"-{new_id}.png") for n in named)
+    now = listed()
+    assert len(now) == 8 and all(n.endswith(f"-{new_id}.png") for n in now)
+    assert on_disk() == sorted([*now, forged]) and all(now[n]["sha256"] == sha(maps_dir / n) for n in now)
+
+
 def test_s3_in_and_out(ray_session, package, s3_endpoint, s3_bucket, tmp_path):
     import s3fs
 
@@ -185,7 +298,7 @@ def test_run_cut_off_while_committing_is_finished_by_the_next(ray_session, packa
     real_move, moves = Location.move_to, []
 
     def move_then_die(self, other):
-        if not other.path.startswith(out + "/"):  # the heat maps (OUTPUT_explain) commit first, whole
+        if not other.path.startswith(out + "/"):  # the heat maps and DICOM objects: moved after the rows' files
             return real_move(self, other)
         if moves:
             raise KeyboardInterrupt("killed while committing")  # what a SIGINT mid-commit looks like

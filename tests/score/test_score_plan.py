@@ -384,3 +384,51 @@ def test_the_identifiers_claim_is_the_plans_pure_decision(package):
     assert plan_scoring(**args, identifiers=full, identifiers_found=found).identifiers_record is None
     with pytest.raises(ConfigError, match="every file would be scored again under a second name"):
         plan_scoring(**args, identifiers=hashed, identifiers_found=found)
+
+
+def test_an_old_maps_manifest_is_migrated_into_the_one_manifest_and_deleted(tmp_path, caplog):
+    """OUTPUT_explain/_manifest.json of the layout before: its maps whose bytes match (adopted ones
+    too) are listed in OUTPUT/_manifest.json's objects, a rewritten or missing one and a name that
+    reaches outside are not, and the old manifest is deleted; maps of an output adopted from
+    before any manifest are adopted with its rows; nothing happens once no old manifest is left."""
+    import json
+
+    from braintumor_ray.core import StagedWriter
+    from braintumor_ray.score._explain import migrate_explain_manifest
+    from braintumor_ray.score._layout import OBJECT_SIBLINGS
+
+    def writer_of(out):  # scoring's writer, less its description of Parquet rows (these are not)
+        return StagedWriter(resolve(str(out)), what="score", manifest=True, objects=OBJECT_SIBLINGS)
+
+    out, maps = tmp_path / "preds", tmp_path / "preds_explain"
+    writer = writer_of(out)
+    run = writer.stage("run1")
+    run.join("a.parquet").write_bytes(b"a")
+    writer.commit(run)
+    maps.mkdir()
+    (tmp_path / "victim.png").write_bytes(b"theirs")
+    for n in ("good.png", "adopted.png", "rewritten.png"):
+        (maps / n).write_bytes(n.encode())
+    old = {n: {"sha256": hashlib.sha256(n.encode()).hexdigest()} for n in ("good.png", "adopted.png", "rewritten.png",
+                                                                         "gone.png")}
+    old["adopted.png"]["adopted"] = True
+    old["../victim.png"] = {"sha256": hashlib.sha256(b"theirs").hexdigest()}
+    (maps / "rewritten.png").write_bytes(b"other")
+    (maps / "_manifest.json").write_text(json.dumps({"format": 1, "files": old}))
+    assert migrate_explain_manifest(writer) == 2
+    objects = Manifest(resolve(str(out))).read_doc()["objects"]
+    assert sorted(objects) == ["_explain/adopted.png", "_explain/good.png"]
+    assert objects["_explain/good.png"]["sha256"] == hashlib.sha256(b"good.png").hexdigest()
+    assert not (maps / "_manifest.json").exists() and (tmp_path / "victim.png").read_bytes() == b"theirs"
+    assert "3 maps named in" in caplog.text
+    assert migrate_explain_manifest(writer) == 0  # nothing left to migrate: nothing read
+
+    # An output from before manifests: its maps adopted with its rows, as they are.
+    early, early_maps = tmp_path / "early", tmp_path / "early_explain"
+    early.mkdir()
+    early_maps.mkdir()
+    (early / "r.parquet").write_bytes(b"r")
+    (early_maps / "m.png").write_bytes(b"m")
+    w = writer_of(early)
+    assert w.adopt() == 1 and migrate_explain_manifest(w, adopt_found=True) == 1
+    assert sorted(Manifest(resolve(str(early))).read_doc()["objects"]) == ["_explain/m.png"]
