@@ -42,12 +42,12 @@ want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-# pip's and setuptools' chatter goes to a log, shown only if the install fails. --no-compile: pip
-# byte-compiles all 24,000 .py files it installs, about 70 s of one core here, where a run imports a
-# fraction of them and Python compiles those on first import.
+# pip's and setuptools' chatter goes to a log, shown only if the install fails. pip byte-compiles
+# what it installs, and that stays: with PYTHONDONTWRITEBYTECODE=1 (set on this machine and in CI)
+# an install without it made every process and Ray worker compile torch, Ray and the rest again on
+# each import (a test run slowed about 2.5x, 2026-12-07).
 log=.venv/install.log
-if ! { .venv/bin/python -m pip install -q --upgrade pip &&
-       .venv/bin/python -m pip install -q --no-compile -e ".$extra"; } >"$log" 2>&1; then
+if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e ".$extra"; } >"$log" 2>&1; then
   grep -v "WARNING: Location" "$log" | tail -40 >&2
   echo "error: installing the project into .venv failed (full log: $log)" >&2
   exit 1
