@@ -432,3 +432,29 @@ def test_an_old_maps_manifest_is_migrated_into_the_one_manifest_and_deleted(tmp_
     w = writer_of(early)
     assert w.adopt() == 1 and migrate_explain_manifest(w, adopt_found=True) == 1
     assert sorted(Manifest(resolve(str(early))).read_doc()["objects"]) == ["_explain/m.png"]
+
+
+def test_a_replica_stages_each_batch_once_under_its_rows_keys(tmp_path):
+    """The replica writes its own rows into the run's staging folder (no Ray Data write stage):
+    a batch scored again (its replica died after writing) overwrites its own file, another batch
+    gets another file, and nothing but whole Parquet files is left there."""
+    from braintumor_ray.score._execute import _ScoreAndStage
+
+    class Echo:  # the model side: one output row per input row
+        def __init__(self, plan):
+            self.plan = plan
+
+        def __call__(self, batch):
+            return pa.table({"path": batch.column("path"), "p": [float(len(p)) for p in batch.column("path").to_pylist()]})
+
+    staging = resolve(str(tmp_path / "stage"))
+    runner = _ScoreAndStage("plan", staging, Echo)
+    a = pa.table({"path": ["a.dcm", "a.dcm", "b.jpg"], "slice_index": [0, 1, None]})
+    b = pa.table({"path": ["a.dcm", "a.dcm"], "slice_index": [2, 3]})  # the same volume's other slices
+    assert runner(a).column("rows").to_pylist() == [3]
+    runner(a)
+    runner(b)
+    files = sorted(os.listdir(tmp_path / "stage"))
+    assert len(files) == 2 and all(f.startswith("part-") and f.endswith(".parquet") for f in files), files
+    rows = pa.concat_tables(pq.read_table(tmp_path / "stage" / f) for f in files)
+    assert sorted(rows.column("path").to_pylist()) == ["a.dcm"] * 4 + ["b.jpg"]
