@@ -60,6 +60,32 @@ MANIFEST_FORMAT = 1
 COMMITTING_FILE = "_committing.json"
 
 
+def _check_files(run: Location, files: dict, replaces: Any, payload: dict[str, str]) -> None:
+    """A staged run's file entries as the commit wrote them, or a ``ValueError`` saying why not:
+    plain names with a sha256, ``replaces`` a list of names, every staged file listed and its
+    bytes those the entry hashed (no link)."""
+    bad = [
+        n
+        for n in files
+        if not _plain_name(n)
+        or n.startswith("_")
+        or not isinstance(files[n], dict)
+        or not isinstance(files[n].get("sha256"), str)
+    ]
+    if bad:
+        raise ValueError(f"entries that are not plain file names with a sha256: {bad[:3]!r}")
+    if replaces is not None and (not isinstance(replaces, list) or not all(isinstance(n, str) for n in replaces)):
+        raise ValueError("'replaces' is not a list of names")
+    extra = sorted(set(payload) - set(files))
+    if extra:
+        raise ValueError(f"staged files it does not list: {extra[:3]!r}")
+    for n, p in payload.items():
+        if not run.is_s3 and os.path.islink(p):
+            raise ValueError(f"{n} is a link")
+        if hashlib.sha256(run.fs.cat_file(p)).hexdigest() != files[n]["sha256"]:
+            raise ValueError(f"{n}'s bytes do not match its sha256")
+
+
 def _plain_name(name: Any) -> bool:
     """A file or folder name of its own: no separator, not ``.``/``..``, not absolute, not empty."""
     return (
@@ -518,19 +544,9 @@ class StagedWriter:
         job wrote, which is then deleted; the names to delete are fixed here, so that a commit cut
         off mid-delete is finished by the next run).
         """
-        self._check_lease()
-        name = posix_basename(run.path)
-        if run.path.rstrip("/") != self.root.join(name).path or not _plain_name(name) or name.startswith("_"):
-            raise StorageError(f"{self.what}: {run.uri} is not a run folder of {self.root.uri} (a bug: report it)")
-        if derived and self.manifest is None:
-            raise StorageError(f"{self.what}: derived files are committed only with a manifest (a bug: report it)")
-        if (objects or staged or retire) and self.manifest is None:
-            raise StorageError(f"{self.what}: objects are committed only with a manifest (a bug: report it)")
+        name = self._check_commit(run, derived=derived or {}, objects=[*(objects or {}), *(staged or {}), *retire])
         for key, (blob, _) in (derived or {}).items():
-            self.derived_location(key)  # one of the writer's keys, or a bug
             run.join(DERIVED_DIR, *key.split("/")).write_atomic(blob)
-        for key in [*(objects or {}), *(staged or {}), *retire]:
-            self.object_location(key)  # one of the writer's siblings and a plain name, or a bug
         for key, blob in (objects or {}).items():
             run.join(OBJECTS_DIR, *key.split("/")).write_atomic(blob)
         if self.manifest is not None:
@@ -543,6 +559,24 @@ class StagedWriter:
         published = self._publish(run)
         assert published is not None, "only a recovery's publish is refused"
         return published
+
+    def _check_commit(self, run: Location, *, derived: dict[str, Any], objects: list[str]) -> str:
+        """The lease still held, ``run`` one of this writer's run folders (its name returned), and
+        the derived keys and object keys (staged, given or retired) ones it may commit; anything
+        else is a bug of the caller's."""
+        self._check_lease()
+        name = posix_basename(run.path)
+        if run.path.rstrip("/") != self.root.join(name).path or not _plain_name(name) or name.startswith("_"):
+            raise StorageError(f"{self.what}: {run.uri} is not a run folder of {self.root.uri} (a bug: report it)")
+        if derived and self.manifest is None:
+            raise StorageError(f"{self.what}: derived files are committed only with a manifest (a bug: report it)")
+        if objects and self.manifest is None:
+            raise StorageError(f"{self.what}: objects are committed only with a manifest (a bug: report it)")
+        for key in derived:
+            self.derived_location(key)  # one of the writer's keys, or a bug
+        for key in objects:
+            self.object_location(key)  # one of the writer's siblings and a plain name, or a bug
+        return name
 
     def _entries_doc(
         self,
@@ -741,28 +775,7 @@ class StagedWriter:
                 raise ValueError("'files' is not a table of names or 'replace_all' is not true/false")
             self._check_derived(run, derived)
             self._check_objects(run, objects, retire, verify=recovering)
-            bad = [
-                n
-                for n in files
-                if not _plain_name(n)
-                or n.startswith("_")
-                or not isinstance(files[n], dict)
-                or not isinstance(files[n].get("sha256"), str)
-            ]
-            if bad:
-                raise ValueError(f"entries that are not plain file names with a sha256: {bad[:3]!r}")
-            if replaces is not None and (
-                not isinstance(replaces, list) or not all(isinstance(n, str) for n in replaces)
-            ):
-                raise ValueError("'replaces' is not a list of names")
-            extra = sorted(set(payload) - set(files))
-            if extra:
-                raise ValueError(f"staged files it does not list: {extra[:3]!r}")
-            for n, p in payload.items():
-                if not run.is_s3 and os.path.islink(p):
-                    raise ValueError(f"{n} is a link")
-                if hashlib.sha256(run.fs.cat_file(p)).hexdigest() != files[n]["sha256"]:
-                    raise ValueError(f"{n}'s bytes do not match its sha256")
+            _check_files(run, files, replaces, payload)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             logger.warning(
                 "%s: the staged run %s has an entry list that cannot be trusted (%s): left alone, nothing "

@@ -46,18 +46,7 @@ def _commit(
     plan read), not read back from storage.
     """
     schema = output_schema(list(plan.class_names))
-    staged, data = _read_staged(staging)
-    kept, found = _take_unchanged(staged)
-    _restage(staged, kept, data, staging)
-    kept, data = _one_file(kept, data, staging, plan.run_id, schema)
-    if plan.diff.withdrawn:
-        rows = _withdrawal_rows(committed, plan.diff.withdrawn, plan.scored_at)
-        _stage_table(staging, f"withdrawn-{plan.run_id}.parquet", rows, kept, data)
-        logger.warning(
-            "score: %d rows of %d files gone from the input marked withdrawn (their earlier rows stay)",
-            rows.num_rows,
-            len(plan.diff.withdrawn),
-        )
+    kept, data, found = _gather_staged(plan, staging, committed, schema)
     written = pa.concat_tables([t.cast(schema) for t in kept.values()]) if kept else schema.empty_table()
     maps = writer.staged_objects(staging, EXPLAIN_SUFFIX)  # each hashed alone: never all in memory
     parts = [] if plan.rescore_all and kept else [committed]
@@ -102,6 +91,27 @@ def commit_settings(dst: Location, plan: ScoringPlan, config: ScoreConfig) -> No
     data = config.to_yaml().encode()
     if not loc.exists() or loc.read_bytes() != data:
         config.save_yaml(loc)
+
+
+def _gather_staged(
+    plan: ScoringPlan, staging: Location, committed: pa.Table, schema: pa.Schema
+) -> tuple[dict[str, pa.Table], dict[str, bytes], dict[str, tuple[int, str]]]:
+    """The run's staged rows as the commit will publish them: the replicas' files without their
+    :data:`UNCHANGED` rows, as one file, plus the withdrawal rows of the files gone from the input.
+    Returns the tables and bytes by staged name, and the unchanged files' new (size, version)."""
+    staged, data = _read_staged(staging)
+    kept, found = _take_unchanged(staged)
+    _restage(staged, kept, data, staging)
+    kept, data = _one_file(kept, data, staging, plan.run_id, schema)
+    if plan.diff.withdrawn:
+        rows = _withdrawal_rows(committed, plan.diff.withdrawn, plan.scored_at)
+        _stage_table(staging, f"withdrawn-{plan.run_id}.parquet", rows, kept, data)
+        logger.warning(
+            "score: %d rows of %d files gone from the input marked withdrawn (their earlier rows stay)",
+            rows.num_rows,
+            len(plan.diff.withdrawn),
+        )
+    return kept, data, found
 
 
 def _read_staged(staging: Location) -> tuple[dict[str, pa.Table], dict[str, bytes]]:

@@ -393,6 +393,13 @@ def _send(root: Location, dests, config, lease: Lease, listed: Mapping[str, Mapp
     A list, not a mapping by destination: MLflow metric names may not hold a URL's ``:`` and ``@``.
     ``listed``: the manifest's objects after the commit; only those, with those bytes, are sent (a
     ``.dcm`` put into OUTPUT_dicom/ by hand, or one rewritten there, never is)."""
+    committed = _committed_objects(root, listed)
+    ledger = SentLedger(root)
+    return [_send_to(dest, committed, ledger, config, lease) for dest in dests]
+
+
+def _committed_objects(root: Location, listed: Mapping[str, Mapping[str, Any]]) -> dict[str, bytes]:
+    """The manifest's DICOM objects whose bytes on storage are the ones committed, by name."""
     committed = {}
     for key, listed_entry in sorted(listed.items()):
         suffix, _, name = key.partition("/")
@@ -408,53 +415,50 @@ def _send(root: Location, dests, config, lease: Lease, listed: Mapping[str, Mapp
             )
             continue
         committed[name] = data
-    ledger = SentLedger(root)
-    report: list[dict[str, Any]] = []
-    for dest in dests:
-        names = ledger.pending(dest, sorted(committed))
-        entry: dict[str, Any] = {
-            "destination": dest.key,
-            "sent": 0,
-            "already": len(committed) - len(names),
-            "failed": 0,
-        }
-        if names:
-            datasets = {n: read_dataset(committed[n]) for n in names}
-            by_uid = {str(ds.SOPInstanceUID): n for n, ds in datasets.items()}
+    return committed
 
-            def record(got: dict[str, str | None], dest=dest, by_uid=by_uid) -> None:
-                stored = [u for u, error in got.items() if error is None and u in by_uid]
-                for uid in stored:
-                    ledger.record(dest, by_uid[uid], uid)
-                if stored:
-                    lease.check()
-                    ledger.save()
 
-            result = send_with_retries(
-                dest,
-                list(datasets.values()),
-                calling_aet=config.dicom_ae_title,
-                retries=config.dicom_send_retries,
-                on_try=record,
-            )
-            for ds in datasets.values():
-                error = result.get(str(ds.SOPInstanceUID))
-                if error is None:
-                    entry["sent"] += 1
-                else:
-                    entry["failed"] += 1
-                    entry["error"] = str(error)
-            lease.check()
-            ledger.save()
-        if entry["failed"]:
-            logger.warning(
-                "score: %d DICOM objects not sent to %s (%s): the run stands; the next run sends them",
-                entry["failed"],
-                dest.key,
-                entry.get("error"),
-            )
-        report.append(entry)
-    return report
+def _send_to(dest, committed: Mapping[str, bytes], ledger: SentLedger, config, lease: Lease) -> dict[str, Any]:
+    """The objects of ``committed`` that ``dest``'s ledger lacks, sent (each one stored is in the
+    ledger at once); the destination's entry of the run's report."""
+    names = ledger.pending(dest, sorted(committed))
+    entry: dict[str, Any] = {"destination": dest.key, "sent": 0, "already": len(committed) - len(names), "failed": 0}
+    if names:
+        datasets = {n: read_dataset(committed[n]) for n in names}
+        by_uid = {str(ds.SOPInstanceUID): n for n, ds in datasets.items()}
+
+        def record(got: dict[str, str | None]) -> None:
+            stored = [u for u, error in got.items() if error is None and u in by_uid]
+            for uid in stored:
+                ledger.record(dest, by_uid[uid], uid)
+            if stored:
+                lease.check()
+                ledger.save()
+
+        result = send_with_retries(
+            dest,
+            list(datasets.values()),
+            calling_aet=config.dicom_ae_title,
+            retries=config.dicom_send_retries,
+            on_try=record,
+        )
+        for ds in datasets.values():
+            error = result.get(str(ds.SOPInstanceUID))
+            if error is None:
+                entry["sent"] += 1
+            else:
+                entry["failed"] += 1
+                entry["error"] = str(error)
+        lease.check()
+        ledger.save()
+    if entry["failed"]:
+        logger.warning(
+            "score: %d DICOM objects not sent to %s (%s): the run stands; the next run sends them",
+            entry["failed"],
+            dest.key,
+            entry.get("error"),
+        )
+    return entry
 
 
 def _version(rows: pd.DataFrame) -> str | None:

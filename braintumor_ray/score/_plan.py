@@ -439,7 +439,11 @@ def plan_scoring(
     ``cluster``: None when there is nothing to score (no replicas then). ``derived``: the output's
     series table and report as found (None: none, they are built). ``identifiers_found``: the
     output's identifiers record as found (None: no record and no rows); a record of another mode or
-    key refuses the run here (:func:`claim_identifiers`), before anything is written."""
+    key refuses the run here (:func:`claim_identifiers`), before anything is written.
+
+    One piece on purpose: its keyword signature and the plan's constructor are most of it, and
+    each decision in it is a function of its own (:func:`claim_identifiers`, :func:`plan_replicas`,
+    :func:`derived_stale`)."""
     record = claim_identifiers(identifiers_found or IdentifiersFound(), identifiers, output=output_uri)
     if config.use_gpu and cluster is not None and cluster.gpus < 1:
         raise ConfigError("use_gpu is set but the Ray cluster has no GPU: drop --use-gpu or add GPU nodes")

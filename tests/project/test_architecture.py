@@ -79,3 +79,24 @@ def test_mypy_is_clean_on_the_package_and_catches_a_planted_fault(tmp_path):
     planted = subprocess.run([mypy, "--shadow-file", str(target), str(shadow)], cwd=ROOT, capture_output=True,
                              text=True, timeout=600)
     assert planted.returncode == 1 and "_jobs.py" in planted.stdout and "return-value" in planted.stdout, planted.stdout
+
+
+def long_functions(source: str, limit: int = 60) -> list[tuple[str, int]]:
+    """Functions of ``source`` over ``limit`` lines whose docstring does not say why they are one piece."""
+    import ast
+
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines = node.end_lineno - node.lineno + 1
+            if lines > limit and "one piece" not in (ast.get_docstring(node) or "").lower():
+                out.append((node.name, lines))
+    return out
+
+
+def test_no_package_function_runs_over_60_lines_unless_its_docstring_says_why():
+    found = {str(p.relative_to(ROOT)): long_functions(p.read_text()) for p in sorted((ROOT / "braintumor_ray").rglob("*.py"))}
+    assert not {p: f for p, f in found.items() if f}, found
+    body = "\n".join(f"    x{i} = {i}" for i in range(61))
+    assert long_functions(f'def f():\n    """Short."""\n{body}\n') == [("f", 63)]
+    assert long_functions(f'def f():\n    """One piece on purpose: a table."""\n{body}\n') == []
