@@ -83,3 +83,19 @@ def test_the_notebooks_split_is_stratified_disjoint_and_seeded():
     assert split(files, test_fraction=0.2, seed=0) == parts and split(files, test_fraction=0.2, seed=1) != parts
     with pytest.raises(SystemExit, match="between 0 and 1"):
         split(files, test_fraction=1.0, seed=0)
+
+
+def test_the_offset_sweep_raises_one_class_and_lets_validation_pick():
+    from benchmarks.accuracy_report import offset_sweep
+
+    # Validation: class 0 is right at offset 0; a test split where class 0 needs +1 to be called.
+    val = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])
+    test = np.array([[0.0, 0.8], [0.0, 0.8], [0.0, 2.0], [0.0, 2.0]])
+    labels = {"val": np.array([0, 1, 0, 1]), "test": np.array([0, 0, 1, 1])}
+    rows, picked = offset_sweep({"val": val, "test": test}, labels, 0, offsets=(0.0, 1.0, 3.0))
+    assert picked == 0.0  # a tie on validation (0 and 1 both perfect): the smallest offset
+    by = {r["offset"]: r for r in rows}
+    assert by[0.0]["test"][2] == 0.0 and by[1.0]["test"][2] == 1.0 and by[1.0]["test"][0] == 1.0
+    assert by[3.0]["val"][0] == 0.5  # too far: validation's class 1 is called class 0
+    rows, picked = offset_sweep({"val": val - [[2.5, 0]], "test": test}, labels, 0, offsets=(0.0, 1.0, 3.0))
+    assert picked == 1.0  # validation itself needs the offset here
