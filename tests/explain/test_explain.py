@@ -27,6 +27,20 @@ from conftest import mri_like
 # --- the layer ------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def random_init():
+    """Random-init models by backbone, each built once for the module: the layer and the head tests
+    only read them, and vgg11's 133 M parameters take seconds to initialise."""
+    built: dict[str, nn.Module] = {}
+
+    def get(backbone: str) -> nn.Module:
+        if backbone not in built:
+            built[backbone] = create_model(backbone, pretrained=False, drop_rate=0.0)
+        return built[backbone]
+
+    return get
+
+
 @pytest.mark.parametrize(
     "backbone, layer",
     [
@@ -38,8 +52,8 @@ from conftest import mri_like
         ("mobilenetv3_small_050", "blocks.5"),
     ],
 )
-def test_the_map_comes_from_the_last_feature_stage(backbone, layer):
-    model = create_model(backbone, pretrained=False, drop_rate=0.0)
+def test_the_map_comes_from_the_last_feature_stage(backbone, layer, random_init):
+    model = random_init(backbone)
     name, module, channels = target_layer(model)
     assert name == layer and module is model.get_submodule(layer) and channels == model.feature_info[-1]["num_chs"]
     # The scoring wrapper (logits and features) and DDP-style wrappers are seen through.
@@ -105,7 +119,7 @@ def test_maps_equal_plain_pytorch_grad_cam_and_leave_the_model_alone(small):
     assert np.abs(ex_named.heatmaps(images[:1], classes=[CLASS_NAMES[2]]) - maps[2:3]).max() < 1e-4
 
 
-def test_cam_from_the_forward_pass_is_grad_cam_at_the_final_feature_map(small):
+def test_cam_from_the_forward_pass_is_grad_cam_at_the_final_feature_map(small, random_init):
     """Issue 37: for a global-pool + linear head the gradient of a class's logit at the final
     feature map is its weights (over h*w), so the map from the forward pass alone equals Grad-CAM
     there (resnet's last stage is that map); heads that are not linear have no such maps."""
@@ -120,7 +134,7 @@ def test_cam_from_the_forward_pass_is_grad_cam_at_the_final_feature_map(small):
     assert maps.shape == want.shape and np.abs(maps - want).max() < 1e-4
     assert (maps.reshape(6, -1).max(1) > 0.99).sum() >= 3
     for backbone in ("vgg11", "mobilenetv3_small_050"):  # a conv MLP, a conv after the pool
-        other = create_model(backbone, pretrained=False, drop_rate=0.0).eval()
+        other = random_init(backbone).eval()
         assert linear_head(other) is None
         with pytest.raises(ConfigError, match="Grad-CAM"):
             WithFeatures(other, maps=True)

@@ -30,9 +30,11 @@ def _ensemble(models):
 
 @pytest.fixture(scope="module")
 def second_package(tmp_path_factory):
-    """Another member: a different backbone with another normalisation (Lite0: mean 0.5, std 0.5)."""
+    """Another member: a different backbone with another normalisation (Lite0: mean 0.5, std 0.5).
+    No model.onnx: the ensemble is built from the members' weights and their logits are taken
+    with PyTorch here (Lite0's export was the module setup's one ONNX file that nothing read)."""
     uri = str(tmp_path_factory.mktemp("member2") / "model")
-    export_model_package(_tiny(1, "tf_efficientnet_lite0"), uri, preprocess=MRIPreprocess(image_size=64))
+    export_model_package(_tiny(1, "tf_efficientnet_lite0"), uri, preprocess=MRIPreprocess(image_size=64), onnx=False)
     return uri
 
 
