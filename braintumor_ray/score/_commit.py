@@ -18,7 +18,7 @@ from ..core import Location, StagedWriter, StorageError, latest_rows, posix_base
 from ._config import OUTPUT_CONFIG_FILE, OUTPUT_IDS_FILE, ScoreConfig
 from ._derived import Derived, commit_args
 from ._explain import HeatMaps, explain_location, explain_objects
-from ._layout import ATTEMPTS_DIR, EXPLAIN_SUFFIX, UNCHANGED, _output_of, _writer, output_schema
+from ._layout import ATTEMPTS_DIR, EXPLAIN_SUFFIX, UNCHANGED, _output_of, _writer, output_schema, parquet_bytes
 from ._plan import WITHDRAWN, WITHDRAWN_REASON, ScoringPlan
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def _restage(staged: dict[str, pa.Table], kept: dict[str, pa.Table], data: dict[
             del data[name]
             remove_child(out, staging, name, what="score")
         elif kept[name] is not t:
-            data[name] = _parquet_bytes(kept[name])
+            data[name] = parquet_bytes(kept[name])
             staging.join(name).write_bytes(data[name])
 
 
@@ -143,7 +143,7 @@ def _stage_table(
 ) -> None:
     """A table the commit adds to the run (withdrawals, new versions), staged as ``name`` and
     entered in ``kept`` and ``data`` as the staged files are."""
-    kept[name], data[name] = table, _parquet_bytes(table)
+    kept[name], data[name] = table, parquet_bytes(table)
     staging.join(name).write_bytes(data[name])
 
 
@@ -159,19 +159,13 @@ def _one_file(
         return kept, data
     merged = pa.concat_tables([t.cast(schema) for t in kept.values()])
     name = f"rows-{run_id}.parquet"
-    blob = _parquet_bytes(merged)
+    blob = parquet_bytes(merged)
     staging.join(name).write_bytes(blob)
     out = _output_of(staging)
     for part in kept:
         if not remove_child(out, staging, part, what="score"):  # left there, it would be committed twice
             raise StorageError(f"score: could not remove the staged part {part} of {staging.uri} (see the warning)")
     return {name: merged}, {name: blob}
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
-    return buf.getvalue().to_pybytes()
 
 
 def _take_unchanged(staged: dict[str, pa.Table]) -> tuple[dict[str, pa.Table], dict[str, tuple[int, str]]]:

@@ -6,10 +6,10 @@ import hashlib
 import math
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..core import Location
 from ._decode import decode_batch
+from ._layout import parquet_bytes
 from ._plan import DECODE_CPUS, ClusterShape, ScoringPlan
 
 # Decode tasks read their own files (a block of the listing each): a file that vanished or cannot
@@ -50,9 +50,7 @@ class _ScoreAndStage:
         keys = hashlib.sha256()
         for path, k in zip(batch.column("path").to_pylist(), batch.column("slice_index").to_pylist()):
             keys.update(f"{path}\0{k}\n".encode())
-        buf = pa.BufferOutputStream()
-        pq.write_table(rows, buf)
-        self.staging.join(f"part-{keys.hexdigest()[:32]}.parquet").write_atomic(buf.getvalue().to_pybytes())
+        self.staging.join(f"part-{keys.hexdigest()[:32]}.parquet").write_atomic(parquet_bytes(rows))
         return pa.table({"rows": [rows.num_rows]})
 
 

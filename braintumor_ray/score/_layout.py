@@ -111,6 +111,13 @@ SLICE_FIELDS = [
 _SLICE_NAMES = [n for n, _ in SLICE_FIELDS]
 
 
+def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as the bytes of one Parquet file (what a staged file of a run holds)."""
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    return buf.getvalue().to_pybytes()
+
+
 def committed_rows(files: list[CommittedFile], class_names: list[str]) -> pa.Table:
     """Every committed row, in the output schema: the run's one reading of the output's history
     (columns a file predates: null, status ``ok`` and selection empty, as those files meant)."""
