@@ -163,7 +163,7 @@ def test_a_model_onnx_outside_the_id_is_never_run(package, old_package):
         load_inference_model(old_package, engine="onnxruntime")
 
 
-def test_a_pinned_load_refuses_a_package_rewritten_after_its_checks(package, tmp_path):
+def test_a_pinned_load_refuses_a_package_rewritten_after_its_checks(package, trusted_package, tmp_path):
     from braintumor_ray.models import load_inference_model, pin_package, verify_package
 
     pkg = str(tmp_path / "pkg")
@@ -172,13 +172,10 @@ def test_a_pinned_load_refuses_a_package_rewritten_after_its_checks(package, tmp
     pin = pin_package(resolve(pkg), meta, with_onnx=True)
     assert dict(pin.files)["model.json"] == hashlib.sha256(open(os.path.join(pkg, "model.json"), "rb").read()).hexdigest()
     assert load_inference_model(pkg, engine="onnxruntime", pin=pin).model_id == meta.model_id
-    # Rewritten whole and consistently (another export into the same folder): still refused.
-    import torch
-
-    from braintumor_ray import MRIPreprocess, create_model, export_model_package
-
-    torch.manual_seed(7)
-    export_model_package(create_model("resnet10t", pretrained=False), pkg, preprocess=MRIPreprocess(image_size=64))
+    # Rewritten whole and consistently (another whole package's files over it, as a second export
+    # into the folder would leave them): still refused.
+    shutil.copytree(trusted_package, pkg, dirs_exist_ok=True)
+    assert verify_package(pkg).model_id != meta.model_id
     for engine in ("onnxruntime", "torch"):
         with pytest.raises(ConfigError, match=r"pkg/model\.json is not the file verified for model"):
             load_inference_model(pkg, engine=engine, pin=pin)
