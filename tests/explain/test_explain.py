@@ -171,6 +171,41 @@ def test_overlay_and_peak():
         heatmap_peak(np.zeros(5))
 
 
+def test_overlay_is_the_blend_and_its_png_the_overlay(monkeypatch):
+    """The blend table gives the per-pixel blend of the scan and the map's colour (at most one grey
+    level apart), and the PNG decodes to exactly that overlay, with ISA-L's deflate or zlib's."""
+    import sys
+    import zlib
+
+    from PIL import Image
+
+    from braintumor_ray.explain import colorize
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (37, 53), dtype=np.uint8)
+    heat = rng.random((37, 53)).astype(np.float32)
+    heat[:5] = 0  # no map: the scan, grey
+    w = 0.4 * heat[..., None]
+    expected = (1 - w) * image[..., None] + w * colorize(heat)
+    got = overlay(image, heat, alpha=0.4)
+    assert np.abs(got.astype(np.float32) - expected).max() <= 1.0
+    assert (got[:5] == image[:5, :, None]).all()
+    from isal import isal_zlib  # a dependency: its deflate makes the PNGs
+
+    calls = []
+    monkeypatch.setattr(isal_zlib, "compress", lambda data, level: calls.append(level) or zlib.compress(data, level))
+    for deflate in ("isal", "zlib"):
+        if deflate == "zlib":  # as without python-isal installed
+            monkeypatch.setitem(sys.modules, "isal", None)
+        png = Image.open(io.BytesIO(overlay_png(image, heat, alpha=0.4)))
+        assert png.mode == "RGB" and np.array_equal(np.asarray(png), got)
+    assert calls == [1]  # ISA-L's level 1 made the first, zlib the second
+    with pytest.raises(InputError, match="RGB uint8"):
+        from braintumor_ray.explain._maps import rgb_png
+
+        rgb_png(image)
+
+
 # --- the maps look at the lesion ---------------------------------------------------------------------
 
 SIDE = 224  # the project's default: the stride-32 stage is a 7 x 7 grid
