@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import cv2
 
-    from braintumor_ray.explain import _maps
+    import braintumor_ray.explain as this_code  # its public cam_heatmaps, overlay_png, heatmap_peak
 
     files = sorted(glob.glob(os.path.join(os.path.abspath(args.data), "Testing", "*", "*")))
     if not files:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     files = files[:: max(1, len(files) // args.n)][: args.n]
     images = np.stack([cv2.resize(cv2.imread(f, cv2.IMREAD_GRAYSCALE), (224, 224)) for f in files])
     cam = np.random.default_rng(0).normal(size=(len(images), 4, 7, 7)).astype(np.float32)
-    sides = {"this": _maps}
+    sides = {"this": this_code}
     if args.other_code:
         sides["other"] = _maps_of(args.other_code)
     ms: dict[str, list[float]] = {k: [] for k in sides}
