@@ -143,10 +143,10 @@ def rgb_png(rgb: np.ndarray) -> bytes:
     """An RGB uint8 image (H, W, 3) as the bytes of a PNG: every row with PNG's "up" filter, then
     deflate by ISA-L (python-isal) at its level 1, or zlib's when isal is not installed.
 
-    0.48 ms CPU and 55 kB a 224 px overlay, against 1.7 ms and 50 kB for OpenCV's encoder at
-    zlib level 1 with the same filter (1.7 ms at level 0 too: libpng's own work, not deflate) and
-    1.4 ms with zlib here (16 Testing images, 2026-12-07); the PNG was most of a map's cost in a
-    scoring replica.
+    0.48 ms CPU a 224 px overlay, against 1.7 ms for OpenCV's encoder at zlib level 1 with the
+    same filter (1.7 ms at level 0 too: libpng's own work, not deflate) and 1.4 ms with zlib here;
+    the PNGs 7% larger (75 kB against 70 kB on Testing images; benchmarks/bench_map_cost.py,
+    2026-12-07). The PNG was most of a map's cost in a scoring replica.
     """
     img = np.ascontiguousarray(rgb)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
