@@ -172,23 +172,31 @@ class Location:
     def read_bytes(self) -> bytes:
         return _guard(self, "read", self.fs.cat_file, self.path)
 
-    def write_bytes(self, data: bytes) -> None:
+    def make_folder(self) -> None:
+        """This location as a folder, made on disk with its parents (S3 has no folders: nothing)."""
         if not self.is_s3:
+            _guard(self, "write", os.makedirs, self.path, exist_ok=True)
+
+    def write_bytes(self, data: bytes, *, parents: bool = True) -> None:
+        """``parents=False``: on disk, a folder that is gone stays gone (the write fails): how a
+        worker that outlived its run is kept from bringing back the staging it wrote into."""
+        if not self.is_s3 and parents:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with _guard(self, "write", self.fs.open, self.path, "wb") as f:
             f.write(data)
 
-    def write_atomic(self, data: bytes) -> None:
+    def write_atomic(self, data: bytes, *, parents: bool = True) -> None:
         """Write this file so that a reader (or the next run) finds the old content or the new,
         whole: on disk a temporary file beside it, fsynced, renamed over it; on S3 one PUT
         (an object appears whole). A full disk is a :class:`StorageError` of one line, and
-        leaves the old file and no temporary one."""
+        leaves the old file and no temporary one. ``parents``: as for :meth:`write_bytes`."""
         if self.is_s3:
             return self.write_bytes(data)
         folder = os.path.dirname(self.path) or "."
         tmp = os.path.join(folder, f".{os.path.basename(self.path)}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            os.makedirs(folder, exist_ok=True)
+            if parents:
+                os.makedirs(folder, exist_ok=True)
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()

@@ -4,7 +4,18 @@ from ._config import OUTPUT_CONFIG_FILE, ScoreConfig
 from ._decode import decode_batch
 from ._derived import ScoringSummary, format_summary
 from ._layout import PROB_PREFIX, SERIES_FILE, output_schema, recover
-from ._plan import ClusterShape, PriorFile, RerunDiff, ScoringPlan, plan_replicas, plan_scoring, prior_state, rerun_diff
+from ._plan import (
+    ClusterShape,
+    PriorFile,
+    RerunDiff,
+    ScoringPlan,
+    plan_layout,
+    plan_replicas,
+    plan_scoring,
+    plan_tasks,
+    prior_state,
+    rerun_diff,
+)
 from ._run import Predictor, actor_threads, run_scoring
 from ._series import Verdict, series_bytes, series_location, series_table, series_verdict, top_slice
 
@@ -26,7 +37,9 @@ __all__ = [
     "decode_batch",
     "format_summary",
     "output_schema",
+    "plan_layout",
     "plan_replicas",
+    "plan_tasks",
     "recover",
     "run_scoring",
     "series_location",

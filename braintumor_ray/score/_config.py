@@ -38,6 +38,9 @@ Explain = Literal["none", "flagged", "positive", "all"]
 ExplainMethod = Literal["auto", "gradcam"]
 # Test-time augmentation (braintumor_ray.models.TTA_MODES, kept light here).
 Tta = Literal["none", "flip"]
+# How the model runs beside the reads (docs/scoring.md, "Layouts"): model actors fed by decode
+# tasks, or tasks that read, decode and score their own files with a model kept per worker.
+Layout = Literal["auto", "tasks", "replicas"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,7 +60,14 @@ class ScoreConfig(InputSettings):
     concurrency: int | None = setting(
         None,
         help="model replicas (none: one per GPU with use_gpu; on CPUs, one per 2 "
-        "of the 3/4 of the cluster's CPUs that run the model, the rest decodes)",
+        "of the 3/4 of the cluster's CPUs that run the model, the rest decodes); with layout tasks, "
+        "tasks at once (none: one per CPU)",
+    )
+    layout: Layout = setting(
+        "auto",
+        help="tasks = each Ray task reads, decodes and scores its own files with a model loaded once per "
+        "worker process (CPUs only: no data between processes, no actor to start); replicas = model actors "
+        "fed by separate decode tasks (GPUs, large models); auto = tasks on CPU with onnxruntime, else replicas",
     )
     use_gpu: bool = setting(False, help="one GPU per model replica; decoding stays on CPUs")
     engine: Engine = setting(
@@ -75,7 +85,8 @@ class ScoreConfig(InputSettings):
         None,
         help="CPUs of each model replica, which runs that many intra-op "
         "threads, rounded (none: 1 with use_gpu, else the model's 3/4 of the CPUs "
-        "shared by the replicas); at least 0.5 CPU must be left to decode",
+        "shared by the replicas); at least 0.5 CPU must be left to decode; with layout tasks, the CPUs "
+        "(threads) of each task (none: 1)",
     )
     select: SeriesSelector = setting(
         default_factory=SeriesSelector,
@@ -187,6 +198,13 @@ class ScoreConfig(InputSettings):
             )
         if self.tta not in get_args(Tta):
             raise ConfigError(f"tta={self.tta!r} is unknown: use one of {', '.join(get_args(Tta))}")
+        if self.layout not in get_args(Layout):
+            raise ConfigError(f"layout={self.layout!r} is unknown: use one of {', '.join(get_args(Layout))}")
+        if self.layout == "tasks" and self.use_gpu:
+            raise ConfigError(
+                "layout=tasks runs the model on CPUs only, and use_gpu is set: use layout replicas (or auto) with "
+                "use_gpu, or drop use_gpu"
+            )
         if self.engine not in get_args(Engine):
             raise ConfigError(f"engine={self.engine!r} is unknown: use one of {', '.join(get_args(Engine))}")
         if self.cpus_per_replica is not None and not 0 < self.cpus_per_replica <= 1024:

@@ -54,7 +54,8 @@ class ScoringSummary:
     heatmaps: int = 0
     slices_skipped: int = 0  # a volume's slices with no content or no head
     run_id: str | None = None  # None: nothing was committed
-    engine: str | None = None  # these three when the run scored anything
+    engine: str | None = None  # these four when the run scored anything
+    layout: str | None = None  # tasks or replicas (replicas: tasks at once, with layout tasks)
     replicas: int | None = None
     cpus_per_replica: float | None = None
     dicom: dict[str, Any] | None = None  # --dicom-out / --dicom-send: objects written, sent
@@ -124,7 +125,12 @@ def run_counts(written: pa.Table, plan: ScoringPlan, skipped_before: int, elapse
         skipped_already_scored=skipped_before + len(diff.todo) - files_written,
         run_id=plan.run_id,
         **(
-            {"replicas": plan.replicas, "cpus_per_replica": plan.replica_cpus, "engine": plan.engine}
+            {
+                "layout": plan.layout,
+                "replicas": plan.replicas,
+                "cpus_per_replica": plan.replica_cpus,
+                "engine": plan.engine,
+            }
             if diff.todo
             else {}
         ),
@@ -253,9 +259,8 @@ def format_summary(s: ScoringSummary | Mapping[str, Any]) -> str:
         lines.extend(_dicom_lines(s["dicom"], s["output"].rstrip("/")))
     if s.get("committed_runs") or s.get("dropped_runs"):
         lines.append(f"  earlier cut-off runs: committed {s['committed_runs']}, redone {s['dropped_runs']}")
-    engine = (
-        f" ({s['engine']}, {s['replicas']} model replicas x {s['cpus_per_replica']:g} CPUs)" if s.get("engine") else ""
-    )
+    what = "tasks at once" if s.get("layout") == "tasks" else "model replicas"
+    engine = f" ({s['engine']}, {s['replicas']} {what} x {s['cpus_per_replica']:g} CPUs)" if s.get("engine") else ""
     lines.append(f"  {s['wall_s']:.1f} s, {s['images_per_s']:.1f} images/s{engine}")
     if s.get("report"):
         lines.append(f"  report: {s['report']}")

@@ -275,7 +275,7 @@ class HeatmapWriter:
         drawn = self._pool().map(draw, range(len(rows))) if len(rows) > 1 else map(draw, range(len(rows)))
         for r, image, (png, peak) in zip(rows, pix, drawn):
             name = heatmap_name(sha[r], slices[r], self.model_id)
-            self.stage.join(name).write_bytes(png)
+            self.stage.join(name).write_bytes(png, parents=False)  # the driver made the folder
             paths[r] = f"{self.final_uri}/{name}"
             if peak is not None:
                 py, px = peak

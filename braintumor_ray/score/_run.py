@@ -183,7 +183,9 @@ class Predictor:
         for i, r, ps in zip(ok, a.review_reason, sets_of):
             scores.reasons[i], scores.sets[i] = r, ps
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table, files: dict[str, tuple[int, str]] | None = None) -> pa.Table:
+        """The batch's rows; ``files``: each file's listed (size, version), when the plan came
+        without its file list (layout tasks)."""
         n = batch.num_rows
         status = batch.column("status").to_pylist()
         ok = [i for i in range(n) if status[i] == "ok"]
@@ -195,7 +197,7 @@ class Predictor:
             if self.heatmaps
             else ([None] * n,) * 3
         )
-        return self._rows(batch, status, scores, predicted, heat)
+        return self._rows(batch, status, scores, predicted, heat, files or self.files)
 
     def _rows(
         self,
@@ -204,6 +206,7 @@ class Predictor:
         scores: _Scores,
         predicted: list[str | None],
         heat: tuple[list, list, list],
+        files: dict[str, tuple[int, str]],
     ) -> pa.Table:
         """The batch's rows in the output schema: each file as ``path_mode`` names it (and its
         decoder's message scrubbed alike), its scores (null where it did not decode), its UIDs as
@@ -220,8 +223,8 @@ class Predictor:
         cols: dict[str, Any] = {
             "path": [ids.path(u) for u in uris],
             "sha256": batch.column("sha256"),
-            "size": [self.files[p][0] for p in paths],
-            "version": [self.files[p][1] for p in paths],
+            "size": [files[p][0] for p in paths],
+            "version": [files[p][1] for p in paths],
             "predicted_label": predicted,
             **{
                 PROB_PREFIX + c: pa.array(probs[:, k], pa.float32(), mask=failed)
@@ -347,6 +350,10 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     staging = facts.writer.stage(plan.run_id)
     t_run = time.perf_counter()
     if diff.todo:
+        # Made here, once: the workers only write into them (see _ScoreAndStage).
+        staging.make_folder()
+        if plan.explain != "none":
+            explain_stage.make_folder()
         _execute(plan, staging, source=facts.src, attempts=facts.writer.root.join(ATTEMPTS_DIR), predictor=Predictor)
     elapsed = time.perf_counter() - t_run
     written, after, heatmaps, built = _commit(plan, facts.writer, staging, facts.committed, build, facts.objects)

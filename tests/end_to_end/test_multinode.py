@@ -74,35 +74,47 @@ def _archive(root, n):
     return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
 
 
-def test_scoring_survives_losing_a_node(cluster, package, tmp_path):
+def _scoring_nodes(layout: str) -> set[str]:
+    """Nodes where the run's model works now: its actors (replicas), or its running tasks."""
+    from ray.util.state import list_actors, list_tasks
+
+    if layout == "replicas":
+        actors = list_actors(address=_gcs(), filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+        return {a.node_id for a in actors if "MapWorker" in (a.class_name or "")}
+    tasks = list_tasks(address=_gcs(), filters=[("state", "=", "RUNNING")], detail=True, raise_on_missing_output=False)
+    return {t.node_id for t in tasks if "score_files" in (t.name or "") and t.node_id}
+
+
+@pytest.mark.parametrize("layout", ["replicas", "tasks"])
+def test_scoring_survives_losing_a_node(cluster, package, tmp_path, layout):
+    """A node that runs the model is taken away mid-run: its model actor is restarted elsewhere
+    (replicas) or its task run again on another node (tasks); every file lands exactly once."""
     import ray
 
     c, workers = cluster
-    files = _archive(str(tmp_path / "archive"), 40)
+    # Tasks score faster than actors start: more files, so that one is caught running.
+    files = _archive(str(tmp_path / "archive"), 40 if layout == "replicas" else 150)
     result: dict = {}
 
     def score():
         try:
             result["summary"] = run_scoring(
-                ScoreConfig(model=package, input=str(tmp_path / "archive"), output=str(tmp_path / "p"), concurrency=2, batch_size=2)
+                ScoreConfig(model=package, input=str(tmp_path / "archive"), output=str(tmp_path / "p"), concurrency=2,
+                            batch_size=2, layout=layout)
             )
         except BaseException as e:  # surfaced by the assertion below
             result["error"] = e
 
     t = threading.Thread(target=score)
     t.start()
-    # Wait until the model actors are up and working, then take away a node that hosts one.
+    # Wait until the model is up and working, then take away a node where it works.
     deadline = time.time() + 120
     victim = None
     while time.time() < deadline and victim is None and t.is_alive():
-        from ray.util.state import list_actors
-
-        actors = list_actors(address=_gcs(), filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
-        alive = [a for a in actors if "MapWorker" in (a.class_name or "")]
-        busy = {a.node_id for a in alive}
+        busy = _scoring_nodes(layout)
         victim = next((w for w in workers if w.node_id in busy and w.node_id != ray.get_runtime_context().get_node_id()), None)
-        time.sleep(0.5)
-    assert victim is not None, "no model actor came up"
+        time.sleep(0.2)
+    assert victim is not None, "the model never came up"
     assert t.is_alive(), "the job ended before a node could be taken away: make the archive larger"
     c.remove_node(victim)
     workers.remove(victim)
@@ -113,8 +125,8 @@ def test_scoring_survives_losing_a_node(cluster, package, tmp_path):
     assert sorted(r["path"] for r in rows) == files, "every file exactly once"
     assert all(r["status"] == "ok" for r in rows)
     # (was test_scoring_spreads_over_nodes, a scoring run of its own) the work spread over the nodes.
-    assert result["summary"]["scored"] == len(files)
-    assert len(_task_nodes("decode_batch", "Predictor")) >= 2
+    assert result["summary"]["scored"] == len(files) and result["summary"]["layout"] == layout
+    assert len(_task_nodes("decode_batch", "Predictor", "score_files")) >= 2
 
 
 def _train_worker_nodes() -> set[str]:

@@ -276,6 +276,33 @@ def test_replica_layout_leaves_cpus_to_decode():
         plan(4, concurrency=4, cpus_per_replica=1)
 
 
+def test_layout_tasks_on_cpus_with_onnxruntime_and_a_task_per_cpu():
+    """Issue 37: auto is tasks on CPUs with ONNX Runtime (no actor to start, no pixels between
+    processes), replicas on GPUs and with PyTorch; tasks are one CPU each, one per CPU by default,
+    and a task larger than any node is refused, not left waiting."""
+    from braintumor_ray.score import plan_layout, plan_tasks
+
+    def cfg(**kw):
+        return ScoreConfig(model="m", input="i", output="o", **kw)
+
+    assert plan_layout(cfg(), engine="onnxruntime") == "tasks"
+    assert plan_layout(cfg(), engine="torch") == "replicas"
+    assert plan_layout(cfg(use_gpu=True), engine="torch") == "replicas"
+    assert plan_layout(cfg(layout="replicas"), engine="onnxruntime") == "replicas"
+    assert plan_layout(cfg(layout="tasks"), engine="torch") == "tasks"
+    with pytest.raises(ConfigError, match="CPUs only"):
+        cfg(layout="tasks", use_gpu=True)
+    with pytest.raises(ConfigError, match="layout='fused' is unknown"):
+        cfg(layout="fused")
+    assert plan_tasks(cfg(), cpus=2) == (2, 1.0)
+    assert plan_tasks(cfg(), cpus=3, node_cpus=[0, 1, 1, 1]) == (3, 1.0)
+    assert plan_tasks(cfg(cpus_per_replica=2), cpus=32, node_cpus=[16, 16]) == (16, 2.0)
+    assert plan_tasks(cfg(cpus_per_replica=2), cpus=3, node_cpus=[1, 2]) == (1, 2.0)
+    assert plan_tasks(cfg(concurrency=3), cpus=8) == (3, 1.0)
+    with pytest.raises(ConfigError, match="wait forever"):
+        plan_tasks(cfg(cpus_per_replica=4), cpus=6, node_cpus=[2, 2, 2])
+
+
 def test_onnx_gives_the_class_maps_of_the_same_forward_pass(package):
     """A global-pool + linear head (resnet10t here, Lite0 in production) exports its class-activation
     maps as model.onnx's third output; both engines give the same maps, and they are the logits
@@ -346,6 +373,7 @@ def test_a_package_without_maps_scores_and_draws_them_by_grad_cam(package, tmp_p
     out = {}
     for name, maps in (("gradcam", None), ("cam", cam_new)):
         stage = tmp_path / name
+        stage.mkdir()
         writer = HeatmapWriter("all", model_uri=old, s3_endpoint_url=None, use_gpu=False, stage_uri=str(stage),
                                final_uri="/final", model_id="m")
         paths, xs, ys = writer(batch, [0, 1, 2, 3], px, predicted, [None] * 4, CLASS_NAMES, maps)
@@ -373,6 +401,7 @@ def test_an_onnx_replica_imports_no_pytorch(ray_session, package, tmp_path):
     names = [f"f{i}.png" for i in range(4)]
     data = [encode_png(p) for p in mri_like(4, seed=6)]
     stage = tmp_path / "stage"
+    stage.mkdir()  # the driver makes it: a replica only writes into it
     plan = _plan_for(package, "onnxruntime", files={n: (len(d), "v1") for n, d in zip(names, data)}, explain="all",
                      explain_stage_uri=str(stage))
     batch = decode_batch(pa.table({"path": names, "bytes": data}), preprocess=plan.preprocess)

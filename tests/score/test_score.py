@@ -316,3 +316,36 @@ def test_run_cut_off_while_committing_is_finished_by_the_next(ray_session, packa
     assert summary["committed_runs"] == 1 and summary["scored"] == 0
     assert sorted(r["path"] for r in _rows(out)) == sorted(files)
     assert os.path.exists(os.path.join(out, "_report.html")) and len(os.listdir(out)) == 5  # rows, report, manifest, ids, config
+
+
+def test_the_tasks_and_replicas_layouts_write_the_same_rows(ray_session, package, tmp_path):
+    """Issue 37: on CPUs with ONNX Runtime a run's default layout is tasks (each reads, decodes and
+    scores its own files, the model kept per worker); the replicas layout (decode tasks feeding
+    model actors) writes the same rows and maps for the same archive: images, a bad file, and a
+    volume with more slices than a batch, which a task scores in batches."""
+    from braintumor_ray.imaging import render_mri
+    from generators.medical import nifti_bytes
+
+    archive = str(tmp_path / "archive")
+    make_archive(archive, seed=5, n=1)
+    open(os.path.join(archive, "broken.jpg"), "wb").write(b"\xff\xd8\xff\xe0 not a jpeg")
+    rng = np.random.default_rng(5)
+    vol = np.stack([render_mri("glioma", rng, 64)[0].astype(np.float32) for _ in range(5)] + [np.zeros((64, 64), np.float32)], -1)
+    open(os.path.join(archive, "vol.nii.gz"), "wb").write(nifti_bytes(vol, gz=True))
+    runs = {}
+    for layout in ("auto", "replicas"):
+        out = str(tmp_path / f"out-{layout}")
+        s = run_scoring(ScoreConfig(model=package, input=archive, output=out, batch_size=2, explain="all", layout=layout))
+        rows = sorted(_rows(out), key=lambda r: (r["path"], r["slice_index"] or 0))
+        runs[s["layout"]] = (s, rows)
+    (tasks, t_rows), (replicas, r_rows) = runs["tasks"], runs["replicas"]
+    assert tasks["replicas"] == int(ray_session.cluster_resources()["CPU"]) and tasks["cpus_per_replica"] == 1.0
+    assert len(t_rows) == len(r_rows) == 4 + 1 + 6 and tasks["scored"] == replicas["scored"] == 4 + 5
+    keep = ["path", "slice_index", "sha256", "size", "version", "status", "error", "predicted_label", "review_reason",
+            "heatmap_peak_x", "heatmap_peak_y"] + [PROB_PREFIX + c for c in CLASS_NAMES]
+    for a, b in zip(t_rows, r_rows):
+        for k in keep:
+            assert a[k] == pytest.approx(b[k], abs=1e-6) if isinstance(a[k], float) else a[k] == b[k], (k, a["path"])
+    assert sum(bool(r["heatmap_path"]) for r in t_rows) == tasks["heatmaps"] == replicas["heatmaps"] == 9
+    # A volume's six slices: five scored in batches of two within one task, the empty one skipped.
+    assert [r["status"] for r in t_rows if r["path"].endswith("vol.nii.gz")] == ["ok"] * 5 + ["skipped"]

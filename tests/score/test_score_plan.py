@@ -441,10 +441,11 @@ def test_a_replica_stages_each_batch_once_under_its_rows_keys(tmp_path):
         def __init__(self, plan):
             self.plan = plan
 
-        def __call__(self, batch):
+        def __call__(self, batch, files=None):
             return pa.table({"path": batch.column("path"), "p": [float(len(p)) for p in batch.column("path").to_pylist()]})
 
     staging = resolve(str(tmp_path / "stage"))
+    staging.make_folder()  # by the driver, before any replica or task writes
     runner = _ScoreAndStage("plan", staging, Echo)
     a = pa.table({"path": ["a.dcm", "a.dcm", "b.jpg"], "slice_index": [0, 1, None]})
     b = pa.table({"path": ["a.dcm", "a.dcm"], "slice_index": [2, 3]})  # the same volume's other slices
@@ -455,3 +456,9 @@ def test_a_replica_stages_each_batch_once_under_its_rows_keys(tmp_path):
     assert len(files) == 2 and all(f.startswith("part-") and f.endswith(".parquet") for f in files), files
     rows = pa.concat_tables(pq.read_table(tmp_path / "stage" / f) for f in files)
     assert sorted(rows.column("path").to_pylist()) == ["a.dcm"] * 4 + ["b.jpg"]
+    # A worker that outlived its run (its driver killed, the next run dropped the staging) fails
+    # to write rather than bring the dropped staging back.
+    staging.remove()
+    with pytest.raises(StorageError, match="cannot write .*FileNotFoundError"):
+        runner(b)
+    assert not os.path.exists(tmp_path / "stage")
