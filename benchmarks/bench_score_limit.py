@@ -7,9 +7,10 @@ one core of preprocessing beside ONNX Runtime on two threads can do, measured in
 The limit: one process preprocessing the files (the package's MRIPreprocess, a pool of one)
 while the main process runs ``model.onnx`` on two ORT threads over batches of 32, nothing
 written. The job: ``run_scoring`` on a local Ray of all the machine's CPUs, with its defaults
-(``--explain flagged``: maps for tumour and flagged rows), ``--explain all`` (a map for every
-row: the most a run can draw; a package with an untrained head flags few rows), ``--explain
-none``, then ``--engine torch --explain all``. The sides alternate within each round and each ratio is
+(layout tasks on CPUs; ``--explain flagged``: maps for tumour and flagged rows), ``--explain all``
+(a map for every row: the most a run can draw; a package with an untrained head flags few rows),
+``--explain none``, the default and ``none`` again with ``--layout replicas`` (model actors fed
+by decode tasks), then ``--engine torch --explain all``. The sides alternate within each round and each ratio is
 taken against that round's limit, measured before and after its jobs (the mean of the two;
 the machine is shared and drifts). Labels and probabilities
 of the default run are compared with the torch run's. ``--n`` images are taken evenly from
@@ -105,10 +106,12 @@ def main() -> None:
             row: dict = {"round": r + 1, "load": [round(x, 1) for x in os.getloadavg()]}
             row["limit_img_s"] = round(limit(args.model, links), 1)
             print(json.dumps({"round": r + 1, "limit_img_s": row["limit_img_s"]}), flush=True)
-            onnx_jobs = [("default", {}), ("all", {"explain": "all"}), ("none", {"explain": "none"})]
+            onnx_jobs = [("default", {}), ("all", {"explain": "all"}), ("none", {"explain": "none"}),
+                         ("replicas_default", {"layout": "replicas"}),
+                         ("replicas_none", {"layout": "replicas", "explain": "none"})]
             # The first job after the limit ran slower in every round when the order was fixed
             # (default 18.7-23.1 against all 23.3-24.2 images/s, with fewer maps): rotate it.
-            onnx_jobs = onnx_jobs[r % 3:] + onnx_jobs[: r % 3]
+            onnx_jobs = onnx_jobs[r % len(onnx_jobs):] + onnx_jobs[: r % len(onnx_jobs)]
             for name, kw in (*onnx_jobs,
                              *((("torch_all", {"engine": "torch", "explain": "all"}),) if r < args.torch_rounds else ())):
                 rate, s = job(name, r, **kw)
@@ -121,7 +124,7 @@ def main() -> None:
             again = limit(args.model, links)
             row["limit_after_img_s"] = round(again, 1)
             mean = (row["limit_img_s"] + again) / 2
-            for name in ("default", "all", "none", "torch_all"):
+            for name in ("default", "all", "none", "replicas_default", "replicas_none", "torch_all"):
                 if f"{name}_img_s" in row:
                     row[f"{name}_x_limit"] = round(row[f"{name}_img_s"] / mean, 2)
             if "torch_all_img_s" in row:
@@ -132,6 +135,8 @@ def main() -> None:
             "median_default_x_limit": statistics.median(r["default_x_limit"] for r in rounds),
             "median_all_x_limit": statistics.median(r["all_x_limit"] for r in rounds),
             "median_none_x_limit": statistics.median(r["none_x_limit"] for r in rounds),
+            "median_replicas_default_x_limit": statistics.median(r["replicas_default_x_limit"] for r in rounds),
+            "median_replicas_none_x_limit": statistics.median(r["replicas_none_x_limit"] for r in rounds),
             "onnx_over_torch": [r["onnx_over_torch"] for r in rounds if "onnx_over_torch" in r],
             "vs_engine_torch": compare(os.path.join(tmp, "default-0"), os.path.join(tmp, "torch_all-0"))
             if args.torch_rounds else None,

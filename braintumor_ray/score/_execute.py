@@ -8,7 +8,7 @@ import math
 
 import pyarrow as pa
 
-from ..core import Location
+from ..core import Location, resolve
 from ._decode import decode_batch
 from ._layout import parquet_bytes
 from ._plan import DECODE_CPUS, ClusterShape, ScoringPlan
@@ -98,6 +98,10 @@ def _execute(plan: ScoringPlan, staging: Location, *, source: Location, attempts
     (:class:`._run.Predictor`), built from the plan once per replica or task worker."""
     import ray
 
+    # Made here, once: the workers only write into them (see _ScoreAndStage).
+    staging.make_folder()
+    if plan.explain != "none":
+        resolve(plan.explain_stage_uri, s3_endpoint_url=plan.s3_endpoint_url).make_folder()
     todo = plan.diff.todo
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ctx = ray.data.DataContext.get_current()

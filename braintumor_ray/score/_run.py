@@ -350,10 +350,6 @@ def _run_scoring(config: ScoreConfig, lease: Lease) -> dict:
     staging = facts.writer.stage(plan.run_id)
     t_run = time.perf_counter()
     if diff.todo:
-        # Made here, once: the workers only write into them (see _ScoreAndStage).
-        staging.make_folder()
-        if plan.explain != "none":
-            explain_stage.make_folder()
         _execute(plan, staging, source=facts.src, attempts=facts.writer.root.join(ATTEMPTS_DIR), predictor=Predictor)
     elapsed = time.perf_counter() - t_run
     written, after, heatmaps, built = _commit(plan, facts.writer, staging, facts.committed, build, facts.objects)

@@ -118,7 +118,8 @@ def test_scoring_survives_losing_a_node(cluster, package, tmp_path, layout):
     assert t.is_alive(), "the job ended before a node could be taken away: make the archive larger"
     c.remove_node(victim)
     workers.remove(victim)
-    c.add_node(num_cpus=1)  # a replacement, as an autoscaler would start
+    # A replacement, as an autoscaler would start; the later tests may take it away in turn.
+    workers.append(c.add_node(num_cpus=1))
     t.join(timeout=300)
     assert "error" not in result, result.get("error")
     rows = pads.dataset(str(tmp_path / "p"), format="parquet").to_table(columns=["path", "status"]).to_pylist()
