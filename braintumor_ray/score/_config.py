@@ -61,7 +61,8 @@ class ScoreConfig(InputSettings):
         None,
         help="model replicas (none: one per GPU with use_gpu; on CPUs, one per 2 "
         "of the 3/4 of the cluster's CPUs that run the model, the rest decodes); with layout tasks, "
-        "tasks at once (none: one per CPU)",
+        "a cap on tasks at once (none: as many as the CPUs run; a cap costs speed, each task then waits for "
+        "another to end)",
     )
     layout: Layout = setting(
         "auto",

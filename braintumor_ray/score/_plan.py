@@ -395,6 +395,7 @@ class ScoringPlan:
     batch_size: int
     layout: str  # tasks or replicas (plan_layout)
     replicas: int  # layout tasks: tasks at once (each holds a model)
+    concurrency: int | None  # as asked for (layout tasks: the cap on tasks at once; none: the CPUs decide)
     replica_cpus: float
     scored_at: datetime
     rescore_all: bool
@@ -503,6 +504,7 @@ def _config_fields(config: Any) -> dict[str, Any]:
         "review_threshold": config.review_threshold,
         "use_gpu": config.use_gpu,
         "batch_size": config.batch_size,
+        "concurrency": config.concurrency,
         "rescore_all": config.rescore_all,
         "explain_method": config.explain_method,
         "tta": config.tta,
@@ -516,9 +518,9 @@ def plan_layout(config: ScoreConfig, *, engine: str) -> str:
     Tasks read, decode and score their own files, with the model loaded once per worker process
     and one thread per CPU: no actor to start each run (~1.4 s of CPU on 2 vCPUs), no pixels
     through the object store, and no Python between batches of the model that leaves a core idle.
-    Measured on 2 vCPUs (2,000 real images, Lite0, 2026-12-07): 0.91-0.97x the machine's limit
-    without maps and 0.82-0.86x with the default maps, against 0.74-0.76x and 0.71-0.72x for
-    replicas (docs/benchmarks.md). Replicas stay for GPUs (one actor per GPU, fed by CPU
+    Measured on 2 vCPUs (2,000 real images, Lite0, five rounds, 2026-12-07): 1.01x the
+    machine's limit without maps and 0.79x with the default maps (medians), against 0.78x and
+    0.69x for replicas in the same rounds (docs/benchmarks.md). Replicas stay for GPUs (one actor per GPU, fed by CPU
     decode tasks) and for PyTorch on CPUs (every task worker would import it).
     """
     if config.layout != "auto":
