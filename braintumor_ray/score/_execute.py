@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -12,6 +13,9 @@ from ..core import Location, resolve
 from ._decode import decode_batch
 from ._layout import parquet_bytes
 from ._plan import DECODE_CPUS, ClusterShape, ScoringPlan
+
+if TYPE_CHECKING:
+    import ray.data
 
 # Decode tasks read their own files (a block of the listing each): a file that vanished or cannot
 # be read since it was listed is an error row of its own (Ray Data's file reader failed the run).
@@ -108,13 +112,13 @@ def _execute(plan: ScoringPlan, staging: Location, *, source: Location, attempts
     saved = ctx.op_resource_reservation_enabled
     # As in the ingest: on a small cluster the per-operator reservation idles half the CPUs.
     ctx.op_resource_reservation_enabled = False
-    files = ray.data.from_items(
+    listed = ray.data.from_items(
         [{"path": p, "size": n, "version": v, "refused": plan.refused.get(p)} for p, (n, v) in todo.items()],
         override_num_blocks=max(min(len(todo), 2 * cpus), math.ceil(len(todo) / FILES_PER_BLOCK)),
     )
     try:
         if plan.layout == "tasks":
-            files.map_batches(
+            listed.map_batches(
                 score_files,
                 batch_format="pyarrow",
                 batch_size=None,  # a block a task: blocks of FILES_PER_BLOCK files
@@ -134,12 +138,20 @@ def _execute(plan: ScoringPlan, staging: Location, *, source: Location, attempts
                 concurrency=plan.concurrency,
             ).materialize()
         else:
-            _replicas(files, plan, staging, source=source, attempts=attempts, predictor=predictor)
+            _replicas(listed, plan, staging, source=source, attempts=attempts, predictor=predictor)
     finally:
         ctx.op_resource_reservation_enabled = saved
 
 
-def _replicas(files, plan: ScoringPlan, staging: Location, *, source: Location, attempts: Location, predictor: type):
+def _replicas(
+    listed: ray.data.Dataset,
+    plan: ScoringPlan,
+    staging: Location,
+    *,
+    source: Location,
+    attempts: Location,
+    predictor: type,
+) -> None:
     """Layout replicas: decode tasks read and preprocess the files, the plan's model replicas
     score them and stage the rows."""
     import ray
@@ -148,7 +160,7 @@ def _replicas(files, plan: ScoringPlan, staging: Location, *, source: Location, 
         # The decode tasks read the files themselves (one that fails to read is its own error
         # row), at DECODE_CPUS: at Ray's default of 1 CPU they could never be scheduled beside
         # model replicas that hold all but DECODE_CPUS of a node (the job hung).
-        files.map_batches(
+        listed.map_batches(
             decode_batch,
             batch_format="pyarrow",
             fn_kwargs={

@@ -516,12 +516,12 @@ def plan_layout(config: ScoreConfig, *, engine: str) -> str:
     Runtime and replicas otherwise.
 
     Tasks read, decode and score their own files, with the model loaded once per worker process
-    and one thread per CPU: no actor to start each run (~1.4 s of CPU on 2 vCPUs), no pixels
-    through the object store, and no Python between batches of the model that leaves a core idle.
-    Measured on 2 vCPUs (2,000 real images, Lite0, five rounds, 2026-12-07): 1.01x the
-    machine's limit without maps and 0.79x with the default maps (medians), against 0.78x and
-    0.69x for replicas in the same rounds (docs/benchmarks.md). Replicas stay for GPUs (one actor per GPU, fed by CPU
-    decode tasks) and for PyTorch on CPUs (every task worker would import it).
+    and one thread per CPU: no actor to start each run (~1.4 s of CPU on 2 vCPUs) and no pixels
+    through the object store. Measured on 2 vCPUs (2,000 real images, Lite0, five rounds,
+    2026-12-07): 1.01x the machine's limit without maps and 0.79x with the default maps
+    (medians), against 0.78x and 0.69x for replicas in the same rounds (docs/benchmarks.md).
+    Replicas stay for GPUs (one actor per GPU, fed by CPU decode tasks) and for PyTorch on CPUs
+    (every task worker would import it).
     """
     if config.layout != "auto":
         return config.layout
